@@ -1,0 +1,204 @@
+"""The ``shardmq`` command: run a node, manage a local cluster, publish and subscribe from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shardmq.client import Client, ShardMQError
+from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT
+from shardmq.shard.logs import configure_logging
+
+DEFAULT_DIR = ".shardmq"
+
+
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    if args.endpoint:
+        return args.endpoint
+    from .cluster import LocalCluster
+
+    state_dir = Path(args.dir)
+    if not (state_dir / "cluster.json").exists():
+        sys.exit(f"no --endpoint given and no cluster in {state_dir}: run `shardmq cluster up` first")
+    state = LocalCluster.load(state_dir).state
+    assert state is not None
+    return state.client_endpoints()
+
+
+def cmd_node(args: argparse.Namespace) -> None:
+    from shardmq.shard.node import Node, NodeConfig
+
+    Node(
+        NodeConfig(
+            node_id=args.id,
+            client_endpoint=args.client_endpoint,
+            peer_endpoint=args.peer_endpoint,
+            etcd_url=args.etcd,
+            cluster=args.cluster,
+            weight=args.weight,
+            shard_count=args.shard_count,
+            replication=args.replication,
+            lease_ttl=args.lease_ttl,
+            max_payload=args.max_payload,
+        )
+    ).run()
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    lc = LocalCluster(
+        args.dir,
+        nodes=args.nodes,
+        shard_count=args.shard_count,
+        replication=args.replication,
+        lease_ttl=args.lease_ttl,
+        base_port=args.base_port,
+    )
+    print(f"starting etcd and {args.nodes} nodes in {lc.dir} ...", flush=True)
+    state = lc.up()
+    print(f"cluster '{state.cluster}' ready; etcd {state.etcd_url}")
+    for node in state.nodes:
+        print(f"  {node.name}  pid {node.pid}  clients: {node.client_endpoint}")
+    print(f"stop it with: shardmq cluster down --dir {args.dir}")
+
+
+def print_status(status: dict[str, Any]) -> None:
+    nodes = status["nodes"]
+    print(f"cluster {status['cluster']}  etcd {status['etcd']}")
+    print(f"{'node':<6} {'alive':<6} {'endpoint':<24} {'shards':>7} {'primary':>8} {'routes':>10} {'clients':>8}")
+    for n in nodes:
+        print(
+            f"{n['id']:<6} {'yes' if n['alive'] else 'NO':<6} {n['client_endpoint']:<24} {n.get('shards', '-'):>7} "
+            f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('clients', '-'):>8}"
+        )
+    live = [n for n in nodes if n["alive"]]
+    if live:
+        first = live[0]
+        print(
+            f"members {first['members']}  epoch {first['epoch']}  shards {first['shard_count']} x R={first['replication']}"
+            f"  root-set size {first['root_set_size']} (held on every node; the part that does not scale)"
+        )
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    status = LocalCluster.load(args.dir).status()
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_status(status)
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    if not (Path(args.dir) / "cluster.json").exists():
+        print(f"no cluster running from {args.dir}")
+        return
+    LocalCluster.load(args.dir).down()
+    print("cluster stopped")
+
+
+def cmd_sub(args: argparse.Namespace) -> None:
+    with Client(_endpoints(args)) as c:
+        c.subscribe(args.filter, qos=args.qos)
+        print(f"subscribed to {args.filter!r} via {c.node}; waiting (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        received = 0
+        try:
+            while args.count is None or received < args.count:
+                msg = c.receive(timeout=args.timeout)
+                if msg is None:
+                    break
+                received += 1
+                print(f"{msg.topic}\t{msg.payload.decode(errors='replace')}", flush=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_pub(args: argparse.Namespace) -> None:
+    with Client(_endpoints(args)) as c:
+        c.publish(args.topic, args.message.encode(), qos=args.qos)
+        if args.qos:
+            print(f"published to {args.topic!r} via {c.node}, acknowledged")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.dir), nodes=args.nodes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardmq", description=__doc__)
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one shard node in the foreground")
+    node.add_argument("--id", required=True)
+    node.add_argument("--client-endpoint", required=True, help="e.g. tcp://127.0.0.1:7101")
+    node.add_argument("--peer-endpoint", required=True, help="e.g. tcp://127.0.0.1:7201")
+    node.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
+    node.add_argument("--cluster", default="default")
+    node.add_argument("--weight", type=int, default=1)
+    node.add_argument("--shard-count", type=int, default=DEFAULT_SHARD_COUNT)
+    node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
+    node.add_argument("--lease-ttl", type=int, default=5)
+    node.add_argument("--max-payload", type=int, default=1024 * 1024)
+    node.set_defaults(func=cmd_node)
+
+    cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+    up = csub.add_parser("up")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--dir", default=DEFAULT_DIR)
+    up.add_argument("--shard-count", type=int, default=None)
+    up.add_argument("--replication", type=int, default=None)
+    up.add_argument("--lease-ttl", type=int, default=5)
+    up.add_argument("--base-port", type=int, default=None, help="first port to use (default: free ports)")
+    up.set_defaults(func=cmd_cluster_up)
+    st = csub.add_parser("status")
+    st.add_argument("--dir", default=DEFAULT_DIR)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_cluster_status)
+    down = csub.add_parser("down")
+    down.add_argument("--dir", default=DEFAULT_DIR)
+    down.set_defaults(func=cmd_cluster_down)
+
+    for name, func, help_ in (("sub", cmd_sub, "subscribe and print messages"), ("pub", cmd_pub, "publish one")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--endpoint", action="append", help="node endpoint (repeat); default: the local cluster")
+        sp.add_argument("--dir", default=DEFAULT_DIR)
+        sp.add_argument("--qos", type=int, default=0, choices=(0, 1))
+        sp.set_defaults(func=func)
+        if name == "sub":
+            sp.add_argument("filter")
+            sp.add_argument("--count", type=int, default=None, help="exit after this many messages")
+            sp.add_argument("--timeout", type=float, default=None, help="exit after this many quiet seconds")
+        else:
+            sp.add_argument("topic")
+            sp.add_argument("message")
+
+    demo = sub.add_parser("demo", help="start a local cluster, route wildcard traffic, show what happened")
+    demo.add_argument("--dir", default=f"{DEFAULT_DIR}/demo")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        args.func(args)
+    except ShardMQError as exc:
+        sys.exit(f"error {exc.code}: {exc.reason}")
+
+
+if __name__ == "__main__":
+    main()

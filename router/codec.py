@@ -1,0 +1,175 @@
+"""The shardmq wire codec: multipart zmq frames <-> validated ``Frame`` objects.
+
+Rules of this file:
+- A message on the wire is exactly three parts: ``[type, header, payload]``. ``type`` is a short ASCII name
+  from ``FRAME_TYPES``; ``header`` is a UTF-8 JSON object (orjson) that always carries ``"v"`` (the protocol
+  version); ``payload`` is opaque bytes (the application message for PUB/FWD/MSG, empty otherwise). A ROUTER
+  socket prepends the peer's routing id; stripping it is the socket owner's job, not the codec's.
+- ``decode`` never trusts its input: wrong part count, a header that is not a JSON object, a missing or
+  mistyped field, an unknown type, a foreign version or an oversized part raise ``ProtocolError`` whose
+  ``code`` is a stable machine-readable string and whose ``reason`` says what to fix. When the header could
+  be parsed, ``ProtocolError.ref`` carries its request ``id`` so the error can be matched to the request.
+- Every inter-node frame names the shard(s) it is about and the sender's map ``epoch`` so that fencing can be
+  added at the receiver without a format change. Batches put many items in one frame (``filters``,
+  ``routes``, ``mids``) rather than inventing new frame types.
+- The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+DEFAULT_MAX_HEADER = 16 * 1024 * 1024
+
+# Client <-> node
+HELLO = b"HELLO"
+WELCOME = b"WELCOME"
+SUB = b"SUB"
+SUBACK = b"SUBACK"
+UNSUB = b"UNSUB"
+UNSUBACK = b"UNSUBACK"
+PUB = b"PUB"
+PUBACK = b"PUBACK"
+MSG = b"MSG"
+DACK = b"DACK"
+PING = b"PING"
+PONG = b"PONG"
+STATUS = b"STATUS"
+STATUS_REPLY = b"STATUS_REPLY"
+BYE = b"BYE"
+ERROR = b"ERROR"
+# Node <-> node
+ROUTE_ADD = b"ROUTE_ADD"
+ROUTE_DEL = b"ROUTE_DEL"
+ROUTE_ACK = b"ROUTE_ACK"
+LOOKUP = b"LOOKUP"
+LOOKUP_REPLY = b"LOOKUP_REPLY"
+FWD = b"FWD"
+FWD_ACK = b"FWD_ACK"
+
+_INT = int
+_STR = str
+_LIST = list
+
+# Required header fields per frame type (besides "v"). Optional fields are read with .get by the receiver.
+FRAME_FIELDS: dict[bytes, dict[str, type]] = {
+    HELLO: {},
+    WELCOME: {"node": _STR},
+    SUB: {"id": _INT, "filters": _LIST, "qos": _INT},
+    SUBACK: {"id": _INT, "results": _LIST},
+    UNSUB: {"id": _INT, "filters": _LIST},
+    UNSUBACK: {"id": _INT},
+    PUB: {"topic": _STR, "qos": _INT},
+    PUBACK: {"id": _INT},
+    MSG: {"topic": _STR, "qos": _INT},
+    DACK: {"mids": _LIST},
+    PING: {},
+    PONG: {},
+    STATUS: {"id": _INT},
+    STATUS_REPLY: {"id": _INT, "status": dict},
+    BYE: {},
+    ERROR: {"code": _STR, "reason": _STR},
+    ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
+    ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
+    ROUTE_ACK: {"id": _INT, "epoch": _INT},
+    LOOKUP: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR},
+    LOOKUP_REPLY: {"id": _INT, "shard": _INT, "epoch": _INT, "nodes": _LIST},
+    FWD: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR, "qos": _INT},
+    FWD_ACK: {"id": _INT, "epoch": _INT},
+}
+FRAME_TYPES = frozenset(FRAME_FIELDS)
+CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE})
+PEER_REQUESTS = frozenset({ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWD_ACK, ERROR})
+
+# Error codes (stable strings; docs/PROTOCOL.md explains each).
+E_BAD_FRAME = "bad_frame"
+E_BAD_HEADER = "bad_header"
+E_INVALID_UTF8 = "invalid_utf8"
+E_UNKNOWN_TYPE = "unknown_type"
+E_VERSION = "unsupported_version"
+E_TOO_LARGE = "payload_too_large"
+E_INVALID_TOPIC = "invalid_topic"
+E_INVALID_FILTER = "invalid_filter"
+E_INVALID_QOS = "invalid_qos"
+E_UNAVAILABLE = "unavailable"
+E_TIMEOUT = "timeout"
+E_NOT_ALLOWED = "not_allowed"
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be accepted; ``code`` for programs, ``reason`` for people."""
+
+    def __init__(self, code: str, reason: str, ref: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.ref = ref
+
+
+@dataclass(slots=True)
+class Frame:
+    type: bytes
+    header: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def parts(self) -> list[bytes]:
+        return encode(self.type, self.header, self.payload)
+
+
+def encode(frame_type: bytes, header: dict[str, Any], payload: bytes = b"") -> list[bytes]:
+    """Frames for the wire; ``v`` is filled in so callers never forget it."""
+    if "v" not in header:
+        header = {"v": PROTOCOL_VERSION, **header}
+    return [frame_type, orjson.dumps(header), payload]
+
+
+def error_parts(code: str, reason: str, ref: int | None = None, **extra: Any) -> list[bytes]:
+    header: dict[str, Any] = {"code": code, "reason": reason, **extra}
+    if ref is not None:
+        header["ref"] = ref
+    return encode(ERROR, header)
+
+
+def decode(
+    parts: list[bytes],
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_header: int = DEFAULT_MAX_HEADER,
+    allowed: frozenset[bytes] = FRAME_TYPES,
+) -> Frame:
+    if len(parts) != 3:
+        raise ProtocolError(E_BAD_FRAME, f"a frame has 3 parts [type, header, payload], got {len(parts)}")
+    raw_type, raw_header, payload = parts
+    if len(raw_header) > max_header:
+        raise ProtocolError(E_TOO_LARGE, f"header is {len(raw_header)} bytes, the limit is {max_header}")
+    try:
+        header = orjson.loads(raw_header)
+    except orjson.JSONDecodeError as exc:
+        try:
+            bytes(raw_header).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(E_INVALID_UTF8, "header is not valid UTF-8") from None
+        raise ProtocolError(E_BAD_HEADER, f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(E_BAD_HEADER, "header must be a JSON object")
+    ref = header.get("id")
+    ref = ref if isinstance(ref, int) and not isinstance(ref, bool) else None
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(E_VERSION, f"protocol version {header.get('v')!r} unsupported; use v={PROTOCOL_VERSION}", ref)
+    frame_type = bytes(raw_type)
+    if frame_type not in allowed:
+        shown = frame_type[:32].decode("ascii", "replace")
+        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown frame type {shown!r} on this channel", ref)
+    for name, expected in FRAME_FIELDS[frame_type].items():
+        value = header.get(name)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ProtocolError(
+                E_BAD_HEADER, f"{frame_type.decode()} header needs field {name!r} of type {expected.__name__}", ref
+            )
+    if len(payload) > max_payload:
+        raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
+    return Frame(frame_type, header, bytes(payload))

@@ -1,0 +1,109 @@
+"""The route table: which nodes want which filters, partitioned by shard.
+
+Rules:
+
+* A route is a (shard, filter, node) triple; the same (filter, node) may exist in several
+  shards, and each shard keeps its own :class:`~.matching.FilterIndex`.
+* Shard :data:`RouteTable.ROOT` (``-1``) holds the root set: filters whose first level is a
+  wildcard, which every node keeps because they can match a topic of any shard.
+* Shards are created on first use and forgotten as soon as their last route goes, so an idle
+  shard costs nothing.
+* Node ids are interned on insertion: millions of routes then share one string per node.
+* The table does not validate filters, nor decide which shard a filter belongs to; callers do
+  that with :mod:`.topics` and :mod:`.partition` first.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Final
+
+from .matching import FilterIndex
+
+__all__ = ["RouteTable"]
+
+
+class RouteTable:
+    """Routes (filter -> nodes) grouped by shard id."""
+
+    __slots__ = ("_shards",)
+
+    ROOT: Final = -1
+
+    def __init__(self) -> None:
+        self._shards: dict[int, FilterIndex[str]] = {}
+
+    # -- mutation ----------------------------------------------------------------------------
+
+    def add(self, shard: int, filt: str, node: str) -> bool:
+        """Add a route; True if it is new."""
+        index = self._shards.get(shard)
+        if index is None:
+            index = self._shards[shard] = FilterIndex()
+        return index.add(filt, sys.intern(node))
+
+    def remove(self, shard: int, filt: str, node: str) -> bool:
+        """Remove a route; True if it existed."""
+        index = self._shards.get(shard)
+        if index is None or not index.remove(filt, node):
+            return False
+        if not len(index):
+            del self._shards[shard]
+        return True
+
+    def drop_shard(self, shard: int) -> int:
+        """Forget every route of ``shard`` (e.g. after handing it off); return how many."""
+        index = self._shards.pop(shard, None)
+        return 0 if index is None else index.route_count
+
+    def remove_node(self, node: str) -> int:
+        """Remove every route of a node that left the cluster; return how many were removed."""
+        removed = 0
+        for shard in list(self._shards):
+            index = self._shards[shard]
+            before = index.route_count
+            index.remove_member(node)
+            removed += before - index.route_count
+            if not len(index):
+                del self._shards[shard]
+        return removed
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def match(self, shard: int, topic: str) -> set[str]:
+        """Nodes with a route in ``shard`` whose filter matches the topic name ``topic``."""
+        index = self._shards.get(shard)
+        if index is None:
+            return set()
+        return index.match(topic)
+
+    def shard_routes(self, shard: int) -> list[tuple[str, tuple[str, ...]]]:
+        """A snapshot of the shard's routes, sorted so two snapshots compare equal."""
+        index = self._shards.get(shard)
+        if index is None:
+            return []
+        return sorted((filt, tuple(sorted(nodes))) for filt, nodes in index.items())
+
+    def shards(self) -> list[int]:
+        """Shard ids that currently hold at least one route, ascending (ROOT first)."""
+        return sorted(self._shards)
+
+    @property
+    def route_count(self) -> int:
+        """Total number of (shard, filter, node) routes."""
+        return sum(index.route_count for index in self._shards.values())
+
+    def route_count_of(self, shard: int) -> int:
+        index = self._shards.get(shard)
+        return 0 if index is None else index.route_count
+
+    @property
+    def filter_count(self) -> int:
+        """Total number of (shard, filter) entries."""
+        return sum(len(index) for index in self._shards.values())
+
+    @property
+    def root_size(self) -> int:
+        """Number of filters in the root set."""
+        index = self._shards.get(self.ROOT)
+        return 0 if index is None else len(index)
