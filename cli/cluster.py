@@ -11,6 +11,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -103,10 +104,8 @@ def stop_proc(proc: Proc, grace: float = 5.0, sig: int = signal.SIGTERM) -> None
         time.sleep(0.05)
     if pid_runs(proc):
         os.kill(proc.pid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(proc.pid, 0)
-        except ChildProcessError:
-            pass
 
 
 class LocalCluster:
@@ -120,6 +119,7 @@ class LocalCluster:
         lease_ttl: int = 5,
         base_port: int | None = None,
         log_level: str = "info",
+        node_args: list[str] | None = None,
     ) -> None:
         self.dir = Path(directory).resolve()
         self.node_count = nodes
@@ -129,6 +129,7 @@ class LocalCluster:
         self.lease_ttl = lease_ttl
         self.base_port = base_port
         self.log_level = log_level
+        self.node_args = node_args or []
         self.state: ClusterState | None = None
 
     # ------------------------------------------------------------------ state
@@ -213,6 +214,7 @@ class LocalCluster:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:
             cmd += ["--replication", str(self.replication)]
+        cmd += self.node_args
         proc = Proc(node_id, self._spawn(node_id, cmd), cmd, client_ep, peer_ep)
         self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
         self.save()

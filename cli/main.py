@@ -44,6 +44,7 @@ def cmd_node(args: argparse.Namespace) -> None:
             replication=args.replication,
             lease_ttl=args.lease_ttl,
             max_payload=args.max_payload,
+            client_idle_check=args.client_idle_check,
         )
     ).run()
 
@@ -80,7 +81,8 @@ def print_status(status: dict[str, Any]) -> None:
     if live:
         first = live[0]
         print(
-            f"members {first['members']}  epoch {first['epoch']}  shards {first['shard_count']} x R={first['replication']}"
+            f"members {first['members']}  epoch {first['epoch']}"
+            f"  shards {first['shard_count']} x R={first['replication']}"
             f"  root-set size {first['root_set_size']} (held on every node; the part that does not scale)"
         )
 
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
     node.add_argument("--lease-ttl", type=int, default=5)
     node.add_argument("--max-payload", type=int, default=1024 * 1024)
+    node.add_argument("--client-idle-check", type=float, default=10.0, help="seconds before a quiet client is probed")
     node.set_defaults(func=cmd_node)
 
     cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")

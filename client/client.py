@@ -17,6 +17,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -133,10 +134,8 @@ class Client:
 
     def close(self) -> None:
         if self.sock is not None:
-            try:
+            with contextlib.suppress(self.zmq_module.ZMQError):
                 self.sock.send_multipart(codec.encode(codec.BYE, {}), self.zmq_module.NOBLOCK)
-            except self.zmq_module.ZMQError:
-                pass
             self._close_socket()
 
     def __enter__(self) -> Client:

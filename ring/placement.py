@@ -7,10 +7,11 @@ Rules and invariants:
   ``stable_hash64``, so dict insertion order, process and host never matter.
 * Ring order comes from uhashring: each node gets ``VNODES_PER_WEIGHT * weight``
   points, weights first divided by their gcd (build time grows with the
-  reduced weight sum, so keep weights small integers). Shard ``s`` sits at the evenly spaced position ``s * 2**64 // S``;
-  its distance ``d(s, n)`` to node ``n`` is how far clockwise the first point of
-  ``n`` lies. Sorting nodes by ``d`` is exactly uhashring's ``iterate_nodes``
-  walk, and the nearest node is what ``HashRing.get_node`` would answer.
+  reduced weight sum, so keep weights small integers). Shard ``s`` sits at the
+  evenly spaced position ``s * 2**64 // S``; its distance ``d(s, n)`` to node
+  ``n`` is how far clockwise the first point of ``n`` lies. Sorting nodes by
+  ``d`` is exactly uhashring's ``iterate_nodes`` walk, and the nearest node
+  is what ``HashRing.get_node`` would answer.
 * Balance is enforced with one price per node (``m`` for replicas, ``q`` for
   primaries), starting at 1. A shard's owners are the ``R_eff = min(R, N)``
   nodes with the smallest ``d * m``; its primary is the owner with the
@@ -39,6 +40,9 @@ from .hashing import stable_hash64
 
 __all__ = ["BALANCE_SLACK", "VNODES_PER_WEIGHT", "place"]
 
+# 1280 rather than uhashring's 160: a finer ring needs smaller price corrections,
+# and smaller corrections move fewer shards on join/leave (measured: the worst
+# join over 16 naming schemes, N=2..12, R=1..3 fell from 1.15x to 1.08x ideal).
 VNODES_PER_WEIGHT = 1280
 BALANCE_SLACK = Fraction(105, 100)
 _RING_SIZE = 1 << 64

@@ -159,7 +159,8 @@ def decode(
     ref = header.get("id")
     ref = ref if isinstance(ref, int) and not isinstance(ref, bool) else None
     if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(E_VERSION, f"protocol version {header.get('v')!r} unsupported; use v={PROTOCOL_VERSION}", ref)
+        reason = f"protocol version {header.get('v')!r} unsupported; use v={PROTOCOL_VERSION}"
+        raise ProtocolError(E_VERSION, reason, ref)
     frame_type = bytes(raw_type)
     if frame_type not in allowed:
         shown = frame_type[:32].decode("ascii", "replace")

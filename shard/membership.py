@@ -15,6 +15,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -145,8 +146,6 @@ class EtcdSession(threading.Thread):
                 self._stopping.wait(self._poll)
         finally:
             if self._lease is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._lease.revoke()
-                except Exception:
-                    pass
             push.close(linger=0)

@@ -324,13 +324,9 @@ class Node:
         handler(self, session, frame)
 
     def _on_hello(self, session: Session, frame: Frame) -> None:
-        self.send_client(
-            session.rid,
-            codec.encode(
-                codec.WELCOME,
-                {"node": self.me, "max_payload": self.cfg.max_payload, "epoch": self.epoch, "id": frame.header.get("id")},
-            ),
-        )
+        cfg = self.cfg
+        header = {"id": frame.header.get("id"), "node": self.me, "max_payload": cfg.max_payload, "epoch": self.epoch}
+        self.send_client(session.rid, codec.encode(codec.WELCOME, header))
 
     def _on_ping(self, session: Session, frame: Frame) -> None:
         self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
@@ -358,7 +354,8 @@ class Node:
                 validate_topic_filter(filt)
             except TopicError as exc:
                 self.metrics[f"errors.{exc.code}"] += 1
-                results.append({"filter": filt if isinstance(filt, str) else None, "code": exc.code, "reason": exc.reason})
+                shown = filt if isinstance(filt, str) else None
+                results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
                 continue
             results.append(qos)
             if self._subscribe_local(session, filt, qos):

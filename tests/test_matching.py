@@ -8,6 +8,7 @@ from collections.abc import Hashable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from shardmq.router.matching import FilterIndex, filter_matches
 from shardmq.router.routes import RouteTable
 from shardmq.router.topics import validate_topic_filter, validate_topic_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from shardmq.router.matching import filter_matches
 from shardmq.router.partition import lookup_keys, placement_key
 from shardmq.router.routes import RouteTable

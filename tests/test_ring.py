@@ -102,9 +102,7 @@ def test_key_lookup_uses_stable_hash() -> None:
 # --- behavioural guarantees at production size ----------------------------
 
 
-@pytest.mark.parametrize(
-    "n,r", [(2, 1), (3, 2), (5, 2), (10, 2), (12, 1), (4, 3), (7, 3), (11, 2)]
-)
+@pytest.mark.parametrize("n,r", [(2, 1), (3, 2), (5, 2), (10, 2), (12, 1), (4, 3), (7, 3), (11, 2)])
 def test_balance_and_movement(n: int, r: int) -> None:
     before = ShardMap.build(nodes(n), S, r)
     after = ShardMap.build(nodes(n + 1), S, r)
@@ -185,7 +183,9 @@ def test_capacity_bound_equal_weights(n: int, shard_count: int, replication: int
     st.integers(min_value=1, max_value=200),
     st.integers(min_value=1, max_value=3),
 )
-def test_moved_against_naive(a_members: dict[str, int], b_members: dict[str, int], shard_count: int, r: int) -> None:
+def test_moved_against_naive(
+    a_members: dict[str, int], b_members: dict[str, int], shard_count: int, r: int
+) -> None:
     a = ShardMap.build(a_members, shard_count, r)
     b = ShardMap.build(b_members, shard_count, r)
     assert a.moved_shards(b) == [s for s in range(shard_count) if a.owners(s) != b.owners(s)]
