@@ -3,8 +3,8 @@
 Rules:
 
 * Topics are ~80-byte ASCII strings shaped like ``devices/<uuid>/telemetry/<n>/...``, all
-  routed to one node id, spread over 4096 shards by ``zlib.crc32(placement key) % 4096``
-  (the ring is not imported, so the script stays standalone and deterministic).
+  routed to one node id, spread over 4096 shards by the ring's ``shard_for_key(placement key)``,
+  exactly as a node places them.
 * The topic list is built *before* measuring and is shared by both containers, so neither
   figure includes the topic strings themselves: a route table receives the filter string from
   the SUBSCRIBE packet and keeps a reference to it, exactly as the bare dict does.
@@ -28,9 +28,9 @@ import gc
 import sys
 import time
 import tracemalloc
-import zlib
 from collections.abc import Callable
 
+from shardmq.ring import shard_for_key
 from shardmq.router.partition import placement_key
 from shardmq.router.routes import RouteTable
 
@@ -52,7 +52,7 @@ def make_topics(n: int) -> list[str]:
 def shard_of(topic: str) -> int:
     key = placement_key(topic)
     assert key is not None
-    return zlib.crc32(key.encode()) % SHARDS
+    return shard_for_key(key, SHARDS)
 
 
 def measure(build: Callable[[], object]) -> tuple[int, float]:

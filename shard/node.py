@@ -101,8 +101,23 @@ class Waiter:
     """Something waiting for a set of peer replies, e.g. a SUBACK waiting for every owner's ROUTE_ACK."""
 
     pending: set[str]
-    on_done: Callable[[list[str]], None]
+    callbacks: list[Callable[[list[str]], None]]
+    filters: list[str] = field(default_factory=list)  # ROUTE_ADD filters this waiter installs
     failures: list[str] = field(default_factory=list)
+
+
+def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """A callback that calls ``on_done`` (with every failure seen) once it has itself been called ``count`` times."""
+    failures: list[str] = []
+    left = [count]
+
+    def one(more: list[str]) -> None:
+        failures.extend(more)
+        left[0] -= 1
+        if left[0] == 0:
+            on_done(failures)
+
+    return one
 
 
 class Node:
@@ -124,6 +139,7 @@ class Node:
         self.pending_lookups: dict[int, tuple[str, Publish]] = {}  # id -> (peer asked, publish)
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.waiters: dict[int, Waiter] = {}
+        self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.ids = itertools.count(1)
         self.started = time.monotonic()
@@ -345,8 +361,12 @@ class Node:
         if qos not in (0, 1):
             self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
             return
+        if self.shard_map is None:
+            self.reject_client(session.rid, codec.E_UNAVAILABLE, "the node has not joined a cluster yet; retry", ref)
+            return
         results: list[Any] = []
         new_filters: list[str] = []
+        installing: set[int] = set()  # route adds started by earlier subscribers that this SUBACK must wait for
         for filt in frame.header["filters"]:
             try:
                 if not isinstance(filt, str):
@@ -360,6 +380,8 @@ class Node:
             results.append(qos)
             if self._subscribe_local(session, filt, qos):
                 new_filters.append(filt)
+            elif filt in self.route_add_waiters:
+                installing.add(self.route_add_waiters[filt])
         self.metrics["subscriptions"] += len(new_filters)
 
         def done(failures: list[str]) -> None:
@@ -369,7 +391,10 @@ class Node:
             else:
                 self.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
 
-        self._change_routes(codec.ROUTE_ADD, new_filters, done)
+        on_done = gate(len(installing) + 1, done)
+        for wid in installing:
+            self.waiters[wid].callbacks.append(on_done)
+        self._change_routes(codec.ROUTE_ADD, new_filters, on_done)
 
     def _subscribe_local(self, session: Session, filt: str, qos: int) -> bool:
         """Record the subscription; True when the filter is new on this node (a route must be added)."""
@@ -448,12 +473,9 @@ class Node:
         return shard, self.shard_map.owners(shard)
 
     def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
-        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; call ``on_done`` when all confirmed."""
-        if not filters:
+        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed."""
+        if not filters or self.shard_map is None:  # without a map no route was ever installed
             on_done([])
-            return
-        if self.shard_map is None:
-            on_done(["no cluster membership yet"])
             return
         by_node: dict[str, list[list[Any]]] = {}
         for filt in filters:
@@ -467,7 +489,11 @@ class Node:
             on_done([])
             return
         wid = next(self.ids)
-        waiter = self.waiters[wid] = Waiter(set(by_node), on_done)
+        waiter = self.waiters[wid] = Waiter(set(by_node), [on_done])
+        if kind == codec.ROUTE_ADD:
+            waiter.filters = filters
+            for filt in filters:
+                self.route_add_waiters[filt] = wid
         for node, routes in by_node.items():
             header = {"id": wid, "node": self.me, "epoch": self.epoch, "routes": routes}
             if not self.send_peer(node, codec.encode(kind, header)):
@@ -486,14 +512,22 @@ class Node:
             return
         waiter.pending.discard(node)
         if not waiter.pending:
-            del self.waiters[wid]
-            waiter.on_done(waiter.failures)
+            self._finish_waiter(wid)
 
     def _expire_waiter(self, wid: int) -> None:
-        waiter = self.waiters.pop(wid, None)
+        waiter = self.waiters.get(wid)
         if waiter is not None:
             self.metrics["errors.route_timeout"] += 1
-            waiter.on_done([*waiter.failures, "timeout"])
+            waiter.failures.append("timeout")
+            self._finish_waiter(wid)
+
+    def _finish_waiter(self, wid: int) -> None:
+        waiter = self.waiters.pop(wid)
+        for filt in waiter.filters:
+            if self.route_add_waiters.get(filt) == wid:
+                del self.route_add_waiters[filt]
+        for callback in waiter.callbacks:
+            callback(waiter.failures)
 
     # ------------------------------------------------------------------ publish
     def publish(self, pub: Publish) -> None:
