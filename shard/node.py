@@ -136,7 +136,7 @@ class Node:
         self.epoch = 0
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
-        self.pending_lookups: dict[int, tuple[str, Publish]] = {}  # id -> (peer asked, publish)
+        self.pending_lookups: dict[int, tuple[str, int, Publish]] = {}  # id -> (peer asked, shard, publish)
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.waiters: dict[int, Waiter] = {}
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
@@ -241,7 +241,8 @@ class Node:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.call_later(self.cfg.redelivery_interval, self._redeliver_tick)
         self.call_later(self.cfg.client_idle_check, self._idle_tick)
-        self.log.info("node_started", client_endpoint=self.cfg.client_endpoint, peer_endpoint=self.cfg.peer_endpoint)
+        cfg = self.cfg
+        self.log.info("node_started", client_endpoint=cfg.client_endpoint, peer_endpoint=cfg.peer_endpoint, epoch=0)
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.peer_sock, zmq.POLLIN)
@@ -312,10 +313,10 @@ class Node:
             if node in waiter.pending:
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
-        for lid, (peer, pub) in list(self.pending_lookups.items()):
+        for lid, (peer, shard, pub) in list(self.pending_lookups.items()):
             if peer == node:
                 del self.pending_lookups[lid]
-                self._fail_publish(pub, codec.E_UNAVAILABLE, f"route owner {node} left the cluster")
+                self._fail_publish(pub, codec.E_UNAVAILABLE, f"route owner {node} left the cluster", shard)
                 self._dispatch(pub.topic)
         for fid, (peer, pub) in list(self.pending_fwds.items()):
             if peer == node:
@@ -545,9 +546,9 @@ class Node:
             lid = next(self.ids)
             header = {"id": lid, "shard": shard, "epoch": self.epoch, "topic": pub.topic}
             if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
-                self._fail_publish(pub, codec.E_UNAVAILABLE, f"owner {owner} of shard {shard} is unreachable")
+                self._fail_publish(pub, codec.E_UNAVAILABLE, f"owner {owner} of shard {shard} is unreachable", shard)
                 return
-            self.pending_lookups[lid] = (owner, pub)
+            self.pending_lookups[lid] = (owner, shard, pub)
             pub.lookups_left += 1
             self.call_later(self.cfg.request_timeout, lambda lid=lid: self._expire_lookup(lid))
         queue = self.topic_queues.get(pub.topic)
@@ -587,20 +588,20 @@ class Node:
             self.metrics["publishes.acked"] += 1
             self.send_client(pub.client, codec.encode(codec.PUBACK, {"id": pub.ref}))
 
-    def _fail_publish(self, pub: Publish, code: str, reason: str) -> None:
+    def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
         if pub.failed:
             return
         pub.failed = True
         self.metrics[f"errors.{code}"] += 1
-        self.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason)
+        self.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard, epoch=self.epoch)
         if pub.client is not None and pub.qos:
             self.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
 
     def _expire_lookup(self, lid: int) -> None:
         pending = self.pending_lookups.pop(lid, None)
         if pending is not None:
-            pub = pending[1]
-            self._fail_publish(pub, codec.E_TIMEOUT, f"route owner {pending[0]} did not answer the lookup in time")
+            owner, shard, pub = pending
+            self._fail_publish(pub, codec.E_TIMEOUT, f"route owner {owner} did not answer the lookup in time", shard)
             self._dispatch(pub.topic)
 
     def _expire_fwd(self, fid: int) -> None:
@@ -656,7 +657,7 @@ class Node:
             frame = codec.decode(rest, max_payload=self.cfg.max_payload, allowed=codec.PEER_REQUESTS)
         except ProtocolError as exc:
             self.metrics[f"errors.{exc.code}"] += 1
-            self.log.warning("peer_frame_rejected", peer=sender, code=exc.code, reason=exc.reason)
+            self.log.warning("peer_frame_rejected", peer=sender, code=exc.code, reason=exc.reason, epoch=self.epoch)
             if sender in self.members:
                 self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
             return
@@ -673,7 +674,7 @@ class Node:
         elif frame.type == codec.LOOKUP_REPLY:
             pending = self.pending_lookups.pop(h["id"], None)
             if pending is not None:
-                pub = pending[1]
+                pub = pending[2]
                 pub.dests.update(h["nodes"])
                 pub.lookups_left -= 1
                 self._dispatch(pub.topic)
