@@ -75,7 +75,7 @@ class Client:
         self.endpoint: str | None = None
         self.subscriptions: dict[str, int] = {}
         self.errors: deque[ShardMQError] = deque(maxlen=1000)
-        self.inbox: deque[Message] = deque()
+        self.inbox: deque[tuple[Message, int | None]] = deque()  # (message, mid to DACK when handed over)
         self.failovers = 0
         self._ids = itertools.count(1)
         self._next_endpoint = 0
@@ -165,9 +165,8 @@ class Client:
     def _handle_unsolicited(self, frame: codec.Frame) -> None:
         h = frame.header
         if frame.type == codec.MSG:
-            self.inbox.append(Message(h["topic"], frame.payload, h["qos"], bool(h.get("dup"))))
-            if h["qos"]:
-                self.sock.send_multipart(codec.encode(codec.DACK, {"mids": [h["mid"]]}))
+            mid = h.get("mid") if h["qos"] else None
+            self.inbox.append((Message(h["topic"], frame.payload, h["qos"], bool(h.get("dup"))), mid))
         elif frame.type == codec.PING:
             self.sock.send_multipart(codec.encode(codec.PONG, {}))
         elif frame.type == codec.ERROR:
@@ -280,7 +279,12 @@ class Client:
                 self._handle_unsolicited(frame)
             elif time.monotonic() - self._last_heard > PING_INTERVAL:
                 self._check_alive()
-        return self.inbox.popleft() if self.inbox else None
+        if not self.inbox:
+            return None
+        msg, mid = self.inbox.popleft()
+        if isinstance(mid, int):  # acknowledged only now that the application has it
+            self.sock.send_multipart(codec.encode(codec.DACK, {"mids": [mid]}))
+        return msg
 
     def _check_alive(self) -> None:
         """A quiet connection may be a dead node: ping it, and fail over if it stays silent."""

@@ -17,6 +17,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,22 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     FWD_ACK: {"id": _INT, "epoch": _INT},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
+
+
+def _routes_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 2 and type(r[0]) is int and isinstance(r[1], str) for r in items
+    )
+
+
+# Shapes of list items, checked so a handler never meets a malformed batch half-way through applying it.
+# (SUB/UNSUB filters are checked one by one by the node, which answers per filter.)
+LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
+    (ROUTE_ADD, "routes"): (_routes_ok, "[shard:int, filter:str] pairs"),
+    (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, filter:str] pairs"),
+    (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
+    (LOOKUP_REPLY, "nodes"): (lambda items: all(isinstance(n, str) for n in items), "node id strings"),
+}
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE})
 PEER_REQUESTS = frozenset({ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWD_ACK, ERROR})
 
@@ -158,8 +175,9 @@ def decode(
         raise ProtocolError(E_BAD_HEADER, "header must be a JSON object")
     ref = header.get("id")
     ref = ref if isinstance(ref, int) and not isinstance(ref, bool) else None
-    if header.get("v") != PROTOCOL_VERSION:
-        reason = f"protocol version {header.get('v')!r} unsupported; use v={PROTOCOL_VERSION}"
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        reason = f"protocol version {version!r} unsupported; use v={PROTOCOL_VERSION}"
         raise ProtocolError(E_VERSION, reason, ref)
     frame_type = bytes(raw_type)
     if frame_type not in allowed:
@@ -171,6 +189,9 @@ def decode(
             raise ProtocolError(
                 E_BAD_HEADER, f"{frame_type.decode()} header needs field {name!r} of type {expected.__name__}", ref
             )
+        check = LIST_ITEMS.get((frame_type, name))
+        if check is not None and not check[0](value):
+            raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be a list of {check[1]}", ref)
     if len(payload) > max_payload:
         raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
     return Frame(frame_type, header, bytes(payload))

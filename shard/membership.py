@@ -37,19 +37,16 @@ class MemberInfo:
     peer_endpoint: str
     weight: int = 1
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "node": self.node_id,
-                "client_endpoint": self.client_endpoint,
-                "peer_endpoint": self.peer_endpoint,
-                "weight": self.weight,
-            }
-        )
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "client_endpoint": self.client_endpoint,
+            "peer_endpoint": self.peer_endpoint,
+            "weight": self.weight,
+        }
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> MemberInfo:
-        data = orjson.loads(raw)
+    def from_dict(cls, data: dict[str, Any]) -> MemberInfo:
         return cls(data["node"], data["client_endpoint"], data["peer_endpoint"], int(data.get("weight", 1)))
 
 
@@ -74,7 +71,7 @@ def read_members(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[int, dict[s
     members: dict[str, MemberInfo] = {}
     epoch = 0
     for value, meta in client.get_prefix(cluster_prefix(cluster) + "members/"):
-        info = MemberInfo.from_json(value)
+        info = MemberInfo.from_dict(orjson.loads(value))
         members[info.node_id] = info
         epoch = max(epoch, int(meta.get("create_revision", 0)))
     return epoch, members
@@ -110,7 +107,8 @@ class EtcdSession(threading.Thread):
 
     def _register(self) -> None:
         self._lease = self.client.lease(self._ttl)
-        self.client.put(cluster_prefix(self._cluster) + f"members/{self._me.node_id}", self._me.to_json(), self._lease)
+        key = cluster_prefix(self._cluster) + f"members/{self._me.node_id}"
+        self.client.put(key, orjson.dumps(self._me.to_dict()), self._lease)
         log.info("registered", node=self._me.node_id, lease_ttl=self._ttl)
 
     def run(self) -> None:
@@ -137,7 +135,7 @@ class EtcdSession(threading.Thread):
                         epoch, members = snapshot
                         push.send(
                             orjson.dumps(
-                                {"epoch": epoch, "members": [orjson.loads(m.to_json()) for m in members.values()]}
+                                {"epoch": epoch, "members": [m.to_dict() for m in members.values()]}
                             )
                         )
                 except Exception as exc:  # etcd unreachable: keep trying; the lease decides membership

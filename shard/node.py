@@ -52,6 +52,8 @@ from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_cli
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
+HELD_PER_PEER = 10_000
+HELD_PEERS = 16
 HEARTBEAT_MS = 2000
 
 
@@ -135,6 +137,7 @@ class Node:
         self.shard_map: ShardMap | None = None
         self.epoch = 0
         self.dealers: dict[str, zmq.Socket] = {}
+        self.held_for_peer: dict[str, deque[list[bytes]]] = {}  # frames for peers not yet in the member list
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.pending_lookups: dict[int, tuple[str, int, Publish]] = {}  # id -> (peer asked, shard, publish)
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
@@ -183,8 +186,18 @@ class Node:
     def send_peer(self, node: str, parts: list[bytes]) -> bool:
         sock = self._dealer(node)
         if sock is None:
-            self.metrics["errors.peer_unknown"] += 1
-            return False
+            # A peer that just joined can talk before our member list shows it: hold the frames until it does.
+            held = self.held_for_peer.get(node)
+            if held is None:
+                if len(self.held_for_peer) >= HELD_PEERS:
+                    self.metrics["drops.peer_unknown"] += 1
+                    return False
+                held = self.held_for_peer[node] = deque(maxlen=HELD_PER_PEER)
+            if len(held) == HELD_PER_PEER:
+                self.metrics["drops.peer_unknown"] += 1
+            held.append(parts)
+            self.metrics["held.peer_unknown"] += 1
+            return True
         try:
             sock.send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
@@ -284,7 +297,7 @@ class Node:
 
     # ------------------------------------------------------------------ membership
     def on_members(self, snapshot: dict[str, Any]) -> None:
-        members = {m["node"]: MemberInfo.from_json(orjson.dumps(m)) for m in snapshot["members"]}
+        members = {m["node"]: MemberInfo.from_dict(m) for m in snapshot["members"]}
         if not members:
             return
         gone = set(self.members) - set(members)
@@ -295,6 +308,13 @@ class Node:
             shard_count=int(self.settings["shard_count"]),
             replication=int(self.settings["replication"]),
         )
+        held, self.held_for_peer = self.held_for_peer, {}
+        for node, frames in held.items():
+            if node not in members:  # still unknown after a membership change: not a member, drop
+                self.metrics["drops.peer_unknown"] += len(frames)
+                continue
+            for parts in frames:
+                self.send_peer(node, parts)
         for node in gone:
             sock = self.dealers.pop(node, None)
             if sock is not None:
@@ -385,8 +405,14 @@ class Node:
                 installing.add(self.route_add_waiters[filt])
         self.metrics["subscriptions"] += len(new_filters)
 
+        accepted = [f for f, r in zip(frame.header["filters"], results, strict=True) if not isinstance(r, dict)]
+
         def done(failures: list[str]) -> None:
             if failures:
+                # All or nothing: undo this SUB so the client is not sent messages for filters it was told failed.
+                if session.rid in self.sessions:
+                    gone = [f for f in accepted if self._unsubscribe_local(session, f)]
+                    self._change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
                 reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
                 self.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
             else:
@@ -658,40 +684,73 @@ class Node:
         except ProtocolError as exc:
             self.metrics[f"errors.{exc.code}"] += 1
             self.log.warning("peer_frame_rejected", peer=sender, code=exc.code, reason=exc.reason, epoch=self.epoch)
-            if sender in self.members:
-                self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
+            self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
             return
+        self._peer_handlers[frame.type](self, sender, frame)
+
+    def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
-        if frame.type in (codec.ROUTE_ADD, codec.ROUTE_DEL):
-            self._apply_routes(frame.type, h["node"], h["routes"])
-            self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch}))
-        elif frame.type == codec.ROUTE_ACK:
-            self._settle_waiter(h["id"], sender)
-        elif frame.type == codec.LOOKUP:
-            nodes = sorted(self.routes.match(h["shard"], h["topic"]))
-            reply = {"id": h["id"], "shard": h["shard"], "epoch": self.epoch, "nodes": nodes}
-            self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
-        elif frame.type == codec.LOOKUP_REPLY:
-            pending = self.pending_lookups.pop(h["id"], None)
-            if pending is not None:
-                pub = pending[2]
-                pub.dests.update(h["nodes"])
-                pub.lookups_left -= 1
-                self._dispatch(pub.topic)
-        elif frame.type == codec.FWD:
-            self.metrics["forwards.in"] += 1
-            self.deliver_local(h["topic"], h["qos"], frame.payload)
-            if h["qos"]:
-                self.send_peer(sender, codec.encode(codec.FWD_ACK, {"id": h["id"], "epoch": self.epoch}))
-        elif frame.type == codec.FWD_ACK:
-            pending = self.pending_fwds.pop(h["id"], None)
-            if pending is not None:
-                pub = pending[1]
-                pub.acks_left -= 1
-                self._maybe_puback(pub)
-        elif frame.type == codec.ERROR:
-            self.metrics["errors.from_peer"] += 1
-            self.log.warning("peer_error", peer=sender, code=h["code"], reason=h["reason"], ref=h.get("ref"))
+        self._apply_routes(frame.type, h["node"], h["routes"])
+        self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch}))
+
+    def _on_route_ack(self, sender: str, frame: Frame) -> None:
+        self._settle_waiter(frame.header["id"], sender)
+
+    def _on_lookup(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        nodes = sorted(self.routes.match(h["shard"], h["topic"]))
+        reply = {"id": h["id"], "shard": h["shard"], "epoch": self.epoch, "nodes": nodes}
+        self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
+
+    def _on_lookup_reply(self, sender: str, frame: Frame) -> None:
+        pending = self.pending_lookups.pop(frame.header["id"], None)
+        if pending is not None:
+            pub = pending[2]
+            pub.dests.update(frame.header["nodes"])
+            pub.lookups_left -= 1
+            self._dispatch(pub.topic)
+
+    def _on_fwd(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        self.metrics["forwards.in"] += 1
+        self.deliver_local(h["topic"], h["qos"], frame.payload)
+        if h["qos"]:
+            self.send_peer(sender, codec.encode(codec.FWD_ACK, {"id": h["id"], "epoch": self.epoch}))
+
+    def _on_fwd_ack(self, sender: str, frame: Frame) -> None:
+        pending = self.pending_fwds.pop(frame.header["id"], None)
+        if pending is not None:
+            pub = pending[1]
+            pub.acks_left -= 1
+            self._maybe_puback(pub)
+
+    def _on_peer_error(self, sender: str, frame: Frame) -> None:
+        """A peer refused one of our requests: fail what waits on it now rather than at its timeout."""
+        h = frame.header
+        ref = h.get("ref")
+        self.metrics["errors.from_peer"] += 1
+        self.log.warning("peer_error", peer=sender, code=h["code"], reason=h["reason"], ref=ref, epoch=self.epoch)
+        reason = f"node {sender} refused: {h['reason']}"
+        if ref in self.waiters:
+            self.waiters[ref].failures.append(f"{sender} ({h['code']})")
+            self._settle_waiter(ref, sender)
+        elif ref in self.pending_lookups:
+            _, shard, pub = self.pending_lookups.pop(ref)
+            self._fail_publish(pub, h["code"], reason, shard)
+            self._dispatch(pub.topic)
+        elif ref in self.pending_fwds:
+            self._fail_publish(self.pending_fwds.pop(ref)[1], h["code"], reason)
+
+    _peer_handlers: dict[bytes, Callable[[Node, str, Frame], None]] = {
+        codec.ROUTE_ADD: _on_route_change,
+        codec.ROUTE_DEL: _on_route_change,
+        codec.ROUTE_ACK: _on_route_ack,
+        codec.LOOKUP: _on_lookup,
+        codec.LOOKUP_REPLY: _on_lookup_reply,
+        codec.FWD: _on_fwd,
+        codec.FWD_ACK: _on_fwd_ack,
+        codec.ERROR: _on_peer_error,
+    }
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

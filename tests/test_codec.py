@@ -1,0 +1,419 @@
+"""The wire codec: valid frames round-trip, and any other input is refused with a ProtocolError and a stable code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardmq.router import codec
+from shardmq.router.codec import FRAME_FIELDS, FRAME_TYPES, Frame, ProtocolError
+
+ERROR_CODES = frozenset(
+    value for name, value in vars(codec).items() if name.startswith("E_") and isinstance(value, str)
+)
+DECODE_SETTINGS = settings(max_examples=300, deadline=None)
+
+# JSON values orjson can write and read back unchanged (ints within 64 bits, finite floats, no surrogates).
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELD_VALUES: dict[type, st.SearchStrategy[Any]] = {
+    int: st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    str: st.text(max_size=40),
+    list: st.lists(json_values, max_size=5),
+    dict: st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+}
+# A value of the wrong type for each field type; bool is the interesting one for int fields.
+WRONG_VALUES: dict[type, list[Any]] = {
+    int: [True, False, "1", 1.0, None, [1], {"a": 1}],
+    str: [1, True, None, ["a"], {"a": "b"}],
+    list: ["a", 1, None, {"a": 1}, True],
+    dict: [[], "a", 1, None, True],
+}
+
+
+def valid_header(frame_type: bytes, **overrides: Any) -> dict[str, Any]:
+    """A minimal header that passes validation for ``frame_type``."""
+    sample = {int: 7, str: "x", list: [], dict: {}}
+    header: dict[str, Any] = {"v": codec.PROTOCOL_VERSION}
+    header.update({name: sample[kind] for name, kind in FRAME_FIELDS[frame_type].items()})
+    header.update(overrides)
+    return header
+
+
+def raw(frame_type: bytes, header: Any, payload: bytes = b"") -> list[bytes]:
+    return [frame_type, orjson.dumps(header), payload]
+
+
+def rejected(parts: list[bytes], **kwargs: Any) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        codec.decode(parts, **kwargs)
+    assert info.value.code in ERROR_CODES
+    assert str(info.value) == info.value.reason
+    return info.value
+
+
+# List fields whose items the codec checks, with a strategy for valid items.
+ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
+    (codec.ROUTE_ADD, "routes"): st.lists(st.tuples(st.integers(-1, 4095), st.text(max_size=20)).map(list), max_size=5),
+    (codec.ROUTE_DEL, "routes"): st.lists(st.tuples(st.integers(-1, 4095), st.text(max_size=20)).map(list), max_size=5),
+    (codec.DACK, "mids"): st.lists(st.integers(0, 2**40), max_size=5),
+    (codec.LOOKUP_REPLY, "nodes"): st.lists(st.text(max_size=10), max_size=5),
+}
+
+
+@st.composite
+def valid_frames(draw: st.DrawFn, frame_type: bytes) -> tuple[dict[str, Any], bytes]:
+    header = {
+        name: draw(ITEM_VALUES.get((frame_type, name), FIELD_VALUES[kind]))
+        for name, kind in FRAME_FIELDS[frame_type].items()
+    }
+    extras = draw(st.dictionaries(st.sampled_from(["mid", "dup", "ref", "epoch", "x-extra"]), json_values, max_size=3))
+    for key, value in extras.items():
+        header.setdefault(key, value)
+    payload = draw(st.binary(max_size=256))
+    return header, payload
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("frame_type", sorted(FRAME_TYPES), ids=lambda t: t.decode())
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_round_trip_every_frame_type(frame_type: bytes, data: st.DataObject) -> None:
+    header, payload = data.draw(valid_frames(frame_type))
+    parts = codec.encode(frame_type, header, payload)
+    assert len(parts) == 3 and parts[0] == frame_type and parts[2] == payload
+    frame = codec.decode(parts)
+    assert frame == Frame(frame_type, {"v": codec.PROTOCOL_VERSION, **header}, payload)
+    assert isinstance(frame.payload, bytes)
+    assert codec.decode(frame.parts()) == frame
+
+
+def test_encode_fills_in_version_and_keeps_an_explicit_one() -> None:
+    assert orjson.loads(codec.encode(codec.PING, {})[1]) == {"v": codec.PROTOCOL_VERSION}
+    assert orjson.loads(codec.encode(codec.PING, {"v": 9})[1]) == {"v": 9}
+    assert codec.encode(codec.PING, {})[2] == b""
+
+
+def test_every_frame_type_has_a_field_table_and_channels_are_subsets() -> None:
+    assert frozenset(FRAME_FIELDS) == FRAME_TYPES
+    assert codec.CLIENT_REQUESTS <= FRAME_TYPES
+    assert codec.PEER_REQUESTS <= FRAME_TYPES
+    for frame_type, fields in FRAME_FIELDS.items():
+        assert frame_type.isascii() and frame_type.isupper()
+        assert "v" not in fields
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+
+@DECODE_SETTINGS
+@given(parts=st.lists(st.binary(max_size=64), min_size=0, max_size=5))
+def test_decode_arbitrary_parts_raises_only_protocol_error(parts: list[bytes]) -> None:
+    try:
+        frame = codec.decode(parts)
+    except ProtocolError as exc:
+        assert exc.code in ERROR_CODES
+        assert exc.ref is None or (isinstance(exc.ref, int) and not isinstance(exc.ref, bool))
+    else:
+        assert frame.type in FRAME_TYPES
+
+
+@st.composite
+def plausible_parts(draw: st.DrawFn) -> list[bytes]:
+    """Three parts that get past the JSON parser: known or unknown types, headers near or far from valid."""
+    frame_type = draw(st.sampled_from(sorted(FRAME_TYPES)) | st.binary(max_size=12))
+    header: Any
+    if draw(st.integers(0, 4)) == 0:
+        header = draw(json_values)
+    else:
+        fields = FRAME_FIELDS.get(frame_type, {})
+        header = {name: draw(FIELD_VALUES[kind] | json_values) for name, kind in fields.items()}
+        header.update(draw(st.dictionaries(st.sampled_from(["id", "mid", "ref", "x"]), json_values, max_size=2)))
+        header["v"] = draw(st.sampled_from([codec.PROTOCOL_VERSION] * 5 + [0, 2, True, None, "1"]))
+    return [frame_type, orjson.dumps(header), draw(st.binary(max_size=64))]
+
+
+@DECODE_SETTINGS
+@given(parts=plausible_parts(), max_payload=st.integers(0, 80), allowed=st.sampled_from(["all", "client", "peer"]))
+def test_decode_parseable_garbage_raises_only_protocol_error(
+    parts: list[bytes], max_payload: int, allowed: str
+) -> None:
+    channel = {"all": FRAME_TYPES, "client": codec.CLIENT_REQUESTS, "peer": codec.PEER_REQUESTS}[allowed]
+    try:
+        frame = codec.decode(parts, max_payload=max_payload, allowed=channel)
+    except ProtocolError as exc:
+        assert exc.code in ERROR_CODES
+        header = orjson.loads(parts[1])
+        if exc.ref is not None:
+            assert isinstance(header, dict) and header["id"] == exc.ref
+    else:
+        assert frame.type in channel
+        assert len(frame.payload) <= max_payload
+        for name, kind in FRAME_FIELDS[frame.type].items():
+            assert isinstance(frame.header[name], kind) and not isinstance(frame.header[name], bool)
+
+
+# ---------------------------------------------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 4, 5])
+def test_wrong_part_count_is_bad_frame(count: int) -> None:
+    parts = raw(codec.PING, {"v": 1}) + [b""] * 2
+    exc = rejected(parts[:count])
+    assert exc.code == codec.E_BAD_FRAME
+    assert str(count) in exc.reason
+    assert exc.ref is None
+
+
+@pytest.mark.parametrize("header", [b"", b"{", b"not json", b"{'v': 1}", b'{"v": 1,}', b"\x00"])
+def test_non_json_header_is_bad_header(header: bytes) -> None:
+    exc = rejected([codec.PING, header, b""])
+    assert exc.code == codec.E_BAD_HEADER
+    assert "JSON" in exc.reason
+
+
+@pytest.mark.parametrize("header", [b'{"v": 1, "x": "\xff"}', b"\xc3\x28", b'{"v": 1, "x": "\xed\xa0\x80"}'])
+def test_invalid_utf8_header_is_invalid_utf8(header: bytes) -> None:
+    exc = rejected([codec.PING, header, b""])
+    assert exc.code == codec.E_INVALID_UTF8
+
+
+@pytest.mark.parametrize("header", [[], [{"v": 1}], 1, "PING", None, True])
+def test_header_that_is_not_an_object_is_bad_header(header: Any) -> None:
+    exc = rejected(raw(codec.PING, header))
+    assert exc.code == codec.E_BAD_HEADER
+    assert "object" in exc.reason
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "name"),
+    [(t, name) for t, fields in sorted(FRAME_FIELDS.items()) for name in fields],
+    ids=lambda x: x.decode() if isinstance(x, bytes) else x,
+)
+def test_missing_field_is_bad_header_naming_the_field(frame_type: bytes, name: str) -> None:
+    header = valid_header(frame_type)
+    del header[name]
+    exc = rejected(raw(frame_type, header))
+    assert exc.code == codec.E_BAD_HEADER
+    assert repr(name) in exc.reason
+    assert frame_type.decode() in exc.reason
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "name", "value"),
+    [
+        (t, name, value)
+        for t, fields in sorted(FRAME_FIELDS.items())
+        for name, kind in fields.items()
+        for value in WRONG_VALUES[kind]
+    ],
+)
+def test_mistyped_field_is_bad_header_naming_the_field(frame_type: bytes, name: str, value: Any) -> None:
+    exc = rejected(raw(frame_type, valid_header(frame_type, **{name: value})))
+    assert exc.code == codec.E_BAD_HEADER
+    assert repr(name) in exc.reason
+    assert FRAME_FIELDS[frame_type][name].__name__ in exc.reason
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_bool_is_not_an_int(flag: bool) -> None:
+    exc = rejected(raw(codec.PUB, {"v": 1, "topic": "a", "qos": flag}))
+    assert exc.code == codec.E_BAD_HEADER
+    assert "'qos'" in exc.reason and "int" in exc.reason
+
+
+@pytest.mark.parametrize("version", [2, 0, -1, None, "1", [1]])
+def test_foreign_version_is_unsupported_version(version: Any) -> None:
+    exc = rejected(raw(codec.SUB, valid_header(codec.SUB, v=version, id=41)))
+    assert exc.code == codec.E_VERSION
+    assert exc.ref == 41
+    assert f"v={codec.PROTOCOL_VERSION}" in exc.reason
+
+
+def test_missing_version_is_unsupported_version() -> None:
+    header = valid_header(codec.PING)
+    del header["v"]
+    assert rejected(raw(codec.PING, header)).code == codec.E_VERSION
+
+
+def test_version_is_checked_before_type_and_fields() -> None:
+    assert rejected(raw(b"NOPE", {"v": 2})).code == codec.E_VERSION
+
+
+@pytest.mark.parametrize("frame_type", [b"", b"NOPE", b"ping", b"PING ", b"\xff\xfe", b"X" * 200])
+def test_unknown_type_is_unknown_type(frame_type: bytes) -> None:
+    exc = rejected(raw(frame_type, {"v": 1, "id": 5}))
+    assert exc.code == codec.E_UNKNOWN_TYPE
+    assert exc.ref == 5
+    assert len(exc.reason) < 120  # a long type is shown cut short
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "allowed"),
+    [
+        (codec.ROUTE_ADD, codec.CLIENT_REQUESTS),
+        (codec.FWD, codec.CLIENT_REQUESTS),
+        (codec.ERROR, codec.CLIENT_REQUESTS),
+        (codec.SUB, codec.PEER_REQUESTS),
+        (codec.HELLO, codec.PEER_REQUESTS),
+        (codec.PING, frozenset()),
+    ],
+    ids=lambda x: x.decode() if isinstance(x, bytes) else str(len(x)),
+)
+def test_type_not_allowed_on_channel_is_unknown_type(frame_type: bytes, allowed: frozenset[bytes]) -> None:
+    parts = raw(frame_type, valid_header(frame_type, id=3))
+    codec.decode(parts)  # valid in itself
+    exc = rejected(parts, allowed=allowed)
+    assert exc.code == codec.E_UNKNOWN_TYPE
+    assert exc.ref == 3
+
+
+def test_client_and_peer_channels_accept_their_own_types() -> None:
+    for channel in (codec.CLIENT_REQUESTS, codec.PEER_REQUESTS):
+        for frame_type in channel:
+            assert codec.decode(raw(frame_type, valid_header(frame_type)), allowed=channel).type == frame_type
+
+
+def test_payload_limit() -> None:
+    header = valid_header(codec.PUB, id=9)
+    assert codec.decode(raw(codec.PUB, header, b"x" * 10), max_payload=10).payload == b"x" * 10
+    exc = rejected(raw(codec.PUB, header, b"x" * 11), max_payload=10)
+    assert exc.code == codec.E_TOO_LARGE
+    assert exc.ref == 9
+    assert "11" in exc.reason and "10" in exc.reason
+
+
+def test_default_payload_limit_is_one_mebibyte() -> None:
+    assert codec.DEFAULT_MAX_PAYLOAD == 1024 * 1024
+    header = valid_header(codec.PUB)
+    assert codec.decode(raw(codec.PUB, header, bytes(codec.DEFAULT_MAX_PAYLOAD))).type == codec.PUB
+    assert rejected(raw(codec.PUB, header, bytes(codec.DEFAULT_MAX_PAYLOAD + 1))).code == codec.E_TOO_LARGE
+
+
+def test_header_limit() -> None:
+    parts = raw(codec.PING, {"v": 1, "id": 4, "pad": "x" * 100})
+    size = len(parts[1])
+    assert codec.decode(parts, max_header=size).type == codec.PING
+    exc = rejected(parts, max_header=size - 1)
+    assert exc.code == codec.E_TOO_LARGE
+    assert exc.ref is None  # checked before the header is parsed
+    assert str(size) in exc.reason
+
+
+def test_header_limit_applies_before_json_parsing() -> None:
+    assert rejected([codec.PING, b"\xff" * 50, b""], max_header=10).code == codec.E_TOO_LARGE
+
+
+# ---------------------------------------------------------------------------------------------- ref
+
+
+@pytest.mark.parametrize(
+    ("header_id", "ref"),
+    [(17, 17), (0, 0), (-3, -3), (2**63 - 1, 2**63 - 1), (True, None), ("17", None), (1.0, None), (None, None)],
+)
+def test_ref_is_the_header_id_when_it_is_an_int(header_id: Any, ref: int | None) -> None:
+    exc = rejected(raw(codec.SUB, {"v": 1, "id": header_id, "filters": "not a list", "qos": 0}))
+    assert exc.code == codec.E_BAD_HEADER
+    assert exc.ref == ref
+
+
+def test_no_ref_without_an_id_or_a_parseable_header() -> None:
+    assert rejected(raw(codec.SUB, {"v": 1, "filters": [], "qos": 0})).ref is None
+    assert rejected([codec.SUB, b'{"id": 5', b""]).ref is None
+    assert rejected(raw(codec.SUB, [{"id": 5}])).ref is None
+
+
+def test_protocol_error_defaults() -> None:
+    exc = ProtocolError(codec.E_TIMEOUT, "too slow")
+    assert (exc.code, exc.reason, exc.ref, str(exc)) == (codec.E_TIMEOUT, "too slow", None, "too slow")
+
+
+# ---------------------------------------------------------------------------------------------- error_parts
+
+
+def test_error_parts_shape() -> None:
+    parts = codec.error_parts(codec.E_INVALID_QOS, "qos must be 0 or 1, got 2", 12)
+    assert len(parts) == 3
+    assert parts[0] == codec.ERROR
+    assert parts[2] == b""
+    assert orjson.loads(parts[1]) == {
+        "v": codec.PROTOCOL_VERSION,
+        "code": codec.E_INVALID_QOS,
+        "reason": "qos must be 0 or 1, got 2",
+        "ref": 12,
+    }
+    frame = codec.decode(parts)
+    assert frame.type == codec.ERROR and frame.header["ref"] == 12
+
+
+def test_error_parts_without_ref_omits_it_and_keeps_extra_fields() -> None:
+    header = orjson.loads(codec.error_parts(codec.E_UNAVAILABLE, "later", shard=3, epoch=5)[1])
+    assert header == {
+        "v": codec.PROTOCOL_VERSION,
+        "code": codec.E_UNAVAILABLE,
+        "reason": "later",
+        "shard": 3,
+        "epoch": 5,
+    }
+    assert "ref" not in orjson.loads(codec.error_parts(codec.E_TIMEOUT, "slow", None)[1])
+    assert orjson.loads(codec.error_parts(codec.E_TIMEOUT, "slow", 0)[1])["ref"] == 0
+
+
+@given(code=st.sampled_from(sorted(ERROR_CODES)), reason=st.text(max_size=50), ref=st.none() | st.integers(0, 2**62))
+def test_error_parts_always_decode(code: str, reason: str, ref: int | None) -> None:
+    frame = codec.decode(codec.error_parts(code, reason, ref), allowed=codec.PEER_REQUESTS)
+    assert (frame.header["code"], frame.header["reason"], frame.header.get("ref")) == (code, reason, ref)
+
+
+def test_error_codes_are_the_documented_set() -> None:
+    assert {
+        "bad_frame",
+        "bad_header",
+        "invalid_utf8",
+        "unknown_type",
+        "unsupported_version",
+        "payload_too_large",
+        "invalid_topic",
+        "invalid_filter",
+        "invalid_qos",
+        "unavailable",
+        "timeout",
+        "not_allowed",
+    } == ERROR_CODES
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "field", "bad"),
+    [
+        (codec.ROUTE_ADD, "routes", [[1]]),
+        (codec.ROUTE_ADD, "routes", [["1", "a"]]),
+        (codec.ROUTE_DEL, "routes", [[True, "a"]]),
+        (codec.ROUTE_ADD, "routes", [[1, 2]]),
+        (codec.DACK, "mids", ["3"]),
+        (codec.LOOKUP_REPLY, "nodes", [1]),
+    ],
+)
+def test_malformed_batch_items_are_rejected_before_any_is_applied(frame_type: bytes, field: str, bad: Any) -> None:
+    err = rejected(raw(frame_type, valid_header(frame_type, **{field: bad, "id": 4})))
+    assert err.code == codec.E_BAD_HEADER and field in err.reason and err.ref == 4
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_version_must_be_the_integer_one(version: Any) -> None:
+    assert rejected(raw(codec.PING, {"v": version})).code == codec.E_VERSION
