@@ -1,1 +1,8 @@
-"""rebalance"""
+"""Shard rebalancing for shardmq: the pure planner that moves the current Assignment towards the ShardMap target.
+
+Rules: pure (no I/O, clocks, threads or randomness); imports only ``shardmq.ring`` of shardmq.
+"""
+
+from .planner import Move, PlanSummary, apply_flip, next_batch, plan, start_state, summarize
+
+__all__ = ["Move", "PlanSummary", "apply_flip", "next_batch", "plan", "start_state", "summarize"]
