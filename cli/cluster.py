@@ -243,7 +243,7 @@ class LocalCluster:
         raise TimeoutError("etcd did not start")
 
     def wait_ready(self, members: int, timeout: float = 60.0) -> None:
-        """Wait until every running node reports ``members`` members."""
+        """Wait until every running node reports ``members`` members and a settled (balanced) assignment."""
         assert self.state is not None
         deadline = time.monotonic() + timeout
         for proc in self.state.nodes:
@@ -252,7 +252,8 @@ class LocalCluster:
                     raise RuntimeError(f"node {proc.name} exited; see {self.dir / 'logs' / (proc.name + '.log')}")
                 try:
                     with Client([proc.client_endpoint], timeout=1.0) as c:
-                        if len(c.status()["members"]) == members:
+                        status = c.status()
+                        if len(status["members"]) == members and status["settled"]:
                             break
                 except (ShardMQError, TimeoutError):
                     pass

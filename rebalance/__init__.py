@@ -3,6 +3,12 @@
 Rules: pure (no I/O, clocks, threads or randomness); imports only ``shardmq.ring`` of shardmq.
 """
 
+from .coordinator import Commit, Coordinator, Member, StartHandoff
 from .planner import Move, PlanSummary, apply_flip, next_batch, plan, start_state, summarize
 
-__all__ = ["Move", "PlanSummary", "apply_flip", "next_batch", "plan", "start_state", "summarize"]
+__all__ = [
+    "Commit",
+    "Coordinator",
+    "Member",
+    "StartHandoff",
+    "Move", "PlanSummary", "apply_flip", "next_batch", "plan", "start_state", "summarize"]

@@ -43,6 +43,8 @@ PONG = b"PONG"
 STATUS = b"STATUS"
 STATUS_REPLY = b"STATUS_REPLY"
 BYE = b"BYE"
+LEAVE = b"LEAVE"
+LEAVING = b"LEAVING"
 ERROR = b"ERROR"
 # Node <-> node
 ROUTE_ADD = b"ROUTE_ADD"
@@ -52,6 +54,9 @@ LOOKUP = b"LOOKUP"
 LOOKUP_REPLY = b"LOOKUP_REPLY"
 FWD = b"FWD"
 FWD_ACK = b"FWD_ACK"
+HANDOFF = b"HANDOFF"
+SNAPSHOT = b"SNAPSHOT"
+HANDOFF_READY = b"HANDOFF_READY"
 
 _INT = int
 _STR = str
@@ -74,6 +79,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     STATUS: {"id": _INT},
     STATUS_REPLY: {"id": _INT, "status": dict},
     BYE: {},
+    LEAVE: {"id": _INT},
+    LEAVING: {"id": _INT},
     ERROR: {"code": _STR, "reason": _STR},
     ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
     ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
@@ -82,26 +89,49 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     LOOKUP_REPLY: {"id": _INT, "shard": _INT, "epoch": _INT, "nodes": _LIST},
     FWD: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR, "qos": _INT},
     FWD_ACK: {"id": _INT, "epoch": _INT},
+    HANDOFF: {"id": _INT, "shard": _INT, "epoch": _INT, "targets": _LIST, "coordinator": _STR},
+    SNAPSHOT: {"id": _INT, "shard": _INT, "epoch": _INT, "routes": _LIST, "last": bool, "coordinator": _STR},
+    HANDOFF_READY: {"id": _INT, "shard": _INT, "epoch": _INT, "node": _STR},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
 
 def _routes_ok(items: list[Any]) -> bool:
     return all(
-        isinstance(r, list) and len(r) == 2 and type(r[0]) is int and isinstance(r[1], str) for r in items
+        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and type(r[1]) is int and isinstance(r[2], str)
+        for r in items
     )
+
+
+def _snapshot_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list)
+        and len(r) == 2
+        and isinstance(r[0], str)
+        and isinstance(r[1], list)
+        and all(isinstance(n, str) for n in r[1])
+        for r in items
+    )
+
+
+def _strings_ok(items: list[Any]) -> bool:
+    return all(isinstance(n, str) for n in items)
 
 
 # Shapes of list items, checked so a handler never meets a malformed batch half-way through applying it.
 # (SUB/UNSUB filters are checked one by one by the node, which answers per filter.)
 LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
-    (ROUTE_ADD, "routes"): (_routes_ok, "[shard:int, filter:str] pairs"),
-    (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, filter:str] pairs"),
+    (ROUTE_ADD, "routes"): (_routes_ok, "[shard:int, epoch:int, filter:str] triples"),
+    (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, epoch:int, filter:str] triples"),
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
-    (LOOKUP_REPLY, "nodes"): (lambda items: all(isinstance(n, str) for n in items), "node id strings"),
+    (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
+    (HANDOFF, "targets"): (_strings_ok, "node id strings"),
+    (SNAPSHOT, "routes"): (_snapshot_ok, "[filter:str, [node:str, ...]] pairs"),
 }
-CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE})
-PEER_REQUESTS = frozenset({ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWD_ACK, ERROR})
+CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE, LEAVE})
+PEER_REQUESTS = frozenset(
+    {ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY, ERROR}
+)
 
 # Error codes (stable strings; docs/PROTOCOL.md explains each).
 E_BAD_FRAME = "bad_frame"
@@ -116,6 +146,8 @@ E_INVALID_QOS = "invalid_qos"
 E_UNAVAILABLE = "unavailable"
 E_TIMEOUT = "timeout"
 E_NOT_ALLOWED = "not_allowed"
+E_STALE_EPOCH = "stale_epoch"
+E_FENCED = "fenced"
 
 
 class ProtocolError(Exception):

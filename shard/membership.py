@@ -11,6 +11,13 @@ Rules of this file:
   same member set computes the same epoch, and a join always raises it.
 - Cluster settings (shard count, replication) are written once at ``/shardmq/<cluster>/config`` with a
   create-if-absent transaction; the first writer wins and every node reads the stored value.
+- Shard ownership lives in one document, ``/shardmq/<cluster>/assignment`` (``shardmq.ring.Assignment``), and
+  changes only by compare-and-swap on its mod_revision (``write_assignment``): two writers can never both
+  succeed from the same version, so a shard's epoch and owners are decided once.
+- ``/shardmq/<cluster>/leader`` names the node that runs the rebalancer. It is created with the creator's
+  lease, so it vanishes with that node and the next campaigner takes over.
+- A node stops acting as an owner (self-fences) once a third of its lease passed without a successful
+  keep-alive, i.e. before the lease can expire and etcd can hand its shards to someone else.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import etcd3gw
 import orjson
 import structlog
 import zmq
+from etcd3gw.utils import _encode
 
 log = structlog.get_logger("shardmq.membership")
 
@@ -36,6 +44,7 @@ class MemberInfo:
     client_endpoint: str
     peer_endpoint: str
     weight: int = 1
+    leaving: bool = False  # set by a graceful leave: the rebalancer moves every shard away, then the node exits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,11 +52,18 @@ class MemberInfo:
             "client_endpoint": self.client_endpoint,
             "peer_endpoint": self.peer_endpoint,
             "weight": self.weight,
+            "leaving": self.leaving,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemberInfo:
-        return cls(data["node"], data["client_endpoint"], data["peer_endpoint"], int(data.get("weight", 1)))
+        return cls(
+            data["node"],
+            data["client_endpoint"],
+            data["peer_endpoint"],
+            int(data.get("weight", 1)),
+            bool(data.get("leaving", False)),
+        )
 
 
 def etcd_client(url: str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
@@ -77,8 +93,41 @@ def read_members(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[int, dict[s
     return epoch, members
 
 
+def read_assignment(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[bytes | None, int]:
+    """The stored assignment document and its etcd mod_revision (0 when there is none)."""
+    found = client.get(cluster_prefix(cluster) + "assignment", metadata=True)
+    if not found:
+        return None, 0
+    value, meta = found[0]
+    return bytes(value), int(meta["mod_revision"])
+
+
+def write_assignment(client: etcd3gw.Etcd3Client, cluster: str, document: bytes, expected_revision: int) -> int | None:
+    """Compare-and-swap the assignment: succeeds only if nobody wrote it since ``expected_revision``.
+
+    Returns the document's new revision, or None when another writer got there first.
+
+    ``expected_revision`` 0 means "create it; it must not exist yet". This transaction is the only way an
+    ownership change (and so a shard epoch) is ever made.
+    """
+    key = _encode(cluster_prefix(cluster) + "assignment")
+    compare = (
+        {"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+        if expected_revision == 0
+        else {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}
+    )
+    txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _encode(document)}}], "failure": []}
+    result = client.transaction(txn)
+    return int(result["header"]["revision"]) if result.get("succeeded") else None
+
+
 class EtcdSession(threading.Thread):
-    """Keeps this node registered and streams member snapshots to ``notify_endpoint``."""
+    """Keeps this node registered, campaigns for leadership and streams snapshots to ``notify_endpoint``.
+
+    A snapshot is ``{"epoch", "members", "leader", "assignment", "assignment_revision"}``; it is pushed whenever
+    any of them changed. ``lease_valid_until`` (monotonic seconds) is how long the last successful keep-alive
+    guarantees our lease; the node self-fences before that (see ``fenced``).
+    """
 
     def __init__(
         self,
@@ -92,29 +141,69 @@ class EtcdSession(threading.Thread):
     ) -> None:
         super().__init__(name="etcd-session", daemon=True)
         self._ctx = ctx
-        self._url = etcd_url
         self._cluster = cluster
         self._me = me
         self._notify_endpoint = notify_endpoint
         self._ttl = lease_ttl
         self._poll = poll_interval
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._lease: Any = None
-        self.client = etcd_client(etcd_url)
+        self._registered_as: MemberInfo | None = None
+        # Every etcd call is bounded well inside the lease, so a stuck call cannot outlive our ownership.
+        self.client = etcd_client(etcd_url, timeout=max(0.5, lease_ttl / 4))
+        self.lease_valid_until = 0.0
+        self.leaving = False
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+    def poll_now(self) -> None:
+        """Ask for a fresh snapshot without waiting for the next poll interval."""
+        self._wake.set()
+
+    def fenced(self, now: float) -> bool:
+        """True once a third of the lease has passed without a successful keep-alive: stop acting as owner
+        before the lease can expire, so that no two nodes act for one shard at the same time."""
+        return now > self.lease_valid_until - self._ttl / 3
 
     def _register(self) -> None:
+        started = time.monotonic()
         self._lease = self.client.lease(self._ttl)
-        key = cluster_prefix(self._cluster) + f"members/{self._me.node_id}"
-        self.client.put(key, orjson.dumps(self._me.to_dict()), self._lease)
+        self._put_member()
+        self.lease_valid_until = started + self._ttl
         log.info("registered", node=self._me.node_id, lease_ttl=self._ttl)
+
+    def _put_member(self) -> None:
+        me = MemberInfo(self._me.node_id, self._me.client_endpoint, self._me.peer_endpoint, self._me.weight,
+                        self.leaving)
+        key = cluster_prefix(self._cluster) + f"members/{me.node_id}"
+        self.client.put(key, orjson.dumps(me.to_dict()), self._lease)
+        self._registered_as = me
+
+    def _keep_alive(self) -> bool:
+        started = time.monotonic()
+        if self._lease.refresh() <= 0:
+            log.warning("lease_lost", node=self._me.node_id)
+            self._lease = None
+            self.lease_valid_until = 0.0
+            return False
+        self.lease_valid_until = started + self._ttl
+        return True
+
+    def _leader(self) -> str | None:
+        key = cluster_prefix(self._cluster) + "leader"
+        found = self.client.get(key)
+        if not found and self._lease is not None:
+            self.client.create(key, self._me.node_id, self._lease)
+            found = self.client.get(key)
+        return found[0].decode() if found else None
 
     def run(self) -> None:
         push = self._ctx.socket(zmq.PUSH)
         push.connect(self._notify_endpoint)
-        last: tuple[int, dict[str, MemberInfo]] | None = None
+        last: dict[str, Any] | None = None
         next_refresh = 0.0
         try:
             while not self._stopping.is_set():
@@ -124,24 +213,27 @@ class EtcdSession(threading.Thread):
                         self._register()
                         next_refresh = now + self._ttl / 3
                     elif now >= next_refresh:
-                        if self._lease.refresh() <= 0:
-                            log.warning("lease_lost", node=self._me.node_id)
-                            self._lease = None
+                        if not self._keep_alive():
                             continue
                         next_refresh = now + self._ttl / 3
-                    snapshot = read_members(self.client, self._cluster)
+                    if self._registered_as is not None and self._registered_as.leaving != self.leaving:
+                        self._put_member()
+                    epoch, members = read_members(self.client, self._cluster)
+                    document, revision = read_assignment(self.client, self._cluster)
+                    snapshot = {
+                        "epoch": epoch,
+                        "members": [m.to_dict() for m in members.values()],
+                        "leader": self._leader(),
+                        "assignment_revision": revision,
+                    }
                     if snapshot != last:
                         last = snapshot
-                        epoch, members = snapshot
-                        push.send(
-                            orjson.dumps(
-                                {"epoch": epoch, "members": [m.to_dict() for m in members.values()]}
-                            )
-                        )
+                        push.send_multipart([orjson.dumps(snapshot), document or b""])
                 except Exception as exc:  # etcd unreachable: keep trying; the lease decides membership
                     log.warning("etcd_error", node=self._me.node_id, error=str(exc))
-                    self._stopping.wait(0.5)
-                self._stopping.wait(self._poll)
+                    self._stopping.wait(0.2)
+                self._wake.wait(self._poll)
+                self._wake.clear()
         finally:
             if self._lease is not None:
                 with contextlib.suppress(Exception):

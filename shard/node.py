@@ -39,7 +39,8 @@ import orjson
 import structlog
 import zmq
 
-from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT, ShardMap
+from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff
+from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT, Assignment, ShardMap, shard_for_key
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.matching import FilterIndex
@@ -47,13 +48,22 @@ from shardmq.router.partition import lookup_keys, placement_key
 from shardmq.router.routes import RouteTable
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
-from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
+from .membership import (
+    EtcdSession,
+    MemberInfo,
+    ensure_cluster_config,
+    etcd_client,
+    read_assignment,
+    write_assignment,
+)
 
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
 HELD_PER_PEER = 10_000
 HELD_PEERS = 16
+SNAPSHOT_CHUNK = 5000
+ROOT = RouteTable.ROOT
 HEARTBEAT_MS = 2000
 
 
@@ -70,6 +80,9 @@ class NodeConfig:
     lease_ttl: int = 5
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     request_timeout: float = 5.0
+    lookup_timeout: float = 1.0  # then ask the next owner: a dead primary costs one timeout, not a failed publish
+    handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
+    handoff_timeout: float = 30.0
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
 
@@ -99,13 +112,32 @@ class Publish:
 
 
 @dataclass(slots=True)
+class Lookup:
+    pub: Publish
+    shard: int
+    owner: str
+    tried: list[str]
+
+
+@dataclass(slots=True)
 class Waiter:
     """Something waiting for a set of peer replies, e.g. a SUBACK waiting for every owner's ROUTE_ACK."""
 
     pending: set[str]
     callbacks: list[Callable[[list[str]], None]]
+    kind: bytes = codec.ROUTE_ADD
+    sent: dict[str, list[list[Any]]] = field(default_factory=dict)  # node -> [shard, epoch, filter] items
+    attempt: int = 0
     filters: list[str] = field(default_factory=list)  # ROUTE_ADD filters this waiter installs
     failures: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Forwarding:
+    """A hand-off source's change stream: route changes for the shard also go to ``targets``."""
+
+    targets: set[str]
+    epoch: int  # the shard's epoch when the hand-off started; a higher one means the flip happened
 
 
 def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -134,12 +166,21 @@ class Node:
         self.local_q1: FilterIndex[bytes] = FilterIndex()
         self.sessions: dict[bytes, Session] = {}
         self.members: dict[str, MemberInfo] = {}
-        self.shard_map: ShardMap | None = None
-        self.epoch = 0
+        self.epoch = 0  # membership epoch (see membership.py); shard epochs live in the assignment
+        self.assignment: Assignment | None = None
+        self.assignment_revision = 0
+        self.leader: str | None = None
+        self.coordinator: Coordinator | None = None
+        self.forwarding: dict[int, Forwarding] = {}  # shard -> change stream of a hand-off we are the source of
+        self.incoming: dict[int, int] = {}  # shard -> move id of a hand-off we are a new replica in
+        self._lead_scheduled = False
+        self._last_refresh = 0.0
+        self._last_progress_log = 0.0
+        self._target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None = None
         self.dealers: dict[str, zmq.Socket] = {}
         self.held_for_peer: dict[str, deque[list[bytes]]] = {}  # frames for peers not yet in the member list
         self.topic_queues: dict[str, deque[Publish]] = {}
-        self.pending_lookups: dict[int, tuple[str, int, Publish]] = {}  # id -> (peer asked, shard, publish)
+        self.pending_lookups: dict[int, Lookup] = {}
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.waiters: dict[int, Waiter] = {}
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
@@ -240,7 +281,8 @@ class Node:
     def run(self) -> None:
         self._open_sockets()
         try:
-            self.settings = ensure_cluster_config(etcd_client(self.cfg.etcd_url), self.cfg.cluster, self.settings)
+            self.etcd = etcd_client(self.cfg.etcd_url, timeout=max(0.5, self.cfg.lease_ttl / 4))
+            self.settings = ensure_cluster_config(self.etcd, self.cfg.cluster, self.settings)
         except Exception as exc:
             self.log.error("etcd_unreachable", etcd=self.cfg.etcd_url, error=str(exc))
             raise SystemExit(2) from exc
@@ -265,7 +307,7 @@ class Node:
                 timeout = self._run_timers()
                 ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
                 if self.member_pull in ready:
-                    self._drain(self.member_pull, lambda parts: self.on_members(orjson.loads(parts[0])))
+                    self._drain(self.member_pull, lambda parts: self.on_snapshot(orjson.loads(parts[0]), parts[1]))
                 if self.peer_sock in ready:
                     self._drain(self.peer_sock, self.on_peer_parts)
                 if self.client_sock in ready:
@@ -295,19 +337,40 @@ class Node:
         for sock in [self.client_sock, self.peer_sock, self.member_pull, *self.dealers.values()]:
             sock.close(linger=0)
 
-    # ------------------------------------------------------------------ membership
-    def on_members(self, snapshot: dict[str, Any]) -> None:
+    # ------------------------------------------------------------------ membership and ownership
+    def fenced(self) -> bool:
+        return self.session.fenced(time.monotonic())
+
+    def on_snapshot(self, snapshot: dict[str, Any], document: bytes) -> None:
+        """A new view from etcd: members, leader and (when it changed) the assignment document."""
         members = {m["node"]: MemberInfo.from_dict(m) for m in snapshot["members"]}
-        if not members:
+        if self.me not in members and self.members.get(self.me) is not None:
+            self.log.warning("removed_from_cluster", epoch=self.epoch)  # `shardmq cluster remove` deleted our key
+            self.stop()
             return
+        self.leader = snapshot.get("leader")
+        if members != self.members:
+            self.on_members(members, int(snapshot["epoch"]))
+        if document and snapshot["assignment_revision"] > self.assignment_revision:
+            self._set_assignment(Assignment.from_json(document), snapshot["assignment_revision"])
+        if self.leader == self.me and self.coordinator is None:
+            self.coordinator = Coordinator(
+                int(self.settings["shard_count"]),
+                int(self.settings["replication"]),
+                handoff_timeout=self.cfg.handoff_timeout,
+            )
+            self.log.info("leader_elected", epoch=self.epoch)
+        elif self.leader != self.me:
+            self.coordinator = None
+        self._lead()
+        self._maybe_finish_leaving()
+
+    def on_members(self, members: dict[str, MemberInfo], epoch: int) -> None:
+        joined = set(members) - set(self.members) - {self.me}
         gone = set(self.members) - set(members)
+        had_members = bool(self.members)
         self.members = members
-        self.epoch = int(snapshot["epoch"])
-        self.shard_map = ShardMap.build(
-            {m.node_id: m.weight for m in members.values()},
-            shard_count=int(self.settings["shard_count"]),
-            replication=int(self.settings["replication"]),
-        )
+        self.epoch = epoch
         held, self.held_for_peer = self.held_for_peer, {}
         for node, frames in held.items():
             if node not in members:  # still unknown after a membership change: not a member, drop
@@ -322,9 +385,142 @@ class Node:
             removed = self.routes.remove_node(node)
             self._fail_peer_requests(node)
             self.log.warning("member_lost", peer=node, routes_removed=removed, epoch=self.epoch)
+        if had_members and joined:
+            self._announce_root_routes(joined)
+        self.log.info("membership", epoch=self.epoch, members=sorted(members), joined=sorted(joined), gone=sorted(gone))
+
+    def _announce_root_routes(self, nodes: set[str]) -> None:
+        """Root-set routes live on every node: give a newcomer ours (every node does the same)."""
+        local = {f for idx in (self.local_q0, self.local_q1) for f in idx.filters() if placement_key(f) is None}
+        if not local:
+            return
+        items = [[ROOT, 0, f] for f in sorted(local)]
+        for node in nodes:
+            self.send_peer(node, codec.encode(codec.ROUTE_ADD, {"id": 0, "node": self.me, "epoch": 0, "routes": items}))
+
+    def _set_assignment(self, new: Assignment, revision: int) -> None:
+        if revision <= self.assignment_revision:
+            return
+        old = self.assignment
+        self.assignment, self.assignment_revision = new, revision
+        mine = set(new.shards_of(self.me))
+        for shard in mine:
+            self.incoming.pop(shard, None)
+        if old is not None:
+            for shard in set(old.shards_of(self.me)) - mine:
+                self.call_later(self.cfg.handoff_grace, lambda shard=shard: self._release(shard))
+            for shard, fw in list(self.forwarding.items()):
+                if new.epoch(shard) > fw.epoch:  # flipped: stale senders have a grace period to catch up
+                    self._stop_forwarding_later(shard, fw.epoch)
         self.log.info(
-            "membership", epoch=self.epoch, members=sorted(members), shards_held=len(self.shard_map.shards_of(self.me))
+            "assignment", version=new.version, revision=revision, shards_held=len(mine),
+            primaries=len(new.primaries_of(self.me)), epoch=self.epoch,
+        )  # fmt: skip
+
+    def _stop_forwarding_later(self, shard: int, epoch: int) -> None:
+        self.call_later(self.cfg.handoff_grace, lambda: self._stop_forwarding(shard, epoch))
+
+    def _stop_forwarding(self, shard: int, epoch: int) -> None:
+        fw = self.forwarding.get(shard)
+        if fw is not None and fw.epoch == epoch:
+            del self.forwarding[shard]
+            self._release(shard)
+
+    def _release(self, shard: int) -> None:
+        """Drop our copy of a shard we no longer own, once nothing (hand-off, grace) still needs it."""
+        a = self.assignment
+        if a is None or self.me in a.owners(shard) or shard in self.incoming or shard in self.forwarding:
+            return
+        dropped = self.routes.drop_shard(shard)
+        self.metrics["handoff.shards_released"] += 1
+        self.log.info("shard_released", shard=shard, epoch=a.epoch(shard), routes_dropped=dropped)
+        self._maybe_finish_leaving()
+
+    def _refresh_assignment(self) -> None:
+        """Read the assignment from etcd now (a peer told us our view is old); at most every 100 ms."""
+        now = time.monotonic()
+        if now - self._last_refresh < 0.1:
+            return
+        self._last_refresh = now
+        try:
+            document, revision = read_assignment(self.etcd, self.cfg.cluster)
+        except Exception as exc:
+            self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
+            return
+        if document:
+            self._set_assignment(Assignment.from_json(document), revision)
+
+    def _maybe_finish_leaving(self) -> None:
+        a = self.assignment
+        if not self.session.leaving or a is None or self.forwarding or self.incoming:
+            return
+        if not a.shards_of(self.me):
+            self.log.info("left_cluster", epoch=self.epoch)
+            self.stop()
+
+    # ------------------------------------------------------------------ rebalance (leader only)
+    def _lead(self) -> None:
+        """Run the coordinator: the leader turns its decisions into hand-offs and assignment commits."""
+        c = self.coordinator
+        if c is None or self.leader != self.me or self.fenced():
+            return
+        now = time.monotonic()
+        c.observe(
+            self.assignment,
+            self.assignment_revision,
+            {n: Member(m.weight, m.leaving) for n, m in self.members.items()},
+            now,
         )
+        for action in c.step(now):
+            if isinstance(action, StartHandoff):
+                self._start_handoff(action)
+            else:
+                self._commit(c, action)
+        for shard, why in c.abandoned:
+            self.log.warning("move_abandoned", shard=shard, reason=why, epoch=self.epoch)
+        c.abandoned.clear()
+        busy = bool(c.in_flight or c.remaining or self.assignment is None)
+        if busy and now - self._last_progress_log > 1.0:
+            self._last_progress_log = now
+            self.log.info("rebalance_progress", **c.progress(), epoch=self.epoch)
+        if busy and not self._lead_scheduled:
+            self._lead_scheduled = True
+            self.call_later(0.05, self._lead_tick)
+
+    def _lead_tick(self) -> None:
+        self._lead_scheduled = False
+        self._lead()
+
+    def _start_handoff(self, action: StartHandoff) -> None:
+        move = action.move
+        header = {
+            "id": action.move_id, "shard": move.shard, "epoch": action.epoch,
+            "targets": list(move.add), "coordinator": self.me,
+        }  # fmt: skip
+        self.log.info("handoff_start", shard=move.shard, epoch=action.epoch, source=move.source, targets=move.add)
+        if move.source == self.me:
+            self._on_handoff(self.me, Frame(codec.HANDOFF, header))
+        else:
+            self.send_peer(move.source, codec.encode(codec.HANDOFF, header))
+
+    def _commit(self, c: Coordinator, commit: Commit) -> None:
+        try:
+            revision = write_assignment(
+                self.etcd, self.cfg.cluster, commit.assignment.to_json(), commit.expected_revision
+            )
+        except Exception as exc:
+            self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
+            revision = None
+        c.on_commit(commit, revision)
+        if revision is None:
+            self.session.poll_now()
+            return
+        self.metrics[f"rebalance.commits.{commit.reason}"] += 1
+        self.log.info(
+            "assignment_committed", reason=commit.reason, shards=len(commit.flipped),
+            version=commit.assignment.version, epoch=self.epoch,
+        )  # fmt: skip
+        self._set_assignment(commit.assignment, revision)
 
     def _fail_peer_requests(self, node: str) -> None:
         """A gone peer will answer nothing: fail what waits on it now instead of at its timeout."""
@@ -333,11 +529,9 @@ class Node:
             if node in waiter.pending:
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
-        for lid, (peer, shard, pub) in list(self.pending_lookups.items()):
-            if peer == node:
-                del self.pending_lookups[lid]
-                self._fail_publish(pub, codec.E_UNAVAILABLE, f"route owner {node} left the cluster", shard)
-                self._dispatch(pub.topic)
+        for lid, lookup in list(self.pending_lookups.items()):
+            if lookup.owner == node:
+                self._lookup_failed(lid, f"route owner {node} left the cluster")
         for fid, (peer, pub) in list(self.pending_fwds.items()):
             if peer == node:
                 del self.pending_fwds[fid]
@@ -382,8 +576,8 @@ class Node:
         if qos not in (0, 1):
             self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
             return
-        if self.shard_map is None:
-            self.reject_client(session.rid, codec.E_UNAVAILABLE, "the node has not joined a cluster yet; retry", ref)
+        if self.assignment is None:
+            self.reject_client(session.rid, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry", ref)
             return
         results: list[Any] = []
         new_filters: list[str] = []
@@ -475,8 +669,19 @@ class Node:
         except TopicError as exc:
             self.reject_client(session.rid, exc.code, exc.reason, ref)
             return
+        if self.fenced():
+            reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
+            self.reject_client(session.rid, codec.E_FENCED, reason, ref)
+            return
         self.metrics["publishes.in"] += 1
         self.publish(Publish(session.rid, ref, topic, qos, frame.payload))
+
+    def _on_leave(self, session: Session, frame: Frame) -> None:
+        """Graceful leave: flag ourselves in etcd; the leader drains every shard away, then we exit."""
+        self.session.leaving = True
+        self.session.poll_now()
+        self.log.info("leaving", epoch=self.epoch)
+        self.send_client(session.rid, codec.encode(codec.LEAVING, {"id": frame.header["id"]}))
 
     _client_handlers: dict[bytes, Callable[[Node, Session, Frame], None]] = {
         codec.HELLO: _on_hello,
@@ -488,50 +693,97 @@ class Node:
         codec.UNSUB: _on_unsub,
         codec.DACK: _on_dack,
         codec.PUB: _on_pub,
+        codec.LEAVE: _on_leave,
     }
 
     # ------------------------------------------------------------------ routes
-    def _route_targets(self, filt: str) -> tuple[int, tuple[str, ...]]:
-        assert self.shard_map is not None
+    def _route_item(self, filt: str) -> list[Any]:
+        """[shard, epoch, filter] for a filter: its shard (ROOT for the root set) and that shard's epoch."""
+        assert self.assignment is not None
         key = placement_key(filt)
         if key is None:
-            return RouteTable.ROOT, tuple(sorted(self.members))
-        shard = self.shard_map.shard_of(key)
-        return shard, self.shard_map.owners(shard)
+            return [ROOT, 0, filt]
+        shard = shard_for_key(key, self.assignment.shard_count)
+        return [shard, self.assignment.epoch(shard), filt]
+
+    def _targets(self, shard: int) -> tuple[str, ...]:
+        assert self.assignment is not None
+        return tuple(sorted(self.members)) if shard == ROOT else self.assignment.owners(shard)
 
     def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
         """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed."""
-        if not filters or self.shard_map is None:  # without a map no route was ever installed
+        if not filters or self.assignment is None:  # without an assignment no route was ever installed
             on_done([])
             return
-        by_node: dict[str, list[list[Any]]] = {}
-        for filt in filters:
-            shard, owners = self._route_targets(filt)
-            for owner in owners:
-                by_node.setdefault(owner, []).append([shard, filt])
-        local = by_node.pop(self.me, None)
-        if local:
-            self._apply_routes(kind, self.me, local)
-        if not by_node:
-            on_done([])
-            return
-        wid = next(self.ids)
-        waiter = self.waiters[wid] = Waiter(set(by_node), [on_done])
-        if kind == codec.ROUTE_ADD:
-            waiter.filters = filters
+        wid = self._send_route_items(kind, [self._route_item(f) for f in filters], on_done)
+        if wid is not None and kind == codec.ROUTE_ADD:
+            self.waiters[wid].filters = filters
             for filt in filters:
                 self.route_add_waiters[filt] = wid
+
+    def _send_route_items(
+        self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0
+    ) -> int | None:
+        """Send items to the owners of their shards; returns the waiter id, or None when all was local."""
+        by_node: dict[str, list[list[Any]]] = {}
+        for item in items:
+            for owner in self._targets(item[0]):
+                by_node.setdefault(owner, []).append(item)
+        local = by_node.pop(self.me, None)
+        if local:
+            self._apply_route_items(kind, self.me, local, forwarded=False)
+        if not by_node:
+            on_done([])
+            return None
+        wid = next(self.ids)
+        waiter = self.waiters[wid] = Waiter(set(by_node), [on_done], kind, by_node, attempt)
         for node, routes in by_node.items():
             header = {"id": wid, "node": self.me, "epoch": self.epoch, "routes": routes}
             if not self.send_peer(node, codec.encode(kind, header)):
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
         self.call_later(self.cfg.request_timeout, lambda: self._expire_waiter(wid))
+        return wid
 
-    def _apply_routes(self, kind: bytes, node: str, routes: list[list[Any]]) -> None:
+    def _apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
+        """Apply route changes for ``node``; returns [shard, our epoch] for items sent with an older epoch.
+
+        Fencing at the sink: an item is applied only if we hold the shard (owner, new replica being filled, or
+        hand-off source in its grace period) or the sender has seen a newer epoch than we have. A stale sender
+        is told so in the ROUTE_ACK and re-sends to the owners of the current epoch.
+        """
         change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
-        for shard, filt in routes:
-            change(shard, filt, node)
+        a = self.assignment
+        stale: list[list[int]] = []
+        relay: dict[str, list[list[Any]]] = {}
+        newer = False
+        for item in items:
+            shard, epoch, filt = item
+            if shard == ROOT:
+                change(ROOT, filt, node)
+                continue
+            ours = a.epoch(shard) if a is not None else 0
+            holds = a is not None and (
+                self.me in a.owners(shard) or shard in self.incoming or shard in self.forwarding
+            )
+            if holds or epoch > ours or forwarded:
+                change(shard, filt, node)
+                fw = self.forwarding.get(shard)
+                if fw is not None and not forwarded:
+                    for target in fw.targets:
+                        relay.setdefault(target, []).append(item)
+            if epoch < ours:
+                stale.append([shard, ours])
+            newer = newer or epoch > ours
+        for target, routes in relay.items():
+            self.metrics["handoff.changes_forwarded"] += len(routes)
+            header = {"id": 0, "node": node, "epoch": self.epoch, "routes": routes, "fwd": True}
+            self.send_peer(target, codec.encode(kind, header))
+        if newer:
+            self.session.poll_now()
+        if stale:
+            self.metrics["fencing.stale_route_items"] += len(stale)
+        return stale
 
     def _settle_waiter(self, wid: int, node: str) -> None:
         waiter = self.waiters.get(wid)
@@ -548,6 +800,26 @@ class Node:
             waiter.failures.append("timeout")
             self._finish_waiter(wid)
 
+    def _retry_stale(self, wid: int, sender: str, stale: list[list[int]]) -> bool:
+        """An owner said our epoch for some shards is old: re-send those items to the current owners."""
+        waiter = self.waiters.get(wid)
+        if waiter is None or waiter.attempt >= 3:
+            return False
+        self._refresh_assignment()
+        shards = {s for s, _ in stale}
+        retry = [self._route_item(f) for s, _, f in waiter.sent.get(sender, []) if s in shards]
+        if not retry:
+            return False
+        self.metrics["fencing.route_retries"] += 1
+
+        def done(failures: list[str]) -> None:
+            if wid in self.waiters:
+                self.waiters[wid].failures.extend(failures)
+            self._settle_waiter(wid, sender)
+
+        self._send_route_items(waiter.kind, retry, done, waiter.attempt + 1)
+        return True
+
     def _finish_waiter(self, wid: int) -> None:
         waiter = self.waiters.pop(wid)
         for filt in waiter.filters:
@@ -558,29 +830,53 @@ class Node:
 
     # ------------------------------------------------------------------ publish
     def publish(self, pub: Publish) -> None:
-        smap = self.shard_map
-        if smap is None:
-            self._fail_publish(pub, codec.E_UNAVAILABLE, "the node has not joined a cluster yet; retry shortly")
+        a = self.assignment
+        if a is None:
+            self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
-        pub.dests |= self.routes.match(RouteTable.ROOT, pub.topic)
-        shards = {smap.shard_of(key) for key in lookup_keys(pub.topic)}
-        for shard in shards:
-            owner = smap.owners(shard)[0]
-            if owner == self.me:
-                pub.dests |= self.routes.match(shard, pub.topic)
-                continue
-            lid = next(self.ids)
-            header = {"id": lid, "shard": shard, "epoch": self.epoch, "topic": pub.topic}
-            if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
-                self._fail_publish(pub, codec.E_UNAVAILABLE, f"owner {owner} of shard {shard} is unreachable", shard)
-                return
-            self.pending_lookups[lid] = (owner, shard, pub)
-            pub.lookups_left += 1
-            self.call_later(self.cfg.request_timeout, lambda lid=lid: self._expire_lookup(lid))
+        pub.dests |= self.routes.match(ROOT, pub.topic)
         queue = self.topic_queues.get(pub.topic)
         if queue is None:
             queue = self.topic_queues[pub.topic] = deque()
         queue.append(pub)
+        for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
+            self._lookup(pub, shard, [])
+        self._dispatch(pub.topic)
+
+    def _lookup(self, pub: Publish, shard: int, tried: list[str]) -> None:
+        """Find the nodes with routes matching ``pub.topic`` in ``shard``: locally if we own it, else ask an owner
+        (the primary first, then the replicas in order, skipping those that already failed)."""
+        a = self.assignment
+        assert a is not None
+        candidates = [n for n in a.owners(shard) if n not in tried and n in self.members]
+        if not candidates or len(tried) > 3:
+            self._fail_publish(pub, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
+            return
+        owner = candidates[0]
+        if owner == self.me:
+            pub.dests |= self.routes.match(shard, pub.topic)
+            return
+        lid = next(self.ids)
+        header = {"id": lid, "shard": shard, "epoch": a.epoch(shard), "topic": pub.topic}
+        self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner])
+        pub.lookups_left += 1
+        if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
+            self._lookup_failed(lid, f"owner {owner} of shard {shard} is unreachable")
+            return
+        self.call_later(self.cfg.lookup_timeout, lambda: self._lookup_failed(lid, f"owner {owner} did not answer"))
+
+    def _lookup_failed(self, lid: int, reason: str, refresh: bool = False) -> None:
+        lookup = self.pending_lookups.pop(lid, None)
+        if lookup is None:
+            return
+        pub = lookup.pub
+        pub.lookups_left -= 1
+        self.metrics["lookups.retried"] += 1
+        self.log.info("lookup_retry", shard=lookup.shard, owner=lookup.owner, reason=reason, epoch=self.epoch)
+        if refresh:
+            self._refresh_assignment()
+        if not pub.failed:
+            self._lookup(pub, lookup.shard, lookup.tried)
         self._dispatch(pub.topic)
 
     def _dispatch(self, topic: str) -> None:
@@ -596,6 +892,9 @@ class Node:
         for dest in pub.dests:
             if dest == self.me:
                 self.deliver_local(pub.topic, pub.qos, pub.payload)
+                continue
+            if dest not in self.members:  # a route left behind by a node that is gone: nobody to deliver to
+                self.metrics["drops.dead_destination"] += 1
                 continue
             fid = next(self.ids)
             header = {"id": fid, "shard": -1, "epoch": self.epoch, "topic": pub.topic, "qos": pub.qos}
@@ -622,13 +921,6 @@ class Node:
         self.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard, epoch=self.epoch)
         if pub.client is not None and pub.qos:
             self.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
-
-    def _expire_lookup(self, lid: int) -> None:
-        pending = self.pending_lookups.pop(lid, None)
-        if pending is not None:
-            owner, shard, pub = pending
-            self._fail_publish(pub, codec.E_TIMEOUT, f"route owner {owner} did not answer the lookup in time", shard)
-            self._dispatch(pub.topic)
 
     def _expire_fwd(self, fid: int) -> None:
         pending = self.pending_fwds.pop(fid, None)
@@ -688,27 +980,120 @@ class Node:
             return
         self._peer_handlers[frame.type](self, sender, frame)
 
+    def _refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None:
+        self.metrics[f"fencing.refused.{code}"] += 1
+        self.send_peer(sender, codec.error_parts(code, reason, frame.header.get("id"), **extra))
+
     def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
-        self._apply_routes(frame.type, h["node"], h["routes"])
-        self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch}))
+        forwarded = bool(h.get("fwd"))
+        if self.fenced() and not forwarded:
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
+            return
+        stale = self._apply_route_items(frame.type, h["node"], h["routes"], forwarded)
+        if not forwarded and h["id"]:
+            self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch, "stale": stale}))
 
     def _on_route_ack(self, sender: str, frame: Frame) -> None:
+        stale = frame.header.get("stale")
+        if stale and self._retry_stale(frame.header["id"], sender, stale):
+            return
         self._settle_waiter(frame.header["id"], sender)
 
     def _on_lookup(self, sender: str, frame: Frame) -> None:
         h = frame.header
-        nodes = sorted(self.routes.match(h["shard"], h["topic"]))
-        reply = {"id": h["id"], "shard": h["shard"], "epoch": self.epoch, "nodes": nodes}
+        shard = h["shard"]
+        if self.fenced():
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
+            return
+        a = self.assignment
+        ours = a.epoch(shard) if a is not None else 0
+        holds = a is not None and (self.me in a.owners(shard) or shard in self.forwarding)
+        if h["epoch"] < ours and not holds:
+            reason = f"shard {shard} is at epoch {ours}, not {h['epoch']}, and {self.me} does not own it"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard, current_epoch=ours)
+            return
+        if h["epoch"] > ours:
+            self.session.poll_now()
+        nodes = sorted(self.routes.match(shard, h["topic"]))
+        reply = {"id": h["id"], "shard": shard, "epoch": ours, "nodes": nodes}
         self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
 
     def _on_lookup_reply(self, sender: str, frame: Frame) -> None:
-        pending = self.pending_lookups.pop(frame.header["id"], None)
-        if pending is not None:
-            pub = pending[2]
+        lookup = self.pending_lookups.pop(frame.header["id"], None)
+        if lookup is not None:
+            pub = lookup.pub
             pub.dests.update(frame.header["nodes"])
             pub.lookups_left -= 1
             self._dispatch(pub.topic)
+
+    def _on_handoff(self, sender: str, frame: Frame) -> None:
+        """We are the source of a move: snapshot the shard to the new replicas, then stream its changes."""
+        h = frame.header
+        shard, epoch = h["shard"], h["epoch"]
+        if self.fenced():
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
+            return
+        a = self.assignment
+        if a is None or a.epoch(shard) < epoch:
+            self._refresh_assignment()
+            a = self.assignment
+        if a is None or a.epoch(shard) != epoch or self.me not in a.owners(shard):
+            reason = f"{self.me} does not own shard {shard} at epoch {epoch}"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            return
+        targets = [t for t in h["targets"] if t != self.me]
+        fw = self.forwarding.get(shard)
+        if fw is None or fw.epoch != epoch:
+            fw = self.forwarding[shard] = Forwarding(set(), epoch)
+        fw.targets.update(targets)
+        routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
+        size = 0
+        for target in targets:
+            for start in range(0, max(len(routes), 1), SNAPSHOT_CHUNK):
+                chunk = routes[start : start + SNAPSHOT_CHUNK]
+                header = {
+                    "id": h["id"], "shard": shard, "epoch": epoch, "routes": chunk,
+                    "last": start + SNAPSHOT_CHUNK >= len(routes), "coordinator": h["coordinator"],
+                }  # fmt: skip
+                parts = codec.encode(codec.SNAPSHOT, header)
+                size += len(parts[1])
+                self.send_peer(target, parts)
+        self.metrics["handoff.snapshots_sent"] += len(targets)
+        self.metrics["handoff.routes_sent"] += len(routes) * len(targets)
+        self.metrics["handoff.bytes_sent"] += size
+        self.log.info("handoff_snapshot", shard=shard, epoch=epoch, targets=targets, routes=len(routes), bytes=size)
+
+    def _on_snapshot(self, sender: str, frame: Frame) -> None:
+        """We are a new replica: take the snapshot; when complete, tell the coordinator we are ready."""
+        h = frame.header
+        shard, epoch = h["shard"], h["epoch"]
+        a = self.assignment
+        if a is not None and a.epoch(shard) > epoch:
+            reason = f"snapshot of shard {shard} is for epoch {epoch}, it is at {a.epoch(shard)}"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            return
+        if self.incoming.get(shard) != h["id"]:
+            self.incoming[shard] = h["id"]
+            move_id = h["id"]
+            self.call_later(self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id))
+        for filt, nodes in h["routes"]:
+            for node in nodes:
+                self.routes.add(shard, filt, node)
+        self.metrics["handoff.routes_received"] += len(h["routes"])
+        if h["last"]:
+            ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": self.me}
+            self.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
+
+    def _abandon_incoming(self, shard: int, move_id: int) -> None:
+        if self.incoming.get(shard) == move_id:
+            del self.incoming[shard]
+            self._release(shard)
+
+    def _on_handoff_ready(self, sender: str, frame: Frame) -> None:
+        if self.coordinator is not None:
+            # Only mark it: the next coordinator tick flips every ready move in one etcd commit.
+            self.coordinator.on_ready(frame.header["id"], frame.header["node"])
 
     def _on_fwd(self, sender: str, frame: Frame) -> None:
         h = frame.header
@@ -735,9 +1120,7 @@ class Node:
             self.waiters[ref].failures.append(f"{sender} ({h['code']})")
             self._settle_waiter(ref, sender)
         elif ref in self.pending_lookups:
-            _, shard, pub = self.pending_lookups.pop(ref)
-            self._fail_publish(pub, h["code"], reason, shard)
-            self._dispatch(pub.topic)
+            self._lookup_failed(ref, reason, refresh=h["code"] == codec.E_STALE_EPOCH)
         elif ref in self.pending_fwds:
             self._fail_publish(self.pending_fwds.pop(ref)[1], h["code"], reason)
 
@@ -749,22 +1132,47 @@ class Node:
         codec.LOOKUP_REPLY: _on_lookup_reply,
         codec.FWD: _on_fwd,
         codec.FWD_ACK: _on_fwd_ack,
+        codec.HANDOFF: _on_handoff,
+        codec.SNAPSHOT: _on_snapshot,
+        codec.HANDOFF_READY: _on_handoff_ready,
         codec.ERROR: _on_peer_error,
     }
 
     # ------------------------------------------------------------------ status
+    def target_table(self) -> tuple[tuple[str, ...], ...] | None:
+        """The balanced placement for the current live (non-leaving) members; cached per member set."""
+        live = tuple(sorted((n, m.weight) for n, m in self.members.items() if not m.leaving))
+        if not live:
+            return None
+        if self._target_cache is None or self._target_cache[0] != live:
+            s, r = int(self.settings["shard_count"]), int(self.settings["replication"])
+            self._target_cache = (live, ShardMap.build(dict(live), s, r).table)
+        return self._target_cache[1]
+
     def status(self) -> dict[str, Any]:
-        smap = self.shard_map
-        return {
+        a = self.assignment
+        table = self.target_table()
+        shards = a.shards_of(self.me) if a else []
+        status: dict[str, Any] = {
             "node": self.me,
             "client_endpoint": self.cfg.client_endpoint,
             "alive": True,
             "epoch": self.epoch,
             "members": sorted(self.members),
-            "shard_count": smap.shard_count if smap else 0,
-            "replication": smap.replication if smap else 0,
-            "shards": len(smap.shards_of(self.me)) if smap else 0,
-            "primary_shards": len(smap.primaries_of(self.me)) if smap else 0,
+            "leaving_members": sorted(n for n, m in self.members.items() if m.leaving),
+            "leader": self.leader,
+            "fenced": self.fenced(),
+            "leaving": self.session.leaving,
+            "shard_count": a.shard_count if a else int(self.settings["shard_count"]),
+            "replication": a.replication if a else int(self.settings["replication"]),
+            "assignment_version": a.version if a else 0,
+            "settled": bool(a is not None and table is not None and a.table == table),
+            "shards": len(shards),
+            "primary_shards": len(a.primaries_of(self.me)) if a else 0,
+            "max_shard_epoch": max((a.epoch(s) for s in shards), default=0) if a else 0,
+            "shard_epochs": {str(s): a.epoch(s) for s in shards} if a else {},
+            "handoffs_out": sorted(self.forwarding),
+            "handoffs_in": sorted(self.incoming),
             "routes": self.routes.route_count,
             "root_set_size": self.routes.root_size,
             "clients": len(self.sessions),
@@ -772,3 +1180,6 @@ class Node:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "metrics": dict(self.metrics),
         }
+        if self.coordinator is not None:
+            status["rebalance"] = self.coordinator.progress()
+        return status

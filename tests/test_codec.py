@@ -35,6 +35,7 @@ FIELD_VALUES: dict[type, st.SearchStrategy[Any]] = {
     str: st.text(max_size=40),
     list: st.lists(json_values, max_size=5),
     dict: st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    bool: st.booleans(),
 }
 # A value of the wrong type for each field type; bool is the interesting one for int fields.
 WRONG_VALUES: dict[type, list[Any]] = {
@@ -42,12 +43,13 @@ WRONG_VALUES: dict[type, list[Any]] = {
     str: [1, True, None, ["a"], {"a": "b"}],
     list: ["a", 1, None, {"a": 1}, True],
     dict: [[], "a", 1, None, True],
+    bool: [1, 0, "true", None, []],
 }
 
 
 def valid_header(frame_type: bytes, **overrides: Any) -> dict[str, Any]:
     """A minimal header that passes validation for ``frame_type``."""
-    sample = {int: 7, str: "x", list: [], dict: {}}
+    sample = {int: 7, str: "x", list: [], dict: {}, bool: False}
     header: dict[str, Any] = {"v": codec.PROTOCOL_VERSION}
     header.update({name: sample[kind] for name, kind in FRAME_FIELDS[frame_type].items()})
     header.update(overrides)
@@ -67,11 +69,17 @@ def rejected(parts: list[bytes], **kwargs: Any) -> ProtocolError:
 
 
 # List fields whose items the codec checks, with a strategy for valid items.
+_ROUTE_ITEMS = st.lists(
+    st.tuples(st.integers(-1, 4095), st.integers(0, 2**40), st.text(max_size=20)).map(list), max_size=5
+)
+_NODE_IDS = st.lists(st.text(max_size=10), max_size=5)
 ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
-    (codec.ROUTE_ADD, "routes"): st.lists(st.tuples(st.integers(-1, 4095), st.text(max_size=20)).map(list), max_size=5),
-    (codec.ROUTE_DEL, "routes"): st.lists(st.tuples(st.integers(-1, 4095), st.text(max_size=20)).map(list), max_size=5),
+    (codec.ROUTE_ADD, "routes"): _ROUTE_ITEMS,
+    (codec.ROUTE_DEL, "routes"): _ROUTE_ITEMS,
     (codec.DACK, "mids"): st.lists(st.integers(0, 2**40), max_size=5),
-    (codec.LOOKUP_REPLY, "nodes"): st.lists(st.text(max_size=10), max_size=5),
+    (codec.LOOKUP_REPLY, "nodes"): _NODE_IDS,
+    (codec.HANDOFF, "targets"): _NODE_IDS,
+    (codec.SNAPSHOT, "routes"): st.lists(st.tuples(st.text(max_size=20), _NODE_IDS).map(list), max_size=5),
 }
 
 
@@ -395,6 +403,8 @@ def test_error_codes_are_the_documented_set() -> None:
         "unavailable",
         "timeout",
         "not_allowed",
+        "stale_epoch",
+        "fenced",
     } == ERROR_CODES
 
 
@@ -402,9 +412,12 @@ def test_error_codes_are_the_documented_set() -> None:
     ("frame_type", "field", "bad"),
     [
         (codec.ROUTE_ADD, "routes", [[1]]),
-        (codec.ROUTE_ADD, "routes", [["1", "a"]]),
-        (codec.ROUTE_DEL, "routes", [[True, "a"]]),
-        (codec.ROUTE_ADD, "routes", [[1, 2]]),
+        (codec.ROUTE_ADD, "routes", [[1, "a"]]),
+        (codec.ROUTE_ADD, "routes", [["1", 1, "a"]]),
+        (codec.ROUTE_DEL, "routes", [[True, 1, "a"]]),
+        (codec.ROUTE_ADD, "routes", [[1, 1, 2]]),
+        (codec.SNAPSHOT, "routes", [["a", "n1"]]),
+        (codec.HANDOFF, "targets", [None]),
         (codec.DACK, "mids", ["3"]),
         (codec.LOOKUP_REPLY, "nodes", [1]),
     ],
