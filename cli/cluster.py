@@ -248,6 +248,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         for proc in self.state.nodes:
             while True:
+                if not pid_runs(proc) and members < len(self.state.nodes):
+                    break  # a node that was killed on purpose (tests, `remove`): wait for the others
                 if not pid_runs(proc):
                     raise RuntimeError(f"node {proc.name} exited; see {self.dir / 'logs' / (proc.name + '.log')}")
                 try:
@@ -260,6 +262,59 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"node {proc.name} did not see {members} members in {timeout}s")
                 time.sleep(0.2)
+
+    def live_nodes(self) -> list[Proc]:
+        assert self.state is not None
+        return [p for p in self.state.nodes if pid_runs(p)]
+
+    def join(self, node_id: str | None = None, timeout: float = 120.0) -> Proc:
+        """Start one more node and wait until the rebalancer has moved its share of shards onto it."""
+        assert self.state is not None
+        taken = {p.name for p in self.state.nodes}
+        node_id = node_id or next(f"n{i}" for i in range(1, len(taken) + 2) if f"n{i}" not in taken)
+        proc = self.start_node(node_id)
+        self.wait_ready(len(self.live_nodes()), timeout)
+        return proc
+
+    def leave(self, node_id: str, timeout: float = 120.0) -> None:
+        """Graceful leave: the node's shards are handed off (drained) before it exits by itself."""
+        proc = self._node(node_id)
+        with Client([proc.client_endpoint], timeout=5.0) as c:
+            c.leave()
+        deadline = time.monotonic() + timeout
+        while pid_runs(proc):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node_id} did not finish leaving in {timeout}s")
+            time.sleep(0.1)
+        stop_proc(proc)  # reap it
+        self._forget(node_id)
+        self.wait_ready(len(self.live_nodes()), timeout)
+
+    def remove(self, node_id: str, timeout: float = 120.0) -> None:
+        """Remove a node from membership (alive or dead) from the outside: its shards go to the others."""
+        from shardmq.shard.membership import cluster_prefix, etcd_client
+
+        assert self.state is not None
+        proc = self._node(node_id)
+        etcd_client(self.state.etcd_url).delete(cluster_prefix(self.state.cluster) + f"members/{node_id}")
+        deadline = time.monotonic() + 10
+        while pid_runs(proc) and time.monotonic() < deadline:  # it notices its key is gone and exits
+            time.sleep(0.1)
+        stop_proc(proc)
+        self._forget(node_id)
+        self.wait_ready(len(self.live_nodes()), timeout)
+
+    def _node(self, node_id: str) -> Proc:
+        assert self.state is not None
+        for proc in self.state.nodes:
+            if proc.name == node_id:
+                return proc
+        raise KeyError(f"no node {node_id!r} in {self.state_path}")
+
+    def _forget(self, node_id: str) -> None:
+        assert self.state is not None
+        self.state.nodes = [p for p in self.state.nodes if p.name != node_id]
+        self.save()
 
     def status(self) -> dict[str, Any]:
         assert self.state is not None

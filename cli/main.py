@@ -78,8 +78,19 @@ def print_status(status: dict[str, Any]) -> None:
             f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('clients', '-'):>8}"
         )
     live = [n for n in nodes if n["alive"]]
+    for n in live:
+        moving = n.get("handoffs_out", []) + n.get("handoffs_in", [])
+        if moving:
+            print(f"  {n['id']}: hand-offs in progress for shards {sorted(set(moving))[:20]}")
+        if "rebalance" in n:
+            r = n["rebalance"]
+            print(f"  leader {n['id']}: {r['moves_in_progress']} moves in progress, {r['moves_remaining']} remaining,"
+                  f" {r['shards_flipped']} flipped, {r['promotions']} promoted, settled={r['settled']}")
     if live:
         first = live[0]
+        epochs = [n["max_shard_epoch"] for n in live]
+        print(f"assignment version {first['assignment_version']}  highest shard epoch {max(epochs)}"
+              f"  (per-shard epochs: cluster status --json)")
         print(
             f"members {first['members']}  epoch {first['epoch']}"
             f"  shards {first['shard_count']} x R={first['replication']}"
@@ -105,6 +116,53 @@ def cmd_cluster_down(args: argparse.Namespace) -> None:
         return
     LocalCluster.load(args.dir).down()
     print("cluster stopped")
+
+
+def cmd_cluster_join(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    lc = LocalCluster.load(args.dir)
+    print("starting a node and waiting for its shards to be handed over ...", flush=True)
+    proc = lc.join(args.id)
+    print(f"{proc.name} joined: pid {proc.pid}, clients: {proc.client_endpoint}")
+    print_status(lc.status())
+
+
+def cmd_cluster_leave(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    lc = LocalCluster.load(args.dir)
+    print(f"{args.node} is handing its shards off before it exits ...", flush=True)
+    lc.leave(args.node)
+    print(f"{args.node} left")
+    print_status(lc.status())
+
+
+def cmd_cluster_remove(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+
+    lc = LocalCluster.load(args.dir)
+    lc.remove(args.node)
+    print(f"{args.node} removed; its shards were reassigned")
+    print_status(lc.status())
+
+
+def cmd_rebalance_plan(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+    from .rebalance import plan_report, print_plan
+
+    report = plan_report(LocalCluster.load(args.dir))
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_plan(report)
+
+
+def cmd_rebalance_apply(args: argparse.Namespace) -> None:
+    from .cluster import LocalCluster
+    from .rebalance import apply
+
+    apply(LocalCluster.load(args.dir), timeout=args.timeout)
 
 
 def cmd_sub(args: argparse.Namespace) -> None:
@@ -172,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     down = csub.add_parser("down")
     down.add_argument("--dir", default=DEFAULT_DIR)
     down.set_defaults(func=cmd_cluster_down)
+
+    join = csub.add_parser("join", help="start one more node; its share of shards is handed over")
+    join.add_argument("--dir", default=DEFAULT_DIR)
+    join.add_argument("--id", default=None)
+    join.set_defaults(func=cmd_cluster_join)
+    leave = csub.add_parser("leave", help="gracefully drain a node's shards, then stop it")
+    leave.add_argument("node")
+    leave.add_argument("--dir", default=DEFAULT_DIR)
+    leave.set_defaults(func=cmd_cluster_leave)
+    remove = csub.add_parser("remove", help="take a node (alive or dead) out of membership from outside")
+    remove.add_argument("node")
+    remove.add_argument("--dir", default=DEFAULT_DIR)
+    remove.set_defaults(func=cmd_cluster_remove)
+
+    rebalance = sub.add_parser("rebalance", help="shard moves: a dry-run plan, or wait for the leader to finish")
+    rsub = rebalance.add_subparsers(dest="rebalance_command", required=True)
+    rplan = rsub.add_parser("plan", help="which shards, how many routes and bytes would move, balance after")
+    rplan.add_argument("--dir", default=DEFAULT_DIR)
+    rplan.add_argument("--json", action="store_true")
+    rplan.set_defaults(func=cmd_rebalance_plan)
+    rapply = rsub.add_parser("apply", help="wait until the leader has moved every shard, showing progress")
+    rapply.add_argument("--dir", default=DEFAULT_DIR)
+    rapply.add_argument("--timeout", type=float, default=300.0)
+    rapply.set_defaults(func=cmd_rebalance_apply)
 
     for name, func, help_ in (("sub", cmd_sub, "subscribe and print messages"), ("pub", cmd_pub, "publish one")):
         sp = sub.add_parser(name, help=help_)

@@ -293,9 +293,17 @@ class Client:
         except TimeoutError:
             self._failover()
 
-    def status(self) -> dict[str, Any]:
-        """The connected node's status: members, shards, routes, root-set size, metrics."""
-        return self._request(codec.STATUS, {}, b"", codec.STATUS_REPLY)["status"]
+    def leave(self) -> None:
+        """Ask the connected node to leave the cluster gracefully (it drains its shards, then exits)."""
+        self._request(codec.LEAVE, {}, b"", codec.LEAVING)
+
+    def status(self, detail: bool = False) -> dict[str, Any]:
+        """The connected node's status: members, shards, routes, root-set size, metrics.
+
+        ``detail=True`` adds ``routes_per_shard`` ({shard: [routes, bytes]} for the shards this node is primary
+        of), which costs the node a walk over those routes.
+        """
+        return self._request(codec.STATUS, {"detail": detail}, b"", codec.STATUS_REPLY)["status"]
 
 
 def _check_qos(qos: int) -> None:

@@ -566,9 +566,14 @@ class Node:
         self._drop_session(session.rid, reason="bye")
 
     def _on_status(self, session: Session, frame: Frame) -> None:
-        self.send_client(
-            session.rid, codec.encode(codec.STATUS_REPLY, {"id": frame.header["id"], "status": self.status()})
-        )
+        status = self.status()
+        if frame.header.get("detail") is True and self.assignment is not None:
+            status["routes_per_shard"] = {
+                str(shard): [len(routes), sum(len(f) + sum(len(n) for n in nodes) for f, nodes in routes)]
+                for shard in self.assignment.primaries_of(self.me)
+                if (routes := self.routes.shard_routes(shard))
+            }
+        self.send_client(session.rid, codec.encode(codec.STATUS_REPLY, {"id": frame.header["id"], "status": status}))
 
     def _on_sub(self, session: Session, frame: Frame) -> None:
         ref = frame.header["id"]
