@@ -72,8 +72,16 @@ def etcd_binary() -> str:
     return found
 
 
+# Processes this Python process started: for them Popen knows the truth, even in the instant between fork and
+# exec when /proc still shows the parent's command line.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def pid_runs(proc: Proc) -> bool:
     """True when ``proc.pid`` is alive and still runs the command we started (not a recycled pid)."""
+    child = _children.get(proc.pid)
+    if child is not None:
+        return child.poll() is None
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -92,6 +100,14 @@ def stop_proc(proc: Proc, grace: float = 5.0, sig: int = signal.SIGTERM) -> None
     if not pid_runs(proc):
         return
     os.kill(proc.pid, sig)
+    child = _children.pop(proc.pid, None)
+    if child is not None:
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
@@ -163,6 +179,7 @@ class LocalCluster:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        _children[proc.pid] = proc
         return proc.pid
 
     # ------------------------------------------------------------------ up/down
@@ -175,6 +192,23 @@ class LocalCluster:
             ):
                 raise RuntimeError(f"a cluster is already running from {self.dir}; run `shardmq cluster down` first")
         self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # `up` makes a new cluster: no state from an old one
+        try:
+            for attempt in range(3):  # a free port can be taken by someone else before etcd binds it: retry
+                if self._start_etcd(timeout):
+                    break
+                if attempt == 2:
+                    raise RuntimeError(f"etcd did not start; see {self.dir / 'logs' / 'etcd.log'}")
+            for i in range(1, self.node_count + 1):
+                self.start_node(f"n{i}")
+            self.wait_ready(self.node_count, timeout)
+        except BaseException:
+            self.down()
+            raise
+        assert self.state is not None
+        return self.state
+
+    def _start_etcd(self, timeout: float) -> bool:
         etcd_port, etcd_peer = self._port(), self._port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self.state = ClusterState(self.cluster, etcd_url)
@@ -193,29 +227,41 @@ class LocalCluster:
         self.save()
         try:
             self._wait_etcd(timeout)
-            for i in range(1, self.node_count + 1):
-                self.start_node(f"n{i}")
-            self.wait_ready(self.node_count, timeout)
-        except BaseException:
-            self.down()
-            raise
-        return self.state
+        except RuntimeError:
+            shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+            return False
+        return True
 
     def start_node(self, node_id: str) -> Proc:
+        """Start a node; with no base port it binds kernel-chosen ports and reports them in an endpoint file."""
         assert self.state is not None
-        client_ep = f"tcp://127.0.0.1:{self._port()}"
-        peer_ep = f"tcp://127.0.0.1:{self._port()}"
+        run_dir = self.dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        endpoint_file = run_dir / f"{node_id}.json"
+        endpoint_file.unlink(missing_ok=True)
+        if self.base_port is None:
+            client_ep = peer_ep = "tcp://127.0.0.1:*"
+        else:
+            client_ep, peer_ep = f"tcp://127.0.0.1:{self._port()}", f"tcp://127.0.0.1:{self._port()}"
         cmd = [
             sys.executable, "-m", "shardmq.cli.main", "--log-level", self.log_level, "node",
             "--id", node_id, "--client-endpoint", client_ep, "--peer-endpoint", peer_ep,
             "--etcd", self.state.etcd_url, "--cluster", self.cluster, "--lease-ttl", str(self.lease_ttl),
+            "--endpoint-file", str(endpoint_file),
         ]  # fmt: skip
         if self.shard_count:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:
             cmd += ["--replication", str(self.replication)]
         cmd += self.node_args
-        proc = Proc(node_id, self._spawn(node_id, cmd), cmd, client_ep, peer_ep)
+        proc = Proc(node_id, self._spawn(node_id, cmd), cmd)
+        deadline = time.monotonic() + 30
+        while not endpoint_file.exists():
+            if not pid_runs(proc) or time.monotonic() > deadline:
+                raise RuntimeError(f"node {node_id} did not start; see {self.dir / 'logs' / (node_id + '.log')}")
+            time.sleep(0.05)
+        bound = orjson.loads(endpoint_file.read_bytes())
+        proc.client_endpoint, proc.peer_endpoint = bound["client_endpoint"], bound["peer_endpoint"]
         self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
         self.save()
         return proc

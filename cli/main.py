@@ -45,6 +45,7 @@ def cmd_node(args: argparse.Namespace) -> None:
             lease_ttl=args.lease_ttl,
             max_payload=args.max_payload,
             client_idle_check=args.client_idle_check,
+            endpoint_file=args.endpoint_file,
         )
     ).run()
 
@@ -201,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run one shard node in the foreground")
     node.add_argument("--id", required=True)
-    node.add_argument("--client-endpoint", required=True, help="e.g. tcp://127.0.0.1:7101")
-    node.add_argument("--peer-endpoint", required=True, help="e.g. tcp://127.0.0.1:7201")
+    node.add_argument("--client-endpoint", required=True, help="e.g. tcp://127.0.0.1:7101 (port * = any free)")
+    node.add_argument("--peer-endpoint", required=True, help="e.g. tcp://127.0.0.1:7201 (port * = any free)")
     node.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
     node.add_argument("--cluster", default="default")
     node.add_argument("--weight", type=int, default=1)
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
     node.add_argument("--lease-ttl", type=int, default=5)
     node.add_argument("--max-payload", type=int, default=1024 * 1024)
+    node.add_argument("--endpoint-file", default=None, help="write the bound endpoints here (JSON)")
     node.add_argument("--client-idle-check", type=float, default=10.0, help="seconds before a quiet client is probed")
     node.set_defaults(func=cmd_node)
 

@@ -83,6 +83,7 @@ class NodeConfig:
     lookup_timeout: float = 1.0  # then ask the next owner: a dead primary costs one timeout, not a failed publish
     handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
     handoff_timeout: float = 30.0
+    endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
 
@@ -202,8 +203,17 @@ class Node:
             sock.setsockopt(zmq.LINGER, 0)
             # Frames far beyond our limits are cut off by zmq before they are buffered in full.
             sock.setsockopt(zmq.MAXMSGSIZE, codec.DEFAULT_MAX_HEADER + 2 * self.cfg.max_payload)
+        # "tcp://127.0.0.1:*" binds a free port chosen by the kernel: no race with other processes picking ports.
         self.client_sock.bind(self.cfg.client_endpoint)
         self.peer_sock.bind(self.cfg.peer_endpoint)
+        self.cfg.client_endpoint = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.cfg.peer_endpoint = self.peer_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.cfg.endpoint_file:
+            tmp = f"{self.cfg.endpoint_file}.tmp"
+            bound = {"client_endpoint": self.cfg.client_endpoint, "peer_endpoint": self.cfg.peer_endpoint}
+            with open(tmp, "wb") as fh:
+                fh.write(orjson.dumps(bound))
+            os.replace(tmp, self.cfg.endpoint_file)
         self.member_pull = self.ctx.socket(zmq.PULL)
         self.member_endpoint = f"inproc://members-{self.me}-{os.getpid()}"
         self.member_pull.bind(self.member_endpoint)
