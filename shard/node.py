@@ -993,6 +993,13 @@ class Node:
             self.log.warning("peer_frame_rejected", peer=sender, code=exc.code, reason=exc.reason, epoch=self.epoch)
             self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
             return
+        if sender not in self.members:
+            # Only members (per etcd) may change routes or ask for them; a stranger is refused and counted.
+            self.metrics["errors.not_member"] += 1
+            self.log.warning("peer_not_member", peer=sender, type=frame.type.decode(), epoch=self.epoch)
+            reason = f"{sender!r} is not a member of this cluster"
+            self.send_peer(sender, codec.error_parts(codec.E_NOT_ALLOWED, reason, frame.header.get("id")))
+            return
         self._peer_handlers[frame.type](self, sender, frame)
 
     def _refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None:
@@ -1004,6 +1011,9 @@ class Node:
         forwarded = bool(h.get("fwd"))
         if self.fenced() and not forwarded:
             self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
+            return
+        if h["node"] != sender and not forwarded:
+            self._refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
             return
         stale = self._apply_route_items(frame.type, h["node"], h["routes"], forwarded)
         if not forwarded and h["id"]:
