@@ -232,7 +232,7 @@ class LocalCluster:
             return False
         return True
 
-    def start_node(self, node_id: str) -> Proc:
+    def start_node(self, node_id: str, extra_args: list[str] | None = None, etcd_url: str | None = None) -> Proc:
         """Start a node; with no base port it binds kernel-chosen ports and reports them in an endpoint file."""
         assert self.state is not None
         run_dir = self.dir / "run"
@@ -246,14 +246,14 @@ class LocalCluster:
         cmd = [
             sys.executable, "-m", "shardmq.cli.main", "--log-level", self.log_level, "node",
             "--id", node_id, "--client-endpoint", client_ep, "--peer-endpoint", peer_ep,
-            "--etcd", self.state.etcd_url, "--cluster", self.cluster, "--lease-ttl", str(self.lease_ttl),
+            "--etcd", etcd_url or self.state.etcd_url, "--cluster", self.cluster, "--lease-ttl", str(self.lease_ttl),
             "--endpoint-file", str(endpoint_file),
         ]  # fmt: skip
         if self.shard_count:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:
             cmd += ["--replication", str(self.replication)]
-        cmd += self.node_args
+        cmd += [*self.node_args, *(extra_args or [])]
         proc = Proc(node_id, self._spawn(node_id, cmd), cmd)
         deadline = time.monotonic() + 30
         while not endpoint_file.exists():

@@ -2,9 +2,9 @@
 
 Rules of this file:
 - One DEALER socket to one node at a time. Any node can serve any topic, so the endpoint list is a failover
-  list: when a node does not answer within ``timeout`` the client moves to the next endpoint, subscribes again to
-  everything it had (clean-session semantics: the application does nothing), and resends the request it was
-  waiting on. A QoS 1 publish may therefore arrive twice; it is never silently lost.
+  list: when a node does not answer within ``timeout`` (or answers ``fenced``: it lost etcd) the client moves to
+  the next endpoint, subscribes again to everything it had (clean-session semantics: the application does
+  nothing), and resends the request it was waiting on. A QoS 1 publish may therefore arrive twice; it is never silently lost.
 - Requests carry an ``id``; the reply (or an ERROR with ``ref`` = id) is matched to it. Messages that arrive
   while a request waits are queued for ``receive``. QoS 1 messages are acknowledged (DACK) when ``receive``
   hands them to the application.
@@ -196,8 +196,13 @@ class Client:
         try:
             return self._roundtrip(frame_type, header, payload, expect)
         except TimeoutError:
-            self._failover()
-            return self._roundtrip(frame_type, header, payload, expect)
+            pass
+        except ShardMQError as exc:
+            if exc.code != codec.E_FENCED or len(self.endpoints) == 1:
+                raise
+        # Silent, or fenced (it lost etcd and cannot vouch for anything): move to the next node and resend.
+        self._failover()
+        return self._roundtrip(frame_type, header, payload, expect)
 
     def _raise_pending_error(self) -> None:
         if self.errors:

@@ -84,6 +84,7 @@ class NodeConfig:
     handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
     handoff_timeout: float = 30.0
     endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)
+    advertise_peer_endpoint: str | None = None  # what peers should connect to, when not the bound one (NAT, proxy)
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
 
@@ -296,7 +297,8 @@ class Node:
         except Exception as exc:
             self.log.error("etcd_unreachable", etcd=self.cfg.etcd_url, error=str(exc))
             raise SystemExit(2) from exc
-        me = MemberInfo(self.me, self.cfg.client_endpoint, self.cfg.peer_endpoint, self.cfg.weight)
+        advertised = self.cfg.advertise_peer_endpoint or self.cfg.peer_endpoint
+        me = MemberInfo(self.me, self.cfg.client_endpoint, advertised, self.cfg.weight)
         self.session = EtcdSession(
             self.ctx, self.cfg.etcd_url, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl
         )

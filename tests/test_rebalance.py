@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 from rebalance_load import Publisher, Subscriber, current_assignment, topics_with_primary
+from tcp_proxy import TcpProxy
 
-from shardmq.cli.cluster import LocalCluster, pid_runs
+from shardmq.cli.cluster import LocalCluster, free_port, pid_runs
 from shardmq.client import Client
 
 LEASE_TTL = 2
@@ -161,3 +162,57 @@ def test_paused_primary_fences_itself(small_cluster: LocalCluster) -> None:
     versions = {s["assignment_version"] for s in statuses(lc)}
     assert len(versions) == 1, f"nodes disagree on the assignment after heal: {versions}"
     print(f"\nSIGSTOP n2 for {3 * LEASE_TTL}s: {figures}")
+
+
+def test_isolated_node_stops_acking_and_rejoins(tmp_path) -> None:
+    """n3 reaches etcd and is reached by its peers only through proxies the test cuts: a partition."""
+    lc = LocalCluster(tmp_path / "c", nodes=2, lease_ttl=LEASE_TTL, log_level="info")
+    lc.up(timeout=60)
+    proxies: list[TcpProxy] = []
+    try:
+        assert lc.state is not None
+        etcd_proxy = TcpProxy(int(lc.state.etcd_url.rsplit(":", 1)[1]))
+        peer_port = free_port()
+        peer_proxy = TcpProxy(peer_port)
+        proxies += [etcd_proxy, peer_proxy]
+        lc.start_node(
+            "n3",
+            ["--peer-endpoint", f"tcp://127.0.0.1:{peer_port}",
+             "--advertise-peer-endpoint", f"tcp://127.0.0.1:{peer_proxy.port}"],
+            etcd_url=f"http://127.0.0.1:{etcd_proxy.port}",
+        )  # fmt: skip
+        lc.wait_ready(3, timeout=60)
+        n1, n2, n3 = lc.state.client_endpoints()
+        topics = topics_with_primary(lc, "n3", 20, "iso")
+        subs = [Subscriber([n1, n2], "a", topics), Subscriber([n2, n1], "b", topics)]
+        for sub in subs:
+            sub.start()
+        pubs = [Publisher("p1", [n1, n2], topics), Publisher("p2", [n2, n1], topics)]
+        minority = Publisher("m", [n3], topics)  # talks to the isolated node only
+        for pub in [*pubs, minority]:
+            pub.start()
+        time.sleep(1.5)
+        cut_at = time.monotonic()
+        etcd_proxy.cut()
+        peer_proxy.cut()
+        time.sleep(3 * LEASE_TTL)
+        last_minority_ack = max(minority.ack_times, default=cut_at)
+        # The minority stops acknowledging before its lease can expire (it self-fences at 2/3 of the TTL).
+        late = last_minority_ack - cut_at
+        assert late < LEASE_TTL, f"isolated node acked {late:.2f}s after the cut"
+        assert minority.retries > 0
+        etcd_proxy.heal()
+        peer_proxy.heal()
+        lc.wait_ready(3, timeout=60)
+        for pub in [*pubs, minority]:
+            pub.stop.set()
+            pub.join(timeout=10)
+        final = final_round([n1, n2], topics)
+        figures = check_delivery(subs, [*pubs, minority, final])
+        views = statuses(lc)
+        assert len({s["assignment_version"] for s in views}) == 1 and all(s["settled"] for s in views)
+        print(f"\nisolate n3: minority acked until {last_minority_ack - cut_at:+.2f}s after the cut; {figures}")
+    finally:
+        lc.down()
+        for proxy in proxies:
+            proxy.close()
