@@ -4,7 +4,8 @@ Rules of this file:
 - One DEALER socket to one node at a time. Any node can serve any topic, so the endpoint list is a failover
   list: when a node does not answer within ``timeout`` (or answers ``fenced``: it lost etcd) the client moves to
   the next endpoint, subscribes again to everything it had (clean-session semantics: the application does
-  nothing), and resends the request it was waiting on. A QoS 1 publish may therefore arrive twice; it is never silently lost.
+  nothing), and resends the request it was waiting on. A QoS 1 publish may therefore arrive twice; it is never
+  silently lost.
 - Requests carry an ``id``; the reply (or an ERROR with ``ref`` = id) is matched to it. Messages that arrive
   while a request waits are queued for ``receive``. QoS 1 messages are acknowledged (DACK) when ``receive``
   hands them to the application.
