@@ -8,7 +8,7 @@ assignment). It never performs I/O and never reads a clock.
 Rules of this file:
 - The assignment in etcd is the only truth about owners. The coordinator plans from the last document it
   observed and emits at most one ``Commit`` per step, always against that document's revision; a lost race
-  (``on_commit(ok=False)``) just means "observe again and replan".
+  (``on_commit`` with no revision) just means "observe again and replan".
 - Order of concerns in a step: (1) create the first assignment once membership has been stable for ``settle``
   seconds; (2) promote surviving replicas of shards that lost an owner (one commit, epoch + 1, before anything
   else, so publishes find a live primary as soon as the lease of a dead node expires); (3) flip the moves whose
@@ -72,6 +72,9 @@ class Counters:
     lost_shards: int = 0
     abandoned: int = 0
     commits_failed: int = 0
+    handoffs_done: int = 0
+    handoff_seconds_total: float = 0.0
+    handoff_seconds_max: float = 0.0
 
 
 class Coordinator:
@@ -115,14 +118,20 @@ class Coordinator:
                 flight.waiting.discard(node)
                 return
 
-    def on_commit(self, commit: Commit, new_revision: int | None) -> None:
+    def on_commit(self, commit: Commit, new_revision: int | None, now: float | None = None) -> None:
         """The shell's result for ``commit``: the document's new revision, or None when the CAS lost a race."""
+        c = self.counters
         if new_revision is None:
-            self.counters.commits_failed += 1
+            c.commits_failed += 1
             return
         self.assignment, self.revision = commit.assignment, new_revision
         for shard in commit.flipped:
-            self.in_flight.pop(shard, None)
+            flight = self.in_flight.pop(shard, None)
+            if flight is not None and now is not None:  # a hand-off finished: HANDOFF sent -> ownership flipped
+                took = now - flight.started
+                c.handoffs_done += 1
+                c.handoff_seconds_total += took
+                c.handoff_seconds_max = max(c.handoff_seconds_max, took)
         if commit.reason == "flip":
             self.counters.shards_flipped += len(commit.flipped)
         elif commit.reason == "promote":
@@ -193,6 +202,9 @@ class Coordinator:
             self.abandoned.append((shard, why))
 
     def progress(self) -> dict[str, int | bool]:
+        """Counters for status and logs. The drain costs nothing to count: owners answer lookups synchronously,
+        so a source never holds accepted-but-unfinished work for a shard; route changes that reach it during a
+        move are forwarded (``handoff.changes_forwarded`` in the node's metrics), never buffered."""
         c = self.counters
         return {
             "moves_in_progress": len(self.in_flight),
@@ -203,5 +215,8 @@ class Coordinator:
             "lost_shards": c.lost_shards,
             "abandoned_moves": c.abandoned,
             "commits_failed": c.commits_failed,
+            "handoffs_done": c.handoffs_done,
+            "handoff_ms_mean": round(1000 * c.handoff_seconds_total / c.handoffs_done) if c.handoffs_done else 0,
+            "handoff_ms_max": round(1000 * c.handoff_seconds_max),
             "settled": self.settled(),
         }

@@ -523,7 +523,7 @@ class Node:
         except Exception as exc:
             self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
             revision = None
-        c.on_commit(commit, revision)
+        c.on_commit(commit, revision, time.monotonic())
         if revision is None:
             self.session.poll_now()
             return
@@ -1108,6 +1108,7 @@ class Node:
             for node in nodes:
                 self.routes.add(shard, filt, node)
         self.metrics["handoff.routes_received"] += len(h["routes"])
+        self.metrics["handoff.bytes_received"] += len(orjson.dumps(h["routes"]))
         if h["last"]:
             ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": self.me}
             self.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
