@@ -60,8 +60,6 @@ from .membership import (
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
-HELD_PER_PEER = 10_000
-HELD_PEERS = 16
 SNAPSHOT_CHUNK = 5000
 ROOT = RouteTable.ROOT
 HEARTBEAT_MS = 2000
@@ -180,7 +178,6 @@ class Node:
         self._last_progress_log = 0.0
         self._target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None = None
         self.dealers: dict[str, zmq.Socket] = {}
-        self.held_for_peer: dict[str, deque[list[bytes]]] = {}  # frames for peers not yet in the member list
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.pending_lookups: dict[int, Lookup] = {}
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
@@ -237,19 +234,9 @@ class Node:
 
     def send_peer(self, node: str, parts: list[bytes]) -> bool:
         sock = self._dealer(node)
-        if sock is None:
-            # A peer that just joined can talk before our member list shows it: hold the frames until it does.
-            held = self.held_for_peer.get(node)
-            if held is None:
-                if len(self.held_for_peer) >= HELD_PEERS:
-                    self.metrics["drops.peer_unknown"] += 1
-                    return False
-                held = self.held_for_peer[node] = deque(maxlen=HELD_PER_PEER)
-            if len(held) == HELD_PER_PEER:
-                self.metrics["drops.peer_unknown"] += 1
-            held.append(parts)
-            self.metrics["held.peer_unknown"] += 1
-            return True
+        if sock is None:  # not a member (we only talk to members, and only members may talk to us)
+            self.metrics["drops.peer_unknown"] += 1
+            return False
         try:
             sock.send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
@@ -383,13 +370,6 @@ class Node:
         had_members = bool(self.members)
         self.members = members
         self.epoch = epoch
-        held, self.held_for_peer = self.held_for_peer, {}
-        for node, frames in held.items():
-            if node not in members:  # still unknown after a membership change: not a member, drop
-                self.metrics["drops.peer_unknown"] += len(frames)
-                continue
-            for parts in frames:
-                self.send_peer(node, parts)
         for node in gone:
             sock = self.dealers.pop(node, None)
             if sock is not None:
@@ -654,7 +634,10 @@ class Node:
 
     def _on_unsub(self, session: Session, frame: Frame) -> None:
         ref = frame.header["id"]
-        gone = [f for f in frame.header["filters"] if isinstance(f, str) and self._unsubscribe_local(session, f)]
+        if not all(isinstance(f, str) for f in frame.header["filters"]):
+            self.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
+            return
+        gone = [f for f in frame.header["filters"] if self._unsubscribe_local(session, f)]
 
         def done(failures: list[str]) -> None:
             self.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
@@ -993,14 +976,13 @@ class Node:
         except ProtocolError as exc:
             self.metrics[f"errors.{exc.code}"] += 1
             self.log.warning("peer_frame_rejected", peer=sender, code=exc.code, reason=exc.reason, epoch=self.epoch)
-            self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
+            if sender in self.members:  # a stranger gets no reply: we have no address for it, by design
+                self.send_peer(sender, codec.error_parts(exc.code, exc.reason, exc.ref))
             return
         if sender not in self.members:
             # Only members (per etcd) may change routes or ask for them; a stranger is refused and counted.
             self.metrics["errors.not_member"] += 1
             self.log.warning("peer_not_member", peer=sender, type=frame.type.decode(), epoch=self.epoch)
-            reason = f"{sender!r} is not a member of this cluster"
-            self.send_peer(sender, codec.error_parts(codec.E_NOT_ALLOWED, reason, frame.header.get("id")))
             return
         self._peer_handlers[frame.type](self, sender, frame)
 
