@@ -16,7 +16,7 @@ Rules of this file:
   succeed from the same version, so a shard's epoch and owners are decided once.
 - ``/shardmq/<cluster>/leader`` names the node that runs the rebalancer. It is created with the creator's
   lease, so it vanishes with that node and the next campaigner takes over.
-- A node stops acting as an owner (self-fences) once a third of its lease passed without a successful
+- A node stops acting as an owner (self-fences) once two thirds of its lease TTL passed without a successful
   keep-alive, i.e. before the lease can expire and etcd can hand its shards to someone else.
 """
 
@@ -164,7 +164,7 @@ class EtcdSession(threading.Thread):
         self._wake.set()
 
     def fenced(self, now: float) -> bool:
-        """True once a third of the lease has passed without a successful keep-alive: stop acting as owner
+        """True once two thirds of the lease TTL passed without a successful keep-alive: stop acting as owner
         before the lease can expire, so that no two nodes act for one shard at the same time."""
         return now > self.lease_valid_until - self._ttl / 3
 

@@ -1,0 +1,242 @@
+"""Client frames: sessions, local subscriptions and delivery to this node's own clients (``ClientsMixin``).
+
+Rules of this file:
+- Routes: a client's subscription lives only on its own node (``local_q0``/``local_q1``). When a filter gets its
+  first local subscriber the node sends ROUTE_ADD(filter -> this node) to every owner of the filter's shard (to
+  every member for root filters), and ROUTE_DEL when the last one leaves: reference counting per node.
+- QoS 1: the publisher's PUBACK is sent after every destination answered FWD_ACK; destinations deliver QoS 1
+  messages with a message id and redeliver until the client DACKs it or goes away.
+- Every rejected input is answered with an ERROR frame (when the sender can be addressed), counted in
+  ``metrics`` under ``errors.<code>`` and logged; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shardmq.router import codec
+from shardmq.router.codec import Frame, ProtocolError
+from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
+
+from .base import NodeBase
+from .state import Publish, Session, gate
+
+
+class ClientsMixin(NodeBase):
+    if TYPE_CHECKING:  # from OwnershipMixin
+
+        def fenced(self) -> bool: ...
+
+    if TYPE_CHECKING:  # from RoutingMixin
+
+        def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None: ...
+
+        def publish(self, pub: Publish) -> None: ...
+    # ------------------------------------------------------------------ client frames
+    def on_client_parts(self, parts: list[bytes]) -> None:
+        self.metrics["frames_in.client"] += 1
+        rid, rest = parts[0], parts[1:]
+        try:
+            frame = codec.decode(rest, max_payload=self.cfg.max_payload, allowed=codec.CLIENT_REQUESTS)
+        except ProtocolError as exc:
+            self.reject_client(rid, exc.code, exc.reason, exc.ref)
+            return
+        session = self.sessions.get(rid)
+        if session is None:
+            session = self.sessions[rid] = Session(rid, time.monotonic())
+            self.metrics["clients.connected"] += 1
+        session.last_seen = time.monotonic()
+        handler = self._client_handlers[frame.type]
+        handler(self, session, frame)
+
+    def _on_hello(self, session: Session, frame: Frame) -> None:
+        cfg = self.cfg
+        header = {"id": frame.header.get("id"), "node": self.me, "max_payload": cfg.max_payload, "epoch": self.epoch}
+        self.send_client(session.rid, codec.encode(codec.WELCOME, header))
+
+    def _on_ping(self, session: Session, frame: Frame) -> None:
+        self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
+
+    def _on_bye(self, session: Session, frame: Frame) -> None:
+        self._drop_session(session.rid, reason="bye")
+
+    def _on_status(self, session: Session, frame: Frame) -> None:
+        status = self.status()
+        if frame.header.get("detail") is True and self.assignment is not None:
+            status["routes_per_shard"] = {
+                str(shard): [len(routes), sum(len(f) + sum(len(n) for n in nodes) for f, nodes in routes)]
+                for shard in self.assignment.primaries_of(self.me)
+                if (routes := self.routes.shard_routes(shard))
+            }
+        self.send_client(session.rid, codec.encode(codec.STATUS_REPLY, {"id": frame.header["id"], "status": status}))
+
+    def _on_sub(self, session: Session, frame: Frame) -> None:
+        ref = frame.header["id"]
+        qos = frame.header["qos"]
+        if qos not in (0, 1):
+            self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
+            return
+        if self.assignment is None:
+            self.reject_client(session.rid, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry", ref)
+            return
+        results: list[Any] = []
+        new_filters: list[str] = []
+        installing: set[int] = set()  # route adds started by earlier subscribers that this SUBACK must wait for
+        for filt in frame.header["filters"]:
+            try:
+                if not isinstance(filt, str):
+                    raise TopicError("invalid_filter", f"a filter must be a string, got {type(filt).__name__}")
+                validate_topic_filter(filt)
+            except TopicError as exc:
+                self.metrics[f"errors.{exc.code}"] += 1
+                shown = filt if isinstance(filt, str) else None
+                results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
+                continue
+            results.append(qos)
+            if self._subscribe_local(session, filt, qos):
+                new_filters.append(filt)
+            elif filt in self.route_add_waiters:
+                installing.add(self.route_add_waiters[filt])
+        self.metrics["subscriptions"] += len(new_filters)
+
+        accepted = [f for f, r in zip(frame.header["filters"], results, strict=True) if not isinstance(r, dict)]
+
+        def done(failures: list[str]) -> None:
+            if failures:
+                # All or nothing: undo this SUB so the client is not sent messages for filters it was told failed.
+                if session.rid in self.sessions:
+                    gone = [f for f in accepted if self._unsubscribe_local(session, f)]
+                    self._change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
+                reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
+                self.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
+            else:
+                self.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
+
+        on_done = gate(len(installing) + 1, done)
+        for wid in installing:
+            self.waiters[wid].callbacks.append(on_done)
+        self._change_routes(codec.ROUTE_ADD, new_filters, on_done)
+
+    def _subscribe_local(self, session: Session, filt: str, qos: int) -> bool:
+        """Record the subscription; True when the filter is new on this node (a route must be added)."""
+        had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
+        old = session.filters.get(filt)
+        if old is not None and old != qos:
+            (self.local_q1 if old else self.local_q0).remove(filt, session.rid)
+        session.filters[filt] = qos
+        (self.local_q1 if qos else self.local_q0).add(filt, session.rid)
+        return not had_route
+
+    def _unsubscribe_local(self, session: Session, filt: str) -> bool:
+        """Forget the subscription; True when no local client has the filter any more (drop the route)."""
+        qos = session.filters.pop(filt, None)
+        if qos is None:
+            return False
+        (self.local_q1 if qos else self.local_q0).remove(filt, session.rid)
+        return not (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt))
+
+    def _on_unsub(self, session: Session, frame: Frame) -> None:
+        ref = frame.header["id"]
+        if not all(isinstance(f, str) for f in frame.header["filters"]):
+            self.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
+            return
+        gone = [f for f in frame.header["filters"] if self._unsubscribe_local(session, f)]
+
+        def done(failures: list[str]) -> None:
+            self.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
+
+        self._change_routes(codec.ROUTE_DEL, gone, done)
+
+    def _drop_session(self, rid: bytes, reason: str) -> None:
+        session = self.sessions.pop(rid, None)
+        if session is None:
+            return
+        gone = [f for f in list(session.filters) if self._unsubscribe_local(session, f)]
+        self._change_routes(codec.ROUTE_DEL, gone, lambda failures: None)
+        self.metrics["clients.disconnected"] += 1
+        self.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=len(gone))
+
+    def _on_dack(self, session: Session, frame: Frame) -> None:
+        for mid in frame.header["mids"]:
+            if session.inflight.pop(mid, None) is not None:
+                self.metrics["deliveries.acked"] += 1
+
+    def _on_pub(self, session: Session, frame: Frame) -> None:
+        ref = frame.header.get("id")
+        topic, qos = frame.header["topic"], frame.header["qos"]
+        if qos not in (0, 1):
+            self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
+            return
+        try:
+            validate_topic_name(topic)
+        except TopicError as exc:
+            self.reject_client(session.rid, exc.code, exc.reason, ref)
+            return
+        if self.fenced():
+            reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
+            self.reject_client(session.rid, codec.E_FENCED, reason, ref)
+            return
+        self.metrics["publishes.in"] += 1
+        self.publish(Publish(session.rid, ref, topic, qos, frame.payload))
+
+    def _on_leave(self, session: Session, frame: Frame) -> None:
+        """Graceful leave: flag ourselves in etcd; the leader drains every shard away, then we exit."""
+        self.session.leaving = True
+        self.session.poll_now()
+        self.log.info("leaving", epoch=self.epoch)
+        self.send_client(session.rid, codec.encode(codec.LEAVING, {"id": frame.header["id"]}))
+
+    _client_handlers: dict[bytes, Callable[[ClientsMixin, Session, Frame], None]] = {
+        codec.HELLO: _on_hello,
+        codec.PING: _on_ping,
+        codec.PONG: lambda self, session, frame: None,
+        codec.BYE: _on_bye,
+        codec.STATUS: _on_status,
+        codec.SUB: _on_sub,
+        codec.UNSUB: _on_unsub,
+        codec.DACK: _on_dack,
+        codec.PUB: _on_pub,
+        codec.LEAVE: _on_leave,
+    }
+
+    # ------------------------------------------------------------------ delivery
+    def deliver_local(self, topic: str, qos: int, payload: bytes) -> None:
+        q1 = self.local_q1.match(topic) if qos else set()
+        q0 = self.local_q0.match(topic)
+        if not qos:
+            q0 |= self.local_q1.match(topic)
+        msg0 = codec.encode(codec.MSG, {"topic": topic, "qos": 0}, payload)
+        for rid in q0 - q1:
+            if self.send_client(rid, msg0):
+                self.metrics["deliveries.qos0"] += 1
+        now = time.monotonic()
+        for rid in q1:
+            session = self.sessions.get(rid)
+            if session is None:
+                continue
+            mid = session.next_mid
+            session.next_mid += 1
+            session.inflight[mid] = (topic, payload, now + self.cfg.redelivery_interval)
+            if self.send_client(rid, codec.encode(codec.MSG, {"topic": topic, "qos": 1, "mid": mid}, payload)):
+                self.metrics["deliveries.qos1"] += 1
+
+    def _redeliver_tick(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            for mid, (topic, payload, due) in list(session.inflight.items()):
+                if due <= now and session.rid in self.sessions:
+                    session.inflight[mid] = (topic, payload, now + self.cfg.redelivery_interval)
+                    header = {"topic": topic, "qos": 1, "mid": mid, "dup": True}
+                    if self.send_client(session.rid, codec.encode(codec.MSG, header, payload)):
+                        self.metrics["deliveries.redelivered"] += 1
+        self.call_later(self.cfg.redelivery_interval, self._redeliver_tick)
+
+    def _idle_tick(self) -> None:
+        """Probe idle clients: with ROUTER_MANDATORY a send to a vanished one fails and drops its session."""
+        cutoff = time.monotonic() - self.cfg.client_idle_check
+        for session in list(self.sessions.values()):
+            if session.last_seen < cutoff:
+                self.send_client(session.rid, codec.encode(codec.PING, {}))
+        self.call_later(self.cfg.client_idle_check, self._idle_tick)

@@ -1,0 +1,294 @@
+"""Membership and shard ownership: the view from etcd, hand-offs between owners, the leader's rebalancer.
+
+Rules of this file:
+- One thread owns every socket and every piece of routing state. The etcd session thread only hands member
+  snapshots in over an inproc PULL socket.
+- A node stops acting as an owner (self-fences) while ``fenced()``: its etcd session cannot vouch for its lease
+  (see ``membership.py`` for when).
+- The leader runs the coordinator: it turns its decisions into hand-offs and assignment commits.
+- Hand-off: the source snapshots the shard to the new replicas, then streams its changes; a new replica takes
+  the snapshot and, when complete, tells the coordinator it is ready. The next coordinator tick flips every ready
+  move in one etcd commit.
+- An ex-owner keeps serving and forwarding ``handoff_grace`` seconds after a flip (stale senders have a grace
+  period to catch up), then drops its copy of the shard once nothing (hand-off, grace) still needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff
+from shardmq.ring import Assignment, ShardMap
+from shardmq.router import codec
+from shardmq.router.codec import Frame
+from shardmq.router.partition import placement_key
+
+from .base import NodeBase
+from .membership import MemberInfo, read_assignment, write_assignment
+from .state import ROOT, Forwarding
+
+SNAPSHOT_CHUNK = 5000
+
+
+class OwnershipMixin(NodeBase):
+    # ------------------------------------------------------------------ membership and ownership
+    def fenced(self) -> bool:
+        return self.session.fenced(time.monotonic())
+
+    def on_snapshot(self, snapshot: dict[str, Any], document: bytes) -> None:
+        """A new view from etcd: members, leader and (when it changed) the assignment document."""
+        members = {m["node"]: MemberInfo.from_dict(m) for m in snapshot["members"]}
+        if self.me not in members and self.members.get(self.me) is not None:
+            self.log.warning("removed_from_cluster", epoch=self.epoch)  # `shardmq cluster remove` deleted our key
+            self.stop()
+            return
+        self.leader = snapshot.get("leader")
+        if members != self.members:
+            self.on_members(members, int(snapshot["epoch"]))
+        if document and snapshot["assignment_revision"] > self.assignment_revision:
+            self._set_assignment(Assignment.from_json(document), snapshot["assignment_revision"])
+        if self.leader == self.me and self.coordinator is None:
+            self.coordinator = Coordinator(
+                int(self.settings["shard_count"]),
+                int(self.settings["replication"]),
+                handoff_timeout=self.cfg.handoff_timeout,
+            )
+            self.log.info("leader_elected", epoch=self.epoch)
+        elif self.leader != self.me:
+            self.coordinator = None
+        self._lead()
+        self._maybe_finish_leaving()
+
+    def on_members(self, members: dict[str, MemberInfo], epoch: int) -> None:
+        joined = set(members) - set(self.members) - {self.me}
+        gone = set(self.members) - set(members)
+        had_members = bool(self.members)
+        self.members = members
+        self.epoch = epoch
+        for node in gone:
+            sock = self.dealers.pop(node, None)
+            if sock is not None:
+                sock.close(linger=0)
+            removed = self.routes.remove_node(node)
+            self._fail_peer_requests(node)
+            self.log.warning("member_lost", peer=node, routes_removed=removed, epoch=self.epoch)
+        if had_members and joined:
+            self._announce_root_routes(joined)
+        self.log.info("membership", epoch=self.epoch, members=sorted(members), joined=sorted(joined), gone=sorted(gone))
+
+    def _announce_root_routes(self, nodes: set[str]) -> None:
+        """Root-set routes live on every node: give a newcomer ours (every node does the same)."""
+        local = {f for idx in (self.local_q0, self.local_q1) for f in idx.filters() if placement_key(f) is None}
+        if not local:
+            return
+        items = [[ROOT, 0, f] for f in sorted(local)]
+        for node in nodes:
+            self.send_peer(node, codec.encode(codec.ROUTE_ADD, {"id": 0, "node": self.me, "epoch": 0, "routes": items}))
+
+    def _set_assignment(self, new: Assignment, revision: int) -> None:
+        if revision <= self.assignment_revision:
+            return
+        old = self.assignment
+        self.assignment, self.assignment_revision = new, revision
+        mine = set(new.shards_of(self.me))
+        for shard in mine:
+            self.incoming.pop(shard, None)
+        if old is not None:
+            for shard in set(old.shards_of(self.me)) - mine:
+                self.call_later(self.cfg.handoff_grace, lambda shard=shard: self._release(shard))
+            for shard, fw in list(self.forwarding.items()):
+                if new.epoch(shard) > fw.epoch:  # flipped: stale senders have a grace period to catch up
+                    self._stop_forwarding_later(shard, fw.epoch)
+        self.log.info(
+            "assignment", version=new.version, revision=revision, shards_held=len(mine),
+            primaries=len(new.primaries_of(self.me)), epoch=self.epoch,
+        )  # fmt: skip
+
+    def _stop_forwarding_later(self, shard: int, epoch: int) -> None:
+        self.call_later(self.cfg.handoff_grace, lambda: self._stop_forwarding(shard, epoch))
+
+    def _stop_forwarding(self, shard: int, epoch: int) -> None:
+        fw = self.forwarding.get(shard)
+        if fw is not None and fw.epoch == epoch:
+            del self.forwarding[shard]
+            self._release(shard)
+
+    def _release(self, shard: int) -> None:
+        """Drop our copy of a shard we no longer own, once nothing (hand-off, grace) still needs it."""
+        a = self.assignment
+        if a is None or self.me in a.owners(shard) or shard in self.incoming or shard in self.forwarding:
+            return
+        dropped = self.routes.drop_shard(shard)
+        self.metrics["handoff.shards_released"] += 1
+        self.log.info("shard_released", shard=shard, epoch=a.epoch(shard), routes_dropped=dropped)
+        self._maybe_finish_leaving()
+
+    def _refresh_assignment(self) -> None:
+        """Read the assignment from etcd now (a peer told us our view is old); at most every 100 ms."""
+        now = time.monotonic()
+        if now - self._last_refresh < 0.1:
+            return
+        self._last_refresh = now
+        try:
+            document, revision = read_assignment(self.etcd, self.cfg.cluster)
+        except Exception as exc:
+            self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
+            return
+        if document:
+            self._set_assignment(Assignment.from_json(document), revision)
+
+    def _maybe_finish_leaving(self) -> None:
+        a = self.assignment
+        if not self.session.leaving or a is None or self.forwarding or self.incoming:
+            return
+        if not a.shards_of(self.me):
+            self.log.info("left_cluster", epoch=self.epoch)
+            self.stop()
+
+    # ------------------------------------------------------------------ rebalance (leader only)
+    def _lead(self) -> None:
+        """Run the coordinator: the leader turns its decisions into hand-offs and assignment commits."""
+        c = self.coordinator
+        if c is None or self.leader != self.me or self.fenced():
+            return
+        now = time.monotonic()
+        c.observe(
+            self.assignment,
+            self.assignment_revision,
+            {n: Member(m.weight, m.leaving) for n, m in self.members.items()},
+            now,
+        )
+        for action in c.step(now):
+            if isinstance(action, StartHandoff):
+                self._start_handoff(action)
+            else:
+                self._commit(c, action)
+        for shard, why in c.abandoned:
+            self.log.warning("move_abandoned", shard=shard, reason=why, epoch=self.epoch)
+        c.abandoned.clear()
+        busy = bool(c.in_flight or c.remaining or self.assignment is None)
+        if busy and now - self._last_progress_log > 1.0:
+            self._last_progress_log = now
+            self.log.info("rebalance_progress", **c.progress(), epoch=self.epoch)
+        if busy and not self._lead_scheduled:
+            self._lead_scheduled = True
+            self.call_later(0.05, self._lead_tick)
+
+    def _lead_tick(self) -> None:
+        self._lead_scheduled = False
+        self._lead()
+
+    def _start_handoff(self, action: StartHandoff) -> None:
+        move = action.move
+        header = {
+            "id": action.move_id, "shard": move.shard, "epoch": action.epoch,
+            "targets": list(move.add), "coordinator": self.me,
+        }  # fmt: skip
+        self.log.info("handoff_start", shard=move.shard, epoch=action.epoch, source=move.source, targets=move.add)
+        if move.source == self.me:
+            self._on_handoff(self.me, Frame(codec.HANDOFF, header))
+        else:
+            self.send_peer(move.source, codec.encode(codec.HANDOFF, header))
+
+    def _commit(self, c: Coordinator, commit: Commit) -> None:
+        try:
+            revision = write_assignment(
+                self.etcd, self.cfg.cluster, commit.assignment.to_json(), commit.expected_revision
+            )
+        except Exception as exc:
+            self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
+            revision = None
+        c.on_commit(commit, revision, time.monotonic())
+        if revision is None:
+            self.session.poll_now()
+            return
+        self.metrics[f"rebalance.commits.{commit.reason}"] += 1
+        self.log.info(
+            "assignment_committed", reason=commit.reason, shards=len(commit.flipped),
+            version=commit.assignment.version, epoch=self.epoch,
+        )  # fmt: skip
+        self._set_assignment(commit.assignment, revision)
+
+    # ------------------------------------------------------------------ peer frames
+    def _on_handoff(self, sender: str, frame: Frame) -> None:
+        """We are the source of a move: snapshot the shard to the new replicas, then stream its changes."""
+        h = frame.header
+        shard, epoch = h["shard"], h["epoch"]
+        if self.fenced():
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
+            return
+        a = self.assignment
+        if a is None or a.epoch(shard) < epoch:
+            self._refresh_assignment()
+            a = self.assignment
+        if a is None or a.epoch(shard) != epoch or self.me not in a.owners(shard):
+            reason = f"{self.me} does not own shard {shard} at epoch {epoch}"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            return
+        targets = [t for t in h["targets"] if t != self.me]
+        fw = self.forwarding.get(shard)
+        if fw is None or fw.epoch != epoch:
+            fw = self.forwarding[shard] = Forwarding(set(), epoch)
+        fw.targets.update(targets)
+        routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
+        size = 0
+        for target in targets:
+            for start in range(0, max(len(routes), 1), SNAPSHOT_CHUNK):
+                chunk = routes[start : start + SNAPSHOT_CHUNK]
+                header = {
+                    "id": h["id"], "shard": shard, "epoch": epoch, "routes": chunk,
+                    "last": start + SNAPSHOT_CHUNK >= len(routes), "coordinator": h["coordinator"],
+                }  # fmt: skip
+                parts = codec.encode(codec.SNAPSHOT, header)
+                size += len(parts[1])
+                self.send_peer(target, parts)
+        self.metrics["handoff.snapshots_sent"] += len(targets)
+        self.metrics["handoff.routes_sent"] += len(routes) * len(targets)
+        self.metrics["handoff.bytes_sent"] += size
+        self.log.info("handoff_snapshot", shard=shard, epoch=epoch, targets=targets, routes=len(routes), bytes=size)
+
+    def _on_snapshot(self, sender: str, frame: Frame) -> None:
+        """We are a new replica: take the snapshot; when complete, tell the coordinator we are ready."""
+        h = frame.header
+        shard, epoch = h["shard"], h["epoch"]
+        a = self.assignment
+        if a is not None and a.epoch(shard) > epoch:
+            reason = f"snapshot of shard {shard} is for epoch {epoch}, it is at {a.epoch(shard)}"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            return
+        if self.incoming.get(shard) != h["id"]:
+            self.incoming[shard] = h["id"]
+            move_id = h["id"]
+            self.call_later(self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id))
+        for filt, nodes in h["routes"]:
+            for node in nodes:
+                self.routes.add(shard, filt, node)
+        self.metrics["handoff.routes_received"] += len(h["routes"])
+        self.metrics["handoff.bytes_received"] += len(orjson.dumps(h["routes"]))
+        if h["last"]:
+            ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": self.me}
+            self.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
+
+    def _abandon_incoming(self, shard: int, move_id: int) -> None:
+        if self.incoming.get(shard) == move_id:
+            del self.incoming[shard]
+            self._release(shard)
+
+    def _on_handoff_ready(self, sender: str, frame: Frame) -> None:
+        if self.coordinator is not None:
+            # Only mark it: the next coordinator tick flips every ready move in one etcd commit.
+            self.coordinator.on_ready(frame.header["id"], frame.header["node"])
+
+    # ------------------------------------------------------------------ placement
+    def target_table(self) -> tuple[tuple[str, ...], ...] | None:
+        """The balanced placement for the current live (non-leaving) members; cached per member set."""
+        live = tuple(sorted((n, m.weight) for n, m in self.members.items() if not m.leaving))
+        if not live:
+            return None
+        if self._target_cache is None or self._target_cache[0] != live:
+            s, r = int(self.settings["shard_count"]), int(self.settings["replication"])
+            self._target_cache = (live, ShardMap.build(dict(live), s, r).table)
+        return self._target_cache[1]

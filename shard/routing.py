@@ -1,0 +1,334 @@
+"""Routes and publish: this node's routes at the shard owners, and each publish to the nodes with matching routes.
+
+Rules of this file:
+- Routes: a client's subscription lives only on its own node (``local_q0``/``local_q1``). When a filter gets its
+  first local subscriber the node sends ROUTE_ADD(filter -> this node) to every owner of the filter's shard (to
+  every member for root filters), and ROUTE_DEL when the last one leaves: reference counting per node.
+- Fencing at the sink: an item is applied only if we hold the shard (owner, new replica being filled, or
+  hand-off source in its grace period) or the sender has seen a newer epoch than we have. A stale sender is told
+  so in the ROUTE_ACK and re-sends to the owners of the current epoch.
+- Publish: the entry node asks the primary owner of each shard a topic can be stored in (at most two, see
+  ``shardmq.router.partition``) which nodes have matching routes, adds its own root-set matches, then sends one
+  FWD to each such node. Each destination matches the topic against its local subscribers once, so a client
+  gets exactly one copy per publish. Publishes wait in a per-topic FIFO until their lookups finish, so the order
+  of publishes to one topic is the order they are forwarded in.
+- QoS 1: the publisher's PUBACK is sent after every destination answered FWD_ACK; destinations deliver QoS 1
+  messages with a message id and redeliver until the client DACKs it or goes away.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shardmq.ring import shard_for_key
+from shardmq.router import codec
+from shardmq.router.codec import Frame
+from shardmq.router.partition import lookup_keys, placement_key
+
+from .base import NodeBase
+from .state import ROOT, Lookup, Publish, Waiter
+
+
+class RoutingMixin(NodeBase):
+    if TYPE_CHECKING:  # from ClientsMixin
+
+        def deliver_local(self, topic: str, qos: int, payload: bytes) -> None: ...
+
+    if TYPE_CHECKING:  # from OwnershipMixin
+
+        def fenced(self) -> bool: ...
+
+        def _refresh_assignment(self) -> None: ...
+    # ------------------------------------------------------------------ routes
+    def _route_item(self, filt: str) -> list[Any]:
+        """[shard, epoch, filter] for a filter: its shard (ROOT for the root set) and that shard's epoch."""
+        assert self.assignment is not None
+        key = placement_key(filt)
+        if key is None:
+            return [ROOT, 0, filt]
+        shard = shard_for_key(key, self.assignment.shard_count)
+        return [shard, self.assignment.epoch(shard), filt]
+
+    def _targets(self, shard: int) -> tuple[str, ...]:
+        assert self.assignment is not None
+        return tuple(sorted(self.members)) if shard == ROOT else self.assignment.owners(shard)
+
+    def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
+        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed."""
+        if not filters or self.assignment is None:  # without an assignment no route was ever installed
+            on_done([])
+            return
+        wid = self._send_route_items(kind, [self._route_item(f) for f in filters], on_done)
+        if wid is not None and kind == codec.ROUTE_ADD:
+            self.waiters[wid].filters = filters
+            for filt in filters:
+                self.route_add_waiters[filt] = wid
+
+    def _send_route_items(
+        self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0
+    ) -> int | None:
+        """Send items to the owners of their shards; returns the waiter id, or None when all was local."""
+        by_node: dict[str, list[list[Any]]] = {}
+        for item in items:
+            for owner in self._targets(item[0]):
+                by_node.setdefault(owner, []).append(item)
+        local = by_node.pop(self.me, None)
+        if local:
+            self._apply_route_items(kind, self.me, local, forwarded=False)
+        if not by_node:
+            on_done([])
+            return None
+        wid = next(self.ids)
+        waiter = self.waiters[wid] = Waiter(set(by_node), [on_done], kind, by_node, attempt)
+        for node, routes in by_node.items():
+            header = {"id": wid, "node": self.me, "epoch": self.epoch, "routes": routes}
+            if not self.send_peer(node, codec.encode(kind, header)):
+                waiter.failures.append(node)
+                self._settle_waiter(wid, node)
+        self.call_later(self.cfg.request_timeout, lambda: self._expire_waiter(wid))
+        return wid
+
+    def _apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
+        """Apply route changes for ``node``; returns [shard, our epoch] for items sent with an older epoch.
+
+        Fencing at the sink: an item is applied only if we hold the shard (owner, new replica being filled, or
+        hand-off source in its grace period) or the sender has seen a newer epoch than we have. A stale sender
+        is told so in the ROUTE_ACK and re-sends to the owners of the current epoch.
+        """
+        change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
+        a = self.assignment
+        stale: list[list[int]] = []
+        relay: dict[str, list[list[Any]]] = {}
+        newer = False
+        for item in items:
+            shard, epoch, filt = item
+            if shard == ROOT:
+                change(ROOT, filt, node)
+                continue
+            ours = a.epoch(shard) if a is not None else 0
+            holds = a is not None and (
+                self.me in a.owners(shard) or shard in self.incoming or shard in self.forwarding
+            )
+            if holds or epoch > ours or forwarded:
+                change(shard, filt, node)
+                fw = self.forwarding.get(shard)
+                if fw is not None and not forwarded:
+                    for target in fw.targets:
+                        relay.setdefault(target, []).append(item)
+            if epoch < ours:
+                stale.append([shard, ours])
+            newer = newer or epoch > ours
+        for target, routes in relay.items():
+            self.metrics["handoff.changes_forwarded"] += len(routes)
+            header = {"id": 0, "node": node, "epoch": self.epoch, "routes": routes, "fwd": True}
+            self.send_peer(target, codec.encode(kind, header))
+        if newer:
+            self.session.poll_now()
+        if stale:
+            self.metrics["fencing.stale_route_items"] += len(stale)
+        return stale
+
+    def _settle_waiter(self, wid: int, node: str) -> None:
+        waiter = self.waiters.get(wid)
+        if waiter is None:
+            return
+        waiter.pending.discard(node)
+        if not waiter.pending:
+            self._finish_waiter(wid)
+
+    def _expire_waiter(self, wid: int) -> None:
+        waiter = self.waiters.get(wid)
+        if waiter is not None:
+            self.metrics["errors.route_timeout"] += 1
+            waiter.failures.append("timeout")
+            self._finish_waiter(wid)
+
+    def _retry_stale(self, wid: int, sender: str, stale: list[list[int]]) -> bool:
+        """An owner said our epoch for some shards is old: re-send those items to the current owners."""
+        waiter = self.waiters.get(wid)
+        if waiter is None or waiter.attempt >= 3:
+            return False
+        self._refresh_assignment()
+        shards = {s for s, _ in stale}
+        retry = [self._route_item(f) for s, _, f in waiter.sent.get(sender, []) if s in shards]
+        if not retry:
+            return False
+        self.metrics["fencing.route_retries"] += 1
+
+        def done(failures: list[str]) -> None:
+            if wid in self.waiters:
+                self.waiters[wid].failures.extend(failures)
+            self._settle_waiter(wid, sender)
+
+        self._send_route_items(waiter.kind, retry, done, waiter.attempt + 1)
+        return True
+
+    def _finish_waiter(self, wid: int) -> None:
+        waiter = self.waiters.pop(wid)
+        for filt in waiter.filters:
+            if self.route_add_waiters.get(filt) == wid:
+                del self.route_add_waiters[filt]
+        for callback in waiter.callbacks:
+            callback(waiter.failures)
+
+    # ------------------------------------------------------------------ publish
+    def publish(self, pub: Publish) -> None:
+        a = self.assignment
+        if a is None:
+            self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
+            return
+        pub.dests |= self.routes.match(ROOT, pub.topic)
+        queue = self.topic_queues.get(pub.topic)
+        if queue is None:
+            queue = self.topic_queues[pub.topic] = deque()
+        queue.append(pub)
+        for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
+            self._lookup(pub, shard, [])
+        self._dispatch(pub.topic)
+
+    def _lookup(self, pub: Publish, shard: int, tried: list[str]) -> None:
+        """Find the nodes with routes matching ``pub.topic`` in ``shard``: locally if we own it, else ask an owner
+        (the primary first, then the replicas in order, skipping those that already failed)."""
+        a = self.assignment
+        assert a is not None
+        candidates = [n for n in a.owners(shard) if n not in tried and n in self.members]
+        if not candidates or len(tried) > 3:
+            self._fail_publish(pub, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
+            return
+        owner = candidates[0]
+        if owner == self.me:
+            pub.dests |= self.routes.match(shard, pub.topic)
+            return
+        lid = next(self.ids)
+        header = {"id": lid, "shard": shard, "epoch": a.epoch(shard), "topic": pub.topic}
+        self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner])
+        pub.lookups_left += 1
+        if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
+            self._lookup_failed(lid, f"owner {owner} of shard {shard} is unreachable")
+            return
+        self.call_later(self.cfg.lookup_timeout, lambda: self._lookup_failed(lid, f"owner {owner} did not answer"))
+
+    def _lookup_failed(self, lid: int, reason: str, refresh: bool = False) -> None:
+        lookup = self.pending_lookups.pop(lid, None)
+        if lookup is None:
+            return
+        pub = lookup.pub
+        pub.lookups_left -= 1
+        self.metrics["lookups.retried"] += 1
+        self.log.info("lookup_retry", shard=lookup.shard, owner=lookup.owner, reason=reason, epoch=self.epoch)
+        if refresh:
+            self._refresh_assignment()
+        if not pub.failed:
+            self._lookup(pub, lookup.shard, lookup.tried)
+        self._dispatch(pub.topic)
+
+    def _dispatch(self, topic: str) -> None:
+        queue = self.topic_queues.get(topic)
+        while queue and (queue[0].lookups_left == 0 or queue[0].failed):
+            pub = queue.popleft()
+            if not pub.failed:
+                self._forward(pub)
+        if queue is not None and not queue:
+            del self.topic_queues[topic]
+
+    def _forward(self, pub: Publish) -> None:
+        for dest in pub.dests:
+            if dest == self.me:
+                self.deliver_local(pub.topic, pub.qos, pub.payload)
+                continue
+            if dest not in self.members:  # a route left behind by a node that is gone: nobody to deliver to
+                self.metrics["drops.dead_destination"] += 1
+                continue
+            fid = next(self.ids)
+            header = {"id": fid, "shard": -1, "epoch": self.epoch, "topic": pub.topic, "qos": pub.qos}
+            if not self.send_peer(dest, codec.encode(codec.FWD, header, pub.payload)):
+                self._fail_publish(pub, codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
+                continue
+            self.metrics["forwards.out"] += 1
+            if pub.qos:
+                self.pending_fwds[fid] = (dest, pub)
+                pub.acks_left += 1
+                self.call_later(self.cfg.request_timeout, lambda fid=fid: self._expire_fwd(fid))
+        self._maybe_puback(pub)
+
+    def _maybe_puback(self, pub: Publish) -> None:
+        if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:
+            self.metrics["publishes.acked"] += 1
+            self.send_client(pub.client, codec.encode(codec.PUBACK, {"id": pub.ref}))
+
+    def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
+        if pub.failed:
+            return
+        pub.failed = True
+        self.metrics[f"errors.{code}"] += 1
+        self.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard, epoch=self.epoch)
+        if pub.client is not None and pub.qos:
+            self.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
+
+    def _expire_fwd(self, fid: int) -> None:
+        pending = self.pending_fwds.pop(fid, None)
+        if pending is not None:
+            self._fail_publish(pending[1], codec.E_TIMEOUT, f"node {pending[0]} did not confirm delivery in time")
+
+    # ------------------------------------------------------------------ peer frames
+    def _on_route_change(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        forwarded = bool(h.get("fwd"))
+        if self.fenced() and not forwarded:
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
+            return
+        if h["node"] != sender and not forwarded:
+            self._refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
+            return
+        stale = self._apply_route_items(frame.type, h["node"], h["routes"], forwarded)
+        if not forwarded and h["id"]:
+            self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch, "stale": stale}))
+
+    def _on_route_ack(self, sender: str, frame: Frame) -> None:
+        stale = frame.header.get("stale")
+        if stale and self._retry_stale(frame.header["id"], sender, stale):
+            return
+        self._settle_waiter(frame.header["id"], sender)
+
+    def _on_lookup(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        shard = h["shard"]
+        if self.fenced():
+            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
+            return
+        a = self.assignment
+        ours = a.epoch(shard) if a is not None else 0
+        holds = a is not None and (self.me in a.owners(shard) or shard in self.forwarding)
+        if h["epoch"] < ours and not holds:
+            reason = f"shard {shard} is at epoch {ours}, not {h['epoch']}, and {self.me} does not own it"
+            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard, current_epoch=ours)
+            return
+        if h["epoch"] > ours:
+            self.session.poll_now()
+        nodes = sorted(self.routes.match(shard, h["topic"]))
+        reply = {"id": h["id"], "shard": shard, "epoch": ours, "nodes": nodes}
+        self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
+
+    def _on_lookup_reply(self, sender: str, frame: Frame) -> None:
+        lookup = self.pending_lookups.pop(frame.header["id"], None)
+        if lookup is not None:
+            pub = lookup.pub
+            pub.dests.update(frame.header["nodes"])
+            pub.lookups_left -= 1
+            self._dispatch(pub.topic)
+
+    def _on_fwd(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        self.metrics["forwards.in"] += 1
+        self.deliver_local(h["topic"], h["qos"], frame.payload)
+        if h["qos"]:
+            self.send_peer(sender, codec.encode(codec.FWD_ACK, {"id": h["id"], "epoch": self.epoch}))
+
+    def _on_fwd_ack(self, sender: str, frame: Frame) -> None:
+        pending = self.pending_fwds.pop(frame.header["id"], None)
+        if pending is not None:
+            pub = pending[1]
+            pub.acks_left -= 1
+            self._maybe_puback(pub)

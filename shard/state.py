@@ -1,0 +1,87 @@
+"""The records a shard node keeps: client sessions, publishes in flight, lookups, waiters and hand-off streams.
+
+Rules of this file:
+- Plain data and small helpers only; the node's mixins (``clients``, ``routing``, ``ownership``) act on them.
+- ``ROOT`` is the route table's shard for the root set (filters without a placement key): root-set routes live
+  on every node.
+- Publishes wait in a per-topic FIFO until their lookups finish (``Publish.lookups_left``), so the order of
+  publishes to one topic is the order they are forwarded in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardmq.router import codec
+from shardmq.router.routes import RouteTable
+
+ROOT = RouteTable.ROOT
+
+
+@dataclass(slots=True)
+class Session:
+    """What a node knows of one connected client."""
+
+    rid: bytes
+    last_seen: float
+    filters: dict[str, int] = field(default_factory=dict)  # filter -> granted qos
+    inflight: dict[int, tuple[str, bytes, float]] = field(default_factory=dict)  # mid -> (topic, payload, due)
+    next_mid: int = 1
+
+
+@dataclass(slots=True)
+class Publish:
+    client: bytes | None
+    ref: int | None
+    topic: str
+    qos: int
+    payload: bytes
+    lookups_left: int = 0
+    acks_left: int = 0
+    dests: set[str] = field(default_factory=set)
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class Lookup:
+    pub: Publish
+    shard: int
+    owner: str
+    tried: list[str]
+
+
+@dataclass(slots=True)
+class Waiter:
+    """Something waiting for a set of peer replies, e.g. a SUBACK waiting for every owner's ROUTE_ACK."""
+
+    pending: set[str]
+    callbacks: list[Callable[[list[str]], None]]
+    kind: bytes = codec.ROUTE_ADD
+    sent: dict[str, list[list[Any]]] = field(default_factory=dict)  # node -> [shard, epoch, filter] items
+    attempt: int = 0
+    filters: list[str] = field(default_factory=list)  # ROUTE_ADD filters this waiter installs
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Forwarding:
+    """A hand-off source's change stream: route changes for the shard also go to ``targets``."""
+
+    targets: set[str]
+    epoch: int  # the shard's epoch when the hand-off started; a higher one means the flip happened
+
+
+def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """A callback that calls ``on_done`` (with every failure seen) once it has itself been called ``count`` times."""
+    failures: list[str] = []
+    left = [count]
+
+    def one(more: list[str]) -> None:
+        failures.extend(more)
+        left[0] -= 1
+        if left[0] == 0:
+            on_done(failures)
+
+    return one
