@@ -203,7 +203,10 @@ class Client:
                 raise
         # Silent, or fenced (it lost etcd and cannot vouch for anything): move to the next node and resend.
         self._failover()
-        return self._roundtrip(frame_type, header, payload, expect)
+        try:
+            return self._roundtrip(frame_type, header, payload, expect)
+        except TimeoutError as exc:
+            raise ShardMQError(codec.E_TIMEOUT, f"{exc} from {self.endpoint} either (after a failover)") from None
 
     def _raise_pending_error(self) -> None:
         if self.errors:
@@ -275,6 +278,8 @@ class Client:
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (forever when None); None on timeout."""
+        if self.sock is None:
+            self.connect()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.inbox:
             left = PING_INTERVAL if deadline is None else deadline - time.monotonic()
@@ -300,8 +305,14 @@ class Client:
             self._failover()
 
     def leave(self) -> None:
-        """Ask the connected node to leave the cluster gracefully (it drains its shards, then exits)."""
-        self._request(codec.LEAVE, {}, b"", codec.LEAVING)
+        """Ask the connected node to leave the cluster gracefully (it drains its shards, then exits).
+
+        No failover here: sending LEAVE to the next endpoint would make a different node leave.
+        """
+        try:
+            self._roundtrip(codec.LEAVE, {}, b"", codec.LEAVING)
+        except TimeoutError as exc:
+            raise ShardMQError(codec.E_TIMEOUT, f"{self.node} did not confirm LEAVE: {exc}") from None
 
     def status(self, detail: bool = False) -> dict[str, Any]:
         """The connected node's status: members, shards, routes, root-set size, metrics.

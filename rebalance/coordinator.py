@@ -118,6 +118,10 @@ class Coordinator:
                 flight.waiting.discard(node)
                 return
 
+    def on_refused(self, move_id: int) -> None:
+        """A source or target refused a move (stale epoch, fenced): forget it; the next step plans it again."""
+        self._forget(lambda f: f.move_id == move_id, "refused by a node")
+
     def on_commit(self, commit: Commit, new_revision: int | None, now: float | None = None) -> None:
         """The shell's result for ``commit``: the document's new revision, or None when the CAS lost a race."""
         c = self.counters

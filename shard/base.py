@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -48,6 +48,7 @@ class NodeBase:
     coordinator: Coordinator | None
     forwarding: dict[int, Forwarding]
     incoming: dict[int, int]
+    snapshot_sources: dict[int, str]
     _lead_scheduled: bool
     _last_refresh: float
     _last_progress_log: float
@@ -85,5 +86,6 @@ class NodeBase:
         def status(self) -> dict[str, Any]: ...
 
         def _refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None: ...
+        def _shards_ok(self, shards: Iterable[int]) -> bool: ...
 
         def _fail_peer_requests(self, node: str) -> None: ...

@@ -5,7 +5,11 @@ Rules of this file:
   first local subscriber the node sends ROUTE_ADD(filter -> this node) to every owner of the filter's shard (to
   every member for root filters), and ROUTE_DEL when the last one leaves: reference counting per node.
 - QoS 1: the publisher's PUBACK is sent after every destination answered FWD_ACK; destinations deliver QoS 1
-  messages with a message id and redeliver until the client DACKs it or goes away.
+  messages with a message id and keep them until the client DACKs them or goes away. A message zmq could not
+  queue (the client's send queue is full) is retried every ``redelivery_interval``; when a client says HELLO
+  again on the same session (it reconnected, and its old pipe may have lost messages) everything still
+  unacknowledged is resent with ``dup``. A message written to a live connection is not resent on a timer:
+  that would only duplicate it for a client that is slow to read.
 - Every rejected input is answered with an ERROR frame (when the sender can be addressed), counted in
   ``metrics`` under ``errors.<code>`` and logged; the node keeps serving.
 """
@@ -55,6 +59,7 @@ class ClientsMixin(NodeBase):
         cfg = self.cfg
         header = {"id": frame.header.get("id"), "node": self.me, "max_payload": cfg.max_payload, "epoch": self.epoch}
         self.send_client(session.rid, codec.encode(codec.WELCOME, header))
+        self._redeliver(session, everything=True)  # a reconnect: its old pipe may have lost what was in it
 
     def _on_ping(self, session: Session, frame: Frame) -> None:
         self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
@@ -84,6 +89,7 @@ class ClientsMixin(NodeBase):
         results: list[Any] = []
         new_filters: list[str] = []
         installing: set[int] = set()  # route adds started by earlier subscribers that this SUBACK must wait for
+        added: list[str] = []  # filters this client did not have before this SUB: the ones to undo on failure
         for filt in frame.header["filters"]:
             try:
                 if not isinstance(filt, str):
@@ -95,19 +101,20 @@ class ClientsMixin(NodeBase):
                 results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
                 continue
             results.append(qos)
+            if filt not in session.filters:
+                added.append(filt)
             if self._subscribe_local(session, filt, qos):
                 new_filters.append(filt)
             elif filt in self.route_add_waiters:
                 installing.add(self.route_add_waiters[filt])
         self.metrics["subscriptions"] += len(new_filters)
 
-        accepted = [f for f, r in zip(frame.header["filters"], results, strict=True) if not isinstance(r, dict)]
-
         def done(failures: list[str]) -> None:
             if failures:
-                # All or nothing: undo this SUB so the client is not sent messages for filters it was told failed.
+                # All or nothing: undo this SUB so the client is not sent messages for filters it was told failed
+                # (subscriptions it already had before this SUB stay).
                 if session.rid in self.sessions:
-                    gone = [f for f in accepted if self._unsubscribe_local(session, f)]
+                    gone = [f for f in added if self._unsubscribe_local(session, f)]
                     self._change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
                 reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
                 self.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
@@ -211,27 +218,31 @@ class ClientsMixin(NodeBase):
         for rid in q0 - q1:
             if self.send_client(rid, msg0):
                 self.metrics["deliveries.qos0"] += 1
-        now = time.monotonic()
         for rid in q1:
             session = self.sessions.get(rid)
             if session is None:
                 continue
             mid = session.next_mid
             session.next_mid += 1
-            session.inflight[mid] = (topic, payload, now + self.cfg.redelivery_interval)
-            if self.send_client(rid, codec.encode(codec.MSG, {"topic": topic, "qos": 1, "mid": mid}, payload)):
+            written = self.send_client(rid, codec.encode(codec.MSG, {"topic": topic, "qos": 1, "mid": mid}, payload))
+            if rid in self.sessions:
+                session.inflight[mid] = (topic, payload, written)
+            if written:
                 self.metrics["deliveries.qos1"] += 1
 
     def _redeliver_tick(self) -> None:
-        now = time.monotonic()
         for session in list(self.sessions.values()):
-            for mid, (topic, payload, due) in list(session.inflight.items()):
-                if due <= now and session.rid in self.sessions:
-                    session.inflight[mid] = (topic, payload, now + self.cfg.redelivery_interval)
-                    header = {"topic": topic, "qos": 1, "mid": mid, "dup": True}
-                    if self.send_client(session.rid, codec.encode(codec.MSG, header, payload)):
-                        self.metrics["deliveries.redelivered"] += 1
+            self._redeliver(session, everything=False)
         self.call_later(self.cfg.redelivery_interval, self._redeliver_tick)
+
+    def _redeliver(self, session: Session, everything: bool) -> None:
+        for mid, (topic, payload, written) in list(session.inflight.items()):
+            if (written and not everything) or session.rid not in self.sessions:
+                continue
+            header = {"topic": topic, "qos": 1, "mid": mid, "dup": True}
+            if self.send_client(session.rid, codec.encode(codec.MSG, header, payload)):
+                session.inflight[mid] = (topic, payload, True)
+                self.metrics["deliveries.redelivered"] += 1
 
     def _idle_tick(self) -> None:
         """Probe idle clients: with ROUTER_MANDATORY a send to a vanished one fails and drops its session."""

@@ -26,7 +26,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from .clients import ClientsMixin
 from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .ownership import OwnershipMixin
 from .routing import RoutingMixin
-from .state import Forwarding, Lookup, Publish, Session, Waiter
+from .state import ROOT, Forwarding, Lookup, Publish, Session, Waiter
 
 log = structlog.get_logger("shardmq.node")
 
@@ -94,6 +94,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.coordinator: Coordinator | None = None
         self.forwarding: dict[int, Forwarding] = {}  # shard -> change stream of a hand-off we are the source of
         self.incoming: dict[int, int] = {}  # shard -> move id of a hand-off we are a new replica in
+        self.snapshot_sources: dict[int, str] = {}  # shard -> the source streaming it to us (may forward changes)
         self._lead_scheduled = False
         self._last_refresh = 0.0
         self._last_progress_log = 0.0
@@ -276,6 +277,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             return
         self._peer_handlers[frame.type](self, sender, frame)
 
+    def _shards_ok(self, shards: Iterable[int]) -> bool:
+        count = self.assignment.shard_count if self.assignment else int(self.settings["shard_count"])
+        return all(s == ROOT or 0 <= s < count for s in shards)
+
     def _refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None:
         self.metrics[f"fencing.refused.{code}"] += 1
         self.send_peer(sender, codec.error_parts(code, reason, frame.header.get("id"), **extra))
@@ -287,7 +292,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.metrics["errors.from_peer"] += 1
         self.log.warning("peer_error", peer=sender, code=h["code"], reason=h["reason"], ref=ref, epoch=self.epoch)
         reason = f"node {sender} refused: {h['reason']}"
-        if ref in self.waiters:
+        if "move_id" in h:  # a hand-off refused: move ids are the coordinator's, never confused with request ids
+            if self.coordinator is not None:
+                self.coordinator.on_refused(h["move_id"])
+        elif ref in self.waiters:
             self.waiters[ref].failures.append(f"{sender} ({h['code']})")
             self._settle_waiter(ref, sender)
         elif ref in self.pending_lookups:

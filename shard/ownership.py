@@ -217,22 +217,29 @@ class OwnershipMixin(NodeBase):
         """We are the source of a move: snapshot the shard to the new replicas, then stream its changes."""
         h = frame.header
         shard, epoch = h["shard"], h["epoch"]
+        if not self._shards_ok([shard]):
+            self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
         if self.fenced():
-            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
+            self._refuse_move(frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
             return
         a = self.assignment
         if a is None or a.epoch(shard) < epoch:
             self._refresh_assignment()
             a = self.assignment
         if a is None or a.epoch(shard) != epoch or self.me not in a.owners(shard):
-            reason = f"{self.me} does not own shard {shard} at epoch {epoch}"
-            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            self._refuse_move(frame, codec.E_STALE_EPOCH, f"{self.me} does not own shard {shard} at epoch {epoch}")
             return
         targets = [t for t in h["targets"] if t != self.me]
         fw = self.forwarding.get(shard)
         if fw is None or fw.epoch != epoch:
             fw = self.forwarding[shard] = Forwarding(set(), epoch)
         fw.targets.update(targets)
+        fw.move_id = h["id"]
+        # A move the coordinator abandons never flips: stop streaming to its targets after the timeout.
+        self.call_later(
+            self.cfg.handoff_timeout + self.cfg.handoff_grace, lambda: self._stop_abandoned(shard, epoch, h["id"])
+        )
         routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
         size = 0
         for target in targets:
@@ -254,15 +261,19 @@ class OwnershipMixin(NodeBase):
         """We are a new replica: take the snapshot; when complete, tell the coordinator we are ready."""
         h = frame.header
         shard, epoch = h["shard"], h["epoch"]
+        if not self._shards_ok([shard]):
+            self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
         a = self.assignment
         if a is not None and a.epoch(shard) > epoch:
-            reason = f"snapshot of shard {shard} is for epoch {epoch}, it is at {a.epoch(shard)}"
-            self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard)
+            self._refuse_move(frame, codec.E_STALE_EPOCH, f"snapshot of shard {shard} is for epoch {epoch}, "
+                              f"it is at {a.epoch(shard)}")
             return
         if self.incoming.get(shard) != h["id"]:
             self.incoming[shard] = h["id"]
+            self.snapshot_sources[shard] = sender
             move_id = h["id"]
-            self.call_later(self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id))
+            self.call_later(self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id, sender))
         for filt, nodes in h["routes"]:
             for node in nodes:
                 self.routes.add(shard, filt, node)
@@ -272,10 +283,32 @@ class OwnershipMixin(NodeBase):
             ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": self.me}
             self.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
 
-    def _abandon_incoming(self, shard: int, move_id: int) -> None:
+    def _abandon_incoming(self, shard: int, move_id: int, source: str) -> None:
+        # By now the move has flipped (and the source's grace ended) or it was abandoned: either way the source
+        # forwards nothing more, so stop accepting forwarded changes from it.
+        if self.snapshot_sources.get(shard) == source:
+            del self.snapshot_sources[shard]
         if self.incoming.get(shard) == move_id:
             del self.incoming[shard]
             self._release(shard)
+
+    def _refuse_move(self, frame: Frame, code: str, reason: str) -> None:
+        """Tell the coordinator (not whoever relayed the frame) that this move cannot proceed, by move id."""
+        h = frame.header
+        self.metrics[f"fencing.refused.{code}"] += 1
+        self.log.warning("move_refused", shard=h.get("shard"), code=code, reason=reason, epoch=self.epoch)
+        extra = {"move_id": h.get("id"), "shard": h.get("shard")}
+        if h.get("coordinator") == self.me and self.coordinator is not None:
+            self.coordinator.on_refused(h["id"])
+        elif isinstance(h.get("coordinator"), str):
+            self.send_peer(h["coordinator"], codec.error_parts(code, reason, None, **extra))
+
+    def _stop_abandoned(self, shard: int, epoch: int, move_id: int) -> None:
+        fw = self.forwarding.get(shard)
+        never_flipped = self.assignment is not None and self.assignment.epoch(shard) == epoch
+        if fw is not None and fw.epoch == epoch and fw.move_id == move_id and never_flipped:
+            del self.forwarding[shard]
+            self.metrics["handoff.abandoned_streams"] += 1
 
     def _on_handoff_ready(self, sender: str, frame: Frame) -> None:
         if self.coordinator is not None:

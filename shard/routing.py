@@ -93,9 +93,11 @@ class RoutingMixin(NodeBase):
     def _apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
         """Apply route changes for ``node``; returns [shard, our epoch] for items sent with an older epoch.
 
-        Fencing at the sink: an item is applied only if we hold the shard (owner, new replica being filled, or
-        hand-off source in its grace period) or the sender has seen a newer epoch than we have. A stale sender
-        is told so in the ROUTE_ACK and re-sends to the owners of the current epoch.
+        Fencing at the sink: an item whose epoch is older than the newest we have seen for its shard is never
+        applied; the sender is told so in the ROUTE_ACK and re-sends to the owners of the current epoch. An item
+        at our epoch is applied if we hold the shard (owner, or hand-off source in its grace period); one with a
+        newer epoch is applied (the sender knows of a flip we have not seen yet). Forwarded items come from the
+        source of a hand-off we are receiving, and only from it (checked by the caller).
         """
         change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
         a = self.assignment
@@ -108,16 +110,14 @@ class RoutingMixin(NodeBase):
                 change(ROOT, filt, node)
                 continue
             ours = a.epoch(shard) if a is not None else 0
-            holds = a is not None and (
-                self.me in a.owners(shard) or shard in self.incoming or shard in self.forwarding
-            )
-            if holds or epoch > ours or forwarded:
+            holds = a is not None and (self.me in a.owners(shard) or shard in self.forwarding)
+            if forwarded or epoch > ours or (epoch == ours and holds):
                 change(shard, filt, node)
                 fw = self.forwarding.get(shard)
                 if fw is not None and not forwarded:
                     for target in fw.targets:
                         relay.setdefault(target, []).append(item)
-            if epoch < ours:
+            else:
                 stale.append([shard, ours])
             newer = newer or epoch > ours
         for target, routes in relay.items():
@@ -276,10 +276,18 @@ class RoutingMixin(NodeBase):
     def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
         forwarded = bool(h.get("fwd"))
-        if self.fenced() and not forwarded:
+        if self.fenced():
             self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
             return
-        if h["node"] != sender and not forwarded:
+        if not self._shards_ok(item[0] for item in h["routes"]):
+            self._refuse_peer(sender, frame, codec.E_BAD_HEADER, "a route names a shard outside this cluster")
+            return
+        if forwarded:
+            # Only the source of a hand-off we receive may forward changes to us, and only for that shard.
+            if any(self.snapshot_sources.get(item[0]) != sender for item in h["routes"]):
+                self._refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} is not handing these shards to us")
+                return
+        elif h["node"] != sender:
             self._refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
             return
         stale = self._apply_route_items(frame.type, h["node"], h["routes"], forwarded)
@@ -287,10 +295,14 @@ class RoutingMixin(NodeBase):
             self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch, "stale": stale}))
 
     def _on_route_ack(self, sender: str, frame: Frame) -> None:
+        wid = frame.header["id"]
         stale = frame.header.get("stale")
-        if stale and self._retry_stale(frame.header["id"], sender, stale):
-            return
-        self._settle_waiter(frame.header["id"], sender)
+        if stale:
+            if self._retry_stale(wid, sender, stale):
+                return
+            if wid in self.waiters:  # retried enough: do not confirm a route that no current owner holds
+                self.waiters[wid].failures.append(f"{sender} (epoch still stale)")
+        self._settle_waiter(wid, sender)
 
     def _on_lookup(self, sender: str, frame: Frame) -> None:
         h = frame.header
@@ -298,11 +310,13 @@ class RoutingMixin(NodeBase):
         if self.fenced():
             self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease", shard=shard)
             return
+        if not self._shards_ok([shard]):
+            self._refuse_peer(sender, frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
         a = self.assignment
         ours = a.epoch(shard) if a is not None else 0
-        holds = a is not None and (self.me in a.owners(shard) or shard in self.forwarding)
-        if h["epoch"] < ours and not holds:
-            reason = f"shard {shard} is at epoch {ours}, not {h['epoch']}, and {self.me} does not own it"
+        if h["epoch"] < ours:  # fence at the sink: the asker must learn the new owners first
+            reason = f"shard {shard} is at epoch {ours}, not {h['epoch']}: re-read the assignment"
             self._refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard, current_epoch=ours)
             return
         if h["epoch"] > ours:

@@ -27,7 +27,9 @@ class Session:
     rid: bytes
     last_seen: float
     filters: dict[str, int] = field(default_factory=dict)  # filter -> granted qos
-    inflight: dict[int, tuple[str, bytes, float]] = field(default_factory=dict)  # mid -> (topic, payload, due)
+    # mid -> (topic, payload, written): a message zmq took (written) is not resent on a timer, since the stream
+    # is reliable while the connection lives; unwritten ones (send queue full) and, on reconnect, all are resent.
+    inflight: dict[int, tuple[str, bytes, bool]] = field(default_factory=dict)
     next_mid: int = 1
 
 
@@ -71,6 +73,7 @@ class Forwarding:
 
     targets: set[str]
     epoch: int  # the shard's epoch when the hand-off started; a higher one means the flip happened
+    move_id: int = 0  # the latest move streaming through it (an abandoned move's timer must not stop a newer one)
 
 
 def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
