@@ -50,6 +50,7 @@ class NodeBase:
     incoming: dict[int, int]
     snapshot_sources: dict[int, str]
     _lead_scheduled: bool
+    _registration: int
     _last_refresh: float
     _last_progress_log: float
     _target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None

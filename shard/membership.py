@@ -154,6 +154,7 @@ class EtcdSession(threading.Thread):
         self.client = etcd_client(etcd_url, timeout=max(0.5, lease_ttl / 4))
         self.lease_valid_until = 0.0
         self.leaving = False
+        self.registrations = 0  # more than one: the lease was lost once, and peers dropped our routes
 
     def stop(self) -> None:
         self._stopping.set()
@@ -173,7 +174,8 @@ class EtcdSession(threading.Thread):
         self._lease = self.client.lease(self._ttl)
         self._put_member()
         self.lease_valid_until = started + self._ttl
-        log.info("registered", node=self._me.node_id, lease_ttl=self._ttl)
+        self.registrations += 1
+        log.info("registered", node=self._me.node_id, lease_ttl=self._ttl, registrations=self.registrations)
 
     def _put_member(self) -> None:
         me = MemberInfo(self._me.node_id, self._me.client_endpoint, self._me.peer_endpoint, self._me.weight,
@@ -225,6 +227,7 @@ class EtcdSession(threading.Thread):
                         "members": [m.to_dict() for m in members.values()],
                         "leader": self._leader(),
                         "assignment_revision": revision,
+                        "registration": self.registrations,
                     }
                     if snapshot != last:
                         last = snapshot

@@ -96,6 +96,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.incoming: dict[int, int] = {}  # shard -> move id of a hand-off we are a new replica in
         self.snapshot_sources: dict[int, str] = {}  # shard -> the source streaming it to us (may forward changes)
         self._lead_scheduled = False
+        self._registration = 0
         self._last_refresh = 0.0
         self._last_progress_log = 0.0
         self._target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None = None

@@ -16,7 +16,8 @@ Rules of this file:
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,12 +32,18 @@ from .membership import MemberInfo, read_assignment, write_assignment
 from .state import ROOT, Forwarding
 
 SNAPSHOT_CHUNK = 5000
+REANNOUNCE_DELAY = 1.0  # a few member polls: by then every peer has seen us gone and back
 
 
 class OwnershipMixin(NodeBase):
+    if TYPE_CHECKING:  # from RoutingMixin
+
+        def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None: ...
+
     # ------------------------------------------------------------------ membership and ownership
     def fenced(self) -> bool:
-        return self.session.fenced(time.monotonic())
+        # Also fenced between registering again and seeing the view that goes with the new registration.
+        return self.session.fenced(time.monotonic()) or self._registration < self.session.registrations
 
     def on_snapshot(self, snapshot: dict[str, Any], document: bytes) -> None:
         """A new view from etcd: members, leader and (when it changed) the assignment document."""
@@ -46,6 +53,13 @@ class OwnershipMixin(NodeBase):
             self.stop()
             return
         self.leader = snapshot.get("leader")
+        registration = int(snapshot.get("registration", 1))
+        if registration > self._registration:
+            if self._registration:
+                # We lost our lease and registered again: peers saw us gone and dropped our routes. Our clients
+                # are still subscribed, so announce them again once everyone has seen us back.
+                self.call_later(REANNOUNCE_DELAY, self._reannounce_routes)
+            self._registration = registration
         if members != self.members:
             self.on_members(members, int(snapshot["epoch"]))
         if document and snapshot["assignment_revision"] > self.assignment_revision:
@@ -126,19 +140,27 @@ class OwnershipMixin(NodeBase):
         self.log.info("shard_released", shard=shard, epoch=a.epoch(shard), routes_dropped=dropped)
         self._maybe_finish_leaving()
 
-    def _refresh_assignment(self) -> None:
-        """Read the assignment from etcd now (a peer told us our view is old); at most every 100 ms."""
+    def _refresh_assignment(self, force: bool = False) -> bool:
+        """Read the assignment from etcd now (a peer told us our view is old); at most every 100 ms unless
+        ``force``. False when etcd could not be read."""
         now = time.monotonic()
-        if now - self._last_refresh < 0.1:
-            return
+        if now - self._last_refresh < 0.1 and not force:
+            return True
         self._last_refresh = now
         try:
             document, revision = read_assignment(self.etcd, self.cfg.cluster)
         except Exception as exc:
             self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
-            return
+            return False
         if document:
             self._set_assignment(Assignment.from_json(document), revision)
+        return True
+
+    def _reannounce_routes(self) -> None:
+        filters = sorted({f for idx in (self.local_q0, self.local_q1) for f in idx.filters()})
+        self.log.info("routes_reannounced", filters=len(filters), epoch=self.epoch)
+        self.metrics["routes.reannounced"] += len(filters)
+        self._change_routes(codec.ROUTE_ADD, filters, lambda failures: None)
 
     def _maybe_finish_leaving(self) -> None:
         a = self.assignment
@@ -288,8 +310,13 @@ class OwnershipMixin(NodeBase):
         # forwards nothing more, so stop accepting forwarded changes from it.
         if self.snapshot_sources.get(shard) == source:
             del self.snapshot_sources[shard]
-        if self.incoming.get(shard) == move_id:
-            del self.incoming[shard]
+        if self.incoming.get(shard) != move_id:
+            return
+        # Our view may not show the flip yet (it lags by a poll): decide on a fresh read, never on a stale one.
+        if not self._refresh_assignment(force=True):
+            self.call_later(self.cfg.handoff_grace, lambda: self._abandon_incoming(shard, move_id, source))
+            return
+        if self.incoming.pop(shard, None) == move_id:  # the fresh view may have made us the owner meanwhile
             self._release(shard)
 
     def _refuse_move(self, frame: Frame, code: str, reason: str) -> None:

@@ -1,0 +1,736 @@
+"""A deterministic, in-memory model of a shardmq cluster around the real pure cores, for simulation tests.
+
+What is real and what is modelled:
+
+* Real: ``Coordinator`` (and through it ``plan``/``next_batch``/``apply_flip``/``promote_survivors``),
+  ``Assignment`` and ``ShardMap``. The leader's ``StartHandoff``/``Commit`` actions are carried out by the model.
+* Modelled after ``shard/membership.py``: one etcd (``Etcd``) with leases (TTL in fake seconds), member keys, the
+  assignment document with its mod revision and ``write_assignment``'s compare-and-swap, and a leader key held by
+  a lease (the first live campaigner wins while it is absent). ``EtcdSession``'s loop (register, keep-alive every
+  TTL/3, re-register after a lost lease, read the snapshot) and ``fenced`` (a third of the TTL before the lease
+  runs out).
+* Modelled after ``shard/node.py``: the node's view (``on_snapshot``, ``on_members``, ``_set_assignment``),
+  ``_lead``/``_start_handoff``/``_commit``, the hand-off handlers (``_on_handoff``, ``_on_snapshot``,
+  ``_on_handoff_ready``, ``_abandon_incoming``), ``_release``/``_stop_forwarding`` with their grace timers,
+  and the route path (``_change_routes``/``_send_route_items``/``_apply_route_items``/``_on_route_change``/
+  ``_on_route_ack``/``_retry_stale`` with waiters and their timeouts). Publishes are one synchronous lookup
+  (``_lookup``/``_on_lookup``): the model only records which subscribers the answering owner named.
+* Simplified: exact topic filters only (a filter's shard is ``shard_for_key(filter)``; no root set, no ROUTE_DEL),
+  one subscription per (node, filter), one snapshot chunk, every message is an in-memory object, clocks never
+  drift, an etcd call is atomic (it succeeds iff the node is neither partitioned, paused nor crashed).
+
+Pure: no sockets, threads, real clocks or randomness; whoever drives the model (a hypothesis state machine)
+chooses every step, so a run is a function of its step list.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardmq.rebalance.coordinator import Commit, Coordinator, Member, StartHandoff
+from shardmq.ring import Assignment, ShardMap, shard_for_key
+
+__all__ = ["Etcd", "Msg", "Sim", "SimConfig", "SimNode"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    shard_count: int = 16
+    replication: int = 2
+    lease_ttl: float = 3.0
+    handoff_grace: float = 1.0
+    handoff_timeout: float = 6.0
+    request_timeout: float = 2.0
+    refresh_min_interval: float = 0.1  # Node._refresh_assignment's rate limit
+    settle: float = 1.0  # Coordinator(settle=...)
+    reannounce_delay: float = 1.0  # Node: REANNOUNCE_DELAY
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: int
+    expires_at: float
+    create_revision: int
+
+
+class Etcd:
+    """The etcd keys shardmq uses: members (leased), assignment (CAS on mod revision) and leader (leased)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.revision = 1
+        self.members: dict[str, Lease] = {}
+        self.leases: dict[int, float] = {}  # lease id -> expiry
+        self._next_lease = 1
+        self.doc: Assignment | None = None
+        self.doc_revision = 0
+        self.leader: tuple[str, int] | None = None  # (node, lease id)
+        self.history: list[tuple[int, Assignment]] = []  # every committed document, in order
+        self.expired: dict[str, int] = {}  # node -> etcd revision at which its last lease expired
+        self.expired_time: dict[str, float] = {}  # node -> fake time of that expiry
+
+    def expire(self, now: float) -> list[str]:
+        gone = [lid for lid, until in self.leases.items() if until <= now]
+        for lid in gone:
+            del self.leases[lid]
+        dropped = []
+        for node, lease in list(self.members.items()):
+            if lease.lease_id not in self.leases:
+                del self.members[node]
+                self.revision += 1
+                self.expired[node] = self.revision
+                self.expired_time[node] = now
+                dropped.append(node)
+        if self.leader is not None and self.leader[1] not in self.leases:
+            self.leader = None
+            self.revision += 1
+        return dropped
+
+    def grant(self, now: float) -> int:
+        lid = self._next_lease
+        self._next_lease += 1
+        self.leases[lid] = now + self.ttl
+        return lid
+
+    def put_member(self, node: str, lid: int) -> None:
+        self.revision += 1
+        self.members[node] = Lease(lid, self.leases[lid], self.revision)
+
+    def refresh(self, lid: int, now: float) -> bool:
+        if lid not in self.leases:
+            return False
+        self.leases[lid] = now + self.ttl
+        return True
+
+    def campaign(self, node: str, lid: int | None) -> str | None:
+        """``EtcdSession._leader``: read the key; create it with our lease when absent."""
+        if self.leader is None and lid is not None and lid in self.leases:
+            self.revision += 1
+            self.leader = (node, lid)
+        return self.leader[0] if self.leader else None
+
+    def write_assignment(self, doc: Assignment, expected_revision: int) -> int | None:
+        """``membership.write_assignment``: 0 means create-if-absent, else compare the mod revision."""
+        if expected_revision == 0:
+            if self.doc is not None:
+                return None
+        elif self.doc_revision != expected_revision:
+            return None
+        self.revision += 1
+        self.doc, self.doc_revision = doc, self.revision
+        self.history.append((self.revision, doc))
+        return self.revision
+
+
+@dataclass(slots=True)
+class Msg:
+    kind: str  # ROUTE_ADD, ROUTE_ACK, ERROR, HANDOFF, SNAPSHOT, HANDOFF_READY
+    header: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Waiter:
+    pending: set[str]
+    callbacks: list[Callable[[list[str]], None]]
+    sent: dict[str, list[tuple[int, int, str]]]
+    attempt: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Forwarding:
+    targets: set[str]
+    epoch: int
+
+
+@dataclass(slots=True)
+class SimNode:
+    node_id: str
+    crashed: bool = False
+    paused: bool = False
+    partitioned: bool = False
+    # EtcdSession
+    lease_id: int | None = None
+    lease_valid_until: float = 0.0
+    next_refresh: float = 0.0
+    registrations: int = 0
+    # Node view
+    members: set[str] = field(default_factory=set)
+    leader: str | None = None
+    assignment: Assignment | None = None
+    assignment_revision: int = 0
+    coordinator: Coordinator | None = None
+    routes: dict[int, set[tuple[str, str]]] = field(default_factory=dict)  # shard -> {(filter, subscriber)}
+    forwarding: dict[int, Forwarding] = field(default_factory=dict)
+    incoming: dict[int, int] = field(default_factory=dict)
+    waiters: dict[int, Waiter] = field(default_factory=dict)
+    timers: list[tuple[float, int, str, tuple[Any, ...]]] = field(default_factory=list)
+    local_filters: set[str] = field(default_factory=set)
+    last_refresh: float = -1.0
+    view_read_at: int = 0  # etcd revision when the node last read its view (snapshot or direct read)
+
+    @property
+    def up(self) -> bool:
+        """Runs code: not crashed (or stopped) and not paused."""
+        return not self.crashed and not self.paused
+
+    @property
+    def online(self) -> bool:
+        """Can reach etcd and peers."""
+        return self.up and not self.partitioned
+
+    def holds(self, shard: int) -> bool:
+        a = self.assignment
+        return a is not None and (self.node_id in a.owners(shard) or shard in self.incoming or shard in self.forwarding)
+
+
+class Sim:
+    """The cluster model. Every public method is one step a driver may take; ``trace`` records them."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.cfg = config or SimConfig()
+        self.now = 0.0
+        self.etcd = Etcd(self.cfg.lease_ttl)
+        self.nodes: dict[str, SimNode] = {}
+        self.channels: dict[tuple[str, str], deque[Msg]] = {}
+        self._ids = 0
+        self._seq = 0
+        self.acked: dict[str, set[str]] = {}  # filter -> subscriber nodes whose SUB was acknowledged
+        self.ack_time: dict[tuple[str, str], float] = {}
+        self.failed_subs = 0
+        self.publishes: list[tuple[float, str, str, frozenset[str] | None, frozenset[str]]] = []
+        self.trace: list[str] = []
+        self.notes: list[str] = []  # notable events (abandoned incoming with a stale view, ...)
+
+    # ------------------------------------------------------------------ helpers
+    def _id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def shard_of(self, filt: str) -> int:
+        return shard_for_key(filt, self.cfg.shard_count)
+
+    def fenced(self, n: SimNode) -> bool:
+        """``EtcdSession.fenced``: a third of the lease passed without a keep-alive."""
+        return self.now > n.lease_valid_until - self.cfg.lease_ttl / 3
+
+    def live_members(self) -> set[str]:
+        return set(self.etcd.members)
+
+    def expired_after_ack(self, filt: str, node: str) -> bool:
+        """True when ``node``'s lease expired after its SUB of ``filt`` was acknowledged."""
+        acked = self.ack_time.get((filt, node))
+        return acked is not None and self.etcd.expired_time.get(node, -1.0) >= acked
+
+    def target(self) -> tuple[tuple[str, ...], ...] | None:
+        live = self.live_members()
+        if not live:
+            return None
+        return ShardMap.build(dict.fromkeys(sorted(live), 1), self.cfg.shard_count, self.cfg.replication).table
+
+    def _later(self, n: SimNode, delay: float, kind: str, *args: Any) -> None:
+        self._seq += 1
+        n.timers.append((self.now + delay, self._seq, kind, args))
+
+    def send(self, src: str, dst: str, msg: Msg) -> bool:
+        s, d = self.nodes[src], self.nodes.get(dst)
+        if not s.online or d is None or d.crashed or d.partitioned:
+            return False  # dropped; the sender only finds out by a timeout, like a lost zmq frame
+        self.channels.setdefault((src, dst), deque()).append(msg)
+        return True
+
+    # ------------------------------------------------------------------ cluster-level steps
+    def join(self) -> str:
+        node_id = f"n{len(self.nodes)}"
+        self.nodes[node_id] = SimNode(node_id)
+        self.trace.append(f"join {node_id}")
+        self.session_poll(node_id, read=False)
+        return node_id
+
+    def crash(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        n.crashed = True
+        n.timers.clear()
+        n.waiters.clear()
+        for key in [k for k in self.channels if node_id in k]:
+            del self.channels[key]
+        self.trace.append(f"crash {node_id}")
+
+    def pause(self, node_id: str) -> None:
+        self.nodes[node_id].paused = True
+        self.trace.append(f"pause {node_id}")
+
+    def resume(self, node_id: str) -> None:
+        self.nodes[node_id].paused = False
+        self.trace.append(f"resume {node_id}")
+
+    def partition(self, node_id: str) -> None:
+        self.nodes[node_id].partitioned = True
+        for key in [k for k in self.channels if node_id in k]:
+            del self.channels[key]
+        self.trace.append(f"partition {node_id}")
+
+    def heal(self, node_id: str) -> None:
+        self.nodes[node_id].partitioned = False
+        self.trace.append(f"heal {node_id}")
+
+    def tick(self, dt: float, renew: bool = True) -> None:
+        """Advance the fake clock; etcd expires leases; session threads keep alive (if ``renew``); timers fire."""
+        self.now += dt
+        self.trace.append(f"tick {dt} renew={renew}")
+        self.etcd.expire(self.now)
+        if renew:
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=False)
+        self.etcd.expire(self.now)
+        for node_id in sorted(self.nodes):
+            self.run_timers(node_id)
+
+    def run_timers(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        while n.up and n.timers:
+            n.timers.sort()
+            due, _, kind, args = n.timers[0]
+            if due > self.now:
+                return
+            n.timers.pop(0)
+            getattr(self, "_timer_" + kind)(n, *args)
+
+    # ------------------------------------------------------------------ EtcdSession
+    def session_poll(self, node_id: str, read: bool = True) -> None:
+        """One iteration of ``EtcdSession.run`` (keep-alive when due, re-register after a lost lease); with
+        ``read`` the snapshot is read and handed to the node (``Node.on_snapshot``)."""
+        n = self.nodes[node_id]
+        if not n.online:
+            return
+        if n.lease_id is not None and self.now >= n.next_refresh:
+            if self.etcd.refresh(n.lease_id, self.now):
+                n.lease_valid_until = self.now + self.cfg.lease_ttl
+                n.next_refresh = self.now + self.cfg.lease_ttl / 3
+            else:
+                n.lease_id = None
+                n.lease_valid_until = 0.0
+        if n.lease_id is None:
+            n.lease_id = self.etcd.grant(self.now)
+            self.etcd.put_member(node_id, n.lease_id)
+            n.registrations += 1
+            if n.registrations > 1:  # Node.on_snapshot: re-announce our routes once peers saw us back
+                self._later(n, self.cfg.reannounce_delay, "reannounce")
+            n.lease_valid_until = self.now + self.cfg.lease_ttl
+            n.next_refresh = self.now + self.cfg.lease_ttl / 3
+            read = True  # the session pushes a snapshot right after (re-)registering
+        if read:
+            leader = self.etcd.campaign(node_id, n.lease_id)
+            self.on_snapshot(n, set(self.etcd.members), leader, self.etcd.doc, self.etcd.doc_revision)
+
+    def refresh(self, node_id: str) -> None:
+        self.trace.append(f"refresh {node_id}")
+        self.session_poll(node_id, read=True)
+
+    # ------------------------------------------------------------------ Node: view
+    def on_snapshot(self, n: SimNode, members: set[str], leader: str | None, doc: Assignment | None, rev: int) -> None:
+        if n.node_id not in members and n.node_id in n.members:
+            n.crashed = True  # Node.on_snapshot: removed_from_cluster -> stop()
+            self.notes.append(f"{self.now}: {n.node_id} stopped (removed_from_cluster)")
+            return
+        n.view_read_at = self.etcd.revision
+        n.leader = leader
+        if members != n.members:
+            self.on_members(n, members)
+        if doc is not None and rev > n.assignment_revision:
+            self.set_assignment(n, doc, rev)
+        if n.leader == n.node_id and n.coordinator is None:
+            c = self.cfg
+            n.coordinator = Coordinator(
+                c.shard_count, c.replication, handoff_timeout=c.handoff_timeout, settle=c.settle
+            )
+        elif n.leader != n.node_id:
+            n.coordinator = None
+        self.lead(n.node_id)
+
+    def on_members(self, n: SimNode, members: set[str]) -> None:
+        gone = n.members - members
+        n.members = set(members)
+        for node in sorted(gone):
+            for routes in n.routes.values():
+                for item in [r for r in routes if r[1] == node]:
+                    routes.discard(item)
+            for wid, waiter in list(n.waiters.items()):  # _fail_peer_requests
+                if node in waiter.pending:
+                    waiter.failures.append(node)
+                    self._settle_waiter(n, wid, node)
+
+    def set_assignment(self, n: SimNode, new: Assignment, revision: int) -> None:
+        if revision <= n.assignment_revision:
+            return
+        old = n.assignment
+        n.assignment, n.assignment_revision = new, revision
+        mine = set(new.shards_of(n.node_id))
+        for shard in mine:
+            n.incoming.pop(shard, None)
+        if old is not None:
+            for shard in sorted(set(old.shards_of(n.node_id)) - mine):
+                self._later(n, self.cfg.handoff_grace, "release", shard)
+            for shard, fw in sorted(n.forwarding.items()):
+                if new.epoch(shard) > fw.epoch:
+                    self._later(n, self.cfg.handoff_grace, "stop_forwarding", shard, fw.epoch)
+
+    def _timer_stop_forwarding(self, n: SimNode, shard: int, epoch: int) -> None:
+        fw = n.forwarding.get(shard)
+        if fw is not None and fw.epoch == epoch:
+            del n.forwarding[shard]
+            self._timer_release(n, shard)
+
+    def _timer_release(self, n: SimNode, shard: int) -> None:
+        a = n.assignment
+        if a is None or n.node_id in a.owners(shard) or shard in n.incoming or shard in n.forwarding:
+            return
+        doc = self.etcd.doc
+        if doc is not None and n.node_id in doc.owners(shard) and n.routes.get(shard):
+            self.notes.append(f"{self.now}: {n.node_id} released shard {shard} that etcd says it owns (stale view)")
+        n.routes.pop(shard, None)
+
+    def _timer_abandon_incoming(self, n: SimNode, shard: int, move_id: int) -> None:
+        if n.incoming.get(shard) != move_id:
+            return
+        if not self.refresh_assignment(n, force=True):  # Node._abandon_incoming decides on a fresh read
+            self._later(n, self.cfg.handoff_grace, "abandon_incoming", shard, move_id)
+            return
+        if n.incoming.pop(shard, None) == move_id:  # the fresh view may have made us the owner meanwhile
+            self._timer_release(n, shard)
+
+    def _timer_reannounce(self, n: SimNode) -> None:
+        """``Node._reannounce_routes``: after losing its lease, a node announces its clients' routes again."""
+        if n.assignment is None or not n.local_filters:
+            return
+        self._send_route_items(n, [self._route_item(n, f) for f in sorted(n.local_filters)], lambda failures: None, 0)
+
+    def refresh_assignment(self, n: SimNode, force: bool = False) -> bool:
+        """``Node._refresh_assignment``: a direct etcd read, at most every 100 ms unless ``force``; False when
+        etcd cannot be reached."""
+        if self.now - n.last_refresh < self.cfg.refresh_min_interval and not force:
+            return True
+        n.last_refresh = self.now
+        if not n.online:
+            return False
+        if self.etcd.doc is not None:
+            n.view_read_at = max(n.view_read_at, self.etcd.revision)
+            self.set_assignment(n, self.etcd.doc, self.etcd.doc_revision)
+        return True
+
+    # ------------------------------------------------------------------ Node: leader
+    def lead(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        c = n.coordinator
+        if not n.up or c is None or n.leader != n.node_id or self.fenced(n):
+            return
+        c.observe(n.assignment, n.assignment_revision, {m: Member() for m in n.members}, self.now)
+        for action in c.step(self.now):
+            if isinstance(action, StartHandoff):
+                self._start_handoff(n, action)
+            else:
+                self._commit(n, c, action)
+        c.abandoned.clear()
+
+    def _start_handoff(self, n: SimNode, action: StartHandoff) -> None:
+        move = action.move
+        header = {"id": action.move_id, "shard": move.shard, "epoch": action.epoch,
+                  "targets": list(move.add), "coordinator": n.node_id}  # fmt: skip
+        if move.source == n.node_id:
+            self._on_handoff(n, n.node_id, header)
+        else:
+            self.send(n.node_id, move.source, Msg("HANDOFF", header))
+
+    def _commit(self, n: SimNode, c: Coordinator, commit: Commit) -> None:
+        revision = self.etcd.write_assignment(commit.assignment, commit.expected_revision) if n.online else None
+        c.on_commit(commit, revision)
+        if revision is not None:
+            self.set_assignment(n, commit.assignment, revision)
+
+    # ------------------------------------------------------------------ Node: hand-off
+    def _on_handoff(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        shard, epoch = h["shard"], h["epoch"]
+        if self.fenced(n):
+            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "fenced", "space": "move"}))
+            return
+        a = n.assignment
+        if a is None or a.epoch(shard) < epoch:
+            self.refresh_assignment(n)
+            a = n.assignment
+        if a is None or a.epoch(shard) != epoch or n.node_id not in a.owners(shard):
+            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "stale_epoch", "space": "move"}))
+            return
+        targets = [t for t in h["targets"] if t != n.node_id]
+        fw = n.forwarding.get(shard)
+        if fw is None or fw.epoch != epoch:
+            fw = n.forwarding[shard] = Forwarding(set(), epoch)
+        fw.targets.update(targets)
+        routes = sorted(n.routes.get(shard, ()))
+        for target in targets:
+            header = {"id": h["id"], "shard": shard, "epoch": epoch, "routes": routes, "coordinator": h["coordinator"]}
+            self.send(n.node_id, target, Msg("SNAPSHOT", header))
+
+    def _on_snapshot(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        shard, epoch = h["shard"], h["epoch"]
+        a = n.assignment
+        if a is not None and a.epoch(shard) > epoch:
+            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "stale_epoch", "space": "move"}))
+            return
+        if n.incoming.get(shard) != h["id"]:
+            n.incoming[shard] = h["id"]
+            self._later(n, self.cfg.handoff_timeout, "abandon_incoming", shard, h["id"])
+        n.routes.setdefault(shard, set()).update(h["routes"])
+        ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": n.node_id}
+        if h["coordinator"] == n.node_id:
+            self._on_handoff_ready(n, n.node_id, ready)
+        else:
+            self.send(n.node_id, h["coordinator"], Msg("HANDOFF_READY", ready))
+
+    def _on_handoff_ready(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        if n.coordinator is not None:
+            n.coordinator.on_ready(h["id"], h["node"])
+
+    # ------------------------------------------------------------------ Node: routes
+    def subscribe(self, node_id: str, filt: str) -> bool:
+        """A client on ``node_id`` subscribes to ``filt`` (``_on_sub`` -> ``_change_routes``). False if refused."""
+        self.trace.append(f"subscribe {node_id} {filt}")
+        n = self.nodes[node_id]
+        if not n.up or n.assignment is None or filt in n.local_filters:
+            return False
+        n.local_filters.add(filt)
+
+        def done(failures: list[str]) -> None:
+            if failures:
+                n.local_filters.discard(filt)  # all or nothing: the SUB is refused (its ROUTE_DEL is not modelled)
+                self.failed_subs += 1
+            else:
+                self.acked.setdefault(filt, set()).add(node_id)
+                self.ack_time[(filt, node_id)] = self.now
+
+        self._send_route_items(n, [self._route_item(n, filt)], done, 0)
+        return True
+
+    def _route_item(self, n: SimNode, filt: str) -> tuple[int, int, str]:
+        assert n.assignment is not None
+        shard = self.shard_of(filt)
+        return (shard, n.assignment.epoch(shard), filt)
+
+    def _send_route_items(
+        self, n: SimNode, items: list[tuple[int, int, str]], on_done: Callable[[list[str]], None], attempt: int
+    ) -> None:
+        assert n.assignment is not None
+        by_node: dict[str, list[tuple[int, int, str]]] = {}
+        for item in items:
+            for owner in n.assignment.owners(item[0]):
+                by_node.setdefault(owner, []).append(item)
+        local = by_node.pop(n.node_id, None)
+        if local:
+            self._apply_route_items(n, n.node_id, local, forwarded=False)
+        if not by_node:
+            on_done([])
+            return
+        wid = self._id()
+        n.waiters[wid] = Waiter(set(by_node), [on_done], by_node, attempt)
+        for node, routes in sorted(by_node.items()):
+            # A frame to a peer that is down is not an error for zmq: the waiter's timeout catches it.
+            self.send(n.node_id, node, Msg("ROUTE_ADD", {"id": wid, "node": n.node_id, "routes": routes}))
+        self._later(n, self.cfg.request_timeout, "expire_waiter", wid)
+
+    def _apply_route_items(
+        self, n: SimNode, node: str, items: list[tuple[int, int, str]], forwarded: bool
+    ) -> list[tuple[int, int]]:
+        a = n.assignment
+        stale: list[tuple[int, int]] = []
+        relay: dict[str, list[tuple[int, int, str]]] = {}
+        for item in items:
+            shard, epoch, filt = item
+            ours = a.epoch(shard) if a is not None else 0
+            if n.holds(shard) or epoch > ours or forwarded:
+                n.routes.setdefault(shard, set()).add((filt, node))
+                fw = n.forwarding.get(shard)
+                if fw is not None and not forwarded:
+                    for target in sorted(fw.targets):
+                        relay.setdefault(target, []).append(item)
+            if epoch < ours:
+                stale.append((shard, ours))
+        for target, routes in sorted(relay.items()):
+            self.send(n.node_id, target, Msg("ROUTE_ADD", {"id": 0, "node": node, "routes": routes, "fwd": True}))
+        return stale
+
+    def _on_route_change(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        forwarded = bool(h.get("fwd"))
+        if self.fenced(n) and not forwarded:
+            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "fenced"}))
+            return
+        stale = self._apply_route_items(n, h["node"], h["routes"], forwarded)
+        if not forwarded and h["id"]:
+            self.send(n.node_id, sender, Msg("ROUTE_ACK", {"id": h["id"], "stale": stale}))
+
+    def _on_route_ack(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        if h["stale"] and self._retry_stale(n, h["id"], sender, h["stale"]):
+            return
+        self._settle_waiter(n, h["id"], sender)
+
+    def _retry_stale(self, n: SimNode, wid: int, sender: str, stale: list[tuple[int, int]]) -> bool:
+        waiter = n.waiters.get(wid)
+        if waiter is None or waiter.attempt >= 3:
+            if waiter is not None:
+                self.notes.append(f"{self.now}: {n.node_id} gave up re-sending stale items to {sender}, acked anyway")
+            return False
+        self.refresh_assignment(n)
+        shards = {s for s, _ in stale}
+        retry = [self._route_item(n, f) for s, _, f in waiter.sent.get(sender, []) if s in shards]
+        if not retry:
+            return False
+
+        def done(failures: list[str]) -> None:
+            if wid in n.waiters:
+                n.waiters[wid].failures.extend(failures)
+            self._settle_waiter(n, wid, sender)
+
+        self._send_route_items(n, retry, done, waiter.attempt + 1)
+        return True
+
+    def _on_error(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        # Node._on_peer_error matches the ref against waiters. Hand-off refusals carry a move id, which the real
+        # node also looks up among its waiter ids (a different counter); the model keeps the namespaces apart.
+        if h.get("space", "waiter") == "waiter" and h["ref"] in n.waiters:
+            n.waiters[h["ref"]].failures.append(f"{sender} (fenced)")
+            self._settle_waiter(n, h["ref"], sender)
+
+    def _settle_waiter(self, n: SimNode, wid: int, node: str) -> None:
+        waiter = n.waiters.get(wid)
+        if waiter is None:
+            return
+        waiter.pending.discard(node)
+        if not waiter.pending:
+            self._finish_waiter(n, wid)
+
+    def _timer_expire_waiter(self, n: SimNode, wid: int) -> None:
+        waiter = n.waiters.get(wid)
+        if waiter is not None:
+            waiter.failures.append("timeout")
+            self._finish_waiter(n, wid)
+
+    def _finish_waiter(self, n: SimNode, wid: int) -> None:
+        waiter = n.waiters.pop(wid)
+        for callback in waiter.callbacks:
+            callback(waiter.failures)
+
+    # ------------------------------------------------------------------ messages
+    def deliverable(self) -> list[tuple[str, str]]:
+        return sorted(k for k, q in self.channels.items() if q and self.nodes[k[1]].up)
+
+    def deliver(self, src: str, dst: str) -> None:
+        """Deliver the oldest frame from ``src`` to ``dst`` (dropped if either end is partitioned or crashed)."""
+        q = self.channels.get((src, dst))
+        if not q:
+            return
+        msg = q.popleft()
+        s, d = self.nodes[src], self.nodes[dst]
+        self.trace.append(f"deliver {src}->{dst} {msg.kind}")
+        if s.crashed or s.partitioned or d.crashed or d.partitioned or d.paused:
+            return
+        handler = {
+            "ROUTE_ADD": self._on_route_change,
+            "ROUTE_ACK": self._on_route_ack,
+            "ERROR": self._on_error,
+            "HANDOFF": self._on_handoff,
+            "SNAPSHOT": self._on_snapshot,
+            "HANDOFF_READY": self._on_handoff_ready,
+        }[msg.kind]
+        handler(d, src, msg.header)
+
+    # ------------------------------------------------------------------ publish (one lookup)
+    def publish(self, node_id: str, topic: str) -> frozenset[str] | None:
+        """Which subscribers of ``topic`` the publisher learns about (``_on_pub`` -> ``_lookup`` -> ``_on_lookup``);
+        None when the publish fails. Recorded with the acknowledged subscribers at that moment."""
+        self.trace.append(f"publish {node_id} {topic}")
+        p = self.nodes[node_id]
+        if not p.up or self.fenced(p) or p.assignment is None:
+            return None
+        shard = self.shard_of(topic)
+        tried: list[str] = []
+        answer: frozenset[str] | None = None
+        while answer is None:
+            a = p.assignment
+            candidates = [o for o in a.owners(shard) if o not in tried and o in p.members]
+            if not candidates or len(tried) > 3:
+                break
+            owner = candidates[0]
+            if owner == node_id:
+                answer = frozenset(s for f, s in p.routes.get(shard, ()) if f == topic)
+                break
+            tried.append(owner)
+            o = self.nodes[owner]
+            if not (p.online and o.online):
+                continue  # lookup timeout: ask the next owner
+            if self.fenced(o):
+                continue
+            ours = o.assignment.epoch(shard) if o.assignment is not None else 0
+            holds = o.assignment is not None and (owner in o.assignment.owners(shard) or shard in o.forwarding)
+            if a.epoch(shard) < ours and not holds:
+                self.refresh_assignment(p)  # E_STALE_EPOCH: refresh, then the next owner
+                continue
+            answer = frozenset(s for f, s in o.routes.get(shard, ()) if f == topic)
+        expected = frozenset(self.acked.get(topic, set()) & self.live_members())
+        self.publishes.append((self.now, node_id, topic, answer, expected))
+        return answer
+
+    # ------------------------------------------------------------------ settling
+    def views_current(self) -> bool:
+        return all(
+            n.assignment_revision == self.etcd.doc_revision and n.members == self.live_members()
+            for n in self.nodes.values()
+            if n.up and n.node_id in self.etcd.members
+        )
+
+    def leader_node(self) -> SimNode | None:
+        if self.etcd.leader is None:
+            return None
+        return self.nodes[self.etcd.leader[0]]
+
+    def quiescent(self) -> bool:
+        """Nothing left to do: views current, no frames or waiters pending, assignment at the target, no moves."""
+        doc, target = self.etcd.doc, self.target()
+        if doc is None or target is None or doc.table != target or not self.views_current():
+            return False
+        if any(self.channels.values()) or any(n.waiters for n in self.nodes.values() if n.up):
+            return False
+        if any(kind == "reannounce" for n in self.nodes.values() if n.up for _, _, kind, _ in n.timers):
+            return False
+        leader = self.leader_node()
+        if leader is None or not leader.up or leader.coordinator is None or leader.coordinator.in_flight:
+            return False
+        return all(
+            not n.partitioned and not n.paused if not n.crashed else n.node_id not in self.etcd.members
+            for n in self.nodes.values()
+        )
+
+    def settle(self, max_rounds: int = 400, dt: float = 0.25) -> bool:
+        """Drive the model deterministically towards quiescence: deliver every frame, refresh every view, let the
+        leader step, advance the clock. Paused and partitioned nodes stay so. True once quiescent."""
+        self.trace.append("settle")
+        for _ in range(max_rounds):
+            for _ in range(10_000):
+                ready = self.deliverable()
+                if not ready:
+                    break
+                for src, dst in ready:
+                    self.deliver(src, dst)
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=True)
+            leader = self.leader_node()
+            if leader is not None:
+                self.lead(leader.node_id)
+            if self.quiescent():
+                return True
+            self.now += dt
+            self.etcd.expire(self.now)
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=False)
+                self.run_timers(node_id)
+        return self.quiescent()

@@ -1,0 +1,370 @@
+"""Deterministic simulation of the rebalance cores (``shardmq.rebalance.simulation``) under hypothesis.
+
+Two state machines drive the same model (real ``Coordinator``/planner/``Assignment``/``ShardMap``, modelled etcd,
+nodes and network, fake clock):
+
+* ``StrictCluster``: at most one disruption (crash, pause, partition) at a time, and only from a quiescent cluster
+  (preconditions). Checks invariants 1-3 after every step, invariant 4 whenever the cluster is quiescent and
+  invariants 4 and 5 (plus "every publish finds every acknowledged live subscriber") after a final settle.
+* ``ChaosCluster``: disruptions at any time, leases may go unrenewed. Checks the safety invariants 1-3 after every
+  step and convergence (5) after healing everything; route loss is expected there (two owners can fail) and is
+  not checked.
+
+Invariants, exactly as checked (``check_*`` below):
+
+1. Over the sequence of committed etcd documents, no shard's epoch decreases, and a change of a shard's owner
+   tuple always comes with a higher epoch.
+2. For every (shard, epoch) ever committed, the owner tuple is the same in every document that has it.
+3. Write-fencing. (a) A node that is running, not fenced (``EtcdSession.fenced``) and believes from its view that
+   it owns (shard, epoch) believes what etcd committed for (shard, epoch) (so with 2., two different owner sets
+   can never both accept writes for one (shard, epoch)). (b) Such a node holds a lease etcd still has: etcd
+   cannot have promoted its shards away because its lease expired while it still acts. (c) No running, unfenced
+   node acts as owner on a view read before etcd expired its lease (a "zombie" after a pause or partition).
+4. When the cluster is quiescent, every etcd owner of a shard holds the route of every acknowledged subscription
+   of that shard whose subscriber is a live member. Subscriptions of a node whose own lease expired after the
+   SUBACK are excluded (its peers dropped its routes on purpose, see ``test_expired_subscriber_loses_routes``).
+5. After healing/resuming everything and settling: every live node's view is etcd's document, and its owner
+   table is ``ShardMap.build(live members).table``.
+
+Replaying a failure: the model is deterministic, so hypothesis's printed step list (``state = StrictCluster()``
+... ``state.teardown()``) replays it verbatim; ``print_blob=True`` also prints a ``@reproduce_failure`` line, and
+``pytest tests/test_simulation.py --hypothesis-seed=N`` replays a whole seed. ``SIM_EXAMPLES`` scales the runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from shardmq.rebalance.simulation import Sim, SimConfig
+from shardmq.ring import ShardMap
+
+CONFIG = SimConfig(shard_count=16, replication=2)
+FILTERS = [f"t/{i}" for i in range(10)]
+MAX_NODES = 6
+EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "40"))
+PICK = st.integers(min_value=0, max_value=63)
+
+
+def pick(items: list, i: int):
+    return items[i % len(items)]
+
+
+class Checker:
+    """Invariants 1-5 over a ``Sim``; keeps what it needs of the history between calls."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.seen = 0
+        self.committed: dict[tuple[int, int], tuple[str, ...]] = {}
+
+    def check_history(self) -> None:  # invariants 1 and 2
+        history = self.sim.etcd.history
+        for i in range(self.seen, len(history)):
+            rev, doc = history[i]
+            if i > 0:
+                prev = history[i - 1][1]
+                for shard, (a, b) in enumerate(zip(prev.states, doc.states, strict=True)):
+                    assert b.epoch >= a.epoch, f"rev {rev}: shard {shard} epoch fell {a.epoch} -> {b.epoch}"
+                    assert a.owners == b.owners or b.epoch > a.epoch, (
+                        f"rev {rev}: shard {shard} owners {a.owners} -> {b.owners} without an epoch bump"
+                    )
+            for shard, st_ in enumerate(doc.states):
+                key = (shard, st_.epoch)
+                known = self.committed.setdefault(key, st_.owners)
+                assert known == st_.owners, f"shard {shard} epoch {st_.epoch} committed as {known} and {st_.owners}"
+        self.seen = len(history)
+
+    def check_fencing(self) -> None:  # invariant 3
+        sim = self.sim
+        for n in sim.nodes.values():
+            if not n.up or sim.fenced(n) or n.assignment is None:
+                continue
+            owned = n.assignment.shards_of(n.node_id)
+            for shard in owned:
+                state = n.assignment.state(shard)
+                assert self.committed.get((shard, state.epoch)) == state.owners, (
+                    f"{n.node_id} acts on uncommitted ownership of shard {shard}: {state}"
+                )
+            assert n.lease_id in sim.etcd.leases, f"{n.node_id} is unfenced without a live lease at t={sim.now}"
+            expired_at = sim.etcd.expired.get(n.node_id, 0)
+            assert not (owned and n.view_read_at < expired_at), (
+                f"{n.node_id} acts as owner of {owned} on a view (read at rev {n.view_read_at}) older than the "
+                f"expiry of its lease (rev {expired_at})"
+            )
+
+    def route_losses(self) -> list[str]:  # invariant 4
+        sim = self.sim
+        doc = sim.etcd.doc
+        if doc is None:
+            return []
+        live = sim.live_members()
+        losses = []
+        for filt, subscribers in sorted(sim.acked.items()):
+            shard = sim.shard_of(filt)
+            for sub in sorted(subscribers & live):
+                if sim.etcd.expired.get(sub, 0) and sim.expired_after_ack(filt, sub):
+                    continue
+                for owner in doc.owners(shard):
+                    if (filt, sub) not in sim.nodes[owner].routes.get(shard, ()):
+                        losses.append(f"{owner} (owner of shard {shard}) lacks acked route {filt} -> {sub}")
+        return losses
+
+    def publish_misses(self) -> list[str]:
+        sim = self.sim
+        misses = []
+        for node_id in sorted(sim.live_members()):
+            for filt in sorted(sim.acked):
+                answer = sim.publish(node_id, filt)
+                _, _, _, _, expected = sim.publishes[-1]
+                expected = frozenset(s for s in expected if not sim.expired_after_ack(filt, s))
+                if answer is None or not expected <= answer:
+                    misses.append(f"publish {filt} from {node_id}: answered {answer}, acked {sorted(expected)}")
+        return misses
+
+    def check_converged(self) -> None:  # invariant 5
+        sim = self.sim
+        assert sim.settle(), f"no quiescence after settling (t={sim.now})"
+        live = sorted(sim.live_members())
+        target = ShardMap.build(dict.fromkeys(live, 1), CONFIG.shard_count, CONFIG.replication).table
+        assert sim.etcd.doc is not None and sim.etcd.doc.table == target
+        for node_id in live:
+            n = sim.nodes[node_id]
+            assert n.assignment == sim.etcd.doc and n.assignment.table == target, f"{node_id} did not converge"
+
+
+class ClusterBase(RuleBasedStateMachine):
+    strict = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sim = Sim(CONFIG)
+        for _ in range(3):
+            self.sim.join()
+        self.check = Checker(self.sim)
+
+    # ------------------------------------------------------------------ helpers
+    def running(self) -> list[str]:
+        return sorted(n for n, node in self.sim.nodes.items() if node.up)
+
+    def alive(self) -> list[str]:
+        return sorted(n for n, node in self.sim.nodes.items() if not node.crashed)
+
+    def calm(self) -> bool:
+        """No disruption in progress and the cluster quiescent: a new failure may start (strict mode)."""
+        return not self.strict or self.sim.quiescent()
+
+    # ------------------------------------------------------------------ rules
+    @rule(dt=st.sampled_from([0.25, 0.5, 1.0]), renew=st.booleans())
+    def tick(self, dt: float, renew: bool) -> None:
+        self.sim.tick(dt, renew=renew or self.strict)
+
+    @precondition(lambda self: bool(self.sim.deliverable()))
+    @rule(i=PICK, times=st.integers(min_value=1, max_value=4))
+    def deliver(self, i: int, times: int) -> None:
+        src, dst = pick(self.sim.deliverable(), i)
+        for _ in range(times):
+            self.sim.deliver(src, dst)
+
+    @rule(i=PICK)
+    def refresh(self, i: int) -> None:
+        self.sim.refresh(pick(sorted(self.sim.nodes), i))
+
+    @rule()
+    def renew_leases(self) -> None:
+        self.sim.trace.append("renew_leases")
+        for node_id in sorted(self.sim.nodes):
+            self.sim.session_poll(node_id, read=False)
+
+    @rule(i=PICK)
+    def coordinator_step(self, i: int) -> None:
+        leaders = sorted(n for n, node in self.sim.nodes.items() if node.coordinator is not None) or ["n0"]
+        node_id = pick(leaders, i)
+        self.sim.trace.append(f"lead {node_id}")
+        self.sim.lead(node_id)
+
+    @rule(i=PICK, f=st.sampled_from(FILTERS))
+    def subscribe(self, i: int, f: str) -> None:
+        self.sim.subscribe(pick(self.running(), i) if self.running() else "n0", f)
+
+    @precondition(lambda self: bool(self.running()))
+    @rule(i=PICK, f=st.sampled_from(FILTERS))
+    def publish(self, i: int, f: str) -> None:
+        self.sim.publish(pick(self.running(), i), f)
+
+    @precondition(lambda self: len(self.sim.nodes) < MAX_NODES)
+    @rule()
+    def join(self) -> None:
+        self.sim.join()
+
+    @rule()
+    def settle(self) -> None:
+        self.sim.settle(max_rounds=80)
+
+    @precondition(lambda self: len(self.alive()) > 2 and self.calm())
+    @rule(i=PICK)
+    def crash(self, i: int) -> None:
+        self.sim.crash(pick(self.alive(), i))
+
+    @precondition(lambda self: len(self.running()) > 1 and self.calm())
+    @rule(i=PICK)
+    def pause(self, i: int) -> None:
+        self.sim.pause(pick(self.running(), i))
+
+    @precondition(lambda self: any(n.paused and not n.crashed for n in self.sim.nodes.values()))
+    @rule(i=PICK)
+    def resume(self, i: int) -> None:
+        self.sim.resume(pick(sorted(n for n, node in self.sim.nodes.items() if node.paused), i))
+
+    @precondition(lambda self: len(self.running()) > 1 and self.calm())
+    @rule(i=PICK)
+    def partition(self, i: int) -> None:
+        self.sim.partition(pick(self.running(), i))
+
+    @precondition(lambda self: any(n.partitioned for n in self.sim.nodes.values()))
+    @rule(i=PICK)
+    def heal(self, i: int) -> None:
+        self.sim.heal(pick(sorted(n for n, node in self.sim.nodes.items() if node.partitioned), i))
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def safety(self) -> None:
+        self.check.check_history()
+        self.check.check_fencing()
+
+    @invariant()
+    def no_route_loss_when_quiescent(self) -> None:
+        if self.strict and self.sim.quiescent():
+            assert not self.check.route_losses(), self.check.route_losses()
+
+    def teardown(self) -> None:
+        for node in self.sim.nodes.values():
+            node.paused = False
+            node.partitioned = False
+        self.check.check_converged()
+        self.check.check_history()
+        self.check.check_fencing()
+        if self.strict:
+            assert not self.check.route_losses(), self.check.route_losses()
+            assert not self.check.publish_misses(), self.check.publish_misses()
+
+
+class StrictCluster(ClusterBase):
+    strict = True
+
+
+class ChaosCluster(ClusterBase):
+    strict = False
+
+
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=50,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+TestStrictCluster = StrictCluster.TestCase
+TestStrictCluster.settings = SETTINGS
+TestChaosCluster = ChaosCluster.TestCase
+TestChaosCluster.settings = SETTINGS
+
+
+# ---------------------------------------------------------------------- fixed regressions
+def started(nodes: int = 3) -> Sim:
+    sim = Sim(CONFIG)
+    for _ in range(nodes):
+        sim.join()
+    assert sim.settle()
+    return sim
+
+
+def test_fixed_sequence_replays_identically() -> None:
+    """A fixed step list (join, subscribe, crash, rejoin...) runs to the same trace and document twice."""
+
+    def run() -> tuple[list[str], bytes, dict[str, set[str]]]:
+        sim = started()
+        check = Checker(sim)
+        for i, f in enumerate(FILTERS):
+            sim.subscribe(f"n{i % 3}", f)
+        sim.join()
+        for _ in range(3):
+            sim.tick(0.5)
+            sim.refresh("n0")
+            sim.lead(sim.leader_node().node_id)
+            for src, dst in sim.deliverable():
+                sim.deliver(src, dst)
+        assert sim.settle()
+        sim.crash("n1")
+        assert sim.settle()
+        check.check_history()
+        check.check_fencing()
+        assert not check.route_losses()
+        check.check_converged()
+        assert sim.etcd.doc is not None
+        return sim.trace, sim.etcd.doc.to_json(), sim.acked
+
+    first, second = run(), run()
+    assert first == second
+    assert first[2] and all(first[2].values())
+
+
+def deliver_kind(sim: Sim, kind: str) -> None:
+    """Deliver every queued frame of ``kind`` that heads its channel (FIFO is kept)."""
+    for (src, dst), q in sorted(sim.channels.items()):
+        while q and q[0].kind == kind and sim.nodes[dst].up:
+            sim.deliver(src, dst)
+
+
+def test_new_replica_abandons_fill_just_after_the_flip() -> None:
+    """Regression, invariant 4 with no failure at all: a new replica's fill timer outlives the coordinator's.
+
+    The coordinator times a move from ``StartHandoff`` (t=1) and may flip it up to ``handoff_timeout`` later
+    (t=7); the new replica times it from the first SNAPSHOT it got (t=2), so its ``_abandon_incoming`` fires at
+    t=8. If its view had not caught up with the flip by then, ``_release`` would see "not an owner" in the stale
+    view and drop the shard's routes; ``_abandon_incoming`` therefore decides on a fresh read of etcd.
+    """
+    sim = started()
+    check = Checker(sim)
+    for f in FILTERS:
+        sim.subscribe("n0", f)
+    assert sim.settle() and sim.now == 1.0
+    new = sim.join()
+    leader = sim.leader_node()
+    assert leader is not None
+    sim.refresh(leader.node_id)  # sees n3: the coordinator starts its hand-offs at t=1
+    deliver_kind(sim, "HANDOFF")
+    sim.tick(1.0)
+    deliver_kind(sim, "SNAPSHOT")  # t=2: n3 starts its own 6 s timer
+    for _ in range(5):
+        sim.tick(1.0)
+    deliver_kind(sim, "HANDOFF_READY")  # a slow fill: ready just before the coordinator's deadline
+    sim.lead(leader.node_id)  # t=7: 7 - 1 > 6 is False, so every move flips
+    assert sim.etcd.doc is not None and sim.etcd.doc.shards_of(new)
+    sim.tick(1.0)  # t=8: n3's timers fire before its session delivers the new document
+    assert sim.settle()
+    assert not check.route_losses(), check.route_losses()
+
+
+def test_expired_subscriber_loses_routes() -> None:
+    """Regression: a subscriber paused past its lease: peers drop its routes (``on_members``); it re-registers on
+    resume with its clients still subscribed and must announce their routes again (``_reannounce_routes``)."""
+    sim = started()
+    for f in FILTERS:
+        sim.subscribe("n2", f)
+    assert sim.settle()
+    acked = {f for f, subs in sim.acked.items() if "n2" in subs}
+    assert acked
+    sim.pause("n2")
+    for _ in range(4):
+        sim.tick(1.0)
+    assert sim.settle(max_rounds=10) is False  # n2 is paused: never quiescent, but its peers saw it go
+    sim.resume("n2")
+    assert sim.settle()
+    assert "n2" in sim.live_members() and acked <= sim.nodes["n2"].local_filters
+    missing = [f for f in sorted(acked) if not {"n2"} <= (sim.publish("n0", f) or frozenset())]
+    assert not missing, f"n2's clients are subscribed to {missing} but no owner routes them to n2"
