@@ -37,6 +37,7 @@ class Proc:
     cmd: list[str]
     client_endpoint: str = ""
     peer_endpoint: str = ""
+    metrics_endpoint: str | None = None
 
 
 @dataclass
@@ -247,7 +248,7 @@ class LocalCluster:
             sys.executable, "-m", "shardmq.cli.main", "--log-level", self.log_level, "node",
             "--id", node_id, "--client-endpoint", client_ep, "--peer-endpoint", peer_ep,
             "--etcd", etcd_url or self.state.etcd_url, "--cluster", self.cluster, "--lease-ttl", str(self.lease_ttl),
-            "--endpoint-file", str(endpoint_file),
+            "--endpoint-file", str(endpoint_file), "--metrics-port", "0",
         ]  # fmt: skip
         if self.shard_count:
             cmd += ["--shard-count", str(self.shard_count)]
@@ -262,6 +263,7 @@ class LocalCluster:
             time.sleep(0.05)
         bound = orjson.loads(endpoint_file.read_bytes())
         proc.client_endpoint, proc.peer_endpoint = bound["client_endpoint"], bound["peer_endpoint"]
+        proc.metrics_endpoint = bound.get("metrics_endpoint")
         self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
         self.save()
         return proc

@@ -47,6 +47,8 @@ def cmd_node(args: argparse.Namespace) -> None:
             client_idle_check=args.client_idle_check,
             endpoint_file=args.endpoint_file,
             advertise_peer_endpoint=args.advertise_peer_endpoint,
+            metrics_port=args.metrics_port,
+            metrics_address=args.metrics_address,
         )
     ).run()
 
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
     node.add_argument("--lease-ttl", type=int, default=5)
     node.add_argument("--max-payload", type=int, default=1024 * 1024)
+    node.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics (0: any free port)")
+    node.add_argument("--metrics-address", default="127.0.0.1")
     node.add_argument("--advertise-peer-endpoint", default=None, help="peer endpoint to publish, if not the bound one")
     node.add_argument("--endpoint-file", default=None, help="write the bound endpoints here (JSON)")
     node.add_argument("--client-idle-check", type=float, default=10.0, help="seconds before a quiet client is probed")

@@ -43,6 +43,7 @@ from shardmq.router.routes import RouteTable
 
 from .clients import ClientsMixin
 from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
+from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
 from .ownership import OwnershipMixin
 from .routing import RoutingMixin
 from .state import ROOT, Forwarding, Lookup, Publish, Session, Waiter
@@ -71,6 +72,8 @@ class NodeConfig:
     handoff_timeout: float = 30.0
     endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)
     advertise_peer_endpoint: str | None = None  # what peers should connect to, when not the bound one (NAT, proxy)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free one); None: no endpoint
+    metrics_address: str = "127.0.0.1"
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
 
@@ -82,6 +85,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.log = log.bind(node=self.me)
         self.ctx = zmq.Context.instance()
         self.metrics: Counter[str] = Counter()
+        self.wire = WireStats()
+        self.collector: NodeCollector | None = None
+        self.metrics_port: int | None = None
         self.routes = RouteTable()
         self.local_q0: FilterIndex[bytes] = FilterIndex()
         self.local_q1: FilterIndex[bytes] = FilterIndex()
@@ -129,9 +135,15 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.peer_sock.bind(self.cfg.peer_endpoint)
         self.cfg.client_endpoint = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.cfg.peer_endpoint = self.peer_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.cfg.metrics_port is not None:
+            self.collector, self.metrics_port = serve_metrics(self.cfg.metrics_port, self.cfg.metrics_address)
         if self.cfg.endpoint_file:
             tmp = f"{self.cfg.endpoint_file}.tmp"
-            bound = {"client_endpoint": self.cfg.client_endpoint, "peer_endpoint": self.cfg.peer_endpoint}
+            bound = {
+                "client_endpoint": self.cfg.client_endpoint,
+                "peer_endpoint": self.cfg.peer_endpoint,
+                "metrics_endpoint": self.metrics_endpoint(),
+            }
             with open(tmp, "wb") as fh:
                 fh.write(orjson.dumps(bound))
             os.replace(tmp, self.cfg.endpoint_file)
@@ -167,6 +179,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             self.log.warning("peer_queue_full", peer=node)
             return False
         self.metrics["frames_out.peer"] += 1
+        self.wire.count("peer", node, "out", parts)
         return True
 
     def send_client(self, rid: bytes, parts: list[bytes]) -> bool:
@@ -180,6 +193,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                 self.metrics["drops.client_hwm"] += 1
             return False
         self.metrics["frames_out.client"] += 1
+        self.wire.count("client", "", "out", parts)
         return True
 
     def reject_client(self, rid: bytes, code: str, reason: str, ref: int | None = None) -> None:
@@ -218,6 +232,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.call_later(self.cfg.redelivery_interval, self._redeliver_tick)
         self.call_later(self.cfg.client_idle_check, self._idle_tick)
+        self._publish_metrics()
         cfg = self.cfg
         self.log.info("node_started", client_endpoint=cfg.client_endpoint, peer_endpoint=cfg.peer_endpoint, epoch=0)
         poller = zmq.Poller()
@@ -231,23 +246,32 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                 if self.member_pull in ready:
                     self._drain(self.member_pull, lambda parts: self.on_snapshot(orjson.loads(parts[0]), parts[1]))
                 if self.peer_sock in ready:
-                    self._drain(self.peer_sock, self.on_peer_parts)
+                    self._drain(self.peer_sock, self.on_peer_parts, "peer")
                 if self.client_sock in ready:
-                    self._drain(self.client_sock, self.on_client_parts)
+                    self._drain(self.client_sock, self.on_client_parts, "client")
         finally:
             self._shutdown()
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], channel: str | None = None) -> None:
         for _ in range(DRAIN_BATCH):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if channel is not None:  # parts[0] is the routing id: the peer's node id, or a client's id
+                peer = parts[0].decode(errors="replace") if channel == "peer" else ""
+                self.wire.count(channel, peer, "in", parts[1:])
             try:
                 handle(parts)
             except Exception:  # a bug handling one frame must not take the node down
                 self.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
+
+    def _publish_metrics(self) -> None:
+        """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""
+        if self.collector is not None:
+            self.collector.snapshot = MetricsSnapshot(self.me, dict(self.metrics), self.status(), self.wire.copy())
+            self.call_later(1.0, self._publish_metrics)
 
     def stop(self) -> None:
         self.running = False
@@ -334,6 +358,11 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
     }
 
     # ------------------------------------------------------------------ status
+    def metrics_endpoint(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        return f"http://{self.cfg.metrics_address}:{self.metrics_port}/metrics"
+
     def status(self) -> dict[str, Any]:
         a = self.assignment
         table = self.target_table()
@@ -341,6 +370,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         status: dict[str, Any] = {
             "node": self.me,
             "client_endpoint": self.cfg.client_endpoint,
+            "metrics_endpoint": self.metrics_endpoint(),
             "alive": True,
             "epoch": self.epoch,
             "members": sorted(self.members),

@@ -1,0 +1,134 @@
+"""Wire-load accounting and the Prometheus endpoint of a node.
+
+Rules of this file:
+- ``WireStats`` is plain counting done by the event loop: frames and bytes in and out per channel (``client``, or
+  ``peer`` with the peer's id) and message sizes in power-of-two buckets. It costs a few additions per frame and
+  no allocation on the hot path.
+- The Prometheus HTTP server runs in its own thread (prometheus-client's), so it never reads live loop state:
+  the loop publishes a ``MetricsSnapshot`` (copies) once a second, and the collector turns the latest snapshot
+  into metric families at scrape time. Swapping one reference is atomic, so no lock is needed.
+- Names: ``shardmq_frames_total``, ``shardmq_bytes_total`` and ``shardmq_message_size_bytes`` (labels
+  ``channel``, ``peer``, ``direction``); gauges for routes, shards, root-set size, clients, assignment version,
+  fenced and leader; counters ``shardmq_errors_total{code}``, ``shardmq_drops_total{reason}``,
+  ``shardmq_handoff_total{what}`` and ``shardmq_events_total{name}`` for every other node counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+SIZE_BOUNDS = (64, 128, 256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+def _bucket(size: int) -> int:
+    for i, bound in enumerate(SIZE_BOUNDS):
+        if size <= bound:
+            return i
+    return len(SIZE_BOUNDS)
+
+
+@dataclass(slots=True)
+class Channel:
+    frames: int = 0
+    bytes: int = 0
+    sizes: list[int] = field(default_factory=lambda: [0] * (len(SIZE_BOUNDS) + 1))
+
+    def add(self, size: int) -> None:
+        self.frames += 1
+        self.bytes += size
+        self.sizes[_bucket(size)] += 1
+
+
+class WireStats:
+    """Counts what crosses the wire, keyed by (channel, peer, direction); peer is "" for clients."""
+
+    def __init__(self) -> None:
+        self.channels: dict[tuple[str, str, str], Channel] = {}
+
+    def count(self, channel: str, peer: str, direction: str, parts: list[bytes]) -> None:
+        key = (channel, peer, direction)
+        ch = self.channels.get(key)
+        if ch is None:
+            ch = self.channels[key] = Channel()
+        ch.add(sum(len(p) for p in parts))
+
+    def copy(self) -> dict[tuple[str, str, str], Channel]:
+        return {k: Channel(c.frames, c.bytes, list(c.sizes)) for k, c in self.channels.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    node: str
+    counters: dict[str, int]
+    status: dict[str, Any]
+    wire: dict[tuple[str, str, str], Channel]
+
+
+class NodeCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshot: MetricsSnapshot | None = None
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.snapshot
+        if snap is None:
+            return
+        labels = ["channel", "peer", "direction"]
+        frames = CounterMetricFamily("shardmq_frames", "Frames sent and received per channel", labels=labels)
+        size = CounterMetricFamily("shardmq_bytes", "Bytes sent and received per channel", labels=labels)
+        hist = HistogramMetricFamily("shardmq_message_size_bytes", "Size of each frame", labels=labels)
+        for (channel, peer, direction), ch in sorted(snap.wire.items()):
+            key = [channel, peer, direction]
+            frames.add_metric(key, ch.frames)
+            size.add_metric(key, ch.bytes)
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, SIZE_BOUNDS), "+Inf"], ch.sizes, strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            hist.add_metric(key, buckets, sum_value=ch.bytes)
+        yield frames
+        yield size
+        yield hist
+
+        st = snap.status
+        gauges = {
+            "routes": ("Routes held (filter, node pairs) in owned shards and the root set", st.get("routes", 0)),
+            "root_set_size": ("Filters in the root set, kept on every node", st.get("root_set_size", 0)),
+            "clients": ("Connected client sessions", st.get("clients", 0)),
+            "local_filters": ("Distinct filters subscribed by this node's clients", st.get("local_filters", 0)),
+            "assignment_version": ("Version of the shard assignment this node sees", st.get("assignment_version", 0)),
+            "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
+            "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(f"shardmq_{name}", doc, value=value)
+        shards = GaugeMetricFamily("shardmq_shards", "Shards held by this node", labels=["role"])
+        shards.add_metric(["replica"], st.get("shards", 0))
+        shards.add_metric(["primary"], st.get("primary_shards", 0))
+        yield shards
+
+        families = {
+            "errors": CounterMetricFamily("shardmq_errors", "Rejected inputs by error code", labels=["code"]),
+            "drops": CounterMetricFamily("shardmq_drops", "Frames dropped, by reason", labels=["reason"]),
+            "handoff": CounterMetricFamily("shardmq_handoff", "Shard hand-off counters", labels=["what"]),
+            "events": CounterMetricFamily("shardmq_events", "Other node counters", labels=["name"]),
+        }
+        for name, value in sorted(snap.counters.items()):
+            head, _, rest = name.partition(".")
+            family = head if head in ("errors", "drops", "handoff") else "events"
+            families[family].add_metric([rest if family != "events" else name], value)
+        yield from families.values()
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1") -> tuple[NodeCollector, int]:
+    """Start the /metrics HTTP server; returns the collector to feed and the bound port."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = NodeCollector()
+    registry.register(collector)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return collector, server.server_address[1]
