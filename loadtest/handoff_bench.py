@@ -34,14 +34,19 @@ def node_statuses(lc: LocalCluster) -> dict[str, dict[str, Any]]:
     return out
 
 
-def streamed(statuses: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
-    m = [s["metrics"] for s in statuses.values()]
-    return (
-        # Counted where the routes arrive: a leaving node exits with its own counters.
-        sum(x.get("handoff.routes_received", 0) for x in m),
-        sum(x.get("handoff.bytes_received", 0) for x in m),
-        sum(x.get("handoff.changes_forwarded", 0) for x in m),
-    )
+def streamed(statuses: dict[str, dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
+    """Per node: routes and bytes received by hand-offs, and changes forwarded during them.
+
+    Counted where the routes arrive: a leaving node exits with its own counters.
+    """
+    return {
+        node: (
+            s["metrics"].get("handoff.routes_received", 0),
+            s["metrics"].get("handoff.bytes_received", 0),
+            s["metrics"].get("handoff.changes_forwarded", 0),
+        )
+        for node, s in statuses.items()
+    }
 
 
 def measure_move(lc: LocalCluster, label: str, action: Any) -> None:
@@ -51,7 +56,9 @@ def measure_move(lc: LocalCluster, label: str, action: Any) -> None:
     took = time.perf_counter() - started
     after_status = node_statuses(lc)
     after = streamed(after_status)
-    routes, size, forwarded = (a - b for a, b in zip(after, before, strict=True))
+    # Only nodes alive after the move count: a node that left took its counters with it.
+    deltas = [tuple(x - y for x, y in zip(after[n], before.get(n, (0, 0, 0)), strict=True)) for n in after]
+    routes, size, forwarded = (sum(d[i] for d in deltas) for i in range(3))
     leader = next((s["rebalance"] for s in after_status.values() if "rebalance" in s), {})
     print(
         f"{label:<22} {took:7.2f} s   {routes:>10,} routes  {size / 1e6:8.1f} MB   "
