@@ -3,7 +3,7 @@
 Rules: pure (no I/O, clocks, threads or randomness); imports only ``shardmq.ring`` of shardmq.
 """
 
-from .coordinator import Commit, Coordinator, Member, StartHandoff
+from .coordinator import Commit, Coordinator, Member, StartHandoff, target_table
 from .planner import Move, PlanSummary, apply_flip, next_batch, plan, start_state, summarize
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "Coordinator",
     "Member",
     "StartHandoff",
+    "target_table",
     "Move", "PlanSummary", "apply_flip", "next_batch", "plan", "start_state", "summarize"]

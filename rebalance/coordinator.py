@@ -22,6 +22,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,21 @@ class Counters:
     handoff_seconds_max: float = 0.0
 
 
+def target_table(
+    members: Mapping[str, Member], shard_count: int, replication: int
+) -> tuple[tuple[str, ...], ...] | None:
+    """The balanced placement for the live (non-leaving) members, or None without any; cached per member set."""
+    live = tuple(sorted((n, m.weight) for n, m in members.items() if not m.leaving))
+    return _build_table(live, shard_count, replication) if live else None
+
+
+@functools.lru_cache(maxsize=8)
+def _build_table(
+    live: tuple[tuple[str, int], ...], shard_count: int, replication: int
+) -> tuple[tuple[str, ...], ...]:
+    return ShardMap.build(dict(live), shard_count, replication).table
+
+
 class Coordinator:
     def __init__(
         self,
@@ -102,7 +118,6 @@ class Coordinator:
         self.counters = Counters()
         self.abandoned: list[tuple[int, str]] = []  # (shard, why) for the shell to log; it clears the list
         self._ids = itertools.count(1)
-        self._target_cache: tuple[tuple[tuple[str, int], ...], tuple[tuple[str, ...], ...]] | None = None
 
     # ------------------------------------------------------------------ inputs
     def observe(self, assignment: Assignment | None, revision: int, members: Mapping[str, Member], now: float) -> None:
@@ -143,11 +158,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ decisions
     def target(self) -> tuple[tuple[str, ...], ...]:
-        live = tuple(sorted((n, m.weight) for n, m in self.members.items() if not m.leaving))
-        if self._target_cache is None or self._target_cache[0] != live:
-            table = ShardMap.build(dict(live), self.shard_count, self.replication).table
-            self._target_cache = (live, table)
-        return self._target_cache[1]
+        table = target_table(self.members, self.shard_count, self.replication)
+        assert table is not None  # step() only asks with a live member
+        return table
 
     def settled(self) -> bool:
         """True when the assignment is the target for the current members and nothing is moving."""

@@ -53,7 +53,6 @@ class NodeBase:
     _registration: int
     _last_refresh: float
     _last_progress_log: float
-    _target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None
     dealers: dict[str, zmq.Socket]
     topic_queues: dict[str, deque[Publish]]
     pending_lookups: dict[int, Lookup]

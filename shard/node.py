@@ -105,7 +105,6 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self._registration = 0
         self._last_refresh = 0.0
         self._last_progress_log = 0.0
-        self._target_cache: tuple[Any, tuple[tuple[str, ...], ...]] | None = None
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.pending_lookups: dict[int, Lookup] = {}

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff
-from shardmq.ring import Assignment, ShardMap
+from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff, target_table
+from shardmq.ring import Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.partition import placement_key
@@ -344,11 +344,6 @@ class OwnershipMixin(NodeBase):
 
     # ------------------------------------------------------------------ placement
     def target_table(self) -> tuple[tuple[str, ...], ...] | None:
-        """The balanced placement for the current live (non-leaving) members; cached per member set."""
-        live = tuple(sorted((n, m.weight) for n, m in self.members.items() if not m.leaving))
-        if not live:
-            return None
-        if self._target_cache is None or self._target_cache[0] != live:
-            s, r = int(self.settings["shard_count"]), int(self.settings["replication"])
-            self._target_cache = (live, ShardMap.build(dict(live), s, r).table)
-        return self._target_cache[1]
+        """The balanced placement for the current live (non-leaving) members."""
+        members = {n: Member(m.weight, m.leaving) for n, m in self.members.items()}
+        return target_table(members, int(self.settings["shard_count"]), int(self.settings["replication"]))
