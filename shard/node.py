@@ -393,6 +393,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "local_filters": len(self.local_q0) + len(self.local_q1),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "metrics": dict(self.metrics),
+            "wire_bytes": {
+                f"bytes_{direction}.{channel}{'.' + peer if peer else ''}": ch.bytes
+                for (channel, peer, direction), ch in self.wire.channels.items()
+            },
         }
         if self.coordinator is not None:
             status["rebalance"] = self.coordinator.progress()
