@@ -538,7 +538,7 @@ def measure_system(ctx: Any, system: str, info: dict[str, Any], rep: int, args: 
 
     def phase(label: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         slug = label.lower().replace(" ", "-")
-        spec = {"topic": topic_for(system, f"bench/r{rep}/{slug}"), **spec}
+        spec = {"topic": topic_for(system, f"bench/{slug}"), **spec}  # the same topic (shards) in every repeat
         res = run_phase(ctx, system, info, {**spec, "started": time.monotonic()})
         if "error" in res or not res.get("received"):
             print(f"{system:<10} {label:<16} FAILED: {res.get('error', 'nothing delivered')}", flush=True)
