@@ -75,11 +75,16 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
 def print_status(status: dict[str, Any]) -> None:
     nodes = status["nodes"]
     print(f"cluster {status['cluster']}  etcd {status['etcd']}")
-    print(f"{'node':<6} {'alive':<6} {'endpoint':<24} {'shards':>7} {'primary':>8} {'routes':>10} {'clients':>8}")
+    print(
+        f"{'node':<6} {'alive':<6} {'endpoint':<24} {'shards':>7} {'primary':>8} {'routes':>10} {'B/route':>8}"
+        f" {'RSS MB':>8} {'clients':>8}"
+    )
     for n in nodes:
+        rss = f"{n['rss_bytes'] / 2**20:.0f}" if "rss_bytes" in n else "-"
         print(
             f"{n['id']:<6} {'yes' if n['alive'] else 'NO':<6} {n['client_endpoint']:<24} {n.get('shards', '-'):>7} "
-            f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('clients', '-'):>8}"
+            f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('bytes_per_route', '-'):>8}"
+            f" {rss:>8} {n.get('clients', '-'):>8}"
         )
     live = [n for n in nodes if n["alive"]]
     for n in live:

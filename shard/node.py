@@ -78,6 +78,15 @@ class NodeConfig:
     client_idle_check: float = 10.0
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc), 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
     def __init__(self, config: NodeConfig) -> None:
         self.cfg = config
@@ -114,6 +123,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.ids = itertools.count(1)
         self.started = time.monotonic()
+        self.rss_at_start = rss_bytes()
         self.running = False
         self.settings = {"shard_count": config.shard_count, "replication": config.replication}
 
@@ -363,6 +373,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         return f"http://{self.cfg.metrics_address}:{self.metrics_port}/metrics"
 
     def status(self) -> dict[str, Any]:
+        rss = rss_bytes()
+        routes = self.routes.route_count
         a = self.assignment
         table = self.target_table()
         shards = a.shards_of(self.me) if a else []
@@ -388,6 +400,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "handoffs_out": sorted(self.forwarding),
             "handoffs_in": sorted(self.incoming),
             "routes": self.routes.route_count,
+            "rss_bytes": rss,
+            # RSS growth since start per route held: the measured cost of the route table (local subscriptions
+            # of this node's own clients included, so compare on nodes without big local subscriber sets).
+            "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes else 0,
             "root_set_size": self.routes.root_size,
             "clients": len(self.sessions),
             "local_filters": len(self.local_q0) + len(self.local_q1),
