@@ -168,6 +168,12 @@ class Client:
         if frame.type == codec.MSG:
             mid = h.get("mid") if h["qos"] else None
             self.inbox.append((Message(h["topic"], frame.payload, h["qos"], bool(h.get("dup"))), mid))
+        elif frame.type == codec.MSGS:  # a batch: the node sends messages that queued up together in one frame
+            try:
+                for (topic, qos, mid, dup), payload in codec.split_batch(frame):
+                    self.inbox.append((Message(topic, payload, qos, bool(dup)), mid if qos else None))
+            except (ProtocolError, ValueError, TypeError) as exc:
+                self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
             self.sock.send_multipart(codec.encode(codec.PONG, {}))
         elif frame.type == codec.ERROR:

@@ -54,6 +54,8 @@ LOOKUP = b"LOOKUP"
 LOOKUP_REPLY = b"LOOKUP_REPLY"
 FWD = b"FWD"
 FWD_ACK = b"FWD_ACK"
+FWDS = b"FWDS"
+MSGS = b"MSGS"
 HANDOFF = b"HANDOFF"
 SNAPSHOT = b"SNAPSHOT"
 HANDOFF_READY = b"HANDOFF_READY"
@@ -73,6 +75,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     PUB: {"topic": _STR, "qos": _INT},
     PUBACK: {"id": _INT},
     MSG: {"topic": _STR, "qos": _INT},
+    MSGS: {"items": _LIST, "sizes": _LIST},
     DACK: {"mids": _LIST},
     PING: {},
     PONG: {},
@@ -89,6 +92,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     LOOKUP_REPLY: {"id": _INT, "shard": _INT, "epoch": _INT, "nodes": _LIST},
     FWD: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR, "qos": _INT},
     FWD_ACK: {"id": _INT, "epoch": _INT},
+    FWDS: {"epoch": _INT, "items": _LIST, "sizes": _LIST},
     HANDOFF: {"id": _INT, "shard": _INT, "epoch": _INT, "targets": _LIST, "coordinator": _STR},
     SNAPSHOT: {"id": _INT, "shard": _INT, "epoch": _INT, "routes": _LIST, "last": bool, "coordinator": _STR},
     HANDOFF_READY: {"id": _INT, "shard": _INT, "epoch": _INT, "node": _STR},
@@ -118,6 +122,17 @@ def _strings_ok(items: list[Any]) -> bool:
     return all(isinstance(n, str) for n in items)
 
 
+def _ints_ok(items: list[Any]) -> bool:
+    return all(type(n) is int and n >= 0 for n in items)
+
+
+def _fwd_items_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str) and r[2] in (0, 1)
+        for r in items
+    )
+
+
 # Shapes of list items, checked so a handler never meets a malformed batch half-way through applying it.
 # (SUB/UNSUB filters are checked one by one by the node, which answers per filter.)
 LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
@@ -127,10 +142,13 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
     (HANDOFF, "targets"): (_strings_ok, "node id strings"),
     (SNAPSHOT, "routes"): (_snapshot_ok, "[filter:str, [node:str, ...]] pairs"),
+    (FWDS, "items"): (_fwd_items_ok, "[id:int, topic:str, qos:0|1] triples"),
+    (FWDS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
 }
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
-    {ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY, ERROR}
+    {ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWDS, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY, ERROR}
 )
 
 # Error codes (stable strings; docs/PROTOCOL.md explains each).
@@ -227,3 +245,31 @@ def decode(
     if len(payload) > max_payload:
         raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
     return Frame(frame_type, header, bytes(payload))
+
+
+# ---------------------------------------------------------------------------------------------- batches
+# FWDS and MSGS carry many messages in one frame: the header lists each message's fields (``items``) and the
+# byte size of its payload (``sizes``), and the payload part is the payloads back to back. One frame costs one
+# header parse and one socket operation however many messages it holds.
+
+
+def encode_batch(frame_type: bytes, header: dict[str, Any], items: list[Any], payloads: list[bytes]) -> list[bytes]:
+    return encode(frame_type, {**header, "items": items, "sizes": [len(p) for p in payloads]}, b"".join(payloads))
+
+
+def split_batch(frame: Frame) -> list[tuple[Any, bytes]]:
+    """(item, payload) pairs of a FWDS/MSGS frame; ProtocolError when sizes and payload disagree."""
+    items, sizes = frame.header["items"], frame.header["sizes"]
+    if len(items) != len(sizes) or sum(sizes) != len(frame.payload):
+        raise ProtocolError(
+            E_BAD_FRAME,
+            f"{frame.type.decode()} lists {len(items)} items and {len(sizes)} sizes totalling {sum(sizes)} bytes "
+            f"for a {len(frame.payload)}-byte payload",
+            frame.header.get("id"),
+        )
+    out, at = [], 0
+    view = memoryview(frame.payload)
+    for item, size in zip(items, sizes, strict=True):
+        out.append((item, bytes(view[at : at + size])))
+        at += size
+    return out

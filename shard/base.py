@@ -22,6 +22,7 @@ from shardmq.router.matching import FilterIndex
 from shardmq.router.routes import RouteTable
 
 from .membership import EtcdSession, MemberInfo
+from .outbox import Outbox
 from .state import Forwarding, Lookup, Publish, Session, Waiter
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class NodeBase:
     pending_lookups: dict[int, Lookup]
     pending_fwds: dict[int, tuple[str, Publish]]
     waiters: dict[int, Waiter]
+    outbox: Outbox
     route_add_waiters: dict[str, int]
     timers: list[tuple[float, int, Callable[[], None]]]
     ids: itertools.count[int]

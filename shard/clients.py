@@ -25,6 +25,7 @@ from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
 from .base import NodeBase
+from .outbox import Delivery
 from .state import Publish, Session, gate
 
 
@@ -214,21 +215,17 @@ class ClientsMixin(NodeBase):
         q0 = self.local_q0.match(topic)
         if not qos:
             q0 |= self.local_q1.match(topic)
-        msg0 = codec.encode(codec.MSG, {"topic": topic, "qos": 0}, payload)
+        # Queued, and sent by Node._flush at the end of this batch of frames (one frame per client).
         for rid in q0 - q1:
-            if self.send_client(rid, msg0):
-                self.metrics["deliveries.qos0"] += 1
+            self.outbox.deliver(rid, Delivery(topic, 0, None, False, payload))
         for rid in q1:
             session = self.sessions.get(rid)
             if session is None:
                 continue
             mid = session.next_mid
             session.next_mid += 1
-            written = self.send_client(rid, codec.encode(codec.MSG, {"topic": topic, "qos": 1, "mid": mid}, payload))
-            if rid in self.sessions:
-                session.inflight[mid] = (topic, payload, written)
-            if written:
-                self.metrics["deliveries.qos1"] += 1
+            session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
+            self.outbox.deliver(rid, Delivery(topic, 1, mid, False, payload))
 
     def _redeliver_tick(self) -> None:
         for session in list(self.sessions.values()):

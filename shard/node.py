@@ -44,6 +44,7 @@ from shardmq.router.routes import RouteTable
 from .clients import ClientsMixin
 from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
+from .outbox import Outbox
 from .ownership import OwnershipMixin
 from .routing import RoutingMixin
 from .state import ROOT, Forwarding, Lookup, Publish, Session, Waiter
@@ -95,6 +96,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.ctx = zmq.Context.instance()
         self.metrics: Counter[str] = Counter()
         self.wire = WireStats()
+        self.outbox = Outbox(max_payload=config.max_payload)
         self.collector: NodeCollector | None = None
         self.metrics_port: int | None = None
         self.routes = RouteTable()
@@ -256,8 +258,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                     self._drain(self.member_pull, lambda parts: self.on_snapshot(orjson.loads(parts[0]), parts[1]))
                 if self.peer_sock in ready:
                     self._drain(self.peer_sock, self.on_peer_parts, "peer")
+                    self._flush()
                 if self.client_sock in ready:
                     self._drain(self.client_sock, self.on_client_parts, "client")
+                    self._flush()
         finally:
             self._shutdown()
 
@@ -275,6 +279,30 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             except Exception:  # a bug handling one frame must not take the node down
                 self.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
+
+    def _flush(self) -> None:
+        """Send what the last batch of frames queued: one frame per destination and kind (see outbox.py)."""
+        if not self.outbox:
+            return
+        for dest, parts, forwards in self.outbox.peer_frames(self.epoch):
+            if len(forwards) > 1:
+                self.metrics["batches.fwds"] += 1
+            self.metrics["forwards.out"] += len(forwards)
+            if not self.send_peer(dest, parts):
+                for f in forwards:
+                    pending = self.pending_fwds.pop(f.fid, None)
+                    if pending is not None:
+                        self._fail_publish(pending[1], codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
+        for rid, parts, deliveries in self.outbox.client_frames():
+            if len(deliveries) > 1:
+                self.metrics["batches.msgs"] += 1
+            written = self.send_client(rid, parts)
+            session = self.sessions.get(rid)
+            for d in deliveries:
+                if d.mid is not None and session is not None and d.mid in session.inflight:
+                    session.inflight[d.mid] = (d.topic, d.payload, written)
+                if written:
+                    self.metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += 1
 
     def _publish_metrics(self) -> None:
         """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""
@@ -359,6 +387,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         codec.LOOKUP: RoutingMixin._on_lookup,
         codec.LOOKUP_REPLY: RoutingMixin._on_lookup_reply,
         codec.FWD: RoutingMixin._on_fwd,
+        codec.FWDS: RoutingMixin._on_fwds,
         codec.FWD_ACK: RoutingMixin._on_fwd_ack,
         codec.HANDOFF: OwnershipMixin._on_handoff,
         codec.SNAPSHOT: OwnershipMixin._on_snapshot,

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from shardmq.ring import shard_for_key
 from shardmq.router import codec
-from shardmq.router.codec import Frame
+from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.partition import lookup_keys, placement_key
 
 from .base import NodeBase
+from .outbox import Forward
 from .state import ROOT, Lookup, Publish, Waiter
 
 
@@ -242,11 +243,7 @@ class RoutingMixin(NodeBase):
                 self.metrics["drops.dead_destination"] += 1
                 continue
             fid = next(self.ids)
-            header = {"id": fid, "shard": -1, "epoch": self.epoch, "topic": pub.topic, "qos": pub.qos}
-            if not self.send_peer(dest, codec.encode(codec.FWD, header, pub.payload)):
-                self._fail_publish(pub, codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
-                continue
-            self.metrics["forwards.out"] += 1
+            self.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload))  # sent by Node._flush
             if pub.qos:
                 self.pending_fwds[fid] = (dest, pub)
                 pub.acks_left += 1
@@ -338,11 +335,28 @@ class RoutingMixin(NodeBase):
         self.metrics["forwards.in"] += 1
         self.deliver_local(h["topic"], h["qos"], frame.payload)
         if h["qos"]:
-            self.send_peer(sender, codec.encode(codec.FWD_ACK, {"id": h["id"], "epoch": self.epoch}))
+            self.outbox.ack(sender, h["id"])
+
+    def _on_fwds(self, sender: str, frame: Frame) -> None:
+        """A batch of forwards: the same as that many FWD frames, in order."""
+        try:
+            batch = codec.split_batch(frame)
+        except ProtocolError as exc:
+            self._refuse_peer(sender, frame, exc.code, exc.reason)
+            return
+        self.metrics["forwards.in"] += len(batch)
+        for (fid, topic, qos), payload in batch:
+            self.deliver_local(topic, qos, payload)
+            if qos:
+                self.outbox.ack(sender, fid)
 
     def _on_fwd_ack(self, sender: str, frame: Frame) -> None:
-        pending = self.pending_fwds.pop(frame.header["id"], None)
-        if pending is not None:
-            pub = pending[1]
-            pub.acks_left -= 1
-            self._maybe_puback(pub)
+        ids = frame.header.get("ids")
+        if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            ids = [frame.header["id"]]
+        for fid in ids:
+            pending = self.pending_fwds.pop(fid, None)
+            if pending is not None:
+                pub = pending[1]
+                pub.acks_left -= 1
+                self._maybe_puback(pub)

@@ -80,6 +80,11 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     (codec.LOOKUP_REPLY, "nodes"): _NODE_IDS,
     (codec.HANDOFF, "targets"): _NODE_IDS,
     (codec.SNAPSHOT, "routes"): st.lists(st.tuples(st.text(max_size=20), _NODE_IDS).map(list), max_size=5),
+    (codec.FWDS, "items"): st.lists(
+        st.tuples(st.integers(0, 2**40), st.text(max_size=20), st.sampled_from([0, 1])).map(list), max_size=5
+    ),
+    (codec.FWDS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.MSGS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
 }
 
 
@@ -430,3 +435,19 @@ def test_malformed_batch_items_are_rejected_before_any_is_applied(frame_type: by
 @pytest.mark.parametrize("version", [True, 1.0, "1"])
 def test_version_must_be_the_integer_one(version: Any) -> None:
     assert rejected(raw(codec.PING, {"v": version})).code == codec.E_VERSION
+
+
+@given(
+    items=st.lists(st.tuples(st.integers(0, 2**40), st.text(max_size=10), st.sampled_from([0, 1])), max_size=8),
+    data=st.data(),
+)
+def test_batches_round_trip_and_refuse_wrong_sizes(items: list[tuple[int, str, int]], data: st.DataObject) -> None:
+    payloads = [data.draw(st.binary(max_size=30)) for _ in items]
+    fields = [list(i) for i in items]
+    frame = codec.decode(codec.encode_batch(codec.FWDS, {"epoch": 3}, fields, payloads))
+    assert codec.split_batch(frame) == list(zip(fields, payloads, strict=True))
+    if payloads:
+        frame.header["sizes"][0] += 1
+        with pytest.raises(ProtocolError) as info:
+            codec.split_batch(frame)
+        assert info.value.code == codec.E_BAD_FRAME
