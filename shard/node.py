@@ -429,6 +429,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "handoffs_out": sorted(self.forwarding),
             "handoffs_in": sorted(self.incoming),
             "routes": self.routes.route_count,
+            "hops_per_publish": round(self.metrics["publishes.hops"] / max(1, self.metrics["publishes.routed"]), 3),
             "rss_bytes": rss,
             # RSS growth since start per route held: the measured cost of the route table (local subscriptions
             # of this node's own clients included, so compare on nodes without big local subscriber sets).

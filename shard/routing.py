@@ -203,6 +203,7 @@ class RoutingMixin(NodeBase):
             pub.dests |= self.routes.match(shard, pub.topic)
             return
         lid = next(self.ids)
+        pub.asked_remote = True
         header = {"id": lid, "shard": shard, "epoch": a.epoch(shard), "topic": pub.topic}
         self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner])
         pub.lookups_left += 1
@@ -235,6 +236,9 @@ class RoutingMixin(NodeBase):
             del self.topic_queues[topic]
 
     def _forward(self, pub: Publish) -> None:
+        # Hops on the way to the last destination node: a remote lookup is two (ask, answer), a forward one.
+        self.metrics["publishes.routed"] += 1
+        self.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != self.me for d in pub.dests)
         for dest in pub.dests:
             if dest == self.me:
                 self.deliver_local(pub.topic, pub.qos, pub.payload)

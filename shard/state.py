@@ -44,6 +44,7 @@ class Publish:
     acks_left: int = 0
     dests: set[str] = field(default_factory=set)
     failed: bool = False
+    asked_remote: bool = False  # a lookup went to another node: two hops before the forward
 
 
 @dataclass(slots=True)
