@@ -104,7 +104,7 @@ class NodeCollector(Collector):
             "assignment_version": ("Version of the shard assignment this node sees", st.get("assignment_version", 0)),
             "rss_bytes": ("Resident memory of the node process", st.get("rss_bytes", 0)),
             "bytes_per_route": ("RSS growth since start divided by routes held", st.get("bytes_per_route", 0)),
-            "hops_per_publish": ("Mean inter-node hops before a publish reaches its last node", st.get("hops_per_publish", 0)),
+            "hops_per_publish": ("Mean inter-node hops of a publish", st.get("hops_per_publish", 0)),
             "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
             "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),
         }
