@@ -147,9 +147,12 @@ class Client:
 
     # ------------------------------------------------------------------ frames
     def _send(self, frame_type: bytes, header: dict[str, Any], payload: bytes = b"") -> None:
+        self._send_parts(codec.encode(frame_type, header, payload))
+
+    def _send_parts(self, parts: list[bytes]) -> None:
         if self.sock is None:
             self.connect()
-        self.sock.send_multipart(codec.encode(frame_type, header, payload))
+        self.sock.send_multipart(parts)
 
     def _recv(self, timeout: float) -> codec.Frame | None:
         """One frame from the node within ``timeout`` seconds, or None."""
@@ -189,7 +192,7 @@ class Client:
             if frame is None:
                 continue
             h = frame.header
-            if frame.type == expect and h.get("id") == rid:
+            if frame.type == expect and (h.get("id") == rid or rid in (h.get("ids") or ())):
                 return h
             if frame.type == codec.ERROR and h.get("ref") == rid:
                 raise ShardMQError(h["code"], h["reason"])
@@ -281,6 +284,64 @@ class Client:
             self._send(codec.PUB, {"topic": topic, "qos": 0}, data)
             return
         self._request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
+
+    def publish_many(
+        self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500
+    ) -> int:
+        """Publish (topic, payload) pairs, ``batch`` to a frame; returns how many were published.
+
+        With qos=1 each frame's messages are in flight together and the call returns once every one of them was
+        acknowledged (a node that stays silent is failed over and the unacknowledged ones are sent again).
+        Order per topic is kept, as with ``publish``.
+        """
+        _check_qos(qos)
+        done = 0
+        chunk: list[tuple[str, bytes]] = []
+        for topic, payload in messages:
+            try:
+                validate_topic_name(topic)
+            except TopicError as exc:
+                raise ShardMQError(exc.code, exc.reason) from None
+            chunk.append((topic, payload.encode() if isinstance(payload, str) else bytes(payload)))
+            if len(chunk) >= batch:
+                done += self._publish_batch(chunk, qos)
+                chunk = []
+        if chunk:
+            done += self._publish_batch(chunk, qos)
+        return done
+
+    def _publish_batch(self, chunk: list[tuple[str, bytes]], qos: int) -> int:
+        self._raise_pending_error()
+        for attempt in range(2):
+            ids = [next(self._ids) if qos else None for _ in chunk]
+            items = [[topic, qos, ref] for (topic, _), ref in zip(chunk, ids, strict=True)]
+            self._send_parts(codec.encode_batch(codec.PUBS, {}, items, [p for _, p in chunk]))
+            if not qos:
+                return len(chunk)
+            unacked = self._await_pubacks({i for i in ids if i is not None})
+            if not unacked:
+                return len(chunk)
+            if attempt == 0:  # silent node: move on and resend what was not acknowledged
+                chunk = [m for m, ref in zip(chunk, ids, strict=True) if ref in unacked]
+                self._failover()
+        raise ShardMQError(codec.E_TIMEOUT, f"{len(chunk)} publishes not acknowledged after a failover")
+
+    def _await_pubacks(self, waiting: set[int]) -> set[int]:
+        """Wait for PUBACKs of ``waiting``; returns the ids still unacknowledged after ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            frame = self._recv(left)
+            if frame is None:
+                continue
+            h = frame.header
+            if frame.type == codec.PUBACK:
+                ids = h.get("ids")
+                waiting.difference_update(ids if isinstance(ids, list) else [h["id"]])
+            elif frame.type == codec.ERROR and h.get("ref") in waiting:
+                raise ShardMQError(h["code"], h["reason"])
+            elif frame.type not in (codec.WELCOME, codec.PONG):
+                self._handle_unsolicited(frame)
+        return waiting
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (forever when None); None on timeout."""

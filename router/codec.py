@@ -35,6 +35,7 @@ SUBACK = b"SUBACK"
 UNSUB = b"UNSUB"
 UNSUBACK = b"UNSUBACK"
 PUB = b"PUB"
+PUBS = b"PUBS"
 PUBACK = b"PUBACK"
 MSG = b"MSG"
 DACK = b"DACK"
@@ -73,6 +74,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     UNSUB: {"id": _INT, "filters": _LIST},
     UNSUBACK: {"id": _INT},
     PUB: {"topic": _STR, "qos": _INT},
+    PUBS: {"items": _LIST, "sizes": _LIST},
     PUBACK: {"id": _INT},
     MSG: {"topic": _STR, "qos": _INT},
     MSGS: {"items": _LIST, "sizes": _LIST},
@@ -145,8 +147,17 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (FWDS, "items"): (_fwd_items_ok, "[id:int, topic:str, qos:0|1] triples"),
     (FWDS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (PUBS, "items"): (
+        lambda items: all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and r[1] in (0, 1)
+            and (r[2] is None or type(r[2]) is int)
+            for r in items
+        ),
+        "[topic:str, qos:0|1, id:int|null] triples",
+    ),
+    (PUBS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
 }
-CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, DACK, PING, PONG, STATUS, BYE, LEAVE})
+CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
     {ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWDS, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY, ERROR}
 )
@@ -248,7 +259,7 @@ def decode(
 
 
 # ---------------------------------------------------------------------------------------------- batches
-# FWDS and MSGS carry many messages in one frame: the header lists each message's fields (``items``) and the
+# PUBS, FWDS and MSGS carry many messages in one frame: the header lists each message's fields (``items``) and the
 # byte size of its payload (``sizes``), and the payload part is the payloads back to back. One frame costs one
 # header parse and one socket operation however many messages it holds.
 
@@ -258,7 +269,7 @@ def encode_batch(frame_type: bytes, header: dict[str, Any], items: list[Any], pa
 
 
 def split_batch(frame: Frame) -> list[tuple[Any, bytes]]:
-    """(item, payload) pairs of a FWDS/MSGS frame; ProtocolError when sizes and payload disagree."""
+    """(item, payload) pairs of a PUBS/FWDS/MSGS frame; ProtocolError when sizes and payload disagree."""
     items, sizes = frame.header["items"], frame.header["sizes"]
     if len(items) != len(sizes) or sum(sizes) != len(frame.payload):
         raise ProtocolError(

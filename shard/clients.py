@@ -172,8 +172,19 @@ class ClientsMixin(NodeBase):
                 self.metrics["deliveries.acked"] += 1
 
     def _on_pub(self, session: Session, frame: Frame) -> None:
-        ref = frame.header.get("id")
-        topic, qos = frame.header["topic"], frame.header["qos"]
+        self._publish_one(session, frame.header.get("id"), frame.header["topic"], frame.header["qos"], frame.payload)
+
+    def _on_pubs(self, session: Session, frame: Frame) -> None:
+        """Many publishes in one frame (``Client.publish_many``): each is handled like a PUB, in order."""
+        try:
+            batch = codec.split_batch(frame)
+        except ProtocolError as exc:
+            self.reject_client(session.rid, exc.code, exc.reason, exc.ref)
+            return
+        for (topic, qos, ref), payload in batch:
+            self._publish_one(session, ref, topic, qos, payload)
+
+    def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> None:
         if qos not in (0, 1):
             self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
             return
@@ -187,7 +198,7 @@ class ClientsMixin(NodeBase):
             self.reject_client(session.rid, codec.E_FENCED, reason, ref)
             return
         self.metrics["publishes.in"] += 1
-        self.publish(Publish(session.rid, ref, topic, qos, frame.payload))
+        self.publish(Publish(session.rid, ref, topic, qos, payload))
 
     def _on_leave(self, session: Session, frame: Frame) -> None:
         """Graceful leave: flag ourselves in etcd; the leader drains every shard away, then we exit."""
@@ -206,6 +217,7 @@ class ClientsMixin(NodeBase):
         codec.UNSUB: _on_unsub,
         codec.DACK: _on_dack,
         codec.PUB: _on_pub,
+        codec.PUBS: _on_pubs,
         codec.LEAVE: _on_leave,
     }
 

@@ -293,7 +293,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                     pending = self.pending_fwds.pop(f.fid, None)
                     if pending is not None:
                         self._fail_publish(pending[1], codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
-        for rid, parts, deliveries in self.outbox.client_frames():
+        for rid, parts, deliveries in self.outbox.client_frames():  # PUBACKs first: they carry no deliveries
             if len(deliveries) > 1:
                 self.metrics["batches.msgs"] += 1
             written = self.send_client(rid, parts)

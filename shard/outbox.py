@@ -43,9 +43,13 @@ class Outbox:
     forwards: dict[str, list[Forward]] = field(default_factory=dict)
     acks: dict[str, list[int]] = field(default_factory=dict)
     deliveries: dict[bytes, list[Delivery]] = field(default_factory=dict)
+    pubacks: dict[bytes, list[int | None]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.forwards or self.acks or self.deliveries)
+        return bool(self.forwards or self.acks or self.deliveries or self.pubacks)
+
+    def puback(self, rid: bytes, ref: int | None) -> None:
+        self.pubacks.setdefault(rid, []).append(ref)
 
     def forward(self, dest: str, item: Forward) -> None:
         self.forwards.setdefault(dest, []).append(item)
@@ -88,6 +92,9 @@ class Outbox:
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:
         """(client routing id, frame parts, the deliveries it carries); empties the box."""
         deliveries, self.deliveries = self.deliveries, {}
+        pubacks, self.pubacks = self.pubacks, {}
+        for rid, refs in pubacks.items():  # one PUBACK per client per flush: "id" the first, "ids" all of them
+            yield rid, codec.encode(codec.PUBACK, {"id": refs[0], "ids": refs}), []
         for rid, items in deliveries.items():
             for chunk in self._chunks(items):
                 if len(chunk) == 1:

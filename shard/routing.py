@@ -257,7 +257,7 @@ class RoutingMixin(NodeBase):
     def _maybe_puback(self, pub: Publish) -> None:
         if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:
             self.metrics["publishes.acked"] += 1
-            self.send_client(pub.client, codec.encode(codec.PUBACK, {"id": pub.ref}))
+            self.outbox.puback(pub.client, pub.ref)  # sent by Node._flush, batched per client
 
     def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
         if pub.failed:

@@ -197,6 +197,11 @@ CLIENT_CASES = [
     ("pub_qos_2", [b"PUB", hdr(id=53, topic="a", qos=2), b""], "invalid_qos", "got 2", 53),
     ("pub_qos_negative", [b"PUB", hdr(id=54, topic="a", qos=-1), b""], "invalid_qos", "got -1", 54),
     ("sub_qos_2", [b"SUB", hdr(id=55, filters=["a/b"], qos=2), b""], "invalid_qos", "got 2", 55),
+    ("pubs_sizes_short", [b"PUBS", hdr(items=[["a", 0, None]], sizes=[2]), b"x"], "bad_frame", "2 bytes", None),
+    ("pubs_sizes_count", [b"PUBS", hdr(items=[["a", 0, None]], sizes=[]), b""], "bad_frame", "0 sizes", None),
+    ("pubs_item_shape", [b"PUBS", hdr(items=[["a", 0]], sizes=[0]), b""], "bad_header", "triples", None),
+    ("pubs_item_qos_2", [b"PUBS", hdr(items=[["a", 2, 1]], sizes=[0]), b""], "bad_header", "triples", None),
+    ("pubs_bad_topic", [b"PUBS", hdr(items=[["a/#", 1, 56]], sizes=[1]), b"x"], "invalid_topic", "'#'", 56),
 ]
 
 

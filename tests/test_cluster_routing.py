@@ -195,3 +195,22 @@ def test_vanished_client_routes_are_dropped(connect, endpoints) -> None:
             break
         time.sleep(0.5)
     assert sum(connect(i).status()["routes"] for i in range(3)) == routes - 2
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_publish_many_batches_keep_order_and_ack(connect, qos: int) -> None:
+    p = unique()
+    sub = connect(0)
+    sub.subscribe(f"{p}/batch/+", qos=1)
+    pub = connect(2)
+    messages = [(f"{p}/batch/{i % 3}", f"{i}".encode()) for i in range(1200)]
+    assert pub.publish_many(messages, qos=qos, batch=250) == 1200
+    got = drain(sub, quiet=1.0)
+    assert len(got) == 1200
+    for k in range(3):
+        seq = [int(m.payload) for m in got if m.topic == f"{p}/batch/{k}"]
+        assert seq == sorted(seq) and len(seq) == 400
+    assert connect(0).status()["metrics"].get("batches.msgs", 0) > 0  # deliveries shared frames
+    with pytest.raises(ShardMQError) as e:
+        pub.publish_many([(f"{p}/ok", b"x"), ("bad/#", b"y")], qos=qos)
+    assert e.value.code == "invalid_topic"
