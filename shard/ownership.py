@@ -109,7 +109,10 @@ class OwnershipMixin(NodeBase):
         self.assignment, self.assignment_revision = new, revision
         mine = set(new.shards_of(self.me))
         for shard in mine:
-            self.incoming.pop(shard, None)
+            if self.incoming.pop(shard, None) is not None and shard in self.snapshot_sources:
+                # The fill flipped: the source keeps forwarding until it sees the flip plus its grace period.
+                source = self.snapshot_sources[shard]
+                self.call_later(2 * self.cfg.handoff_grace, lambda s=shard, src=source: self._forget_source(s, src))
         if old is not None:
             for shard in set(old.shards_of(self.me)) - mine:
                 self.call_later(self.cfg.handoff_grace, lambda shard=shard: self._release(shard))
@@ -295,7 +298,9 @@ class OwnershipMixin(NodeBase):
             self.incoming[shard] = h["id"]
             self.snapshot_sources[shard] = sender
             move_id = h["id"]
-            self.call_later(self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id, sender))
+            # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
+            # we must not give up on a fill that is about to become ours.
+            self.call_later(2 * self.cfg.handoff_timeout, lambda: self._abandon_incoming(shard, move_id, sender))
         for filt, nodes in h["routes"]:
             for node in nodes:
                 self.routes.add(shard, filt, node)
@@ -305,18 +310,20 @@ class OwnershipMixin(NodeBase):
             ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": self.me}
             self.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
 
-    def _abandon_incoming(self, shard: int, move_id: int, source: str) -> None:
-        # By now the move has flipped (and the source's grace ended) or it was abandoned: either way the source
-        # forwards nothing more, so stop accepting forwarded changes from it.
+    def _forget_source(self, shard: int, source: str) -> None:
+        """Stop accepting forwarded changes from a hand-off source (its stream is over)."""
         if self.snapshot_sources.get(shard) == source:
             del self.snapshot_sources[shard]
+
+    def _abandon_incoming(self, shard: int, move_id: int, source: str) -> None:
         if self.incoming.get(shard) != move_id:
-            return
+            return  # the move flipped (the flip schedules _forget_source) or a newer fill replaced it
         # Our view may not show the flip yet (it lags by a poll): decide on a fresh read, never on a stale one.
         if not self._refresh_assignment(force=True):
             self.call_later(self.cfg.handoff_grace, lambda: self._abandon_incoming(shard, move_id, source))
             return
         if self.incoming.pop(shard, None) == move_id:  # the fresh view may have made us the owner meanwhile
+            self._forget_source(shard, source)  # abandoned: the source stopped streaming too
             self._release(shard)
 
     def _refuse_move(self, frame: Frame, code: str, reason: str) -> None:

@@ -94,8 +94,8 @@ class RoutingMixin(NodeBase):
     def _apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
         """Apply route changes for ``node``; returns [shard, our epoch] for items sent with an older epoch.
 
-        Fencing at the sink: an item whose epoch is older than the newest we have seen for its shard is never
-        applied; the sender is told so in the ROUTE_ACK and re-sends to the owners of the current epoch. An item
+        Fencing at the sink: a direct (not forwarded) item whose epoch is older than the newest we have seen for
+        its shard is never applied; the sender is told so in the ROUTE_ACK and re-sends to the owners of the current epoch. An item
         at our epoch is applied if we hold the shard (owner, or hand-off source in its grace period); one with a
         newer epoch is applied (the sender knows of a flip we have not seen yet). Forwarded items come from the
         source of a hand-off we are receiving, and only from it (checked by the caller).
@@ -277,7 +277,9 @@ class RoutingMixin(NodeBase):
     def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
         forwarded = bool(h.get("fwd"))
-        if self.fenced():
+        # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication
+        # data from the source filling us, and refusing them would leave this replica short if the move flips.
+        if self.fenced() and not forwarded:
             self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
             return
         if not self._shards_ok(item[0] for item in h["routes"]):
