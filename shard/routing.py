@@ -95,10 +95,11 @@ class RoutingMixin(NodeBase):
         """Apply route changes for ``node``; returns [shard, our epoch] for items sent with an older epoch.
 
         Fencing at the sink: a direct (not forwarded) item whose epoch is older than the newest we have seen for
-        its shard is never applied; the sender is told so in the ROUTE_ACK and re-sends to the owners of the current epoch. An item
-        at our epoch is applied if we hold the shard (owner, or hand-off source in its grace period); one with a
-        newer epoch is applied (the sender knows of a flip we have not seen yet). Forwarded items come from the
-        source of a hand-off we are receiving, and only from it (checked by the caller).
+        its shard is never applied; the sender is told so in the ROUTE_ACK and re-sends to the owners of the
+        current epoch. An item at our epoch is applied if we hold the shard (owner, or hand-off source in its
+        grace period); one with a newer epoch is applied (the sender knows of a flip we have not seen yet).
+        Forwarded items come from the source of a hand-off we are receiving, and only from it (checked by the
+        caller); they are applied whatever their epoch.
         """
         change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
         a = self.assignment
