@@ -85,6 +85,11 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     ),
     (codec.FWDS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.MSGS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.PUBS, "items"): st.lists(
+        st.tuples(st.text(max_size=20), st.sampled_from([0, 1]), st.none() | st.integers(0, 2**40)).map(list),
+        max_size=5,
+    ),
+    (codec.PUBS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
 }
 
 
