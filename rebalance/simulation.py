@@ -7,17 +7,24 @@ What is real and what is modelled:
 * Modelled after ``shard/membership.py``: one etcd (``Etcd``) with leases (TTL in fake seconds), member keys, the
   assignment document with its mod revision and ``write_assignment``'s compare-and-swap, and a leader key held by
   a lease (the first live campaigner wins while it is absent). ``EtcdSession``'s loop (register, keep-alive every
-  TTL/3, re-register after a lost lease, read the snapshot) and ``fenced`` (a third of the TTL before the lease
-  runs out).
-* Modelled after ``shard/node.py``: the node's view (``on_snapshot``, ``on_members``, ``_set_assignment``),
-  ``_lead``/``_start_handoff``/``_commit``, the hand-off handlers (``_on_handoff``, ``_on_snapshot``,
-  ``_on_handoff_ready``, ``_abandon_incoming``), ``_release``/``_stop_forwarding`` with their grace timers,
-  and the route path (``_change_routes``/``_send_route_items``/``_apply_route_items``/``_on_route_change``/
-  ``_on_route_ack``/``_retry_stale`` with waiters and their timeouts). Publishes are one synchronous lookup
-  (``_lookup``/``_on_lookup``): the model only records which subscribers the answering owner named.
+  TTL/3, re-register after a lost lease, read the snapshot) and ``EtcdSession.fenced`` (a third of the TTL before
+  the lease runs out). A snapshot pushed after a re-registration reaches the node only at its next read
+  (``refresh``, ``settle``): until then the node has registered again but not seen the view that goes with it.
+* Modelled after ``shard/node.py``, ``shard/ownership.py`` and ``shard/routing.py``: ``fenced`` (the session's
+  fencing, or a registration whose view the node has not processed yet), the node's view (``on_snapshot`` with
+  its re-announce after a re-registration, ``on_members``, ``_set_assignment``), ``_lead``/``_start_handoff``/
+  ``_commit``, the hand-off handlers (``_on_handoff``, ``_on_snapshot``, ``_on_handoff_ready``,
+  ``_abandon_incoming``, ``_refuse_move``, ``_stop_abandoned``), ``_release``/``_stop_forwarding`` with their
+  grace timers, ``_on_peer_error`` (waiter failures; refused moves to ``Coordinator.on_refused`` by move id),
+  ``_reannounce_routes``, and the route path (``_change_routes``/``_send_route_items``/``_apply_route_items``/
+  ``_on_route_change``/``_on_route_ack``/``_retry_stale`` with waiters and their timeouts). Publishes are one
+  synchronous lookup (``_lookup``/``_lookup_failed``/``_on_lookup``): the model only records which subscribers
+  the answering owner named.
 * Simplified: exact topic filters only (a filter's shard is ``shard_for_key(filter)``; no root set, no ROUTE_DEL),
   one subscription per (node, filter), one snapshot chunk, every message is an in-memory object, clocks never
-  drift, an etcd call is atomic (it succeeds iff the node is neither partitioned, paused nor crashed).
+  drift, an etcd call is atomic (it succeeds iff the node is neither partitioned, paused nor crashed). Not
+  modelled: ``_shards_ok`` (the model never names a shard outside the cluster), the member check on peer frames,
+  ``session.poll_now`` (a view is only read by ``refresh``/``settle``/``_refresh_assignment``).
 
 Pure: no sockets, threads, real clocks or randomness; whoever drives the model (a hypothesis state machine)
 chooses every step, so a run is a function of its step list.
@@ -33,7 +40,7 @@ from typing import Any
 from shardmq.rebalance.coordinator import Commit, Coordinator, Member, StartHandoff
 from shardmq.ring import Assignment, ShardMap, shard_for_key
 
-__all__ = ["Etcd", "Msg", "Sim", "SimConfig", "SimNode"]
+__all__ = ["Etcd", "Msg", "Sim", "SimConfig", "SimNode", "Waiter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +134,7 @@ class Etcd:
 
 @dataclass(slots=True)
 class Msg:
-    kind: str  # ROUTE_ADD, ROUTE_ACK, ERROR, HANDOFF, SNAPSHOT, HANDOFF_READY
+    kind: str  # ROUTE_ADD, ROUTE_ACK, ERROR, HANDOFF, SNAPSHOT, HANDOFF_READY (an ERROR for a move has move_id)
     header: dict[str, Any]
 
 
@@ -144,6 +151,7 @@ class Waiter:
 class Forwarding:
     targets: set[str]
     epoch: int
+    move_id: int = 0  # the latest move streaming through it (an abandoned move's timer must not stop a newer one)
 
 
 @dataclass(slots=True)
@@ -158,6 +166,7 @@ class SimNode:
     next_refresh: float = 0.0
     registrations: int = 0
     # Node view
+    registration: int = 0  # Node._registration: the registration whose view the node last processed
     members: set[str] = field(default_factory=set)
     leader: str | None = None
     assignment: Assignment | None = None
@@ -166,6 +175,7 @@ class SimNode:
     routes: dict[int, set[tuple[str, str]]] = field(default_factory=dict)  # shard -> {(filter, subscriber)}
     forwarding: dict[int, Forwarding] = field(default_factory=dict)
     incoming: dict[int, int] = field(default_factory=dict)
+    snapshot_sources: dict[int, str] = field(default_factory=dict)  # shard -> the source streaming it to us
     waiters: dict[int, Waiter] = field(default_factory=dict)
     timers: list[tuple[float, int, str, tuple[Any, ...]]] = field(default_factory=list)
     local_filters: set[str] = field(default_factory=set)
@@ -183,8 +193,10 @@ class SimNode:
         return self.up and not self.partitioned
 
     def holds(self, shard: int) -> bool:
+        """``_apply_route_items``: an owner, or a hand-off source (in its grace period). A shard being filled
+        (``incoming``) does not count."""
         a = self.assignment
-        return a is not None and (self.node_id in a.owners(shard) or shard in self.incoming or shard in self.forwarding)
+        return a is not None and (self.node_id in a.owners(shard) or shard in self.forwarding)
 
 
 class Sim:
@@ -203,7 +215,10 @@ class Sim:
         self.failed_subs = 0
         self.publishes: list[tuple[float, str, str, frozenset[str] | None, frozenset[str]]] = []
         self.trace: list[str] = []
+        self._targets: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
         self.notes: list[str] = []  # notable events (abandoned incoming with a stale view, ...)
+        self.refused_moves: list[tuple[float, str, int, str]] = []  # (time, refuser, move id, code)
+        self.refused_frames: list[tuple[float, str, str, str, str]] = []  # (time, refuser, sender, kind, code)
 
     # ------------------------------------------------------------------ helpers
     def _id(self) -> int:
@@ -214,8 +229,9 @@ class Sim:
         return shard_for_key(filt, self.cfg.shard_count)
 
     def fenced(self, n: SimNode) -> bool:
-        """``EtcdSession.fenced``: a third of the lease passed without a keep-alive."""
-        return self.now > n.lease_valid_until - self.cfg.lease_ttl / 3
+        """``Node.fenced``: ``EtcdSession.fenced`` (two thirds of the lease passed without a keep-alive), or the
+        node registered again and has not yet processed the view of its newest registration."""
+        return self.now > n.lease_valid_until - self.cfg.lease_ttl / 3 or n.registration < n.registrations
 
     def live_members(self) -> set[str]:
         return set(self.etcd.members)
@@ -226,10 +242,14 @@ class Sim:
         return acked is not None and self.etcd.expired_time.get(node, -1.0) >= acked
 
     def target(self) -> tuple[tuple[str, ...], ...] | None:
-        live = self.live_members()
+        live = tuple(sorted(self.live_members()))
         if not live:
             return None
-        return ShardMap.build(dict.fromkeys(sorted(live), 1), self.cfg.shard_count, self.cfg.replication).table
+        table = self._targets.get(live)
+        if table is None:  # building the ring is most of a run's cost: cache it per member set
+            table = ShardMap.build(dict.fromkeys(live, 1), self.cfg.shard_count, self.cfg.replication).table
+            self._targets[live] = table
+        return table
 
     def _later(self, n: SimNode, delay: float, kind: str, *args: Any) -> None:
         self._seq += 1
@@ -247,7 +267,7 @@ class Sim:
         node_id = f"n{len(self.nodes)}"
         self.nodes[node_id] = SimNode(node_id)
         self.trace.append(f"join {node_id}")
-        self.session_poll(node_id, read=False)
+        self.session_poll(node_id, read=True)
         return node_id
 
     def crash(self, node_id: str) -> None:
@@ -317,27 +337,35 @@ class Sim:
             n.lease_id = self.etcd.grant(self.now)
             self.etcd.put_member(node_id, n.lease_id)
             n.registrations += 1
-            if n.registrations > 1:  # Node.on_snapshot: re-announce our routes once peers saw us back
-                self._later(n, self.cfg.reannounce_delay, "reannounce")
             n.lease_valid_until = self.now + self.cfg.lease_ttl
             n.next_refresh = self.now + self.cfg.lease_ttl / 3
-            read = True  # the session pushes a snapshot right after (re-)registering
+            # The session pushes a snapshot right after (re-)registering; the node processes it at its next read
+            # (``refresh``/``settle``). Until then ``fenced`` holds (registration < registrations).
         if read:
             leader = self.etcd.campaign(node_id, n.lease_id)
-            self.on_snapshot(n, set(self.etcd.members), leader, self.etcd.doc, self.etcd.doc_revision)
+            snapshot = (set(self.etcd.members), leader, self.etcd.doc, self.etcd.doc_revision, n.registrations)
+            self.on_snapshot(n, *snapshot)
 
     def refresh(self, node_id: str) -> None:
         self.trace.append(f"refresh {node_id}")
         self.session_poll(node_id, read=True)
 
     # ------------------------------------------------------------------ Node: view
-    def on_snapshot(self, n: SimNode, members: set[str], leader: str | None, doc: Assignment | None, rev: int) -> None:
+    def on_snapshot(
+        self, n: SimNode, members: set[str], leader: str | None, doc: Assignment | None, rev: int, registration: int
+    ) -> None:
         if n.node_id not in members and n.node_id in n.members:
             n.crashed = True  # Node.on_snapshot: removed_from_cluster -> stop()
             self.notes.append(f"{self.now}: {n.node_id} stopped (removed_from_cluster)")
             return
         n.view_read_at = self.etcd.revision
         n.leader = leader
+        if registration > n.registration:
+            if n.registration:
+                # We lost our lease and registered again: peers dropped our routes; announce them again once
+                # everyone has seen us back (``_reannounce_routes``).
+                self._later(n, self.cfg.reannounce_delay, "reannounce")
+            n.registration = registration
         if members != n.members:
             self.on_members(n, members)
         if doc is not None and rev > n.assignment_revision:
@@ -369,8 +397,10 @@ class Sim:
         old = n.assignment
         n.assignment, n.assignment_revision = new, revision
         mine = set(new.shards_of(n.node_id))
-        for shard in mine:
-            n.incoming.pop(shard, None)
+        for shard in sorted(mine):
+            if n.incoming.pop(shard, None) is not None and shard in n.snapshot_sources:
+                # The fill flipped: the source keeps forwarding until it sees the flip plus its grace period.
+                self._later(n, 2 * self.cfg.handoff_grace, "forget_source", shard, n.snapshot_sources[shard])
         if old is not None:
             for shard in sorted(set(old.shards_of(n.node_id)) - mine):
                 self._later(n, self.cfg.handoff_grace, "release", shard)
@@ -393,13 +423,21 @@ class Sim:
             self.notes.append(f"{self.now}: {n.node_id} released shard {shard} that etcd says it owns (stale view)")
         n.routes.pop(shard, None)
 
-    def _timer_abandon_incoming(self, n: SimNode, shard: int, move_id: int) -> None:
+    def _timer_forget_source(self, n: SimNode, shard: int, source: str) -> None:
+        """``Node._forget_source``: stop accepting forwarded changes from a hand-off source (its stream is over)."""
+        if n.snapshot_sources.get(shard) == source:
+            del n.snapshot_sources[shard]
+
+    def _timer_abandon_incoming(self, n: SimNode, shard: int, move_id: int, source: str) -> None:
+        """``Node._abandon_incoming``: decide on a fresh read of etcd; only a fill really abandoned forgets its
+        source (a flipped one was scheduled to by ``set_assignment``)."""
         if n.incoming.get(shard) != move_id:
-            return
-        if not self.refresh_assignment(n, force=True):  # Node._abandon_incoming decides on a fresh read
-            self._later(n, self.cfg.handoff_grace, "abandon_incoming", shard, move_id)
+            return  # the move flipped (the flip schedules forget_source) or a newer fill replaced it
+        if not self.refresh_assignment(n, force=True):
+            self._later(n, self.cfg.handoff_grace, "abandon_incoming", shard, move_id, source)
             return
         if n.incoming.pop(shard, None) == move_id:  # the fresh view may have made us the owner meanwhile
+            self._timer_forget_source(n, shard, source)  # abandoned: the source stopped streaming too
             self._timer_release(n, shard)
 
     def _timer_reannounce(self, n: SimNode) -> None:
@@ -454,20 +492,23 @@ class Sim:
     def _on_handoff(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
         shard, epoch = h["shard"], h["epoch"]
         if self.fenced(n):
-            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "fenced", "space": "move"}))
+            self._refuse_move(n, h, "fenced")
             return
         a = n.assignment
         if a is None or a.epoch(shard) < epoch:
             self.refresh_assignment(n)
             a = n.assignment
         if a is None or a.epoch(shard) != epoch or n.node_id not in a.owners(shard):
-            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "stale_epoch", "space": "move"}))
+            self._refuse_move(n, h, "stale_epoch")
             return
         targets = [t for t in h["targets"] if t != n.node_id]
         fw = n.forwarding.get(shard)
         if fw is None or fw.epoch != epoch:
             fw = n.forwarding[shard] = Forwarding(set(), epoch)
         fw.targets.update(targets)
+        fw.move_id = h["id"]
+        # A move the coordinator abandons never flips: stop streaming to its targets after the timeout.
+        self._later(n, self.cfg.handoff_timeout + self.cfg.handoff_grace, "stop_abandoned", shard, epoch, h["id"])
         routes = sorted(n.routes.get(shard, ()))
         for target in targets:
             header = {"id": h["id"], "shard": shard, "epoch": epoch, "routes": routes, "coordinator": h["coordinator"]}
@@ -477,11 +518,14 @@ class Sim:
         shard, epoch = h["shard"], h["epoch"]
         a = n.assignment
         if a is not None and a.epoch(shard) > epoch:
-            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "stale_epoch", "space": "move"}))
+            self._refuse_move(n, h, "stale_epoch")
             return
         if n.incoming.get(shard) != h["id"]:
             n.incoming[shard] = h["id"]
-            self._later(n, self.cfg.handoff_timeout, "abandon_incoming", shard, h["id"])
+            n.snapshot_sources[shard] = sender
+            # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
+            # the replica must not give up on a fill that is about to become its own.
+            self._later(n, 2 * self.cfg.handoff_timeout, "abandon_incoming", shard, h["id"], sender)
         n.routes.setdefault(shard, set()).update(h["routes"])
         ready = {"id": h["id"], "shard": shard, "epoch": epoch, "node": n.node_id}
         if h["coordinator"] == n.node_id:
@@ -492,6 +536,22 @@ class Sim:
     def _on_handoff_ready(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
         if n.coordinator is not None:
             n.coordinator.on_ready(h["id"], h["node"])
+
+    def _refuse_move(self, n: SimNode, h: dict[str, Any], code: str) -> None:
+        """``Node._refuse_move``: tell the coordinator (not whoever relayed the frame) by move id."""
+        self.refused_moves.append((self.now, n.node_id, h["id"], code))
+        if h["coordinator"] == n.node_id and n.coordinator is not None:
+            n.coordinator.on_refused(h["id"])
+        else:
+            header = {"ref": None, "code": code, "move_id": h["id"], "shard": h["shard"]}
+            self.send(n.node_id, h["coordinator"], Msg("ERROR", header))
+
+    def _timer_stop_abandoned(self, n: SimNode, shard: int, epoch: int, move_id: int) -> None:
+        """``Node._stop_abandoned``: a move that never flipped stops streaming to its targets."""
+        fw = n.forwarding.get(shard)
+        never_flipped = n.assignment is not None and n.assignment.epoch(shard) == epoch
+        if fw is not None and fw.epoch == epoch and fw.move_id == move_id and never_flipped:
+            del n.forwarding[shard]
 
     # ------------------------------------------------------------------ Node: routes
     def subscribe(self, node_id: str, filt: str) -> bool:
@@ -542,19 +602,23 @@ class Sim:
     def _apply_route_items(
         self, n: SimNode, node: str, items: list[tuple[int, int, str]], forwarded: bool
     ) -> list[tuple[int, int]]:
+        """Fencing at the sink: a direct item older than our epoch for its shard is never applied (reported stale);
+        one at our epoch is applied if we hold the shard (owner or hand-off source, not a shard being filled); a
+        newer one is applied. Forwarded items are applied whatever their epoch (``_on_route_change`` checked their
+        sender)."""
         a = n.assignment
         stale: list[tuple[int, int]] = []
         relay: dict[str, list[tuple[int, int, str]]] = {}
         for item in items:
             shard, epoch, filt = item
             ours = a.epoch(shard) if a is not None else 0
-            if n.holds(shard) or epoch > ours or forwarded:
+            if forwarded or epoch > ours or (epoch == ours and n.holds(shard)):
                 n.routes.setdefault(shard, set()).add((filt, node))
                 fw = n.forwarding.get(shard)
                 if fw is not None and not forwarded:
                     for target in sorted(fw.targets):
                         relay.setdefault(target, []).append(item)
-            if epoch < ours:
+            else:
                 stale.append((shard, ours))
         for target, routes in sorted(relay.items()):
             self.send(n.node_id, target, Msg("ROUTE_ADD", {"id": 0, "node": node, "routes": routes, "fwd": True}))
@@ -562,23 +626,40 @@ class Sim:
 
     def _on_route_change(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
         forwarded = bool(h.get("fwd"))
+        # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication data
+        # from the source filling us, and refusing them would leave this replica short if the move flips.
         if self.fenced(n) and not forwarded:
-            self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": "fenced"}))
+            self._refuse_peer(n, sender, h, "fenced")
+            return
+        if forwarded:
+            # Only the source of a hand-off we receive may forward changes to us, and only for that shard.
+            if any(n.snapshot_sources.get(item[0]) != sender for item in h["routes"]):
+                self._refuse_peer(n, sender, h, "not_allowed")
+                return
+        elif h["node"] != sender:
+            self._refuse_peer(n, sender, h, "not_allowed")
             return
         stale = self._apply_route_items(n, h["node"], h["routes"], forwarded)
         if not forwarded and h["id"]:
             self.send(n.node_id, sender, Msg("ROUTE_ACK", {"id": h["id"], "stale": stale}))
 
+    def _refuse_peer(self, n: SimNode, sender: str, h: dict[str, Any], code: str) -> None:
+        self.refused_frames.append((self.now, n.node_id, sender, "fwd" if h.get("fwd") else "route", code))
+        self.send(n.node_id, sender, Msg("ERROR", {"ref": h["id"], "code": code}))
+
     def _on_route_ack(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
-        if h["stale"] and self._retry_stale(n, h["id"], sender, h["stale"]):
-            return
-        self._settle_waiter(n, h["id"], sender)
+        wid = h["id"]
+        if h["stale"]:
+            if self._retry_stale(n, wid, sender, h["stale"]):
+                return
+            if wid in n.waiters:  # retried enough: do not confirm a route that no current owner holds
+                n.waiters[wid].failures.append(f"{sender} (epoch still stale)")
+                self.notes.append(f"{self.now}: {n.node_id} gave up re-sending stale items to {sender}")
+        self._settle_waiter(n, wid, sender)
 
     def _retry_stale(self, n: SimNode, wid: int, sender: str, stale: list[tuple[int, int]]) -> bool:
         waiter = n.waiters.get(wid)
         if waiter is None or waiter.attempt >= 3:
-            if waiter is not None:
-                self.notes.append(f"{self.now}: {n.node_id} gave up re-sending stale items to {sender}, acked anyway")
             return False
         self.refresh_assignment(n)
         shards = {s for s, _ in stale}
@@ -594,11 +675,13 @@ class Sim:
         self._send_route_items(n, retry, done, waiter.attempt + 1)
         return True
 
-    def _on_error(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
-        # Node._on_peer_error matches the ref against waiters. Hand-off refusals carry a move id, which the real
-        # node also looks up among its waiter ids (a different counter); the model keeps the namespaces apart.
-        if h.get("space", "waiter") == "waiter" and h["ref"] in n.waiters:
-            n.waiters[h["ref"]].failures.append(f"{sender} (fenced)")
+    def _on_peer_error(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        """``Node._on_peer_error``: a refused move goes to the coordinator by move id; otherwise fail the waiter."""
+        if "move_id" in h:
+            if n.coordinator is not None:
+                n.coordinator.on_refused(h["move_id"])
+        elif h["ref"] in n.waiters:
+            n.waiters[h["ref"]].failures.append(f"{sender} ({h['code']})")
             self._settle_waiter(n, h["ref"], sender)
 
     def _settle_waiter(self, n: SimNode, wid: int, node: str) -> None:
@@ -637,7 +720,7 @@ class Sim:
         handler = {
             "ROUTE_ADD": self._on_route_change,
             "ROUTE_ACK": self._on_route_ack,
-            "ERROR": self._on_error,
+            "ERROR": self._on_peer_error,
             "HANDOFF": self._on_handoff,
             "SNAPSHOT": self._on_snapshot,
             "HANDOFF_READY": self._on_handoff_ready,
@@ -669,10 +752,9 @@ class Sim:
             if not (p.online and o.online):
                 continue  # lookup timeout: ask the next owner
             if self.fenced(o):
-                continue
+                continue  # E_FENCED: the next owner
             ours = o.assignment.epoch(shard) if o.assignment is not None else 0
-            holds = o.assignment is not None and (owner in o.assignment.owners(shard) or shard in o.forwarding)
-            if a.epoch(shard) < ours and not holds:
+            if a.epoch(shard) < ours:  # fenced at the sink: any older epoch is refused
                 self.refresh_assignment(p)  # E_STALE_EPOCH: refresh, then the next owner
                 continue
             answer = frozenset(s for f, s in o.routes.get(shard, ()) if f == topic)
@@ -683,7 +765,9 @@ class Sim:
     # ------------------------------------------------------------------ settling
     def views_current(self) -> bool:
         return all(
-            n.assignment_revision == self.etcd.doc_revision and n.members == self.live_members()
+            n.assignment_revision == self.etcd.doc_revision
+            and n.members == self.live_members()
+            and n.registration == n.registrations
             for n in self.nodes.values()
             if n.up and n.node_id in self.etcd.members
         )

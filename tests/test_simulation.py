@@ -32,14 +32,15 @@ Replaying a failure: the model is deterministic, so hypothesis's printed step li
 ``pytest tests/test_simulation.py --hypothesis-seed=N`` replays a whole seed. ``SIM_EXAMPLES`` scales the runs.
 
 Fixed tests below pin single rules (fencing window after re-registration, refused moves by move id, stale items)
-and, marked ``known_bug`` (strict xfail), route losses the model finds with the node's current rules.
+and the hand-off rules added for route losses the model found: a fenced replica still applies forwarded changes,
+a flipped replica accepts them until twice the grace after its view shows the flip, and its fill timer is twice
+the coordinator's timeout.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -329,9 +330,10 @@ def test_new_replica_abandons_fill_just_after_the_flip() -> None:
     """Regression, invariant 4 with no failure at all: a new replica's fill timer outlives the coordinator's.
 
     The coordinator times a move from ``StartHandoff`` (t=1) and may flip it up to ``handoff_timeout`` later
-    (t=7); the new replica times it from the first SNAPSHOT it got (t=2), so its ``_abandon_incoming`` fires at
-    t=8. If its view had not caught up with the flip by then, ``_release`` would see "not an owner" in the stale
-    view and drop the shard's routes; ``_abandon_incoming`` therefore decides on a fresh read of etcd.
+    (t=7); the new replica times it from the first SNAPSHOT it got (t=2). With a timer of ``handoff_timeout`` its
+    ``_abandon_incoming`` fired at t=8: if its view had not caught up with the flip by then, ``_release`` would see
+    "not an owner" in the stale view and drop the shard's routes, so ``_abandon_incoming`` decides on a fresh read
+    of etcd. (The timer is now 2 * ``handoff_timeout``, see ``test_fill_timer_outlasts_the_coordinators_deadline``.)
     """
     sim = started()
     check = Checker(sim)
@@ -448,25 +450,29 @@ def test_stale_items_are_never_applied_and_exhausted_retries_fail() -> None:
     assert failures and failures[0]
 
 
-# ---------------------------------------------------------------------- bugs the model finds in the node's rules
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    """Route loss the model reproduces with the node's current rules; strict, so a fix makes these fail (XPASS)."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"node bug: {reason}")
-
-
-@known_bug("a fenced new replica refuses forwarded changes of a fill it took")
-def test_fenced_new_replica_loses_forwarded_changes() -> None:
-    """Shortest StrictCluster failure (SIM_EXAMPLES=3000): invariant 4.
+# ---------------------------------------------------------------------- hand-off rules found by the simulation
+def test_fenced_new_replica_applies_forwarded_changes() -> None:
+    """Regression (shortest StrictCluster failure at SIM_EXAMPLES=3000, invariant 4). Rule: a fenced node refuses
+    direct route changes (owner work) but still applies FORWARDED ones from its snapshot source: they are
+    replication data for a fill it took, and refusing them leaves the replica short once the move flips.
 
     n0 is partitioned past its lease, healed, and its session registers again, so ``Node.fenced`` holds until it
-    processes the new view. The leader sees n0 back and starts hand-offs to it. ``_on_snapshot`` does not check
-    ``fenced``: n0 takes the snapshot and sends HANDOFF_READY. A subscription made meanwhile (at the old epoch) is
-    applied by the source and forwarded to n0, but ``_on_route_change`` refuses every frame while fenced, forwarded
-    ones included (dd85db8); the refusal (ref 0) is dropped by the source. The move flips: n0 owns shard 6 without
-    the acknowledged route t/0 -> n3. The same happens with a plain keep-alive stall (``EtcdSession.fenced``) of a
-    new replica during its fill.
+    processes the new view. The leader sees n0 back and starts hand-offs to it; n0 takes the snapshot
+    (``_on_snapshot`` does not check ``fenced``) and sends HANDOFF_READY. A subscription made meanwhile (at the old
+    epoch) is applied by the source and forwarded to n0, which must apply it although it is fenced; the move flips
+    and n0 owns shard 6 with the acknowledged route t/0 -> n3.
     """
     state = StrictCluster()
+    sim = state.sim
+    forwarded_while_fenced: list[str] = []
+    on_route_change = sim._on_route_change
+
+    def spy(n, sender, h) -> None:  # noqa: ANN001
+        if h.get("fwd") and sim.fenced(n):
+            forwarded_while_fenced.append(f"{sender}->{n.node_id}")
+        on_route_change(n, sender, h)
+
+    sim._on_route_change = spy  # type: ignore[method-assign]
     state.join()
     state.join()
     state.join()
@@ -480,67 +486,84 @@ def test_fenced_new_replica_loses_forwarded_changes() -> None:
     state.renew_leases()
     state.refresh(i=8)
     state.settle()
-    assert ("n0", "n2", "fwd", "fenced") in {r[1:] for r in state.sim.refused_frames}
+    assert "n2->n0" in forwarded_while_fenced  # the rule was exercised
+    assert not [r for r in sim.refused_frames if r[3] == "fwd"], sim.refused_frames
     state.teardown()
 
 
-@known_bug("the new replica stops accepting forwarded changes before the source")
-def test_forwarded_change_after_the_replicas_fill_timer() -> None:
-    """Invariant 4 with no failure at all: a late flip. The coordinator may flip a move up to ``handoff_timeout``
-    after ``StartHandoff`` (t0+6); the new replica's ``_abandon_incoming`` (first SNAPSHOT + 6, here t0+6.25)
-    drops ``snapshot_sources`` (dd85db8) although the source's view has not shown the flip yet, so it still
-    applies changes at the old epoch and forwards them. A subscriber whose view is also one poll behind subscribes:
-    the old owners apply and acknowledge, the new replica refuses the forwarded items (``not_allowed``), and after
-    the flip it owns the shard without them."""
+def test_forwarded_change_after_the_flip_is_accepted() -> None:
+    """Regression, invariant 4 with no failure at all. Rule: the new replica keeps accepting forwarded changes
+    from its snapshot source until 2 * ``handoff_grace`` after its own view first shows the flip (``set_assignment``
+    pops ``incoming`` and schedules ``_forget_source``); its fill timer (``_abandon_incoming``) forgets the source
+    only when the fill is really abandoned (its fresh etcd read shows it is not an owner).
+
+    A late flip (StartHandoff + ``handoff_timeout``): the replica sees the flip at once, while the sources and a
+    subscriber (n1) are one poll behind. The sources still apply changes at the old epoch and forward them for
+    their grace period; the replica must apply them, or after the flip it owns the shard without them. Formerly the
+    replica dropped ``snapshot_sources`` at its fill timer and refused them (``not_allowed``)."""
     sim = started()
     check = Checker(sim)
     for f in FILTERS[:5]:
         sim.subscribe("n0", f)
     assert sim.settle()
     t0 = sim.now
-    sim.join()
+    new = sim.join()
     leader = sim.leader_node()
     assert leader is not None
     sim.refresh(leader.node_id)  # StartHandoff at t0
     deliver_kind(sim, "HANDOFF")
     sim.tick(0.25)
-    deliver_kind(sim, "SNAPSHOT")  # the new replica's timers: t0 + 6.25
+    deliver_kind(sim, "SNAPSHOT")
+    sources = dict(sim.nodes[new].snapshot_sources)
+    assert sources
     while sim.now < t0 + 6:
         sim.tick(min(1.0, t0 + 6 - sim.now))
     deliver_kind(sim, "HANDOFF_READY")
     sim.lead(leader.node_id)  # t0 + 6: not timed out yet, so every move flips
-    sim.tick(0.25)  # the new replica's _abandon_incoming: a fresh read makes it an owner; snapshot_sources cleared
+    sim.tick(0.25)
+    sim.refresh(new)  # the replica's view shows the flip: it forgets its sources only 2 * grace later
+    n = sim.nodes[new]
+    flipped = set(n.assignment.shards_of(new)) & set(sources)
+    assert flipped and all(n.snapshot_sources.get(s) == sources[s] for s in flipped)
+    forget = {args[0]: due for due, _, kind, args in n.timers if kind == "forget_source"}
+    assert forget == dict.fromkeys(flipped, sim.now + 2 * CONFIG.handoff_grace)
     for f in FILTERS[5:]:
         sim.subscribe("n1", f)  # n1 and the sources still see the old epoch
     for _ in range(3):
         for src, dst in sim.deliverable():
             sim.deliver(src, dst)
-    assert any(r[3:] == ("fwd", "not_allowed") for r in sim.refused_frames)
+    assert not [r for r in sim.refused_frames if r[3] == "fwd"], sim.refused_frames
     assert sim.settle()
     assert not check.route_losses(), check.route_losses()
+    sim.tick(2 * CONFIG.handoff_grace)
+    assert not set(n.snapshot_sources) & flipped  # forgotten once the source's stream is over
 
 
-@known_bug("the replica's fill timer and the coordinator's deadline can meet")
-def test_fill_abandoned_at_the_coordinators_deadline() -> None:
-    """Invariant 4, no failure: the new replica's ``_abandon_incoming`` fires at first SNAPSHOT + 6, the
-    coordinator flips anything ready up to StartHandoff + 6 inclusive (``now - started > handoff_timeout``). When
-    the snapshot arrives as fast as the commit lands late (here both at t0, and the replica's timer runs before the
-    leader's step at t0+6), the replica reads etcd before the flip, releases the shard's routes, and the flip then
-    makes it an owner with none. (Present before dd85db8 too; a margin between the two timeouts would close it.)"""
+def test_fill_timer_outlasts_the_coordinators_deadline() -> None:
+    """Regression, invariant 4 with no failure at all. Rule: the new replica's fill timer (``_abandon_incoming``)
+    fires at 2 * ``handoff_timeout`` after its first SNAPSHOT, twice the coordinator's deadline.
+
+    The coordinator flips anything ready up to StartHandoff + ``handoff_timeout`` inclusive (``now - started >
+    handoff_timeout``). With a 1x timer, a snapshot arriving at StartHandoff (t0) made the replica's timer fire at
+    t0+6 before the leader's step: it read etcd before the flip, released the shard's routes, and the flip then
+    made it an owner with none."""
     sim = started()
     check = Checker(sim)
     for f in FILTERS[:5]:
         sim.subscribe("n0", f)
     assert sim.settle()
     t0 = sim.now
-    sim.join()
+    new = sim.join()
     leader = sim.leader_node()
     assert leader is not None
     sim.refresh(leader.node_id)
     deliver_kind(sim, "HANDOFF")
     deliver_kind(sim, "SNAPSHOT")  # same instant as StartHandoff
+    abandon = {due for due, _, kind, _ in sim.nodes[new].timers if kind == "abandon_incoming"}
+    assert abandon == {t0 + 2 * CONFIG.handoff_timeout}
     while sim.now < t0 + 6:
-        sim.tick(min(1.0, t0 + 6 - sim.now))  # at t0+6 the replica's timer fires first: releases the fill
+        sim.tick(min(1.0, t0 + 6 - sim.now))
+    assert sim.nodes[new].incoming  # still filling at the coordinator's deadline
     deliver_kind(sim, "HANDOFF_READY")
     sim.lead(leader.node_id)  # t0+6 - t0 > 6 is False: the moves flip
     assert sim.settle()
