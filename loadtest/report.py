@@ -212,11 +212,20 @@ def plot_latency(history: dict[str, dict[str, Any]], path: Path, t0: float, min_
         ts = [t - t0 for t in s["t"]]
         for p in PERCENTILES:
             ax.plot(ts, s[p], label=f"p{p.rstrip('%')}", color=colors[p], linewidth=1.2)
-        ax.set_title(name if name != "deliver" else "deliver (end to end)", fontsize=10)
-        ax.set_ylabel("ms")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        _finish_axes(ax, name if name != "deliver" else "deliver (end to end)", "ms")
+    return _save_grid(plt, fig, axes, path)
+
+
+def _finish_axes(ax: Any, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _save_grid(plt: Any, fig: Any, axes: Sequence[Any], path: Path) -> Path:
+    """Label the bottom row of a grid of time plots and save it."""
     for ax in axes[-2:]:
         ax.set_xlabel("seconds since start")
         ax.tick_params(labelbottom=True)
@@ -231,15 +240,8 @@ def plot_node_rates(nodes: dict[str, dict[str, list[float]]], path: Path, t0: fl
             if key in cols:
                 xs, ys = rates(cols["t"], cols[key])
                 ax.plot([x - t0 for x in xs], ys, label=name, linewidth=1.2)
-        ax.set_title(key, fontsize=10)
-        ax.set_ylabel("/s")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    for ax in axes[-2:]:
-        ax.set_xlabel("seconds since start")
-        ax.tick_params(labelbottom=True)
-    return _save(plt, fig, path)
+        _finish_axes(ax, key, "/s")
+    return _save_grid(plt, fig, axes, path)
 
 
 def plot_node_routes(nodes: dict[str, dict[str, list[float]]], path: Path, t0: float) -> Path:
