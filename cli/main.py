@@ -83,7 +83,7 @@ def print_status(status: dict[str, Any]) -> None:
         rss = f"{n['rss_bytes'] / 2**20:.0f}" if "rss_bytes" in n else "-"
         print(
             f"{n['id']:<6} {'yes' if n['alive'] else 'NO':<6} {n['client_endpoint']:<24} {n.get('shards', '-'):>7} "
-            f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('bytes_per_route', '-'):>8}"
+            f"{n.get('primary_shards', '-'):>8} {n.get('routes', '-'):>10} {n.get('bytes_per_route') or '-':>8}"
             f" {rss:>8} {n.get('clients', '-'):>8}"
         )
     live = [n for n in nodes if n["alive"]]

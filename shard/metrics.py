@@ -103,7 +103,7 @@ class NodeCollector(Collector):
             "local_filters": ("Distinct filters subscribed by this node's clients", st.get("local_filters", 0)),
             "assignment_version": ("Version of the shard assignment this node sees", st.get("assignment_version", 0)),
             "rss_bytes": ("Resident memory of the node process", st.get("rss_bytes", 0)),
-            "bytes_per_route": ("RSS growth since start divided by routes held", st.get("bytes_per_route", 0)),
+            "bytes_per_route": ("RSS growth since start per route held", st.get("bytes_per_route") or 0),
             "hops_per_publish": ("Mean inter-node hops of a publish", st.get("hops_per_publish", 0)),
             "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
             "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),

@@ -433,7 +433,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "rss_bytes": rss,
             # RSS growth since start per route held: the measured cost of the route table (local subscriptions
             # of this node's own clients included, so compare on nodes without big local subscriber sets).
-            "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes else 0,
+            # Below 10,000 routes the allocator's own noise dominates, so nothing is reported.
+            "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes >= 10_000 else None,
             "root_set_size": self.routes.root_size,
             "clients": len(self.sessions),
             "local_filters": len(self.local_q0) + len(self.local_q1),
