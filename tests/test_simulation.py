@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from shardmq.rebalance.simulation import Sim, SimConfig, Waiter
+from shardmq.rebalance.simulation import Sim, SimConfig, SimNode, Waiter
 from shardmq.ring import ShardMap
 
 CONFIG = SimConfig(shard_count=16, replication=2)
@@ -319,6 +319,20 @@ def test_fixed_sequence_replays_identically() -> None:
     assert first[2] and all(first[2].values())
 
 
+def joining_cluster() -> tuple[Sim, Checker, float, str, SimNode]:
+    """A settled 3-node cluster with five acknowledged routes on n0, and a fourth node that just joined."""
+    sim = started()
+    check = Checker(sim)
+    for f in FILTERS[:5]:
+        sim.subscribe("n0", f)
+    assert sim.settle()
+    t0 = sim.now
+    new = sim.join()
+    leader = sim.leader_node()
+    assert leader is not None
+    return sim, check, t0, new, leader
+
+
 def deliver_kind(sim: Sim, kind: str) -> None:
     """Deliver every queued frame of ``kind`` that heads its channel (FIFO is kept)."""
     for (src, dst), q in sorted(sim.channels.items()):
@@ -501,15 +515,7 @@ def test_forwarded_change_after_the_flip_is_accepted() -> None:
     subscriber (n1) are one poll behind. The sources still apply changes at the old epoch and forward them for
     their grace period; the replica must apply them, or after the flip it owns the shard without them. Formerly the
     replica dropped ``snapshot_sources`` at its fill timer and refused them (``not_allowed``)."""
-    sim = started()
-    check = Checker(sim)
-    for f in FILTERS[:5]:
-        sim.subscribe("n0", f)
-    assert sim.settle()
-    t0 = sim.now
-    new = sim.join()
-    leader = sim.leader_node()
-    assert leader is not None
+    sim, check, t0, new, leader = joining_cluster()
     sim.refresh(leader.node_id)  # StartHandoff at t0
     deliver_kind(sim, "HANDOFF")
     sim.tick(0.25)
@@ -547,15 +553,7 @@ def test_fill_timer_outlasts_the_coordinators_deadline() -> None:
     handoff_timeout``). With a 1x timer, a snapshot arriving at StartHandoff (t0) made the replica's timer fire at
     t0+6 before the leader's step: it read etcd before the flip, released the shard's routes, and the flip then
     made it an owner with none."""
-    sim = started()
-    check = Checker(sim)
-    for f in FILTERS[:5]:
-        sim.subscribe("n0", f)
-    assert sim.settle()
-    t0 = sim.now
-    new = sim.join()
-    leader = sim.leader_node()
-    assert leader is not None
+    sim, check, t0, new, leader = joining_cluster()
     sim.refresh(leader.node_id)
     deliver_kind(sim, "HANDOFF")
     deliver_kind(sim, "SNAPSHOT")  # same instant as StartHandoff
