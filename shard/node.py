@@ -2,8 +2,9 @@
 
 ``Node`` is put together from mixins, one idea each: ``clients.py`` (client frames, sessions, local delivery),
 ``routing.py`` (routes and publish) and ``ownership.py`` (membership, shard ownership, hand-offs, the leader's
-rebalancer). ``state.py`` holds the records they keep, ``base.py`` declares what they share. This module is the
-shell: configuration, sockets, timers, the loop, and the dispatch of peer frames.
+rebalancer). ``state.py`` holds the records they keep, ``base.py`` declares what they share, ``outbox.py`` batches
+what leaves, ``metrics.py`` counts the wire and serves Prometheus. This module is the shell: configuration,
+sockets, timers, the loop, the flush of the outbox after each drain, and the dispatch of peer frames.
 
 Rules of this file:
 - One thread owns every socket and every piece of routing state. The etcd session thread only hands member
@@ -12,8 +13,9 @@ Rules of this file:
   peer whose routing id is this node's id, so a peer's ROUTER knows who is talking. Requests and replies between
   nodes both travel DEALER -> ROUTER. ``ROUTER_MANDATORY`` turns a send to a vanished client into an error we act
   on instead of a silent drop; ``ROUTER_HANDOVER`` lets a reconnecting client keep its routing id.
-- The loop drains each ready socket in bounded NOBLOCK batches, then runs due timers, then polls with the next
-  timer deadline as timeout: no socket can starve another or the timers.
+- The loop drains each ready socket in bounded NOBLOCK batches, flushes what that batch queued (one frame per
+  destination), then runs due timers, then polls with the next timer deadline as timeout: no socket can starve
+  another or the timers.
 - Every rejected input is answered with an ERROR frame (when the sender can be addressed), counted in
   ``metrics`` under ``errors.<code>`` and logged; the node keeps serving.
 """
