@@ -137,17 +137,21 @@ class Coordinator:
         """A source or target refused a move (stale epoch, fenced): forget it; the next step plans it again."""
         self._forget(lambda f: f.move_id == move_id, "refused by a node")
 
-    def on_commit(self, commit: Commit, new_revision: int | None, now: float | None = None) -> None:
-        """The shell's result for ``commit``: the document's new revision, or None when the CAS lost a race."""
+    def on_commit(self, commit: Commit, new_revision: int | None, now: float | None = None) -> dict[int, float]:
+        """The shell's result for ``commit``: the document's new revision, or None when the CAS lost a race.
+
+        Returns how long each hand-off this commit finished took (shard -> seconds from HANDOFF to the flip).
+        """
         c = self.counters
         if new_revision is None:
             c.commits_failed += 1
-            return
+            return {}
         self.assignment, self.revision = commit.assignment, new_revision
+        durations: dict[int, float] = {}
         for shard in commit.flipped:
             flight = self.in_flight.pop(shard, None)
             if flight is not None and now is not None:  # a hand-off finished: HANDOFF sent -> ownership flipped
-                took = now - flight.started
+                took = durations[shard] = now - flight.started
                 c.handoffs_done += 1
                 c.handoff_seconds_total += took
                 c.handoff_seconds_max = max(c.handoff_seconds_max, took)
@@ -155,6 +159,7 @@ class Coordinator:
             self.counters.shards_flipped += len(commit.flipped)
         elif commit.reason == "promote":
             self.counters.promotions += len(commit.flipped)
+        return durations
 
     # ------------------------------------------------------------------ decisions
     def target(self) -> tuple[tuple[str, ...], ...]:

@@ -226,13 +226,16 @@ class OwnershipMixin(NodeBase):
         except Exception as exc:
             self.log.warning("etcd_error", error=str(exc), epoch=self.epoch)
             revision = None
-        c.on_commit(commit, revision, time.monotonic())
+        durations = c.on_commit(commit, revision, time.monotonic())
         if revision is None:
             self.session.poll_now()
             return
         self.metrics[f"rebalance.commits.{commit.reason}"] += 1
+        for shard, took in durations.items():  # every move, at debug level; the commit line sums them up
+            self.log.debug("move_done", shard=shard, epoch=commit.assignment.epoch(shard), ms=round(took * 1000))
         self.log.info(
             "assignment_committed", reason=commit.reason, shards=len(commit.flipped),
+            handoffs=len(durations), handoff_ms_max=round(1000 * max(durations.values(), default=0)),
             version=commit.assignment.version, epoch=self.epoch,
         )  # fmt: skip
         self._set_assignment(commit.assignment, revision)
