@@ -60,6 +60,8 @@ MSGS = b"MSGS"
 HANDOFF = b"HANDOFF"
 SNAPSHOT = b"SNAPSHOT"
 HANDOFF_READY = b"HANDOFF_READY"
+INVALIDATE = b"INVALIDATE"
+INVALIDATE_ACK = b"INVALIDATE_ACK"
 
 _INT = int
 _STR = str
@@ -98,6 +100,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     HANDOFF: {"id": _INT, "shard": _INT, "epoch": _INT, "targets": _LIST, "coordinator": _STR},
     SNAPSHOT: {"id": _INT, "shard": _INT, "epoch": _INT, "routes": _LIST, "last": bool, "coordinator": _STR},
     HANDOFF_READY: {"id": _INT, "shard": _INT, "epoch": _INT, "node": _STR},
+    INVALIDATE: {"id": _INT, "epoch": _INT, "shards": _LIST},
+    INVALIDATE_ACK: {"id": _INT},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
@@ -143,6 +147,7 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
     (HANDOFF, "targets"): (_strings_ok, "node id strings"),
+    (INVALIDATE, "shards"): (_ints_ok, "shard numbers (non-negative integers)"),
     (SNAPSHOT, "routes"): (_snapshot_ok, "[filter:str, [node:str, ...]] pairs"),
     (FWDS, "items"): (_fwd_items_ok, "[id:int, topic:str, qos:0|1] triples"),
     (FWDS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
@@ -159,8 +164,11 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
 }
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
-    {ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWDS, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY, ERROR}
-)
+    {
+        ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWDS, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY,
+        INVALIDATE, INVALIDATE_ACK, ERROR,
+    }
+)  # fmt: skip
 
 # Error codes (stable strings; docs/PROTOCOL.md explains each).
 E_BAD_FRAME = "bad_frame"

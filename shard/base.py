@@ -19,11 +19,12 @@ from shardmq.rebalance import Coordinator
 from shardmq.ring import Assignment
 from shardmq.router.codec import Frame
 from shardmq.router.matching import FilterIndex
+from shardmq.router.route_cache import LookupWatchers, RouteCache
 from shardmq.router.routes import RouteTable
 
 from .membership import EtcdSession, MemberInfo
 from .outbox import Outbox
-from .state import Forwarding, Lookup, Publish, Session, Waiter
+from .state import Forwarding, Invalidation, Lookup, Publish, Session, Waiter
 
 if TYPE_CHECKING:
     from .node import NodeConfig
@@ -57,6 +58,9 @@ class NodeBase:
     dealers: dict[str, zmq.Socket]
     topic_queues: dict[str, deque[Publish]]
     pending_lookups: dict[int, Lookup]
+    route_cache: RouteCache
+    lookup_watchers: LookupWatchers
+    invalidations: dict[int, Invalidation]
     pending_fwds: dict[int, tuple[str, Publish]]
     waiters: dict[int, Waiter]
     outbox: Outbox

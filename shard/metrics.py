@@ -10,7 +10,9 @@ Rules of this file:
 - Names: ``shardmq_frames_total``, ``shardmq_bytes_total`` and ``shardmq_message_size_bytes`` (labels
   ``channel``, ``peer``, ``direction``); gauges for routes, shards, root-set size, clients, assignment version,
   fenced and leader; counters ``shardmq_errors_total{code}``, ``shardmq_drops_total{reason}``,
-  ``shardmq_handoff_total{what}`` and ``shardmq_events_total{name}`` for every other node counter.
+  ``shardmq_handoff_total{what}``, ``shardmq_route_cache_total{what}`` (invalidations) and
+  ``shardmq_events_total{name}`` for every other node counter; the route cache's
+  ``shardmq_route_cache_lookups_total{result="hit"|"miss"}`` and its ``entries``/``watchers`` gauges.
 """
 
 from __future__ import annotations
@@ -110,6 +112,18 @@ class NodeCollector(Collector):
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"shardmq_{name}", doc, value=value)
+        cache = st.get("route_cache") or {}
+        lookups = CounterMetricFamily(
+            "shardmq_route_cache_lookups", "Publishes' shard lookups at this entry node", labels=["result"]
+        )
+        lookups.add_metric(["hit"], cache.get("hits", 0))
+        lookups.add_metric(["miss"], cache.get("misses", 0))
+        yield lookups
+        yield GaugeMetricFamily("shardmq_route_cache_entries", "Cached lookup answers", value=cache.get("entries", 0))
+        yield GaugeMetricFamily(
+            "shardmq_route_cache_watchers", "Entry nodes told when this owner's routes change (per shard)",
+            value=cache.get("watchers", 0),
+        )  # fmt: skip
         shards = GaugeMetricFamily("shardmq_shards", "Shards held by this node", labels=["role"])
         shards.add_metric(["replica"], st.get("shards", 0))
         shards.add_metric(["primary"], st.get("primary_shards", 0))
@@ -119,11 +133,14 @@ class NodeCollector(Collector):
             "errors": CounterMetricFamily("shardmq_errors", "Rejected inputs by error code", labels=["code"]),
             "drops": CounterMetricFamily("shardmq_drops", "Frames dropped, by reason", labels=["reason"]),
             "handoff": CounterMetricFamily("shardmq_handoff", "Shard hand-off counters", labels=["what"]),
+            "route_cache": CounterMetricFamily(
+                "shardmq_route_cache", "Route cache invalidations sent and received, and timeouts", labels=["what"]
+            ),
             "events": CounterMetricFamily("shardmq_events", "Other node counters", labels=["name"]),
         }
         for name, value in sorted(snap.counters.items()):
             head, _, rest = name.partition(".")
-            family = head if head in ("errors", "drops", "handoff") else "events"
+            family = head if head in ("errors", "drops", "handoff", "route_cache") else "events"
             families[family].add_metric([rest if family != "events" else name], value)
         yield from families.values()
 

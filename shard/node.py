@@ -41,6 +41,7 @@ from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT, Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.matching import FilterIndex
+from shardmq.router.route_cache import LookupWatchers, RouteCache
 from shardmq.router.routes import RouteTable
 
 from .clients import ClientsMixin
@@ -49,7 +50,7 @@ from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
 from .outbox import Outbox
 from .ownership import OwnershipMixin
 from .routing import RoutingMixin
-from .state import ROOT, Forwarding, Lookup, Publish, Session, Waiter
+from .state import ROOT, Forwarding, Invalidation, Lookup, Publish, Session, Waiter
 
 log = structlog.get_logger("shardmq.node")
 
@@ -71,6 +72,7 @@ class NodeConfig:
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     request_timeout: float = 5.0
     lookup_timeout: float = 1.0  # then ask the next owner: a dead primary costs one timeout, not a failed publish
+    route_cache_size: int = 100_000  # (topic, shard) lookup answers kept at the entry node; 0 turns the cache off
     handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
     handoff_timeout: float = 30.0
     endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)
@@ -121,6 +123,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.pending_lookups: dict[int, Lookup] = {}
+        self.route_cache = RouteCache(config.route_cache_size)
+        self.lookup_watchers = LookupWatchers()
+        self.invalidations: dict[int, Invalidation] = {}
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.waiters: dict[int, Waiter] = {}
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
@@ -366,6 +371,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             self._lookup_failed(ref, reason, refresh=h["code"] == codec.E_STALE_EPOCH)
         elif ref in self.pending_fwds:
             self._fail_publish(self.pending_fwds.pop(ref)[1], h["code"], reason)
+        elif ref in self.invalidations:
+            self._settle_invalidation(ref, sender)
 
     def _fail_peer_requests(self, node: str) -> None:
         """A gone peer will answer nothing: fail what waits on it now instead of at its timeout."""
@@ -381,6 +388,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             if peer == node:
                 del self.pending_fwds[fid]
                 self._fail_publish(pub, codec.E_UNAVAILABLE, f"destination node {node} left the cluster")
+        self.lookup_watchers.forget(node)
+        for iid, inv in list(self.invalidations.items()):
+            if node in inv.pending:
+                self._settle_invalidation(iid, node)
 
     _peer_handlers: dict[bytes, Callable[[Node, str, Frame], None]] = {
         codec.ROUTE_ADD: RoutingMixin._on_route_change,
@@ -394,6 +405,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         codec.HANDOFF: OwnershipMixin._on_handoff,
         codec.SNAPSHOT: OwnershipMixin._on_snapshot,
         codec.HANDOFF_READY: OwnershipMixin._on_handoff_ready,
+        codec.INVALIDATE: RoutingMixin._on_invalidate,
+        codec.INVALIDATE_ACK: RoutingMixin._on_invalidate_ack,
         codec.ERROR: _on_peer_error,
     }
 
@@ -432,6 +445,12 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "handoffs_in": sorted(self.incoming),
             "routes": self.routes.route_count,
             "hops_per_publish": round(self.metrics["publishes.hops"] / max(1, self.metrics["publishes.routed"]), 3),
+            "route_cache": {
+                "entries": len(self.route_cache),
+                "hits": self.route_cache.hits,
+                "misses": self.route_cache.misses,
+                "watchers": len(self.lookup_watchers),
+            },
             "rss_bytes": rss,
             # RSS growth since start per route held: the measured cost of the route table (local subscriptions
             # of this node's own clients included, so compare on nodes without big local subscriber sets).

@@ -16,7 +16,7 @@ Rules of this file:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -40,6 +40,8 @@ class OwnershipMixin(NodeBase):
 
         def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None: ...
 
+        def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool: ...
+
     # ------------------------------------------------------------------ membership and ownership
     def fenced(self) -> bool:
         # Also fenced between registering again and seeing the view that goes with the new registration.
@@ -59,6 +61,8 @@ class OwnershipMixin(NodeBase):
                 # We lost our lease and registered again: peers saw us gone and dropped our routes. Our clients
                 # are still subscribed, so announce them again once everyone has seen us back.
                 self.call_later(REANNOUNCE_DELAY, self._reannounce_routes)
+                # Owners that saw us gone forgot which of their answers we cache: ask them all again.
+                self.route_cache.clear()
             self._registration = registration
         if members != self.members:
             self.on_members(members, int(snapshot["epoch"]))
@@ -114,6 +118,8 @@ class OwnershipMixin(NodeBase):
                 source = self.snapshot_sources[shard]
                 self.call_later(2 * self.cfg.handoff_grace, lambda s=shard, src=source: self._forget_source(s, src))
         if old is not None:
+            # Entry nodes that cached our answers for a shard that flipped must ask its new owners.
+            self._invalidate_caches(s for s in range(new.shard_count) if new.epoch(s) != old.epoch(s))
             for shard in set(old.shards_of(self.me)) - mine:
                 self.call_later(self.cfg.handoff_grace, lambda shard=shard: self._release(shard))
             for shard, fw in list(self.forwarding.items()):

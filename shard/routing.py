@@ -19,7 +19,7 @@ Rules of this file:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from shardmq.ring import shard_for_key
@@ -29,7 +29,7 @@ from shardmq.router.partition import lookup_keys, placement_key
 
 from .base import NodeBase
 from .outbox import Forward
-from .state import ROOT, Lookup, Publish, Waiter
+from .state import ROOT, Invalidation, Lookup, Publish, Waiter
 
 
 class RoutingMixin(NodeBase):
@@ -76,13 +76,18 @@ class RoutingMixin(NodeBase):
             for owner in self._targets(item[0]):
                 by_node.setdefault(owner, []).append(item)
         local = by_node.pop(self.me, None)
+        wid = next(self.ids)
+        waiter = Waiter(set(by_node), [on_done], kind, by_node, attempt)
         if local:
             self._apply_route_items(kind, self.me, local, forwarded=False)
-        if not by_node:
+            # We own some of these shards: entry nodes caching their answers must drop them before we confirm.
+            settle = (lambda: self._settle_waiter(wid, self.me)) if kind == codec.ROUTE_ADD else None
+            if self._invalidate_caches((item[0] for item in local), settle):
+                waiter.pending.add(self.me)
+        if not waiter.pending:
             on_done([])
             return None
-        wid = next(self.ids)
-        waiter = self.waiters[wid] = Waiter(set(by_node), [on_done], kind, by_node, attempt)
+        self.waiters[wid] = waiter
         for node, routes in by_node.items():
             header = {"id": wid, "node": self.me, "epoch": self.epoch, "routes": routes}
             if not self.send_peer(node, codec.encode(kind, header)):
@@ -131,6 +136,41 @@ class RoutingMixin(NodeBase):
         if stale:
             self.metrics["fencing.stale_route_items"] += len(stale)
         return stale
+
+    def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool:
+        """Tell the entry nodes caching answers for ``shards`` to drop them (see router.route_cache).
+
+        With ``then`` (an added route), it runs once every one of them acknowledged (or left, or timed out) and
+        True is returned when there is something to wait for; without it (a removed route, a flip) nobody waits.
+        """
+        told = self.lookup_watchers.take(s for s in shards if s != ROOT)
+        if not told:
+            return False
+        iid = next(self.ids) if then is not None else 0
+        for node, told_shards in told.items():
+            self.metrics["route_cache.invalidations_out"] += 1
+            header = {"id": iid, "epoch": self.epoch, "shards": told_shards}
+            self.send_peer(node, codec.encode(codec.INVALIDATE, header))
+        if then is None:
+            return False
+        self.invalidations[iid] = Invalidation(set(told), then)
+        self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
+        return True
+
+    def _settle_invalidation(self, iid: int, node: str) -> None:
+        inv = self.invalidations.get(iid)
+        if inv is not None:
+            inv.pending.discard(node)
+            if not inv.pending:
+                del self.invalidations[iid]
+                inv.then()
+
+    def _expire_invalidation(self, iid: int) -> None:
+        inv = self.invalidations.pop(iid, None)
+        if inv is not None:  # an entry node that cannot answer within a lookup timeout is not publishing either
+            self.metrics["route_cache.invalidate_timeouts"] += 1
+            self.log.warning("invalidate_timeout", nodes=sorted(inv.pending), epoch=self.epoch)
+            inv.then()
 
     def _settle_waiter(self, wid: int, node: str) -> None:
         waiter = self.waiters.get(wid)
@@ -182,12 +222,16 @@ class RoutingMixin(NodeBase):
             self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
         pub.dests |= self.routes.match(ROOT, pub.topic)
-        queue = self.topic_queues.get(pub.topic)
-        if queue is None:
-            queue = self.topic_queues[pub.topic] = deque()
-        queue.append(pub)
         for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
             self._lookup(pub, shard, [])
+        queue = self.topic_queues.get(pub.topic)
+        if queue is None:
+            if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
+                if not pub.failed:
+                    self._forward(pub)
+                return
+            queue = self.topic_queues[pub.topic] = deque()
+        queue.append(pub)
         self._dispatch(pub.topic)
 
     def _lookup(self, pub: Publish, shard: int, tried: list[str]) -> None:
@@ -203,10 +247,16 @@ class RoutingMixin(NodeBase):
         if owner == self.me:
             pub.dests |= self.routes.match(shard, pub.topic)
             return
+        epoch = a.epoch(shard)
+        if not tried:
+            cached = self.route_cache.get(pub.topic, shard, epoch)
+            if cached is not None:
+                pub.dests.update(cached)
+                return
         lid = next(self.ids)
         pub.asked_remote = True
-        header = {"id": lid, "shard": shard, "epoch": a.epoch(shard), "topic": pub.topic}
-        self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner])
+        header = {"id": lid, "shard": shard, "epoch": epoch, "topic": pub.topic}
+        self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner], epoch, self.route_cache.ticket(shard))
         pub.lookups_left += 1
         if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
             self._lookup_failed(lid, f"owner {owner} of shard {shard} is unreachable")
@@ -295,8 +345,18 @@ class RoutingMixin(NodeBase):
             self._refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
             return
         stale = self._apply_route_items(frame.type, h["node"], h["routes"], forwarded)
-        if not forwarded and h["id"]:
-            self.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch, "stale": stale}))
+        shards = {item[0] for item in h["routes"]}
+        if forwarded or not h["id"]:
+            self._invalidate_caches(shards)
+            return
+        ack = codec.encode(codec.ROUTE_ACK, {"id": h["id"], "epoch": self.epoch, "stale": stale})
+
+        def confirm() -> None:
+            self.send_peer(sender, ack)
+
+        # An added route is confirmed once no entry node can still publish from an answer without it.
+        if not self._invalidate_caches(shards, confirm if frame.type == codec.ROUTE_ADD else None):
+            confirm()
 
     def _on_route_ack(self, sender: str, frame: Frame) -> None:
         wid = frame.header["id"]
@@ -326,6 +386,7 @@ class RoutingMixin(NodeBase):
         if h["epoch"] > ours:
             self.session.poll_now()
         nodes = sorted(self.routes.match(shard, h["topic"]))
+        self.lookup_watchers.watch(shard, sender)  # it may cache this answer: tell it when the shard's routes change
         reply = {"id": h["id"], "shard": shard, "epoch": ours, "nodes": nodes}
         self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
 
@@ -334,6 +395,8 @@ class RoutingMixin(NodeBase):
         if lookup is not None:
             pub = lookup.pub
             pub.dests.update(frame.header["nodes"])
+            if frame.header["epoch"] == lookup.epoch:  # an owner that has not seen our epoch yet is not cached
+                self.route_cache.put(pub.topic, lookup.shard, lookup.epoch, lookup.ticket, frame.header["nodes"])
             pub.lookups_left -= 1
             self._dispatch(pub.topic)
 
@@ -367,3 +430,13 @@ class RoutingMixin(NodeBase):
                 pub = pending[1]
                 pub.acks_left -= 1
                 self._maybe_puback(pub)
+
+    def _on_invalidate(self, sender: str, frame: Frame) -> None:
+        """An owner's routes changed: drop our cached answers for those shards, then say so if it waits."""
+        self.metrics["route_cache.invalidations_in"] += 1
+        self.route_cache.invalidate(frame.header["shards"])
+        if frame.header["id"]:
+            self.send_peer(sender, codec.encode(codec.INVALIDATE_ACK, {"id": frame.header["id"]}))
+
+    def _on_invalidate_ack(self, sender: str, frame: Frame) -> None:
+        self._settle_invalidation(frame.header["id"], sender)

@@ -53,6 +53,16 @@ class Lookup:
     shard: int
     owner: str
     tried: list[str]
+    epoch: int = 0  # the shard's epoch we asked at, and the route cache's ticket then (see router.route_cache)
+    ticket: tuple[int, int] = (0, 0)
+
+
+@dataclass(slots=True)
+class Invalidation:
+    """INVALIDATEs sent to the entry nodes caching a shard's answers; ``then`` runs once all acked (or gave up)."""
+
+    pending: set[str]
+    then: Callable[[], None]
 
 
 @dataclass(slots=True)

@@ -90,6 +90,7 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
         max_size=5,
     ),
     (codec.PUBS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.INVALIDATE, "shards"): st.lists(st.integers(0, 4095), max_size=5),
 }
 
 

@@ -56,3 +56,8 @@ def test_node_serves_prometheus_metrics(cluster: LocalCluster, connect) -> None:
     assert samples["shardmq_routes"] >= 0 and samples["shardmq_assignment_version"] >= 1
     assert samples['shardmq_shards{role="replica"}'] > 0
     assert 'shardmq_events_total{name="publishes.in"}' in samples
+    # The route cache, exported from the same counters as status (tests/test_route_cache.py checks their meaning).
+    cache = pub.status()["route_cache"]
+    assert 0 <= samples['shardmq_route_cache_lookups_total{result="hit"}'] <= cache["hits"]
+    assert 0 <= samples['shardmq_route_cache_lookups_total{result="miss"}'] <= cache["misses"]
+    assert samples["shardmq_route_cache_entries"] >= 0 and samples["shardmq_route_cache_watchers"] >= 0
