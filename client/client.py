@@ -13,20 +13,47 @@ Rules of this file:
   for nothing) is kept in ``errors`` and raised by the next call.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
   without a round trip.
-- A socket belongs to the thread (or greenlet) that made the client; never share a Client between them.
+- QoS 0 publishes are batched when they queue up, without a timer at low load: ``publish(qos=0)`` appends to
+  ``_pending`` and returns; the caller's own thread sends the pending list when it reaches ``max_batch`` messages
+  or its oldest message is ``linger`` seconds old (checked with ``time.monotonic()`` on each publish). A flush is
+  one PUBS frame (a lone message goes as the plain PUB it always was), split so that no frame carries more than
+  the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. ``max_batch=1`` turns
+  batching off (every publish is sent at once, as before).
+- Every other call (``publish(qos=1)``, ``publish_many``, ``subscribe*``, ``unsubscribe``, ``receive``,
+  ``status``, ``leave``, ``flush``, ``close``, ``connect`` and failover) sends what is pending first, so order per
+  topic is kept across QoS levels and calls. ``receive`` flushes before it blocks, so a thread waiting in
+  ``receive`` never sits on pending messages.
+- A background flusher thread (a daemon, started on the first buffered publish, holding only a weakref to the
+  Client so an unclosed client can still be garbage collected) sends what is pending once the application leaves
+  the client idle (a lone publish followed by a sleep, the end of a burst). ``publish`` wakes it (an Event) only
+  when the pending list goes from empty to non-empty. It never waits for the application: it only
+  try-acquires the lock and, when the application is inside a call, looks again 0.5 ms later (and stops looking
+  once the list is empty). Its errors are kept in ``errors``. ``close`` flushes, stops and joins it.
+- The socket is used by the application's thread and by the flusher, never at the same time: every socket use
+  (send, recv, poll) happens under ``_lock`` (an RLock), held for the whole of each public call and by the
+  flusher while it flushes. The lock also makes the hand-over between the two threads a memory barrier, which is
+  what zmq asks of a socket that migrates between threads.
+- Pending QoS 0 messages are at most once like every QoS 0 publish: those buffered or flushed to a node that
+  died (or that is closed by a failover before zmq wrote them) are lost, and nothing reports it. ``close``
+  gives zmq up to ``timeout`` to write what was queued; call ``close`` (or ``flush``) to deliver the tail.
+- Apart from the flusher, a Client belongs to the thread (or greenlet) that made it; never share one between
+  threads or greenlets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import threading
 import time
 import uuid
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -36,6 +63,12 @@ from shardmq.router.topics import TopicError, validate_topic_filter, validate_to
 
 BULK_CHUNK = 5000
 PING_INTERVAL = 5.0
+DEFAULT_MAX_BATCH = 128
+DEFAULT_LINGER = 0.0005
+# A PUBS header lists every item's topic; JSON writes a topic character in at most 6 bytes (``\u001f``), plus the
+# item's brackets, qos, id and size. Frames stay under the header limit the node decodes with.
+_ITEM_HEADER_BYTES = 32
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +88,55 @@ class ShardMQError(Exception):
         self.reason = reason
 
 
+def _exclusive(method: _F) -> _F:
+    """A public call: holds the socket lock throughout and sends the pending QoS 0 publishes first."""
+
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._flush_pending()
+            return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+class _Flusher:
+    """The background flusher: its thread and Events. It reaches the Client only through a weakref."""
+
+    RETRY = 0.0005  # the application was inside a call with messages pending: look again this much later
+
+    def __init__(self, client: Client) -> None:
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        name = f"shardmq-flusher-{client.client_id[:12]}"
+        self.thread = threading.Thread(target=self._run, args=(weakref.ref(client),), name=name, daemon=True)
+
+    def halt(self) -> None:
+        """Ask the thread to end (``close``, or the Client was garbage collected)."""
+        self.stop.set()
+        self.wake.set()
+
+    def _run(self, ref: weakref.ReferenceType[Client]) -> None:
+        while True:
+            self.wake.wait()
+            if self.stop.is_set():
+                return
+            self.wake.clear()  # before looking: a publish after this point sets it again
+            while True:
+                client = ref()
+                if client is None:
+                    return
+                retry = client._flush_in_background()
+                del client  # hold no strong reference while waiting
+                if retry is None:
+                    break
+                if self.stop.wait(retry):
+                    return
+
+
 class Client:
     zmq_module: ModuleType = zmq
+    default_max_batch: int = DEFAULT_MAX_BATCH  # GreenClient: 1 (no OS threads under gevent)
 
     def __init__(
         self,
@@ -64,12 +144,22 @@ class Client:
         client_id: str | None = None,
         timeout: float = 5.0,
         connect: bool = True,
+        *,
+        max_batch: int | None = None,
+        linger: float = DEFAULT_LINGER,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("give at least one node endpoint, e.g. tcp://127.0.0.1:7101")
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
+        self.max_batch = self.default_max_batch if max_batch is None else max_batch
+        if type(self.max_batch) is not int or self.max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1 (1: no batching), got {self.max_batch!r}")
+        if not linger >= 0:
+            raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
+        self.linger = linger
+        self.max_payload = codec.DEFAULT_MAX_PAYLOAD  # the node's limit, from its WELCOME
         self.ctx = self.zmq_module.Context.instance()
         self.sock: Any = None
         self.node: str | None = None
@@ -81,12 +171,26 @@ class Client:
         self._ids = itertools.count(1)
         self._next_endpoint = 0
         self._last_heard = time.monotonic()
+        self._lock = threading.RLock()  # every socket use; held by each public call and by the flusher
+        self._pending: list[tuple[str, bytes]] = []  # QoS 0 publishes not sent yet, oldest first
+        self._pending_since = 0.0  # time.monotonic() of the oldest pending publish
+        self._flusher: _Flusher | None = None
+        self._flusher_finalizer: weakref.finalize | None = None
         if connect:
             self.connect()
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
-        """Connect to the first endpoint that answers, starting after the last one used."""
+        """Connect to the first endpoint that answers, starting after the last one used.
+
+        Pending QoS 0 publishes are sent to the current node first (if there is one).
+        """
+        with self._lock:
+            self._connect()
+
+    def _connect(self) -> None:
+        if self._pending and self.sock is not None:
+            self._flush_pending()
         failures = []
         for _ in range(len(self.endpoints)):
             endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
@@ -98,6 +202,9 @@ class Client:
                 failures.append(endpoint)
                 continue
             self.node, self.endpoint = reply["node"], endpoint
+            max_payload = reply.get("max_payload")
+            if type(max_payload) is int and max_payload > 0:
+                self.max_payload = max_payload
             if self.subscriptions:
                 self._resubscribe()
             return
@@ -115,14 +222,14 @@ class Client:
         sock.connect(endpoint)
         self.sock = sock
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, linger: int = 0) -> None:
         if self.sock is not None:
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger)
             self.sock = None
 
     def _failover(self) -> None:
         self.failovers += 1
-        self.connect()
+        self._connect()
 
     def _resubscribe(self) -> None:
         by_qos: dict[int, list[str]] = {}
@@ -134,10 +241,20 @@ class Client:
                 self._roundtrip(codec.SUB, {"filters": chunk, "qos": qos}, b"", codec.SUBACK)
 
     def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(self.zmq_module.ZMQError):
-                self.sock.send_multipart(codec.encode(codec.BYE, {}), self.zmq_module.NOBLOCK)
-            self._close_socket()
+        """Send what is pending, stop the flusher, say BYE and close the socket.
+
+        zmq gets up to ``timeout`` seconds to write what is queued (the context waits for it only if it is
+        terminated); a dead node's pending QoS 0 messages are lost.
+        """
+        with self._lock:
+            try:
+                self._flush_pending()
+            finally:
+                self._stop_flusher()
+                if self.sock is not None:
+                    with contextlib.suppress(self.zmq_module.ZMQError):
+                        self.sock.send_multipart(codec.encode(codec.BYE, {}), self.zmq_module.NOBLOCK)
+                    self._close_socket(linger=max(0, int(self.timeout * 1000)))
 
     def __enter__(self) -> Client:
         return self
@@ -151,8 +268,71 @@ class Client:
 
     def _send_parts(self, parts: list[bytes]) -> None:
         if self.sock is None:
-            self.connect()
+            self._connect()
         self.sock.send_multipart(parts)
+
+    # ------------------------------------------------------------------ QoS 0 batching
+    def _flush_pending(self) -> None:
+        """Send the pending QoS 0 publishes (the caller holds the lock). On an error they are lost (QoS 0)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if self.sock is None:
+            self._connect()  # connect=False, or after close(): the node's max_payload comes with its WELCOME
+        for parts in self._publish_frames(pending, 0, [None] * len(pending)):
+            self._send_parts(parts)
+
+    def _publish_frames(
+        self, messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]
+    ) -> Iterator[list[bytes]]:
+        """Frames carrying ``messages`` in order: PUBS frames of at most ``max_payload`` bytes of payload (and a
+        header the node accepts); a frame of one message (so any larger message) is a plain PUB."""
+        limit = self.max_payload
+        start = size = header = 0
+        for i, (topic, data) in enumerate(messages):
+            cost = _ITEM_HEADER_BYTES + 6 * len(topic)
+            if i > start and (size + len(data) > limit or header + cost > codec.DEFAULT_MAX_HEADER):
+                yield _publish_frame(messages[start:i], qos, refs[start:i])
+                start, size, header = i, 0, 0
+            size += len(data)
+            header += cost
+        if start < len(messages):
+            yield _publish_frame(messages[start:], qos, refs[start:])
+
+    def _wake_flusher(self) -> None:
+        """The pending list just became non-empty: make sure the flusher will send it if the caller goes idle."""
+        flusher = self._flusher
+        if flusher is None:
+            flusher = self._flusher = _Flusher(self)
+            self._flusher_finalizer = weakref.finalize(self, flusher.halt)  # an unclosed client stops it too
+            flusher.thread.start()
+        flusher.wake.set()
+
+    def _flush_in_background(self) -> float | None:
+        """The flusher's turn: send what is pending unless the application is inside a call.
+
+        Returns None when nothing is left to do, else how many seconds to wait before looking again.
+        """
+        if not self._pending:  # emptied by the application's own call (a read of a list: atomic)
+            return None
+        if not self._lock.acquire(blocking=False):  # the application is inside a call: never wait for it
+            return _Flusher.RETRY
+        try:
+            self._flush_pending()
+        except Exception as exc:  # nobody to raise to in this thread: the next call raises it
+            error = exc if isinstance(exc, ShardMQError) else ShardMQError(codec.E_UNAVAILABLE, repr(exc))
+            self.errors.append(error)
+        finally:
+            self._lock.release()
+        return None
+
+    def _stop_flusher(self) -> None:
+        flusher, finalizer = self._flusher, self._flusher_finalizer
+        self._flusher = self._flusher_finalizer = None
+        if finalizer is not None:
+            finalizer()  # halt(), once
+        if flusher is not None and flusher.thread is not threading.current_thread():
+            flusher.thread.join()
 
     def _recv(self, timeout: float) -> codec.Frame | None:
         """One frame from the node within ``timeout`` seconds, or None."""
@@ -226,6 +406,7 @@ class Client:
         """Subscribe to one filter; returns once every owner of its route confirmed."""
         self.subscribe_many([topic_filter], qos)
 
+    @_exclusive
     def subscribe_many(
         self,
         filters: Iterable[str],
@@ -266,28 +447,43 @@ class Client:
             raise ShardMQError(first["code"], f"{len(failed)} filter(s) refused; first: {first['reason']}")
         return len(filters)
 
+    @_exclusive
     def unsubscribe(self, *filters: str) -> None:
         for filt in filters:
             self.subscriptions.pop(filt, None)
         self._request(codec.UNSUB, {"filters": list(filters)}, b"", codec.UNSUBACK)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0) -> None:
-        """Publish; with qos=1 returns only after every node with matching subscribers accepted it."""
+        """Publish; with qos=1 returns only after every node with matching subscribers accepted it.
+
+        With qos=0 the message is queued and sent with the others that queue up (see the rules above): at once
+        when ``max_batch`` are pending or the oldest is ``linger`` seconds old, else by the next call or by the
+        flusher thread as soon as the application leaves the client idle.
+        """
         _check_qos(qos)
         try:
             validate_topic_name(topic)
         except TopicError as exc:
             raise ShardMQError(exc.code, exc.reason) from None
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        if qos == 0:
+        with self._lock:
+            if qos:
+                self._flush_pending()
+                self._request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
+                return
             self._raise_pending_error()
-            self._send(codec.PUB, {"topic": topic, "qos": 0}, data)
-            return
-        self._request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
+            pending = self._pending
+            now = time.monotonic()
+            if not pending:
+                self._pending_since = now
+            pending.append((topic, data))
+            if len(pending) >= self.max_batch or now - self._pending_since >= self.linger:
+                self._flush_pending()
+            elif len(pending) == 1:
+                self._wake_flusher()
 
-    def publish_many(
-        self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500
-    ) -> int:
+    @_exclusive
+    def publish_many(self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500) -> int:
         """Publish (topic, payload) pairs, ``batch`` to a frame; returns how many were published.
 
         With qos=1 each frame's messages are in flight together and the call returns once every one of them was
@@ -313,9 +509,11 @@ class Client:
     def _publish_batch(self, chunk: list[tuple[str, bytes]], qos: int) -> int:
         self._raise_pending_error()
         for attempt in range(2):
+            if self.sock is None:
+                self._connect()  # frames are cut to the node's max_payload, which comes with its WELCOME
             ids = [next(self._ids) if qos else None for _ in chunk]
-            items = [[topic, qos, ref] for (topic, _), ref in zip(chunk, ids, strict=True)]
-            self._send_parts(codec.encode_batch(codec.PUBS, {}, items, [p for _, p in chunk]))
+            for parts in self._publish_frames(chunk, qos, ids):
+                self._send_parts(parts)
             if not qos:
                 return len(chunk)
             unacked = self._await_pubacks({i for i in ids if i is not None})
@@ -343,10 +541,11 @@ class Client:
                 self._handle_unsolicited(frame)
         return waiting
 
+    @_exclusive
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (forever when None); None on timeout."""
         if self.sock is None:
-            self.connect()
+            self._connect()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.inbox:
             left = PING_INTERVAL if deadline is None else deadline - time.monotonic()
@@ -371,6 +570,7 @@ class Client:
         except TimeoutError:
             self._failover()
 
+    @_exclusive
     def leave(self) -> None:
         """Ask the connected node to leave the cluster gracefully (it drains its shards, then exits).
 
@@ -381,6 +581,7 @@ class Client:
         except TimeoutError as exc:
             raise ShardMQError(codec.E_TIMEOUT, f"{self.node} did not confirm LEAVE: {exc}") from None
 
+    @_exclusive
     def status(self, detail: bool = False) -> dict[str, Any]:
         """The connected node's status: members, shards, routes, root-set size, metrics.
 
@@ -388,6 +589,23 @@ class Client:
         of), which costs the node a walk over those routes.
         """
         return self._request(codec.STATUS, {"detail": detail}, b"", codec.STATUS_REPLY)["status"]
+
+    @_exclusive
+    def flush(self) -> None:
+        """Send every pending QoS 0 publish now; like any call, raises an error kept from an earlier publish."""
+        self._raise_pending_error()
+
+
+def _publish_frame(messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]) -> list[bytes]:
+    """One PUB (a lone message, as it always looked) or one PUBS frame (what the node handles like many PUBs)."""
+    if len(messages) == 1:
+        (topic, data), ref = messages[0], refs[0]
+        header: dict[str, Any] = {"topic": topic, "qos": qos}
+        if ref is not None:
+            header["id"] = ref
+        return codec.encode(codec.PUB, header, data)
+    items = [[topic, qos, ref] for (topic, _), ref in zip(messages, refs, strict=True)]
+    return codec.encode_batch(codec.PUBS, {}, items, [data for _, data in messages])
 
 
 def _check_qos(qos: int) -> None:

@@ -123,6 +123,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.pending_lookups: dict[int, Lookup] = {}
+        self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.route_cache = RouteCache(config.route_cache_size)
         self.lookup_watchers = LookupWatchers()
         self.invalidations: dict[int, Invalidation] = {}

@@ -234,48 +234,75 @@ class RoutingMixin(NodeBase):
         queue.append(pub)
         self._dispatch(pub.topic)
 
-    def _lookup(self, pub: Publish, shard: int, tried: list[str]) -> None:
-        """Find the nodes with routes matching ``pub.topic`` in ``shard``: locally if we own it, else ask an owner
-        (the primary first, then the replicas in order, skipping those that already failed)."""
+    def _lookup(self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None) -> None:
+        """Find the nodes with routes matching ``pub.topic`` in ``shard``: locally if we own it, from the route
+        cache, from a LOOKUP already on its way for the same topic and shard, or else by asking an owner (the
+        primary first, then the replicas in order, skipping those that already failed). ``group``: publishes to
+        the same topic that share a retried lookup (``pub`` is one of them)."""
         a = self.assignment
         assert a is not None
-        candidates = [n for n in a.owners(shard) if n not in tried and n in self.members]
-        if not candidates or len(tried) > 3:
-            self._fail_publish(pub, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
-            return
-        owner = candidates[0]
-        if owner == self.me:
-            pub.dests |= self.routes.match(shard, pub.topic)
-            return
+        pubs = group or [pub]
         epoch = a.epoch(shard)
         if not tried:
+            owners = a.owners(shard)
+            if owners and owners[0] == self.me:
+                pub.dests |= self.routes.match(shard, pub.topic)
+                return
             cached = self.route_cache.get(pub.topic, shard, epoch)
             if cached is not None:
                 pub.dests.update(cached)
                 return
+            lid = self.lookups_in_flight.get((pub.topic, shard))
+            if lid is not None:  # a burst to one topic: every publish waits for the one answer
+                self.pending_lookups[lid].pubs.append(pub)
+                pub.lookups_left += 1
+                return
+        candidates = [n for n in a.owners(shard) if n not in tried and n in self.members]
+        if not candidates or len(tried) > 3:
+            for p in pubs:
+                self._fail_publish(p, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
+            return
+        owner = candidates[0]
+        if owner == self.me:
+            nodes = self.routes.match(shard, pub.topic)
+            for p in pubs:
+                p.dests |= nodes
+            return
         lid = next(self.ids)
-        pub.asked_remote = True
         header = {"id": lid, "shard": shard, "epoch": epoch, "topic": pub.topic}
-        self.pending_lookups[lid] = Lookup(pub, shard, owner, [*tried, owner], epoch, self.route_cache.ticket(shard))
-        pub.lookups_left += 1
+        ticket = self.route_cache.ticket(shard)
+        self.pending_lookups[lid] = Lookup(pubs, shard, owner, [*tried, owner], epoch, ticket)
+        self.lookups_in_flight[(pub.topic, shard)] = lid
+        for p in pubs:
+            p.asked_remote = True
+            p.lookups_left += 1
         if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
             self._lookup_failed(lid, f"owner {owner} of shard {shard} is unreachable")
             return
         self.call_later(self.cfg.lookup_timeout, lambda: self._lookup_failed(lid, f"owner {owner} did not answer"))
 
-    def _lookup_failed(self, lid: int, reason: str, refresh: bool = False) -> None:
+    def _end_lookup(self, lid: int) -> Lookup | None:
         lookup = self.pending_lookups.pop(lid, None)
+        if lookup is not None:
+            key = (lookup.pubs[0].topic, lookup.shard)
+            if self.lookups_in_flight.get(key) == lid:
+                del self.lookups_in_flight[key]
+            for p in lookup.pubs:
+                p.lookups_left -= 1
+        return lookup
+
+    def _lookup_failed(self, lid: int, reason: str, refresh: bool = False) -> None:
+        lookup = self._end_lookup(lid)
         if lookup is None:
             return
-        pub = lookup.pub
-        pub.lookups_left -= 1
         self.metrics["lookups.retried"] += 1
         self.log.info("lookup_retry", shard=lookup.shard, owner=lookup.owner, reason=reason, epoch=self.epoch)
         if refresh:
             self._refresh_assignment()
-        if not pub.failed:
-            self._lookup(pub, lookup.shard, lookup.tried)
-        self._dispatch(pub.topic)
+        waiting = [p for p in lookup.pubs if not p.failed]
+        if waiting:
+            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
+        self._dispatch(lookup.pubs[0].topic)
 
     def _dispatch(self, topic: str) -> None:
         queue = self.topic_queues.get(topic)
@@ -391,14 +418,15 @@ class RoutingMixin(NodeBase):
         self.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
 
     def _on_lookup_reply(self, sender: str, frame: Frame) -> None:
-        lookup = self.pending_lookups.pop(frame.header["id"], None)
+        lookup = self._end_lookup(frame.header["id"])
         if lookup is not None:
-            pub = lookup.pub
-            pub.dests.update(frame.header["nodes"])
+            nodes = frame.header["nodes"]
+            topic = lookup.pubs[0].topic
+            for pub in lookup.pubs:
+                pub.dests.update(nodes)
             if frame.header["epoch"] == lookup.epoch:  # an owner that has not seen our epoch yet is not cached
-                self.route_cache.put(pub.topic, lookup.shard, lookup.epoch, lookup.ticket, frame.header["nodes"])
-            pub.lookups_left -= 1
-            self._dispatch(pub.topic)
+                self.route_cache.put(topic, lookup.shard, lookup.epoch, lookup.ticket, nodes)
+            self._dispatch(topic)
 
     def _on_fwd(self, sender: str, frame: Frame) -> None:
         h = frame.header

@@ -49,7 +49,9 @@ class Publish:
 
 @dataclass(slots=True)
 class Lookup:
-    pub: Publish
+    """One LOOKUP in flight, answering every publish to its topic that arrived meanwhile (``pubs``)."""
+
+    pubs: list[Publish]
     shard: int
     owner: str
     tried: list[str]
