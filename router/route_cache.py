@@ -20,9 +20,11 @@ the destination nodes (one hop). Two objects, one per side, both pure (no socket
 - Answering a LOOKUP registers the asker as a watcher of the shard. A route change in the shard takes (removes
   and returns) its watchers, who are sent INVALIDATE; they register again with their next LOOKUP. One-shot
   watches, as in ZooKeeper: an owner never tracks topics, only which nodes to tell.
-- An added route is confirmed (ROUTE_ACK) only after every watcher acknowledged the INVALIDATE, so once a
-  SUBACK is out no entry node can still publish from an answer that lacks the new route. A removed route needs
-  no wait: a stale answer only sends a forward the destination drops.
+- Every INVALIDATE is acknowledged. An added route is confirmed (ROUTE_ACK) only once every INVALIDATE still
+  unacknowledged for its shard is: its own, and earlier ones (a removed route's, a flip's), which took the
+  watches while the entry may still hold an answer. So once a SUBACK is out no entry node can publish from an
+  answer that lacks the new route. A removed route waits for nothing: a stale answer only sends a forward the
+  destination drops.
 
 Together, with FIFO delivery between each pair of nodes (an owner's LOOKUP_REPLY and INVALIDATE to one entry
 node travel the same pipe): whatever order a LOOKUP and a route change meet at the owner, the entry either gets

@@ -62,6 +62,7 @@ class NodeBase:
     route_cache: RouteCache
     lookup_watchers: LookupWatchers
     invalidations: dict[int, Invalidation]
+    invalidating: dict[int, set[int]]
     pending_fwds: dict[int, tuple[str, Publish]]
     waiters: dict[int, Waiter]
     outbox: Outbox

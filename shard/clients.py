@@ -25,7 +25,7 @@ from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
 from .base import NodeBase
-from .outbox import Delivery
+from .outbox import Delivery, Forward
 from .state import Publish, Session, gate
 
 
@@ -39,6 +39,8 @@ class ClientsMixin(NodeBase):
         def _change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None: ...
 
         def publish(self, pub: Publish) -> None: ...
+
+        def forward(self, pub: Publish) -> None: ...
     # ------------------------------------------------------------------ client frames
     def on_client_parts(self, parts: list[bytes]) -> None:
         self.metrics["frames_in.client"] += 1
@@ -175,30 +177,70 @@ class ClientsMixin(NodeBase):
         self._publish_one(session, frame.header.get("id"), frame.header["topic"], frame.header["qos"], frame.payload)
 
     def _on_pubs(self, session: Session, frame: Frame) -> None:
-        """Many publishes in one frame (``Client.publish_many``): each is handled like a PUB, in order."""
+        """Many publishes in one frame (the SDK's batches): each is handled like a PUB, in order.
+
+        Nothing else runs while one frame is handled, so routes cannot change within it: a topic whose first
+        publish here was routed at once (owned, cached or root set only, nothing queued before it) sends its
+        later publishes in the frame to the same nodes without validating or resolving it again.
+        """
         try:
             batch = codec.split_batch(frame)
         except ProtocolError as exc:
             self.reject_client(session.rid, exc.code, exc.reason, exc.ref)
             return
+        routed: dict[str, set[str]] = {}
+        queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
+        rid, me, members = session.rid, self.me, self.members
+        fast = hops = queued = dead = 0
         for (topic, qos, ref), payload in batch:
-            self._publish_one(session, ref, topic, qos, payload)
+            dests = routed.get(topic)
+            if dests is None:
+                pub = self._publish_one(session, ref, topic, qos, payload)
+                if pub is not None and not pub.lookups_left and not pub.failed and topic not in self.topic_queues:
+                    routed[topic] = pub.dests
+            elif qos or me in dests:  # acks to track, or a local match to deliver: the general path
+                self.metrics["publishes.in"] += 1
+                self.forward(Publish(rid, ref, topic, qos, payload, dests=dests))
+            else:  # the hot path: what forward() does for QoS 0, without a Publish per message
+                lists = queues.get(topic)
+                if lists is None:
+                    lists = queues[topic] = [self.outbox.forward_queue(d) for d in dests if d in members]
+                item = Forward(0, topic, 0, payload)
+                for queue in lists:
+                    queue.append(item)
+                fast += 1
+                hops += bool(lists)
+                queued += len(lists)
+                dead += len(dests) - len(lists)
+        if fast:
+            m = self.metrics
+            m["publishes.in"] += fast
+            m["publishes.routed"] += fast
+            m["publishes.hops"] += hops
+            if dead:
+                m["drops.dead_destination"] += dead
+            self.outbox.queued += queued
 
-    def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> None:
+    def _publish_one(
+        self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes
+    ) -> Publish | None:
+        """Validate and route one publish; returns it, or None when it was refused."""
         if qos not in (0, 1):
             self.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
-            return
+            return None
         try:
             validate_topic_name(topic)
         except TopicError as exc:
             self.reject_client(session.rid, exc.code, exc.reason, ref)
-            return
+            return None
         if self.fenced():
             reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
             self.reject_client(session.rid, codec.E_FENCED, reason, ref)
-            return
+            return None
         self.metrics["publishes.in"] += 1
-        self.publish(Publish(session.rid, ref, topic, qos, payload))
+        pub = Publish(session.rid, ref, topic, qos, payload)
+        self.publish(pub)
+        return pub
 
     def _on_leave(self, session: Session, frame: Frame) -> None:
         """Graceful leave: flag ourselves in etcd; the leader drains every shard away, then we exit."""
@@ -222,13 +264,20 @@ class ClientsMixin(NodeBase):
     }
 
     # ------------------------------------------------------------------ delivery
-    def deliver_local(self, topic: str, qos: int, payload: bytes) -> None:
-        q1 = self.local_q1.match(topic) if qos else set()
-        q0 = self.local_q0.match(topic)
-        if not qos:
-            q0 |= self.local_q1.match(topic)
+    def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]:
+        """This node's clients for a message: (those that get it at QoS 0, those that get it at QoS 1)."""
+        if qos:
+            q1 = self.local_q1.match(topic)
+            return self.local_q0.match(topic) - q1, q1
+        return self.local_q0.match(topic) | self.local_q1.match(topic), set()
+
+    def deliver_local(
+        self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
+    ) -> None:
+        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic."""
+        q0, q1 = recipients or self.local_recipients(topic, qos)
         # Queued, and sent by Node._flush at the end of this batch of frames (one frame per client).
-        for rid in q0 - q1:
+        for rid in q0:
             self.outbox.deliver(rid, Delivery(topic, 0, None, False, payload))
         for rid in q1:
             session = self.sessions.get(rid)

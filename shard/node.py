@@ -55,6 +55,7 @@ from .state import ROOT, Forwarding, Invalidation, Lookup, Publish, Session, Wai
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
+FLUSH_AT = 1024  # messages queued in the outbox: end the drain and flush (latency under batched load)
 HEARTBEAT_MS = 2000
 
 
@@ -127,6 +128,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.route_cache = RouteCache(config.route_cache_size)
         self.lookup_watchers = LookupWatchers()
         self.invalidations: dict[int, Invalidation] = {}
+        self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.waiters: dict[int, Waiter] = {}
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
@@ -287,6 +289,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             except Exception:  # a bug handling one frame must not take the node down
                 self.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
+            if self.outbox.queued >= FLUSH_AT:
+                return
 
     def _flush(self) -> None:
         """Send what the last batch of frames queued: one frame per destination and kind (see outbox.py)."""

@@ -4,7 +4,8 @@ Rules of this file:
 - The event loop handles a batch of incoming frames, queueing forwards (FWD), acks (FWD_ACK) and deliveries
   (MSG) here, then flushes once: every destination gets one frame per kind instead of one per message. Nothing
   waits for a timer, so at low load a batch is a single message and adds no latency; under load, messages that
-  queued up in the same drain share a frame.
+  queued up in the same drain share a frame. A drain ends early once ``queued`` reaches the node's
+  ``FLUSH_AT``, so a burst of batched publishes is not held back until hundreds of frames were read.
 - Order is kept per destination: items leave in the order they were queued.
 - A frame never carries more payload than ``max_payload`` (what the receiver accepts); a single larger message
   still goes alone, as a plain FWD/MSG.
@@ -44,6 +45,7 @@ class Outbox:
     acks: dict[str, list[int]] = field(default_factory=dict)
     deliveries: dict[bytes, list[Delivery]] = field(default_factory=dict)
     pubacks: dict[bytes, list[int | None]] = field(default_factory=dict)
+    queued: int = 0  # forwards and deliveries since the last flush: the loop flushes early past FLUSH_AT
 
     def __bool__(self) -> bool:
         return bool(self.forwards or self.acks or self.deliveries or self.pubacks)
@@ -51,14 +53,25 @@ class Outbox:
     def puback(self, rid: bytes, ref: int | None) -> None:
         self.pubacks.setdefault(rid, []).append(ref)
 
+    def forward_queue(self, dest: str) -> list[Forward]:
+        """The list ``forward`` appends to, for a caller queueing many items to one peer within one frame;
+        it adds what it appended to ``queued`` itself."""
+        return self.forwards.setdefault(dest, [])
+
+    def delivery_queue(self, rid: bytes) -> list[Delivery]:
+        """The list ``deliver`` appends to (see ``forward_queue``)."""
+        return self.deliveries.setdefault(rid, [])
+
     def forward(self, dest: str, item: Forward) -> None:
         self.forwards.setdefault(dest, []).append(item)
+        self.queued += 1
 
     def ack(self, dest: str, fid: int) -> None:
         self.acks.setdefault(dest, []).append(fid)
 
     def deliver(self, rid: bytes, item: Delivery) -> None:
         self.deliveries.setdefault(rid, []).append(item)
+        self.queued += 1
 
     def _chunks(self, items: list[Forward] | list[Delivery]) -> Iterator[list]:
         chunk: list = []
@@ -75,7 +88,7 @@ class Outbox:
     def peer_frames(self, epoch: int) -> Iterator[tuple[str, list[bytes], list[Forward]]]:
         """(peer, frame parts, the forwards it carries) for every queued forward and ack; empties the box."""
         forwards, acks = self.forwards, self.acks
-        self.forwards, self.acks = {}, {}
+        self.forwards, self.acks, self.queued = {}, {}, 0
         for dest, ids in acks.items():
             yield dest, codec.encode(codec.FWD_ACK, {"id": ids[0], "ids": ids, "epoch": epoch}), []
         for dest, items in forwards.items():
@@ -91,7 +104,7 @@ class Outbox:
 
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:
         """(client routing id, frame parts, the deliveries it carries); empties the box."""
-        deliveries, self.deliveries = self.deliveries, {}
+        deliveries, self.deliveries, self.queued = self.deliveries, {}, 0
         pubacks, self.pubacks = self.pubacks, {}
         for rid, refs in pubacks.items():  # one PUBACK per client per flush: "id" the first, "ids" all of them
             yield rid, codec.encode(codec.PUBACK, {"id": refs[0], "ids": refs}), []

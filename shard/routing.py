@@ -28,14 +28,18 @@ from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.partition import lookup_keys, placement_key
 
 from .base import NodeBase
-from .outbox import Forward
-from .state import ROOT, Invalidation, Lookup, Publish, Waiter
+from .outbox import Delivery, Forward
+from .state import ROOT, Invalidation, Lookup, Publish, Waiter, gate
 
 
 class RoutingMixin(NodeBase):
     if TYPE_CHECKING:  # from ClientsMixin
 
-        def deliver_local(self, topic: str, qos: int, payload: bytes) -> None: ...
+        def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]: ...
+
+        def deliver_local(
+            self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
+        ) -> None: ...
 
     if TYPE_CHECKING:  # from OwnershipMixin
 
@@ -140,21 +144,31 @@ class RoutingMixin(NodeBase):
     def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool:
         """Tell the entry nodes caching answers for ``shards`` to drop them (see router.route_cache).
 
-        With ``then`` (an added route), it runs once every one of them acknowledged (or left, or timed out) and
-        True is returned when there is something to wait for; without it (a removed route, a flip) nobody waits.
+        Every INVALIDATE is acknowledged. With ``then`` (an added route), it runs once every INVALIDATE still
+        unacknowledged for these shards is, this one's and earlier ones' alike (an earlier one took the watches,
+        and until it is acknowledged an entry node may still hold an answer without the new route); True is
+        returned when there is something to wait for.
         """
-        told = self.lookup_watchers.take(s for s in shards if s != ROOT)
-        if not told:
-            return False
-        iid = next(self.ids) if then is not None else 0
-        for node, told_shards in told.items():
-            self.metrics["route_cache.invalidations_out"] += 1
-            header = {"id": iid, "epoch": self.epoch, "shards": told_shards}
-            self.send_peer(node, codec.encode(codec.INVALIDATE, header))
+        shards = {s for s in shards if s != ROOT}
+        told = self.lookup_watchers.take(shards)
+        if told:
+            iid = next(self.ids)
+            for node, told_shards in told.items():
+                self.metrics["route_cache.invalidations_out"] += 1
+                header = {"id": iid, "epoch": self.epoch, "shards": told_shards}
+                self.send_peer(node, codec.encode(codec.INVALIDATE, header))
+            inv = self.invalidations[iid] = Invalidation(set(told), sorted({s for ss in told.values() for s in ss}))
+            for shard in inv.shards:
+                self.invalidating.setdefault(shard, set()).add(iid)
+            self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
         if then is None:
             return False
-        self.invalidations[iid] = Invalidation(set(told), then)
-        self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
+        waits = {iid for shard in shards for iid in self.invalidating.get(shard, ())}
+        if not waits:
+            return False
+        done = gate(len(waits), lambda _failures: then())
+        for iid in waits:
+            self.invalidations[iid].callbacks.append(done)
         return True
 
     def _settle_invalidation(self, iid: int, node: str) -> None:
@@ -162,15 +176,25 @@ class RoutingMixin(NodeBase):
         if inv is not None:
             inv.pending.discard(node)
             if not inv.pending:
-                del self.invalidations[iid]
-                inv.then()
+                self._finish_invalidation(iid)
+
+    def _finish_invalidation(self, iid: int) -> None:
+        inv = self.invalidations.pop(iid)
+        for shard in inv.shards:
+            waiting = self.invalidating.get(shard)
+            if waiting is not None:
+                waiting.discard(iid)
+                if not waiting:
+                    del self.invalidating[shard]
+        for callback in inv.callbacks:
+            callback([])
 
     def _expire_invalidation(self, iid: int) -> None:
-        inv = self.invalidations.pop(iid, None)
+        inv = self.invalidations.get(iid)
         if inv is not None:  # an entry node that cannot answer within a lookup timeout is not publishing either
             self.metrics["route_cache.invalidate_timeouts"] += 1
             self.log.warning("invalidate_timeout", nodes=sorted(inv.pending), epoch=self.epoch)
-            inv.then()
+            self._finish_invalidation(iid)
 
     def _settle_waiter(self, wid: int, node: str) -> None:
         waiter = self.waiters.get(wid)
@@ -228,7 +252,7 @@ class RoutingMixin(NodeBase):
         if queue is None:
             if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
                 if not pub.failed:
-                    self._forward(pub)
+                    self.forward(pub)
                 return
             queue = self.topic_queues[pub.topic] = deque()
         queue.append(pub)
@@ -309,11 +333,11 @@ class RoutingMixin(NodeBase):
         while queue and (queue[0].lookups_left == 0 or queue[0].failed):
             pub = queue.popleft()
             if not pub.failed:
-                self._forward(pub)
+                self.forward(pub)
         if queue is not None and not queue:
             del self.topic_queues[topic]
 
-    def _forward(self, pub: Publish) -> None:
+    def forward(self, pub: Publish) -> None:
         # Hops on the way to the last destination node: a remote lookup is two (ask, answer), a forward one.
         self.metrics["publishes.routed"] += 1
         self.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != self.me for d in pub.dests)
@@ -443,10 +467,26 @@ class RoutingMixin(NodeBase):
             self._refuse_peer(sender, frame, exc.code, exc.reason)
             return
         self.metrics["forwards.in"] += len(batch)
+        # Subscriptions cannot change while one frame is handled: find each topic's recipients once.
+        recipients: dict[tuple[str, int], tuple[set[bytes], set[bytes]]] = {}
+        queues: dict[str, list[list[Delivery]]] = {}  # QoS 0: the outbox lists of a topic's clients
+        queued = 0
         for (fid, topic, qos), payload in batch:
-            self.deliver_local(topic, qos, payload)
             if qos:
+                found = recipients.get((topic, qos))
+                if found is None:
+                    found = recipients[(topic, qos)] = self.local_recipients(topic, qos)
+                self.deliver_local(topic, qos, payload, found)
                 self.outbox.ack(sender, fid)
+                continue
+            lists = queues.get(topic)
+            if lists is None:  # the hot path: what deliver_local() does for QoS 0, list by list
+                lists = queues[topic] = [self.outbox.delivery_queue(r) for r in self.local_recipients(topic, 0)[0]]
+            item = Delivery(topic, 0, None, False, payload)
+            for queue in lists:
+                queue.append(item)
+            queued += len(lists)
+        self.outbox.queued += queued
 
     def _on_fwd_ack(self, sender: str, frame: Frame) -> None:
         ids = frame.header.get("ids")

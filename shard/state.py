@@ -61,10 +61,12 @@ class Lookup:
 
 @dataclass(slots=True)
 class Invalidation:
-    """INVALIDATEs sent to the entry nodes caching a shard's answers; ``then`` runs once all acked (or gave up)."""
+    """INVALIDATEs sent to the entry nodes caching answers of ``shards``; ``callbacks`` run once all acknowledged
+    (or left, or timed out): the ROUTE_ACKs of added routes in those shards wait for them."""
 
     pending: set[str]
-    then: Callable[[], None]
+    shards: list[int]
+    callbacks: list[Callable[[list[str]], None]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

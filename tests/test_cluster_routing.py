@@ -78,6 +78,11 @@ def test_dollar_topics_not_matched_by_leading_wildcards(connect) -> None:
 def test_root_set_reported_in_status(connect) -> None:
     p = unique()
     c = connect(0)
+    nodes = [connect(i) for i in range(3)]
+    deadline = time.monotonic() + 5
+    # Earlier tests' clients may still be leaving (their ROUTE_DELs in flight): start from a settled root set.
+    while len({n.status()["root_set_size"] for n in nodes}) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     before = c.status()["root_set_size"]
     c.subscribe(f"+/{p}/root")
     statuses = [connect(i).status() for i in range(3)]
