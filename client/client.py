@@ -25,7 +25,10 @@ Rules of this file:
   ``receive`` never sits on pending messages.
 - A background flusher thread (a daemon, started on the first buffered publish, holding only a weakref to the
   Client so an unclosed client can still be garbage collected) sends what is pending once the application leaves
-  the client idle (a lone publish followed by a sleep, the end of a burst). ``publish`` wakes it (an Event) only
+  the client idle (a lone publish followed by a sleep, the end of a burst), at most once per ``linger``: at
+  moderate rates (a publish every few tens of microseconds, with sleeps between) messages gather for up to
+  ``linger`` instead of costing every process on the path a wake-up each, while a message after a quiet spell
+  of ``linger`` or more leaves at once. ``publish`` wakes it (an Event) only
   when the pending list goes from empty to non-empty. It never waits for the application: it only
   try-acquires the lock and, when the application is inside a call, looks again 0.5 ms later (and stops looking
   once the list is empty). Its errors are kept in ``errors``. ``close`` flushes, stops and joins it.
@@ -174,6 +177,7 @@ class Client:
         self._lock = threading.RLock()  # every socket use; held by each public call and by the flusher
         self._pending: list[tuple[str, bytes]] = []  # QoS 0 publishes not sent yet, oldest first
         self._pending_since = 0.0  # time.monotonic() of the oldest pending publish
+        self._last_flush = 0.0  # time.monotonic() of the last flush: the flusher sends at most once per linger
         self._flusher: _Flusher | None = None
         self._flusher_finalizer: weakref.finalize | None = None
         if connect:
@@ -281,6 +285,7 @@ class Client:
             self._connect()  # connect=False, or after close(): the node's max_payload comes with its WELCOME
         for parts in self._publish_frames(pending, 0, [None] * len(pending)):
             self._send_parts(parts)
+        self._last_flush = time.monotonic()
 
     def _publish_frames(
         self, messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]
@@ -315,6 +320,11 @@ class Client:
         """
         if not self._pending:  # emptied by the application's own call (a read of a list: atomic)
             return None
+        # Busy (the last flush was less than ``linger`` ago): let messages gather until then. At low load the
+        # last flush is long past, so a lone message still leaves at once.
+        wait = self._last_flush + self.linger - time.monotonic()
+        if wait > 0:
+            return wait
         if not self._lock.acquire(blocking=False):  # the application is inside a call: never wait for it
             return _Flusher.RETRY
         try:
