@@ -7,8 +7,10 @@ Rules of this file:
   nothing), and resends the request it was waiting on. A QoS 1 publish may therefore arrive twice; it is never
   silently lost.
 - Requests carry an ``id``; the reply (or an ERROR with ``ref`` = id) is matched to it. Messages that arrive
-  while a request waits are queued for ``receive``. QoS 1 messages are acknowledged (DACK) when ``receive``
-  hands them to the application.
+  while a request waits are queued for ``receive``. QoS 1 messages are acknowledged (DACK) once ``receive``
+  has handed them to the application: one DACK frame for every message taken from the inbox, sent when the
+  inbox is empty (before ``receive`` waits for more) or 256 are due. A message handed over but not yet
+  acknowledged when the connection breaks is redelivered (``dup``): at least once, as before.
 - Errors from the server are raised as ``ShardMQError(code, reason)``; an error for a QoS 0 publish (which waits
   for nothing) is kept in ``errors`` and raised by the next call.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
@@ -66,6 +68,7 @@ from shardmq.router.topics import TopicError, validate_topic_filter, validate_to
 
 BULK_CHUNK = 5000
 PING_INTERVAL = 5.0
+DACK_BATCH = 256
 DEFAULT_MAX_BATCH = 128
 DEFAULT_LINGER = 0.0005
 # A PUBS header lists every item's topic; JSON writes a topic character in at most 6 bytes (``\u001f``), plus the
@@ -177,6 +180,7 @@ class Client:
         self._lock = threading.RLock()  # every socket use; held by each public call and by the flusher
         self._pending: list[tuple[str, bytes]] = []  # QoS 0 publishes not sent yet, oldest first
         self._pending_since = 0.0  # time.monotonic() of the oldest pending publish
+        self._dacks: list[int] = []  # mids handed to the application, acknowledged together (see receive)
         self._last_flush = 0.0  # time.monotonic() of the last flush: the flusher sends at most once per linger
         self._flusher: _Flusher | None = None
         self._flusher_finalizer: weakref.finalize | None = None
@@ -193,8 +197,10 @@ class Client:
             self._connect()
 
     def _connect(self) -> None:
-        if self._pending and self.sock is not None:
-            self._flush_pending()
+        if self.sock is not None:
+            self._send_dacks()
+            if self._pending:
+                self._flush_pending()
         failures = []
         for _ in range(len(self.endpoints)):
             endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
@@ -578,8 +584,16 @@ class Client:
             return None
         msg, mid = self.inbox.popleft()
         if isinstance(mid, int):  # acknowledged only now that the application has it
-            self.sock.send_multipart(codec.encode(codec.DACK, {"mids": [mid]}))
+            self._dacks.append(mid)
+            if not self.inbox or len(self._dacks) >= DACK_BATCH:
+                self._send_dacks()
         return msg
+
+    def _send_dacks(self) -> None:
+        """Acknowledge the QoS 1 messages handed to the application: one DACK frame for all of them."""
+        if self._dacks and self.sock is not None:
+            mids, self._dacks = self._dacks, []
+            self.sock.send_multipart(codec.encode(codec.DACK, {"mids": mids}))
 
     def _check_alive(self) -> None:
         """A quiet connection may be a dead node: ping it, and fail over if it stays silent."""

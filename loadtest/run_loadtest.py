@@ -168,7 +168,11 @@ class NodeSampler(threading.Thread):
                 "clients": status.get("clients", 0),
                 "root_set_size": status.get("root_set_size", 0),
                 # Wire bytes per channel ("bytes_in.client", "bytes_out.peer.n2", ...) join the counters to chart.
-                "metrics": {**status.get("metrics", {}), **status.get("wire_bytes", {})},
+                "metrics": {
+                    **status.get("metrics", {}),
+                    **status.get("wire_bytes", {}),
+                    **{f"route_cache.{k}": status.get("route_cache", {}).get(k, 0) for k in ("hits", "misses")},
+                },
             }
             with self.lock:
                 self.samples.append(sample)

@@ -64,6 +64,7 @@ class NodeBase:
     invalidations: dict[int, Invalidation]
     invalidating: dict[int, set[int]]
     pending_fwds: dict[int, tuple[str, Publish]]
+    unexpired_fwds: list[int]
     waiters: dict[int, Waiter]
     outbox: Outbox
     route_add_waiters: dict[str, int]

@@ -130,6 +130,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.invalidations: dict[int, Invalidation] = {}
         self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
+        self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this drain, before their timer is set
         self.waiters: dict[int, Waiter] = {}
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -226,12 +227,11 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.ids), fn))
 
-    def _run_timers(self) -> float | None:
+    def _run_timers(self) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, fn = heapq.heappop(self.timers)
             fn()
-        return self.timers[0][0] - time.monotonic() if self.timers else None
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -262,7 +262,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         poller.register(self.member_pull, zmq.POLLIN)
         try:
             while self.running:
-                timeout = self._run_timers()
+                self._run_timers()
+                self._flush()  # what timers queued (a retried lookup's forwards) leaves now, not at the next frame
+                timeout = self.timers[0][0] - time.monotonic() if self.timers else None
                 ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
                 if self.member_pull in ready:
                     self._drain(self.member_pull, lambda parts: self.on_snapshot(orjson.loads(parts[0]), parts[1]))
@@ -294,6 +296,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
 
     def _flush(self) -> None:
         """Send what the last batch of frames queued: one frame per destination and kind (see outbox.py)."""
+        if self.unexpired_fwds:  # one timer per drain, not one per QoS 1 forward
+            fids, self.unexpired_fwds = self.unexpired_fwds, []
+            self.call_later(self.cfg.request_timeout, lambda: self.expire_fwds(fids))
         if not self.outbox:
             return
         for dest, parts, forwards in self.outbox.peer_frames(self.epoch):

@@ -353,7 +353,7 @@ class RoutingMixin(NodeBase):
             if pub.qos:
                 self.pending_fwds[fid] = (dest, pub)
                 pub.acks_left += 1
-                self.call_later(self.cfg.request_timeout, lambda fid=fid: self._expire_fwd(fid))
+                self.unexpired_fwds.append(fid)  # Node._flush sets one timer for all forwarded in this drain
         self._maybe_puback(pub)
 
     def _maybe_puback(self, pub: Publish) -> None:
@@ -370,10 +370,13 @@ class RoutingMixin(NodeBase):
         if pub.client is not None and pub.qos:
             self.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
 
-    def _expire_fwd(self, fid: int) -> None:
-        pending = self.pending_fwds.pop(fid, None)
-        if pending is not None:
-            self._fail_publish(pending[1], codec.E_TIMEOUT, f"node {pending[0]} did not confirm delivery in time")
+    def expire_fwds(self, fids: list[int]) -> None:
+        """The timer of one drain's QoS 1 forwards: fail the publishes whose forward is still unconfirmed."""
+        for fid in fids:
+            pending = self.pending_fwds.pop(fid, None)
+            if pending is not None:
+                reason = f"node {pending[0]} did not confirm delivery in time"
+                self._fail_publish(pending[1], codec.E_TIMEOUT, reason)
 
     # ------------------------------------------------------------------ peer frames
     def _on_route_change(self, sender: str, frame: Frame) -> None:
