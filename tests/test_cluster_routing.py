@@ -219,3 +219,32 @@ def test_publish_many_batches_keep_order_and_ack(connect, qos: int) -> None:
     with pytest.raises(ShardMQError) as e:
         pub.publish_many([(f"{p}/ok", b"x"), ("bad/#", b"y")], qos=qos)
     assert e.value.code == "invalid_topic"
+
+
+@pytest.mark.timeout(60)
+def test_one_batch_frame_mixing_local_remote_root_and_unmatched_topics(connect) -> None:
+    """One PUBS frame whose topics resolve differently: the entry node routes each topic once per frame and
+    sends QoS 0 items straight to its peers' outboxes; every subscriber still gets exactly its messages, in
+    order per topic (a topic waiting for a lookup does not hold back the others)."""
+    p = unique()
+    local_sub, remote_sub, pub = connect(2), connect(0), connect(2)  # local_sub shares the publisher's node
+    local_sub.subscribe(f"+/{p}/root")  # root set: matched on every node, here on the entry node itself
+    remote_sub.subscribe(f"{p}/remote")
+    remote_sub.subscribe(f"+/{p}/root")
+    topics = [f"{p}/remote", f"x/{p}/root", f"{p}/nobody", f"{p}/remote", f"y/{p}/root"]
+    messages = [(topics[i % len(topics)], str(i).encode()) for i in range(1000)]
+    before = pub.status()["metrics"].get("publishes.routed", 0)
+    assert pub.publish_many(messages, qos=0, batch=1000) == 1000
+
+
+    def per_topic(pairs: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:  # order is kept per topic only
+        out: dict[str, list[bytes]] = {}
+        for topic, payload in pairs:
+            out.setdefault(topic, []).append(payload)
+        return out
+
+    want_remote = per_topic([m for m in messages if m[0] != f"{p}/nobody"])
+    want_local = per_topic([m for m in messages if m[0].endswith(f"/{p}/root")])
+    assert per_topic([(m.topic, m.payload) for m in drain(remote_sub, quiet=1.0)]) == want_remote
+    assert per_topic([(m.topic, m.payload) for m in drain(local_sub, quiet=0.5)]) == want_local
+    assert pub.status()["metrics"]["publishes.routed"] - before == 1000
