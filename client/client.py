@@ -143,6 +143,7 @@ class _Flusher:
 class Client:
     zmq_module: ModuleType = zmq
     default_max_batch: int = DEFAULT_MAX_BATCH  # GreenClient: 1 (no OS threads under gevent)
+    batching: bool = True  # GreenClient: False, and a max_batch above 1 is refused
 
     def __init__(
         self,
@@ -162,6 +163,8 @@ class Client:
         self.max_batch = self.default_max_batch if max_batch is None else max_batch
         if type(self.max_batch) is not int or self.max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1 (1: no batching), got {self.max_batch!r}")
+        if self.max_batch > 1 and not self.batching:
+            raise ValueError(f"{type(self).__name__} does not batch publish() (max_batch=1); use publish_many")
         if not linger >= 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
         self.linger = linger

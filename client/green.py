@@ -6,7 +6,7 @@ Rules of this file:
   ``poll`` with a timeout, which ``zmq.green`` makes cooperative, and callers that need a hard bound wrap a call
   in ``gevent.Timeout``.
 - A socket is never shared between greenlets: make one GreenClient per greenlet (per locust user).
-- No automatic batching of QoS 0 publishes (``default_max_batch = 1``, and a larger ``max_batch`` is refused):
+- No automatic batching of QoS 0 publishes (``batching = False``: ``max_batch`` is 1, a larger one is refused):
   ``Client``'s batching relies on a background OS thread to send what is pending when the application goes idle,
   and an OS thread must not touch a ``zmq.green`` socket (its waits belong to the hub of the greenlet's thread),
   nor does a gevent program expect hidden threads. Every ``publish`` is therefore sent at once, as before;
@@ -15,30 +15,15 @@ Rules of this file:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import zmq.green as zmq_green
 
-from .client import DEFAULT_LINGER, Client, Message, ShardMQError
+from .client import Client, Message, ShardMQError
 
 
 class GreenClient(Client):
     zmq_module = zmq_green
     default_max_batch = 1
-
-    def __init__(
-        self,
-        endpoints: Sequence[str] | str,
-        client_id: str | None = None,
-        timeout: float = 5.0,
-        connect: bool = True,
-        *,
-        max_batch: int | None = None,
-        linger: float = DEFAULT_LINGER,
-    ) -> None:
-        if max_batch not in (None, 1):
-            raise ValueError(f"GreenClient does not batch publish() (max_batch=1); use publish_many, got {max_batch!r}")
-        super().__init__(endpoints, client_id, timeout, connect, max_batch=1, linger=linger)
+    batching = False
 
 
 __all__ = ["GreenClient", "Message", "ShardMQError"]
