@@ -7,6 +7,10 @@ Rules of this file:
 - The session runs in its own thread because every etcd call is a blocking HTTP request; it never touches node
   state. It hands each new member snapshot to the node's event loop over an inproc zmq PUSH socket, so the loop
   stays single-threaded.
+- It reads the cluster's keys when something under ``/shardmq/<cluster>/`` changed (an etcd watch stream, read by
+  a second thread that only wakes the session) and at least every ``poll_interval`` (1 s) in case the stream is
+  down; keep-alives go out every third of the lease TTL whatever happens. Reading every 250 ms instead cost each
+  node ~2 ms of CPU four times a second, which showed as the p99 of publish latency at low load.
 - A snapshot's ``epoch`` is the highest etcd ``create_revision`` among the member keys: every node that sees the
   same member set computes the same epoch, and a join always raises it.
 - Cluster settings (shard count, replication) are written once at ``/shardmq/<cluster>/config`` with a
@@ -31,6 +35,7 @@ from urllib.parse import urlparse
 
 import etcd3gw
 import orjson
+import requests
 import structlog
 import zmq
 from etcd3gw.utils import _encode
@@ -137,7 +142,7 @@ class EtcdSession(threading.Thread):
         me: MemberInfo,
         notify_endpoint: str,
         lease_ttl: int = 5,
-        poll_interval: float = 0.25,
+        poll_interval: float = 1.0,
     ) -> None:
         super().__init__(name="etcd-session", daemon=True)
         self._ctx = ctx
@@ -202,11 +207,30 @@ class EtcdSession(threading.Thread):
             found = self.client.get(key)
         return found[0].decode() if found else None
 
+    def _watch(self) -> None:
+        """Wake the session whenever a key under the cluster prefix changes; reconnects while the session runs."""
+        prefix = cluster_prefix(self._cluster)
+        range_end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # every key that starts with the prefix
+        request = {"create_request": {"key": _encode(prefix), "range_end": _encode(range_end)}}
+        url = self.client.get_url("/watch")
+        while not self._stopping.is_set():
+            try:
+                with requests.post(url, json=request, stream=True, timeout=(2.0, None)) as response:
+                    for line in response.iter_lines():
+                        if self._stopping.is_set():
+                            return
+                        if b'"events"' in line:
+                            self._wake.set()
+            except Exception as exc:  # etcd restarting or unreachable: the periodic read still runs
+                log.debug("etcd_watch_broken", node=self._me.node_id, error=str(exc))
+            self._stopping.wait(1.0)
+
     def run(self) -> None:
         push = self._ctx.socket(zmq.PUSH)
         push.connect(self._notify_endpoint)
         last: dict[str, Any] | None = None
         next_refresh = 0.0
+        threading.Thread(target=self._watch, name="etcd-watch", daemon=True).start()
         try:
             while not self._stopping.is_set():
                 try:
@@ -235,7 +259,7 @@ class EtcdSession(threading.Thread):
                 except Exception as exc:  # etcd unreachable: keep trying; the lease decides membership
                     log.warning("etcd_error", node=self._me.node_id, error=str(exc))
                     self._stopping.wait(0.2)
-                self._wake.wait(self._poll)
+                self._wake.wait(max(0.0, min(self._poll, next_refresh - time.monotonic())))
                 self._wake.clear()
         finally:
             if self._lease is not None:
