@@ -56,7 +56,7 @@ from .state import ROOT, Forwarding, Invalidation, Lookup, Publish, Session, Wai
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
-FLUSH_AT = 1024  # messages queued in the outbox: end the drain and flush (latency under batched load)
+FLUSH_AT = 256  # messages queued in the outbox: end the drain and flush (latency under batched load)
 HEARTBEAT_MS = 2000
 
 
