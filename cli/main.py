@@ -45,6 +45,7 @@ def cmd_node(args: argparse.Namespace) -> None:
             lease_ttl=args.lease_ttl,
             max_payload=args.max_payload,
             client_idle_check=args.client_idle_check,
+            route_cache_size=args.route_cache_size,
             endpoint_file=args.endpoint_file,
             advertise_peer_endpoint=args.advertise_peer_endpoint,
             metrics_port=args.metrics_port,
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--advertise-peer-endpoint", default=None, help="peer endpoint to publish, if not the bound one")
     node.add_argument("--endpoint-file", default=None, help="write the bound endpoints here (JSON)")
     node.add_argument("--client-idle-check", type=float, default=10.0, help="seconds before a quiet client is probed")
+    node.add_argument(
+        "--route-cache-size", type=int, default=100_000, help="lookup answers the entry node caches (0: no cache)"
+    )
     node.set_defaults(func=cmd_node)
 
     cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")

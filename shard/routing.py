@@ -153,14 +153,17 @@ class RoutingMixin(NodeBase):
         told = self.lookup_watchers.take(shards)
         if told:
             iid = next(self.ids)
+            sent = set()
             for node, told_shards in told.items():
                 self.metrics["route_cache.invalidations_out"] += 1
                 header = {"id": iid, "epoch": self.epoch, "shards": told_shards}
-                self.send_peer(node, codec.encode(codec.INVALIDATE, header))
-            inv = self.invalidations[iid] = Invalidation(set(told), sorted({s for ss in told.values() for s in ss}))
-            for shard in inv.shards:
-                self.invalidating.setdefault(shard, set()).add(iid)
-            self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
+                if self.send_peer(node, codec.encode(codec.INVALIDATE, header)):
+                    sent.add(node)  # a node we cannot reach is not a member: it publishes nothing
+            if sent:
+                inv = self.invalidations[iid] = Invalidation(sent, sorted({s for n in sent for s in told[n]}))
+                for shard in inv.shards:
+                    self.invalidating.setdefault(shard, set()).add(iid)
+                self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
         if then is None:
             return False
         waits = {iid for shard in shards for iid in self.invalidating.get(shard, ())}
