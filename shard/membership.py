@@ -208,7 +208,10 @@ class EtcdSession(threading.Thread):
         return found[0].decode() if found else None
 
     def _watch(self) -> None:
-        """Wake the session whenever a key under the cluster prefix changes; reconnects while the session runs."""
+        """Wake the session whenever a key under the cluster prefix changes; reconnects while the session runs.
+
+        It ends at the first event after ``stop`` (the session revokes its lease on the way out, which deletes
+        its member key: that is such an event), or with the process: it is a daemon thread."""
         prefix = cluster_prefix(self._cluster)
         range_end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # every key that starts with the prefix
         request = {"create_request": {"key": _encode(prefix), "range_end": _encode(range_end)}}
@@ -230,7 +233,7 @@ class EtcdSession(threading.Thread):
         push.connect(self._notify_endpoint)
         last: dict[str, Any] | None = None
         next_refresh = 0.0
-        threading.Thread(target=self._watch, name="etcd-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"etcd-watch-{self._me.node_id}", daemon=True).start()
         try:
             while not self._stopping.is_set():
                 try:

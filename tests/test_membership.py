@@ -1,0 +1,70 @@
+"""The etcd session (``shardmq.shard.membership.EtcdSession``) against the real etcd of the session cluster.
+
+Each test uses a cluster name of its own, so it never touches the nodes of the shared cluster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import zmq
+
+from shardmq.cli.cluster import LocalCluster
+from shardmq.shard.membership import EtcdSession, MemberInfo, cluster_prefix, etcd_client
+
+
+@pytest.fixture
+def session_pair(cluster: LocalCluster) -> Iterator[tuple[EtcdSession, zmq.Socket, str]]:
+    """A running session whose periodic read and keep-alive are 10 s or more away, and the PULL socket its
+    snapshots arrive on."""
+    assert cluster.state is not None
+    name = f"watch-{uuid.uuid4().hex[:8]}"
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    endpoint = f"inproc://snapshots-{name}"
+    pull.bind(endpoint)
+    me = MemberInfo("w1", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    session = EtcdSession(ctx, cluster.state.etcd_url, name, me, endpoint, lease_ttl=30, poll_interval=30.0)
+    session.start()
+    try:
+        yield session, pull, name
+    finally:
+        session.stop()
+        session.join(timeout=5)
+        pull.close(linger=0)
+        etcd_client(cluster.state.etcd_url).delete_prefix(cluster_prefix(name))
+
+
+def next_snapshot(pull: zmq.Socket, timeout: float) -> dict | None:
+    if not pull.poll(int(timeout * 1000)):
+        return None
+    return orjson.loads(pull.recv_multipart()[0])
+
+
+@pytest.mark.timeout(30)
+def test_a_member_joining_is_seen_through_the_watch_not_the_periodic_read(cluster, session_pair) -> None:
+    session, pull, name = session_pair
+    first = next_snapshot(pull, 10)
+    assert first is not None and [m["node"] for m in first["members"]] == ["w1"]
+    while next_snapshot(pull, 0.5) is not None:  # the leader campaign may push one more view
+        pass
+    other = MemberInfo("w2", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    client = etcd_client(cluster.state.etcd_url)
+    started = time.monotonic()
+    client.put(cluster_prefix(name) + "members/w2", orjson.dumps(other.to_dict()))
+    seen = next_snapshot(pull, 12)
+    took = time.monotonic() - started
+    assert seen is not None and sorted(m["node"] for m in seen["members"]) == ["w1", "w2"]
+    assert took < 2  # the next read or keep-alive is 10 s or more away: only the watch can have woken it
+    session.stop()
+    session.join(timeout=5)
+    deadline = time.monotonic() + 5
+    while any(t.name == "etcd-watch-w1" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # stop() revokes the lease, whose deletion is the event that lets the watch thread see it should end.
+    assert not any(t.name == "etcd-watch-w1" for t in threading.enumerate())
