@@ -46,6 +46,7 @@ def cmd_node(args: argparse.Namespace) -> None:
             max_payload=args.max_payload,
             client_idle_check=args.client_idle_check,
             route_cache_size=args.route_cache_size,
+            route_cache_ttl=args.route_cache_ttl,
             endpoint_file=args.endpoint_file,
             advertise_peer_endpoint=args.advertise_peer_endpoint,
             metrics_port=args.metrics_port,
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--route-cache-size", type=int, default=100_000, help="lookup answers the entry node caches (0: no cache)"
     )
+    node.add_argument("--route-cache-ttl", type=float, default=1.0, help="seconds a cached lookup answer is used")
     node.set_defaults(func=cmd_node)
 
     cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")

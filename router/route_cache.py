@@ -14,6 +14,11 @@ the destination nodes (one hop). Two objects, one per side, both pure (no socket
   route change's INVALIDATE always follows the reply it could contradict, so this is a second line: it keeps
   the cache right when a watch was lost, e.g. a reply still in flight while the entry node cleared its cache
   because its etcd lease expired (owners forget the watches of a node they saw leave).
+- An answer also expires: ``put`` takes its expiry time, ``get`` the current time (plain numbers the caller
+  supplies; the node uses the LOOKUP's send time plus its ``route_cache_ttl``). An owner gives up waiting for an
+  INVALIDATE_ACK only after a longer timeout, so an entry node it cannot reach (a partition of that one link)
+  has dropped the answer by then on its own: the send time precedes the owner's answer, which precedes the
+  route change.
 - At most ``capacity`` answers; the least recently stored goes first.
 
 ``LookupWatchers`` (owner) rules:
@@ -47,8 +52,8 @@ class RouteCache:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        # (topic, shard) -> (epoch, generation, nodes)
-        self._answers: dict[tuple[str, int], tuple[int, tuple[int, int], tuple[str, ...]]] = {}
+        # (topic, shard) -> (epoch, ticket, expires, nodes)
+        self._answers: dict[tuple[str, int], tuple[int, tuple[int, int], float, tuple[str, ...]]] = {}
         self._generation: dict[int, int] = {}
         self._era = 0  # bumped by clear(): invalidates every shard at once
         self.hits = 0
@@ -57,12 +62,17 @@ class RouteCache:
     def __len__(self) -> int:
         return len(self._answers)
 
-    def get(self, topic: str, shard: int, epoch: int) -> tuple[str, ...] | None:
-        """The cached nodes for ``topic`` in ``shard`` at ``epoch``, or None (a miss: ask the owner)."""
+    def get(self, topic: str, shard: int, epoch: int, now: float) -> tuple[str, ...] | None:
+        """The cached nodes for ``topic`` in ``shard`` at ``epoch`` and time ``now``, or None (a miss: ask)."""
         answer = self._answers.get((topic, shard))
-        if answer is not None and answer[0] == epoch and answer[1] == (self._era, self._generation.get(shard, 0)):
+        if (
+            answer is not None
+            and answer[0] == epoch
+            and answer[1] == (self._era, self._generation.get(shard, 0))
+            and now < answer[2]
+        ):
             self.hits += 1
-            return answer[2]
+            return answer[3]
         self.misses += 1
         return None
 
@@ -70,15 +80,18 @@ class RouteCache:
         """Taken when a LOOKUP is sent; ``put`` stores the reply only if the shard was not invalidated since."""
         return (self._era, self._generation.get(shard, 0))
 
-    def put(self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], nodes: Iterable[str]) -> bool:
-        """Store an owner's answer; False (not stored) when the shard was invalidated after ``ticket``."""
+    def put(
+        self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], expires: float, nodes: Iterable[str]
+    ) -> bool:
+        """Store an owner's answer until ``expires``; False (not stored) when the shard was invalidated after
+        ``ticket``."""
         if ticket != self.ticket(shard) or self.capacity == 0:
             return False
         key = (topic, shard)
         self._answers.pop(key, None)
         if len(self._answers) >= self.capacity:
             del self._answers[next(iter(self._answers))]
-        self._answers[key] = (epoch, ticket, tuple(nodes))
+        self._answers[key] = (epoch, ticket, expires, tuple(nodes))
         return True
 
     def invalidate(self, shards: Iterable[int]) -> None:

@@ -75,6 +75,7 @@ class NodeConfig:
     request_timeout: float = 5.0
     lookup_timeout: float = 1.0  # then ask the next owner: a dead primary costs one timeout, not a failed publish
     route_cache_size: int = 100_000  # (topic, shard) lookup answers kept at the entry node; 0 turns the cache off
+    route_cache_ttl: float = 1.0  # a cached answer is asked again after this; owners wait 2x for INVALIDATE_ACKs
     handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
     handoff_timeout: float = 30.0
     endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)

@@ -18,6 +18,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,10 @@ from shardmq.router.partition import lookup_keys, placement_key
 from .base import NodeBase
 from .outbox import Delivery, Forward
 from .state import ROOT, Invalidation, Lookup, Publish, Waiter, gate
+
+# How long an owner waits for INVALIDATE_ACKs, in route-cache ttls: more than one, so that an entry node the
+# INVALIDATE does not reach has dropped the answer on its own before the route is confirmed without it.
+INVALIDATE_WAIT = 2
 
 
 class RoutingMixin(NodeBase):
@@ -153,17 +158,15 @@ class RoutingMixin(NodeBase):
         told = self.lookup_watchers.take(shards)
         if told:
             iid = next(self.ids)
-            sent = set()
             for node, told_shards in told.items():
                 self.metrics["route_cache.invalidations_out"] += 1
                 header = {"id": iid, "epoch": self.epoch, "shards": told_shards}
-                if self.send_peer(node, codec.encode(codec.INVALIDATE, header)):
-                    sent.add(node)  # a node we cannot reach is not a member: it publishes nothing
-            if sent:
-                inv = self.invalidations[iid] = Invalidation(sent, sorted({s for n in sent for s in told[n]}))
-                for shard in inv.shards:
-                    self.invalidating.setdefault(shard, set()).add(iid)
-                self.call_later(self.cfg.lookup_timeout, lambda: self._expire_invalidation(iid))
+                self.send_peer(node, codec.encode(codec.INVALIDATE, header))  # unsent: waits out the timeout too
+            inv = self.invalidations[iid] = Invalidation(set(told), sorted({s for ss in told.values() for s in ss}))
+            for shard in inv.shards:
+                self.invalidating.setdefault(shard, set()).add(iid)
+            wait = INVALIDATE_WAIT * self.cfg.route_cache_ttl
+            self.call_later(wait, lambda: self._expire_invalidation(iid))
         if then is None:
             return False
         waits = {iid for shard in shards for iid in self.invalidating.get(shard, ())}
@@ -194,7 +197,7 @@ class RoutingMixin(NodeBase):
 
     def _expire_invalidation(self, iid: int) -> None:
         inv = self.invalidations.get(iid)
-        if inv is not None:  # an entry node that cannot answer within a lookup timeout is not publishing either
+        if inv is not None:  # its answers expired at the entry nodes that did not acknowledge (see route_cache)
             self.metrics["route_cache.invalidate_timeouts"] += 1
             self.log.warning("invalidate_timeout", nodes=sorted(inv.pending), epoch=self.epoch)
             self._finish_invalidation(iid)
@@ -275,7 +278,7 @@ class RoutingMixin(NodeBase):
             if owners and owners[0] == self.me:
                 pub.dests |= self.routes.match(shard, pub.topic)
                 return
-            cached = self.route_cache.get(pub.topic, shard, epoch)
+            cached = self.route_cache.get(pub.topic, shard, epoch, time.monotonic())
             if cached is not None:
                 pub.dests.update(cached)
                 return
@@ -298,7 +301,7 @@ class RoutingMixin(NodeBase):
         lid = next(self.ids)
         header = {"id": lid, "shard": shard, "epoch": epoch, "topic": pub.topic}
         ticket = self.route_cache.ticket(shard)
-        self.pending_lookups[lid] = Lookup(pubs, shard, owner, [*tried, owner], epoch, ticket)
+        self.pending_lookups[lid] = Lookup(pubs, shard, owner, [*tried, owner], epoch, ticket, time.monotonic())
         self.lookups_in_flight[(pub.topic, shard)] = lid
         for p in pubs:
             p.asked_remote = True
@@ -455,7 +458,8 @@ class RoutingMixin(NodeBase):
             for pub in lookup.pubs:
                 pub.dests.update(nodes)
             if frame.header["epoch"] == lookup.epoch:  # an owner that has not seen our epoch yet is not cached
-                self.route_cache.put(topic, lookup.shard, lookup.epoch, lookup.ticket, nodes)
+                expires = lookup.sent_at + self.cfg.route_cache_ttl
+                self.route_cache.put(topic, lookup.shard, lookup.epoch, lookup.ticket, expires, nodes)
             self._dispatch(topic)
 
     def _on_fwd(self, sender: str, frame: Frame) -> None:

@@ -55,8 +55,9 @@ class Lookup:
     shard: int
     owner: str
     tried: list[str]
-    epoch: int = 0  # the shard's epoch we asked at, and the route cache's ticket then (see router.route_cache)
+    epoch: int = 0  # the shard's epoch we asked at, the route cache's ticket and the time then (router.route_cache)
     ticket: tuple[int, int] = (0, 0)
+    sent_at: float = 0.0
 
 
 @dataclass(slots=True)

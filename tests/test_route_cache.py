@@ -2,7 +2,8 @@
 
 1. ``RouteCache`` against a brute-force reference (a dict that forgets a shard's answers when told to).
 2. A state machine of one owner and one entry node joined by two FIFO pipes, with route changes, LOOKUPs,
-   INVALIDATEs, flips and lost leases in any interleaving, following the node's rules (``_invalidate_caches``).
+   INVALIDATEs, flips, lost leases, broken links and passing time in any interleaving, following the node's
+   rules (``_invalidate_caches``, ``_expire_invalidation``, the cache's ttl).
    Invariant: no cached answer at the entry's current epoch lacks a confirmed route (one whose ROUTE_ACK the
    owner would have sent: every INVALIDATE outstanding for its shard acknowledged).
 3. A real 3-node cluster: hot topics take one hop, and a subscriber added after an entry cached an answer gets
@@ -22,6 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from shardmq.client import Client
 from shardmq.router.route_cache import LookupWatchers, RouteCache
+from shardmq.shard.node import NodeConfig
+from shardmq.shard.routing import INVALIDATE_WAIT
 
 TOPICS = ["a", "b", "c"]
 SHARDS = [0, 1]
@@ -31,21 +34,23 @@ NODES = ["n1", "n2", "n3"]
 # ---------------------------------------------------------------------------------------------- 1. reference
 class ReferenceCache:
     def __init__(self) -> None:
-        self.answers: dict[tuple[str, int], tuple[int, tuple[str, ...]]] = {}
+        self.answers: dict[tuple[str, int], tuple[int, float, tuple[str, ...]]] = {}
         self.generation: dict[int, int] = {}
         self.era = 0
 
     def ticket(self, shard: int) -> tuple[int, int]:
         return (self.era, self.generation.get(shard, 0))
 
-    def get(self, topic: str, shard: int, epoch: int) -> tuple[str, ...] | None:
+    def get(self, topic: str, shard: int, epoch: int, now: float) -> tuple[str, ...] | None:
         answer = self.answers.get((topic, shard))
-        return answer[1] if answer is not None and answer[0] == epoch else None
+        return answer[2] if answer is not None and answer[0] == epoch and now < answer[1] else None
 
-    def put(self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], nodes: tuple[str, ...]) -> bool:
+    def put(
+        self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], expires: float, nodes: tuple[str, ...]
+    ) -> bool:
         if ticket != self.ticket(shard):
             return False
-        self.answers[(topic, shard)] = (epoch, nodes)
+        self.answers[(topic, shard)] = (epoch, expires, nodes)
         return True
 
     def invalidate(self, shards: list[int]) -> None:
@@ -63,11 +68,14 @@ _topic = st.sampled_from(TOPICS)
 _shard = st.sampled_from(SHARDS)
 _epoch = st.integers(0, 2)
 _nodes = st.lists(st.sampled_from(NODES), unique=True).map(tuple)
+_time = st.sampled_from([0.0, 0.5, 1.0, 1.5, 3.0])
 _ops = st.lists(
     st.one_of(
-        st.tuples(st.just("get"), _topic, _shard, _epoch),
-        st.tuples(st.just("put"), _topic, _shard, _epoch, st.tuples(st.integers(0, 2), st.integers(0, 3)), _nodes),
-        st.tuples(st.just("put_now"), _topic, _shard, _epoch, _nodes),
+        st.tuples(st.just("get"), _topic, _shard, _epoch, _time),
+        st.tuples(
+            st.just("put"), _topic, _shard, _epoch, st.tuples(st.integers(0, 2), st.integers(0, 3)), _time, _nodes
+        ),
+        st.tuples(st.just("put_now"), _topic, _shard, _epoch, _time, _nodes),
         st.tuples(st.just("invalidate"), st.lists(_shard, max_size=2)),
         st.tuples(st.just("clear")),
     ),
@@ -84,10 +92,10 @@ def test_cache_matches_reference(ops: list[tuple[Any, ...]]) -> None:
         elif op[0] == "put":
             assert cache.put(*op[1:]) == ref.put(*op[1:])
         elif op[0] == "put_now":  # the common case: no invalidation between LOOKUP and reply
-            _, topic, shard, epoch, nodes = op
+            _, topic, shard, epoch, expires, nodes = op
             assert cache.ticket(shard) == ref.ticket(shard)
-            assert cache.put(topic, shard, epoch, cache.ticket(shard), nodes)
-            ref.put(topic, shard, epoch, cache.ticket(shard), nodes)
+            assert cache.put(topic, shard, epoch, cache.ticket(shard), expires, nodes)
+            ref.put(topic, shard, epoch, cache.ticket(shard), expires, nodes)
         elif op[0] == "clear":
             cache.clear()
             ref.clear()
@@ -102,17 +110,18 @@ def test_cache_matches_reference(ops: list[tuple[Any, ...]]) -> None:
 def test_capacity_bound_keeps_newest(puts: list[tuple[str, int]], capacity: int) -> None:
     cache = RouteCache(capacity=capacity)
     for topic, shard in puts:
-        cache.put(topic, shard, 0, cache.ticket(shard), ("n1",))
+        cache.put(topic, shard, 0, cache.ticket(shard), 1.0, ("n1",))
         assert len(cache) <= capacity
     if puts:
         topic, shard = puts[-1]
-        assert cache.get(topic, shard, 0) == ("n1",)
+        assert cache.get(topic, shard, 0, 0.5) == ("n1",)
+        assert cache.get(topic, shard, 0, 1.0) is None  # expired
 
 
 def test_capacity_zero_turns_the_cache_off() -> None:
     cache = RouteCache(capacity=0)
-    assert not cache.put("a", 0, 0, cache.ticket(0), ("n1",))
-    assert cache.get("a", 0, 0) is None
+    assert not cache.put("a", 0, 0, cache.ticket(0), 1.0, ("n1",))
+    assert cache.get("a", 0, 0, 0.0) is None
     with pytest.raises(ValueError, match="capacity"):
         RouteCache(capacity=-1)
 
@@ -129,20 +138,32 @@ def test_watchers_are_one_shot_and_forget_lost_nodes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 2. protocol
+# A small world, so that hypothesis meets the interleavings that matter (a topic, its shard, one route) often.
+_m_topic = st.sampled_from(["a", "b"])
+_m_shard = st.sampled_from([0, 1])
+_m_node = st.sampled_from(["n1", "n2"])
+# A cached answer lives TTL after its LOOKUP was sent: the node's default.
+TTL = NodeConfig("n", "tcp://a", "tcp://b", "http://c").route_cache_ttl
+GIVE_UP = INVALIDATE_WAIT * TTL  # the owner stops waiting for an INVALIDATE_ACK after this (as the node does)
+
+
 class CacheProtocol(RuleBasedStateMachine):
-    """One owner of SHARDS and one entry node; pipes are FIFO per direction, as zmq is between two nodes."""
+    """One owner of SHARDS and one entry node; pipes are FIFO per direction, as zmq is between two nodes, but a
+    broken link loses what was in flight; time passes in steps."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.routes: dict[int, set[tuple[str, str]]] = {s: set() for s in SHARDS}  # at the owner: (topic, node)
-        self.owner_epoch = dict.fromkeys(SHARDS, 1)
-        self.entry_epoch = dict.fromkeys(SHARDS, 1)  # the entry's view, which may lag behind a flip
+        self.routes: dict[int, set[tuple[str, str]]] = {s: set() for s in (0, 1)}  # at the owner: (topic, node)
+        self.owner_epoch = dict.fromkeys((0, 1), 1)
+        self.entry_epoch = dict.fromkeys((0, 1), 1)  # the entry's view, which may lag behind a flip
         self.cache = RouteCache(capacity=4)
         self.watchers = LookupWatchers()
         self.to_owner: deque[tuple[Any, ...]] = deque()
         self.to_entry: deque[tuple[Any, ...]] = deque()
-        self.lookups: dict[int, tuple[str, int, int, tuple[int, int]]] = {}  # id -> topic, shard, epoch, ticket
-        self.unacked: dict[int, tuple[int, set[int]]] = {}  # INVALIDATE id -> (acks missing, its shards)
+        self.now = 0.0
+        # LOOKUP id -> topic, shard, epoch, ticket, send time
+        self.lookups: dict[int, tuple[str, int, int, tuple[int, int], float]] = {}
+        self.unacked: dict[int, tuple[int, set[int], float]] = {}  # INVALIDATE id -> (acks missing, shards, sent)
         self.waiting: list[tuple[set[int], tuple[str, int, str]]] = []  # adds whose ROUTE_ACK waits: (ids, route)
         self.confirmed: set[tuple[str, int, str]] = set()  # (topic, shard, node) routes whose ROUTE_ACK went out
         self.ids = 0
@@ -154,11 +175,11 @@ class CacheProtocol(RuleBasedStateMachine):
     def _truth(self, topic: str, shard: int) -> set[str]:
         return {node for t, node in self.routes[shard] if t == topic}
 
-    @rule(topic=_topic, shard=_shard)
+    @rule(topic=_m_topic, shard=_m_shard)
     def entry_publishes(self, topic: str, shard: int) -> None:
-        if self.cache.get(topic, shard, self.entry_epoch[shard]) is None:
+        if self.cache.get(topic, shard, self.entry_epoch[shard], self.now) is None:
             lid = self._id()
-            self.lookups[lid] = (topic, shard, self.entry_epoch[shard], self.cache.ticket(shard))
+            self.lookups[lid] = (topic, shard, self.entry_epoch[shard], self.cache.ticket(shard), self.now)
             self.to_owner.append(("lookup", lid, topic, shard))
 
     def _invalidate(self, shard: int) -> set[int]:
@@ -168,10 +189,22 @@ class CacheProtocol(RuleBasedStateMachine):
             iid = self._id()
             for _node, shards in told.items():
                 self.to_entry.append(("invalidate", iid, shards))
-            self.unacked[iid] = (len(told), {shard})
-        return {iid for iid, (_, shards) in self.unacked.items() if shard in shards}
+            self.unacked[iid] = (len(told), {shard}, self.now)
+        return {iid for iid, (_, shards, _) in self.unacked.items() if shard in shards}
 
-    @rule(topic=_topic, shard=_shard, node=st.sampled_from(NODES), add=st.booleans())
+    def _finish(self, iid: int) -> None:
+        """Every watcher acknowledged (or the owner gave up): the adds waiting only for this are confirmed."""
+        del self.unacked[iid]
+        still = []
+        for waits, route in self.waiting:
+            waits.discard(iid)
+            if waits:
+                still.append((waits, route))
+            elif (route[0], route[2]) in self.routes[route[1]]:
+                self.confirmed.add(route)
+        self.waiting = still
+
+    @rule(topic=_m_topic, shard=_m_shard, node=_m_node, add=st.booleans())
     def route_changes(self, topic: str, shard: int, node: str, add: bool) -> None:
         route = (topic, shard, node)
         (self.routes[shard].add if add else self.routes[shard].discard)((topic, node))
@@ -183,7 +216,7 @@ class CacheProtocol(RuleBasedStateMachine):
             else:
                 self.confirmed.add(route)
 
-    @rule(shard=_shard)
+    @rule(shard=_m_shard)
     def flip(self, shard: int) -> None:
         """New owners at a higher epoch (routes carried over); the old owner tells its watchers, waiting for none."""
         self.owner_epoch[shard] += 1
@@ -196,7 +229,27 @@ class CacheProtocol(RuleBasedStateMachine):
         self.watchers.forget("entry")
         self.cache.clear()
 
-    @rule(shard=_shard)
+    @rule(dt=st.sampled_from([0.25, 0.75, 1.5]))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def owner_gives_up(self) -> None:
+        """The node's ``_expire_invalidation``: an INVALIDATE unacknowledged for GIVE_UP counts as done."""
+        for iid in [i for i, (_, _, sent) in self.unacked.items() if self.now >= sent + GIVE_UP]:
+            self._finish(iid)
+
+    @rule()
+    def link_to_entry_breaks(self) -> None:
+        """A partition of the owner -> entry link: replies and INVALIDATEs in flight are lost."""
+        self.to_entry.clear()
+
+    @rule()
+    def link_to_owner_breaks(self) -> None:
+        """The entry -> owner link: LOOKUPs (the node asks again after its lookup timeout) and acks are lost."""
+        self.to_owner.clear()
+
+    @rule(shard=_m_shard)
     def entry_reads_assignment(self, shard: int) -> None:
         self.entry_epoch[shard] = self.owner_epoch[shard]
 
@@ -208,21 +261,13 @@ class CacheProtocol(RuleBasedStateMachine):
             _, lid, topic, shard = msg
             self.watchers.watch(shard, "entry")
             self.to_entry.append(("reply", lid, self.owner_epoch[shard], sorted(self._truth(topic, shard))))
-        else:
+        elif msg[1] in self.unacked:  # (a late ack, after the owner gave up, is ignored)
             iid = msg[1]
-            missing, shards = self.unacked[iid]
+            missing, shards, sent = self.unacked[iid]
             if missing > 1:
-                self.unacked[iid] = (missing - 1, shards)
-                return
-            del self.unacked[iid]
-            still = []
-            for waits, route in self.waiting:
-                waits.discard(iid)
-                if waits:
-                    still.append((waits, route))
-                elif (route[0], route[2]) in self.routes[route[1]]:
-                    self.confirmed.add(route)
-            self.waiting = still
+                self.unacked[iid] = (missing - 1, shards, sent)
+            else:
+                self._finish(iid)
 
     @precondition(lambda self: self.to_entry)
     @rule()
@@ -230,9 +275,9 @@ class CacheProtocol(RuleBasedStateMachine):
         msg = self.to_entry.popleft()
         if msg[0] == "reply":
             _, lid, epoch, nodes = msg
-            topic, shard, asked_epoch, ticket = self.lookups.pop(lid)
+            topic, shard, asked_epoch, ticket, sent = self.lookups.pop(lid)
             if epoch == asked_epoch:
-                self.cache.put(topic, shard, asked_epoch, ticket, nodes)
+                self.cache.put(topic, shard, asked_epoch, ticket, sent + TTL, nodes)
         else:
             _, iid, shards = msg
             self.cache.invalidate(shards)
@@ -243,12 +288,29 @@ class CacheProtocol(RuleBasedStateMachine):
         for topic, shard, node in self.confirmed:
             if self.entry_epoch[shard] != self.owner_epoch[shard]:
                 continue  # the entry has not read the flip; the node asks with its old epoch and is refused
-            cached = self.cache.get(topic, shard, self.entry_epoch[shard])
+            cached = self.cache.get(topic, shard, self.entry_epoch[shard], self.now)
             assert cached is None or node in cached, (topic, shard, node, cached)
 
 
 TestCacheProtocol = CacheProtocol.TestCase
 TestCacheProtocol.settings = settings(max_examples=1000, stateful_step_count=60, deadline=None)
+
+
+def test_an_entry_cut_off_from_the_owner_drops_the_answer_before_the_route_is_confirmed() -> None:
+    """The INVALIDATE is lost with the link; the owner confirms the route only after GIVE_UP, by which time the
+    entry's answer (TTL from its LOOKUP) has expired on its own."""
+    m = CacheProtocol()
+    m.entry_publishes("a", 0)
+    m.owner_receives()
+    m.entry_receives()  # "nobody" cached until TTL
+    m.route_changes("a", 0, "n1", add=True)  # waits for the INVALIDATE ...
+    m.link_to_entry_breaks()  # ... which is lost
+    while ("a", 0, "n1") not in m.confirmed:
+        m.time_passes(0.25)
+        m.owner_gives_up()
+        m.confirmed_routes_are_never_missing()
+    assert m.now >= GIVE_UP > TTL
+    assert m.cache.get("a", 0, 1, m.now) is None
 
 
 def test_an_add_waits_for_an_earlier_unacknowledged_invalidate() -> None:
