@@ -272,12 +272,13 @@ class RoutingMixin(NodeBase):
         a = self.assignment
         assert a is not None
         pubs = group or [pub]
-        epoch = a.epoch(shard)
         if not tried:
             owners = a.owners(shard)
             if owners and owners[0] == self.me:
                 pub.dests |= self.routes.match(shard, pub.topic)
                 return
+        epoch = a.epoch(shard)
+        if not tried:
             cached = self.route_cache.get(pub.topic, shard, epoch, time.monotonic())
             if cached is not None:
                 pub.dests.update(cached)
