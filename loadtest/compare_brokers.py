@@ -50,6 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shardmq.loadtest import pyzmq_floor
+
 PAYLOAD_SIZE = 100
 STAMP = struct.Struct("<qq")  # sequence number, send time (time.monotonic_ns: one clock for all processes)
 PAD = b"x" * (PAYLOAD_SIZE - STAMP.size)
@@ -57,14 +59,18 @@ FLAT = b"x" * PAYLOAD_SIZE
 WARMUP = 100  # latency samples dropped at the start of a paced run
 IDLE_NS = 2_000_000_000  # the subscriber gives up 2 s after the last message once the publisher is done
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # Debian puts nats-server and mosquitto here
-SYSTEMS = ("shardmq", "nats", "mosquitto", "redis")
+SYSTEMS = ("shardmq", "floor", "nats", "mosquitto", "redis")
 PEERS = {  # system -> (server binary, Python module of its client, pip name)
     "nats": ("nats-server", "nats", "nats-py"),
     "mosquitto": ("mosquitto", "paho.mqtt.client", "paho-mqtt"),
     "redis": ("redis-server", "redis", "redis"),
 }
 QOS1_SYSTEMS = ("shardmq", "mosquitto")
-NO_QOS1 = {"nats": "core NATS has no publish ack", "redis": "PUBLISH has no delivery ack"}
+NO_QOS1 = {
+    "nats": "core NATS has no publish ack",
+    "redis": "PUBLISH has no delivery ack",
+    "floor": "no acks: it only passes frames on",
+}
 
 
 def stamped(seq: int) -> bytes:
@@ -215,7 +221,21 @@ def sub_nats(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: Tall
     asyncio.run(run())
 
 
-SUBSCRIBERS = {"shardmq": sub_shardmq, "nats": sub_nats, "mosquitto": sub_mosquitto, "redis": sub_redis}
+def sub_floor(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: Tally) -> None:
+    get, close = pyzmq_floor.subscribe(info, ready, PAYLOAD_SIZE)
+    try:
+        pull_loop(get, tally)
+    finally:
+        close()
+
+
+SUBSCRIBERS = {
+    "shardmq": sub_shardmq,
+    "floor": sub_floor,
+    "nats": sub_nats,
+    "mosquitto": sub_mosquitto,
+    "redis": sub_redis,
+}
 
 
 def subscriber_main(system: str, info: dict[str, Any], spec: dict[str, Any], ready: Any, expected: Any, out: Any):
@@ -389,7 +409,26 @@ def pub_nats(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(run())
 
 
-PUBLISHERS = {"shardmq": pub_shardmq, "nats": pub_nats, "mosquitto": pub_mosquitto, "redis": pub_redis}
+def pub_floor(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    pub = pyzmq_floor.Publisher(info, spec["rate"] if spec["mode"] == "paced" else None)
+    try:
+
+        def send_many(seqs: range) -> None:
+            for i in seqs:
+                pub.add(stamped(i))
+
+        return drive(spec, pub.add, send_many)
+    finally:
+        pub.close()
+
+
+PUBLISHERS = {
+    "shardmq": pub_shardmq,
+    "floor": pub_floor,
+    "nats": pub_nats,
+    "mosquitto": pub_mosquitto,
+    "redis": pub_redis,
+}
 
 
 def publisher_main(system: str, info: dict[str, Any], spec: dict[str, Any], out: Any) -> None:
@@ -530,8 +569,11 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
-def measure_system(ctx: Any, system: str, info: dict[str, Any], rep: int, args: Any, out: dict[str, list[float]]):
-    """One repeat for one system: QoS 0 max, latency at half that max and at the fixed rate, QoS 1."""
+def measure_system(
+    ctx: Any, system: str, info: dict[str, Any], args: Any, out: dict[str, list[float]], same_rate: float | None
+):
+    """One repeat for one system: QoS 0 max, latency at half that max, at ``same_rate`` (shardmq's half max so
+    far: every system at one load) and at the fixed rate, QoS 1."""
 
     def record(name: str, value: float | None) -> None:
         if value is not None:
@@ -556,6 +598,8 @@ def measure_system(ctx: Any, system: str, info: dict[str, Any], rep: int, args: 
     print(f"{system:<10} {'QoS 0 max':<16} {fmt_rate(top):>9} msg/s delivered  ({res['received']:,} of "
           f"{res['sent']:,} sent, loss {loss:.1%})", flush=True)  # fmt: skip
     paced = [("half max", "", top / 2)] if top else []
+    if system != "shardmq" and same_rate:
+        paced.append(("same rate", "s", same_rate))
     if args.fixed_rate > 0:
         paced.append(("fixed rate", "f", args.fixed_rate))
     for label, key, rate in paced:
@@ -566,6 +610,9 @@ def measure_system(ctx: Any, system: str, info: dict[str, Any], rep: int, args: 
         if not key:
             record("paced", rate)
             record("paced_got", delivered_rate(res))
+            if system == "shardmq":  # its half max is the same rate
+                record("s50", res["p50_ms"])
+                record("s99", res["p99_ms"])
         record(f"{key or 'p'}50", res["p50_ms"])
         record(f"{key or 'p'}99", res["p99_ms"])
         print(f"{system:<10} {'latency ' + label:<16} at {rate:>9,.0f} msg/s: p50 {res['p50_ms']:.3f} ms  p99 "
@@ -623,6 +670,10 @@ def main(argv: list[str] | None = None) -> None:
                 infos[system] = {"sub_endpoint": eps["n1"], "pub_endpoint": eps["n3"]}
                 print(f"shardmq: 3 nodes up; subscriber on n1 {eps['n1']}, publisher on n3 {eps['n3']}")
                 continue
+            if system == "floor":
+                infos[system] = stack.enter_context(pyzmq_floor.chain(ctx))
+                print(f"floor: pyzmq publisher -> 2 forwarders (pid {infos[system]['pid']} first) -> subscriber")
+                continue
             binary_name, module, pip_name = PEERS[system]
             binary = find_binary(binary_name)
             if binary is None:
@@ -646,7 +697,9 @@ def main(argv: list[str] | None = None) -> None:
             order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
             print(f"\n-- repeat {rep + 1}/{args.repeats} (order: {', '.join(order)})", flush=True)
             for system in order:
-                measure_system(ctx, system, infos[system], rep, args, figures[system])
+                shardmq_max = med(figures["shardmq"].get("max", []))
+                same_rate = shardmq_max / 2 if shardmq_max else None
+                measure_system(ctx, system, infos[system], args, figures[system], same_rate)
 
     base = {name: med(values) for name, values in figures["shardmq"].items()}
     meds = {system: {name: med(values) for name, values in figures[system].items()} for system in systems}
@@ -683,6 +736,20 @@ def main(argv: list[str] | None = None) -> None:
             fmt_ratio(f.get("f99"), base.get("f99")),
         ))  # fmt: skip
     print_table(rows)
+    if base.get("max"):
+        print(f"\nat shardmq's half max, about {base['max'] / 2:,.0f} msg/s: every system at the same load, ms\n")
+        rows = [("system", "p50", "p99", "p99 ratio")]
+        for system in systems:
+            f = meds[system]
+            rows.append((system, fmt_ms(f.get("s50")), fmt_ms(f.get("s99")), fmt_ratio(f.get("s99"), base.get("s99"))))
+        print_table(rows)
+    if base.get("p99") is not None:
+        verdict = "met" if base["p99"] <= 2.0 else "NOT met"
+        floor = meds.get("floor", {}).get("s99")
+        print(
+            f"\ngoal: shardmq p99 publish -> deliver at half its max <= 2 ms: {verdict} ({base['p99']:.3f} ms"
+            + (f"; the pyzmq floor at that rate: {floor:.3f} ms)" if floor is not None else ")")
+        )
     if meds.get("nats", {}).get("max") and base.get("max"):
         ratio = base["max"] / meds["nats"]["max"]
         verdict = "met" if ratio >= 1 else "NOT met"
