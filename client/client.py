@@ -19,8 +19,9 @@ Rules of this file:
   ``_pending`` and returns; the caller's own thread sends the pending list when it reaches ``max_batch`` messages
   or its oldest message is ``linger`` seconds old (checked with ``time.monotonic()`` on each publish). A flush is
   one PUBS frame (a lone message goes as the plain PUB it always was), split so that no frame carries more than
-  the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. ``max_batch=1`` turns
-  batching off (every publish is sent at once, as before).
+  the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. Consecutive QoS 0
+  messages to one topic in a frame go as one run (``codec.Run``), which every node passes on as one item.
+  ``max_batch=1`` turns batching off (every publish is sent at once, as before).
 - Every other call (``publish(qos=1)``, ``publish_many``, ``subscribe*``, ``unsubscribe``, ``receive``,
   ``status``, ``leave``, ``flush``, ``close``, ``connect`` and failover) sends what is pending first, so order per
   topic is kept across QoS levels and calls. ``receive`` flushes before it blocks, so a thread waiting in
@@ -372,8 +373,11 @@ class Client:
             self.inbox.append((Message(h["topic"], frame.payload, h["qos"], bool(h.get("dup"))), mid))
         elif frame.type == codec.MSGS:  # a batch: the node sends messages that queued up together in one frame
             try:
-                for (topic, qos, mid, dup), payload in codec.split_batch(frame):
-                    self.inbox.append((Message(topic, payload, qos, bool(dup)), mid if qos else None))
+                for (topic, qos, mid, dup), sizes, blob in codec.split_runs(frame):
+                    if sizes is None:
+                        self.inbox.append((Message(topic, blob, qos, bool(dup)), mid if qos else None))
+                    else:  # a QoS 0 run: many messages to one topic
+                        self.inbox.extend((Message(topic, data, 0, bool(dup)), None) for data in codec.cut(blob, sizes))
             except (ProtocolError, ValueError, TypeError) as exc:
                 self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
@@ -639,8 +643,18 @@ def _publish_frame(messages: list[tuple[str, bytes]], qos: int, refs: list[int |
         if ref is not None:
             header["id"] = ref
         return codec.encode(codec.PUB, header, data)
-    items = [[topic, qos, ref] for (topic, _), ref in zip(messages, refs, strict=True)]
-    return codec.encode_batch(codec.PUBS, {}, items, [data for _, data in messages])
+    # Consecutive QoS 0 messages to one topic go as one run (codec.Run): the nodes pass them on as one item.
+    runs: list[tuple[list[Any], list[int], list[bytes]]] = []
+    joinable = None  # the topic the last run may be extended with
+    for (topic, data), ref in zip(messages, refs, strict=True):
+        if topic == joinable and ref is None:
+            runs[-1][1].append(len(data))
+            runs[-1][2].append(data)
+        else:
+            runs.append(([topic, qos, ref], [len(data)], [data]))
+            joinable = topic if not qos and ref is None else None
+    frame_runs = [(item, sizes if len(sizes) > 1 else None, b"".join(blobs)) for item, sizes, blobs in runs]
+    return codec.encode_runs(codec.PUBS, {}, frame_runs)
 
 
 def _check_qos(qos: int) -> None:

@@ -17,6 +17,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,12 +273,80 @@ def decode(
 # header parse and one socket operation however many messages it holds.
 
 
-def encode_batch(frame_type: bytes, header: dict[str, Any], items: list[Any], payloads: list[bytes]) -> list[bytes]:
-    return encode(frame_type, {**header, "items": items, "sizes": [len(p) for p in payloads]}, b"".join(payloads))
+# A run is an item that stands for several consecutive payloads: ``counts`` (optional, one positive int per item;
+# absent means 1 each) says how many, and ``sizes`` still has one entry per payload. A burst of QoS 0 messages to
+# one topic then costs one item at every hop instead of one per message. Acks (ids, mids) are per message, so
+# only a QoS 0 item may stand for more than one payload.
+Run = tuple[Any, list[int] | None, bytes]  # (item, its payloads' sizes or None for one payload, the payload bytes)
+_QOS_AT = {PUBS: 1, FWDS: 2, MSGS: 1}  # where the qos is in an item of each batch type
+
+
+def encode_runs(frame_type: bytes, header: dict[str, Any], runs: list[Run]) -> list[bytes]:
+    """A PUBS/FWDS/MSGS frame of runs (see above); ``counts`` is left out when every run is one payload."""
+    items: list[Any] = []
+    counts: list[int] = []
+    sizes: list[int] = []
+    for item, run_sizes, blob in runs:
+        items.append(item)
+        if run_sizes is None:
+            counts.append(1)
+            sizes.append(len(blob))
+        else:
+            counts.append(len(run_sizes))
+            sizes.extend(run_sizes)
+    fields = {**header, "items": items, "sizes": sizes}
+    if len(sizes) != len(items):
+        fields["counts"] = counts
+    return encode(frame_type, fields, b"".join(blob for _, _, blob in runs))
+
+
+def split_runs(frame: Frame) -> list[Run]:
+    """The runs of a PUBS/FWDS/MSGS frame, each checked; ProtocolError (nothing applied yet) when ``counts``,
+    ``sizes`` and the payload disagree or a QoS 1 item claims more than one payload."""
+    h = frame.header
+    counts = h.get("counts")
+    if counts is None:
+        return [(item, None, payload) for item, payload in split_batch(frame)]
+    name, ref = frame.type.decode(), h.get("id")
+    items, sizes = h["items"], h["sizes"]
+    if not isinstance(counts, list) or not all(type(c) is int and c > 0 for c in counts):
+        raise ProtocolError(E_BAD_HEADER, f"{name} field 'counts' must be a list of positive integers", ref)
+    if len(counts) != len(items) or sum(counts) != len(sizes) or sum(sizes) != len(frame.payload):
+        raise ProtocolError(
+            E_BAD_FRAME,
+            f"{name} lists {len(items)} items and {len(counts)} counts totalling {sum(counts)} payloads, and "
+            f"{len(sizes)} sizes totalling {sum(sizes)} bytes for a {len(frame.payload)}-byte payload; counts need "
+            f"one entry per item and must add up to the number of sizes",
+            ref,
+        )
+    qos_at = _QOS_AT[frame.type]
+    out: list[Run] = []
+    at = first = 0
+    view = memoryview(frame.payload)
+    for i, (item, count) in enumerate(zip(items, counts, strict=True)):
+        if count == 1:
+            size = sizes[first]
+            out.append((item, None, bytes(view[at : at + size])))
+        else:
+            if item[qos_at] != 0:
+                reason = f"{name} item {i} stands for {count} payloads at qos {item[qos_at]}: only a QoS 0 item may"
+                raise ProtocolError(E_BAD_FRAME, reason + " stand for more than one (acks are per message)", ref)
+            run_sizes = sizes[first : first + count]
+            size = sum(run_sizes)
+            out.append((item, run_sizes, bytes(view[at : at + size])))
+        at += size
+        first += count
+    return out
 
 
 def split_batch(frame: Frame) -> list[tuple[Any, bytes]]:
-    """(item, payload) pairs of a PUBS/FWDS/MSGS frame; ProtocolError when sizes and payload disagree."""
+    """(item, payload) pairs of a PUBS/FWDS/MSGS frame, a run giving one pair per payload; ProtocolError when
+    sizes (and counts) and payload disagree."""
+    if frame.header.get("counts") is not None:
+        pairs: list[tuple[Any, bytes]] = []
+        for item, run_sizes, blob in split_runs(frame):
+            pairs.extend(zip(itertools.repeat(item), cut(blob, run_sizes)))
+        return pairs
     items, sizes = frame.header["items"], frame.header["sizes"]
     if len(items) != len(sizes) or sum(sizes) != len(frame.payload):
         raise ProtocolError(
@@ -290,5 +359,17 @@ def split_batch(frame: Frame) -> list[tuple[Any, bytes]]:
     view = memoryview(frame.payload)
     for item, size in zip(items, sizes, strict=True):
         out.append((item, bytes(view[at : at + size])))
+        at += size
+    return out
+
+
+def cut(blob: bytes, sizes: list[int] | None) -> list[bytes]:
+    """The payloads of a run: ``blob`` cut by ``sizes`` (None: the blob is one payload)."""
+    if sizes is None:
+        return [blob]
+    out, at = [], 0
+    view = memoryview(blob)
+    for size in sizes:
+        out.append(bytes(view[at : at + size]))
         at += size
     return out

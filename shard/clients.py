@@ -181,10 +181,12 @@ class ClientsMixin(NodeBase):
 
         Nothing else runs while one frame is handled, so routes cannot change within it: a topic whose first
         publish here was routed at once (owned, cached or root set only, nothing queued before it) sends its
-        later publishes in the frame to the same nodes without validating or resolving it again.
+        later publishes in the frame to the same nodes without validating or resolving it again. A QoS 0 run
+        (many messages to one topic, codec.Run) to peers only travels on as one item; anything else in a run
+        takes the per-message path.
         """
         try:
-            batch = codec.split_batch(frame)
+            runs = codec.split_runs(frame)
         except ProtocolError as exc:
             self.reject_client(session.rid, exc.code, exc.reason, exc.ref)
             return
@@ -192,26 +194,38 @@ class ClientsMixin(NodeBase):
         queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
         rid, me, members = session.rid, self.me, self.members
         fast = hops = queued = dead = 0
-        for (topic, qos, ref), payload in batch:
+        for (topic, qos, ref), sizes, payload in runs:
             dests = routed.get(topic)
             if dests is None:
-                pub = self._publish_one(session, ref, topic, qos, payload)
+                head = payload if sizes is None else payload[: sizes[0]]
+                pub = self._publish_one(session, ref, topic, qos, head)
                 if pub is not None and not pub.lookups_left and not pub.failed and topic not in self.topic_queues:
-                    routed[topic] = pub.dests
-            elif qos or me in dests:  # acks to track, or a local match to deliver: the general path
-                self.metrics["publishes.in"] += 1
-                self.forward(Publish(rid, ref, topic, qos, payload, dests=dests))
-            else:  # the hot path: what forward() does for QoS 0, without a Publish per message
-                lists = queues.get(topic)
-                if lists is None:
-                    lists = queues[topic] = [self.outbox.forward_queue(d) for d in dests if d in members]
-                item = Forward(0, topic, 0, payload)
-                for queue in lists:
-                    queue.append(item)
-                fast += 1
-                hops += bool(lists)
-                queued += len(lists)
-                dead += len(dests) - len(lists)
+                    dests = routed[topic] = pub.dests
+                if sizes is None:
+                    continue
+                payload, sizes = payload[sizes[0] :], sizes[1:]
+                if dests is None:  # refused, failed or queued behind a lookup: the rest follows one by one
+                    for data in codec.cut(payload, sizes):
+                        self._publish_one(session, ref, topic, qos, data)
+                    continue
+            if qos or me in dests:  # acks to track, or a local match to deliver: the general path
+                for data in codec.cut(payload, sizes):
+                    self.metrics["publishes.in"] += 1
+                    self.forward(Publish(rid, ref, topic, qos, data, dests=dests))
+                continue
+            # The hot path: what forward() does for QoS 0, without a Publish per message.
+            lists = queues.get(topic)
+            if lists is None:
+                lists = queues[topic] = [self.outbox.forward_queue(d) for d in dests if d in members]
+            item = Forward(0, topic, 0, payload, sizes)
+            for queue in lists:
+                queue.append(item)
+            n = item.count
+            fast += n
+            if lists:
+                hops += n
+            queued += len(lists) * n
+            dead += (len(dests) - len(lists)) * n
         if fast:
             m = self.metrics
             m["publishes.in"] += fast

@@ -315,16 +315,17 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         if not self.outbox:
             return
         for dest, parts, forwards in self.outbox.peer_frames(self.epoch):
-            if len(forwards) > 1:
+            sent = sum(f.count for f in forwards)
+            if sent > 1:
                 self.metrics["batches.fwds"] += 1
-            self.metrics["forwards.out"] += len(forwards)
+            self.metrics["forwards.out"] += sent
             if not self.send_peer(dest, parts):
                 for f in forwards:
                     pending = self.pending_fwds.pop(f.fid, None)
                     if pending is not None:
                         self._fail_publish(pending[1], codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
         for rid, parts, deliveries in self.outbox.client_frames():  # PUBACKs first: they carry no deliveries
-            if len(deliveries) > 1:
+            if len(deliveries) > 1 or (deliveries and deliveries[0].sizes):
                 self.metrics["batches.msgs"] += 1
             written = self.send_client(rid, parts)
             session = self.sessions.get(rid)
@@ -332,7 +333,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                 if d.mid is not None and session is not None and d.mid in session.inflight:
                     session.inflight[d.mid] = (d.topic, d.payload, written)
                 if written:
-                    self.metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += 1
+                    self.metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += d.count
 
     def _publish_metrics(self) -> None:
         """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""

@@ -10,6 +10,9 @@ Rules of this file:
 - A frame never carries more payload than ``max_payload`` (what the receiver accepts); a single larger message
   still goes alone, as a plain FWD/MSG.
 - One item goes as the plain frame (FWD, MSG), so a lone message looks exactly as before batching existed.
+- A QoS 0 run (an item with ``sizes``: many messages to one topic, from a PUBS or FWDS run) stays one item and
+  goes out as one run of a batch frame (``codec.encode_runs``): nobody on the way handles its messages one by
+  one. ``queued`` counts messages, not items.
 - Pure: it builds frames; the node sends them.
 """
 
@@ -27,6 +30,11 @@ class Forward:
     topic: str
     qos: int
     payload: bytes
+    sizes: list[int] | None = None  # a QoS 0 run: ``payload`` is these messages back to back (codec.Run)
+
+    @property
+    def count(self) -> int:
+        return 1 if self.sizes is None else len(self.sizes)
 
 
 @dataclass(slots=True)
@@ -36,6 +44,11 @@ class Delivery:
     mid: int | None
     dup: bool
     payload: bytes
+    sizes: list[int] | None = None  # as for Forward
+
+    @property
+    def count(self) -> int:
+        return 1 if self.sizes is None else len(self.sizes)
 
 
 @dataclass(slots=True)
@@ -93,14 +106,13 @@ class Outbox:
             yield dest, codec.encode(codec.FWD_ACK, {"id": ids[0], "ids": ids, "epoch": epoch}), []
         for dest, items in forwards.items():
             for chunk in self._chunks(items):
-                if len(chunk) == 1:
+                if len(chunk) == 1 and chunk[0].sizes is None:
                     f = chunk[0]
                     header = {"id": f.fid, "shard": -1, "epoch": epoch, "topic": f.topic, "qos": f.qos}
                     yield dest, codec.encode(codec.FWD, header, f.payload), chunk
                 else:
-                    fields = [[f.fid, f.topic, f.qos] for f in chunk]
-                    parts = codec.encode_batch(codec.FWDS, {"epoch": epoch}, fields, [f.payload for f in chunk])
-                    yield dest, parts, chunk
+                    runs = [([f.fid, f.topic, f.qos], f.sizes, f.payload) for f in chunk]
+                    yield dest, codec.encode_runs(codec.FWDS, {"epoch": epoch}, runs), chunk
 
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:
         """(client routing id, frame parts, the deliveries it carries); empties the box."""
@@ -110,7 +122,7 @@ class Outbox:
             yield rid, codec.encode(codec.PUBACK, {"id": refs[0], "ids": refs}), []
         for rid, items in deliveries.items():
             for chunk in self._chunks(items):
-                if len(chunk) == 1:
+                if len(chunk) == 1 and chunk[0].sizes is None:
                     d = chunk[0]
                     header: dict = {"topic": d.topic, "qos": d.qos}
                     if d.mid is not None:
@@ -119,5 +131,5 @@ class Outbox:
                         header["dup"] = True
                     yield rid, codec.encode(codec.MSG, header, d.payload), chunk
                 else:
-                    fields = [[d.topic, d.qos, d.mid, d.dup] for d in chunk]
-                    yield rid, codec.encode_batch(codec.MSGS, {}, fields, [d.payload for d in chunk]), chunk
+                    runs = [([d.topic, d.qos, d.mid, d.dup], d.sizes, d.payload) for d in chunk]
+                    yield rid, codec.encode_runs(codec.MSGS, {}, runs), chunk

@@ -471,32 +471,35 @@ class RoutingMixin(NodeBase):
             self.outbox.ack(sender, h["id"])
 
     def _on_fwds(self, sender: str, frame: Frame) -> None:
-        """A batch of forwards: the same as that many FWD frames, in order."""
+        """A batch of forwards: the same as that many FWD frames, in order. A QoS 0 run goes to each recipient as
+        one item (codec.Run)."""
         try:
-            batch = codec.split_batch(frame)
+            runs = codec.split_runs(frame)
         except ProtocolError as exc:
             self._refuse_peer(sender, frame, exc.code, exc.reason)
             return
-        self.metrics["forwards.in"] += len(batch)
         # Subscriptions cannot change while one frame is handled: find each topic's recipients once.
         recipients: dict[tuple[str, int], tuple[set[bytes], set[bytes]]] = {}
         queues: dict[str, list[list[Delivery]]] = {}  # QoS 0: the outbox lists of a topic's clients
-        queued = 0
-        for (fid, topic, qos), payload in batch:
-            if qos:
+        queued = received = 0
+        for (fid, topic, qos), sizes, payload in runs:
+            if qos:  # never a run (codec.split_runs)
                 found = recipients.get((topic, qos))
                 if found is None:
                     found = recipients[(topic, qos)] = self.local_recipients(topic, qos)
                 self.deliver_local(topic, qos, payload, found)
                 self.outbox.ack(sender, fid)
+                received += 1
                 continue
             lists = queues.get(topic)
             if lists is None:  # the hot path: what deliver_local() does for QoS 0, list by list
                 lists = queues[topic] = [self.outbox.delivery_queue(r) for r in self.local_recipients(topic, 0)[0]]
-            item = Delivery(topic, 0, None, False, payload)
+            item = Delivery(topic, 0, None, False, payload, sizes)
             for queue in lists:
                 queue.append(item)
-            queued += len(lists)
+            received += item.count
+            queued += len(lists) * item.count
+        self.metrics["forwards.in"] += received
         self.outbox.queued += queued
 
     def _on_fwd_ack(self, sender: str, frame: Frame) -> None:

@@ -202,7 +202,13 @@ CLIENT_CASES = [
     ("pubs_item_shape", [b"PUBS", hdr(items=[["a", 0]], sizes=[0]), b""], "bad_header", "triples", None),
     ("pubs_item_qos_2", [b"PUBS", hdr(items=[["a", 2, 1]], sizes=[0]), b""], "bad_header", "triples", None),
     ("pubs_bad_topic", [b"PUBS", hdr(items=[["a/#", 1, 56]], sizes=[1]), b"x"], "invalid_topic", "'#'", 56),
-]
+    ("pubs_counts_zero", [b"PUBS", hdr(items=[["a", 0, None]], sizes=[1], counts=[0]), b"x"], "bad_header",
+     "positive integers", None),
+    ("pubs_counts_sum", [b"PUBS", hdr(items=[["a", 0, None]], sizes=[1, 1], counts=[3]), b"xy"], "bad_frame",
+     "add up to the number of sizes", None),
+    ("pubs_run_qos1", [b"PUBS", hdr(id=57, items=[["a", 1, 57]], sizes=[1, 1], counts=[2]), b"xy"], "bad_frame",
+     "acks are per message", 57),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

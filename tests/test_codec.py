@@ -452,10 +452,84 @@ def test_version_must_be_the_integer_one(version: Any) -> None:
 def test_batches_round_trip_and_refuse_wrong_sizes(items: list[tuple[int, str, int]], data: st.DataObject) -> None:
     payloads = [data.draw(st.binary(max_size=30)) for _ in items]
     fields = [list(i) for i in items]
-    frame = codec.decode(codec.encode_batch(codec.FWDS, {"epoch": 3}, fields, payloads))
+    runs = [(f, None, p) for f, p in zip(fields, payloads, strict=True)]
+    frame = codec.decode(codec.encode_runs(codec.FWDS, {"epoch": 3}, runs))
+    assert "counts" not in frame.header  # single-message items look exactly as before runs existed
     assert codec.split_batch(frame) == list(zip(fields, payloads, strict=True))
     if payloads:
         frame.header["sizes"][0] += 1
         with pytest.raises(ProtocolError) as info:
             codec.split_batch(frame)
         assert info.value.code == codec.E_BAD_FRAME
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _item(frame_type: bytes, topic: str, qos: int) -> list[Any]:
+    """A valid item of each batch type with this topic and qos (ids only where QoS 1 needs them)."""
+    if frame_type == codec.PUBS:
+        return [topic, qos, 7 if qos else None]
+    if frame_type == codec.FWDS:
+        return [9 if qos else 0, topic, qos]
+    return [topic, qos, 5 if qos else None, False]
+
+
+_runs = st.lists(
+    st.tuples(
+        st.sampled_from(["a/b", "c", "a/b/c"]),
+        st.sampled_from([0, 1]),
+        st.lists(st.binary(max_size=12), min_size=1, max_size=5),
+    ),
+    max_size=8,
+)
+
+
+@pytest.mark.parametrize("frame_type", [codec.PUBS, codec.FWDS, codec.MSGS])
+@given(runs=_runs)
+def test_runs_round_trip_and_split_into_the_messages_they_stand_for(
+    frame_type: bytes, runs: list[tuple[str, int, list[bytes]]]
+) -> None:
+    runs = [(topic, qos, payloads[:1] if qos else payloads) for topic, qos, payloads in runs]  # QoS 1: one each
+    header = {"epoch": 3} if frame_type == codec.FWDS else {}
+    wire = [
+        (_item(frame_type, t, q), [len(p) for p in ps] if len(ps) > 1 else None, b"".join(ps)) for t, q, ps in runs
+    ]
+    frame = codec.decode(codec.encode_runs(frame_type, header, wire))
+    assert ("counts" in frame.header) == any(len(ps) > 1 for _, _, ps in runs)
+    back = codec.split_runs(frame)
+    assert [(item, codec.cut(blob, sizes)) for item, sizes, blob in back] == [
+        (_item(frame_type, t, q), ps) for t, q, ps in runs
+    ]
+    # The reference: one (item, payload) pair per message, in order.
+    assert codec.split_batch(frame) == [(_item(frame_type, t, q), p) for t, q, ps in runs for p in ps]
+
+
+def _run_frame(counts: Any, items: list[Any], sizes: list[int], payload: bytes) -> codec.Frame:
+    header = {"v": codec.PROTOCOL_VERSION, "id": 4, "items": items, "sizes": sizes, "counts": counts}
+    return codec.Frame(codec.PUBS, header, payload)
+
+
+@pytest.mark.parametrize(
+    ("counts", "code", "words"),
+    [
+        ("2", codec.E_BAD_HEADER, "positive integers"),
+        ([0, 2], codec.E_BAD_HEADER, "positive integers"),
+        ([-1, 3], codec.E_BAD_HEADER, "positive integers"),
+        ([True, 1], codec.E_BAD_HEADER, "positive integers"),
+        ([1.0, 1], codec.E_BAD_HEADER, "positive integers"),
+        ([2], codec.E_BAD_FRAME, "one entry per item"),
+        ([1, 1], codec.E_BAD_FRAME, "add up to the number of sizes"),
+        ([1, 3], codec.E_BAD_FRAME, "add up to the number of sizes"),
+    ],
+)
+def test_runs_with_counts_that_do_not_fit_are_refused(counts: Any, code: str, words: str) -> None:
+    items = [["a", 0, None], ["b", 0, None]]
+    with pytest.raises(ProtocolError) as info:
+        codec.split_runs(_run_frame(counts, items, [1, 1, 1], b"xyz"))
+    assert info.value.code == code and words in info.value.reason and info.value.ref == 4
+
+
+def test_a_qos1_item_cannot_stand_for_more_than_one_payload() -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.split_runs(_run_frame([1, 2], [["a", 0, None], ["b", 1, 8]], [1, 1, 1], b"xyz"))
+    assert info.value.code == codec.E_BAD_FRAME
+    assert "item 1 stands for 2 payloads at qos 1" in info.value.reason and "acks are per message" in info.value.reason

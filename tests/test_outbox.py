@@ -57,3 +57,33 @@ def test_msgs_batch_round_trip() -> None:
     frame = codec.decode(parts)
     assert frame.type == codec.MSGS and len(carried) == 2
     assert codec.split_batch(frame) == [(["a", 0, None, False], b"1"), (["b", 1, 4, True], b"22")]
+
+
+@given(
+    runs=st.lists(st.lists(st.binary(min_size=0, max_size=9), min_size=1, max_size=6), min_size=1, max_size=10),
+    cap=st.integers(1, 60),
+)
+def test_runs_stay_one_item_and_arrive_as_their_messages_in_order(runs: list[list[bytes]], cap: int) -> None:
+    box = Outbox(max_payload=cap)
+    for i, payloads in enumerate(runs):
+        sizes = [len(p) for p in payloads] if len(payloads) > 1 else None
+        box.forward("n2", Forward(0, f"t/{i}", 0, b"".join(payloads), sizes))
+        box.deliver(b"c", Delivery(f"t/{i}", 0, None, False, b"".join(payloads), sizes))
+    expected = [(f"t/{i}", p) for i, payloads in enumerate(runs) for p in payloads]
+    forwarded: list[tuple[str, bytes]] = []
+    for _, parts, carried in box.peer_frames(epoch=1):
+        frame = codec.decode(parts, max_payload=1 << 20)
+        if frame.type == codec.FWD:
+            forwarded.append((frame.header["topic"], frame.payload))
+        else:
+            assert len(frame.payload) <= cap or len(carried) == 1  # only a lone item may exceed the cap
+            assert len(frame.header["items"]) == len(carried)  # one item per run, however many messages
+            forwarded += [(topic, p) for (_, topic, _), p in codec.split_batch(frame)]
+    delivered: list[tuple[str, bytes]] = []
+    for _, parts, _ in box.client_frames():
+        frame = codec.decode(parts, max_payload=1 << 20)
+        if frame.type == codec.MSG:
+            delivered.append((frame.header["topic"], frame.payload))
+        else:
+            delivered += [(topic, p) for (topic, _, _, _), p in codec.split_batch(frame)]
+    assert forwarded == expected and delivered == expected
