@@ -72,9 +72,11 @@ PING_INTERVAL = 5.0
 DACK_BATCH = 256
 DEFAULT_MAX_BATCH = 128
 DEFAULT_LINGER = 0.0005
+VALID_TOPICS_MEMO = 4096  # topic names a client remembers as valid (publishers to many more re-check some)
 # A PUBS header lists every item's topic; JSON writes a topic character in at most 6 bytes (``\u001f``), plus the
 # item's brackets, qos, id and size. Frames stay under the header limit the node decodes with.
 _ITEM_HEADER_BYTES = 32
+_RUN_SIZE_BYTES = 12  # one more message in a run: its size in ``sizes`` and its share of ``counts``
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -176,6 +178,7 @@ class Client:
         self.endpoint: str | None = None
         self.subscriptions: dict[str, int] = {}
         self.errors: deque[ShardMQError] = deque(maxlen=1000)
+        self._valid_topics: set[str] = set()  # topic names already validated (``_check_topic``)
         self.inbox: deque[tuple[Message, int | None]] = deque()  # (message, mid to DACK when handed over)
         self.failovers = 0
         self._ids = itertools.count(1)
@@ -301,18 +304,30 @@ class Client:
         self, messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]
     ) -> Iterator[list[bytes]]:
         """Frames carrying ``messages`` in order: PUBS frames of at most ``max_payload`` bytes of payload (and a
-        header the node accepts); a frame of one message (so any larger message) is a plain PUB."""
+        header the node accepts), in which consecutive QoS 0 messages to one topic form one run (codec.Run); a
+        frame of one message (so any larger message) is a plain PUB."""
         limit = self.max_payload
-        start = size = header = 0
-        for i, (topic, data) in enumerate(messages):
-            cost = _ITEM_HEADER_BYTES + 6 * len(topic)
-            if i > start and (size + len(data) > limit or header + cost > codec.DEFAULT_MAX_HEADER):
-                yield _publish_frame(messages[start:i], qos, refs[start:i])
-                start, size, header = i, 0, 0
-            size += len(data)
-            header += cost
-        if start < len(messages):
-            yield _publish_frame(messages[start:], qos, refs[start:])
+        runs: list[tuple[list[Any], list[int], list[bytes]]] = []
+        size = header = count = 0
+        joinable = None  # the topic the last run may be extended with
+        for (topic, data), ref in zip(messages, refs, strict=True):
+            n = len(data)
+            if count and (size + n > limit or header + _ITEM_HEADER_BYTES + 6 * len(topic) > codec.DEFAULT_MAX_HEADER):
+                yield _publish_frame(runs, qos, count)
+                runs, size, header, count, joinable = [], 0, 0, 0, None
+            if topic == joinable and ref is None:
+                run = runs[-1]
+                run[1].append(n)
+                run[2].append(data)
+                header += _RUN_SIZE_BYTES
+            else:
+                runs.append(([topic, qos, ref], [n], [data]))
+                joinable = topic if not qos and ref is None else None
+                header += _ITEM_HEADER_BYTES + 6 * len(topic)
+            size += n
+            count += 1
+        if count:
+            yield _publish_frame(runs, qos, count)
 
     def _wake_flusher(self) -> None:
         """The pending list just became non-empty: make sure the flusher will send it if the caller goes idle."""
@@ -420,6 +435,17 @@ class Client:
         except TimeoutError as exc:
             raise ShardMQError(codec.E_TIMEOUT, f"{exc} from {self.endpoint} either (after a failover)") from None
 
+    def _check_topic(self, topic: str) -> None:
+        """Validate a topic name not seen yet (ShardMQError if it is not one) and remember it: a hot topic is
+        checked once, not on every publish. The memo is bounded: full, it starts over."""
+        try:
+            validate_topic_name(topic)
+        except TopicError as exc:
+            raise ShardMQError(exc.code, exc.reason) from None
+        if len(self._valid_topics) >= VALID_TOPICS_MEMO:
+            self._valid_topics.clear()
+        self._valid_topics.add(topic)
+
     def _raise_pending_error(self) -> None:
         if self.errors:
             raise self.errors.popleft()
@@ -484,11 +510,9 @@ class Client:
         flusher thread as soon as the application leaves the client idle.
         """
         _check_qos(qos)
-        try:
-            validate_topic_name(topic)
-        except TopicError as exc:
-            raise ShardMQError(exc.code, exc.reason) from None
-        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if topic not in self._valid_topics:
+            self._check_topic(topic)
+        data = payload if type(payload) is bytes else _as_bytes(payload)
         with self._lock:
             if qos:
                 self._flush_pending()
@@ -517,11 +541,9 @@ class Client:
         done = 0
         chunk: list[tuple[str, bytes]] = []
         for topic, payload in messages:
-            try:
-                validate_topic_name(topic)
-            except TopicError as exc:
-                raise ShardMQError(exc.code, exc.reason) from None
-            chunk.append((topic, payload.encode() if isinstance(payload, str) else bytes(payload)))
+            if topic not in self._valid_topics:
+                self._check_topic(topic)
+            chunk.append((topic, _as_bytes(payload)))
             if len(chunk) >= batch:
                 done += self._publish_batch(chunk, qos)
                 chunk = []
@@ -635,26 +657,21 @@ class Client:
         self._raise_pending_error()
 
 
-def _publish_frame(messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]) -> list[bytes]:
-    """One PUB (a lone message, as it always looked) or one PUBS frame (what the node handles like many PUBs)."""
-    if len(messages) == 1:
-        (topic, data), ref = messages[0], refs[0]
+def _publish_frame(runs: list[tuple[list[Any], list[int], list[bytes]]], qos: int, count: int) -> list[bytes]:
+    """One PUB (a lone message, as it always looked) or one PUBS frame of these runs (what the node handles like
+    that many PUBs)."""
+    if count == 1:
+        [([topic, _, ref], _, [data])] = runs
         header: dict[str, Any] = {"topic": topic, "qos": qos}
         if ref is not None:
             header["id"] = ref
         return codec.encode(codec.PUB, header, data)
-    # Consecutive QoS 0 messages to one topic go as one run (codec.Run): the nodes pass them on as one item.
-    runs: list[tuple[list[Any], list[int], list[bytes]]] = []
-    joinable = None  # the topic the last run may be extended with
-    for (topic, data), ref in zip(messages, refs, strict=True):
-        if topic == joinable and ref is None:
-            runs[-1][1].append(len(data))
-            runs[-1][2].append(data)
-        else:
-            runs.append(([topic, qos, ref], [len(data)], [data]))
-            joinable = topic if not qos and ref is None else None
     frame_runs = [(item, sizes if len(sizes) > 1 else None, b"".join(blobs)) for item, sizes, blobs in runs]
     return codec.encode_runs(codec.PUBS, {}, frame_runs)
+
+
+def _as_bytes(payload: bytes | str) -> bytes:
+    return payload.encode() if isinstance(payload, str) else bytes(payload)
 
 
 def _check_qos(qos: int) -> None:

@@ -17,8 +17,11 @@ from collections.abc import Callable
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardmq.client import Client, Message, ShardMQError
+from shardmq.client.client import VALID_TOPICS_MEMO
 from shardmq.client.green import GreenClient
 from shardmq.router import codec
 
@@ -173,6 +176,71 @@ def test_publish_many_shares_the_frame_builder() -> None:
     assert kinds[1][0] == codec.PUBS and [it[:2] for it in kinds[1][2]] == [["b", 1], ["c", 1]]
     assert c.publish_many([("a", b"x" * 30)] * 3) == 3
     assert c.fake.published()[-1] == (codec.PUBS, [("a", b"x" * 30)] * 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    messages=st.lists(st.tuples(st.sampled_from(["a", "b/c", "d"]), st.binary(max_size=40)), min_size=2, max_size=40),
+    max_payload=st.integers(40, 300),
+)
+def test_consecutive_qos0_publishes_to_one_topic_go_as_runs(messages: list[tuple[str, bytes]], max_payload: int):
+    c = fake_client(max_payload=max_payload, max_batch=1000, linger=60)
+    try:
+        with c._lock:
+            for topic, payload in messages:
+                c.publish(topic, payload)
+            c.flush()
+        assert [m for _, msgs in c.fake.published() for m in msgs] == messages  # the reference: every message
+        for frame in c.fake.sent:
+            if frame.type == codec.PUBS:
+                topics = [item[0] for item, _ in codec.split_batch(frame)]
+                groups = [t for i, t in enumerate(topics) if i == 0 or topics[i - 1] != t]
+                assert [item[0] for item in frame.header["items"]] == groups  # one item per run of one topic
+                assert ("counts" in frame.header) == (len(groups) < len(topics))
+                assert len(frame.payload) <= max_payload
+    finally:
+        c.close()
+
+
+def test_qos1_messages_never_share_an_item() -> None:
+    c = fake_client()
+    assert c.publish_many([("a", b"1"), ("a", b"2"), ("a", b"3")], qos=1) == 3
+    [frame] = c.fake.sent
+    assert frame.type == codec.PUBS and "counts" not in frame.header and len(frame.header["items"]) == 3
+
+
+def test_valid_topics_are_remembered_within_a_bound_and_invalid_ones_always_refused() -> None:
+    c = fake_client(max_batch=1000, linger=60)
+    try:
+        with c._lock:
+            for _ in range(2):
+                with pytest.raises(ShardMQError) as e:
+                    c.publish("a/#", b"x")
+                assert e.value.code == "invalid_topic"
+            for i in range(VALID_TOPICS_MEMO + 10):
+                c.publish(f"t/{i}", b"x")
+            assert 0 < len(c._valid_topics) <= VALID_TOPICS_MEMO
+            assert "a/#" not in c._valid_topics
+            with pytest.raises(ShardMQError):
+                c.publish_many([("ok", b"x"), ("bad/+", b"y")])
+    finally:
+        c.close()
+
+
+def test_a_msgs_run_is_received_as_its_messages_in_order() -> None:
+    c = fake_client()
+    runs = [
+        (["a", 0, None, False], [1, 2, 3], b"xyyzzz"),
+        (["b", 1, 9, True], None, b"q"),
+        (["a", 0, None, False], None, b"w"),
+    ]
+    c.fake.replies.append(codec.encode_runs(codec.MSGS, {}, runs))
+    got = [c.receive(timeout=1) for _ in range(5)]
+    assert [(m.topic, m.payload, m.qos, m.dup) for m in got if m is not None] == [
+        ("a", b"x", 0, False), ("a", b"yy", 0, False), ("a", b"zzz", 0, False),
+        ("b", b"q", 1, True), ("a", b"w", 0, False),
+    ]  # fmt: skip
+    c.close()
 
 
 CALLS: dict[str, tuple[Callable[[Client], object], bytes | None]] = {
