@@ -20,6 +20,10 @@ the destination nodes (one hop). Two objects, one per side, both pure (no socket
   has dropped the answer by then on its own: the send time precedes the owner's answer, which precedes the
   route change.
 - At most ``capacity`` answers; the least recently stored goes first.
+- Refresh ahead: ``put`` may also take a ``refresh_at`` time before the expiry. The first ``claim_refresh`` at or
+  after it (on a hit) returns True, once per stored answer, and the caller asks the owner again while the
+  answer still serves. A hot topic then never meets an expired answer (and the publishes that would queue
+  behind the new LOOKUP); its refreshed answer follows the same rules as any other (epoch, ticket, expiry).
 
 ``LookupWatchers`` (owner) rules:
 - Answering a LOOKUP registers the asker as a watcher of the shard. A route change in the shard takes (removes
@@ -52,8 +56,8 @@ class RouteCache:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        # (topic, shard) -> (epoch, ticket, expires, nodes)
-        self._answers: dict[tuple[str, int], tuple[int, tuple[int, int], float, tuple[str, ...]]] = {}
+        # (topic, shard) -> (epoch, ticket, expires, nodes, refresh_at)
+        self._answers: dict[tuple[str, int], tuple[int, tuple[int, int], float, tuple[str, ...], float]] = {}
         self._generation: dict[int, int] = {}
         self._era = 0  # bumped by clear(): invalidates every shard at once
         self.hits = 0
@@ -65,33 +69,48 @@ class RouteCache:
     def get(self, topic: str, shard: int, epoch: int, now: float) -> tuple[str, ...] | None:
         """The cached nodes for ``topic`` in ``shard`` at ``epoch`` and time ``now``, or None (a miss: ask)."""
         answer = self._answers.get((topic, shard))
-        if (
-            answer is not None
-            and answer[0] == epoch
-            and answer[1] == (self._era, self._generation.get(shard, 0))
-            and now < answer[2]
-        ):
+        if answer is not None and self._valid(answer, shard, epoch, now):
             self.hits += 1
             return answer[3]
         self.misses += 1
         return None
+
+    def _valid(
+        self, answer: tuple[int, tuple[int, int], float, tuple[str, ...], float], shard: int, epoch: int, now: float
+    ) -> bool:
+        return answer[0] == epoch and answer[1] == (self._era, self._generation.get(shard, 0)) and now < answer[2]
+
+    def claim_refresh(self, topic: str, shard: int, epoch: int, now: float) -> bool:
+        """True (once per stored answer) when the answer is valid and its ``refresh_at`` has come: ask again."""
+        answer = self._answers.get((topic, shard))
+        if answer is None or now < answer[4] or not self._valid(answer, shard, epoch, now):
+            return False
+        self._answers[(topic, shard)] = (*answer[:4], float("inf"))
+        return True
 
     def ticket(self, shard: int) -> tuple[int, int]:
         """Taken when a LOOKUP is sent; ``put`` stores the reply only if the shard was not invalidated since."""
         return (self._era, self._generation.get(shard, 0))
 
     def put(
-        self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], expires: float, nodes: Iterable[str]
+        self,
+        topic: str,
+        shard: int,
+        epoch: int,
+        ticket: tuple[int, int],
+        expires: float,
+        nodes: Iterable[str],
+        refresh_at: float | None = None,
     ) -> bool:
-        """Store an owner's answer until ``expires``; False (not stored) when the shard was invalidated after
-        ``ticket``."""
+        """Store an owner's answer until ``expires`` (to be refreshed from ``refresh_at``, default never); False
+        (not stored) when the shard was invalidated after ``ticket``."""
         if ticket != self.ticket(shard) or self.capacity == 0:
             return False
         key = (topic, shard)
         self._answers.pop(key, None)
         if len(self._answers) >= self.capacity:
             del self._answers[next(iter(self._answers))]
-        self._answers[key] = (epoch, ticket, expires, tuple(nodes))
+        self._answers[key] = (epoch, ticket, expires, tuple(nodes), expires if refresh_at is None else refresh_at)
         return True
 
     def invalidate(self, shards: Iterable[int]) -> None:

@@ -57,6 +57,7 @@ class NodeBase:
     _last_progress_log: float
     dealers: dict[str, zmq.Socket]
     topic_queues: dict[str, deque[Publish]]
+    queued_publishes: int
     pending_lookups: dict[int, Lookup]
     lookups_in_flight: dict[tuple[str, int], int]
     route_cache: RouteCache

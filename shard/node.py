@@ -56,7 +56,7 @@ from .state import ROOT, Forwarding, Invalidation, Lookup, Publish, Session, Wai
 log = structlog.get_logger("shardmq.node")
 
 DRAIN_BATCH = 256
-FLUSH_AT = 256  # messages queued in the outbox: end the drain and flush (latency under batched load)
+FLUSH_AT = 256  # messages queued in the outbox or behind lookups: end the drain (latency under batched load)
 HEARTBEAT_MS = 2000
 
 
@@ -134,6 +134,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self._last_progress_log = 0.0
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
+        self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
         self.pending_lookups: dict[int, Lookup] = {}
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.route_cache = RouteCache(config.route_cache_size)
@@ -304,7 +305,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             except Exception:  # a bug handling one frame must not take the node down
                 self.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
-            if self.outbox.queued >= FLUSH_AT:
+            # Enough to send, or enough waiting for lookups: end the drain so the answers (on the peer socket)
+            # are read before more publishes pile up behind them.
+            if self.outbox.queued + self.queued_publishes >= FLUSH_AT:
                 return
 
     def _flush(self) -> None:

@@ -11,7 +11,8 @@ Rules of this file:
   ``shardmq.router.partition``) which nodes have matching routes, adds its own root-set matches, then sends one
   FWD to each such node. Each destination matches the topic against its local subscribers once, so a client
   gets exactly one copy per publish. Publishes wait in a per-topic FIFO until their lookups finish, so the order
-  of publishes to one topic is the order they are forwarded in.
+  of publishes to one topic is the order they are forwarded in. Answers are cached (``router.route_cache``) and
+  refreshed ahead of their expiry while they are used.
 - QoS 1: the publisher's PUBACK is sent after every destination answered FWD_ACK; destinations deliver QoS 1
   messages with a message id and redeliver until the client DACKs it or goes away.
 """
@@ -35,6 +36,9 @@ from .state import ROOT, Invalidation, Lookup, Publish, Waiter, gate
 # How long an owner waits for INVALIDATE_ACKs, in route-cache ttls: more than one, so that an entry node the
 # INVALIDATE does not reach has dropped the answer on its own before the route is confirmed without it.
 INVALIDATE_WAIT = 2
+# A cached answer used after this share of its ttl is asked for again while it still serves (route_cache: refresh
+# ahead): a hot topic keeps one hop and never waits behind an expired answer's new LOOKUP.
+REFRESH_AFTER = 0.5
 
 
 class RoutingMixin(NodeBase):
@@ -262,6 +266,7 @@ class RoutingMixin(NodeBase):
                 return
             queue = self.topic_queues[pub.topic] = deque()
         queue.append(pub)
+        self.queued_publishes += 1
         self._dispatch(pub.topic)
 
     def _lookup(self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None) -> None:
@@ -279,9 +284,12 @@ class RoutingMixin(NodeBase):
                 return
         epoch = a.epoch(shard)
         if not tried:
-            cached = self.route_cache.get(pub.topic, shard, epoch, time.monotonic())
+            now = time.monotonic()
+            cached = self.route_cache.get(pub.topic, shard, epoch, now)
             if cached is not None:
                 pub.dests.update(cached)
+                if self.route_cache.claim_refresh(pub.topic, shard, epoch, now):
+                    self._refresh_lookup(pub.topic, shard, epoch)
                 return
             lid = self.lookups_in_flight.get((pub.topic, shard))
             if lid is not None:  # a burst to one topic: every publish waits for the one answer
@@ -299,23 +307,36 @@ class RoutingMixin(NodeBase):
             for p in pubs:
                 p.dests |= nodes
             return
-        lid = next(self.ids)
-        header = {"id": lid, "shard": shard, "epoch": epoch, "topic": pub.topic}
-        ticket = self.route_cache.ticket(shard)
-        self.pending_lookups[lid] = Lookup(pubs, shard, owner, [*tried, owner], epoch, ticket, time.monotonic())
-        self.lookups_in_flight[(pub.topic, shard)] = lid
         for p in pubs:
             p.asked_remote = True
             p.lookups_left += 1
+        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], epoch))
+
+    def _refresh_lookup(self, topic: str, shard: int, epoch: int) -> None:
+        """Ask the shard's primary again for a cached answer that still serves (route_cache: refresh ahead);
+        publishes that miss meanwhile wait for this LOOKUP rather than send their own."""
+        assert self.assignment is not None
+        owner = (self.assignment.owners(shard) or [self.me])[0]
+        if owner != self.me and owner in self.members and (topic, shard) not in self.lookups_in_flight:
+            self.metrics["route_cache.refreshes"] += 1
+            self._send_lookup(Lookup([], topic, shard, owner, [owner], epoch))
+
+    def _send_lookup(self, lookup: Lookup) -> None:
+        lid = next(self.ids)
+        lookup.ticket, lookup.sent_at = self.route_cache.ticket(lookup.shard), time.monotonic()
+        self.pending_lookups[lid] = lookup
+        self.lookups_in_flight[(lookup.topic, lookup.shard)] = lid
+        header = {"id": lid, "shard": lookup.shard, "epoch": lookup.epoch, "topic": lookup.topic}
+        owner = lookup.owner
         if not self.send_peer(owner, codec.encode(codec.LOOKUP, header)):
-            self._lookup_failed(lid, f"owner {owner} of shard {shard} is unreachable")
+            self._lookup_failed(lid, f"owner {owner} of shard {lookup.shard} is unreachable")
             return
         self.call_later(self.cfg.lookup_timeout, lambda: self._lookup_failed(lid, f"owner {owner} did not answer"))
 
     def _end_lookup(self, lid: int) -> Lookup | None:
         lookup = self.pending_lookups.pop(lid, None)
         if lookup is not None:
-            key = (lookup.pubs[0].topic, lookup.shard)
+            key = (lookup.topic, lookup.shard)
             if self.lookups_in_flight.get(key) == lid:
                 del self.lookups_in_flight[key]
             for p in lookup.pubs:
@@ -331,14 +352,15 @@ class RoutingMixin(NodeBase):
         if refresh:
             self._refresh_assignment()
         waiting = [p for p in lookup.pubs if not p.failed]
-        if waiting:
+        if waiting:  # a refresh nobody waits for is not retried: the answer it refreshes still serves
             self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
-        self._dispatch(lookup.pubs[0].topic)
+        self._dispatch(lookup.topic)
 
     def _dispatch(self, topic: str) -> None:
         queue = self.topic_queues.get(topic)
         while queue and (queue[0].lookups_left == 0 or queue[0].failed):
             pub = queue.popleft()
+            self.queued_publishes -= 1
             if not pub.failed:
                 self.forward(pub)
         if queue is not None and not queue:
@@ -455,12 +477,13 @@ class RoutingMixin(NodeBase):
         lookup = self._end_lookup(frame.header["id"])
         if lookup is not None:
             nodes = frame.header["nodes"]
-            topic = lookup.pubs[0].topic
+            topic = lookup.topic
             for pub in lookup.pubs:
                 pub.dests.update(nodes)
             if frame.header["epoch"] == lookup.epoch:  # an owner that has not seen our epoch yet is not cached
-                expires = lookup.sent_at + self.cfg.route_cache_ttl
-                self.route_cache.put(topic, lookup.shard, lookup.epoch, lookup.ticket, expires, nodes)
+                ttl = self.cfg.route_cache_ttl
+                expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
+                self.route_cache.put(topic, lookup.shard, lookup.epoch, lookup.ticket, expires, nodes, refresh_at)
             self._dispatch(topic)
 
     def _on_fwd(self, sender: str, frame: Frame) -> None:

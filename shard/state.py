@@ -49,9 +49,11 @@ class Publish:
 
 @dataclass(slots=True)
 class Lookup:
-    """One LOOKUP in flight, answering every publish to its topic that arrived meanwhile (``pubs``)."""
+    """One LOOKUP in flight, answering every publish to its topic that arrived meanwhile (``pubs``; none yet for
+    a refresh ahead of a cached answer's expiry)."""
 
     pubs: list[Publish]
+    topic: str
     shard: int
     owner: str
     tried: list[str]

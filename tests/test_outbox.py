@@ -87,3 +87,4 @@ def test_runs_stay_one_item_and_arrive_as_their_messages_in_order(runs: list[lis
         else:
             delivered += [(topic, p) for (topic, _, _, _), p in codec.split_batch(frame)]
     assert forwarded == expected and delivered == expected
+

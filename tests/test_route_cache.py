@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter, deque
 from typing import Any
@@ -24,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from shardmq.client import Client
 from shardmq.router.route_cache import LookupWatchers, RouteCache
 from shardmq.shard.node import NodeConfig
-from shardmq.shard.routing import INVALIDATE_WAIT
+from shardmq.shard.routing import INVALIDATE_WAIT, REFRESH_AFTER
 
 TOPICS = ["a", "b"]
 SHARDS = [0, 1]
@@ -35,6 +36,7 @@ NODES = ["n1", "n2", "n3"]
 class ReferenceCache:
     def __init__(self) -> None:
         self.answers: dict[tuple[str, int], tuple[int, float, tuple[str, ...]]] = {}
+        self.refresh: dict[tuple[str, int], float | None] = {}  # refresh time; None once claimed
         self.generation: dict[int, int] = {}
         self.era = 0
 
@@ -46,11 +48,26 @@ class ReferenceCache:
         return answer[2] if answer is not None and answer[0] == epoch and now < answer[1] else None
 
     def put(
-        self, topic: str, shard: int, epoch: int, ticket: tuple[int, int], expires: float, nodes: tuple[str, ...]
+        self,
+        topic: str,
+        shard: int,
+        epoch: int,
+        ticket: tuple[int, int],
+        expires: float,
+        nodes: tuple[str, ...],
+        refresh_at: float | None = None,
     ) -> bool:
         if ticket != self.ticket(shard):
             return False
         self.answers[(topic, shard)] = (epoch, expires, nodes)
+        self.refresh[(topic, shard)] = expires if refresh_at is None else refresh_at
+        return True
+
+    def claim_refresh(self, topic: str, shard: int, epoch: int, now: float) -> bool:
+        due = self.refresh.get((topic, shard))
+        if self.get(topic, shard, epoch, now) is None or due is None or now < due:
+            return False
+        self.refresh[(topic, shard)] = None
         return True
 
     def invalidate(self, shards: list[int]) -> None:
@@ -75,7 +92,8 @@ _ops = st.lists(
         st.tuples(
             st.just("put"), _topic, _shard, _epoch, st.tuples(st.integers(0, 2), st.integers(0, 3)), _time, _nodes
         ),
-        st.tuples(st.just("put_now"), _topic, _shard, _epoch, _time, _nodes),
+        st.tuples(st.just("put_now"), _topic, _shard, _epoch, _time, _nodes, st.none() | _time),
+        st.tuples(st.just("claim"), _topic, _shard, _epoch, _time),
         st.tuples(st.just("invalidate"), st.lists(_shard, max_size=2)),
         st.tuples(st.just("clear")),
     ),
@@ -92,10 +110,12 @@ def test_cache_matches_reference(ops: list[tuple[Any, ...]]) -> None:
         elif op[0] == "put":
             assert cache.put(*op[1:]) == ref.put(*op[1:])
         elif op[0] == "put_now":  # the common case: no invalidation between LOOKUP and reply
-            _, topic, shard, epoch, expires, nodes = op
+            _, topic, shard, epoch, expires, nodes, refresh_at = op
             assert cache.ticket(shard) == ref.ticket(shard)
-            assert cache.put(topic, shard, epoch, cache.ticket(shard), expires, nodes)
-            ref.put(topic, shard, epoch, cache.ticket(shard), expires, nodes)
+            assert cache.put(topic, shard, epoch, cache.ticket(shard), expires, nodes, refresh_at)
+            ref.put(topic, shard, epoch, cache.ticket(shard), expires, nodes, refresh_at)
+        elif op[0] == "claim":
+            assert cache.claim_refresh(*op[1:]) == ref.claim_refresh(*op[1:])
         elif op[0] == "clear":
             cache.clear()
             ref.clear()
@@ -176,7 +196,11 @@ class CacheProtocol(RuleBasedStateMachine):
 
     @rule(topic=_topic, shard=_shard)
     def entry_publishes(self, topic: str, shard: int) -> None:
-        if self.cache.get(topic, shard, self.entry_epoch[shard], self.now) is None:
+        """A miss asks the owner; so does a hit past its refresh time (refresh ahead, the answer still serves)."""
+        epoch = self.entry_epoch[shard]
+        if self.cache.get(topic, shard, epoch, self.now) is None or self.cache.claim_refresh(
+            topic, shard, epoch, self.now
+        ):
             lid = self._id()
             self.lookups[lid] = (topic, shard, self.entry_epoch[shard], self.cache.ticket(shard), self.now)
             self.to_owner.append(("lookup", lid, topic, shard))
@@ -276,7 +300,7 @@ class CacheProtocol(RuleBasedStateMachine):
             _, lid, epoch, nodes = msg
             topic, shard, asked_epoch, ticket, sent = self.lookups.pop(lid)
             if epoch == asked_epoch:
-                self.cache.put(topic, shard, asked_epoch, ticket, sent + TTL, nodes)
+                self.cache.put(topic, shard, asked_epoch, ticket, sent + TTL, nodes, sent + TTL * REFRESH_AFTER)
         else:
             _, iid, shards = msg
             self.cache.invalidate(shards)
@@ -372,6 +396,29 @@ def test_hot_topic_takes_one_hop(connect) -> None:
     assert after["publishes.hops"] - before["publishes.hops"] == routed  # one forward each, no lookup
     got = [sub.receive(timeout=5) for _ in range(101)]
     assert [m.payload for m in got if m is not None] == [b"first", *(str(i).encode() for i in range(100))]
+
+
+@pytest.mark.timeout(60)
+def test_a_hot_topic_is_refreshed_ahead_and_never_misses(connect) -> None:
+    """Published to for three cache ttls: its answer is asked for again before it expires, so after the first
+    lookup no publish misses the cache or takes more than the one forward hop."""
+    p = unique()
+    sub, entry = connect(0), connect(1)
+    topic = remote_owned_topic(entry, p)
+    sub.subscribe(topic, qos=1)
+    entry.publish(topic, b"first", qos=1)  # asks once: the subscription invalidated the warm-up answer
+    before = counters(entry)
+    deadline, sent = time.monotonic() + 3 * TTL, 0
+    while time.monotonic() < deadline:
+        entry.publish(topic, str(sent).encode(), qos=1)
+        sent += 1
+        time.sleep(0.01)
+    after = counters(entry)
+    assert after["route_cache.refreshes"] - before["route_cache.refreshes"] >= 2
+    assert after["cache.misses"] == before["cache.misses"]
+    assert after["publishes.hops"] - before["publishes.hops"] == after["publishes.routed"] - before["publishes.routed"]
+    got = [sub.receive(timeout=5) for _ in range(sent + 1)]
+    assert [m.payload for m in got if m is not None] == [b"first", *(str(i).encode() for i in range(sent))]
 
 
 @pytest.mark.timeout(90)
