@@ -179,7 +179,10 @@ class Client:
         self.subscriptions: dict[str, int] = {}
         self.errors: deque[ShardMQError] = deque(maxlen=1000)
         self._valid_topics: set[str] = set()  # topic names already validated (``_check_topic``)
-        self.inbox: deque[tuple[Message, int | None]] = deque()  # (message, mid to DACK when handed over)
+        # (topic, payload, qos, dup, mid to DACK when handed over): plain tuples of atoms, which the garbage
+        # collector stops tracking, so a backlog here never makes it walk the heap; the Message is built when
+        # ``receive`` hands it over (it then usually dies young).
+        self.inbox: deque[tuple[str, bytes, int, bool, int | None]] = deque()
         self.failovers = 0
         self._ids = itertools.count(1)
         self._next_endpoint = 0
@@ -385,14 +388,14 @@ class Client:
         h = frame.header
         if frame.type == codec.MSG:
             mid = h.get("mid") if h["qos"] else None
-            self.inbox.append((Message(h["topic"], frame.payload, h["qos"], bool(h.get("dup"))), mid))
+            self.inbox.append((h["topic"], frame.payload, h["qos"], bool(h.get("dup")), mid))
         elif frame.type == codec.MSGS:  # a batch: the node sends messages that queued up together in one frame
             try:
                 for (topic, qos, mid, dup), sizes, blob in codec.split_runs(frame):
                     if sizes is None:
-                        self.inbox.append((Message(topic, blob, qos, bool(dup)), mid if qos else None))
+                        self.inbox.append((topic, blob, qos, bool(dup), mid if qos else None))
                     else:  # a QoS 0 run: many messages to one topic
-                        self.inbox.extend((Message(topic, data, 0, bool(dup)), None) for data in codec.cut(blob, sizes))
+                        self.inbox.extend((topic, data, 0, bool(dup), None) for data in codec.cut(blob, sizes))
             except (ProtocolError, ValueError, TypeError) as exc:
                 self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
@@ -589,10 +592,11 @@ class Client:
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (forever when None); None on timeout."""
         inbox = self.inbox
-        if inbox and inbox[0][1] is None and not self._pending:
+        if inbox and inbox[0][4] is None and not self._pending:
             # A QoS 0 message already here and nothing to flush: no socket use, so no lock (the flusher thread
             # never touches the inbox, and only the application's thread reads it).
-            return inbox.popleft()[0]
+            topic, payload, qos, dup, _ = inbox.popleft()
+            return Message(topic, payload, qos, dup)
         return self._receive(timeout)
 
     @_exclusive
@@ -611,12 +615,12 @@ class Client:
                 self._check_alive()
         if not self.inbox:
             return None
-        msg, mid = self.inbox.popleft()
+        topic, payload, qos, dup, mid = self.inbox.popleft()
         if isinstance(mid, int):  # acknowledged only now that the application has it
             self._dacks.append(mid)
             if not self.inbox or len(self._dacks) >= DACK_BATCH:
                 self._send_dacks()
-        return msg
+        return Message(topic, payload, qos, dup)
 
     def _send_dacks(self) -> None:
         """Acknowledge the QoS 1 messages handed to the application: one DACK frame for all of them."""
