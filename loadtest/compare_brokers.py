@@ -4,14 +4,17 @@ Workload, the same for every system: 1 publisher and 1 subscriber in separate pr
 topic, everything on loopback. shardmq runs as a 3-node LocalCluster with the subscriber on n1 and the publisher
 on n3 (another node). Peers are run when installed (binary on PATH or in /usr/sbin, and its Python client):
 nats-server (nats-py), mosquitto (paho-mqtt), redis-server (redis-py PUBLISH/SUBSCRIBE), each as a child
-process on a free 127.0.0.1 port, stopped by pid at the end.
+process on a free 127.0.0.1 port, stopped by pid at the end. ``floor`` (always run) is the same four processes
+and hops as shardmq's path with none of its work (``pyzmq_floor``): what this machine gives before any broker
+logic, so the distance to it is shardmq's own cost.
 
 Figures per system, each repeat running every system in turn (order rotated per repeat), three repeats:
 1. QoS 0 max: the publisher sends as fast as it can (``--count`` messages or ``--seconds``, whichever first);
    delivered msg/s = messages the subscriber got / (its last receive - the first send); loss = not delivered.
 2. Latency: a paced publisher at half of the max that system reached in the same repeat, send time in the
-   payload; p50 / p99 publish -> deliver (first 100 messages dropped as warm-up). Again at one fixed rate
-   for every system (``--fixed-rate``, default 1000 msg/s), so the latencies also compare at equal load.
+   payload; p50 / p99 publish -> deliver (first 100 messages dropped as warm-up). Again at shardmq's half max
+   (the median of its maxima so far) for every other system, and at one fixed rate for every system
+   (``--fixed-rate``, default 1000 msg/s), so the latencies also compare at equal load.
 3. QoS 1: stop-and-wait publisher (each publish waits for its ack), subscriber at QoS 1; delivered msg/s.
    shardmq and mosquitto only: core NATS and Redis pub/sub have no per-message publish ack (n/a).
 
