@@ -25,6 +25,14 @@ def unique() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def per_topic(pairs: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
+    """Payloads per topic, in arrival order: the order shardmq keeps is per publisher and topic."""
+    out: dict[str, list[bytes]] = {}
+    for topic, payload in pairs:
+        out.setdefault(topic, []).append(payload)
+    return out
+
+
 def test_cluster_is_formed(cluster, connect) -> None:
     status = connect(0).status()
     assert status["members"] == ["n1", "n2", "n3"]
@@ -240,12 +248,6 @@ def test_one_batch_frame_mixing_local_remote_root_and_unmatched_topics(connect) 
     assert pub.publish_many(messages, qos=0, batch=1000) == 1000
 
 
-    def per_topic(pairs: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:  # order is kept per topic only
-        out: dict[str, list[bytes]] = {}
-        for topic, payload in pairs:
-            out.setdefault(topic, []).append(payload)
-        return out
-
     want_remote = per_topic([m for m in messages if m[0] != f"{p}/nobody"])
     want_local = per_topic([m for m in messages if m[0].endswith(f"/{p}/root")])
     assert per_topic([(m.topic, m.payload) for m in drain(remote_sub, quiet=1.0)]) == want_remote
@@ -266,12 +268,6 @@ def test_runs_to_cold_local_and_remote_topics_keep_order_and_count(connect) -> N
     messages = [(topic, f"{topic}:{i}".encode()) for topic in runs for i in range(120)]
     before = pub.status()["metrics"].get("publishes.routed", 0)
     assert pub.publish_many(messages, qos=0, batch=len(messages)) == len(messages)
-
-    def per_topic(pairs: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
-        out: dict[str, list[bytes]] = {}
-        for topic, payload in pairs:
-            out.setdefault(topic, []).append(payload)
-        return out
 
     assert per_topic([(m.topic, m.payload) for m in drain(remote_sub, quiet=1.0)]) == per_topic(
         [m for m in messages if m[0] != f"{p}/nobody"]
