@@ -107,6 +107,8 @@ class NodeCollector(Collector):
             "rss_bytes": ("Resident memory of the node process", st.get("rss_bytes", 0)),
             "bytes_per_route": ("RSS growth since start per route held", st.get("bytes_per_route") or 0),
             "hops_per_publish": ("Mean inter-node hops of a publish", st.get("hops_per_publish", 0)),
+            "lookups_in_flight": ("LOOKUPs this entry node waits for", st.get("lookups_in_flight", 0)),
+            "publishes_waiting": ("Publishes queued behind lookups at this entry node", st.get("publishes_waiting", 0)),
             "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
             "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),
         }
@@ -134,7 +136,9 @@ class NodeCollector(Collector):
             "drops": CounterMetricFamily("shardmq_drops", "Frames dropped, by reason", labels=["reason"]),
             "handoff": CounterMetricFamily("shardmq_handoff", "Shard hand-off counters", labels=["what"]),
             "route_cache": CounterMetricFamily(
-                "shardmq_route_cache", "Route cache invalidations sent and received, and timeouts", labels=["what"]
+                "shardmq_route_cache",
+                "Route cache invalidations sent and received, timeouts and refreshes",
+                labels=["what"],
             ),
             "events": CounterMetricFamily("shardmq_events", "Other node counters", labels=["name"]),
         }

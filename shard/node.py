@@ -493,6 +493,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                 "misses": self.route_cache.misses,
                 "watchers": len(self.lookup_watchers),
             },
+            "lookups_in_flight": len(self.pending_lookups),
+            "publishes_waiting": self.queued_publishes,  # queued behind lookups at this entry node
             "rss_bytes": rss,
             # RSS growth since start per route held: the measured cost of the route table (local subscriptions
             # of this node's own clients included, so compare on nodes without big local subscriber sets).

@@ -61,3 +61,4 @@ def test_node_serves_prometheus_metrics(cluster: LocalCluster, connect) -> None:
     assert 0 <= samples['shardmq_route_cache_lookups_total{result="hit"}'] <= cache["hits"]
     assert 0 <= samples['shardmq_route_cache_lookups_total{result="miss"}'] <= cache["misses"]
     assert samples["shardmq_route_cache_entries"] >= 0 and samples["shardmq_route_cache_watchers"] >= 0
+    assert samples["shardmq_lookups_in_flight"] >= 0 and samples["shardmq_publishes_waiting"] >= 0
