@@ -47,6 +47,7 @@ def cmd_node(args: argparse.Namespace) -> None:
             client_idle_check=args.client_idle_check,
             route_cache_size=args.route_cache_size,
             route_cache_ttl=args.route_cache_ttl,
+            max_waiting_publishes=args.max_waiting_publishes,
             endpoint_file=args.endpoint_file,
             advertise_peer_endpoint=args.advertise_peer_endpoint,
             metrics_port=args.metrics_port,
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--route-cache-size", type=int, default=100_000, help="lookup answers the entry node caches (0: no cache)"
     )
     node.add_argument("--route-cache-ttl", type=float, default=1.0, help="seconds a cached lookup answer is used")
+    node.add_argument(
+        "--max-waiting-publishes", type=int, default=100_000,
+        help="stop reading clients while this many publishes wait for lookups; read again at half",
+    )  # fmt: skip
     node.set_defaults(func=cmd_node)
 
     cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")

@@ -58,6 +58,7 @@ class NodeBase:
     dealers: dict[str, zmq.Socket]
     topic_queues: dict[str, deque[Publish]]
     queued_publishes: int
+    clients_paused: bool
     pending_lookups: dict[int, Lookup]
     lookups_in_flight: dict[tuple[str, int], int]
     route_cache: RouteCache

@@ -109,6 +109,7 @@ class NodeCollector(Collector):
             "hops_per_publish": ("Mean inter-node hops of a publish", st.get("hops_per_publish", 0)),
             "lookups_in_flight": ("LOOKUPs this entry node waits for", st.get("lookups_in_flight", 0)),
             "publishes_waiting": ("Publishes queued behind lookups at this entry node", st.get("publishes_waiting", 0)),
+            "clients_paused": ("1 while the node reads no client frames", int(st.get("clients_paused", 0))),
             "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
             "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),
         }

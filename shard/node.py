@@ -76,6 +76,8 @@ class NodeConfig:
     lookup_timeout: float = 1.0  # then ask the next owner: a dead primary costs one timeout, not a failed publish
     route_cache_size: int = 100_000  # (topic, shard) lookup answers kept at the entry node; 0 turns the cache off
     route_cache_ttl: float = 1.0  # a cached answer is asked again after this; owners wait 2x for INVALIDATE_ACKs
+    # Stop reading client frames while this many publishes wait behind lookups; read again at half (backpressure).
+    max_waiting_publishes: int = 100_000
     handoff_grace: float = 3.0  # an ex-owner keeps serving and forwarding this long after a flip
     handoff_timeout: float = 30.0
     endpoint_file: str | None = None  # where to write the bound endpoints (for launchers using port 0)
@@ -135,6 +137,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.dealers: dict[str, zmq.Socket] = {}
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
+        self.clients_paused = False  # not reading client frames: too many publishes wait for lookups
         self.pending_lookups: dict[int, Lookup] = {}
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.route_cache = RouteCache(config.route_cache_size)
@@ -278,6 +281,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             while self.running:
                 self._run_timers()
                 self._flush()  # what timers queued (a retried lookup's forwards) leaves now, not at the next frame
+                self._pace_clients(poller)
                 timeout = self.timers[0][0] - time.monotonic() if self.timers else None
                 ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
                 if self.member_pull in ready:
@@ -290,6 +294,23 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                     self._flush()
         finally:
             self._shutdown()
+
+    def _pace_clients(self, poller: zmq.Poller) -> None:
+        """Backpressure: with ``max_waiting_publishes`` publishes queued behind lookups (owners slow or gone),
+        stop reading client frames until half of them have left. Clients' frames wait in zmq and TCP buffers,
+        and a publisher's send blocks once those are full; peer frames (the lookup answers) are still read and
+        timers still run, so the wait ends with the lookups: answered, or failed over after their timeout."""
+        limit = self.cfg.max_waiting_publishes
+        if self.clients_paused and self.queued_publishes <= limit // 2:
+            self.clients_paused = False
+            poller.register(self.client_sock, zmq.POLLIN)
+            self.log.info("clients_resumed", waiting=self.queued_publishes, epoch=self.epoch)
+        elif not self.clients_paused and self.queued_publishes >= limit:
+            self.clients_paused = True
+            poller.unregister(self.client_sock)
+            self.metrics["backpressure.pauses"] += 1
+            self.log.warning("clients_paused", waiting=self.queued_publishes, lookups=len(self.pending_lookups),
+                             epoch=self.epoch)  # fmt: skip
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], channel: str | None = None) -> None:
         for _ in range(DRAIN_BATCH):
@@ -495,6 +516,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             },
             "lookups_in_flight": len(self.pending_lookups),
             "publishes_waiting": self.queued_publishes,  # queued behind lookups at this entry node
+            "clients_paused": self.clients_paused,
             "rss_bytes": rss,
             # RSS growth since start per route held: the measured cost of the route table (local subscriptions
             # of this node's own clients included, so compare on nodes without big local subscriber sets).
