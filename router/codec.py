@@ -328,8 +328,9 @@ def split_runs(frame: Frame) -> list[Run]:
             size = sizes[first]
             out.append((item, None, bytes(view[at : at + size])))
         else:
-            if item[qos_at] != 0:
-                reason = f"{name} item {i} stands for {count} payloads at qos {item[qos_at]}: only a QoS 0 item may"
+            qos = item[qos_at] if isinstance(item, list) and len(item) > qos_at else None
+            if qos != 0:
+                reason = f"{name} item {i} stands for {count} payloads at qos {qos}: only a QoS 0 item may"
                 raise ProtocolError(E_BAD_FRAME, reason + " stand for more than one (acks are per message)", ref)
             run_sizes = sizes[first : first + count]
             size = sum(run_sizes)

@@ -326,9 +326,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             except Exception:  # a bug handling one frame must not take the node down
                 self.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
-            # Enough to send, or enough waiting for lookups: end the drain so the answers (on the peer socket)
-            # are read before more publishes pile up behind them.
-            if self.outbox.queued + self.queued_publishes >= FLUSH_AT:
+            # Enough to send, or (reading clients) enough waiting for lookups: end the drain so the answers, on
+            # the peer socket, are read before more publishes pile up behind them.
+            if self.outbox.queued + (self.queued_publishes if channel == "client" else 0) >= FLUSH_AT:
                 return
 
     def _flush(self) -> None:

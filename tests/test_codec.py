@@ -533,3 +533,12 @@ def test_a_qos1_item_cannot_stand_for_more_than_one_payload() -> None:
         codec.split_runs(_run_frame([1, 2], [["a", 0, None], ["b", 1, 8]], [1, 1, 1], b"xyz"))
     assert info.value.code == codec.E_BAD_FRAME
     assert "item 1 stands for 2 payloads at qos 1" in info.value.reason and "acks are per message" in info.value.reason
+
+
+@pytest.mark.parametrize("item", ["a", [], ["a"], None])
+def test_a_run_whose_item_has_no_qos_is_refused(item: Any) -> None:
+    """MSGS items are not shape-checked by decode (they come from a node); a run still needs a readable qos."""
+    frame = codec.Frame(codec.MSGS, {"v": 1, "items": [item], "sizes": [1, 1], "counts": [2]}, b"xy")
+    with pytest.raises(ProtocolError) as info:
+        codec.split_runs(frame)
+    assert info.value.code == codec.E_BAD_FRAME and "only a QoS 0 item" in info.value.reason

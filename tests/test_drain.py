@@ -33,6 +33,14 @@ def test_a_drain_ends_once_enough_is_queued_or_waiting_for_lookups(waiting_per_f
         handled.append(parts)
         node.queued_publishes += waiting_per_frame
 
-    node._drain(frames, handle)  # type: ignore[arg-type]
+    node._drain(frames, handle, "client")  # type: ignore[arg-type]
     expected = DRAIN_BATCH if waiting_per_frame == 0 else -(-FLUSH_AT // waiting_per_frame)
     assert len(handled) == min(DRAIN_BATCH, expected)
+
+
+def test_publishes_waiting_do_not_cut_short_the_peer_drain_that_brings_their_answers() -> None:
+    node = Node(NodeConfig("n1", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "http://127.0.0.1:3"))
+    node.queued_publishes = 10 * FLUSH_AT
+    handled = []
+    node._drain(_Frames(DRAIN_BATCH), handled.append, "peer")  # type: ignore[arg-type]
+    assert len(handled) == DRAIN_BATCH
