@@ -515,7 +515,7 @@ class Client:
         _check_qos(qos)
         if topic not in self._valid_topics:
             self._check_topic(topic)
-        data = payload if type(payload) is bytes else _as_bytes(payload)
+        data = payload if type(payload) is bytes else _as_bytes(payload)  # the common case without a call
         with self._lock:
             if qos:
                 self._flush_pending()
