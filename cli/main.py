@@ -48,6 +48,9 @@ def cmd_node(args: argparse.Namespace) -> None:
             route_cache_size=args.route_cache_size,
             route_cache_ttl=args.route_cache_ttl,
             max_waiting_publishes=args.max_waiting_publishes,
+            max_inflight=args.max_inflight,
+            max_queued=args.max_queued,
+            max_session_bytes=args.max_session_bytes,
             endpoint_file=args.endpoint_file,
             advertise_peer_endpoint=args.advertise_peer_endpoint,
             metrics_port=args.metrics_port,
@@ -234,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--max-waiting-publishes", type=int, default=100_000,
         help="stop reading clients while this many publishes wait for lookups; read again at half",
+    )  # fmt: skip
+    node.add_argument(
+        "--max-inflight", type=int, default=1000,
+        help="QoS 1 messages written to one client and not yet acknowledged; more wait in its backlog",
+    )  # fmt: skip
+    node.add_argument(
+        "--max-queued", type=int, default=10_000,
+        help="QoS 1 messages one client's backlog holds (their PUBACKs wait); beyond it publishes get 'overloaded'",
+    )  # fmt: skip
+    node.add_argument(
+        "--max-session-bytes", type=int, default=64 * 1024 * 1024,
+        help="payload bytes kept for one client (window and backlog); beyond it publishes get 'overloaded'",
     )  # fmt: skip
     node.set_defaults(func=cmd_node)
 

@@ -11,6 +11,18 @@ Rules of this file:
   has handed them to the application: one DACK frame for every message taken from the inbox, sent when the
   inbox is empty (before ``receive`` waits for more) or 256 are due. A message handed over but not yet
   acknowledged when the connection breaks is redelivered (``dup``): at least once, as before.
+- Sessions: WELCOME says whether the node still had this client's session (``session_present``). The client
+  watches its socket's zmq monitor: when zmq re-made the connection (the node restarted on the same address, or
+  a connection broke), it says HELLO again before anything else, so the node resends every unacknowledged
+  QoS 1 message, or says it has no session. A node that cannot keep routes (it lost etcd, or stops) ends the
+  session with SESSION_END, and the client fails over. Whenever the subscriptions had a gap (a session ended,
+  not present after a reconnect, a failover), the client subscribes again, counts it in ``interruptions``
+  (with ``interruption_log``) and ``receive`` raises ``ShardMQError("interrupted")`` once, after the messages
+  that arrived before the gap: messages published during it may be missing, and somebody knows. Recovery
+  (HELLO, failover) runs at the start of a call and while ``receive`` waits, never inside another request.
+- No zmq heartbeats: a heartbeat timeout on a connection whose reader is stalled re-makes the connection, and
+  libzmq can abort when that reader resumes (libzmq issue 3937). Idle connections are checked with PING by
+  ``receive`` and by TCP keep-alive.
 - Errors from the server are raised as ``ShardMQError(code, reason)``; an error for a QoS 0 publish (which waits
   for nothing) is kept in ``errors`` and raised by the next call.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
@@ -70,6 +82,8 @@ from shardmq.router.topics import TopicError, validate_topic_filter, validate_to
 BULK_CHUNK = 5000
 PING_INTERVAL = 5.0
 DACK_BATCH = 256
+OVERLOAD_BACKOFF = 0.01  # first pause before a publish refused with ``overloaded`` is sent again; doubles
+OVERLOAD_BACKOFF_MAX = 0.2
 DEFAULT_MAX_BATCH = 128
 DEFAULT_LINGER = 0.0005
 VALID_TOPICS_MEMO = 4096  # topic names a client remembers as valid (publishers to many more re-check some)
@@ -98,11 +112,14 @@ class ShardMQError(Exception):
 
 
 def _exclusive(method: _F) -> _F:
-    """A public call: holds the socket lock throughout and sends the pending QoS 0 publishes first."""
+    """A public call: holds the socket lock throughout, recovers the session if needed, and sends the pending
+    QoS 0 publishes first."""
 
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            if self._recovery is not None:
+                self._recover()
             self._flush_pending()
             return method(self, *args, **kwargs)
 
@@ -184,6 +201,13 @@ class Client:
         # ``receive`` hands it over (it then usually dies young).
         self.inbox: deque[tuple[str, bytes, int, bool, int | None]] = deque()
         self.failovers = 0
+        self.interruptions = 0  # times the subscriptions had a gap (see the rules above)
+        self.interruption_log: deque[tuple[float, str]] = deque(maxlen=1000)  # (time.monotonic(), reason)
+        self._recovery: str | None = None  # "hello": zmq re-made the connection; "failover": the session ended
+        self._had_session = False  # a node welcomed us once: a later session that is not present is a gap
+        self._gap_reported = False  # the current gap was already counted (SESSION_END), not again at WELCOME
+        self._monitor: Any = None
+        self._poller: Any = None
         self._ids = itertools.count(1)
         self._next_endpoint = 0
         self._last_heard = time.monotonic()
@@ -215,21 +239,81 @@ class Client:
         for _ in range(len(self.endpoints)):
             endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
             self._next_endpoint += 1
+            last = len(failures) == len(self.endpoints) - 1
             self._open(endpoint)
             try:
                 reply = self._roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME)
+                if reply.get("fenced") and not last:  # it cannot keep routes: another node can
+                    failures.append(f"{endpoint} (fenced)")
+                    continue
+                self._welcomed(reply, endpoint, resumed=False)
             except TimeoutError:
                 failures.append(endpoint)
                 continue
-            self.node, self.endpoint = reply["node"], endpoint
-            max_payload = reply.get("max_payload")
-            if type(max_payload) is int and max_payload > 0:
-                self.max_payload = max_payload
-            if self.subscriptions:
-                self._resubscribe()
+            except ShardMQError as exc:
+                if exc.code not in (codec.E_FENCED, codec.E_UNAVAILABLE) or last:
+                    # Not connected for good: the next call starts over rather than stay on a node that has
+                    # none of our subscriptions.
+                    self._close_socket()
+                    raise
+                failures.append(f"{endpoint} ({exc.code})")
+                continue
             return
         self._close_socket()
         raise ShardMQError(codec.E_UNAVAILABLE, f"no node answered within {self.timeout}s: {', '.join(failures)}")
+
+    def _welcomed(self, reply: dict[str, Any], endpoint: str, resumed: bool) -> None:
+        """A WELCOME: take the node's settings; unless it resumed our session, subscribe again and report the gap.
+
+        Only a HELLO on a connection zmq re-made to the node we were using (``resumed``) can continue a session:
+        after a failover the node we land on may hold an older session of ours whose subscriptions were undone
+        (a refused SUB), so it is never trusted."""
+        self.node, self.endpoint = reply["node"], endpoint
+        max_payload = reply.get("max_payload")
+        if type(max_payload) is int and max_payload > 0:
+            self.max_payload = max_payload
+        if resumed and reply.get("session_present") is True:
+            return
+        # A new session: message ids of the old one mean nothing here (acknowledging them would acknowledge
+        # other messages), and its QoS 1 messages come again from wherever they are still kept.
+        self._dacks.clear()
+        if any(entry[4] is not None and entry[2] >= 0 for entry in self.inbox):
+            self.inbox = deque((t, p, q, d, None if q >= 0 else m) for t, p, q, d, m in self.inbox)
+        if self.subscriptions:
+            if self._had_session and not self._gap_reported:
+                why = "had no session for this client after a reconnect" if resumed else "took over after a failover"
+                self._interrupted(f"node {self.node} {why}")
+            self._resubscribe()
+        self._gap_reported = False
+        self._had_session = True
+
+    def _interrupted(self, reason: str) -> None:
+        """The subscriptions had a gap: count it, and let ``receive`` raise it after what arrived before."""
+        if not self.subscriptions:
+            return
+        self.interruptions += 1
+        self.interruption_log.append((time.monotonic(), reason))
+        self.inbox.append((reason, b"", -1, False, -1))  # qos -1: the marker ``_receive`` raises
+        self._gap_reported = True
+
+    def _recover(self) -> None:
+        """Say HELLO again on a connection zmq re-made, or move to the next node after SESSION_END."""
+        kind, self._recovery = self._recovery, None
+        if kind == "hello" and self.endpoint is not None:
+            try:
+                self._welcomed(self._roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME),
+                               self.endpoint, resumed=True)  # fmt: skip
+                return
+            except (TimeoutError, ShardMQError):
+                pass
+        self._failover()
+
+    def _move_on(self) -> None:
+        """The node stayed silent: recover if the connection was re-made meanwhile, else fail over."""
+        if self._recovery is not None:
+            self._recover()
+        else:
+            self._failover()
 
     def _open(self, endpoint: str) -> None:
         self._close_socket()
@@ -237,18 +321,39 @@ class Client:
         sock = self.ctx.socket(z.DEALER)
         sock.setsockopt(z.ROUTING_ID, self.client_id.encode())
         sock.setsockopt(z.LINGER, 0)
-        sock.setsockopt(z.HEARTBEAT_IVL, 2000)
-        sock.setsockopt(z.HEARTBEAT_TIMEOUT, 6000)
+        sock.setsockopt(z.TCP_KEEPALIVE, 1)
+        sock.setsockopt(z.TCP_KEEPALIVE_IDLE, 10)
+        sock.setsockopt(z.TCP_KEEPALIVE_INTVL, 2)
+        sock.setsockopt(z.TCP_KEEPALIVE_CNT, 5)
+        self._monitor = sock.get_monitor_socket(z.EVENT_DISCONNECTED)
         sock.connect(endpoint)
         self.sock = sock
+        self._poller = z.Poller()
+        self._poller.register(sock, z.POLLIN)
+        self._poller.register(self._monitor, z.POLLIN)
+        self._recovery = None  # a new connection: whatever the old one needed is moot
 
     def _close_socket(self, linger: int = 0) -> None:
         if self.sock is not None:
+            with contextlib.suppress(self.zmq_module.ZMQError):
+                self.sock.disable_monitor()
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self.sock.close(linger=linger)
-            self.sock = None
+            self.sock = self._monitor = self._poller = None
+
+    def _read_monitor(self) -> None:
+        """zmq reported a disconnect (the only event we ask for): it reconnects by itself, and we say HELLO."""
+        z = self.zmq_module
+        with contextlib.suppress(z.Again):
+            while True:
+                self._monitor.recv_multipart(z.NOBLOCK)
+                if self._recovery is None:
+                    self._recovery = "hello"
 
     def _failover(self) -> None:
         self.failovers += 1
+        self._recovery = None
         self._connect()
 
     def _resubscribe(self) -> None:
@@ -373,8 +478,12 @@ class Client:
             flusher.thread.join()
 
     def _recv(self, timeout: float) -> codec.Frame | None:
-        """One frame from the node within ``timeout`` seconds, or None."""
-        if not self.sock.poll(max(0, int(timeout * 1000))):
+        """One frame from the node within ``timeout`` seconds, or None (also when zmq reported a disconnect:
+        ``_recovery`` then says what to do)."""
+        ready = dict(self._poller.poll(max(0, int(timeout * 1000))))
+        if self._monitor in ready:
+            self._read_monitor()
+        if self.sock not in ready:
             return None
         parts = self.sock.recv_multipart()
         self._last_heard = time.monotonic()
@@ -400,6 +509,9 @@ class Client:
                 self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
             self.sock.send_multipart(codec.encode(codec.PONG, {}))
+        elif frame.type == codec.SESSION_END:  # the node cannot keep our routes: move on at the next turn
+            self._interrupted(f"node {self.node} ended the session: {h['code']}: {h['reason']}")
+            self._recovery = "failover"
         elif frame.type == codec.ERROR:
             self.errors.append(ShardMQError(h["code"], h["reason"]))
 
@@ -411,6 +523,8 @@ class Client:
         while (left := deadline - time.monotonic()) > 0:
             frame = self._recv(left)
             if frame is None:
+                if self._recovery is not None:  # the request may have gone with the old connection
+                    raise TimeoutError(f"the connection to {self.endpoint} was re-made or ended")
                 continue
             h = frame.header
             if frame.type == expect and (h.get("id") == rid or rid in (h.get("ids") or ())):
@@ -431,8 +545,9 @@ class Client:
         except ShardMQError as exc:
             if exc.code != codec.E_FENCED or len(self.endpoints) == 1:
                 raise
-        # Silent, or fenced (it lost etcd and cannot vouch for anything): move to the next node and resend.
-        self._failover()
+            self._recovery = "failover"
+        # Silent, fenced (it lost etcd and cannot vouch for anything) or re-connected: recover and resend.
+        self._move_on()
         try:
             return self._roundtrip(frame_type, header, payload, expect)
         except TimeoutError as exc:
@@ -518,9 +633,19 @@ class Client:
         data = payload if type(payload) is bytes else _as_bytes(payload)  # the common case without a call
         with self._lock:
             if qos:
+                if self._recovery is not None:
+                    self._recover()
                 self._flush_pending()
-                self._request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
-                return
+                deadline, backoff = time.monotonic() + self.timeout, OVERLOAD_BACKOFF
+                while True:
+                    try:
+                        self._request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
+                        return
+                    except ShardMQError as exc:  # a subscriber's backlog is full: wait for it (flow control)
+                        if exc.code != codec.E_OVERLOADED or time.monotonic() + backoff > deadline:
+                            raise
+                    self._pause(backoff, ())
+                    backoff = min(2 * backoff, OVERLOAD_BACKOFF_MAX)
             self._raise_pending_error()
             pending = self._pending
             now = time.monotonic()
@@ -555,39 +680,78 @@ class Client:
         return done
 
     def _publish_batch(self, chunk: list[tuple[str, bytes]], qos: int) -> int:
+        """Send one chunk; for qos=1 wait until every message is acknowledged. A silent node is failed over
+        once (what was not acknowledged is sent again); messages refused with ``overloaded`` (a subscriber's
+        backlog is full) are sent again after a growing pause until ``timeout`` has passed, then raised."""
         self._raise_pending_error()
-        for attempt in range(2):
+        total = len(chunk)
+        failovers_left = 1
+        deadline, backoff = time.monotonic() + self.timeout, OVERLOAD_BACKOFF
+        while True:
             if self.sock is None:
                 self._connect()  # frames are cut to the node's max_payload, which comes with its WELCOME
             ids = [next(self._ids) if qos else None for _ in chunk]
             for parts in self._publish_frames(chunk, qos, ids):
                 self._send_parts(parts)
             if not qos:
-                return len(chunk)
-            unacked = self._await_pubacks({i for i in ids if i is not None})
-            if not unacked:
-                return len(chunk)
-            if attempt == 0:  # silent node: move on and resend what was not acknowledged
-                chunk = [m for m, ref in zip(chunk, ids, strict=True) if ref in unacked]
-                self._failover()
-        raise ShardMQError(codec.E_TIMEOUT, f"{len(chunk)} publishes not acknowledged after a failover")
+                return total
+            unacked, overloaded = self._await_pubacks({i for i in ids if i is not None})
+            if not unacked and not overloaded:
+                return total
+            if unacked:  # silent node: move on and send again what was not acknowledged
+                if not failovers_left:
+                    raise ShardMQError(codec.E_TIMEOUT, f"{len(unacked)} publishes not acknowledged after a failover")
+                failovers_left -= 1
+                self._move_on()
+            elif time.monotonic() + backoff > deadline:
+                raise ShardMQError(
+                    codec.E_OVERLOADED,
+                    f"{len(overloaded)} publishes refused for {self.timeout}s: their subscribers' backlogs are full",
+                )
+            else:
+                self._pause(backoff, ids)
+                backoff = min(2 * backoff, OVERLOAD_BACKOFF_MAX)
+            again = unacked | overloaded
+            chunk = [m for m, ref in zip(chunk, ids, strict=True) if ref in again]
 
-    def _await_pubacks(self, waiting: set[int]) -> set[int]:
-        """Wait for PUBACKs of ``waiting``; returns the ids still unacknowledged after ``timeout``."""
+    def _await_pubacks(self, waiting: set[int]) -> tuple[set[int], set[int]]:
+        """Wait for PUBACKs of ``waiting``; returns the ids still unanswered after ``timeout`` (or when the
+        connection was re-made) and those refused with ``overloaded``. Any other refusal is raised."""
+        overloaded: set[int] = set()
         deadline = time.monotonic() + self.timeout
         while waiting and (left := deadline - time.monotonic()) > 0:
             frame = self._recv(left)
             if frame is None:
+                if self._recovery is not None:  # what was sent on the old connection may be lost: resend
+                    break
                 continue
             h = frame.header
             if frame.type == codec.PUBACK:
                 ids = h.get("ids")
                 waiting.difference_update(ids if isinstance(ids, list) else [h["id"]])
             elif frame.type == codec.ERROR and h.get("ref") in waiting:
-                raise ShardMQError(h["code"], h["reason"])
+                if h["code"] != codec.E_OVERLOADED:
+                    raise ShardMQError(h["code"], h["reason"])
+                waiting.discard(h["ref"])
+                overloaded.add(h["ref"])
             elif frame.type not in (codec.WELCOME, codec.PONG):
                 self._handle_unsolicited(frame)
-        return waiting
+        return waiting, overloaded
+
+    def _pause(self, seconds: float, answered: Iterable[int | None]) -> None:
+        """Wait ``seconds`` while handling what arrives (a cooperative wait under gevent, unlike time.sleep);
+        late answers to ``answered`` requests are dropped."""
+        done = set(answered)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            frame = self._recv(left)
+            if frame is None:
+                continue
+            if frame.type in (codec.PUBACK, codec.WELCOME, codec.PONG):
+                continue
+            if frame.type == codec.ERROR and frame.header.get("ref") in done:
+                continue
+            self._handle_unsolicited(frame)
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (forever when None); None on timeout."""
@@ -611,11 +775,17 @@ class Client:
             frame = self._recv(min(left, PING_INTERVAL))
             if frame is not None:
                 self._handle_unsolicited(frame)
+            elif self._recovery is not None:
+                self._recover()
             elif time.monotonic() - self._last_heard > PING_INTERVAL:
                 self._check_alive()
+        if self._recovery is not None:  # subscribe again now, not once the application has read the backlog
+            self._recover()
         if not self.inbox:
             return None
         topic, payload, qos, dup, mid = self.inbox.popleft()
+        if qos < 0:  # the marker of a gap in the subscriptions (``_interrupted``); the reason is in ``topic``
+            raise ShardMQError(codec.E_INTERRUPTED, topic)
         if isinstance(mid, int):  # acknowledged only now that the application has it
             self._dacks.append(mid)
             if not self.inbox or len(self._dacks) >= DACK_BATCH:
@@ -633,7 +803,7 @@ class Client:
         try:
             self._roundtrip(codec.PING, {}, b"", codec.PONG)
         except TimeoutError:
-            self._failover()
+            self._move_on()
 
     @_exclusive
     def leave(self) -> None:

@@ -47,6 +47,7 @@ STATUS_REPLY = b"STATUS_REPLY"
 BYE = b"BYE"
 LEAVE = b"LEAVE"
 LEAVING = b"LEAVING"
+SESSION_END = b"SESSION_END"
 ERROR = b"ERROR"
 # Node <-> node
 ROUTE_ADD = b"ROUTE_ADD"
@@ -89,6 +90,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     BYE: {},
     LEAVE: {"id": _INT},
     LEAVING: {"id": _INT},
+    SESSION_END: {"code": _STR, "reason": _STR},
     ERROR: {"code": _STR, "reason": _STR},
     ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
     ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
@@ -186,6 +188,9 @@ E_TIMEOUT = "timeout"
 E_NOT_ALLOWED = "not_allowed"
 E_STALE_EPOCH = "stale_epoch"
 E_FENCED = "fenced"
+E_OVERLOADED = "overloaded"  # a subscriber's QoS 1 backlog is full: the publish was not delivered
+E_INTERRUPTED = "interrupted"  # SDK: the node ended this client's session (its subscriptions had a gap)
+E_SHUTDOWN = "shutdown"  # SESSION_END: the node is stopping
 
 
 class ProtocolError(Exception):

@@ -35,6 +35,8 @@ class NodeBase:
 
     cfg: NodeConfig
     me: str
+    incarnation: str
+    sessions_ended_fenced: bool
     log: Any
     ctx: zmq.Context
     metrics: Counter[str]
@@ -93,6 +95,8 @@ class NodeBase:
         def call_later(self, delay: float, fn: Callable[[], None]) -> None: ...
 
         def stop(self) -> None: ...
+
+        def end_sessions(self, code: str, reason: str) -> None: ...
 
         def status(self) -> dict[str, Any]: ...
 

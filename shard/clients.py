@@ -10,6 +10,17 @@ Rules of this file:
   again on the same session (it reconnected, and its old pipe may have lost messages) everything still
   unacknowledged is resent with ``dup``. A message written to a live connection is not resent on a timer:
   that would only duplicate it for a client that is slow to read.
+- QoS 1 flow control: a session has at most ``max_inflight`` messages written and unacknowledged; further ones
+  wait, accepted, in its backlog and are written as acknowledgements make room. A message that would take a
+  backlog past ``max_queued`` messages or the session past ``max_session_bytes`` is refused for every local
+  recipient (``deliver_local`` returns False before giving it to anyone): the publish fails with
+  ``overloaded`` instead of being acknowledged, and the SDK retries it until its timeout, so a publisher slows
+  to its slowest subscriber. Memory per client is bounded and nothing acknowledged is dropped while the
+  session lives; a session that ends (its client was told with SESSION_END, or is gone) counts what it held.
+- Sessions end with a SESSION_END frame to the client when the node can no longer vouch for its routes (its
+  etcd lease is in doubt, ``fenced``) or stops: the client fails over, subscribes again and reports the gap.
+  WELCOME says whether the node still had the client's session (``session_present``); when it did not, the
+  client's subscriptions had a gap too.
 - Every rejected input is answered with an ERROR frame (when the sender can be addressed), counted in
   ``metrics`` under ``errors.<code>`` and logged; the node keeps serving.
 """
@@ -60,9 +71,14 @@ class ClientsMixin(NodeBase):
 
     def _on_hello(self, session: Session, frame: Frame) -> None:
         cfg = self.cfg
-        header = {"id": frame.header.get("id"), "node": self.me, "max_payload": cfg.max_payload, "epoch": self.epoch}
+        present, session.greeted = session.greeted, True
+        header = {
+            "id": frame.header.get("id"), "node": self.me, "max_payload": cfg.max_payload, "epoch": self.epoch,
+            "session_present": present, "fenced": self.fenced(),
+        }  # fmt: skip
         self.send_client(session.rid, codec.encode(codec.WELCOME, header))
-        self._redeliver(session, everything=True)  # a reconnect: its old pipe may have lost what was in it
+        if present:
+            self._redeliver(session, everything=True)  # a reconnect: its old pipe may have lost what was in it
 
     def _on_ping(self, session: Session, frame: Frame) -> None:
         self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
@@ -88,6 +104,10 @@ class ClientsMixin(NodeBase):
             return
         if self.assignment is None:
             self.reject_client(session.rid, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry", ref)
+            return
+        if self.fenced():  # peers drop our routes if our lease runs out: subscribe through a node that has one
+            reason = "this node lost contact with etcd and cannot keep routes; use another node"
+            self.reject_client(session.rid, codec.E_FENCED, reason, ref)
             return
         results: list[Any] = []
         new_filters: list[str] = []
@@ -165,13 +185,29 @@ class ClientsMixin(NodeBase):
             return
         gone = [f for f in list(session.filters) if self._unsubscribe_local(session, f)]
         self._change_routes(codec.ROUTE_DEL, gone, lambda failures: None)
+        unsent = len(session.backlog)
         self.metrics["clients.disconnected"] += 1
-        self.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=len(gone))
+        self.metrics["deliveries.session_ended"] += unsent + len(session.inflight)
+        self.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=len(gone),
+                      unacknowledged=len(session.inflight), backlog=unsent, epoch=self.epoch)  # fmt: skip
+
+    def end_sessions(self, code: str, reason: str) -> None:
+        """Tell every client its session here is over (it fails over and subscribes again), then forget them."""
+        end = codec.encode(codec.SESSION_END, {"code": code, "reason": reason})
+        for rid in list(self.sessions):
+            self.send_client(rid, end)
+            self._drop_session(rid, reason=code)
+        self.metrics[f"sessions.ended.{code}"] += 1
 
     def _on_dack(self, session: Session, frame: Frame) -> None:
+        inflight = session.inflight
         for mid in frame.header["mids"]:
-            if session.inflight.pop(mid, None) is not None:
+            found = inflight.pop(mid, None)
+            if found is not None:
+                session.held_bytes -= len(found[1])
                 self.metrics["deliveries.acked"] += 1
+        if session.backlog:
+            self._fill_window(session)
 
     def _on_pub(self, session: Session, frame: Frame) -> None:
         self._publish_one(session, frame.header.get("id"), frame.header["topic"], frame.header["qos"], frame.payload)
@@ -286,21 +322,50 @@ class ClientsMixin(NodeBase):
         return self.local_q0.match(topic) | self.local_q1.match(topic), set()
 
     def deliver_local(
-        self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
-    ) -> None:
-        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic."""
+        self,
+        topic: str,
+        qos: int,
+        payload: bytes,
+        recipients: tuple[set[bytes], set[bytes]] | None = None,
+    ) -> bool:
+        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic.
+
+        False when a QoS 1 recipient has no room left (see the rules above): then nobody here got it."""
         q0, q1 = recipients or self.local_recipients(topic, qos)
         # Queued, and sent by Node._flush at the end of this batch of frames (one frame per client).
         for rid in q0:
             self.outbox.deliver(rid, Delivery(topic, 0, None, False, payload))
-        for rid in q1:
-            session = self.sessions.get(rid)
-            if session is None:
-                continue
-            mid = session.next_mid
-            session.next_mid += 1
-            session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
-            self.outbox.deliver(rid, Delivery(topic, 1, mid, False, payload))
+        if not q1:
+            return True
+        cfg = self.cfg
+        sessions = [s for rid in q1 if (s := self.sessions.get(rid)) is not None]
+        size = len(payload)
+        for s in sessions:
+            if s.held_bytes + size > cfg.max_session_bytes or len(s.backlog) >= cfg.max_queued:
+                self.metrics["qos1.refused_overloaded"] += 1
+                return False
+        for s in sessions:
+            s.held_bytes += size
+            # Behind a backlog even with room in the window: a newer message must not overtake older ones.
+            if s.backlog or len(s.inflight) >= cfg.max_inflight:
+                s.backlog.append((topic, payload))
+                self.metrics["qos1.backlogged"] += 1
+            else:
+                self._write_qos1(s, topic, payload)
+        return True
+
+    def _write_qos1(self, session: Session, topic: str, payload: bytes) -> None:
+        mid = session.next_mid
+        session.next_mid += 1
+        session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
+        self.outbox.deliver(session.rid, Delivery(topic, 1, mid, False, payload))
+
+    def _fill_window(self, session: Session) -> None:
+        """Acknowledgements made room: move backlog messages into the window."""
+        limit = self.cfg.max_inflight
+        backlog = session.backlog
+        while backlog and len(session.inflight) < limit:
+            self._write_qos1(session, *backlog.popleft())
 
     def _redeliver_tick(self) -> None:
         for session in list(self.sessions.values()):

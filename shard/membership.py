@@ -22,6 +22,12 @@ Rules of this file:
   lease, so it vanishes with that node and the next campaigner takes over.
 - A node stops acting as an owner (self-fences) once two thirds of its lease TTL passed without a successful
   keep-alive, i.e. before the lease can expire and etcd can hand its shards to someone else.
+- A process registers under a new ``incarnation``, never as its predecessor: a node id's earlier process (killed
+  and restarted by a supervisor, maybe on other ports, maybe before its lease ran out) held routes this one never
+  received. Before registering, the session retires it (``retire_previous``): it revokes the lease behind the
+  id's member key, which deletes that key (and the leader key, if it held it), then waits until the assignment
+  lists the id in no shard, i.e. the leader promoted the survivors. Only then does it register, as a newcomer
+  that ordinary hand-offs fill. With no other live member there is nothing to recover, and it registers at once.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import structlog
 import zmq
 from etcd3gw.utils import _encode
 
+from shardmq.ring import Assignment
+
 log = structlog.get_logger("shardmq.membership")
 
 
@@ -50,6 +58,7 @@ class MemberInfo:
     peer_endpoint: str
     weight: int = 1
     leaving: bool = False  # set by a graceful leave: the rebalancer moves every shard away, then the node exits
+    incarnation: str = ""  # new for every process start: a restart under the same id is another member to peers
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +67,7 @@ class MemberInfo:
             "peer_endpoint": self.peer_endpoint,
             "weight": self.weight,
             "leaving": self.leaving,
+            "incarnation": self.incarnation,
         }
 
     @classmethod
@@ -68,7 +78,14 @@ class MemberInfo:
             data["peer_endpoint"],
             int(data.get("weight", 1)),
             bool(data.get("leaving", False)),
+            str(data.get("incarnation", "")),
         )
+
+    def same_process(self, other: MemberInfo) -> bool:
+        """True when ``other`` is this member's same process at the same address (only ``leaving`` may differ)."""
+        return (self.incarnation, self.peer_endpoint, self.client_endpoint) == (
+            other.incarnation, other.peer_endpoint, other.client_endpoint,
+        )  # fmt: skip
 
 
 def etcd_client(url: str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
@@ -160,6 +177,7 @@ class EtcdSession(threading.Thread):
         self.lease_valid_until = 0.0
         self.leaving = False
         self.registrations = 0  # more than one: the lease was lost once, and peers dropped our routes
+        self.retiring = True  # until the previous incarnation of our id is out of the assignment (see the rules)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -182,9 +200,44 @@ class EtcdSession(threading.Thread):
         self.registrations += 1
         log.info("registered", node=self._me.node_id, lease_ttl=self._ttl, registrations=self.registrations)
 
+    def retire_previous(self) -> None:
+        """Take our id's earlier process out of the cluster before we register (see the rules of this file)."""
+        node = self._me.node_id
+        key = cluster_prefix(self._cluster) + f"members/{node}"
+        found = self.client.get(key, metadata=True)
+        if found:
+            previous = MemberInfo.from_dict(orjson.loads(found[0][0]))
+            lease = int(found[0][1].get("lease", 0) or 0)
+            if lease:
+                etcd3gw.Lease(lease, self.client).revoke()
+            else:
+                self.client.delete(key)
+            log.warning("previous_incarnation_retired", node=node, incarnation=previous.incarnation,
+                        peer_endpoint=previous.peer_endpoint)  # fmt: skip
+        started = last_log = time.monotonic()
+        while not self._stopping.is_set():
+            _, members = read_members(self.client, self._cluster)
+            document, _ = read_assignment(self.client, self._cluster)
+            held = 0
+            if document:
+                assignment = Assignment.from_json(document)
+                held = len(assignment.shards_of(node)) + len(assignment.joining_of(node))
+            others = set(members) - {node}
+            if not held or not others:
+                if held:  # nobody left who could hold the routes: the cluster starts over from what clients send
+                    log.warning("no_survivor_to_recover_from", node=node, shards=held)
+                break
+            now = time.monotonic()
+            if now - last_log >= 2.0:
+                last_log = now
+                log.info("waiting_for_old_incarnation_to_be_replaced", node=node, shards=held,
+                         waited_s=round(now - started, 1))  # fmt: skip
+            self._stopping.wait(0.2)
+        self.retiring = False
+
     def _put_member(self) -> None:
         me = MemberInfo(self._me.node_id, self._me.client_endpoint, self._me.peer_endpoint, self._me.weight,
-                        self.leaving)
+                        self.leaving, self._me.incarnation)
         key = cluster_prefix(self._cluster) + f"members/{me.node_id}"
         self.client.put(key, orjson.dumps(me.to_dict()), self._lease)
         self._registered_as = me
@@ -238,6 +291,9 @@ class EtcdSession(threading.Thread):
             while not self._stopping.is_set():
                 try:
                     now = time.monotonic()
+                    if self.retiring:
+                        self.retire_previous()
+                        continue
                     if self._lease is None:
                         self._register()
                         next_refresh = now + self._ttl / 3

@@ -111,6 +111,9 @@ class NodeCollector(Collector):
             "publishes_waiting": ("Publishes queued behind lookups at this entry node", st.get("publishes_waiting", 0)),
             "clients_paused": ("1 while the node reads no client frames", int(st.get("clients_paused", 0))),
             "fenced": ("1 while the node cannot vouch for its etcd lease", int(bool(st.get("fenced")))),
+            "qos1_inflight": ("QoS 1 messages written to clients, not yet acknowledged", st.get("qos1_inflight", 0)),
+            "qos1_backlog": ("QoS 1 messages waiting for room in a client's window", st.get("qos1_backlog", 0)),
+            "qos1_held_bytes": ("Payload bytes of QoS 1 messages kept for clients", st.get("qos1_held_bytes", 0)),
             "leader": ("1 on the node that runs the rebalancer", int(st.get("leader") == snap.node)),
         }
         for name, (doc, value) in gauges.items():

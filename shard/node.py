@@ -28,6 +28,7 @@ import itertools
 import os
 import signal
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from .clients import ClientsMixin
 from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
 from .outbox import Outbox
-from .ownership import OwnershipMixin
+from .ownership import FENCE_CHECK_INTERVAL, OwnershipMixin
 from .routing import RoutingMixin
 from .state import ROOT, Forwarding, Invalidation, Lookup, Publish, Session, Waiter
 
@@ -58,6 +59,13 @@ log = structlog.get_logger("shardmq.node")
 DRAIN_BATCH = 256
 FLUSH_AT = 256  # messages queued in the outbox or behind lookups: end the drain (latency under batched load)
 HEARTBEAT_MS = 2000
+CLIENTS_SHOWN = 10  # clients listed by name in status (the ones with the most QoS 1 messages kept for them)
+# Dead clients are found by TCP keep-alive (the kernel answers it even while the application is stalled), not by
+# zmq heartbeats: a heartbeat timeout on a connection whose reader is stalled re-makes the connection behind
+# both ends' backs, and libzmq can abort when the reader resumes (libzmq issue 3937).
+TCP_KEEPALIVE_IDLE_S = 10
+TCP_KEEPALIVE_INTERVAL_S = 2
+TCP_KEEPALIVE_COUNT = 5
 
 
 @dataclass(slots=True)
@@ -86,6 +94,12 @@ class NodeConfig:
     metrics_address: str = "127.0.0.1"
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
+    # QoS 1 flow control per client session: messages written and not yet acknowledged, then a backlog that
+    # holds the forward's FWD_ACK (so the publisher's PUBACK) until the message enters the window; beyond the
+    # backlog (count or bytes) a forward is refused with ``overloaded``.
+    max_inflight: int = 1000
+    max_queued: int = 10_000
+    max_session_bytes: int = 64 * 1024 * 1024
 
 
 def tune_gc() -> None:
@@ -95,6 +109,13 @@ def tune_gc() -> None:
     msg/s through 3 nodes: p99 publish -> deliver 14.2-14.4 ms before, 8.3-9.1 ms after."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+def set_tcp_keepalive(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_COUNT)
 
 
 def rss_bytes() -> int:
@@ -110,6 +131,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
     def __init__(self, config: NodeConfig) -> None:
         self.cfg = config
         self.me = config.node_id
+        self.incarnation = uuid.uuid4().hex[:12]  # this process, as opposed to earlier ones under the same id
+        self.sessions_ended_fenced = False  # SESSION_END sent to every client since the lease became doubtful
         self.log = log.bind(node=self.me)
         self.ctx = zmq.Context.instance()
         self.metrics: Counter[str] = Counter()
@@ -163,11 +186,12 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         for sock in (self.client_sock, self.peer_sock):
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MS * 3)
             sock.setsockopt(zmq.LINGER, 0)
             # Frames far beyond our limits are cut off by zmq before they are buffered in full.
             sock.setsockopt(zmq.MAXMSGSIZE, codec.DEFAULT_MAX_HEADER + 2 * self.cfg.max_payload)
+        self.peer_sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        self.peer_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MS * 3)
+        set_tcp_keepalive(self.client_sock)
         # "tcp://127.0.0.1:*" binds a free port chosen by the kernel: no race with other processes picking ports.
         self.client_sock.bind(self.cfg.client_endpoint)
         self.peer_sock.bind(self.cfg.peer_endpoint)
@@ -259,7 +283,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             self.log.error("etcd_unreachable", etcd=self.cfg.etcd_url, error=str(exc))
             raise SystemExit(2) from exc
         advertised = self.cfg.advertise_peer_endpoint or self.cfg.peer_endpoint
-        me = MemberInfo(self.me, self.cfg.client_endpoint, advertised, self.cfg.weight)
+        me = MemberInfo(self.me, self.cfg.client_endpoint, advertised, self.cfg.weight, False, self.incarnation)
         self.session = EtcdSession(
             self.ctx, self.cfg.etcd_url, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl
         )
@@ -272,7 +296,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.call_later(self.cfg.client_idle_check, self._idle_tick)
         self._publish_metrics()
         cfg = self.cfg
-        self.log.info("node_started", client_endpoint=cfg.client_endpoint, peer_endpoint=cfg.peer_endpoint, epoch=0)
+        self.call_later(FENCE_CHECK_INTERVAL, self._fence_tick)
+        self.log.info("node_started", client_endpoint=cfg.client_endpoint, peer_endpoint=cfg.peer_endpoint,
+                      incarnation=self.incarnation, epoch=0)  # fmt: skip
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.peer_sock, zmq.POLLIN)
@@ -369,10 +395,13 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.running = False
 
     def _shutdown(self) -> None:
-        self.log.info("node_stopping")
+        self.log.info("node_stopping", epoch=self.epoch)
+        # Clients move to another node now instead of after their request timeout.
+        self.end_sessions(codec.E_SHUTDOWN, f"node {self.me} is stopping; connect to another node")
+        self.client_sock.close(linger=200)
         self.session.stop()
         self.session.join(timeout=3)
-        for sock in [self.client_sock, self.peer_sock, self.member_pull, *self.dealers.values()]:
+        for sock in [self.peer_sock, self.member_pull, *self.dealers.values()]:
             sock.close(linger=0)
 
     # ------------------------------------------------------------------ peer frames
@@ -482,6 +511,23 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self._shard_view_cache = (a, view)
         return view
 
+    def _flow_view(self) -> dict[str, Any]:
+        """QoS 1 flow control: totals, and the clients with the most kept for them (bounded: status is cheap)."""
+        sessions = self.sessions.values()
+        busiest = heapq.nlargest(
+            CLIENTS_SHOWN, (s for s in sessions if s.inflight or s.backlog), key=lambda s: s.held_bytes
+        )
+        return {
+            "qos1_inflight": sum(len(s.inflight) for s in sessions),
+            "qos1_backlog": sum(len(s.backlog) for s in sessions),
+            "qos1_held_bytes": sum(s.held_bytes for s in sessions),
+            "clients_busiest": [
+                {"client": s.rid.decode(errors="replace"), "inflight": len(s.inflight), "backlog": len(s.backlog),
+                 "held_bytes": s.held_bytes}  # fmt: skip
+                for s in busiest
+            ],
+        }
+
     def status(self) -> dict[str, Any]:
         rss = rss_bytes()
         routes = self.routes.route_count
@@ -490,6 +536,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         view = self._shard_view()
         status: dict[str, Any] = {
             "node": self.me,
+            "incarnation": self.incarnation,
             "client_endpoint": self.cfg.client_endpoint,
             "metrics_endpoint": self.metrics_endpoint(),
             "alive": True,
@@ -524,6 +571,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes >= 10_000 else None,
             "root_set_size": self.routes.root_size,
             "clients": len(self.sessions),
+            **self._flow_view(),
             "local_filters": len(self.local_q0) + len(self.local_q1),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "metrics": dict(self.metrics),

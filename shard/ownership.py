@@ -31,6 +31,8 @@ from .base import NodeBase
 from .membership import MemberInfo, read_assignment, write_assignment
 from .state import ROOT, Forwarding
 
+FENCE_CHECK_INTERVAL = 0.1  # how soon clients of a node whose lease is in doubt are told to move (SESSION_END)
+
 SNAPSHOT_CHUNK = 5000
 REANNOUNCE_DELAY = 1.0  # a few member polls: by then every peer has seen us gone and back
 
@@ -42,10 +44,26 @@ class OwnershipMixin(NodeBase):
 
         def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool: ...
 
+    if TYPE_CHECKING:  # from ClientsMixin
+
+        def end_sessions(self, code: str, reason: str) -> None: ...
+
     # ------------------------------------------------------------------ membership and ownership
     def fenced(self) -> bool:
         # Also fenced between registering again and seeing the view that goes with the new registration.
         return self.session.fenced(time.monotonic()) or self._registration < self.session.registrations
+
+    def _fence_tick(self) -> None:
+        """Clients of a node that cannot vouch for its lease move elsewhere at once: peers drop this node's
+        routes when the lease expires, and a subscriber left here would then miss messages without knowing."""
+        if self.fenced() and self._registration:  # registered once: before that no client could subscribe
+            if not self.sessions_ended_fenced:
+                self.sessions_ended_fenced = True
+                self.log.warning("lease_in_doubt_clients_told", clients=len(self.sessions), epoch=self.epoch)
+                self.end_sessions(codec.E_FENCED, f"node {self.me} lost contact with etcd; connect to another node")
+        else:
+            self.sessions_ended_fenced = False
+        self.call_later(FENCE_CHECK_INTERVAL, self._fence_tick)
 
     def on_snapshot(self, snapshot: dict[str, Any], document: bytes) -> None:
         """A new view from etcd: members, leader and (when it changed) the assignment document."""
@@ -58,8 +76,11 @@ class OwnershipMixin(NodeBase):
         registration = int(snapshot.get("registration", 1))
         if registration > self._registration:
             if self._registration:
-                # We lost our lease and registered again: peers saw us gone and dropped our routes. Our clients
-                # are still subscribed, so announce them again once everyone has seen us back.
+                # We lost our lease and registered again: peers saw us gone and dropped our routes, so messages
+                # for our clients were lost meanwhile. They are told (their sessions end) unless the fence check
+                # already did; subscriptions made since are announced again once everyone has seen us back.
+                if not self.sessions_ended_fenced:
+                    self.end_sessions(codec.E_FENCED, f"node {self.me} lost its etcd lease; connect to another node")
                 self.call_later(REANNOUNCE_DELAY, self._reannounce_routes)
                 # Owners that saw us gone forgot which of their answers we cache: ask them all again.
                 self.route_cache.clear()
@@ -81,8 +102,13 @@ class OwnershipMixin(NodeBase):
         self._maybe_finish_leaving()
 
     def on_members(self, members: dict[str, MemberInfo], epoch: int) -> None:
-        joined = set(members) - set(self.members) - {self.me}
-        gone = set(self.members) - set(members)
+        # A member that restarted (new incarnation) or moved (new endpoints) is another process: what we knew of
+        # the old one (its routes, our connection, requests waiting on it) goes, as if it had left and joined.
+        replaced = {
+            n for n, m in members.items() if n in self.members and n != self.me and not m.same_process(self.members[n])
+        }
+        joined = (set(members) - set(self.members) - {self.me}) | replaced
+        gone = (set(self.members) - set(members)) | replaced
         had_members = bool(self.members)
         self.members = members
         self.epoch = epoch

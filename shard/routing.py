@@ -14,7 +14,9 @@ Rules of this file:
   of publishes to one topic is the order they are forwarded in. Answers are cached (``router.route_cache``) and
   refreshed ahead of their expiry while they are used.
 - QoS 1: the publisher's PUBACK is sent after every destination answered FWD_ACK; destinations deliver QoS 1
-  messages with a message id and redeliver until the client DACKs it or goes away.
+  messages with a message id and redeliver until the client DACKs it or goes away. A destination whose
+  recipient has no room left (``clients.py``: flow control) answers ERROR ``overloaded`` instead of FWD_ACK:
+  the publish then fails instead of being acknowledged.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ class RoutingMixin(NodeBase):
         def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]: ...
 
         def deliver_local(
-            self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
-        ) -> None: ...
+            self,
+            topic: str,
+            qos: int,
+            payload: bytes,
+            recipients: tuple[set[bytes], set[bytes]] | None = None,
+        ) -> bool: ...
 
     if TYPE_CHECKING:  # from OwnershipMixin
 
@@ -372,7 +378,8 @@ class RoutingMixin(NodeBase):
         self.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != self.me for d in pub.dests)
         for dest in pub.dests:
             if dest == self.me:
-                self.deliver_local(pub.topic, pub.qos, pub.payload)
+                if not self.deliver_local(pub.topic, pub.qos, pub.payload):
+                    self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {self.me} has a full backlog")
                 continue
             if dest not in self.members:  # a route left behind by a node that is gone: nobody to deliver to
                 self.metrics["drops.dead_destination"] += 1
@@ -489,9 +496,20 @@ class RoutingMixin(NodeBase):
     def _on_fwd(self, sender: str, frame: Frame) -> None:
         h = frame.header
         self.metrics["forwards.in"] += 1
-        self.deliver_local(h["topic"], h["qos"], frame.payload)
-        if h["qos"]:
-            self.outbox.ack(sender, h["id"])
+        if not h["qos"]:
+            self.deliver_local(h["topic"], 0, frame.payload)
+            return
+        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None)
+
+    def _take_qos1(
+        self, sender: str, fid: int, topic: str, payload: bytes, found: tuple[set[bytes], set[bytes]] | None
+    ) -> None:
+        """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``."""
+        if self.deliver_local(topic, 1, payload, found):
+            self.outbox.ack(sender, fid)
+        else:
+            reason = f"a subscriber of {topic!r} on {self.me} has a full backlog of unacknowledged messages"
+            self.send_peer(sender, codec.error_parts(codec.E_OVERLOADED, reason, fid))
 
     def _on_fwds(self, sender: str, frame: Frame) -> None:
         """A batch of forwards: the same as that many FWD frames, in order. A QoS 0 run goes to each recipient as
@@ -510,8 +528,7 @@ class RoutingMixin(NodeBase):
                 found = recipients.get((topic, qos))
                 if found is None:
                     found = recipients[(topic, qos)] = self.local_recipients(topic, qos)
-                self.deliver_local(topic, qos, payload, found)
-                self.outbox.ack(sender, fid)
+                self._take_qos1(sender, fid, topic, payload, found)
                 received += 1
                 continue
             lists = queues.get(topic)

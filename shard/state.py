@@ -10,6 +10,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,11 @@ class Session:
     # is reliable while the connection lives; unwritten ones (send queue full) and, on reconnect, all are resent.
     inflight: dict[int, tuple[str, bytes, bool]] = field(default_factory=dict)
     next_mid: int = 1
+    greeted: bool = False  # said HELLO: a later HELLO on this session finds it present (MQTT's session present)
+    # QoS 1 messages beyond the window (``max_inflight``), oldest first: accepted, written as acknowledgements
+    # make room.
+    backlog: deque[tuple[str, bytes]] = field(default_factory=deque)
+    held_bytes: int = 0  # payload bytes in ``inflight`` and ``backlog``: bounded by ``max_session_bytes``
 
 
 @dataclass(slots=True)

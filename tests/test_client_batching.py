@@ -75,6 +75,9 @@ class FakeSocket:
     def close(self, linger: int | None = None) -> None:
         pass
 
+    def disable_monitor(self) -> None:
+        pass
+
     def published(self) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
         """(PUB or PUBS, [(topic, payload), ...]) for every publish frame sent, in order."""
         out = []
@@ -86,11 +89,25 @@ class FakeSocket:
         return out
 
 
+class FakePoller:
+    """The client's poller over a FakeSocket (the fake has no zmq monitor, so it never reports a disconnect)."""
+
+    def __init__(self, sock: FakeSocket) -> None:
+        self.sock = sock
+
+    def poll(self, timeout_ms: int) -> list[tuple[FakeSocket, int]]:
+        return [(self.sock, zmq.POLLIN)] if self.sock.poll(timeout_ms) else []
+
+
 def fake_client(cls: type[Client] = Client, max_payload: int = codec.DEFAULT_MAX_PAYLOAD, **kwargs) -> Client:
     """A connected client whose socket is a FakeSocket (``client.fake``); HELLO/WELCOME went through it."""
     fake = FakeSocket(max_payload)
     client = cls("tcp://fake", client_id=f"fake-{uuid.uuid4().hex[:8]}", connect=False, **kwargs)
-    client._open = lambda endpoint: setattr(client, "sock", fake)  # type: ignore[method-assign]
+
+    def open_fake(endpoint: str) -> None:
+        client.sock, client._poller = fake, FakePoller(fake)
+
+    client._open = open_fake  # type: ignore[method-assign]
     client.fake = fake  # type: ignore[attr-defined]
     client.connect()
     assert client.max_payload == max_payload  # taken from WELCOME
