@@ -465,7 +465,8 @@ class LocalCluster:
             try:
                 self._wait_etcd(timeout)
             except RuntimeError:  # exited: most likely a port was taken meanwhile. Its data stays untouched.
-                client_port = None if not any(pid_runs(p) for p in self.state.nodes) else client_port
+                if not any(pid_runs(p) for p in self.state.nodes):
+                    client_port = None  # no running node is bound to the old URL: a fresh port is fine
                 continue
             if old_client != client:
                 notes.append(f"client port {old_client} was taken, now {client}")
