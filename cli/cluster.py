@@ -7,6 +7,9 @@ Rules of this file:
 - Stop is SIGTERM, then SIGKILL after a grace period. Logs go to ``DIR/logs/<name>.log``.
 - Ports are free loopback ports chosen at start (or ``base_port`` upwards), so several clusters and test runs can
   share a machine.
+- ``restart`` starts again, from the recorded command lines, the processes of ``cluster.json`` that no longer run:
+  same ids, same flags, same data (etcd's data directory is never wiped on restart) and the previous ports when
+  they are free. Processes still running are left alone.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 
@@ -46,6 +51,10 @@ class ClusterState:
     etcd_url: str
     etcd: Proc | None = None
     nodes: list[Proc] = field(default_factory=list)
+    # The launcher's node settings (lease_ttl, log_level, node_args, shard_count, replication), so that a
+    # command that loads the state (`join`) starts nodes the way `up` did. `restart` does not need them: it
+    # reuses each process's recorded command line, which also keeps per-node extra arguments.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def client_endpoints(self) -> list[str]:
         return [n.client_endpoint for n in self.nodes]
@@ -55,6 +64,59 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a listener could bind ``host:port`` now.
+
+    SO_REUSEADDR as zmq and etcd (Go) set it: the sockets of a killed process stay in TIME_WAIT for a minute and
+    do not stop them from binding, so they must not make the port look taken here either."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+def _port_of(url: str) -> int | None:
+    """The port of ``tcp://h:p`` or ``http://h:p/...``; None when there is none (``*``) or no URL."""
+    try:
+        return urlparse(url).port
+    except ValueError:
+        return None
+
+
+def _flag(cmd: list[str], flag: str) -> str | None:
+    """The value of the last ``flag value`` pair in ``cmd`` (argparse keeps the last one too)."""
+    found = None
+    for i, arg in enumerate(cmd[:-1]):
+        if arg == flag:
+            found = cmd[i + 1]
+    return found
+
+
+def _with_flag(cmd: list[str], flag: str, value: str) -> list[str]:
+    """``cmd`` with every ``flag``'s value replaced by ``value`` (the flag must be there)."""
+    out = list(cmd)
+    hits = [i for i, arg in enumerate(out[:-1]) if arg == flag]
+    if not hits:
+        raise ValueError(f"{flag} not in recorded command {cmd}")
+    for i in hits:
+        out[i + 1] = value
+    return out
+
+
+@dataclass
+class Restarted:
+    """One process ``restart`` started again: what it runs as now, and which recorded ports it could not keep."""
+
+    name: str
+    pid: int
+    endpoints: list[str]
+    moved: list[str]  # "client port 7101 taken, now 40213"-style notes; empty when every port was kept
 
 
 def etcd_binary() -> str:
@@ -158,14 +220,29 @@ class LocalCluster:
         assert self.state is not None
         self.state_path.write_bytes(orjson.dumps(asdict(self.state), option=orjson.OPT_INDENT_2))
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "lease_ttl": self.lease_ttl,
+            "log_level": self.log_level,
+            "node_args": self.node_args,
+            "shard_count": self.shard_count,
+            "replication": self.replication,
+        }
+
     @classmethod
     def load(cls, directory: str | Path) -> LocalCluster:
         lc = cls(directory)
         raw = orjson.loads(lc.state_path.read_bytes())
         etcd = Proc(**raw["etcd"]) if raw.get("etcd") else None
-        lc.state = ClusterState(raw["cluster"], raw["etcd_url"], etcd, [Proc(**n) for n in raw["nodes"]])
+        settings = raw.get("settings") or {}  # absent in state files written before settings were recorded
+        lc.state = ClusterState(raw["cluster"], raw["etcd_url"], etcd, [Proc(**n) for n in raw["nodes"]], settings)
         lc.cluster = raw["cluster"]
         lc.node_count = len(lc.state.nodes)
+        lc.lease_ttl = int(settings.get("lease_ttl", lc.lease_ttl))
+        lc.log_level = str(settings.get("log_level", lc.log_level))
+        lc.node_args = list(settings.get("node_args", lc.node_args))
+        lc.shard_count = settings.get("shard_count", lc.shard_count)
+        lc.replication = settings.get("replication", lc.replication)
         return lc
 
     def _port(self) -> int:
@@ -188,10 +265,22 @@ class LocalCluster:
         if self.state_path.exists():
             existing = LocalCluster.load(self.dir)
             assert existing.state is not None
-            if any(pid_runs(p) for p in existing.state.nodes) or (
-                existing.state.etcd and pid_runs(existing.state.etcd)
-            ):
-                raise RuntimeError(f"a cluster is already running from {self.dir}; run `shardmq cluster down` first")
+            procs = [*([existing.state.etcd] if existing.state.etcd else []), *existing.state.nodes]
+            running = [p for p in procs if pid_runs(p)]
+            if running:
+                # `up` wipes etcd's data: never do that under processes of the recorded cluster that still use it.
+                names = ", ".join(f"{p.name} (pid {p.pid})" for p in running)
+                stopped = [p.name for p in procs if p not in running]
+                hint = (
+                    f"run `shardmq cluster restart --dir {self.dir}` to start again the ones that stopped "
+                    f"({', '.join(stopped)}) with their data"
+                    if stopped
+                    else "it is complete: use it as it is"
+                )
+                raise RuntimeError(
+                    f"a cluster recorded in {self.state_path} still runs: {names}; {hint}, or "
+                    f"`shardmq cluster down --dir {self.dir}` first to stop it and start a new, empty one"
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # `up` makes a new cluster: no state from an old one
         try:
@@ -212,7 +301,7 @@ class LocalCluster:
     def _start_etcd(self, timeout: float) -> bool:
         etcd_port, etcd_peer = self._port(), self._port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
-        self.state = ClusterState(self.cluster, etcd_url)
+        self.state = ClusterState(self.cluster, etcd_url, settings=self._settings())
         cmd = [
             etcd_binary(),
             "--name", "shardmq-etcd",
@@ -239,7 +328,6 @@ class LocalCluster:
         run_dir = self.dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         endpoint_file = run_dir / f"{node_id}.json"
-        endpoint_file.unlink(missing_ok=True)
         if self.base_port is None:
             client_ep = peer_ep = "tcp://127.0.0.1:*"
         else:
@@ -255,17 +343,28 @@ class LocalCluster:
         if self.replication:
             cmd += ["--replication", str(self.replication)]
         cmd += [*self.node_args, *(extra_args or [])]
+        proc = self._launch_node(node_id, cmd, endpoint_file)
+        if proc is None:
+            raise RuntimeError(f"node {node_id} did not start; see {self.dir / 'logs' / (node_id + '.log')}")
+        self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
+        self.save()
+        return proc
+
+    def _launch_node(self, node_id: str, cmd: list[str], endpoint_file: Path) -> Proc | None:
+        """Spawn ``cmd`` and read back the endpoints it bound; None when it exited first (a port was taken)."""
+        endpoint_file.unlink(missing_ok=True)  # a stale file from the previous run would look like a start
         proc = Proc(node_id, self._spawn(node_id, cmd), cmd)
         deadline = time.monotonic() + 30
         while not endpoint_file.exists():
-            if not pid_runs(proc) or time.monotonic() > deadline:
+            if not pid_runs(proc):  # (pid_runs polls our Popen, which reaps it)
+                return None
+            if time.monotonic() > deadline:
+                stop_proc(proc)
                 raise RuntimeError(f"node {node_id} did not start; see {self.dir / 'logs' / (node_id + '.log')}")
             time.sleep(0.05)
         bound = orjson.loads(endpoint_file.read_bytes())
         proc.client_endpoint, proc.peer_endpoint = bound["client_endpoint"], bound["peer_endpoint"]
         proc.metrics_endpoint = bound.get("metrics_endpoint")
-        self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
-        self.save()
         return proc
 
     def stop_node(self, node_id: str, sig: int = signal.SIGTERM) -> None:
@@ -273,6 +372,181 @@ class LocalCluster:
         for proc in self.state.nodes:
             if proc.name == node_id:
                 stop_proc(proc, sig=sig)
+
+    # ------------------------------------------------------------------ restart
+    def restart(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> list[Restarted]:
+        """Start again the recorded etcd and nodes that do not run, then wait until every recorded node is a member.
+
+        Each process gets its recorded command line back (so a node keeps its id and every flag ``up`` or ``join``
+        gave it), with only its ports changed where the recorded ones are taken by someone else now. etcd reuses
+        its data directory: the cluster config, the assignment and the shard epochs survive. Returns what was
+        started, in the order it was; an empty list when everything was running (the wait still happens).
+        """
+        if self.state is None:
+            if not self.state_path.exists():
+                raise RuntimeError(f"no cluster recorded in {self.dir}: run `shardmq cluster up --dir {self.dir}`")
+            self.state = LocalCluster.load(self.dir).state
+        assert self.state is not None
+        say = progress or (lambda _msg: None)
+        done: list[Restarted] = []
+        if self.state.etcd is None:
+            raise RuntimeError(f"{self.state_path} records no etcd to restart")
+        if pid_runs(self.state.etcd):
+            say(f"etcd: running (pid {self.state.etcd.pid}), left alone")
+        else:
+            done.append(self._restart_etcd(timeout))
+            say(self._describe(done[-1]))
+        for index, proc in enumerate(self.state.nodes):
+            if pid_runs(proc):
+                say(f"{proc.name}: running (pid {proc.pid}), left alone")
+                continue
+            new = self._restart_node(proc)
+            self.state.nodes[index] = new  # same place in the list: `status` and the client endpoint order stay
+            self.save()
+            done.append(Restarted(new.name, new.pid, [new.client_endpoint, new.peer_endpoint], self._moved(proc, new)))
+            say(self._describe(done[-1]))
+        self.wait_members(timeout, say)
+        return done
+
+    @staticmethod
+    def _describe(r: Restarted) -> str:
+        ports = "same ports" if not r.moved else "; ".join(r.moved)
+        return f"{r.name}: restarted, pid {r.pid}, {' '.join(r.endpoints)} ({ports})"
+
+    @staticmethod
+    def _moved(old: Proc, new: Proc) -> list[str]:
+        notes = []
+        for what, before, after in (
+            ("client", old.client_endpoint, new.client_endpoint),
+            ("peer", old.peer_endpoint, new.peer_endpoint),
+            ("metrics", old.metrics_endpoint or "", new.metrics_endpoint or ""),
+        ):
+            if _port_of(before) is not None and _port_of(before) != _port_of(after):
+                notes.append(f"{what} port {_port_of(before)} was taken, now {_port_of(after)}")
+        return notes
+
+    def _restart_etcd(self, timeout: float) -> Restarted:
+        assert self.state is not None and self.state.etcd is not None
+        old = self.state.etcd
+        data_dir = _flag(old.cmd, "--data-dir")
+        if data_dir is None or not (Path(data_dir) / "member").is_dir():
+            # etcd would start empty and the nodes would build a new cluster: that is `up`'s job, not ours.
+            raise RuntimeError(
+                f"etcd's data directory {data_dir} is gone; nothing to restart from: run `shardmq cluster down "
+                f"--dir {self.dir}` and `shardmq cluster up --dir {self.dir}` for a new cluster"
+            )
+        old_client = _port_of(self.state.etcd_url)
+        old_peer = _port_of(_flag(old.cmd, "--listen-peer-urls") or "")
+        client_port = old_client if old_client and port_free(old_client) else None
+        if client_port is None and any(pid_runs(p) for p in self.state.nodes):
+            # Running nodes were started with --etcd on the old port and cannot be told a new one; moving etcd
+            # would leave them fenced for good. Restarting them instead would break "running ones are left alone".
+            raise RuntimeError(
+                f"etcd's port {old_client} is taken by another process, and running nodes use that URL; free the "
+                f"port, or stop the cluster (`shardmq cluster down --dir {self.dir}`) before restarting"
+            )
+        notes: list[str] = []
+        for attempt in range(3):  # a port seen free can be taken before etcd binds it: retry on fresh ones
+            client = client_port or free_port()
+            peer = old_peer if attempt == 0 and old_peer and port_free(old_peer) else free_port()
+            url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+            cmd = old.cmd
+            for flag, value in (
+                ("--listen-client-urls", url),
+                ("--advertise-client-urls", url),
+                ("--listen-peer-urls", peer_url),
+                ("--initial-advertise-peer-urls", peer_url),
+                ("--initial-cluster", f"shardmq-etcd={peer_url}"),  # read only for a new data dir: kept in step
+            ):
+                cmd = _with_flag(cmd, flag, value)
+            self.state.etcd_url = url
+            self.state.etcd = Proc("etcd", self._spawn("etcd", cmd), cmd)
+            self.save()
+            try:
+                self._wait_etcd(timeout)
+            except RuntimeError:  # exited: most likely a port was taken meanwhile. Its data stays untouched.
+                if not any(pid_runs(p) for p in self.state.nodes):
+                    client_port = None  # no running node is bound to the old URL: a fresh port is fine
+                continue
+            if old_client != client:
+                notes.append(f"client port {old_client} was taken, now {client}")
+            if old_peer != peer:
+                notes.append(f"peer port {old_peer} was taken, now {peer}")
+            return Restarted("etcd", self.state.etcd.pid, [url], notes)
+        raise RuntimeError(f"etcd did not start again; see {self.dir / 'logs' / 'etcd.log'}")
+
+    def _restart_node(self, old: Proc) -> Proc:
+        """``old``'s recorded command again, on its previous ports where they are free, against today's etcd URL."""
+        assert self.state is not None
+        endpoint_file = Path(_flag(old.cmd, "--endpoint-file") or self.dir / "run" / f"{old.name}.json")
+        endpoint_file.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            cmd = _with_flag(old.cmd, "--etcd", self.state.etcd_url)
+            for flag, bound in (("--client-endpoint", old.client_endpoint), ("--peer-endpoint", old.peer_endpoint)):
+                port = _port_of(bound)
+                host = urlparse(bound).hostname or "127.0.0.1"
+                # "*" lets the kernel pick a port with no race: used when the old one is taken, and on the retry.
+                keep = attempt == 0 and port is not None and port_free(port, host)
+                cmd = _with_flag(cmd, flag, f"tcp://{host}:{port if keep else '*'}")
+            if _flag(cmd, "--metrics-port") is not None:
+                port = _port_of(old.metrics_endpoint or "")
+                keep = attempt == 0 and port is not None and port_free(port)
+                cmd = _with_flag(cmd, "--metrics-port", str(port if keep else 0))
+            proc = self._launch_node(old.name, cmd, endpoint_file)
+            if proc is not None:
+                return proc
+        raise RuntimeError(f"node {old.name} did not start again; see {self.dir / 'logs' / (old.name + '.log')}")
+
+    def wait_members(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> None:
+        """Wait until every recorded node is a member in etcd, answers, sees all of them and is not fenced.
+
+        Not ``settled``: a node restarted with its old id first waits for the leader to take its previous
+        incarnation out of the assignment, and then gets its shards by hand-offs; ``rebalance apply`` waits for
+        that. Progress is reported when what is missing changes, and every 5 s.
+        """
+        from shardmq.shard.membership import etcd_client, read_members
+
+        assert self.state is not None
+        say = progress or (lambda _msg: None)
+        wanted = [p.name for p in self.state.nodes]
+        client = etcd_client(self.state.etcd_url, timeout=2.0)
+        started = time.monotonic()
+        deadline = started + timeout
+        last_report, last_missing = 0.0, ""
+        while True:
+            missing: list[str] = []
+            try:
+                _, members = read_members(client, self.state.cluster)
+            except Exception as exc:  # etcd just started and not serving yet: the same as nobody registered
+                members = {}
+                missing.append(f"etcd not answering ({exc.__class__.__name__})")
+            for proc in self.state.nodes:
+                if not pid_runs(proc):
+                    raise RuntimeError(f"node {proc.name} exited; see {self.dir / 'logs' / (proc.name + '.log')}")
+                if proc.name not in members:
+                    missing.append(f"{proc.name} not registered in etcd")
+                    continue
+                try:
+                    with Client([proc.client_endpoint], timeout=1.0) as c:
+                        st = c.status()
+                except (ShardMQError, TimeoutError):
+                    missing.append(f"{proc.name} not answering")
+                    continue
+                if st.get("fenced"):
+                    missing.append(f"{proc.name} fenced (lease not confirmed yet)")
+                elif not set(wanted) <= set(st["members"]):
+                    missing.append(f"{proc.name} sees members {','.join(st['members'])}")
+            now = time.monotonic()
+            if not missing:
+                say(f"cluster ready after {now - started:.1f}s: {', '.join(wanted)} are members")
+                return
+            text = "; ".join(missing)
+            if text != last_missing or now - last_report >= 5.0:
+                say(f"waiting ({now - started:.0f}s): {text}")
+                last_report, last_missing = now, text
+            if now > deadline:
+                raise TimeoutError(f"cluster not ready after {timeout}s: {text}")
+            time.sleep(0.2)
 
     def _wait_etcd(self, timeout: float) -> None:
         from shardmq.shard.membership import etcd_client
