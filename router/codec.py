@@ -47,6 +47,7 @@ STATUS_REPLY = b"STATUS_REPLY"
 BYE = b"BYE"
 LEAVE = b"LEAVE"
 LEAVING = b"LEAVING"
+DROPPED = b"DROPPED"  # node -> client: QoS 0 messages for it that its full send queue made the node drop
 ERROR = b"ERROR"
 # Node <-> node
 ROUTE_ADD = b"ROUTE_ADD"
@@ -89,6 +90,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     BYE: {},
     LEAVE: {"id": _INT},
     LEAVING: {"id": _INT},
+    DROPPED: {"count": _INT},
     ERROR: {"code": _STR, "reason": _STR},
     ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
     ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},

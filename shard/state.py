@@ -31,6 +31,10 @@ class Session:
     # is reliable while the connection lives; unwritten ones (send queue full) and, on reconnect, all are resent.
     inflight: dict[int, tuple[str, bytes, bool]] = field(default_factory=dict)
     next_mid: int = 1
+    # QoS 0 messages dropped because zmq would not queue them (the client reads too slowly), in all and not yet
+    # told to the client (a DROPPED frame goes once zmq takes frames for it again).
+    dropped: int = 0
+    dropped_unreported: int = 0
 
 
 @dataclass(slots=True)
