@@ -50,10 +50,21 @@ Rules of this file:
 - The socket is used by the application's thread and by the flusher, never at the same time: every socket use
   (send, recv, poll) happens under ``_lock`` (an RLock), held for the whole of each public call and by the
   flusher while it flushes. The lock also makes the hand-over between the two threads a memory barrier, which is
-  what zmq asks of a socket that migrates between threads.
-- Pending QoS 0 messages are at most once like every QoS 0 publish: those buffered or flushed to a node that
-  died (or that is closed by a failover before zmq wrote them) are lost, and nothing reports it. ``close``
-  gives zmq up to ``timeout`` to write what was queued; call ``close`` (or ``flush``) to deliver the tail.
+  what zmq asks of a socket that migrates between threads. ``flush`` and ``close`` wait for the node's PONG
+  (below) holding it; the flusher has nothing to send then (they sent it) and never waits for it.
+- ``flush`` and ``close`` are a barrier: they send what is pending, then (if any QoS 0 publish went out on this
+  socket since the last confirmation) a PING with an id on the same DEALER, and wait up to ``timeout`` for its
+  PONG. zmq keeps order on one pipe and the node handles a client's frames in order, so the PONG means the node
+  has read every publish sent before it; only then does ``flush`` return and ``close`` say BYE. Without that, a
+  process that exits at once loses whatever zmq's queue still held (its I/O thread dies with the process). No
+  PONG: ``ShardMQError("timeout")`` naming how many publishes may be lost (``close`` still closes the socket,
+  then raises). Publishes sent on a socket closed before its node confirmed them (a failover, ``connect()``)
+  make the next ``flush`` or ``close`` raise ``unavailable``. Errors the node sent for those publishes arrive before the
+  PONG and are raised by ``flush``.
+- Pending QoS 0 messages are otherwise at most once like every QoS 0 publish: those buffered or flushed to a
+  node that died (or that is closed by a failover before zmq wrote them) are lost, and only ``flush``/``close``
+  report it. ``Client.dropped`` counts the messages the node dropped for this client because it read too slowly
+  (the node's ``DROPPED`` frames).
 - Apart from the flusher, a Client belongs to the thread (or greenlet) that made it; never share one between
   threads or greenlets.
 """
@@ -208,6 +219,7 @@ class Client:
         self._gap_reported = False  # the current gap was already counted (SESSION_END), not again at WELCOME
         self._monitor: Any = None
         self._poller: Any = None
+        self.dropped = 0  # QoS 0 messages the node dropped for this client (full send queue), from DROPPED frames
         self._ids = itertools.count(1)
         self._next_endpoint = 0
         self._last_heard = time.monotonic()
@@ -218,6 +230,10 @@ class Client:
         self._last_flush = 0.0  # time.monotonic() of the last flush: the flusher sends at most once per linger
         self._flusher: _Flusher | None = None
         self._flusher_finalizer: weakref.finalize | None = None
+        # QoS 0 publishes handed to the current socket since its node last confirmed reading everything (a PONG
+        # to ``_confirm_read``), and those handed to sockets closed before such a confirmation.
+        self._unconfirmed = 0
+        self._unconfirmed_closed = 0
         if connect:
             self.connect()
 
@@ -341,6 +357,8 @@ class Client:
                 self._monitor.close(linger=0)
             self.sock.close(linger=linger)
             self.sock = self._monitor = self._poller = None
+            self._unconfirmed_closed += self._unconfirmed  # a later node's PONG says nothing about these
+            self._unconfirmed = 0
 
     def _read_monitor(self) -> None:
         """zmq reported a disconnect (the only event we ask for): it reconnects by itself, and we say HELLO."""
@@ -366,20 +384,49 @@ class Client:
                 self._roundtrip(codec.SUB, {"filters": chunk, "qos": qos}, b"", codec.SUBACK)
 
     def close(self) -> None:
-        """Send what is pending, stop the flusher, say BYE and close the socket.
+        """Send what is pending, wait until the node has read it (``_confirm_read``), stop the flusher, say BYE and
+        close the socket.
 
-        zmq gets up to ``timeout`` seconds to write what is queued (the context waits for it only if it is
-        terminated); a dead node's pending QoS 0 messages are lost.
+        Returns only once the node confirmed reading every publish made before; if it does not within ``timeout``,
+        the socket is closed all the same and ``ShardMQError("timeout")`` is raised (the publishes may be lost).
         """
         with self._lock:
+            unconfirmed: ShardMQError | None = None
             try:
                 self._flush_pending()
+                try:
+                    self._confirm_read()
+                except ShardMQError as exc:  # raised once the socket is closed: close always closes
+                    unconfirmed = exc
             finally:
                 self._stop_flusher()
                 if self.sock is not None:
                     with contextlib.suppress(self.zmq_module.ZMQError):
                         self.sock.send_multipart(codec.encode(codec.BYE, {}), self.zmq_module.NOBLOCK)
                     self._close_socket(linger=max(0, int(self.timeout * 1000)))
+            if unconfirmed is not None:
+                raise unconfirmed
+
+    def _confirm_read(self) -> None:
+        """The barrier of ``flush`` and ``close`` (see the rules above); the caller holds the lock."""
+        count = self._unconfirmed
+        if count and self.sock is not None:
+            try:
+                self._roundtrip(codec.PING, {}, b"", codec.PONG)
+            except TimeoutError:
+                raise ShardMQError(
+                    codec.E_TIMEOUT,
+                    f"{count} QoS 0 publishes sent to {self.node} ({self.endpoint}) were not confirmed read: no PONG "
+                    f"within {self.timeout}s (the node is dead, stalled or far behind); they may be lost",
+                ) from None
+            self._unconfirmed = 0
+        if self._unconfirmed_closed:
+            lost, self._unconfirmed_closed = self._unconfirmed_closed, 0
+            raise ShardMQError(
+                codec.E_UNAVAILABLE,
+                f"{lost} QoS 0 publishes were sent on a connection closed (failover or connect) before its node "
+                f"confirmed reading them; they may be lost",
+            )
 
     def __enter__(self) -> Client:
         return self
@@ -406,6 +453,7 @@ class Client:
             self._connect()  # connect=False, or after close(): the node's max_payload comes with its WELCOME
         for parts in self._publish_frames(pending, 0, [None] * len(pending)):
             self._send_parts(parts)
+        self._unconfirmed += len(pending)
         self._last_flush = time.monotonic()
 
     def _publish_frames(
@@ -512,6 +560,10 @@ class Client:
         elif frame.type == codec.SESSION_END:  # the node cannot keep our routes: move on at the next turn
             self._interrupted(f"node {self.node} ended the session: {h['code']}: {h['reason']}")
             self._recovery = "failover"
+        elif frame.type == codec.DROPPED:
+            count = h["count"]
+            if count > 0:  # the codec checked it is an int; a negative one would only corrupt the total
+                self.dropped += count
         elif frame.type == codec.ERROR:
             self.errors.append(ShardMQError(h["code"], h["reason"]))
 
@@ -694,6 +746,7 @@ class Client:
             for parts in self._publish_frames(chunk, qos, ids):
                 self._send_parts(parts)
             if not qos:
+                self._unconfirmed += total
                 return total
             unacked, overloaded = self._await_pubacks({i for i in ids if i is not None})
             if not unacked and not overloaded:
@@ -827,7 +880,13 @@ class Client:
 
     @_exclusive
     def flush(self) -> None:
-        """Send every pending QoS 0 publish now; like any call, raises an error kept from an earlier publish."""
+        """Send every pending QoS 0 publish and return once the node has read every publish made so far.
+
+        ``ShardMQError("timeout")`` when the node does not confirm within ``timeout`` (the publishes may be lost),
+        ``unavailable`` when some went on a connection closed before its node confirmed them; then, like any
+        call, an error kept from an earlier publish (those the node sent before its confirmation included).
+        """
+        self._confirm_read()
         self._raise_pending_error()
 
 

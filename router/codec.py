@@ -48,6 +48,7 @@ BYE = b"BYE"
 LEAVE = b"LEAVE"
 LEAVING = b"LEAVING"
 SESSION_END = b"SESSION_END"
+DROPPED = b"DROPPED"  # node -> client: QoS 0 messages for it that its full send queue made the node drop
 ERROR = b"ERROR"
 # Node <-> node
 ROUTE_ADD = b"ROUTE_ADD"
@@ -91,6 +92,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     LEAVE: {"id": _INT},
     LEAVING: {"id": _INT},
     SESSION_END: {"code": _STR, "reason": _STR},
+    DROPPED: {"count": _INT},
     ERROR: {"code": _STR, "reason": _STR},
     ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
     ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},

@@ -44,6 +44,7 @@ class NodeBase:
     local_q0: FilterIndex[bytes]
     local_q1: FilterIndex[bytes]
     sessions: dict[bytes, Session]
+    drop_reports: dict[bytes, Session]
     members: dict[str, MemberInfo]
     epoch: int
     assignment: Assignment | None

@@ -21,12 +21,17 @@ Rules of this file:
   etcd lease is in doubt, ``fenced``) or stops: the client fails over, subscribes again and reports the gap.
   WELCOME says whether the node still had the client's session (``session_present``); when it did not, the
   client's subscriptions had a gap too.
+- QoS 0 messages zmq would not queue for a client (its send queue is full) are dropped, counted per message
+  (``drops.client_hwm``; a run of k messages is k) and per session (``Session.dropped``), and the client is told:
+  a ``DROPPED {count}`` frame goes with its next successful send, or from the drops tick (every
+  ``redelivery_interval``) for a client nothing else is sent to.
 - Every rejected input is answered with an ERROR frame (when the sender can be addressed), counted in
   ``metrics`` under ``errors.<code>`` and logged; the node keeps serving.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +43,8 @@ from shardmq.router.topics import TopicError, validate_topic_filter, validate_to
 from .base import NodeBase
 from .outbox import Delivery, Forward
 from .state import Publish, Session, gate
+
+DROPS_SHOWN = 10  # clients listed in status under ``clients_dropped`` (those with the most QoS 0 drops)
 
 
 class ClientsMixin(NodeBase):
@@ -388,3 +395,38 @@ class ClientsMixin(NodeBase):
             if session.last_seen < cutoff:
                 self.send_client(session.rid, codec.encode(codec.PING, {}))
         self.call_later(self.cfg.client_idle_check, self._idle_tick)
+
+    # ------------------------------------------------------------------ QoS 0 drops
+    def _count_drops(self, session: Session, count: int) -> None:
+        """``count`` QoS 0 messages for ``session`` were dropped (its send queue was full): counted per message
+        and owed to the client, which learns of them in a DROPPED frame once zmq takes its frames again."""
+        self.metrics["drops.client_hwm"] += count
+        session.dropped += count
+        session.dropped_unreported += count
+        self.drop_reports[session.rid] = session
+
+    def _report_drops(self, rid: bytes) -> None:
+        """Send the client its DROPPED frame (the count since the last one); kept for later if zmq refuses it."""
+        session = self.drop_reports.pop(rid, None)  # popped first: send_client's success path must not recurse
+        if session is None or self.sessions.get(rid) is not session:
+            return  # the session ended (or was replaced): its drops ended with it
+        count, session.dropped_unreported = session.dropped_unreported, 0
+        if self.send_client(rid, codec.encode(codec.DROPPED, {"count": count})):
+            self.metrics["drops.client_hwm_reported"] += count
+        elif self.sessions.get(rid) is session:  # still full: owed until the next successful send or tick
+            session.dropped_unreported += count
+            self.drop_reports[rid] = session
+
+    def _drops_tick(self) -> None:
+        """A client that stopped reading gets no more sends that could carry its report; this retries them."""
+        for rid in list(self.drop_reports):
+            self._report_drops(rid)
+        self.call_later(self.cfg.redelivery_interval, self._drops_tick)
+
+    def _drops_view(self) -> list[dict[str, Any]]:
+        """The clients with the most QoS 0 drops, for status (bounded, so status stays small)."""
+        worst = heapq.nlargest(DROPS_SHOWN, (s for s in self.sessions.values() if s.dropped), key=lambda s: s.dropped)
+        return [
+            {"client": s.rid.decode(errors="replace"), "dropped": s.dropped, "unreported": s.dropped_unreported}
+            for s in worst
+        ]

@@ -12,7 +12,8 @@ Rules of this file:
   fenced and leader; counters ``shardmq_errors_total{code}``, ``shardmq_drops_total{reason}``,
   ``shardmq_handoff_total{what}``, ``shardmq_route_cache_total{what}`` (invalidations) and
   ``shardmq_events_total{name}`` for every other node counter; the route cache's
-  ``shardmq_route_cache_lookups_total{result="hit"|"miss"}`` and its ``entries``/``watchers`` gauges.
+  ``shardmq_route_cache_lookups_total{result="hit"|"miss"}`` and its ``entries``/``watchers`` gauges;
+  ``shardmq_client_dropped_total{client}`` for the clients in status ``clients_dropped`` (at most 10).
 """
 
 from __future__ import annotations
@@ -134,10 +135,19 @@ class NodeCollector(Collector):
         shards.add_metric(["replica"], st.get("shards", 0))
         shards.add_metric(["primary"], st.get("primary_shards", 0))
         yield shards
+        # Only the clients status lists (the most drops, bounded): a label per client would be unbounded.
+        client_drops = CounterMetricFamily(
+            "shardmq_client_dropped", "QoS 0 messages dropped for a slow client (the worst ones)", labels=["client"]
+        )
+        for entry in st.get("clients_dropped") or []:
+            client_drops.add_metric([entry["client"]], entry["dropped"])
+        yield client_drops
 
         families = {
             "errors": CounterMetricFamily("shardmq_errors", "Rejected inputs by error code", labels=["code"]),
-            "drops": CounterMetricFamily("shardmq_drops", "Frames dropped, by reason", labels=["reason"]),
+            "drops": CounterMetricFamily(
+                "shardmq_drops", "Messages dropped by reason (frames for reasons ending in _frames)", labels=["reason"]
+            ),
             "handoff": CounterMetricFamily("shardmq_handoff", "Shard hand-off counters", labels=["what"]),
             "route_cache": CounterMetricFamily(
                 "shardmq_route_cache",

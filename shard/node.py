@@ -144,6 +144,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.local_q0: FilterIndex[bytes] = FilterIndex()
         self.local_q1: FilterIndex[bytes] = FilterIndex()
         self.sessions: dict[bytes, Session] = {}
+        self.drop_reports: dict[bytes, Session] = {}  # sessions owed a DROPPED frame (clients.py, _report_drops)
         self.members: dict[str, MemberInfo] = {}
         self.epoch = 0  # membership epoch (see membership.py); shard epochs live in the assignment
         self.assignment: Assignment | None = None
@@ -252,10 +253,14 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                 self.metrics["clients.vanished"] += 1
                 self._drop_session(rid, reason="unreachable")
             else:
-                self.metrics["drops.client_hwm"] += 1
+                # Any frame zmq would not queue (the client's send queue is full); the QoS 0 messages among them
+                # are what ``drops.client_hwm`` counts (``_flush``), since a frame may carry one or thousands.
+                self.metrics["drops.client_hwm_frames"] += 1
             return False
         self.metrics["frames_out.client"] += 1
         self.wire.count("client", "", "out", parts)
+        if self.drop_reports and rid in self.drop_reports:
+            self._report_drops(rid)  # zmq takes its frames again: tell it now what it missed, not at the next tick
         return True
 
     def reject_client(self, rid: bytes, code: str, reason: str, ref: int | None = None) -> None:
@@ -294,6 +299,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.call_later(self.cfg.redelivery_interval, self._redeliver_tick)
         self.call_later(self.cfg.client_idle_check, self._idle_tick)
+        self.call_later(self.cfg.redelivery_interval, self._drops_tick)
         self._publish_metrics()
         cfg = self.cfg
         self.call_later(FENCE_CHECK_INTERVAL, self._fence_tick)
@@ -384,6 +390,10 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
                     session.inflight[d.mid] = (d.topic, d.payload, written)
                 if written:
                     self.metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += d.count
+            # Not written while the session lives: its queue was full. QoS 1 messages stay in flight (resent by the
+            # redelivery tick); QoS 0 ones are gone, each counted (a run of k is k) and owed to the client.
+            if not written and session is not None and (lost := sum(d.count for d in deliveries if not d.qos)):
+                self._count_drops(session, lost)
 
     def _publish_metrics(self) -> None:
         """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""
@@ -575,6 +585,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             "local_filters": len(self.local_q0) + len(self.local_q1),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "metrics": dict(self.metrics),
+            "clients_dropped": self._drops_view(),
             "wire_bytes": {
                 f"bytes_{direction}.{channel}{'.' + peer if peer else ''}": ch.bytes
                 for (channel, peer, direction), ch in self.wire.channels.items()

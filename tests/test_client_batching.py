@@ -57,6 +57,8 @@ class FakeSocket:
             reply = (codec.STATUS_REPLY, {"id": rid, "status": {}})
         elif frame.type == codec.LEAVE:
             reply = (codec.LEAVING, {"id": rid})
+        elif frame.type == codec.PING:
+            reply = (codec.PONG, {"id": rid})
         elif frame.type == codec.PUB and h["qos"] == 1:
             reply = (codec.PUBACK, {"id": rid})
         elif frame.type == codec.PUBS and (ids := [ref for _, q, ref in h["items"] if q]):
@@ -129,8 +131,9 @@ def test_lone_publish_is_a_plain_pub_frame() -> None:
         c.publish("a/b", b"x")
         assert c.fake.sent == []  # buffered
         c.flush()
-    [frame] = c.fake.sent
+    frame, barrier = c.fake.sent
     assert frame.type == codec.PUB and frame.header == {"v": 1, "topic": "a/b", "qos": 0} and frame.payload == b"x"
+    assert barrier.type == codec.PING  # flush waits for the node to have read it
 
 
 def test_max_batch_sends_one_pubs_in_order() -> None:
@@ -269,9 +272,9 @@ CALLS: dict[str, tuple[Callable[[Client], object], bytes | None]] = {
     "receive": (lambda c: c.receive(timeout=0), None),
     "status": (lambda c: c.status(), codec.STATUS),
     "leave": (lambda c: c.leave(), codec.LEAVE),
-    "flush": (lambda c: c.flush(), None),
+    "flush": (lambda c: c.flush(), codec.PING),  # the barrier: the node has read them once it answers
     "connect": (lambda c: c.connect(), codec.HELLO),
-    "close": (lambda c: c.close(), codec.BYE),
+    "close": (lambda c: c.close(), codec.PING),  # then BYE
 }
 
 
