@@ -12,11 +12,13 @@ focused tests run one fault of each kind. Node logs of a failing run are copied 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from shardmq.loadtest.fault_schedule import KINDS, Report, run_schedule
+from shardmq.loadtest.fault_schedule import KINDS, Report, Subscriber, run_schedule
 
 READY_TIMEOUT = 15.0  # lease expiry, leader promotion and hand-offs fit well inside; bounds a run that never settles
 
@@ -50,3 +52,22 @@ def test_single_fault_loses_no_acknowledged_message(kind: str, tmp_path: Path) -
     report = run_schedule(1, duration=8, faults=1, kinds=[kind], ready_timeout=READY_TIMEOUT, log_dir=tmp_path / "logs")
     assert [f.kind for f in report.faults] == [kind], report.table()
     check(report)
+
+
+def test_interruption_window_explains_only_losses_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window is [noticed - 2 * TTL, resubscribed]: from the SDK's interruption_log when it has one, else from
+    the raise alone. No cluster: a Subscriber without its thread or socket."""
+    sub = Subscriber.__new__(Subscriber)
+    sub.interruptions, sub.errors, sub._log_seen = [], Counter(), 0
+    sub.client = SimpleNamespace()  # an SDK without interruption_log: the raise time is all there is
+    monkeypatch.setattr("time.monotonic", lambda: 100.0)
+    sub._record_interruptions("node restarted")
+    assert sub.explains(96.0, lease_ttl=2) and sub.explains(100.0, lease_ttl=2)
+    assert not sub.explains(95.9, lease_ttl=2) and not sub.explains(100.1, lease_ttl=2)
+    sub.client = SimpleNamespace(interruption_log=[(150.0, "fenced")])
+    monkeypatch.setattr("time.monotonic", lambda: 153.0)
+    sub._record_interruptions("fenced")
+    sub._record_interruptions("again, nothing new logged", raised=False)
+    assert [(i.noticed, i.resubscribed) for i in sub.interruptions] == [(100.0, 100.0), (150.0, 153.0)]
+    assert sub.explains(146.0, lease_ttl=2) and sub.explains(153.0, lease_ttl=2)
+    assert not sub.explains(145.0, lease_ttl=2) and not sub.explains(120.0, lease_ttl=2)
