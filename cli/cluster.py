@@ -322,8 +322,19 @@ class LocalCluster:
             return False
         return True
 
-    def start_node(self, node_id: str, extra_args: list[str] | None = None, etcd_url: str | None = None) -> Proc:
-        """Start a node; with no base port it binds kernel-chosen ports and reports them in an endpoint file."""
+    def start_node(
+        self,
+        node_id: str,
+        extra_args: list[str] | None = None,
+        etcd_url: str | None = None,
+        client_endpoint: str | None = None,
+        peer_endpoint: str | None = None,
+    ) -> Proc:
+        """Start a node; with no base port it binds kernel-chosen ports and reports them in an endpoint file.
+
+        ``client_endpoint``/``peer_endpoint`` bind exactly those (a restart on the endpoints a killed node had, so
+        its clients' reconnects reach the new process); each one not given is chosen as above.
+        """
         assert self.state is not None
         run_dir = self.dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +343,7 @@ class LocalCluster:
             client_ep = peer_ep = "tcp://127.0.0.1:*"
         else:
             client_ep, peer_ep = f"tcp://127.0.0.1:{self._port()}", f"tcp://127.0.0.1:{self._port()}"
+        client_ep, peer_ep = client_endpoint or client_ep, peer_endpoint or peer_ep
         cmd = [
             sys.executable, "-m", "shardmq.cli.main", "--log-level", self.log_level, "node",
             "--id", node_id, "--client-endpoint", client_ep, "--peer-endpoint", peer_ep,
