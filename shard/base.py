@@ -68,6 +68,7 @@ class NodeBase:
     lookup_watchers: LookupWatchers
     invalidations: dict[int, Invalidation]
     invalidating: dict[int, set[int]]
+    deferred_route_changes: deque[tuple[float, str, Frame]]
     pending_fwds: dict[int, tuple[str, Publish]]
     unexpired_fwds: list[int]
     waiters: dict[int, Waiter]
@@ -98,6 +99,8 @@ class NodeBase:
         def stop(self) -> None: ...
 
         def end_sessions(self, code: str, reason: str) -> None: ...
+
+        def detach_session(self, rid: bytes) -> None: ...
 
         def status(self) -> dict[str, Any]: ...
 

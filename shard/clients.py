@@ -21,6 +21,10 @@ Rules of this file:
   etcd lease is in doubt, ``fenced``) or stops: the client fails over, subscribes again and reports the gap.
   WELCOME says whether the node still had the client's session (``session_present``); when it did not, the
   client's subscriptions had a gap too.
+- A session whose connection is gone (a send fails with EHOSTUNREACH: the client died, or zmq is re-making
+  the connection) is detached, not dropped, for ``client_idle_check`` seconds: a client whose connection zmq
+  re-makes says HELLO again within that time, finds its session present and gets every unacknowledged QoS 1
+  message again. Any frame from the client attaches it again; a session still detached then is dropped.
 - QoS 0 messages zmq would not queue for a client (its send queue is full) are dropped, counted per message
   (``drops.client_hwm``; a run of k messages is k) and per session (``Session.dropped``), and the client is told:
   a ``DROPPED {count}`` frame goes with its next successful send, or from the drops tick (every
@@ -73,6 +77,7 @@ class ClientsMixin(NodeBase):
             session = self.sessions[rid] = Session(rid, time.monotonic())
             self.metrics["clients.connected"] += 1
         session.last_seen = time.monotonic()
+        session.detached_at = None
         handler = self._client_handlers[frame.type]
         handler(self, session, frame)
 
@@ -197,6 +202,21 @@ class ClientsMixin(NodeBase):
         self.metrics["deliveries.session_ended"] += unsent + len(session.inflight)
         self.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=len(gone),
                       unacknowledged=len(session.inflight), backlog=unsent, epoch=self.epoch)  # fmt: skip
+
+    def detach_session(self, rid: bytes) -> None:
+        """The client's connection is gone: keep its session ``client_idle_check`` seconds for it to come back."""
+        session = self.sessions.get(rid)
+        if session is None or session.detached_at is not None:
+            return
+        since = session.detached_at = time.monotonic()
+        self.metrics["clients.vanished"] += 1
+
+        def expire() -> None:
+            found = self.sessions.get(rid)
+            if found is not None and found.detached_at == since:
+                self._drop_session(rid, reason="unreachable")
+
+        self.call_later(self.cfg.client_idle_check, expire)
 
     def end_sessions(self, code: str, reason: str) -> None:
         """Tell every client its session here is over (it fails over and subscribes again), then forget them."""

@@ -168,6 +168,8 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.lookup_watchers = LookupWatchers()
         self.invalidations: dict[int, Invalidation] = {}
         self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
+        # Route changes from peers whose membership view is newer than ours, waiting for ours (routing.py).
+        self.deferred_route_changes: deque[tuple[float, str, Frame]] = deque()
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this drain, before their timer is set
         self.waiters: dict[int, Waiter] = {}
@@ -250,8 +252,7 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
             self.client_sock.send_multipart([rid, *parts], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                self.metrics["clients.vanished"] += 1
-                self._drop_session(rid, reason="unreachable")
+                self.detach_session(rid)
             else:
                 # Any frame zmq would not queue (the client's send queue is full); the QoS 0 messages among them
                 # are what ``drops.client_hwm`` counts (``_flush``), since a frame may carry one or thousands.

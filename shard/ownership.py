@@ -48,6 +48,10 @@ class OwnershipMixin(NodeBase):
 
         def end_sessions(self, code: str, reason: str) -> None: ...
 
+    if TYPE_CHECKING:  # from RoutingMixin
+
+        def replay_route_changes(self) -> None: ...
+
     # ------------------------------------------------------------------ membership and ownership
     def fenced(self) -> bool:
         # Also fenced between registering again and seeing the view that goes with the new registration.
@@ -85,8 +89,10 @@ class OwnershipMixin(NodeBase):
                 # Owners that saw us gone forgot which of their answers we cache: ask them all again.
                 self.route_cache.clear()
             self._registration = registration
-        if members != self.members:
+        if members != self.members or int(snapshot["epoch"]) != self.epoch:
             self.on_members(members, int(snapshot["epoch"]))
+        if self.deferred_route_changes:
+            self.replay_route_changes()
         if document and snapshot["assignment_revision"] > self.assignment_revision:
             self._set_assignment(Assignment.from_json(document), snapshot["assignment_revision"])
         if self.leader == self.me and self.coordinator is None:

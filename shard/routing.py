@@ -418,6 +418,33 @@ class RoutingMixin(NodeBase):
     def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
         forwarded = bool(h.get("fwd"))
+        if not forwarded and (h["epoch"] > self.epoch or self.deferred_route_changes):
+            # The sender has seen a membership view we have not (it may have registered again after losing its
+            # lease): a "sender gone" view still on its way to us would remove the route after we confirmed it.
+            # Apply it once our view is as new as the sender's (or after request_timeout), in arrival order.
+            self.deferred_route_changes.append((time.monotonic(), sender, frame))
+            self.metrics["routes.deferred_for_view"] += 1
+            self.session.poll_now()
+            if len(self.deferred_route_changes) == 1:
+                self.call_later(self.cfg.request_timeout, self.replay_route_changes)
+            return
+        self._change_routes_now(sender, frame)
+
+    def replay_route_changes(self) -> None:
+        """Apply deferred route changes whose sender's view we now have (or that waited request_timeout)."""
+        deferred = self.deferred_route_changes
+        now = time.monotonic()
+        oldest_allowed = now - self.cfg.request_timeout
+        while deferred and (deferred[0][2].header["epoch"] <= self.epoch or deferred[0][0] <= oldest_allowed):
+            _, sender, frame = deferred.popleft()
+            if sender in self.members:
+                self._change_routes_now(sender, frame)
+        if deferred:
+            self.call_later(min(1.0, self.cfg.request_timeout), self.replay_route_changes)
+
+    def _change_routes_now(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        forwarded = bool(h.get("fwd"))
         # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication
         # data from the source filling us, and refusing them would leave this replica short if the move flips.
         if self.fenced() and not forwarded:

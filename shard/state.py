@@ -37,6 +37,7 @@ class Session:
     # make room.
     backlog: deque[tuple[str, bytes]] = field(default_factory=deque)
     held_bytes: int = 0  # payload bytes in ``inflight`` and ``backlog``: bounded by ``max_session_bytes``
+    detached_at: float | None = None  # time.monotonic() when its connection was found gone; None while attached
     # QoS 0 messages dropped because zmq would not queue them (the client reads too slowly), in all and not yet
     # told to the client (a DROPPED frame goes once zmq takes frames for it again).
     dropped: int = 0

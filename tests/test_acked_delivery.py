@@ -310,3 +310,36 @@ def test_stalled_qos1_subscriber_bounds_memory_and_publisher_waits(lc: LocalClus
     missing = [m for m in acked if m not in sub.got]
     assert missing == [], f"{len(missing)} of {len(acked)} acknowledged messages never arrived"
     assert sub.interrupted_at == []
+
+
+@pytest.mark.timeout(120)
+def test_connection_remade_by_zmq_resumes_the_session(lc: LocalCluster) -> None:
+    """The subscriber's TCP connection breaks and zmq re-makes it (here a relay cuts it for half a second): the
+    SDK notices (socket monitor), says HELLO again, the node still has the session and resends everything
+    unacknowledged, so nothing is lost and there is no gap to report."""
+    n2 = node(lc, "n2")
+    proxy = TcpProxy(int(n2.client_endpoint.rsplit(":", 1)[1]))
+    try:
+        p = uuid.uuid4().hex[:6]
+        topics = [f"{p}/{i}" for i in range(4)]
+        sub = Subscriber([f"tcp://127.0.0.1:{proxy.port}"], topics)
+        pub = Publisher(endpoints_from(lc, "n1"), topics)
+        with Client([n2.client_endpoint]) as c:
+            redelivered_before = c.status()["metrics"].get("deliveries.redelivered", 0)
+        sub.start()
+        pub.start()
+        for _ in range(3):
+            time.sleep(1.0)
+            proxy.cut()
+            time.sleep(0.5)
+            proxy.heal()
+        time.sleep(2.0)
+        finish(pub, sub)
+        with Client([n2.client_endpoint]) as c:
+            redelivered = c.status()["metrics"].get("deliveries.redelivered", 0) - redelivered_before
+        assert lost(pub, sub) == [], f"{len(lost(pub, sub))} of {len(pub.acked)} acknowledged messages never arrived"
+        assert sub.interrupted_at == [] and sub.client.interruptions == 0
+        assert sub.client.failovers == 0
+        assert redelivered > 0  # what was written to a broken connection came again on the new one
+    finally:
+        proxy.close()
