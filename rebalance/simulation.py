@@ -10,6 +10,21 @@ What is real and what is modelled:
   TTL/3, re-register after a lost lease, read the snapshot) and ``EtcdSession.fenced`` (a third of the TTL before
   the lease runs out). A snapshot pushed after a re-registration reaches the node only at its next read
   (``refresh``, ``settle``): until then the node has registered again but not seen the view that goes with it.
+  A put of a member key that still exists keeps its create_revision (etcd semantics); ``Etcd.revoke`` deletes a
+  lease with its keys at once.
+* Modelled after the issue 9 design notes (not in ``shard/`` yet; ``SimConfig`` flags switch them off):
+  ``restart`` (kill -9, start under the same id: a new incarnation with no in-memory state). With
+  ``retire_previous_incarnation`` the new process's session revokes the old incarnation's lease (member key and,
+  if held, leader key go), then, while other members are live, stays ``retiring`` (advanced by each session
+  poll: ticks, reads) until the assignment lists it in no shard's owners or joining, and only then registers;
+  member values carry the incarnation and peers treat a changed one as gone+joined (fail what waits on it; its
+  routes go only with ``incarnation_change_drops_routes``). Off: the old behaviour (the member key is re-put
+  under a new lease, the node keeps its shards with an empty table). With ``end_sessions_when_fenced`` a node
+  whose loop notices it is fenced (at timers, client requests, peer frames, snapshots) ends every client
+  session: those subscriptions go from ``acked`` to ``interrupted`` until their client subscribes again
+  (``resubscribe``, through any node that takes it); a restart ends its sessions the same way. ``etcd_down``/
+  ``etcd_up``: no node reaches etcd (no keep-alive, read, campaign or commit) while etcd's clock runs on, so
+  leases expire if it lasts past the TTL.
 * Modelled after ``shard/node.py``, ``shard/ownership.py`` and ``shard/routing.py``: ``fenced`` (the session's
   fencing, or a registration whose view the node has not processed yet), the node's view (``on_snapshot`` with
   its re-announce after a re-registration, ``on_members``, ``_set_assignment``), ``_lead``/``_start_handoff``/
@@ -22,9 +37,12 @@ What is real and what is modelled:
   the answering owner named.
 * Simplified: exact topic filters only (a filter's shard is ``shard_for_key(filter)``; no root set, no ROUTE_DEL),
   one subscription per (node, filter), one snapshot chunk, every message is an in-memory object, clocks never
-  drift, an etcd call is atomic (it succeeds iff the node is neither partitioned, paused nor crashed). Not
-  modelled: ``_shards_ok`` (the model never names a shard outside the cluster), the member check on peer frames,
-  ``session.poll_now`` (a view is only read by ``refresh``/``settle``/``_refresh_assignment``).
+  drift, an etcd call is atomic (it succeeds iff etcd is reachable and the node is neither partitioned, paused
+  nor crashed). A client is a (filter, node) pair: interrupted clients have no identity beyond that, no message
+  payloads (so no stalled consumer). The member check on peer frames only as far as a node with no view yet (a
+  retiring process) ignores every peer frame. Not modelled: ``_shards_ok`` (the model never names a shard outside
+  the cluster), the member check for a known view, ``session.poll_now`` (a view is only read by
+  ``refresh``/``settle``/``_refresh_assignment``), the bound on the retire wait (it waits as long as it takes).
 
 Pure: no sockets, threads, real clocks or randomness; whoever drives the model (a hypothesis state machine)
 chooses every step, so a run is a function of its step list.
@@ -54,6 +72,21 @@ class SimConfig:
     refresh_min_interval: float = 0.1  # Node._refresh_assignment's rate limit
     settle: float = 1.0  # Coordinator(settle=...)
     reannounce_delay: float = 1.0  # Node: REANNOUNCE_DELAY
+    # Issue 9, "Restart with the same id": a new process retires its previous incarnation (revokes the old lease,
+    # waits until the assignment lists it nowhere, then registers) and member values carry the incarnation, so
+    # peers see a changed one as gone+joined. False: the old behaviour (re-put the member key under a new lease,
+    # keep owning the old incarnation's shards with an empty table; no incarnation in the member value).
+    retire_previous_incarnation: bool = True
+    # The design notes also have peers drop a member's routes when its incarnation changed. A peer that missed the
+    # gap (never read the member list between the revocation and the new registration) then drops routes the NEW
+    # incarnation made and got acknowledged meanwhile (``test_incarnation_change_must_not_drop_new_routes``).
+    # False (default): a changed incarnation fails what waits on the member, routes go only when its key is seen
+    # gone, which can only be before the new incarnation registered (so only the old incarnation's routes).
+    incarnation_change_drops_routes: bool = False
+    # Issue 9, "Lease loss of a live node": a node that becomes fenced ends every client session (its clients
+    # resubscribe through another node, or through it once it is unfenced). False: sessions survive the fence and
+    # the node re-announces their routes after re-registering (the behaviour before issue 9).
+    end_sessions_when_fenced: bool = True
 
 
 @dataclass(slots=True)
@@ -61,6 +94,7 @@ class Lease:
     lease_id: int
     expires_at: float
     create_revision: int
+    incarnation: int = 0  # MemberInfo.incarnation (0: the member value carries none)
 
 
 class Etcd:
@@ -83,6 +117,15 @@ class Etcd:
         gone = [lid for lid, until in self.leases.items() if until <= now]
         for lid in gone:
             del self.leases[lid]
+        return self._drop_keys_without_lease(now)
+
+    def revoke(self, lid: int, now: float) -> list[str]:
+        """``lease.revoke()``: the lease and every key attached to it (member key, leader key) are deleted at once;
+        recorded like an expiry (the member is gone for its peers)."""
+        self.leases.pop(lid, None)
+        return self._drop_keys_without_lease(now)
+
+    def _drop_keys_without_lease(self, now: float) -> list[str]:
         dropped = []
         for node, lease in list(self.members.items()):
             if lease.lease_id not in self.leases:
@@ -102,9 +145,13 @@ class Etcd:
         self.leases[lid] = now + self.ttl
         return lid
 
-    def put_member(self, node: str, lid: int) -> None:
+    def put_member(self, node: str, lid: int, incarnation: int = 0) -> None:
+        """A put attaches the key to ``lid``; a key that still exists keeps its create_revision (etcd semantics:
+        the old incarnation's key re-put under a new lease is not a new member)."""
         self.revision += 1
-        self.members[node] = Lease(lid, self.leases[lid], self.revision)
+        old = self.members.get(node)
+        created = old.create_revision if old is not None else self.revision
+        self.members[node] = Lease(lid, self.leases[lid], created, incarnation)
 
     def refresh(self, lid: int, now: float) -> bool:
         if lid not in self.leases:
@@ -160,7 +207,9 @@ class SimNode:
     crashed: bool = False
     paused: bool = False
     partitioned: bool = False
+    incarnation: int = 0  # one per process start (``restart`` starts a new one)
     # EtcdSession
+    retiring: bool = False  # a restarted process retiring its previous incarnation: not registered yet
     lease_id: int | None = None
     lease_valid_until: float = 0.0
     next_refresh: float = 0.0
@@ -168,6 +217,7 @@ class SimNode:
     # Node view
     registration: int = 0  # Node._registration: the registration whose view the node last processed
     members: set[str] = field(default_factory=set)
+    incarnations: dict[str, int] = field(default_factory=dict)  # member -> the incarnation this view knows
     leader: str | None = None
     assignment: Assignment | None = None
     assignment_revision: int = 0
@@ -179,6 +229,8 @@ class SimNode:
     waiters: dict[int, Waiter] = field(default_factory=dict)
     timers: list[tuple[float, int, str, tuple[Any, ...]]] = field(default_factory=list)
     local_filters: set[str] = field(default_factory=set)
+    sessions_ended: int = 0  # how often the node ended every client session (a SUBACK due after that is void)
+    fence_noticed: bool = False  # the node's loop saw ``fenced`` (and ended its client sessions)
     last_refresh: float = -1.0
     view_read_at: int = 0  # etcd revision when the node last read its view (snapshot or direct read)
 
@@ -219,6 +271,12 @@ class Sim:
         self.notes: list[str] = []  # notable events (abandoned incoming with a stale view, ...)
         self.refused_moves: list[tuple[float, str, int, str]] = []  # (time, refuser, move id, code)
         self.refused_frames: list[tuple[float, str, str, str, str]] = []  # (time, refuser, sender, kind, code)
+        self.etcd_reachable = True  # False during ``etcd_down``: no node can keep alive, read or commit
+        self._incarnations = 0
+        # Subscriptions whose client session ended (fenced node, restart): (filter, node it was on, why). Their
+        # ack is void (removed from ``acked``) until the client subscribes again (``resubscribe``).
+        self.interrupted: list[tuple[str, str, str]] = []
+        self.interruptions: list[tuple[float, str, str, str]] = []  # log: (time, node, filter, why)
 
     # ------------------------------------------------------------------ helpers
     def _id(self) -> int:
@@ -235,6 +293,10 @@ class Sim:
 
     def live_members(self) -> set[str]:
         return set(self.etcd.members)
+
+    def reaches_etcd(self, n: SimNode) -> bool:
+        """An etcd call from ``n`` succeeds: it runs, is not partitioned, and etcd is reachable."""
+        return n.online and self.etcd_reachable
 
     def expired_after_ack(self, filt: str, node: str) -> bool:
         """True when ``node``'s lease expired after its SUB of ``filt`` was acknowledged."""
@@ -265,7 +327,8 @@ class Sim:
     # ------------------------------------------------------------------ cluster-level steps
     def join(self) -> str:
         node_id = f"n{len(self.nodes)}"
-        self.nodes[node_id] = SimNode(node_id)
+        self._incarnations += 1
+        self.nodes[node_id] = SimNode(node_id, incarnation=self._incarnations)
         self.trace.append(f"join {node_id}")
         self.session_poll(node_id, read=True)
         return node_id
@@ -278,6 +341,36 @@ class Sim:
         for key in [k for k in self.channels if node_id in k]:
             del self.channels[key]
         self.trace.append(f"crash {node_id}")
+
+    def restart(self, node_id: str) -> None:
+        """kill -9 and an immediate start under the same id: every in-memory state of the node (routes, client
+        sessions, waiters, timers, view, coordinator) is lost, frames to and from it are lost; its lease lives on
+        in etcd. The new process (a new incarnation; still partitioned if its host was) starts its session at once:
+        with ``retire_previous_incarnation`` it is ``retiring`` (see ``_retire_previous``), else it re-puts its
+        member key under a new lease (the old behaviour)."""
+        old = self.nodes[node_id]
+        self.trace.append(f"restart {node_id}")
+        acked = {f for f, subs in self.acked.items() if node_id in subs}
+        self._end_sessions(old, "restart", acked)
+        for key in [k for k in self.channels if node_id in k]:
+            del self.channels[key]
+        self._incarnations += 1
+        self.nodes[node_id] = SimNode(
+            node_id,
+            partitioned=old.partitioned,
+            incarnation=self._incarnations,
+            retiring=self.cfg.retire_previous_incarnation,
+        )
+        self.session_poll(node_id, read=True)
+
+    def etcd_down(self) -> None:
+        """etcd becomes unreachable for every node (etcd itself runs on: leases expire on its clock)."""
+        self.etcd_reachable = False
+        self.trace.append("etcd_down")
+
+    def etcd_up(self) -> None:
+        self.etcd_reachable = True
+        self.trace.append("etcd_up")
 
     def pause(self, node_id: str) -> None:
         self.nodes[node_id].paused = True
@@ -311,6 +404,7 @@ class Sim:
 
     def run_timers(self, node_id: str) -> None:
         n = self.nodes[node_id]
+        self._notice_fence(n)
         while n.up and n.timers:
             n.timers.sort()
             due, _, kind, args = n.timers[0]
@@ -324,7 +418,9 @@ class Sim:
         """One iteration of ``EtcdSession.run`` (keep-alive when due, re-register after a lost lease); with
         ``read`` the snapshot is read and handed to the node (``Node.on_snapshot``)."""
         n = self.nodes[node_id]
-        if not n.online:
+        if not self.reaches_etcd(n):
+            return
+        if n.retiring and not self._retire_previous(n):
             return
         if n.lease_id is not None and self.now >= n.next_refresh:
             if self.etcd.refresh(n.lease_id, self.now):
@@ -335,7 +431,7 @@ class Sim:
                 n.lease_valid_until = 0.0
         if n.lease_id is None:
             n.lease_id = self.etcd.grant(self.now)
-            self.etcd.put_member(node_id, n.lease_id)
+            self.etcd.put_member(node_id, n.lease_id, n.incarnation if self.cfg.retire_previous_incarnation else 0)
             n.registrations += 1
             n.lease_valid_until = self.now + self.cfg.lease_ttl
             n.next_refresh = self.now + self.cfg.lease_ttl / 3
@@ -343,8 +439,25 @@ class Sim:
             # (``refresh``/``settle``). Until then ``fenced`` holds (registration < registrations).
         if read:
             leader = self.etcd.campaign(node_id, n.lease_id)
-            snapshot = (set(self.etcd.members), leader, self.etcd.doc, self.etcd.doc_revision, n.registrations)
-            self.on_snapshot(n, *snapshot)
+            members = {m: lease.incarnation for m, lease in self.etcd.members.items()}
+            self.on_snapshot(n, members, leader, self.etcd.doc, self.etcd.doc_revision, n.registrations)
+
+    def _retire_previous(self, n: SimNode) -> bool:
+        """``EtcdSession`` at start (issue 9): revoke the lease of a member key left by a previous incarnation
+        (deleting it and, if held, the leader key); then, while other members are live, wait until the assignment
+        lists this id in no shard's owners or joining (the leader promotes the survivors). True once the node may
+        register: it is then filled by ordinary hand-offs, never an owner of a table it did not receive."""
+        key = self.etcd.members.get(n.node_id)
+        if key is not None and key.incarnation != n.incarnation:
+            self.etcd.revoke(key.lease_id, self.now)
+            self.notes.append(f"{self.now}: {n.node_id} revoked the lease of its previous incarnation")
+        others = set(self.etcd.members) - {n.node_id}
+        doc = self.etcd.doc
+        if others and doc is not None and n.node_id in doc.nodes():
+            return False
+        n.retiring = False
+        self.notes.append(f"{self.now}: {n.node_id} retired its previous incarnation; registering")
+        return True
 
     def refresh(self, node_id: str) -> None:
         self.trace.append(f"refresh {node_id}")
@@ -352,8 +465,17 @@ class Sim:
 
     # ------------------------------------------------------------------ Node: view
     def on_snapshot(
-        self, n: SimNode, members: set[str], leader: str | None, doc: Assignment | None, rev: int, registration: int
+        self,
+        n: SimNode,
+        members: dict[str, int],
+        leader: str | None,
+        doc: Assignment | None,
+        rev: int,
+        registration: int,
     ) -> None:
+        """``members`` maps each member to the incarnation in its member value. The node's loop processes it:
+        a node that registered again (its lease was lost) notices here, at the latest, that it was fenced."""
+        self._notice_fence(n)
         if n.node_id not in members and n.node_id in n.members:
             n.crashed = True  # Node.on_snapshot: removed_from_cluster -> stop()
             self.notes.append(f"{self.now}: {n.node_id} stopped (removed_from_cluster)")
@@ -366,7 +488,7 @@ class Sim:
                 # everyone has seen us back (``_reannounce_routes``).
                 self._later(n, self.cfg.reannounce_delay, "reannounce")
             n.registration = registration
-        if members != n.members:
+        if members != n.incarnations:
             self.on_members(n, members)
         if doc is not None and rev > n.assignment_revision:
             self.set_assignment(n, doc, rev)
@@ -379,13 +501,20 @@ class Sim:
             n.coordinator = None
         self.lead(n.node_id)
 
-    def on_members(self, n: SimNode, members: set[str]) -> None:
-        gone = n.members - members
+    def on_members(self, n: SimNode, members: dict[str, int]) -> None:
+        """A member that left loses its routes here; what waits on it fails. A member whose incarnation changed (a
+        restart) is gone + joined for what waits on it; its routes are dropped too only with
+        ``incarnation_change_drops_routes`` (see ``SimConfig``)."""
+        left = n.members - set(members)
+        restarted = {m for m in n.members & set(members) if m != n.node_id and n.incarnations.get(m) != members[m]}
+        gone = left | restarted
         n.members = set(members)
-        for node in sorted(gone):
+        n.incarnations = dict(members)
+        for node in sorted(gone if self.cfg.incarnation_change_drops_routes else left):
             for routes in n.routes.values():
                 for item in [r for r in routes if r[1] == node]:
                     routes.discard(item)
+        for node in sorted(gone):
             for wid, waiter in list(n.waiters.items()):  # _fail_peer_requests
                 if node in waiter.pending:
                     waiter.failures.append(node)
@@ -452,7 +581,7 @@ class Sim:
         if self.now - n.last_refresh < self.cfg.refresh_min_interval and not force:
             return True
         n.last_refresh = self.now
-        if not n.online:
+        if not self.reaches_etcd(n):
             return False
         if self.etcd.doc is not None:
             n.view_read_at = max(n.view_read_at, self.etcd.revision)
@@ -483,7 +612,8 @@ class Sim:
             self.send(n.node_id, move.source, Msg("HANDOFF", header))
 
     def _commit(self, n: SimNode, c: Coordinator, commit: Commit) -> None:
-        revision = self.etcd.write_assignment(commit.assignment, commit.expected_revision) if n.online else None
+        ok = self.reaches_etcd(n)
+        revision = self.etcd.write_assignment(commit.assignment, commit.expected_revision) if ok else None
         c.on_commit(commit, revision)
         if revision is not None:
             self.set_assignment(n, commit.assignment, revision)
@@ -554,24 +684,74 @@ class Sim:
             del n.forwarding[shard]
 
     # ------------------------------------------------------------------ Node: routes
-    def subscribe(self, node_id: str, filt: str) -> bool:
-        """A client on ``node_id`` subscribes to ``filt`` (``_on_sub`` -> ``_change_routes``). False if refused."""
+    def subscribe(self, node_id: str, filt: str, resumes: tuple[str, str, str] | None = None) -> bool:
+        """A client on ``node_id`` subscribes to ``filt`` (``_on_sub`` -> ``_change_routes``). False if refused
+        (with ``end_sessions_when_fenced`` a fenced node takes no subscription: it ends its sessions). ``resumes``: the
+        ``interrupted`` entry this SUB re-makes, settled by its acknowledgement."""
         self.trace.append(f"subscribe {node_id} {filt}")
         n = self.nodes[node_id]
+        self._notice_fence(n)
         if not n.up or n.assignment is None or filt in n.local_filters:
             return False
+        if self.cfg.end_sessions_when_fenced and self.fenced(n):
+            return False
         n.local_filters.add(filt)
+        generation = n.sessions_ended
 
         def done(failures: list[str]) -> None:
+            if n.sessions_ended != generation:
+                return  # the session ended meanwhile: its client was told, and subscribes again elsewhere
             if failures:
                 n.local_filters.discard(filt)  # all or nothing: the SUB is refused (its ROUTE_DEL is not modelled)
                 self.failed_subs += 1
             else:
                 self.acked.setdefault(filt, set()).add(node_id)
                 self.ack_time[(filt, node_id)] = self.now
+                if resumes in self.interrupted:
+                    self.interrupted.remove(resumes)  # a client that lost its session subscribed again
 
         self._send_route_items(n, [self._route_item(n, filt)], done, 0)
         return True
+
+    def resubscribe(self, index: int, node_id: str) -> bool:
+        """The client of interrupted subscription ``index`` subscribes again through ``node_id`` (the SDK on
+        SESSION_END fails over and resubscribes everything). It stays interrupted until acknowledged."""
+        entry = self.interrupted[index]
+        filt = entry[0]
+        self.trace.append(f"resubscribe {index} via {node_id}")
+        if filt in self.nodes[node_id].local_filters and node_id in self.acked.get(filt, set()):
+            del self.interrupted[index]  # joins that node's acknowledged subscription of the filter
+            return True
+        return self.subscribe(node_id, filt, entry)
+
+    def _notice_fence(self, n: SimNode) -> None:
+        """The node's loop checks ``fenced`` at each turn (timers, client requests): on becoming fenced it ends
+        every client session (issue 9: ``SESSION_END {"code": "fenced"}``), if so configured."""
+        if not n.up:
+            return
+        if not self.fenced(n):
+            n.fence_noticed = False
+        elif not n.fence_noticed:
+            n.fence_noticed = True
+            if self.cfg.end_sessions_when_fenced:
+                self._end_sessions(n, "fenced")
+
+    def _end_sessions(self, n: SimNode, why: str, also: set[str] | None = None) -> None:
+        """Every client session of ``n`` ends: its subscriptions (``local_filters``, plus ``also``) are no longer
+        acknowledged and wait in ``interrupted`` for their client to subscribe again. (The real node also sends
+        ROUTE_DEL of its filters; ROUTE_DEL is not modelled, so owners keep those routes: extra, never missing.)"""
+        ended = sorted(n.local_filters | (also or set()))
+        n.local_filters.clear()
+        n.sessions_ended += 1
+        for filt in ended:
+            subs = self.acked.get(filt)
+            if subs is not None:
+                subs.discard(n.node_id)
+            self.ack_time.pop((filt, n.node_id), None)
+            self.interrupted.append((filt, n.node_id, why))
+            self.interruptions.append((self.now, n.node_id, filt, why))
+        if ended:
+            self.trace.append(f"sessions ended on {n.node_id} ({why}): {len(ended)}")
 
     def _route_item(self, n: SimNode, filt: str) -> tuple[int, int, str]:
         assert n.assignment is not None
@@ -717,6 +897,9 @@ class Sim:
         self.trace.append(f"deliver {src}->{dst} {msg.kind}")
         if s.crashed or s.partitioned or d.crashed or d.partitioned or d.paused:
             return
+        if not d.members:
+            return  # the member check on peer frames: a node with no view yet (a retiring process) knows no member
+        self._notice_fence(d)
         handler = {
             "ROUTE_ADD": self._on_route_change,
             "ROUTE_ACK": self._on_route_ack,
@@ -733,6 +916,7 @@ class Sim:
         None when the publish fails. Recorded with the acknowledged subscribers at that moment."""
         self.trace.append(f"publish {node_id} {topic}")
         p = self.nodes[node_id]
+        self._notice_fence(p)
         if not p.up or self.fenced(p) or p.assignment is None:
             return None
         shard = self.shard_of(topic)
@@ -766,7 +950,7 @@ class Sim:
     def views_current(self) -> bool:
         return all(
             n.assignment_revision == self.etcd.doc_revision
-            and n.members == self.live_members()
+            and n.incarnations == {m: lease.incarnation for m, lease in self.etcd.members.items()}
             and n.registration == n.registrations
             for n in self.nodes.values()
             if n.up and n.node_id in self.etcd.members
@@ -780,6 +964,8 @@ class Sim:
     def quiescent(self) -> bool:
         """Nothing left to do: views current, no frames or waiters pending, assignment at the target, no moves."""
         doc, target = self.etcd.doc, self.target()
+        if not self.etcd_reachable or any(n.retiring and not n.crashed for n in self.nodes.values()):
+            return False
         if doc is None or target is None or doc.table != target or not self.views_current():
             return False
         if any(self.channels.values()) or any(n.waiters for n in self.nodes.values() if n.up):

@@ -3,12 +3,13 @@
 Two state machines drive the same model (real ``Coordinator``/planner/``Assignment``/``ShardMap``, modelled etcd,
 nodes and network, fake clock):
 
-* ``StrictCluster``: at most one disruption (crash, pause, partition) at a time, and only from a quiescent cluster
-  (preconditions). Checks invariants 1-3 after every step, invariant 4 whenever the cluster is quiescent and
-  invariants 4 and 5 (plus "every publish finds every acknowledged live subscriber") after a final settle.
+* ``StrictCluster``: at most one disruption (crash, pause, partition, restart, etcd outage) at a time, and only
+  from a quiescent cluster (preconditions; quiescent also means etcd reachable and no node retiring). Checks
+  invariants 1-3 after every step, invariant 4 whenever the cluster is quiescent and invariants 4 and 5 (plus
+  "every publish finds every acknowledged live subscriber") after a final settle.
 * ``ChaosCluster``: disruptions at any time, leases may go unrenewed. Checks the safety invariants 1-3 after every
-  step and convergence (5) after healing everything; route loss is expected there (two owners can fail) and is
-  not checked.
+  step and convergence (5) after healing everything (and that every interrupted client could subscribe again);
+  route loss is expected there (two owners can fail) and is not checked.
 
 Invariants, exactly as checked (``check_*`` below):
 
@@ -21,15 +22,27 @@ Invariants, exactly as checked (``check_*`` below):
    can never both accept writes for one (shard, epoch)). (b) Such a node holds a lease etcd still has: etcd
    cannot have promoted its shards away because its lease expired while it still acts. (c) No running, unfenced
    node acts as owner on a view read before etcd expired its lease (a "zombie" after a pause or partition).
-4. When the cluster is quiescent, every etcd owner of a shard holds the route of every acknowledged subscription
-   of that shard whose subscriber is a live member. Subscriptions of a node whose own lease expired after the
-   SUBACK are excluded (its peers dropped its routes on purpose, see ``test_expired_subscriber_loses_routes``).
+4. When the cluster is quiescent, every etcd owner of a shard (so, views being current, every node that answers
+   lookups for it) holds the route of every acknowledged subscription of that shard whose subscriber is a live
+   member: no node answers from a table it was not filled for. Subscriptions of a node whose own lease expired
+   after the SUBACK are excluded (its peers dropped its routes on purpose, see
+   ``test_expired_subscriber_loses_routes``), and so are interrupted ones (session ended by a fence or a restart:
+   no longer acknowledged) until their client subscribes again; teardown has every such client subscribe again
+   (``Checker.resubscribe_all``) before its final checks.
 5. After healing/resuming everything and settling: every live node's view is etcd's document, and its owner
    table is ``ShardMap.build(live members).table``.
 
 Replaying a failure: the model is deterministic, so hypothesis's printed step list (``state = StrictCluster()``
 ... ``state.teardown()``) replays it verbatim; ``print_blob=True`` also prints a ``@reproduce_failure`` line, and
 ``pytest tests/test_simulation.py --hypothesis-seed=N`` replays a whole seed. ``SIM_EXAMPLES`` scales the runs.
+
+Issue 9 events (rules in both machines): ``restart`` (kill -9 + start under the same id, any node, a crashed one
+too), ``etcd_down(dt)``/``etcd_up`` (etcd unreachable for every node), ``resubscribe`` (a client whose session
+ended subscribes again through some running node); a lease blip of a live node is ``partition``/``heal`` (or
+``pause``/``resume``, unrenewed ticks), which with issue 9 ends the fenced node's client sessions. Fixed tests at the
+end pin them: the old restart loses routes and the retiring one does not, dropping routes on a changed incarnation
+loses a route the new incarnation made, a fenced node ends its sessions, etcd outages shorter and longer than the
+TTL.
 
 Fixed tests below pin single rules (fencing window after re-registration, refused moves by move id, stale items)
 and the hand-off rules added for route losses the model found: a fenced replica still applies forwarded changes,
@@ -51,7 +64,7 @@ from shardmq.ring import ShardMap
 CONFIG = SimConfig(shard_count=16, replication=2)
 FILTERS = [f"t/{i}" for i in range(10)]
 MAX_NODES = 6
-EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "120"))
 PICK = st.integers(min_value=0, max_value=63)
 
 
@@ -130,6 +143,19 @@ class Checker:
                 if answer is None or not expected <= answer:
                     misses.append(f"publish {filt} from {node_id}: answered {answer}, acked {sorted(expected)}")
         return misses
+
+    def resubscribe_all(self, rounds: int = 3) -> None:
+        """Every client whose session ended subscribes again (through the first live node that takes it)."""
+        sim = self.sim
+        for _ in range(rounds):
+            if not sim.interrupted:
+                return
+            for entry in list(sim.interrupted):
+                for node_id in sorted(sim.live_members()):
+                    if entry in sim.interrupted and sim.resubscribe(sim.interrupted.index(entry), node_id):
+                        break
+            sim.settle()
+        assert not sim.interrupted, f"clients could not subscribe again: {sim.interrupted}"
 
     def check_converged(self) -> None:  # invariant 5
         sim = self.sim
@@ -235,6 +261,33 @@ class ClusterBase(RuleBasedStateMachine):
     def heal(self, i: int) -> None:
         self.sim.heal(pick(sorted(n for n, node in self.sim.nodes.items() if node.partitioned), i))
 
+    @precondition(lambda self: self.calm())
+    @rule(i=PICK)
+    def restart(self, i: int) -> None:
+        """kill -9 + immediate restart under the same id (any node: a crashed one comes back)."""
+        self.sim.restart(pick(sorted(self.sim.nodes), i))
+
+    @precondition(lambda self: self.sim.etcd_reachable and self.calm())
+    @rule(dt=st.sampled_from([0.5, 1.5, 2.5, 4.0]))
+    def etcd_down(self, dt: float) -> None:
+        """etcd unreachable for every node, for ``dt`` seconds at least (until ``etcd_up``); past the TTL every
+        lease expires."""
+        self.sim.etcd_down()
+        while dt > 0:
+            self.sim.tick(min(dt, 1.0), renew=True)
+            dt -= 1.0
+
+    @precondition(lambda self: not self.sim.etcd_reachable)
+    @rule()
+    def etcd_up(self) -> None:
+        self.sim.etcd_up()
+
+    @precondition(lambda self: bool(self.sim.interrupted) and bool(self.running()))
+    @rule(i=PICK, j=PICK)
+    def resubscribe(self, i: int, j: int) -> None:
+        """A client whose session ended (fenced node, restart) subscribes again through some running node."""
+        self.sim.resubscribe(i % len(self.sim.interrupted), pick(self.running(), j))
+
     # ------------------------------------------------------------------ invariants
     @invariant()
     def safety(self) -> None:
@@ -247,10 +300,12 @@ class ClusterBase(RuleBasedStateMachine):
             assert not self.check.route_losses(), self.check.route_losses()
 
     def teardown(self) -> None:
+        self.sim.etcd_reachable = True
         for node in self.sim.nodes.values():
             node.paused = False
             node.partitioned = False
         self.check.check_converged()
+        self.check.resubscribe_all()
         self.check.check_history()
         self.check.check_fencing()
         if self.strict:
@@ -281,8 +336,8 @@ TestChaosCluster.settings = SETTINGS
 
 
 # ---------------------------------------------------------------------- fixed regressions
-def started(nodes: int = 3) -> Sim:
-    sim = Sim(CONFIG)
+def started(nodes: int = 3, config: SimConfig = CONFIG) -> Sim:
+    sim = Sim(config)
     for _ in range(nodes):
         sim.join()
     assert sim.settle()
@@ -371,10 +426,15 @@ def test_new_replica_abandons_fill_just_after_the_flip() -> None:
     assert not check.route_losses(), check.route_losses()
 
 
+# Sessions that survive a fence (the behaviour before issue 9): the re-announce path after a re-registration.
+KEEP_SESSIONS = SimConfig(shard_count=16, replication=2, end_sessions_when_fenced=False)
+
+
 def test_expired_subscriber_loses_routes() -> None:
     """Regression: a subscriber paused past its lease: peers drop its routes (``on_members``); it re-registers on
-    resume with its clients still subscribed and must announce their routes again (``_reannounce_routes``)."""
-    sim = started()
+    resume with its clients still subscribed and must announce their routes again (``_reannounce_routes``).
+    Sessions surviving the fence is the behaviour before issue 9 (``KEEP_SESSIONS``)."""
+    sim = started(config=KEEP_SESSIONS)
     for f in FILTERS:
         sim.subscribe("n2", f)
     assert sim.settle()
@@ -404,8 +464,9 @@ def stall_keepalives(sim: Sim, node_id: str) -> None:
 
 def test_fenced_until_the_new_registration_is_seen() -> None:
     """``Node.fenced``: after re-registering (a lost lease), a node is fenced until it processed that
-    registration's view: it refuses route changes and lookups, then re-announces its routes."""
-    sim = started()
+    registration's view: it refuses route changes and lookups, then re-announces its routes (its client sessions
+    survive the fence: ``KEEP_SESSIONS``; with issue 9 they end, ``test_fenced_node_ends_its_client_sessions``)."""
+    sim = started(config=KEEP_SESSIONS)
     sim.subscribe("n2", FILTERS[0])
     assert sim.settle()
     sim.pause("n2")
@@ -566,3 +627,176 @@ def test_fill_timer_outlasts_the_coordinators_deadline() -> None:
     sim.lead(leader.node_id)  # t0+6 - t0 > 6 is False: the moves flip
     assert sim.settle()
     assert not check.route_losses(), check.route_losses()
+
+
+# ---------------------------------------------------------------------- issue 9: faults as simulation events
+def subscribed_cluster(config: SimConfig = CONFIG, subscriber: str = "n0") -> tuple[Sim, Checker]:
+    """A settled 3-node cluster where ``subscriber``'s clients subscribed to every filter."""
+    sim = started(config=config)
+    for f in FILTERS:
+        assert sim.subscribe(subscriber, f)
+    assert sim.settle()
+    assert all(sim.acked.get(f) == {subscriber} for f in FILTERS)
+    return sim, Checker(sim)
+
+
+def test_restart_without_retiring_answers_from_an_empty_table() -> None:
+    """The bug users hit (old behaviour, ``retire_previous_incarnation=False``): n1 is killed and restarted at
+    once under the same id. Its session puts its member key again under a new lease; etcd keeps the key's
+    create_revision and the member set never changes, so nobody sees n1 go: it keeps owning its shards, now with
+    an empty table, and answers lookups from it. Invariant 4 finds the lost routes; publishes miss n0's clients."""
+    sim, check = subscribed_cluster(SimConfig(retire_previous_incarnation=False))
+    created = sim.etcd.members["n1"].create_revision
+    owned = sim.etcd.doc.shards_of("n1")
+    assert owned and sim.nodes["n1"].routes
+    history = len(sim.etcd.history)
+    sim.restart("n1")
+    assert sim.etcd.members["n1"].create_revision == created  # same key: no member change for anyone
+    assert sim.settle()
+    assert len(sim.etcd.history) == history and sim.etcd.doc.shards_of("n1") == owned  # nothing was moved
+    losses = check.route_losses()
+    assert losses and all(loss.startswith("n1 ") for loss in losses), losses
+    assert check.publish_misses()
+
+
+def test_restart_retires_the_previous_incarnation() -> None:
+    """The issue 9 protocol (``retire_previous_incarnation=True``): the new process revokes the old lease (the
+    member key goes at once), waits while the leader promotes the survivors, registers only once the assignment
+    lists n1 nowhere, and is filled by ordinary hand-offs. No route is lost at any quiescent point, and every
+    publish finds every acknowledged subscriber."""
+    sim, check = subscribed_cluster()
+    created = sim.etcd.members["n1"].create_revision
+    sim.restart("n1")
+    n1 = sim.nodes["n1"]
+    assert n1.retiring and "n1" not in sim.etcd.members and n1.lease_id is None
+    assert sim.publish("n1", FILTERS[0]) is None and not sim.subscribe("n1", FILTERS[0])  # no view yet
+    for _ in range(40):
+        if not n1.retiring:
+            break
+        sim.tick(0.25)
+        sim.refresh("n0")
+        sim.refresh("n2")
+        for src, dst in sim.deliverable():
+            sim.deliver(src, dst)
+    assert not n1.retiring and "n1" in sim.etcd.members
+    registered = sim.etcd.members["n1"].create_revision
+    assert registered > created  # a new member: peers see it join
+    doc_then = [doc for rev, doc in sim.etcd.history if rev < registered][-1]
+    assert "n1" not in doc_then.nodes()  # it registered only once the assignment listed it nowhere
+    assert sim.settle()
+    assert sim.etcd.doc.shards_of("n1")  # it owns shards again, filled by hand-offs
+    check.check_history()
+    check.check_fencing()
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
+
+
+def restart_behind_a_stale_peer(config: SimConfig) -> tuple[Sim, Checker, str]:
+    """n2 restarts; the leader (n0) sees it go and promotes; n1 reads no member list meanwhile. n2 registers again
+    and its client subscribes to a filter of a shard n1 owns: n1 (whose view still has n2's old incarnation)
+    applies and acknowledges it. Then n1 reads the member list and sees n2's new incarnation."""
+    sim = started(config=config)
+    check = Checker(sim)
+    assert sim.leader_node() is not None and sim.leader_node().node_id == "n0"
+    sim.restart("n2")
+    sim.refresh("n0")  # the leader sees n2 gone and commits the promotion
+    sim.tick(0.25)  # n2's session: the assignment lists it nowhere, so it registers
+    assert not sim.nodes["n2"].retiring
+    sim.refresh("n2")
+    doc = sim.etcd.doc
+    filt = next(f for f in FILTERS if "n1" in doc.owners(sim.shard_of(f)))
+    old_incarnation = sim.nodes["n1"].incarnations["n2"]
+    assert old_incarnation != sim.nodes["n2"].incarnation  # n1 never saw the gap
+    assert sim.subscribe("n2", filt)
+    for _ in range(3):
+        for src, dst in sim.deliverable():
+            sim.deliver(src, dst)
+    assert sim.acked.get(filt) == {"n2"}
+    sim.refresh("n1")
+    assert sim.nodes["n1"].incarnations["n2"] == sim.nodes["n2"].incarnation
+    assert sim.settle()
+    return sim, check, filt
+
+
+def test_incarnation_change_must_not_drop_new_routes() -> None:
+    """The design notes have peers treat a changed incarnation as gone+joined including "drop its routes". Unlike
+    a gone member key (seen only before the new incarnation registered, so only old routes go), a new incarnation
+    is seen after it registered, possibly after it made routes: n1 drops n2's acknowledged route and owns the shard
+    without it (``incarnation_change_drops_routes=True``). Failing what waits on n2, but dropping routes only for a
+    gone key (the model's default) loses nothing."""
+    sim, check, filt = restart_behind_a_stale_peer(SimConfig(incarnation_change_drops_routes=True))
+    losses = check.route_losses()
+    assert losses == [f"n1 (owner of shard {sim.shard_of(filt)}) lacks acked route {filt} -> n2"], losses
+    sim, check, filt = restart_behind_a_stale_peer(CONFIG)
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
+
+
+def test_fenced_node_ends_its_client_sessions() -> None:
+    """Issue 9, "Lease loss of a live node": n0 is partitioned from etcd and peers; once fenced, its loop ends
+    every client session (the acks are void: ``interrupted``, excused from invariant 4 until subscribed again).
+    The clients subscribe again through n1 (n0 is still partitioned, its lease expires) and every owner has the
+    new routes; after the heal n0 rejoins as an empty node and takes no subscription while fenced."""
+    sim, check = subscribed_cluster()
+    sim.partition("n0")
+    while not sim.fenced(sim.nodes["n0"]):
+        assert sim.acked.get(FILTERS[0]) == {"n0"}
+        sim.tick(0.25)  # the node's loop (its timers) notices the fence in the tick that crosses it
+    assert sorted(f for f, node, why in sim.interrupted if node == "n0" and why == "fenced") == sorted(FILTERS)
+    assert not any(sim.acked.get(f) for f in FILTERS) and not sim.nodes["n0"].local_filters
+    assert not sim.subscribe("n0", FILTERS[0])  # fenced: takes no subscription
+    sim.settle(max_rounds=20)  # n0's lease expires; n1 and n2 promote and rebalance
+    assert "n0" not in sim.live_members()
+    for i in range(len(sim.interrupted) - 1, -1, -1):
+        assert sim.resubscribe(i, "n1")
+    assert sim.settle(max_rounds=20) is False  # n0 still partitioned
+    assert not sim.interrupted and all(sim.acked.get(f) == {"n1"} for f in FILTERS)
+    assert not check.route_losses(), check.route_losses()
+    sim.heal("n0")
+    assert sim.settle()
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
+
+
+def test_etcd_outage_longer_than_the_ttl() -> None:
+    """etcd unreachable for every node for longer than the lease TTL: every node is fenced and ends its client
+    sessions; etcd expires every lease (member keys and the leader key go). Back up, every session registers again,
+    the cluster re-forms (shards whose owners all dropped out are re-created empty), and the clients subscribe
+    again: nothing acknowledged after that is missing."""
+    sim, check = subscribed_cluster(subscriber="n1")
+    sim.etcd_down()
+    for _ in range(2 * int(CONFIG.lease_ttl)):
+        sim.tick(0.5)
+        check.check_history()
+        check.check_fencing()
+    assert not sim.etcd.members and sim.etcd.leader is None
+    assert all(sim.fenced(n) for n in sim.nodes.values())
+    assert len(sim.interrupted) == len(FILTERS) and not any(sim.acked.get(f) for f in FILTERS)
+    assert sim.publish("n0", FILTERS[0]) is None
+    sim.etcd_up()
+    assert sim.settle()
+    check.check_history()
+    check.check_fencing()
+    check.resubscribe_all()
+    assert not sim.interrupted
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
+
+
+def test_short_etcd_outage_fences_without_losing_leases() -> None:
+    """An outage longer than 2/3 of the TTL but shorter than the TTL: nodes fence themselves (and end their client
+    sessions) but every lease survives; back up, keep-alives succeed and nothing is re-registered or moved."""
+    sim, check = subscribed_cluster(subscriber="n2")
+    leases = {n: node.lease_id for n, node in sim.nodes.items()}
+    history = len(sim.etcd.history)
+    sim.etcd_down()
+    sim.tick(1.0)
+    sim.tick(1.0)
+    sim.tick(0.5)
+    assert all(sim.fenced(n) for n in sim.nodes.values()) and sim.interrupted
+    sim.etcd_up()
+    assert sim.settle()
+    assert {n: node.lease_id for n, node in sim.nodes.items()} == leases
+    assert len(sim.etcd.history) == history
+    check.resubscribe_all()
+    assert not check.route_losses() and not check.publish_misses()
