@@ -69,6 +69,7 @@ class NodeBase:
     invalidations: dict[int, Invalidation]
     invalidating: dict[int, set[int]]
     deferred_route_changes: deque[tuple[float, str, Frame]]
+    member_revision: int
     pending_fwds: dict[int, tuple[str, Publish]]
     unexpired_fwds: list[int]
     waiters: dict[int, Waiter]

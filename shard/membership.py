@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -59,6 +59,9 @@ class MemberInfo:
     weight: int = 1
     leaving: bool = False  # set by a graceful leave: the rebalancer moves every shard away, then the node exits
     incarnation: str = ""  # new for every process start: a restart under the same id is another member to peers
+    # etcd create_revision of the member key (read from etcd, never written): rises with every registration, so a
+    # node that registered again after losing its lease is a new member to peers even in the same process.
+    revision: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class MemberInfo:
             "weight": self.weight,
             "leaving": self.leaving,
             "incarnation": self.incarnation,
+            "revision": self.revision,
         }
 
     @classmethod
@@ -79,12 +83,14 @@ class MemberInfo:
             int(data.get("weight", 1)),
             bool(data.get("leaving", False)),
             str(data.get("incarnation", "")),
+            int(data.get("revision", 0)),
         )
 
     def same_process(self, other: MemberInfo) -> bool:
-        """True when ``other`` is this member's same process at the same address (only ``leaving`` may differ)."""
-        return (self.incarnation, self.peer_endpoint, self.client_endpoint) == (
-            other.incarnation, other.peer_endpoint, other.client_endpoint,
+        """True when ``other`` is this member's same registration of the same process at the same address (only
+        ``leaving`` may differ)."""
+        return (self.incarnation, self.revision, self.peer_endpoint, self.client_endpoint) == (
+            other.incarnation, other.revision, other.peer_endpoint, other.client_endpoint,
         )  # fmt: skip
 
 
@@ -109,9 +115,10 @@ def read_members(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[int, dict[s
     members: dict[str, MemberInfo] = {}
     epoch = 0
     for value, meta in client.get_prefix(cluster_prefix(cluster) + "members/"):
-        info = MemberInfo.from_dict(orjson.loads(value))
+        revision = int(meta.get("create_revision", 0))
+        info = replace(MemberInfo.from_dict(orjson.loads(value)), revision=revision)
         members[info.node_id] = info
-        epoch = max(epoch, int(meta.get("create_revision", 0)))
+        epoch = max(epoch, revision)
     return epoch, members
 
 

@@ -168,8 +168,9 @@ class Node(ClientsMixin, RoutingMixin, OwnershipMixin):
         self.lookup_watchers = LookupWatchers()
         self.invalidations: dict[int, Invalidation] = {}
         self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
-        # Route changes from peers whose membership view is newer than ours, waiting for ours (routing.py).
+        # Route changes from peers registered more recently than our view of them shows, waiting (routing.py).
         self.deferred_route_changes: deque[tuple[float, str, Frame]] = deque()
+        self.member_revision = 0  # our member key's etcd create_revision, sent as ROUTE_ADD/ROUTE_DEL ``member_rev``
         self.pending_fwds: dict[int, tuple[str, Publish]] = {}
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this drain, before their timer is set
         self.waiters: dict[int, Waiter] = {}

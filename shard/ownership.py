@@ -89,8 +89,10 @@ class OwnershipMixin(NodeBase):
                 # Owners that saw us gone forgot which of their answers we cache: ask them all again.
                 self.route_cache.clear()
             self._registration = registration
-        if members != self.members or int(snapshot["epoch"]) != self.epoch:
+        if members != self.members:
             self.on_members(members, int(snapshot["epoch"]))
+        me = members.get(self.me)
+        self.member_revision = me.revision if me is not None else 0
         if self.deferred_route_changes:
             self.replay_route_changes()
         if document and snapshot["assignment_revision"] > self.assignment_revision:

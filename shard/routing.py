@@ -108,7 +108,9 @@ class RoutingMixin(NodeBase):
             return None
         self.waiters[wid] = waiter
         for node, routes in by_node.items():
-            header = {"id": wid, "node": self.me, "epoch": self.epoch, "routes": routes}
+            header = {
+                "id": wid, "node": self.me, "epoch": self.epoch, "routes": routes, "member_rev": self.member_revision,
+            }  # fmt: skip
             if not self.send_peer(node, codec.encode(kind, header)):
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
@@ -418,10 +420,11 @@ class RoutingMixin(NodeBase):
     def _on_route_change(self, sender: str, frame: Frame) -> None:
         h = frame.header
         forwarded = bool(h.get("fwd"))
-        if not forwarded and (h["epoch"] > self.epoch or self.deferred_route_changes):
-            # The sender has seen a membership view we have not (it may have registered again after losing its
-            # lease): a "sender gone" view still on its way to us would remove the route after we confirmed it.
-            # Apply it once our view is as new as the sender's (or after request_timeout), in arrival order.
+        if not forwarded and (self._registration_unseen(sender, h) or self.deferred_route_changes):
+            # The sender registered again (a restart, or a lost lease) and we have not seen that registration yet:
+            # the view that drops its old registration's routes is still on its way to us and would remove this
+            # route after we confirmed it. Apply it once we have seen the registration (or after request_timeout),
+            # in arrival order.
             self.deferred_route_changes.append((time.monotonic(), sender, frame))
             self.metrics["routes.deferred_for_view"] += 1
             self.session.poll_now()
@@ -435,12 +438,17 @@ class RoutingMixin(NodeBase):
         deferred = self.deferred_route_changes
         now = time.monotonic()
         oldest_allowed = now - self.cfg.request_timeout
-        while deferred and (deferred[0][2].header["epoch"] <= self.epoch or deferred[0][0] <= oldest_allowed):
+        while deferred and (not self._registration_unseen(deferred[0][1], deferred[0][2].header)
+                            or deferred[0][0] <= oldest_allowed):  # fmt: skip
             _, sender, frame = deferred.popleft()
             if sender in self.members:
                 self._change_routes_now(sender, frame)
         if deferred:
             self.call_later(min(1.0, self.cfg.request_timeout), self.replay_route_changes)
+
+    def _registration_unseen(self, sender: str, header: dict[str, Any]) -> bool:
+        member = self.members.get(sender)
+        return member is not None and type(rev := header.get("member_rev")) is int and rev > member.revision
 
     def _change_routes_now(self, sender: str, frame: Frame) -> None:
         h = frame.header
