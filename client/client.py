@@ -216,6 +216,7 @@ class Client:
         self.interruption_log: deque[tuple[float, str]] = deque(maxlen=1000)  # (time.monotonic(), reason)
         self._recovery: str | None = None  # "hello": zmq re-made the connection; "failover": the session ended
         self._had_session = False  # a node welcomed us once: a later session that is not present is a gap
+        self._subscribed_node: str | None = None  # the node whose session for us holds all of ``subscriptions``
         self._gap_reported = False  # the current gap was already counted (SESSION_END), not again at WELCOME
         self._monitor: Any = None
         self._poller: Any = None
@@ -262,7 +263,7 @@ class Client:
                 if reply.get("fenced") and not last:  # it cannot keep routes: another node can
                     failures.append(f"{endpoint} (fenced)")
                     continue
-                self._welcomed(reply, endpoint, resumed=False)
+                self._welcomed(reply, endpoint)
             except TimeoutError:
                 failures.append(endpoint)
                 continue
@@ -278,17 +279,16 @@ class Client:
         self._close_socket()
         raise ShardMQError(codec.E_UNAVAILABLE, f"no node answered within {self.timeout}s: {', '.join(failures)}")
 
-    def _welcomed(self, reply: dict[str, Any], endpoint: str, resumed: bool) -> None:
+    def _welcomed(self, reply: dict[str, Any], endpoint: str) -> None:
         """A WELCOME: take the node's settings; unless it resumed our session, subscribe again and report the gap.
 
-        Only a HELLO on a connection zmq re-made to the node we were using (``resumed``) can continue a session:
-        after a failover the node we land on may hold an older session of ours whose subscriptions were undone
-        (a refused SUB), so it is never trusted."""
+        A session is resumed only on the node that holds every one of our subscriptions (``_subscribed_node``):
+        another node may hold an older session of ours whose subscriptions were undone (a refused SUB)."""
         self.node, self.endpoint = reply["node"], endpoint
         max_payload = reply.get("max_payload")
         if type(max_payload) is int and max_payload > 0:
             self.max_payload = max_payload
-        if resumed and reply.get("session_present") is True:
+        if reply.get("session_present") is True and self.node == self._subscribed_node:
             return
         # A new session: message ids of the old one mean nothing here (acknowledging them would acknowledge
         # other messages), and its QoS 1 messages come again from wherever they are still kept.
@@ -297,9 +297,10 @@ class Client:
             self.inbox = deque((t, p, q, d, None if q >= 0 else m) for t, p, q, d, m in self.inbox)
         if self.subscriptions:
             if self._had_session and not self._gap_reported:
-                why = "had no session for this client after a reconnect" if resumed else "took over after a failover"
-                self._interrupted(f"node {self.node} {why}")
+                self._interrupted(f"node {self.node} did not have this client's session with its subscriptions")
+            self._subscribed_node = None
             self._resubscribe()
+        self._subscribed_node = self.node
         self._gap_reported = False
         self._had_session = True
 
@@ -311,17 +312,24 @@ class Client:
         self.interruption_log.append((time.monotonic(), reason))
         self.inbox.append((reason, b"", -1, False, -1))  # qos -1: the marker ``_receive`` raises
         self._gap_reported = True
+        self._subscribed_node = None
 
     def _recover(self) -> None:
         """Say HELLO again on a connection zmq re-made, or move to the next node after SESSION_END."""
         kind, self._recovery = self._recovery, None
         if kind == "hello" and self.endpoint is not None:
-            try:
-                self._welcomed(self._roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME),
-                               self.endpoint, resumed=True)  # fmt: skip
-                return
-            except (TimeoutError, ShardMQError):
-                pass
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    self._welcomed(self._roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME),
+                                   self.endpoint)  # fmt: skip
+                    return
+                except TimeoutError:
+                    if self._recovery != "hello" or time.monotonic() >= deadline:
+                        break
+                    self._recovery = None  # zmq re-made the connection once more while we waited: HELLO again
+                except ShardMQError:
+                    break
         self._failover()
 
     def _move_on(self) -> None:

@@ -20,10 +20,12 @@ steady traffic:
 
 At the end publishing stops, subscribers are drained until quiet, and per subscriber the checker counts the
 acknowledged messages it should have, those delivered (unique), duplicates, and the acknowledged ones never
-delivered. A loss is *explained* only when the message was acknowledged inside an interruption window of its
-subscriber, ``[noticed - 2 * lease_ttl, resubscribed]``, where the SDK reported the interruption (``receive``
-raising ``ShardMQError`` with code ``interrupted``; ``Client.interruption_log`` when the SDK has it gives the
-time it was noticed). The headline is UNEXPLAINED losses, which must be 0.
+delivered. A loss is *explained* only when its publish was in progress during an interruption window of its
+subscriber, ``[noticed - 2 * lease_ttl, resubscribed]``: sent before the subscription was live again and
+acknowledged after the gap may have begun (a message is routed somewhere between its send and its ack, and only
+a subscription live when it was routed is owed it). The SDK reports the interruption (``receive`` raising
+``ShardMQError`` with code ``interrupted``; ``Client.interruption_log`` gives the time it was noticed). The
+headline is UNEXPLAINED losses, which must be 0.
 
 Usage: ``python -m shardmq.loadtest.fault_schedule --seed 1 --duration 60 --faults 4`` prints a table per fault
 and totals, and exits 1 when unexplained losses > 0. Every loop is bounded in count and in time; everything the
@@ -131,6 +133,7 @@ class Publisher(_Worker):
         self.interval = interval
         self.max_messages = max_messages
         self.acked: dict[bytes, float] = {}  # payload -> time.monotonic() the publish returned
+        self.sent: dict[bytes, float] = {}  # payload -> time.monotonic() the publish was called
         self.ack_times: list[float] = []
         self.failed = 0
         self.failed_times: list[float] = []
@@ -143,6 +146,7 @@ class Publisher(_Worker):
                     break
                 self._follow_endpoints()
                 payload = f"{self.label}:{seq}".encode()
+                self.sent[payload] = time.monotonic()
                 try:
                     self.client.publish(self.topics[seq % len(self.topics)], payload, qos=1)
                 except (ShardMQError, TimeoutError, zmq.ZMQError) as exc:
@@ -235,8 +239,10 @@ class Subscriber(_Worker):
             noticed, why = (entry[0], entry[1]) if isinstance(entry, tuple | list) else (now, reason)
             self.interruptions.append(Interruption(float(noticed), now, str(why)))
 
-    def explains(self, acked_at: float, lease_ttl: float) -> bool:
-        return any(i.noticed - 2 * lease_ttl <= acked_at <= i.resubscribed for i in self.interruptions)
+    def explains(self, sent_at: float, acked_at: float, lease_ttl: float) -> bool:
+        """The publish ran during a window: sent before the subscription was back, acknowledged after the gap
+        may have begun."""
+        return any(sent_at <= i.resubscribed and acked_at >= i.noticed - 2 * lease_ttl for i in self.interruptions)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -601,8 +607,10 @@ class FaultSchedule:
     def _report(self, records: list[FaultRecord], t_start: float, t_end: float, error: str) -> Report:
         ttl = self.lease_ttl
         acked: dict[bytes, float] = {}
+        sent: dict[bytes, float] = {}
         for pub in self.publishers:
             acked.update(pub.acked)
+            sent.update(pub.sent)
         bounds = [r.started for r in records] + [t_end]
         for r, end in zip(records, bounds[1:], strict=True):
             r.ended = end
@@ -615,7 +623,7 @@ class FaultSchedule:
             mine = {m: t for m, t in acked.items() if m.split(b":", 1)[0].decode() in sub.publishers}
             delivered = sum(1 for m in mine if m in sub.received)
             lost = sorted((m for m in mine if m not in sub.received), key=lambda m: mine[m])
-            explained = {m for m in lost if sub.explains(mine[m], ttl)}
+            explained = {m for m in lost if sub.explains(sent[m], mine[m], ttl)}
             unexplained = [m for m in lost if m not in explained]
             for m in lost:  # attribute each loss to the fault slot it was acknowledged in
                 slot = next((r for r in records if r.started <= mine[m] < r.ended), None)

@@ -453,11 +453,10 @@ class RoutingMixin(NodeBase):
     def _change_routes_now(self, sender: str, frame: Frame) -> None:
         h = frame.header
         forwarded = bool(h.get("fwd"))
-        # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication
-        # data from the source filling us, and refusing them would leave this replica short if the move flips.
-        if self.fenced() and not forwarded:
-            self._refuse_peer(sender, frame, codec.E_FENCED, f"{self.me} cannot renew its etcd lease")
-            return
+        # Applied even while we are fenced: storing a route is not answering for the shard (lookups are refused
+        # then). If our lease survives we hold the route; if not, the survivors hold it and we lose the shard.
+        # Refusing instead would keep the subscribers of a node cut from etcd from subscribing elsewhere until
+        # our lease ran out, since every owner must confirm.
         if not self._shards_ok(item[0] for item in h["routes"]):
             self._refuse_peer(sender, frame, codec.E_BAD_HEADER, "a route names a shard outside this cluster")
             return

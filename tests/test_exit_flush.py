@@ -22,6 +22,7 @@ import pytest
 
 from shardmq.client import Client, ShardMQError
 from shardmq.router import codec
+from tests.test_client_batching import FakePoller
 
 TOPICS = 1000
 
@@ -148,11 +149,17 @@ class SilentNode:
     def close(self, linger: int | None = None) -> None:
         self.closed = True
 
+    def disable_monitor(self) -> None:
+        pass
+
 
 def fake(pong: bool) -> tuple[Client, SilentNode]:
     node = SilentNode(pong)
     client = Client("tcp://fake", connect=False, timeout=0.3, max_batch=1000, linger=60)
-    client._open = lambda endpoint: setattr(client, "sock", node)  # type: ignore[method-assign]
+    def open_fake(endpoint: str) -> None:
+        client.sock, client._poller = node, FakePoller(node)
+
+    client._open = open_fake  # type: ignore[method-assign]
     client.connect()
     node.sent.clear()
     return client, node

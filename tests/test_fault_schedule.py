@@ -55,19 +55,23 @@ def test_single_fault_loses_no_acknowledged_message(kind: str, tmp_path: Path) -
 
 
 def test_interruption_window_explains_only_losses_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The window is [noticed - 2 * TTL, resubscribed]: from the SDK's interruption_log when it has one, else from
+    """The window is [noticed - 2 * TTL, resubscribed], and a publish running during it (sent before its end,
+    acknowledged after its start) is explained: from the SDK's interruption_log when it has one, else from
     the raise alone. No cluster: a Subscriber without its thread or socket."""
     sub = Subscriber.__new__(Subscriber)
     sub.interruptions, sub.errors, sub._log_seen = [], Counter(), 0
     sub.client = SimpleNamespace()  # an SDK without interruption_log: the raise time is all there is
     monkeypatch.setattr("time.monotonic", lambda: 100.0)
     sub._record_interruptions("node restarted")
-    assert sub.explains(96.0, lease_ttl=2) and sub.explains(100.0, lease_ttl=2)
-    assert not sub.explains(95.9, lease_ttl=2) and not sub.explains(100.1, lease_ttl=2)
+    assert sub.explains(96.0, 96.0, lease_ttl=2) and sub.explains(100.0, 100.0, lease_ttl=2)
+    assert not sub.explains(95.9, 95.9, lease_ttl=2) and not sub.explains(100.1, 100.1, lease_ttl=2)
+    # A publish sent inside the window and acknowledged after it: it may have been routed before the subscription
+    # was back. One sent before the window and acknowledged in it may have been routed inside it.
+    assert sub.explains(99.9, 100.3, lease_ttl=2) and sub.explains(95.0, 96.5, lease_ttl=2)
     sub.client = SimpleNamespace(interruption_log=[(150.0, "fenced")])
     monkeypatch.setattr("time.monotonic", lambda: 153.0)
     sub._record_interruptions("fenced")
     sub._record_interruptions("again, nothing new logged", raised=False)
     assert [(i.noticed, i.resubscribed) for i in sub.interruptions] == [(100.0, 100.0), (150.0, 153.0)]
-    assert sub.explains(146.0, lease_ttl=2) and sub.explains(153.0, lease_ttl=2)
-    assert not sub.explains(145.0, lease_ttl=2) and not sub.explains(120.0, lease_ttl=2)
+    assert sub.explains(146.0, 146.0, lease_ttl=2) and sub.explains(153.0, 153.0, lease_ttl=2)
+    assert not sub.explains(145.0, 145.0, lease_ttl=2) and not sub.explains(120.0, 120.0, lease_ttl=2)

@@ -202,6 +202,9 @@ def test_connected_client_fails_over_and_resubscribes(loss: Loss) -> None:
         pre.publish(f"noise/{unique()}", b"n", qos=1)  # times out on dead n3, fails over to n2, resubscribes
         assert pre.node == "n2" and pre.failovers == 1
         pub.publish(topic, b"after failover", qos=1)
+        with pytest.raises(ShardMQError) as gap:  # the failover is a gap in its subscriptions, and it is told
+            pre.receive(timeout=5.0)
+        assert gap.value.code == "interrupted" and pre.interruptions == 1
         msg = pre.receive(timeout=5.0)
     assert msg is not None and (msg.topic, msg.payload) == (topic, b"after failover")
 
