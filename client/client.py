@@ -376,6 +376,10 @@ class Client:
                 self._monitor.recv_multipart(z.NOBLOCK)
                 if self._recovery is None:
                     self._recovery = "hello"
+                # QoS 0 publishes written to the broken connection may be gone: a PONG on the new one cannot
+                # vouch for them, so the next flush or close reports them.
+                self._unconfirmed_closed += self._unconfirmed
+                self._unconfirmed = 0
 
     def _failover(self) -> None:
         self.failovers += 1
