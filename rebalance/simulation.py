@@ -11,15 +11,22 @@ What is real and what is modelled:
   the lease runs out). A snapshot pushed after a re-registration reaches the node only at its next read
   (``refresh``, ``settle``): until then the node has registered again but not seen the view that goes with it.
   A put of a member key that still exists keeps its create_revision (etcd semantics); ``Etcd.revoke`` deletes a
-  lease with its keys at once.
-* Modelled after the issue 9 design notes (not in ``shard/`` yet; ``SimConfig`` flags switch them off):
-  ``restart`` (kill -9, start under the same id: a new incarnation with no in-memory state). With
+  lease with its keys at once. A view shows each member as a ``MemberKey``: the incarnation in its value and the
+  key's create_revision (``read_members``: ``MemberInfo.revision``), so every registration (a restart, or a new
+  key after a lost lease) is a new revision.
+* Modelled after issue 9 as ``shard/`` does it (``SimConfig`` flags switch each off, to compare with the old
+  behaviour): ``restart`` (kill -9, start under the same id: a new incarnation with no in-memory state). With
   ``retire_previous_incarnation`` the new process's session revokes the old incarnation's lease (member key and,
   if held, leader key go), then, while other members are live, stays ``retiring`` (advanced by each session
-  poll: ticks, reads) until the assignment lists it in no shard's owners or joining, and only then registers;
-  member values carry the incarnation and peers treat a changed one as gone+joined (fail what waits on it; its
-  routes go only with ``incarnation_change_drops_routes``). Off: the old behaviour (the member key is re-put
-  under a new lease, the node keeps its shards with an empty table). With ``end_sessions_when_fenced`` a node
+  poll: ticks, reads) until the assignment lists it in no shard's owners or joining, and only then registers.
+  Peers treat a replaced member (``MemberInfo.same_process`` false: another incarnation or create_revision; the
+  model has no endpoints) as gone + joined: what waits on it fails and, with ``incarnation_change_drops_routes``,
+  its routes go (``routes.remove_node``). With ``defer_unseen_registrations`` every direct ROUTE_ADD carries
+  ``member_rev`` (the sender's own key revision in its view) and a receiver whose view shows the sender with an
+  older revision defers it, and every later route change, in arrival order, until its view shows that revision
+  (replayed after each snapshot) or request_timeout passed (a timer), so the late view that drops the old
+  registration's routes comes first. ``retire_previous_incarnation`` off: the old restart (the member key is
+  re-put under a new lease, the node keeps its shards with an empty table). With ``end_sessions_when_fenced`` a node
   whose loop notices it is fenced (at timers, client requests, peer frames, snapshots) ends every client
   session: those subscriptions go from ``acked`` to ``interrupted`` until their client subscribes again
   (``resubscribe``, through any node that takes it); a restart ends its sessions the same way. ``etcd_down``/
@@ -31,8 +38,9 @@ What is real and what is modelled:
   ``_commit``, the hand-off handlers (``_on_handoff``, ``_on_snapshot``, ``_on_handoff_ready``,
   ``_abandon_incoming``, ``_refuse_move``, ``_stop_abandoned``), ``_release``/``_stop_forwarding`` with their
   grace timers, ``_on_peer_error`` (waiter failures; refused moves to ``Coordinator.on_refused`` by move id),
-  ``_reannounce_routes``, and the route path (``_change_routes``/``_send_route_items``/``_apply_route_items``/
-  ``_on_route_change``/``_on_route_ack``/``_retry_stale`` with waiters and their timeouts). Publishes are one
+  ``_reannounce_routes``, and the route path (``_change_routes``/``_send_route_items`` with ``member_rev``/
+  ``_apply_route_items``/``_on_route_change``/``_registration_unseen``/``replay_route_changes``/
+  ``_change_routes_now``/``_on_route_ack``/``_retry_stale`` with waiters and their timeouts). Publishes are one
   synchronous lookup (``_lookup``/``_lookup_failed``/``_on_lookup``): the model only records which subscribers
   the answering owner named.
 * Simplified: exact topic filters only (a filter's shard is ``shard_for_key(filter)``; no root set, no ROUTE_DEL),
@@ -40,9 +48,11 @@ What is real and what is modelled:
   drift, an etcd call is atomic (it succeeds iff etcd is reachable and the node is neither partitioned, paused
   nor crashed). A client is a (filter, node) pair: interrupted clients have no identity beyond that, no message
   payloads (so no stalled consumer). The member check on peer frames only as far as a node with no view yet (a
-  retiring process) ignores every peer frame. Not modelled: ``_shards_ok`` (the model never names a shard outside
-  the cluster), the member check for a known view, ``session.poll_now`` (a view is only read by
-  ``refresh``/``settle``/``_refresh_assignment``), the bound on the retire wait (it waits as long as it takes).
+  retiring process) ignores every peer frame and a deferred route change whose sender left the view is dropped.
+  Not modelled: ``_shards_ok`` (the model never names a shard outside the cluster), the member check for a known
+  view, ``session.poll_now`` and the session's poll interval (a view is only read by ``refresh``/``settle``/
+  ``_refresh_assignment``, so a view may lag longer than the real session lets it, past request_timeout too),
+  the bound on the retire wait (it waits as long as it takes).
 
 Pure: no sockets, threads, real clocks or randomness; whoever drives the model (a hypothesis state machine)
 chooses every step, so a run is a function of its step list.
@@ -53,12 +63,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardmq.rebalance.coordinator import Commit, Coordinator, Member, StartHandoff
 from shardmq.ring import Assignment, ShardMap, shard_for_key
 
-__all__ = ["Etcd", "Msg", "Sim", "SimConfig", "SimNode", "Waiter"]
+__all__ = ["Etcd", "MemberKey", "Msg", "Sim", "SimConfig", "SimNode", "Waiter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +87,18 @@ class SimConfig:
     # peers see a changed one as gone+joined. False: the old behaviour (re-put the member key under a new lease,
     # keep owning the old incarnation's shards with an empty table; no incarnation in the member value).
     retire_previous_incarnation: bool = True
-    # The design notes also have peers drop a member's routes when its incarnation changed. A peer that missed the
-    # gap (never read the member list between the revocation and the new registration) then drops routes the NEW
-    # incarnation made and got acknowledged meanwhile (``test_incarnation_change_must_not_drop_new_routes``).
-    # False (default): a changed incarnation fails what waits on the member, routes go only when its key is seen
-    # gone, which can only be before the new incarnation registered (so only the old incarnation's routes).
-    incarnation_change_drops_routes: bool = False
+    # ``OwnershipMixin.on_members``: a member that was replaced (``MemberInfo.same_process`` is false: a new
+    # incarnation, or a new create_revision of its member key, i.e. a registration after a lost lease or a restart)
+    # is gone + joined: what waits on it fails AND its routes are dropped (``routes.remove_node``). False: a replaced
+    # member's routes go only when its key is seen gone (what waits on it still fails).
+    incarnation_change_drops_routes: bool = True
+    # ``RoutingMixin._on_route_change``: a direct ROUTE_ADD carries ``member_rev`` (the create_revision of the
+    # sender's member key in the sender's view); a receiver whose view shows an older revision for the sender has
+    # not seen that registration: it defers the frame, and every later route change, in arrival order, until its
+    # view shows it (``replay_route_changes`` after each snapshot) or request_timeout passed. Without it, a peer
+    # that missed the gap applies the new registration's route, acknowledges it, and then drops it when its view
+    # shows the replacement (``test_replacement_drops_new_routes_unless_deferred``).
+    defer_unseen_registrations: bool = True
     # Issue 9, "Lease loss of a live node": a node that becomes fenced ends every client session (its clients
     # resubscribe through another node, or through it once it is unfenced). False: sessions survive the fence and
     # the node re-announces their routes after re-registering (the behaviour before issue 9).
@@ -179,6 +195,14 @@ class Etcd:
         return self.revision
 
 
+class MemberKey(NamedTuple):
+    """A member as a view shows it (``MemberInfo``): the incarnation in its value (0: none) and the key's etcd
+    create_revision (``MemberInfo.revision``). Either changing makes it another member (``same_process``)."""
+
+    incarnation: int
+    revision: int
+
+
 @dataclass(slots=True)
 class Msg:
     kind: str  # ROUTE_ADD, ROUTE_ACK, ERROR, HANDOFF, SNAPSHOT, HANDOFF_READY (an ERROR for a move has move_id)
@@ -217,7 +241,10 @@ class SimNode:
     # Node view
     registration: int = 0  # Node._registration: the registration whose view the node last processed
     members: set[str] = field(default_factory=set)
-    incarnations: dict[str, int] = field(default_factory=dict)  # member -> the incarnation this view knows
+    member_keys: dict[str, MemberKey] = field(default_factory=dict)  # member -> its key as this view shows it
+    member_revision: int = 0  # Node.member_revision: our own key's create_revision in our view (``member_rev``)
+    # Node.deferred_route_changes: (arrival time, sender, header) of direct route changes waiting for our view
+    deferred: deque[tuple[float, str, dict[str, Any]]] = field(default_factory=deque)
     leader: str | None = None
     assignment: Assignment | None = None
     assignment_revision: int = 0
@@ -271,6 +298,10 @@ class Sim:
         self.notes: list[str] = []  # notable events (abandoned incoming with a stale view, ...)
         self.refused_moves: list[tuple[float, str, int, str]] = []  # (time, refuser, move id, code)
         self.refused_frames: list[tuple[float, str, str, str, str]] = []  # (time, refuser, sender, kind, code)
+        # Deferred route changes (an unseen registration, or queued behind one): (time, receiver, sender,
+        # member_rev, the sender's revision in the receiver's view)
+        self.deferrals: list[tuple[float, str, str, int, int]] = []
+        self.deferred_timeouts: list[tuple[float, str, str]] = []  # (time, receiver, sender) applied unseen
         self.etcd_reachable = True  # False during ``etcd_down``: no node can keep alive, read or commit
         self._incarnations = 0
         # Subscriptions whose client session ended (fenced node, restart): (filter, node it was on, why). Their
@@ -338,6 +369,7 @@ class Sim:
         n.crashed = True
         n.timers.clear()
         n.waiters.clear()
+        n.deferred.clear()
         for key in [k for k in self.channels if node_id in k]:
             del self.channels[key]
         self.trace.append(f"crash {node_id}")
@@ -439,7 +471,7 @@ class Sim:
             # (``refresh``/``settle``). Until then ``fenced`` holds (registration < registrations).
         if read:
             leader = self.etcd.campaign(node_id, n.lease_id)
-            members = {m: lease.incarnation for m, lease in self.etcd.members.items()}
+            members = self.member_view()
             self.on_snapshot(n, members, leader, self.etcd.doc, self.etcd.doc_revision, n.registrations)
 
     def _retire_previous(self, n: SimNode) -> bool:
@@ -459,6 +491,10 @@ class Sim:
         self.notes.append(f"{self.now}: {n.node_id} retired its previous incarnation; registering")
         return True
 
+    def member_view(self) -> dict[str, MemberKey]:
+        """``read_members``: every member key with its value's incarnation and its create_revision."""
+        return {m: MemberKey(lease.incarnation, lease.create_revision) for m, lease in self.etcd.members.items()}
+
     def refresh(self, node_id: str) -> None:
         self.trace.append(f"refresh {node_id}")
         self.session_poll(node_id, read=True)
@@ -467,14 +503,16 @@ class Sim:
     def on_snapshot(
         self,
         n: SimNode,
-        members: dict[str, int],
+        members: dict[str, MemberKey],
         leader: str | None,
         doc: Assignment | None,
         rev: int,
         registration: int,
     ) -> None:
-        """``members`` maps each member to the incarnation in its member value. The node's loop processes it:
-        a node that registered again (its lease was lost) notices here, at the latest, that it was fenced."""
+        """``members`` maps each member to its key (incarnation, create_revision). The node's loop processes it:
+        a node that registered again (its lease was lost) notices here, at the latest, that it was fenced. As in
+        ``OwnershipMixin.on_snapshot``: members first, then our own ``member_revision``, then the deferred route
+        changes whose sender's registration this view shows, then the assignment."""
         self._notice_fence(n)
         if n.node_id not in members and n.node_id in n.members:
             n.crashed = True  # Node.on_snapshot: removed_from_cluster -> stop()
@@ -488,8 +526,12 @@ class Sim:
                 # everyone has seen us back (``_reannounce_routes``).
                 self._later(n, self.cfg.reannounce_delay, "reannounce")
             n.registration = registration
-        if members != n.incarnations:
+        if members != n.member_keys:
             self.on_members(n, members)
+        me = members.get(n.node_id)
+        n.member_revision = me.revision if me is not None else 0
+        if n.deferred:
+            self.replay_route_changes(n)
         if doc is not None and rev > n.assignment_revision:
             self.set_assignment(n, doc, rev)
         if n.leader == n.node_id and n.coordinator is None:
@@ -501,15 +543,16 @@ class Sim:
             n.coordinator = None
         self.lead(n.node_id)
 
-    def on_members(self, n: SimNode, members: dict[str, int]) -> None:
-        """A member that left loses its routes here; what waits on it fails. A member whose incarnation changed (a
-        restart) is gone + joined for what waits on it; its routes are dropped too only with
-        ``incarnation_change_drops_routes`` (see ``SimConfig``)."""
+    def on_members(self, n: SimNode, members: dict[str, MemberKey]) -> None:
+        """A member that left loses its routes here; what waits on it fails. A member that was replaced (its
+        incarnation or its key's create_revision changed: a restart, or a registration after a lost lease) is
+        gone + joined: what waits on it fails, and with ``incarnation_change_drops_routes`` (the default, as
+        ``shard/ownership.py``) its routes are dropped too."""
         left = n.members - set(members)
-        restarted = {m for m in n.members & set(members) if m != n.node_id and n.incarnations.get(m) != members[m]}
-        gone = left | restarted
+        replaced = {m for m in n.members & set(members) if m != n.node_id and n.member_keys.get(m) != members[m]}
+        gone = left | replaced
         n.members = set(members)
-        n.incarnations = dict(members)
+        n.member_keys = dict(members)
         for node in sorted(gone if self.cfg.incarnation_change_drops_routes else left):
             for routes in n.routes.values():
                 for item in [r for r in routes if r[1] == node]:
@@ -776,7 +819,8 @@ class Sim:
         n.waiters[wid] = Waiter(set(by_node), [on_done], by_node, attempt)
         for node, routes in sorted(by_node.items()):
             # A frame to a peer that is down is not an error for zmq: the waiter's timeout catches it.
-            self.send(n.node_id, node, Msg("ROUTE_ADD", {"id": wid, "node": n.node_id, "routes": routes}))
+            header = {"id": wid, "node": n.node_id, "routes": routes, "member_rev": n.member_revision}
+            self.send(n.node_id, node, Msg("ROUTE_ADD", header))
         self._later(n, self.cfg.request_timeout, "expire_waiter", wid)
 
     def _apply_route_items(
@@ -805,6 +849,48 @@ class Sim:
         return stale
 
     def _on_route_change(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
+        forwarded = bool(h.get("fwd"))
+        deferring = self.cfg.defer_unseen_registrations and not forwarded
+        if deferring and (self._registration_unseen(n, sender, h) or n.deferred):
+            # The sender registered again and our view does not show it yet: the view that drops its old
+            # registration's routes would drop this one after we acknowledged it. Wait for it, in arrival order.
+            key = n.member_keys.get(sender)
+            self.deferrals.append((self.now, n.node_id, sender, h["member_rev"], key.revision if key else 0))
+            n.deferred.append((self.now, sender, h))
+            if len(n.deferred) == 1:
+                self._later(n, self.cfg.request_timeout, "replay_route_changes")
+            return
+        self._change_routes_now(n, sender, h)
+
+    def _registration_unseen(self, n: SimNode, sender: str, h: dict[str, Any]) -> bool:
+        """``RoutingMixin._registration_unseen``: our view shows the sender with an older member key revision than
+        the one its frame carries (a sender our view lacks is not "unseen")."""
+        key = n.member_keys.get(sender)
+        rev = h.get("member_rev")
+        return key is not None and type(rev) is int and rev > key.revision
+
+    def replay_route_changes(self, n: SimNode) -> None:
+        """``RoutingMixin.replay_route_changes``: apply deferred changes, oldest first, while the oldest one's
+        sender registration is in our view or it waited request_timeout; one from a sender no longer a member is
+        dropped unanswered. Called after each snapshot and by a timer while any wait."""
+        oldest_allowed = self.now - self.cfg.request_timeout
+        while n.deferred and (
+            not self._registration_unseen(n, n.deferred[0][1], n.deferred[0][2]) or n.deferred[0][0] <= oldest_allowed
+        ):
+            _, sender, h = n.deferred.popleft()
+            if self._registration_unseen(n, sender, h):
+                self.deferred_timeouts.append((self.now, n.node_id, sender))
+            if sender in n.members:
+                self._change_routes_now(n, sender, h)
+        if n.deferred and not any(kind == "replay_route_changes" for _, _, kind, _ in n.timers):
+            # (the real node adds a timer at every call; one at a time applies a timed-out change as late as its
+            # chain does: at most min(1, request_timeout) after its deadline)
+            self._later(n, min(1.0, self.cfg.request_timeout), "replay_route_changes")
+
+    def _timer_replay_route_changes(self, n: SimNode) -> None:
+        self.replay_route_changes(n)
+
+    def _change_routes_now(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
         forwarded = bool(h.get("fwd"))
         # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication data
         # from the source filling us, and refusing them would leave this replica short if the move flips.
@@ -950,7 +1036,7 @@ class Sim:
     def views_current(self) -> bool:
         return all(
             n.assignment_revision == self.etcd.doc_revision
-            and n.incarnations == {m: lease.incarnation for m, lease in self.etcd.members.items()}
+            and n.member_keys == self.member_view()
             and n.registration == n.registrations
             for n in self.nodes.values()
             if n.up and n.node_id in self.etcd.members
@@ -968,7 +1054,7 @@ class Sim:
             return False
         if doc is None or target is None or doc.table != target or not self.views_current():
             return False
-        if any(self.channels.values()) or any(n.waiters for n in self.nodes.values() if n.up):
+        if any(self.channels.values()) or any(n.waiters or n.deferred for n in self.nodes.values() if n.up):
             return False
         if any(kind == "reannounce" for n in self.nodes.values() if n.up for _, _, kind, _ in n.timers):
             return False
