@@ -806,17 +806,21 @@ class Sim:
     ) -> None:
         assert n.assignment is not None
         by_node: dict[str, list[tuple[int, int, str]]] = {}
+        ownerless: set[str] = set()
         for item in items:
-            for owner in n.assignment.owners(item[0]):
+            owners = n.assignment.owners(item[0])
+            if not owners:  # shard/routing.py: nobody can hold it, so it is never confirmed
+                ownerless.add(f"shard {item[0]} has no owner")
+            for owner in owners:
                 by_node.setdefault(owner, []).append(item)
         local = by_node.pop(n.node_id, None)
         if local:
             self._apply_route_items(n, n.node_id, local, forwarded=False)
         if not by_node:
-            on_done([])
+            on_done(sorted(ownerless))
             return
         wid = self._id()
-        n.waiters[wid] = Waiter(set(by_node), [on_done], by_node, attempt)
+        n.waiters[wid] = Waiter(set(by_node), [on_done], by_node, attempt, failures=sorted(ownerless))
         for node, routes in sorted(by_node.items()):
             # A frame to a peer that is down is not an error for zmq: the waiter's timeout catches it.
             header = {"id": wid, "node": n.node_id, "routes": routes, "member_rev": n.member_revision}
@@ -892,11 +896,7 @@ class Sim:
 
     def _change_routes_now(self, n: SimNode, sender: str, h: dict[str, Any]) -> None:
         forwarded = bool(h.get("fwd"))
-        # A fenced node refuses to act as an owner. Forwarded changes are not owner work: they are replication data
-        # from the source filling us, and refusing them would leave this replica short if the move flips.
-        if self.fenced(n) and not forwarded:
-            self._refuse_peer(n, sender, h, "fenced")
-            return
+        # Applied even while fenced (shard/routing.py): storing a route is not answering for the shard.
         if forwarded:
             # Only the source of a hand-off we receive may forward changes to us, and only for that shard.
             if any(n.snapshot_sources.get(item[0]) != sender for item in h["routes"]):

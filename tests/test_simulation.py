@@ -44,8 +44,8 @@ end pin them: the old restart loses routes and the retiring one does not, droppi
 incarnation or member key revision) loses a route the new registration made unless route changes carrying an unseen
 ``member_rev`` are deferred until the receiver's view shows it (one applied after request_timeout was never
 acknowledged), a fenced node ends its sessions, etcd outages shorter and longer than the TTL. One counterexample
-StrictCluster found in the real design (a SUB for a shard with no owner is acknowledged) is pinned as a strict
-xfail, ``test_sub_for_an_ownerless_shard_is_not_acknowledged``: the state machines may find it again.
+StrictCluster found in the real design (a SUB for a shard with no owner was acknowledged) is fixed in both and
+pinned by ``test_sub_for_an_ownerless_shard_is_not_acknowledged``.
 
 Fixed tests below pin single rules (fencing window after re-registration, refused moves by move id, stale items)
 and the hand-off rules added for route losses the model found: a fenced replica still applies forwarded changes,
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -784,7 +783,6 @@ def test_deferred_route_change_applied_after_request_timeout_is_never_acknowledg
     assert not check.route_losses(), check.route_losses()
 
 
-@pytest.mark.xfail(strict=True, reason="real design: a SUB for a shard with no owners is acknowledged (routing.py)")
 def test_sub_for_an_ownerless_shard_is_not_acknowledged() -> None:
     """A counterexample StrictCluster found (shrunk), in the real design and in the model before member revisions
     too: not caused by dropping routes on replacement or by deferral. Steps: ``StrictCluster()``, ``settle()``,
@@ -795,9 +793,8 @@ def test_sub_for_an_ownerless_shard_is_not_acknowledged() -> None:
     shard's owners are gone, so every shard has no owner (at a new epoch). A client on n3 subscribes to t/0
     (shard 6): ``_send_route_items`` finds no owner to send to, and a waiter with nothing pending confirms at once
     (``on_done([])``): SUBACK. The others re-register, the leader gives shard 6 to (n2, n0), re-created empty,
-    and no owner ever gets t/0 -> n3 (invariant 4; publishes to t/0 miss the subscriber). A fix belongs in
-    ``shard/routing.py`` (an item with no owner fails the request, or waits for a view that gives it one) and
-    then in this model; this test passes once both do."""
+    and no owner ever gets t/0 -> n3 (invariant 4; publishes to t/0 miss the subscriber). Fixed in
+    ``shard/routing.py`` and here: an item with no owner fails the request (the client subscribes again later)."""
     state = StrictCluster()
     sim = state.sim
     state.settle()
