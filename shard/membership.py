@@ -202,7 +202,14 @@ class EtcdSession(threading.Thread):
     def _register(self) -> None:
         started = time.monotonic()
         self._lease = self.client.lease(self._ttl)
-        self._put_member()
+        try:
+            self._put_member()
+        except Exception:
+            # A lease without our member key would be kept alive for nothing while nobody sees us: start over.
+            lease, self._lease = self._lease, None
+            with contextlib.suppress(Exception):
+                lease.revoke()
+            raise
         self.lease_valid_until = started + self._ttl
         self.registrations += 1
         log.info("registered", node=self._me.node_id, lease_ttl=self._ttl, registrations=self.registrations)
