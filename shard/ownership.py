@@ -44,6 +44,8 @@ class OwnershipMixin(NodeBase):
 
         def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool: ...
 
+        def watch_everywhere(self, shards: Iterable[int]) -> None: ...
+
     if TYPE_CHECKING:  # from ClientsMixin
 
         def end_sessions(self, code: str, reason: str) -> None: ...
@@ -153,7 +155,13 @@ class OwnershipMixin(NodeBase):
                 self.call_later(2 * self.cfg.handoff_grace, lambda s=shard, src=source: self._forget_source(s, src))
         if old is not None:
             # Entry nodes that cached our answers for a shard that flipped must ask its new owners.
-            self._invalidate_caches(s for s in range(new.shard_count) if new.epoch(s) != old.epoch(s))
+            changed = [s for s in range(new.shard_count) if new.epoch(s) != old.epoch(s)]
+            self._invalidate_caches(changed)
+            # An owner that left took with it the record of who caches its answers (a promotion): every entry
+            # node may, and the next route change in such a shard invalidates them all.
+            self.watch_everywhere(
+                s for s in changed if self.me in new.owners(s) and any(o not in self.members for o in old.owners(s))
+            )
             for shard in set(old.shards_of(self.me)) - mine:
                 self.call_later(self.cfg.handoff_grace, lambda shard=shard: self._release(shard))
             for shard, fw in list(self.forwarding.items()):

@@ -138,6 +138,7 @@ class RoutingMixin(NodeBase):
         stale: list[list[int]] = []
         relay: dict[str, list[list[Any]]] = {}
         newer = False
+        newer_shards: set[int] = set()
         for item in items:
             shard, epoch, filt = item
             if shard == ROOT:
@@ -153,16 +154,29 @@ class RoutingMixin(NodeBase):
                         relay.setdefault(target, []).append(item)
             else:
                 stale.append([shard, ours])
-            newer = newer or epoch > ours
+            if epoch > ours:
+                newer = True
+                newer_shards.add(shard)
         for target, routes in relay.items():
             self.metrics["handoff.changes_forwarded"] += len(routes)
             header = {"id": 0, "node": node, "epoch": self.epoch, "routes": routes, "fwd": True}
             self.send_peer(target, codec.encode(kind, header))
         if newer:
             self.session.poll_now()
+            # The owners changed and we have not seen how: entry nodes may cache answers of an owner that is gone.
+            self.watch_everywhere(newer_shards)
         if stale:
             self.metrics["fencing.stale_route_items"] += len(stale)
         return stale
+
+    def watch_everywhere(self, shards: Iterable[int]) -> None:
+        """Count every member as caching answers for ``shards``: the owner that answered their lookups is gone
+        (it died, or our view lags), and with it the record of who caches them, so the next route change in
+        these shards invalidates every entry node before it is confirmed."""
+        nodes = [n for n in self.members if n != self.me]
+        for shard in shards:
+            for node in nodes:
+                self.lookup_watchers.watch(shard, node)
 
     def _invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool:
         """Tell the entry nodes caching answers for ``shards`` to drop them (see router.route_cache).

@@ -91,11 +91,18 @@ class Subscriber(threading.Thread):
         self._last: dict[tuple[str, str], int] = {}
         self.stop = threading.Event()
         self.last_message = time.monotonic()
+        self.gaps: list[tuple[float, str]] = []  # (time.monotonic(), code) of errors receive raised
 
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                msg = self.client.receive(timeout=0.2)
+                try:
+                    msg = self.client.receive(timeout=0.2)
+                except ShardMQError as exc:  # a gap the SDK reports (interrupted), or no node could take it yet
+                    self.gaps.append((time.monotonic(), exc.code))
+                    if exc.code != "interrupted":
+                        time.sleep(0.2)
+                    continue
                 if msg is None:
                     continue
                 self.last_message = time.monotonic()

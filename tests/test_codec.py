@@ -418,6 +418,9 @@ def test_error_codes_are_the_documented_set() -> None:
         "not_allowed",
         "stale_epoch",
         "fenced",
+        "overloaded",
+        "interrupted",
+        "shutdown",
     } == ERROR_CODES
 
 

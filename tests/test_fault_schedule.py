@@ -20,7 +20,7 @@ import pytest
 
 from shardmq.loadtest.fault_schedule import KINDS, Report, Subscriber, run_schedule
 
-READY_TIMEOUT = 15.0  # lease expiry, leader promotion and hand-offs fit well inside; bounds a run that never settles
+READY_TIMEOUT = 45.0  # settling after a restart: retire, promote, register, hand-offs back (slower under load)
 
 
 def check(report: Report) -> None:
