@@ -197,7 +197,11 @@ class EtcdSession(threading.Thread):
     def fenced(self, now: float) -> bool:
         """True once two thirds of the lease TTL passed without a successful keep-alive: stop acting as owner
         before the lease can expire, so that no two nodes act for one shard at the same time."""
-        return now > self.lease_valid_until - self._ttl / 3
+        return now > self.fenced_from()
+
+    def fenced_from(self) -> float:
+        """The time.monotonic() from which ``fenced`` holds unless a keep-alive succeeds before."""
+        return self.lease_valid_until - self._ttl / 3
 
     def _register(self) -> None:
         started = time.monotonic()
