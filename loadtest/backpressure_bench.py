@@ -3,7 +3,8 @@
 Starts a private 3-node cluster, runs a QoS 1 ``publish_many`` publisher on n1 and a subscriber on n2 for
 ``--duration`` seconds, twice in the same run: first with a subscriber that reads as fast as it can (the
 baseline), then with one throttled to ``--read-rate`` messages per second. It prints, for each run, what the
-publisher got acknowledged per second, what the subscriber received per second, the publishes refused with
+publisher got acknowledged per second while publishing, what the subscriber received per second until it had
+drained everything (``drained/s``), the publishes refused with
 ``overloaded`` at the subscriber's node (each retried by the SDK), the largest QoS 1 backlog and RSS seen at that
 node, duplicates, and acknowledged messages that never arrived (must be 0). Every process it starts is stopped.
 
@@ -119,7 +120,7 @@ def main() -> None:
             lc.down()
     print(f"QoS 1 publish_many on n1 -> subscriber on n2, {args.duration:.0f} s each, window {args.max_inflight}, "
           f"backlog {args.max_queued}")  # fmt: skip
-    print(f"{'subscriber':<20} {'acked/s':>9} {'received/s':>11} {'overloaded':>10} {'max backlog':>11} "
+    print(f"{'subscriber':<20} {'acked/s':>9} {'drained/s':>11} {'overloaded':>10} {'max backlog':>11} "
           f"{'max inflight':>12} {'RSS MiB':>8} {'dups':>5} {'lost':>5}")  # fmt: skip
     for name, f in rows:
         print(
