@@ -21,9 +21,8 @@ import pytest
 
 from shardmq.cli.cluster import LocalCluster, pid_runs
 from shardmq.client import Client, ShardMQError
-from shardmq.ring import Assignment, shard_for_key
 from shardmq.router import codec
-from shardmq.shard.membership import etcd_client, read_assignment
+from tests.rebalance_load import topics_with_primary
 from tests.tcp_proxy import TcpProxy
 
 LEASE_TTL = 2
@@ -51,26 +50,6 @@ def endpoints_from(lc: LocalCluster, first: str) -> list[str]:
     """Client endpoints with ``first``'s first (the others are the failover list)."""
     assert lc.state is not None
     return [node(lc, first).client_endpoint, *(p.client_endpoint for p in lc.state.nodes if p.name != first)]
-
-
-def assignment(lc: LocalCluster) -> Assignment:
-    assert lc.state is not None
-    document, _ = read_assignment(etcd_client(lc.state.etcd_url), lc.cluster)
-    assert document
-    return Assignment.from_json(document)
-
-
-def topics_owned_by(lc: LocalCluster, owner: str, count: int, prefix: str) -> list[str]:
-    """Topics whose shard has ``owner`` as primary: the restarted node answers their lookups."""
-    a = assignment(lc)
-    found: list[str] = []
-    i = 0
-    while len(found) < count:
-        topic = f"{prefix}/{i}"
-        if a.primary(shard_for_key(topic, a.shard_count)) == owner:
-            found.append(topic)
-        i += 1
-    return found
 
 
 class Publisher(threading.Thread):
@@ -136,6 +115,18 @@ class Subscriber(threading.Thread):
             self.client.close()
 
 
+def start_pair(lc: LocalCluster, pub_node: str, sub_node: str) -> tuple[Publisher, Subscriber]:
+    """A subscriber to 8 fresh topics on ``sub_node`` and a publisher to them on ``pub_node``, 1.5 s under way."""
+    p = uuid.uuid4().hex[:6]
+    topics = [f"{p}/{i}" for i in range(8)]
+    sub = Subscriber(endpoints_from(lc, sub_node), topics)
+    pub = Publisher(endpoints_from(lc, pub_node), topics)
+    sub.start()
+    pub.start()
+    time.sleep(1.5)
+    return pub, sub
+
+
 def finish(pub: Publisher, sub: Subscriber, quiet: float = 3.0) -> None:
     pub.stop.set()
     pub.join(30)
@@ -173,7 +164,7 @@ def test_restart_under_the_same_id_loses_no_acknowledged_message(lc: LocalCluste
     """kill -9 of n3 and an immediate restart under the same id (what a supervisor does): n3 must not answer
     lookups for its shards from an empty table, and peers must reach it at its new endpoints."""
     p = uuid.uuid4().hex[:6]
-    topics = topics_owned_by(lc, "n3", 8, p)
+    topics = topics_with_primary(lc, "n3", 8, p)
     sub = Subscriber(endpoints_from(lc, "n2"), topics)
     pub = Publisher(endpoints_from(lc, "n1"), topics)
     sub.start()
@@ -206,13 +197,7 @@ def test_subscriber_node_stopped_past_its_lease_reports_the_gap(lc: LocalCluster
     """SIGSTOP of the subscriber's node for longer than its lease: peers drop its routes, so messages acknowledged
     meanwhile cannot reach the subscriber; the subscriber must learn it (``interrupted``), fail over, subscribe
     again, and miss nothing acknowledged before the stop or after it subscribed again."""
-    p = uuid.uuid4().hex[:6]
-    topics = [f"{p}/{i}" for i in range(8)]
-    sub = Subscriber(endpoints_from(lc, "n2"), topics)
-    pub = Publisher(endpoints_from(lc, "n1"), topics)
-    sub.start()
-    pub.start()
-    time.sleep(1.5)
+    pub, sub = start_pair(lc, "n1", "n2")
     n2 = node(lc, "n2")
     stopped_at = time.monotonic()
     os.kill(n2.pid, signal.SIGSTOP)
@@ -245,13 +230,7 @@ def test_node_cut_from_etcd_ends_its_sessions_and_clients_move(lc: LocalCluster)
     try:
         lc.start_node("n4", etcd_url=f"http://127.0.0.1:{proxy.port}")
         wait_members(lc, "n4", 4)
-        p = uuid.uuid4().hex[:6]
-        topics = [f"{p}/{i}" for i in range(8)]
-        sub = Subscriber(endpoints_from(lc, "n4"), topics)
-        pub = Publisher(endpoints_from(lc, "n1"), topics)
-        sub.start()
-        pub.start()
-        time.sleep(1.5)
+        pub, sub = start_pair(lc, "n1", "n4")
         cut_at = time.monotonic()
         proxy.cut()
         deadline = time.monotonic() + 20
