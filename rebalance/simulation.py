@@ -675,6 +675,9 @@ class Sim:
             self._refuse_move(n, h, "stale_epoch")
             return
         targets = [t for t in h["targets"] if t != n.node_id]
+        if any(t not in n.members for t in targets):  # OwnershipMixin._on_handoff: our view lags a (re)joined target
+            self._refuse_move(n, h, "unavailable")
+            return
         fw = n.forwarding.get(shard)
         if fw is None or fw.epoch != epoch:
             fw = n.forwarding[shard] = Forwarding(set(), epoch)
