@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from shardmq.client import Client
+from shardmq.testing import LocalCluster
 
-from .cluster import LocalCluster
 from .main import print_status
 
 SUBSCRIBERS = [

@@ -19,7 +19,7 @@ DEFAULT_DIR = ".shardmq"
 def _endpoints(args: argparse.Namespace) -> list[str]:
     if args.endpoint:
         return args.endpoint
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     state_dir = Path(args.dir)
     if not (state_dir / "cluster.json").exists():
@@ -60,7 +60,7 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     lc = LocalCluster(
         args.dir,
@@ -82,7 +82,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_restart(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     if not (Path(args.dir) / "cluster.json").exists():
         sys.exit(f"no cluster recorded in {args.dir}: run `shardmq cluster up --dir {args.dir}` first")
@@ -136,7 +136,7 @@ def print_status(status: dict[str, Any]) -> None:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     status = LocalCluster.load(args.dir).status()
     if args.json:
@@ -146,7 +146,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     if not (Path(args.dir) / "cluster.json").exists():
         print(f"no cluster running from {args.dir}")
@@ -156,7 +156,7 @@ def cmd_cluster_down(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_join(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     lc = LocalCluster.load(args.dir)
     print("starting a node and waiting for its shards to be handed over ...", flush=True)
@@ -166,7 +166,7 @@ def cmd_cluster_join(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_leave(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     lc = LocalCluster.load(args.dir)
     print(f"{args.node} is handing its shards off before it exits ...", flush=True)
@@ -176,7 +176,7 @@ def cmd_cluster_leave(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_remove(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
 
     lc = LocalCluster.load(args.dir)
     lc.remove(args.node)
@@ -185,7 +185,8 @@ def cmd_cluster_remove(args: argparse.Namespace) -> None:
 
 
 def cmd_rebalance_plan(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
+
     from .rebalance import plan_report, print_plan
 
     report = plan_report(LocalCluster.load(args.dir))
@@ -196,7 +197,8 @@ def cmd_rebalance_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_rebalance_apply(args: argparse.Namespace) -> None:
-    from .cluster import LocalCluster
+    from shardmq.testing import LocalCluster
+
     from .rebalance import apply
 
     apply(LocalCluster.load(args.dir), timeout=args.timeout)

@@ -14,8 +14,7 @@ from shardmq.client import Client, ShardMQError
 from shardmq.rebalance import plan, summarize
 from shardmq.ring import Assignment, ShardMap
 from shardmq.shard.membership import etcd_client, read_assignment, read_members
-
-from .cluster import LocalCluster
+from shardmq.testing import LocalCluster
 
 
 def plan_report(lc: LocalCluster) -> dict[str, Any]:

@@ -20,8 +20,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client, ShardMQError
+from shardmq.testing import LocalCluster
 
 
 @dataclass

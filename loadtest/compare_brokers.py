@@ -513,7 +513,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def peer(system: str, binary: str, tmp: Path) -> Iterator[dict[str, Any]]:
     """Start one peer server on a free loopback port; stop it by pid on exit."""
-    from shardmq.cli.cluster import free_port
+    from shardmq.testing import free_port
 
     work = tmp / system
     work.mkdir()
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
         infos: dict[str, dict[str, Any]] = {}
         for system in wanted:
             if system == "shardmq":
-                from shardmq.cli.cluster import LocalCluster
+                from shardmq.testing import LocalCluster
 
                 lc = LocalCluster(tmp / "shardmq", nodes=3, log_level="warning")
                 print("shardmq: starting etcd + 3 nodes ...", flush=True)

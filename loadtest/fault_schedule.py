@@ -55,9 +55,9 @@ from typing import Any
 
 import zmq
 
-from shardmq.cli.cluster import LocalCluster, Proc, pid_runs, stop_proc
 from shardmq.client import Client, ShardMQError
 from shardmq.loadtest.tcp_proxy import TcpProxy
+from shardmq.testing import LocalCluster, Proc, pid_runs, stop_proc
 
 KINDS = ("restart_same", "rejoin_new", "sigstop", "etcd_stop", "etcd_cut", "stall_sub")
 NODES = ("n1", "n2", "n3")

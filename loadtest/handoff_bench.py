@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client, ShardMQError
 from shardmq.ring import Assignment, shard_for_key
 from shardmq.shard.membership import etcd_client, read_assignment
+from shardmq.testing import LocalCluster
 
 
 def node_statuses(lc: LocalCluster) -> dict[str, dict[str, Any]]:

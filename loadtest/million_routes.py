@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardmq.cli.cluster import LocalCluster, Proc
 from shardmq.client import Client
+from shardmq.testing import LocalCluster, Proc
 
 TOPIC_BYTES = 80
 CHUNK = 10_000

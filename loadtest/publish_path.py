@@ -22,8 +22,8 @@ import tempfile
 import time
 from typing import Any
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client
+from shardmq.testing import LocalCluster
 
 TOPIC = "path/probe"
 PAYLOAD = b"x" * 100

@@ -37,8 +37,8 @@ from typing import Any
 
 import zmq
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client, ShardMQError
+from shardmq.testing import LocalCluster
 
 from . import report
 from .workload import device_topic

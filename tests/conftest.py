@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client
+from shardmq.testing import LocalCluster
 
 _names = itertools.count(1)
 

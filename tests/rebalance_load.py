@@ -11,10 +11,10 @@ import threading
 import time
 from collections import Counter
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client, ShardMQError
 from shardmq.ring import Assignment, shard_for_key
 from shardmq.shard.membership import etcd_client, read_assignment
+from shardmq.testing import LocalCluster
 
 
 def current_assignment(lc: LocalCluster) -> Assignment:

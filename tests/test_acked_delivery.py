@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardmq.cli.cluster import LocalCluster, pid_runs
 from shardmq.client import Client, ShardMQError
 from shardmq.router import codec
+from shardmq.testing import LocalCluster, pid_runs
 from tests.rebalance_load import topics_with_primary
 from tests.tcp_proxy import TcpProxy
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client
+from shardmq.testing import LocalCluster
 
 LIMIT = 50
 TOPICS = 600

@@ -17,8 +17,8 @@ import orjson
 import pytest
 import zmq
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client, ShardMQError
+from shardmq.testing import LocalCluster
 
 MIB = 1024 * 1024
 REPLY_TIMEOUT = 3.0

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from shardmq.cli.cluster import LocalCluster, Proc, pid_runs
 from shardmq.client import Client, ShardMQError
 from shardmq.shard.membership import cluster_prefix, etcd_client, read_assignment, read_members
+from shardmq.testing import LocalCluster, Proc, pid_runs
 
 LEASE_TTL = 2
 NODES = ["n1", "n2", "n3"]

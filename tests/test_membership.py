@@ -14,8 +14,8 @@ import orjson
 import pytest
 import zmq
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.shard.membership import EtcdSession, MemberInfo, cluster_prefix, etcd_client
+from shardmq.testing import LocalCluster
 
 
 @pytest.fixture

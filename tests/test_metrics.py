@@ -6,8 +6,8 @@ import time
 import urllib.request
 import uuid
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.shard.metrics import SIZE_BOUNDS, WireStats
+from shardmq.testing import LocalCluster
 
 
 def scrape(url: str) -> dict[str, float]:

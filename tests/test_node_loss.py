@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from shardmq.cli.cluster import LocalCluster, Proc, pid_runs
 from shardmq.client import Client, Message, ShardMQError
+from shardmq.testing import LocalCluster, Proc, pid_runs
 
 LEASE_TTL = 2
 SETTLE_SLACK = 8.0  # seconds beyond the lease TTL for expiry, the session's poll and the snapshot hand-off
@@ -47,11 +47,12 @@ def recorded_procs(lc: LocalCluster) -> list[Proc]:
 def start_cluster(tmp_path_factory: pytest.TempPathFactory, started: list[Proc]) -> LocalCluster:
     """Up a fresh cluster, retrying (with a warning) when ``LocalCluster.up`` reports a process as exited.
 
-    Found while writing this file (``cli/cluster.py`` at commit 34c4769): right after ``subprocess.Popen`` returns,
-    ``/proc/<pid>/cmdline`` of the child can still read as empty (185 of 200 spawns here), so ``pid_runs`` returned
-    False for a process that was starting fine. ``_wait_etcd``/``wait_ready`` then raised "etcd exited" / "node
-    exited", and ``up``'s cleanup either SIGTERMed the process or, when ``pid_runs`` was still False, left it
-    running. The working tree now asks the Popen object first; the retry stays as a guard and warns when used.
+    Found while writing this file (in ``cli/cluster.py``, now ``testing/cluster.py``, at commit 34c4769): right
+    after ``subprocess.Popen`` returns, ``/proc/<pid>/cmdline`` of the child can still read as empty (185 of 200
+    spawns here), so ``pid_runs`` returned False for a process that was starting fine. ``_wait_etcd``/
+    ``wait_ready`` then raised "etcd exited" / "node exited", and ``up``'s cleanup either SIGTERMed the process
+    or, when ``pid_runs`` was still False, left it running. The working tree now asks the Popen object first; the
+    retry stays as a guard and warns when used.
     """
     attempts = 3
     for attempt in range(1, attempts + 1):

@@ -14,8 +14,8 @@ import pytest
 from rebalance_load import Publisher, Subscriber, current_assignment, topics_with_primary
 from tcp_proxy import TcpProxy
 
-from shardmq.cli.cluster import LocalCluster, free_port, pid_runs
 from shardmq.client import Client
+from shardmq.testing import LocalCluster, free_port, pid_runs
 
 LEASE_TTL = 2
 

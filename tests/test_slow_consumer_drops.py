@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 import zmq
 
-from shardmq.cli.cluster import LocalCluster
 from shardmq.client import Client
 from shardmq.router import codec
 from shardmq.router.codec import ProtocolError
 from shardmq.shard.node import Node, NodeConfig
 from shardmq.shard.outbox import Delivery
 from shardmq.shard.state import Session
+from shardmq.testing import LocalCluster
 
 PUBLISHED = 200_000
 RUN = 10  # consecutive messages to one topic: they travel as one run, and a dropped run counts RUN

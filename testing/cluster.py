@@ -1,5 +1,9 @@
 """A local cluster on this machine: a private etcd and N shard nodes on loopback, all started as child processes.
 
+``LocalCluster`` is what applications test against (``shardmq.testing``), what shardmq's own real-cluster tests and
+load tests start, and what the ``shardmq cluster ...`` commands drive (``cli/main.py`` only parses their arguments
+and prints). Each node runs ``python -m shardmq.cli.main node ...`` with this interpreter.
+
 Rules of this file:
 - Everything ``up`` starts is written to ``DIR/cluster.json`` (pid, command line, endpoints); ``down`` stops
   exactly those pids and nothing else, and checks each pid still runs the command it started before signalling
