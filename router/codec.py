@@ -9,9 +9,10 @@ Rules of this file:
   mistyped field, an unknown type, a foreign version or an oversized part raise ``ProtocolError`` whose
   ``code`` is a stable machine-readable string and whose ``reason`` says what to fix. When the header could
   be parsed, ``ProtocolError.ref`` carries its request ``id`` so the error can be matched to the request.
-- Every inter-node frame names the shard(s) it is about and the sender's map ``epoch`` so that fencing can be
-  added at the receiver without a format change. Batches put many items in one frame (``filters``,
-  ``routes``, ``mids``) rather than inventing new frame types.
+- Two epochs, two names: ``shard_epoch`` (a shard's ownership changes, what fencing compares) on the frames about
+  one shard, and the cluster's ``membership_epoch`` only in WELCOME, for clients and logs. A field no receiver
+  reads is not sent. Batches put many items in one frame (``filters``, ``routes``, ``mids``, ``ids``) rather
+  than inventing new frame types.
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import orjson
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 
@@ -80,7 +81,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     UNSUBACK: {"id": _INT},
     PUB: {"topic": _STR, "qos": _INT},
     PUBS: {"items": _LIST, "sizes": _LIST},
-    PUBACK: {"id": _INT},
+    PUBACK: {"ids": _LIST},
     MSG: {"topic": _STR, "qos": _INT},
     MSGS: {"items": _LIST, "sizes": _LIST},
     DACK: {"mids": _LIST},
@@ -94,18 +95,18 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     SESSION_END: {"code": _STR, "reason": _STR},
     DROPPED: {"count": _INT},
     ERROR: {"code": _STR, "reason": _STR},
-    ROUTE_ADD: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
-    ROUTE_DEL: {"id": _INT, "node": _STR, "epoch": _INT, "routes": _LIST},
-    ROUTE_ACK: {"id": _INT, "epoch": _INT},
-    LOOKUP: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR},
-    LOOKUP_REPLY: {"id": _INT, "shard": _INT, "epoch": _INT, "nodes": _LIST},
-    FWD: {"id": _INT, "shard": _INT, "epoch": _INT, "topic": _STR, "qos": _INT},
-    FWD_ACK: {"id": _INT, "epoch": _INT},
-    FWDS: {"epoch": _INT, "items": _LIST, "sizes": _LIST},
-    HANDOFF: {"id": _INT, "shard": _INT, "epoch": _INT, "targets": _LIST, "coordinator": _STR},
-    SNAPSHOT: {"id": _INT, "shard": _INT, "epoch": _INT, "routes": _LIST, "last": bool, "coordinator": _STR},
-    HANDOFF_READY: {"id": _INT, "shard": _INT, "epoch": _INT, "node": _STR},
-    INVALIDATE: {"id": _INT, "epoch": _INT, "shards": _LIST},
+    ROUTE_ADD: {"id": _INT, "node": _STR, "routes": _LIST},
+    ROUTE_DEL: {"id": _INT, "node": _STR, "routes": _LIST},
+    ROUTE_ACK: {"id": _INT},
+    LOOKUP: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "topic": _STR},
+    LOOKUP_REPLY: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "nodes": _LIST},
+    FWD: {"id": _INT, "topic": _STR, "qos": _INT},
+    FWD_ACK: {"ids": _LIST},
+    FWDS: {"items": _LIST, "sizes": _LIST},
+    HANDOFF: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "targets": _LIST, "coordinator": _STR},
+    SNAPSHOT: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "routes": _LIST, "last": bool, "coordinator": _STR},
+    HANDOFF_READY: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "node": _STR},
+    INVALIDATE: {"id": _INT, "shards": _LIST},
     INVALIDATE_ACK: {"id": _INT},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
@@ -147,9 +148,10 @@ def _fwd_items_ok(items: list[Any]) -> bool:
 # Shapes of list items, checked so a handler never meets a malformed batch half-way through applying it.
 # (SUB/UNSUB filters are checked one by one by the node, which answers per filter.)
 LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
-    (ROUTE_ADD, "routes"): (_routes_ok, "[shard:int, epoch:int, filter:str] triples"),
-    (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, epoch:int, filter:str] triples"),
+    (ROUTE_ADD, "routes"): (_routes_ok, "[shard:int, shard_epoch:int, filter:str] triples"),
+    (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, shard_epoch:int, filter:str] triples"),
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
+    (FWD_ACK, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
     (HANDOFF, "targets"): (_strings_ok, "node id strings"),
     (INVALIDATE, "shards"): (_ints_ok, "shard numbers (non-negative integers)"),

@@ -6,7 +6,8 @@ Rules of this file:
   that dies (or cannot reach etcd) drops out when its lease expires, without anyone deciding it.
 - The session runs in its own thread because every etcd call is a blocking HTTP request; it never touches node
   state. It hands each new member snapshot to the node's event loop over an inproc zmq PUSH socket, so the loop
-  stays single-threaded.
+  stays single-threaded. The loop's own etcd reads and writes (an assignment read, the leader's commits) are
+  requests to this thread (``request``), answered on the same socket: the loop never waits for etcd.
 - It reads the cluster's keys when something under ``/shardmq/<cluster>/`` changed (an etcd watch stream, read by
   a second thread that only wakes the session) and at least every ``poll_interval`` (1 s) in case the stream is
   down; keep-alives go out every third of the lease TTL whatever happens. Reading every 250 ms instead cost each
@@ -33,9 +34,10 @@ Rules of this file:
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -46,52 +48,10 @@ import structlog
 import zmq
 from etcd3gw.utils import _encode
 
+from shardmq.protocol.view import MemberInfo
 from shardmq.ring import Assignment
 
 log = structlog.get_logger("shardmq.membership")
-
-
-@dataclass(frozen=True, slots=True)
-class MemberInfo:
-    node_id: str
-    client_endpoint: str
-    peer_endpoint: str
-    weight: int = 1
-    leaving: bool = False  # set by a graceful leave: the rebalancer moves every shard away, then the node exits
-    incarnation: str = ""  # new for every process start: a restart under the same id is another member to peers
-    # etcd create_revision of the member key (read from etcd, never written): rises with every registration, so a
-    # node that registered again after losing its lease is a new member to peers even in the same process.
-    revision: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node": self.node_id,
-            "client_endpoint": self.client_endpoint,
-            "peer_endpoint": self.peer_endpoint,
-            "weight": self.weight,
-            "leaving": self.leaving,
-            "incarnation": self.incarnation,
-            "revision": self.revision,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MemberInfo:
-        return cls(
-            data["node"],
-            data["client_endpoint"],
-            data["peer_endpoint"],
-            int(data.get("weight", 1)),
-            bool(data.get("leaving", False)),
-            str(data.get("incarnation", "")),
-            int(data.get("revision", 0)),
-        )
-
-    def same_process(self, other: MemberInfo) -> bool:
-        """True when ``other`` is this member's same registration of the same process at the same address (only
-        ``leaving`` may differ)."""
-        return (self.incarnation, self.revision, self.peer_endpoint, self.client_endpoint) == (
-            other.incarnation, other.revision, other.peer_endpoint, other.client_endpoint,
-        )  # fmt: skip
 
 
 def etcd_client(url: str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
@@ -185,6 +145,34 @@ class EtcdSession(threading.Thread):
         self.leaving = False
         self.registrations = 0  # more than one: the lease was lost once, and peers dropped our routes
         self.retiring = True  # until the previous incarnation of our id is out of the assignment (see the rules)
+        self._requests: queue.SimpleQueue[tuple[int, str, tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def request(self, token: int, kind: str, *args: Any) -> None:
+        """Ask for an etcd read or write from the node's loop: ``read_assignment`` or ``write_assignment``
+        (document, expected_revision). The answer comes back on the notify socket as
+        ``[b"answer", {"token", "ok", "revision"}, document]``."""
+        self._requests.put((token, kind, args))
+        self._wake.set()
+
+    def _answer_requests(self, push: zmq.Socket) -> None:
+        while True:
+            try:
+                token, kind, args = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            document: bytes | None = b""
+            revision: int | None = None
+            ok = True
+            try:
+                if kind == "read_assignment":
+                    document, revision = read_assignment(self.client, self._cluster)
+                else:
+                    revision = write_assignment(self.client, self._cluster, *args)
+            except Exception as exc:
+                log.warning("etcd_error", node=self._me.node_id, request=kind, error=str(exc))
+                ok = False
+            answer = {"token": token, "ok": ok, "revision": revision}
+            push.send_multipart([b"answer", orjson.dumps(answer), document or b""])
 
     def stop(self) -> None:
         self._stopping.set()
@@ -308,6 +296,7 @@ class EtcdSession(threading.Thread):
         try:
             while not self._stopping.is_set():
                 try:
+                    self._answer_requests(push)
                     now = time.monotonic()
                     if self.retiring:
                         self.retire_previous()
@@ -332,7 +321,7 @@ class EtcdSession(threading.Thread):
                     }
                     if snapshot != last:
                         last = snapshot
-                        push.send_multipart([orjson.dumps(snapshot), document or b""])
+                        push.send_multipart([b"view", orjson.dumps(snapshot), document or b""])
                 except Exception as exc:  # etcd unreachable: keep trying; the lease decides membership
                     log.warning("etcd_error", node=self._me.node_id, error=str(exc))
                     self._stopping.wait(0.2)

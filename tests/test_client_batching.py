@@ -132,7 +132,7 @@ def test_lone_publish_is_a_plain_pub_frame() -> None:
         assert c.fake.sent == []  # buffered
         c.flush()
     frame, barrier = c.fake.sent
-    assert frame.type == codec.PUB and frame.header == {"v": 1, "topic": "a/b", "qos": 0} and frame.payload == b"x"
+    assert frame.type == codec.PUB and frame.header == {"v": codec.PROTOCOL_VERSION, "topic": "a/b", "qos": 0} and frame.payload == b"x"
     assert barrier.type == codec.PING  # flush waits for the node to have read it
 
 

@@ -77,6 +77,7 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     (codec.ROUTE_ADD, "routes"): _ROUTE_ITEMS,
     (codec.ROUTE_DEL, "routes"): _ROUTE_ITEMS,
     (codec.DACK, "mids"): st.lists(st.integers(0, 2**40), max_size=5),
+    (codec.FWD_ACK, "ids"): st.lists(st.integers(0, 2**40), max_size=5),
     (codec.LOOKUP_REPLY, "nodes"): _NODE_IDS,
     (codec.HANDOFF, "targets"): _NODE_IDS,
     (codec.SNAPSHOT, "routes"): st.lists(st.tuples(st.text(max_size=20), _NODE_IDS).map(list), max_size=5),
@@ -195,27 +196,27 @@ def test_decode_parseable_garbage_raises_only_protocol_error(
 
 @pytest.mark.parametrize("count", [0, 1, 2, 4, 5])
 def test_wrong_part_count_is_bad_frame(count: int) -> None:
-    parts = raw(codec.PING, {"v": 1}) + [b""] * 2
+    parts = raw(codec.PING, {"v": codec.PROTOCOL_VERSION}) + [b""] * 2
     exc = rejected(parts[:count])
     assert exc.code == codec.E_BAD_FRAME
     assert str(count) in exc.reason
     assert exc.ref is None
 
 
-@pytest.mark.parametrize("header", [b"", b"{", b"not json", b"{'v': 1}", b'{"v": 1,}', b"\x00"])
+@pytest.mark.parametrize("header", [b"", b"{", b"not json", b"{'v': 2}", b'{"v": 2,}', b"\x00"])
 def test_non_json_header_is_bad_header(header: bytes) -> None:
     exc = rejected([codec.PING, header, b""])
     assert exc.code == codec.E_BAD_HEADER
     assert "JSON" in exc.reason
 
 
-@pytest.mark.parametrize("header", [b'{"v": 1, "x": "\xff"}', b"\xc3\x28", b'{"v": 1, "x": "\xed\xa0\x80"}'])
+@pytest.mark.parametrize("header", [b'{"v": 2, "x": "\xff"}', b"\xc3\x28", b'{"v": 2, "x": "\xed\xa0\x80"}'])
 def test_invalid_utf8_header_is_invalid_utf8(header: bytes) -> None:
     exc = rejected([codec.PING, header, b""])
     assert exc.code == codec.E_INVALID_UTF8
 
 
-@pytest.mark.parametrize("header", [[], [{"v": 1}], 1, "PING", None, True])
+@pytest.mark.parametrize("header", [[], [{"v": 2}], 1, "PING", None, True])
 def test_header_that_is_not_an_object_is_bad_header(header: Any) -> None:
     exc = rejected(raw(codec.PING, header))
     assert exc.code == codec.E_BAD_HEADER
@@ -254,12 +255,12 @@ def test_mistyped_field_is_bad_header_naming_the_field(frame_type: bytes, name: 
 
 @pytest.mark.parametrize("flag", [True, False])
 def test_bool_is_not_an_int(flag: bool) -> None:
-    exc = rejected(raw(codec.PUB, {"v": 1, "topic": "a", "qos": flag}))
+    exc = rejected(raw(codec.PUB, {"v": codec.PROTOCOL_VERSION, "topic": "a", "qos": flag}))
     assert exc.code == codec.E_BAD_HEADER
     assert "'qos'" in exc.reason and "int" in exc.reason
 
 
-@pytest.mark.parametrize("version", [2, 0, -1, None, "1", [1]])
+@pytest.mark.parametrize("version", [1, 3, 0, -1, None, "2", [2]])
 def test_foreign_version_is_unsupported_version(version: Any) -> None:
     exc = rejected(raw(codec.SUB, valid_header(codec.SUB, v=version, id=41)))
     assert exc.code == codec.E_VERSION
@@ -274,12 +275,12 @@ def test_missing_version_is_unsupported_version() -> None:
 
 
 def test_version_is_checked_before_type_and_fields() -> None:
-    assert rejected(raw(b"NOPE", {"v": 2})).code == codec.E_VERSION
+    assert rejected(raw(b"NOPE", {"v": codec.PROTOCOL_VERSION + 1})).code == codec.E_VERSION
 
 
 @pytest.mark.parametrize("frame_type", [b"", b"NOPE", b"ping", b"PING ", b"\xff\xfe", b"X" * 200])
 def test_unknown_type_is_unknown_type(frame_type: bytes) -> None:
-    exc = rejected(raw(frame_type, {"v": 1, "id": 5}))
+    exc = rejected(raw(frame_type, {"v": codec.PROTOCOL_VERSION, "id": 5}))
     assert exc.code == codec.E_UNKNOWN_TYPE
     assert exc.ref == 5
     assert len(exc.reason) < 120  # a long type is shown cut short
@@ -328,7 +329,7 @@ def test_default_payload_limit_is_one_mebibyte() -> None:
 
 
 def test_header_limit() -> None:
-    parts = raw(codec.PING, {"v": 1, "id": 4, "pad": "x" * 100})
+    parts = raw(codec.PING, {"v": codec.PROTOCOL_VERSION, "id": 4, "pad": "x" * 100})
     size = len(parts[1])
     assert codec.decode(parts, max_header=size).type == codec.PING
     exc = rejected(parts, max_header=size - 1)
@@ -349,13 +350,13 @@ def test_header_limit_applies_before_json_parsing() -> None:
     [(17, 17), (0, 0), (-3, -3), (2**63 - 1, 2**63 - 1), (True, None), ("17", None), (1.0, None), (None, None)],
 )
 def test_ref_is_the_header_id_when_it_is_an_int(header_id: Any, ref: int | None) -> None:
-    exc = rejected(raw(codec.SUB, {"v": 1, "id": header_id, "filters": "not a list", "qos": 0}))
+    exc = rejected(raw(codec.SUB, {"v": codec.PROTOCOL_VERSION, "id": header_id, "filters": "not a list", "qos": 0}))
     assert exc.code == codec.E_BAD_HEADER
     assert exc.ref == ref
 
 
 def test_no_ref_without_an_id_or_a_parseable_header() -> None:
-    assert rejected(raw(codec.SUB, {"v": 1, "filters": [], "qos": 0})).ref is None
+    assert rejected(raw(codec.SUB, {"v": codec.PROTOCOL_VERSION, "filters": [], "qos": 0})).ref is None
     assert rejected([codec.SUB, b'{"id": 5', b""]).ref is None
     assert rejected(raw(codec.SUB, [{"id": 5}])).ref is None
 
@@ -435,6 +436,7 @@ def test_error_codes_are_the_documented_set() -> None:
         (codec.SNAPSHOT, "routes", [["a", "n1"]]),
         (codec.HANDOFF, "targets", [None]),
         (codec.DACK, "mids", ["3"]),
+        (codec.FWD_ACK, "ids", [None]),
         (codec.LOOKUP_REPLY, "nodes", [1]),
     ],
 )

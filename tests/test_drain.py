@@ -31,7 +31,7 @@ def test_a_drain_ends_once_enough_is_queued_or_waiting_for_lookups(waiting_per_f
 
     def handle(parts: list[bytes]) -> None:
         handled.append(parts)
-        node.queued_publishes += waiting_per_frame
+        node.core.entry.queued_publishes += waiting_per_frame
 
     node._drain(frames, handle, "client")  # type: ignore[arg-type]
     expected = DRAIN_BATCH if waiting_per_frame == 0 else -(-FLUSH_AT // waiting_per_frame)
@@ -40,7 +40,7 @@ def test_a_drain_ends_once_enough_is_queued_or_waiting_for_lookups(waiting_per_f
 
 def test_publishes_waiting_do_not_cut_short_the_peer_drain_that_brings_their_answers() -> None:
     node = Node(NodeConfig("n1", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "http://127.0.0.1:3"))
-    node.queued_publishes = 10 * FLUSH_AT
+    node.core.entry.queued_publishes = 10 * FLUSH_AT
     handled = []
     node._drain(_Frames(DRAIN_BATCH), handled.append, "peer")  # type: ignore[arg-type]
     assert len(handled) == DRAIN_BATCH

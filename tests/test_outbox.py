@@ -5,15 +5,15 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shardmq.protocol.outbox import Delivery, Forward, Outbox
 from shardmq.router import codec
-from shardmq.shard.outbox import Delivery, Forward, Outbox
 
 
 def test_one_item_goes_as_the_plain_frame() -> None:
     box = Outbox()
     box.forward("n2", Forward(7, "a/b", 1, b"x"))
     box.deliver(b"c1", Delivery("a/b", 1, 3, False, b"y"))
-    [(dest, parts, carried)] = list(box.peer_frames(epoch=5))
+    [(dest, parts, carried)] = list(box.peer_frames())
     frame = codec.decode(parts)
     assert dest == "n2" and frame.type == codec.FWD and frame.header["id"] == 7 and frame.payload == b"x"
     assert [f.fid for f in carried] == [7]
@@ -32,7 +32,7 @@ def test_batches_keep_order_and_respect_the_payload_cap(sizes: list[int], cap: i
     box.ack("n3", 99)
     received: list[tuple[int, str, int, bytes]] = []
     acked: list[int] = []
-    for dest, parts, carried in box.peer_frames(epoch=1):
+    for dest, parts, carried in box.peer_frames():
         assert dest == "n3"
         frame = codec.decode(parts, max_payload=max(cap, max(sizes)))
         if frame.type == codec.FWD_ACK:
@@ -71,7 +71,7 @@ def test_runs_stay_one_item_and_arrive_as_their_messages_in_order(runs: list[lis
         box.deliver(b"c", Delivery(f"t/{i}", 0, None, False, b"".join(payloads), sizes))
     expected = [(f"t/{i}", p) for i, payloads in enumerate(runs) for p in payloads]
     forwarded: list[tuple[str, bytes]] = []
-    for _, parts, carried in box.peer_frames(epoch=1):
+    for _, parts, carried in box.peer_frames():
         frame = codec.decode(parts, max_payload=1 << 20)
         if frame.type == codec.FWD:
             forwarded.append((frame.header["topic"], frame.payload))

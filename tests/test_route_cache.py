@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shardmq.client import Client
+from shardmq.protocol.entry import REFRESH_AFTER
+from shardmq.protocol.owner import INVALIDATE_WAIT
 from shardmq.router.route_cache import LookupWatchers, RouteCache
 from shardmq.shard.node import NodeConfig
-from shardmq.shard.routing import INVALIDATE_WAIT, REFRESH_AFTER
 
 TOPICS = ["a", "b"]
 SHARDS = [0, 1]

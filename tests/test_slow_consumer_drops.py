@@ -10,7 +10,7 @@ The subscriber runs in its own process with zmq heartbeats off on its socket, an
 while it stalls: this branch's node still heartbeats client connections, and a heartbeat timeout on a reader
 whose input is stalled makes libzmq abort the process when it reads again (libzmq issue 3937). A stall as long
 as a slow machine needs is then safe, and a crash fails this test instead of killing pytest. The unit tests
-drive ``Node._flush`` with a fake socket.
+drive the core's ``flush`` through the shell with a fake socket.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import pytest
 import zmq
 
 from shardmq.client import Client
+from shardmq.protocol.outbox import Delivery
+from shardmq.protocol.records import Session
 from shardmq.router import codec
 from shardmq.router.codec import ProtocolError
 from shardmq.shard.node import Node, NodeConfig
-from shardmq.shard.outbox import Delivery
-from shardmq.shard.state import Session
 from shardmq.testing import LocalCluster
 
 PUBLISHED = 200_000
@@ -188,64 +188,64 @@ def node_with(*rids: bytes) -> tuple[Node, FakeRouter]:
     router = FakeRouter()
     node.client_sock = router  # type: ignore[assignment]
     for rid in rids:
-        node.sessions[rid] = Session(rid, 0.0)
+        node.core.destination.sessions[rid] = Session(rid, 0.0)
     return node, router
 
 
 def test_a_full_queue_counts_every_qos0_message_of_the_frame_and_keeps_qos1_in_flight() -> None:
     node, router = node_with(b"slow")
-    session = node.sessions[b"slow"]
+    session = node.core.destination.sessions[b"slow"]
     session.inflight[1] = ("t/q", b"q", False)
-    node.outbox.deliver(b"slow", Delivery("t/a", 0, None, False, b"xyyzzz", [1, 2, 3]))  # a run of 3
-    node.outbox.deliver(b"slow", Delivery("t/b", 0, None, False, b"w"))
-    node.outbox.deliver(b"slow", Delivery("t/q", 1, 1, False, b"q"))
+    node.core.outbox.deliver(b"slow", Delivery("t/a", 0, None, False, b"xyyzzz", [1, 2, 3]))  # a run of 3
+    node.core.outbox.deliver(b"slow", Delivery("t/b", 0, None, False, b"w"))
+    node.core.outbox.deliver(b"slow", Delivery("t/q", 1, 1, False, b"q"))
     router.full = True
-    node._flush()
-    m = node.metrics
+    node.core.flush()
+    m = node.core.metrics
     assert (m["drops.client_hwm"], m["drops.client_hwm_frames"]) == (4, 1)  # 4 messages in 1 frame
     assert (session.dropped, session.dropped_unreported) == (4, 4)
     assert session.inflight[1] == ("t/q", b"q", False)  # not written: the redelivery tick resends it
-    assert node._drops_view() == [{"client": "slow", "dropped": 4, "unreported": 4}]
+    assert node.core.destination.drops_view() == [{"client": "slow", "dropped": 4, "unreported": 4}]
 
-    node._drops_tick()  # still full: the report waits too (and its frame is counted as a frame)
+    node.core.destination.drops_tick()  # still full: the report waits too (and its frame is counted as a frame)
     assert router.sent == [] and session.dropped_unreported == 4 and m["drops.client_hwm_frames"] == 2
 
     router.full = False
-    node.outbox.deliver(b"slow", Delivery("t/c", 0, None, False, b"v"))
-    node._flush()
+    node.core.outbox.deliver(b"slow", Delivery("t/c", 0, None, False, b"v"))
+    node.core.flush()
     assert [(f.type, f.header.get("count")) for _, f in router.sent] == [(codec.MSG, None), (codec.DROPPED, 4)]
     assert (session.dropped, session.dropped_unreported, m["drops.client_hwm_reported"]) == (4, 0, 4)
-    assert node.drop_reports == {}
-    node._flush()  # nothing more is owed: no second DROPPED
+    assert node.core.destination.drop_reports == {}
+    node.core.flush()  # nothing more is owed: no second DROPPED
     assert len(router.sent) == 2
 
 
 def test_a_client_nothing_is_sent_to_learns_of_its_drops_from_the_tick() -> None:
     node, router = node_with(b"idle", b"fine")
     router.full = True
-    node.outbox.deliver(b"idle", Delivery("t/a", 0, None, False, b"ab", [1, 1]))
-    node._flush()
+    node.core.outbox.deliver(b"idle", Delivery("t/a", 0, None, False, b"ab", [1, 1]))
+    node.core.flush()
     router.full = False
-    node._drops_tick()
+    node.core.destination.drops_tick()
     assert [(rid, f.type, f.header["count"]) for rid, f in router.sent] == [(b"idle", codec.DROPPED, 2)]
-    assert node.metrics["drops.client_hwm_reported"] == 2
+    assert node.core.metrics["drops.client_hwm_reported"] == 2
     # Only clients with drops are listed, the worst first, at most 10.
     for i in range(12):
         rid = b"c%d" % i
-        node.sessions[rid] = Session(rid, 0.0, dropped=i + 10)
-    view = node._drops_view()
+        node.core.destination.sessions[rid] = Session(rid, 0.0, dropped=i + 10)
+    view = node.core.destination.drops_view()
     assert len(view) == 10 and [c["dropped"] for c in view] == list(range(21, 11, -1))
 
 
 def test_a_session_that_ended_is_not_told() -> None:
     node, router = node_with(b"gone")
     router.full = True
-    node.outbox.deliver(b"gone", Delivery("t/a", 0, None, False, b"a"))
-    node._flush()
-    del node.sessions[b"gone"]  # BYE or vanished: clean session, its counts end with it
+    node.core.outbox.deliver(b"gone", Delivery("t/a", 0, None, False, b"a"))
+    node.core.flush()
+    del node.core.destination.sessions[b"gone"]  # BYE or vanished: clean session, its counts end with it
     router.full = False
-    node._drops_tick()
-    assert router.sent == [] and node.drop_reports == {}
+    node.core.destination.drops_tick()
+    assert router.sent == [] and node.core.destination.drop_reports == {}
 
 
 def test_dropped_frame_is_checked_by_the_codec_and_refused_from_clients() -> None:

@@ -1,7 +1,10 @@
-"""The records a shard node keeps: client sessions, publishes in flight, lookups, waiters and hand-off streams.
+"""The records the protocol core keeps: client sessions, publishes in flight and the requests waiting on peers.
 
 Rules of this file:
-- Plain data and small helpers only; the node's mixins (``clients``, ``routing``, ``ownership``) act on them.
+- Plain data and small helpers only; the sides of the core (``entry``, ``owner``, ``destination``,
+  ``subscriptions``) act on them.
+- Every record that waits on peers says which (``waits_on``): ``requests.PendingRequests`` holds them all, so a
+  peer's ERROR or its loss reaches whatever waits on it through one registry.
 - ``ROOT`` is the route table's shard for the root set (filters without a placement key): root-set routes live
   on every node.
 - Publishes wait in a per-topic FIFO until their lookups finish (``Publish.lookups_left``), so the order of
@@ -37,7 +40,7 @@ class Session:
     # make room.
     backlog: deque[tuple[str, bytes]] = field(default_factory=deque)
     held_bytes: int = 0  # payload bytes in ``inflight`` and ``backlog``: bounded by ``max_session_bytes``
-    detached_at: float | None = None  # time.monotonic() when its connection was found gone; None while attached
+    detached_at: float | None = None  # the time its connection was found gone; None while attached
     # QoS 0 messages dropped because zmq would not queue them (the client reads too slowly), in all and not yet
     # told to the client (a DROPPED frame goes once zmq takes frames for it again).
     dropped: int = 0
@@ -59,6 +62,17 @@ class Publish:
 
 
 @dataclass(slots=True)
+class PendingForward:
+    """A QoS 1 forward waiting for its destination's FWD_ACK (the publisher's PUBACK waits for all of them)."""
+
+    dest: str
+    pub: Publish
+
+    def waits_on(self, node: str) -> bool:
+        return self.dest == node
+
+
+@dataclass(slots=True)
 class Lookup:
     """One LOOKUP in flight, answering every publish to its topic that arrived meanwhile (``pubs``; none yet for
     a refresh ahead of a cached answer's expiry)."""
@@ -68,9 +82,12 @@ class Lookup:
     shard: int
     owner: str
     tried: list[str]
-    epoch: int = 0  # the shard's epoch we asked at, the route cache's ticket and the time then (router.route_cache)
+    shard_epoch: int = 0  # the shard's epoch we asked at, the route cache's ticket and the time then (route_cache)
     ticket: tuple[int, int] = (0, 0)
     sent_at: float = 0.0
+
+    def waits_on(self, node: str) -> bool:
+        return self.owner == node
 
 
 @dataclass(slots=True)
@@ -82,6 +99,9 @@ class Invalidation:
     shards: list[int]
     callbacks: list[Callable[[list[str]], None]] = field(default_factory=list)
 
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending
+
 
 @dataclass(slots=True)
 class Waiter:
@@ -90,19 +110,13 @@ class Waiter:
     pending: set[str]
     callbacks: list[Callable[[list[str]], None]]
     kind: bytes = codec.ROUTE_ADD
-    sent: dict[str, list[list[Any]]] = field(default_factory=dict)  # node -> [shard, epoch, filter] items
+    sent: dict[str, list[list[Any]]] = field(default_factory=dict)  # node -> [shard, shard_epoch, filter] items
     attempt: int = 0
     filters: list[str] = field(default_factory=list)  # ROUTE_ADD filters this waiter installs
     failures: list[str] = field(default_factory=list)
 
-
-@dataclass(slots=True)
-class Forwarding:
-    """A hand-off source's change stream: route changes for the shard also go to ``targets``."""
-
-    targets: set[str]
-    epoch: int  # the shard's epoch when the hand-off started; a higher one means the flip happened
-    move_id: int = 0  # the latest move streaming through it (an abandoned move's timer must not stop a newer one)
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending
 
 
 def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

@@ -13,7 +13,7 @@ Rules of this file:
 - A QoS 0 run (an item with ``sizes``: many messages to one topic, from a PUBS or FWDS run) stays one item and
   goes out as one run of a batch frame (``codec.encode_runs``): nobody on the way handles its messages one by
   one. ``queued`` counts messages, not items.
-- Pure: it builds frames; the node sends them.
+- Pure: it builds frames; the core's ``flush`` hands them to the shell.
 """
 
 from __future__ import annotations
@@ -98,28 +98,28 @@ class Outbox:
         if chunk:
             yield chunk
 
-    def peer_frames(self, epoch: int) -> Iterator[tuple[str, list[bytes], list[Forward]]]:
+    def peer_frames(self) -> Iterator[tuple[str, list[bytes], list[Forward]]]:
         """(peer, frame parts, the forwards it carries) for every queued forward and ack; empties the box."""
         forwards, acks = self.forwards, self.acks
         self.forwards, self.acks, self.queued = {}, {}, 0
         for dest, ids in acks.items():
-            yield dest, codec.encode(codec.FWD_ACK, {"id": ids[0], "ids": ids, "epoch": epoch}), []
+            yield dest, codec.encode(codec.FWD_ACK, {"ids": ids}), []
         for dest, items in forwards.items():
             for chunk in self._chunks(items):
                 if len(chunk) == 1 and chunk[0].sizes is None:
                     f = chunk[0]
-                    header = {"id": f.fid, "shard": -1, "epoch": epoch, "topic": f.topic, "qos": f.qos}
+                    header = {"id": f.fid, "topic": f.topic, "qos": f.qos}
                     yield dest, codec.encode(codec.FWD, header, f.payload), chunk
                 else:
                     runs = [([f.fid, f.topic, f.qos], f.sizes, f.payload) for f in chunk]
-                    yield dest, codec.encode_runs(codec.FWDS, {"epoch": epoch}, runs), chunk
+                    yield dest, codec.encode_runs(codec.FWDS, {}, runs), chunk
 
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:
         """(client routing id, frame parts, the deliveries it carries); empties the box."""
         deliveries, self.deliveries, self.queued = self.deliveries, {}, 0
         pubacks, self.pubacks = self.pubacks, {}
-        for rid, refs in pubacks.items():  # one PUBACK per client per flush: "id" the first, "ids" all of them
-            yield rid, codec.encode(codec.PUBACK, {"id": refs[0], "ids": refs}), []
+        for rid, refs in pubacks.items():  # one PUBACK per client per flush, naming them all
+            yield rid, codec.encode(codec.PUBACK, {"ids": refs}), []
         for rid, items in deliveries.items():
             for chunk in self._chunks(items):
                 if len(chunk) == 1 and chunk[0].sizes is None:

@@ -1,0 +1,306 @@
+"""The destination side: this node's client sessions and the delivery of messages to them.
+
+Rules of this file:
+- A forwarded message (FWD, FWDS) is matched once against this node's local subscriptions, so a client gets
+  exactly one copy per publish, whichever filters of its matched.
+- QoS 1: messages go with a message id and stay ``inflight`` until the client DACKs them or the session ends.
+  A message zmq could not queue (the client's send queue is full) is retried every ``redelivery_interval``;
+  when a client says HELLO again on the same session (it reconnected, and its old pipe may have lost messages)
+  everything unacknowledged is resent with ``dup``. A message written to a live connection is not resent on a
+  timer: that would only duplicate it for a client that is slow to read.
+- QoS 1 flow control: a session has at most ``max_inflight`` messages written and unacknowledged; further ones
+  wait, accepted, in its backlog and are written as acknowledgements make room. A message that would take a
+  backlog past ``max_queued`` messages or the session past ``max_session_bytes`` is refused for every local
+  recipient (``deliver`` returns False before giving it to anyone): the forward is answered ``overloaded``
+  instead of FWD_ACK, the publish fails instead of being acknowledged, and the SDK retries it until its
+  timeout, so a publisher slows to its slowest subscriber. Nothing acknowledged is dropped while the session
+  lives; a session that ends (its client was told with SESSION_END, or is gone) counts what it held.
+- Sessions end with SESSION_END when the node can no longer vouch for its routes (fenced) or stops: the client
+  fails over, subscribes again and reports the gap. WELCOME says whether the node still had the session
+  (``session_present``).
+- A session whose connection is gone (a send found the client unreachable) is detached, not dropped, for
+  ``client_idle_check`` seconds: a client whose connection zmq re-makes says HELLO again within that time and
+  finds its session. Any frame from the client attaches it again.
+- QoS 0 messages zmq would not queue for a client are dropped, counted per message (``drops.client_hwm``) and
+  per session, and the client is told: a DROPPED frame goes with its next successful send, or from the drops
+  tick for a client nothing else is sent to.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING, Any
+
+from shardmq.router import codec
+from shardmq.router.codec import Frame, ProtocolError
+
+from .outbox import Delivery
+from .records import Session
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+DROPS_SHOWN = 10  # clients listed in status under ``clients_dropped`` (those with the most QoS 0 drops)
+CLIENTS_SHOWN = 10  # clients listed by name in status (the ones with the most QoS 1 messages kept for them)
+
+
+class Destination:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.sessions: dict[bytes, Session] = {}
+        self.drop_reports: dict[bytes, Session] = {}  # sessions owed a DROPPED frame
+
+    # ------------------------------------------------------------------ sessions
+    def attach(self, rid: bytes) -> Session:
+        """The session of the client that sent a frame, made if new; any frame attaches it again."""
+        core = self.core
+        session = self.sessions.get(rid)
+        if session is None:
+            session = self.sessions[rid] = Session(rid, core.now)
+            core.metrics["clients.connected"] += 1
+        session.last_seen = core.now
+        session.detached_at = None
+        return session
+
+    def on_hello(self, session: Session, frame: Frame) -> None:
+        core = self.core
+        present, session.greeted = session.greeted, True
+        header = {
+            "id": frame.header.get("id"), "node": core.me, "max_payload": core.cfg.max_payload,
+            "membership_epoch": core.view.membership_epoch, "session_present": present, "fenced": core.fenced(),
+        }  # fmt: skip
+        core.send_client(session.rid, codec.encode(codec.WELCOME, header))
+        if present:
+            self._redeliver(session, everything=True)  # a reconnect: its old pipe may have lost what was in it
+
+    def on_bye(self, session: Session, frame: Frame) -> None:
+        self.drop_session(session.rid, reason="bye")
+
+    def drop_session(self, rid: bytes, reason: str) -> None:
+        core = self.core
+        session = self.sessions.pop(rid, None)
+        if session is None:
+            return
+        routes_dropped = core.subscriptions.forget(session)
+        unsent = len(session.backlog)
+        core.metrics["clients.disconnected"] += 1
+        core.metrics["deliveries.session_ended"] += unsent + len(session.inflight)
+        core.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=routes_dropped,
+                      unacknowledged=len(session.inflight), backlog=unsent)  # fmt: skip
+
+    def detach(self, rid: bytes) -> None:
+        """The client's connection is gone: keep its session ``client_idle_check`` seconds for it to come back."""
+        core = self.core
+        session = self.sessions.get(rid)
+        if session is None or session.detached_at is not None:
+            return
+        since = session.detached_at = core.now
+        core.metrics["clients.vanished"] += 1
+
+        def expire() -> None:
+            found = self.sessions.get(rid)
+            if found is not None and found.detached_at == since:
+                self.drop_session(rid, reason="unreachable")
+
+        core.effects.call_later(core.cfg.client_idle_check, expire)
+
+    def end_sessions(self, code: str, reason: str) -> None:
+        """Tell every client its session here is over (it fails over and subscribes again), then forget them."""
+        core = self.core
+        end = codec.encode(codec.SESSION_END, {"code": code, "reason": reason})
+        for rid in list(self.sessions):
+            core.send_client(rid, end)
+            self.drop_session(rid, reason=code)
+        core.metrics[f"sessions.ended.{code}"] += 1
+
+    def idle_tick(self) -> None:
+        """Probe idle clients: a send to a vanished one finds it unreachable and detaches its session."""
+        core = self.core
+        cutoff = core.now - core.cfg.client_idle_check
+        for session in list(self.sessions.values()):
+            if session.last_seen < cutoff:
+                core.send_client(session.rid, codec.encode(codec.PING, {}))
+        core.effects.call_later(core.cfg.client_idle_check, self.idle_tick)
+
+    # ------------------------------------------------------------------ forwarded messages
+    def on_fwd(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        self.core.metrics["forwards.in"] += 1
+        if not h["qos"]:
+            self.deliver(h["topic"], 0, frame.payload)
+            return
+        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None)
+
+    def _take_qos1(
+        self, sender: str, fid: int, topic: str, payload: bytes, found: tuple[set[bytes], set[bytes]] | None
+    ) -> None:
+        """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``."""
+        core = self.core
+        if self.deliver(topic, 1, payload, found):
+            core.outbox.ack(sender, fid)
+        else:
+            reason = f"a subscriber of {topic!r} on {core.me} has a full backlog of unacknowledged messages"
+            core.effects.send_peer(sender, codec.error_parts(codec.E_OVERLOADED, reason, fid))
+
+    def on_fwds(self, sender: str, frame: Frame) -> None:
+        """A batch of forwards: the same as that many FWD frames, in order. A QoS 0 run goes to each recipient as
+        one item (codec.Run)."""
+        core = self.core
+        try:
+            runs = codec.split_runs(frame)
+        except ProtocolError as exc:
+            core.refuse_peer(sender, frame, exc.code, exc.reason)
+            return
+        # Subscriptions cannot change while one frame is handled: find each topic's recipients once.
+        local_recipients = core.subscriptions.local_recipients
+        outbox = core.outbox
+        recipients: dict[tuple[str, int], tuple[set[bytes], set[bytes]]] = {}
+        queues: dict[str, list[list[Delivery]]] = {}  # QoS 0: the outbox lists of a topic's clients
+        queued = received = 0
+        for (fid, topic, qos), sizes, payload in runs:
+            if qos:  # never a run (codec.split_runs)
+                found = recipients.get((topic, qos))
+                if found is None:
+                    found = recipients[(topic, qos)] = local_recipients(topic, qos)
+                self._take_qos1(sender, fid, topic, payload, found)
+                received += 1
+                continue
+            lists = queues.get(topic)
+            if lists is None:  # the fast path of ``deliver`` for QoS 0, list by list
+                lists = queues[topic] = [outbox.delivery_queue(r) for r in local_recipients(topic, 0)[0]]
+            item = Delivery(topic, 0, None, False, payload, sizes)
+            for queue in lists:
+                queue.append(item)
+            received += item.count
+            queued += len(lists) * item.count
+        core.metrics["forwards.in"] += received
+        outbox.queued += queued
+
+    # ------------------------------------------------------------------ delivery
+    def deliver(
+        self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
+    ) -> bool:
+        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic.
+
+        False when a QoS 1 recipient has no room left (see the rules above): then nobody here got it."""
+        core = self.core
+        q0, q1 = recipients or core.subscriptions.local_recipients(topic, qos)
+        outbox = core.outbox
+        for rid in q0:  # queued, and sent by the flush at the end of this batch of frames (one frame per client)
+            outbox.deliver(rid, Delivery(topic, 0, None, False, payload))
+        if not q1:
+            return True
+        cfg = core.cfg
+        sessions = [s for rid in q1 if (s := self.sessions.get(rid)) is not None]
+        size = len(payload)
+        for s in sessions:
+            if s.held_bytes + size > cfg.max_session_bytes or len(s.backlog) >= cfg.max_queued:
+                core.metrics["qos1.refused_overloaded"] += 1
+                return False
+        for s in sessions:
+            s.held_bytes += size
+            # Behind a backlog even with room in the window: a newer message must not overtake older ones.
+            if s.backlog or len(s.inflight) >= cfg.max_inflight:
+                s.backlog.append((topic, payload))
+                core.metrics["qos1.backlogged"] += 1
+            else:
+                self._write_qos1(s, topic, payload)
+        return True
+
+    def _write_qos1(self, session: Session, topic: str, payload: bytes) -> None:
+        mid = session.next_mid
+        session.next_mid += 1
+        session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
+        self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, False, payload))
+
+    def on_dack(self, session: Session, frame: Frame) -> None:
+        inflight = session.inflight
+        for mid in frame.header["mids"]:
+            found = inflight.pop(mid, None)
+            if found is not None:
+                session.held_bytes -= len(found[1])
+                self.core.metrics["deliveries.acked"] += 1
+        if session.backlog:
+            limit = self.core.cfg.max_inflight
+            backlog = session.backlog
+            while backlog and len(inflight) < limit:  # acknowledgements made room: fill the window
+                self._write_qos1(session, *backlog.popleft())
+
+    def redeliver_tick(self) -> None:
+        for session in list(self.sessions.values()):
+            self._redeliver(session, everything=False)
+        self.core.effects.call_later(self.core.cfg.redelivery_interval, self.redeliver_tick)
+
+    def _redeliver(self, session: Session, everything: bool) -> None:
+        core = self.core
+        for mid, (topic, payload, written) in list(session.inflight.items()):
+            if (written and not everything) or session.rid not in self.sessions:
+                continue
+            header = {"topic": topic, "qos": 1, "mid": mid, "dup": True}
+            if core.send_client(session.rid, codec.encode(codec.MSG, header, payload)):
+                session.inflight[mid] = (topic, payload, True)
+                core.metrics["deliveries.redelivered"] += 1
+
+    def delivered(self, rid: bytes, deliveries: list[Delivery], written: bool) -> None:
+        """What became of one flushed frame of deliveries: QoS 1 messages zmq took are marked written (not
+        resent on a timer); QoS 0 ones it refused are gone, counted and owed to the client."""
+        session = self.sessions.get(rid)
+        metrics = self.core.metrics
+        for d in deliveries:
+            if d.mid is not None and session is not None and d.mid in session.inflight:
+                session.inflight[d.mid] = (d.topic, d.payload, written)
+            if written:
+                metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += d.count
+        if not written and session is not None and (lost := sum(d.count for d in deliveries if not d.qos)):
+            self._count_drops(session, lost)
+
+    # ------------------------------------------------------------------ QoS 0 drops
+    def _count_drops(self, session: Session, count: int) -> None:
+        self.core.metrics["drops.client_hwm"] += count
+        session.dropped += count
+        session.dropped_unreported += count
+        self.drop_reports[session.rid] = session
+
+    def report_drops(self, rid: bytes) -> None:
+        """Send the client its DROPPED frame (the count since the last one); kept for later if zmq refuses it."""
+        session = self.drop_reports.pop(rid, None)  # popped first: a successful send must not report again
+        if session is None or self.sessions.get(rid) is not session:
+            return  # the session ended (or was replaced): its drops ended with it
+        count, session.dropped_unreported = session.dropped_unreported, 0
+        if self.core.send_client(rid, codec.encode(codec.DROPPED, {"count": count})):
+            self.core.metrics["drops.client_hwm_reported"] += count
+        elif self.sessions.get(rid) is session:  # still full: owed until the next successful send or tick
+            session.dropped_unreported += count
+            self.drop_reports[rid] = session
+
+    def drops_tick(self) -> None:
+        """A client that stopped reading gets no more sends that could carry its report; this retries them."""
+        for rid in list(self.drop_reports):
+            self.report_drops(rid)
+        self.core.effects.call_later(self.core.cfg.redelivery_interval, self.drops_tick)
+
+    # ------------------------------------------------------------------ status
+    def drops_view(self) -> list[dict[str, Any]]:
+        """The clients with the most QoS 0 drops, for status (bounded, so status stays small)."""
+        worst = heapq.nlargest(DROPS_SHOWN, (s for s in self.sessions.values() if s.dropped), key=lambda s: s.dropped)
+        return [
+            {"client": s.rid.decode(errors="replace"), "dropped": s.dropped, "unreported": s.dropped_unreported}
+            for s in worst
+        ]
+
+    def flow_view(self) -> dict[str, Any]:
+        """QoS 1 flow control: totals, and the clients with the most kept for them (bounded: status is cheap)."""
+        sessions = self.sessions.values()
+        busiest = heapq.nlargest(
+            CLIENTS_SHOWN, (s for s in sessions if s.inflight or s.backlog), key=lambda s: s.held_bytes
+        )
+        return {
+            "qos1_inflight": sum(len(s.inflight) for s in sessions),
+            "qos1_backlog": sum(len(s.backlog) for s in sessions),
+            "qos1_held_bytes": sum(s.held_bytes for s in sessions),
+            "clients_busiest": [
+                {"client": s.rid.decode(errors="replace"), "inflight": len(s.inflight), "backlog": len(s.backlog),
+                 "held_bytes": s.held_bytes}  # fmt: skip
+                for s in busiest
+            ],
+        }

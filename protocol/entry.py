@@ -1,0 +1,358 @@
+"""The entry side: a client's publish, from its frame to the forwards that carry it to the destination nodes.
+
+Rules of this file:
+- A publish is resolved per shard its topic can be stored in (at most two, see ``router.partition``): owned
+  here, the table answers; else the route cache (``router.route_cache``); else a LOOKUP already on its way for
+  the same topic and shard; else a LOOKUP to the shard's primary, then its replicas in order (a dead primary
+  costs one ``lookup_timeout``, not a failed publish). Root-set routes (filters without a placement key) live
+  on every node and are matched here. Then one FWD goes to each node with a match; a node's own clients get it
+  from ``destination`` directly.
+- Order per topic: publishes wait in a per-topic FIFO until their lookups finish, so the order of publishes to
+  one topic is the order they are forwarded in.
+- A cached answer used after half its ttl is asked for again while it still serves (refresh ahead): a hot topic
+  keeps one hop and never waits behind an expired answer's new LOOKUP. An owner's INVALIDATE drops the cached
+  answers of its shards; an answer from an owner that has not seen our shard epoch yet is not cached.
+- The fast path: in a PUBS batch, a topic whose first publish was routed at once (owned, cached or root set
+  only, nothing queued before it) sends its later publishes in the frame to the same nodes without resolving
+  them again, and a QoS 0 run (many messages to one topic) travels on as one item. It sits beside the general
+  path (``on_pubs`` beside ``publish``) and does what ``forward`` does, without a record per message.
+- QoS 1: the publisher's PUBACK is sent once every destination answered FWD_ACK; a destination that refuses
+  (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
+  instead. Nothing is acknowledged that a destination did not take.
+- While the node is fenced, publishes are refused: it cannot vouch for its routes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from shardmq.ring import shard_for_key
+from shardmq.router import codec
+from shardmq.router.codec import Frame, ProtocolError
+from shardmq.router.partition import lookup_keys
+from shardmq.router.route_cache import RouteCache
+from shardmq.router.topics import TopicError, validate_topic_name
+
+from .outbox import Forward
+from .records import Lookup, PendingForward, Publish, Session
+from .view import ROOT
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+# A cached answer used after this share of its ttl is asked for again while it still serves (refresh ahead).
+REFRESH_AFTER = 0.5
+MAX_OWNERS_TRIED = 3
+
+
+class Entry:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.route_cache = RouteCache(core.cfg.route_cache_size)
+        self.topic_queues: dict[str, deque[Publish]] = {}
+        self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
+        self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
+        self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
+
+    # ------------------------------------------------------------------ client frames
+    def on_pub(self, session: Session, frame: Frame) -> None:
+        self._publish_one(session, frame.header.get("id"), frame.header["topic"], frame.header["qos"], frame.payload)
+
+    def on_pubs(self, session: Session, frame: Frame) -> None:
+        """Many publishes in one frame (the SDK's batches): each is handled like a PUB, in order, with the fast
+        path of the rules above (nothing else runs while one frame is handled, so routes cannot change in it)."""
+        core = self.core
+        try:
+            runs = codec.split_runs(frame)
+        except ProtocolError as exc:
+            core.reject_client(session.rid, exc.code, exc.reason, exc.ref)
+            return
+        routed: dict[str, set[str]] = {}
+        queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
+        rid, me, members, outbox = session.rid, core.me, core.view.members, core.outbox
+        fast = hops = queued = dead = 0
+        for (topic, qos, ref), sizes, payload in runs:
+            dests = routed.get(topic)
+            if dests is None:
+                head = payload if sizes is None else payload[: sizes[0]]
+                pub = self._publish_one(session, ref, topic, qos, head)
+                if pub is not None and not pub.lookups_left and not pub.failed and topic not in self.topic_queues:
+                    dests = routed[topic] = pub.dests
+                if sizes is None:
+                    continue
+                payload, sizes = payload[sizes[0] :], sizes[1:]
+                if dests is None:  # refused, failed or queued behind a lookup: the rest follows one by one
+                    for data in codec.cut(payload, sizes):
+                        self._publish_one(session, ref, topic, qos, data)
+                    continue
+            if qos or me in dests:  # acks to track, or a local match to deliver: the general path
+                for data in codec.cut(payload, sizes):
+                    core.metrics["publishes.in"] += 1
+                    self.forward(Publish(rid, ref, topic, qos, data, dests=dests))
+                continue
+            lists = queues.get(topic)
+            if lists is None:
+                lists = queues[topic] = [outbox.forward_queue(d) for d in dests if d in members]
+            item = Forward(0, topic, 0, payload, sizes)
+            for queue in lists:
+                queue.append(item)
+            n = item.count
+            fast += n
+            if lists:
+                hops += n
+            queued += len(lists) * n
+            dead += (len(dests) - len(lists)) * n
+        if fast:
+            m = core.metrics
+            m["publishes.in"] += fast
+            m["publishes.routed"] += fast
+            m["publishes.hops"] += hops
+            if dead:
+                m["drops.dead_destination"] += dead
+            outbox.queued += queued
+
+    def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> Publish | None:
+        """Validate and route one publish; returns it, or None when it was refused."""
+        core = self.core
+        if qos not in (0, 1):
+            core.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
+            return None
+        try:
+            validate_topic_name(topic)
+        except TopicError as exc:
+            core.reject_client(session.rid, exc.code, exc.reason, ref)
+            return None
+        if core.fenced():
+            reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
+            core.reject_client(session.rid, codec.E_FENCED, reason, ref)
+            return None
+        core.metrics["publishes.in"] += 1
+        pub = Publish(session.rid, ref, topic, qos, payload)
+        self.publish(pub)
+        return pub
+
+    # ------------------------------------------------------------------ resolve
+    def publish(self, pub: Publish) -> None:
+        core = self.core
+        a = core.view.assignment
+        if a is None:
+            self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
+            return
+        pub.dests |= core.owner.routes.match(ROOT, pub.topic)
+        for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
+            self._lookup(pub, shard, [])
+        queue = self.topic_queues.get(pub.topic)
+        if queue is None:
+            if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
+                if not pub.failed:
+                    self.forward(pub)
+                return
+            queue = self.topic_queues[pub.topic] = deque()
+        queue.append(pub)
+        self.queued_publishes += 1
+        self._dispatch(pub.topic)
+
+    def _lookup(self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None) -> None:
+        """Find the nodes with routes matching ``pub.topic`` in ``shard`` (see the rules). ``group``: publishes
+        to the same topic that share a retried lookup (``pub`` is one of them)."""
+        core = self.core
+        a = core.view.assignment
+        assert a is not None
+        pubs = group or [pub]
+        if not tried:
+            owners = a.owners(shard)
+            if owners and owners[0] == core.me:
+                pub.dests |= core.owner.routes.match(shard, pub.topic)
+                return
+        shard_epoch = a.epoch(shard)
+        if not tried:
+            cached = self.route_cache.get(pub.topic, shard, shard_epoch, core.now)
+            if cached is not None:
+                pub.dests.update(cached)
+                if self.route_cache.claim_refresh(pub.topic, shard, shard_epoch, core.now):
+                    self._refresh_lookup(pub.topic, shard, shard_epoch)
+                return
+            lid = self.lookups_in_flight.get((pub.topic, shard))
+            if lid is not None:  # a burst to one topic: every publish waits for the one answer
+                core.requests.get(lid).pubs.append(pub)
+                pub.lookups_left += 1
+                return
+        candidates = [n for n in a.owners(shard) if n not in tried and n in core.view.members]
+        if not candidates or len(tried) > MAX_OWNERS_TRIED:
+            for p in pubs:
+                self._fail_publish(p, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
+            return
+        owner = candidates[0]
+        if owner == core.me:
+            nodes = core.owner.routes.match(shard, pub.topic)
+            for p in pubs:
+                p.dests |= nodes
+            return
+        for p in pubs:
+            p.asked_remote = True
+            p.lookups_left += 1
+        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], shard_epoch))
+
+    def _refresh_lookup(self, topic: str, shard: int, shard_epoch: int) -> None:
+        """Ask the shard's primary again for a cached answer that still serves; publishes that miss meanwhile
+        wait for this LOOKUP rather than send their own."""
+        core = self.core
+        assert core.view.assignment is not None
+        owner = (core.view.assignment.owners(shard) or [core.me])[0]
+        if owner != core.me and owner in core.view.members and (topic, shard) not in self.lookups_in_flight:
+            core.metrics["route_cache.refreshes"] += 1
+            self._send_lookup(Lookup([], topic, shard, owner, [owner], shard_epoch))
+
+    def _send_lookup(self, lookup: Lookup) -> None:
+        core = self.core
+        lookup.ticket, lookup.sent_at = self.route_cache.ticket(lookup.shard), core.now
+        lid = core.requests.open(lookup, self)
+        self.lookups_in_flight[(lookup.topic, lookup.shard)] = lid
+        header = {"id": lid, "shard": lookup.shard, "shard_epoch": lookup.shard_epoch, "topic": lookup.topic}
+        owner = lookup.owner
+        if not core.effects.send_peer(owner, codec.encode(codec.LOOKUP, header)):
+            self._lookup_failed(lid, f"owner {owner} of shard {lookup.shard} is unreachable")
+            return
+        reason = f"owner {owner} did not answer"
+        core.effects.call_later(core.cfg.lookup_timeout, lambda: self._lookup_failed(lid, reason))
+
+    def _end_lookup(self, lid: int) -> Lookup | None:
+        lookup = self.core.requests.close(lid)
+        if isinstance(lookup, Lookup):
+            key = (lookup.topic, lookup.shard)
+            if self.lookups_in_flight.get(key) == lid:
+                del self.lookups_in_flight[key]
+            for p in lookup.pubs:
+                p.lookups_left -= 1
+            return lookup
+        return None
+
+    def _lookup_failed(self, lid: int, reason: str, refresh: bool = False) -> None:
+        core = self.core
+        lookup = self._end_lookup(lid)
+        if lookup is None:
+            return
+        core.metrics["lookups.retried"] += 1
+        core.log.info("lookup_retry", shard=lookup.shard, owner=lookup.owner, reason=reason)
+        if refresh:
+            core.refresh_assignment(lambda _ok: None)
+        waiting = [p for p in lookup.pubs if not p.failed]
+        if waiting:  # a refresh nobody waits for is not retried: the answer it refreshes still serves
+            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
+        self._dispatch(lookup.topic)
+
+    def on_lookup_reply(self, sender: str, frame: Frame) -> None:
+        lookup = self._end_lookup(frame.header["id"])
+        if lookup is not None:
+            nodes = frame.header["nodes"]
+            topic = lookup.topic
+            for pub in lookup.pubs:
+                pub.dests.update(nodes)
+            if frame.header["shard_epoch"] == lookup.shard_epoch:  # an owner behind our epoch is not cached
+                ttl = self.core.cfg.route_cache_ttl
+                expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
+                self.route_cache.put(topic, lookup.shard, lookup.shard_epoch, lookup.ticket, expires, nodes,
+                                     refresh_at)  # fmt: skip
+            self._dispatch(topic)
+
+    def on_invalidate(self, sender: str, frame: Frame) -> None:
+        """An owner's routes changed: drop our cached answers for those shards, then say so if it waits."""
+        core = self.core
+        core.metrics["route_cache.invalidations_in"] += 1
+        self.route_cache.invalidate(frame.header["shards"])
+        if frame.header["id"]:
+            core.effects.send_peer(sender, codec.encode(codec.INVALIDATE_ACK, {"id": frame.header["id"]}))
+
+    def _dispatch(self, topic: str) -> None:
+        queue = self.topic_queues.get(topic)
+        while queue and (queue[0].lookups_left == 0 or queue[0].failed):
+            pub = queue.popleft()
+            self.queued_publishes -= 1
+            if not pub.failed:
+                self.forward(pub)
+        if queue is not None and not queue:
+            del self.topic_queues[topic]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, pub: Publish) -> None:
+        core = self.core
+        # Hops on the way to the last destination node: a remote lookup is two (ask, answer), a forward one.
+        core.metrics["publishes.routed"] += 1
+        core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in pub.dests)
+        members = core.view.members
+        for dest in pub.dests:
+            if dest == core.me:
+                if not core.destination.deliver(pub.topic, pub.qos, pub.payload):
+                    self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {core.me} has a full backlog")
+                continue
+            if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
+                core.metrics["drops.dead_destination"] += 1
+                continue
+            if pub.qos:
+                fid = core.requests.open(PendingForward(dest, pub), self)
+                pub.acks_left += 1
+                self.unexpired_fwds.append(fid)  # the flush sets one timer for all forwarded in this batch
+            else:
+                fid = 0
+            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload))
+        self._maybe_puback(pub)
+
+    def _maybe_puback(self, pub: Publish) -> None:
+        if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:
+            self.core.metrics["publishes.acked"] += 1
+            self.core.outbox.puback(pub.client, pub.ref)
+
+    def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
+        core = self.core
+        if pub.failed:
+            return
+        pub.failed = True
+        core.metrics[f"errors.{code}"] += 1
+        core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
+        if pub.client is not None and pub.qos:
+            core.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
+
+    def forwards_unsent(self, dest: str, forwards: list[Forward]) -> None:
+        """A frame of forwards could not be queued to ``dest``: the QoS 1 publishes among them fail now."""
+        for f in forwards:
+            pending = self.core.requests.close(f.fid) if f.fid else None
+            if isinstance(pending, PendingForward):
+                self._fail_publish(pending.pub, codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
+
+    def take_unexpired(self) -> None:
+        """One timer per batch of QoS 1 forwards, not one per forward."""
+        if self.unexpired_fwds:
+            fids, self.unexpired_fwds = self.unexpired_fwds, []
+            self.core.effects.call_later(self.core.cfg.request_timeout, lambda: self._expire_fwds(fids))
+
+    def _expire_fwds(self, fids: list[int]) -> None:
+        for fid in fids:
+            pending = self.core.requests.close(fid)
+            if isinstance(pending, PendingForward):
+                reason = f"node {pending.dest} did not confirm delivery in time"
+                self._fail_publish(pending.pub, codec.E_TIMEOUT, reason)
+
+    def on_fwd_ack(self, sender: str, frame: Frame) -> None:
+        requests = self.core.requests
+        for fid in frame.header["ids"]:
+            pending = requests.get(fid)
+            if isinstance(pending, PendingForward) and pending.dest == sender:
+                requests.close(fid)
+                pub = pending.pub
+                pub.acks_left -= 1
+                self._maybe_puback(pub)
+
+    # ------------------------------------------------------------------ requests failing
+    def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
+        reason = f"node {sender} refused: {reason}"
+        if isinstance(request, Lookup):
+            self._lookup_failed(rid, reason, refresh=code == codec.E_STALE_EPOCH)
+        elif self.core.requests.close(rid) is not None:
+            self._fail_publish(request.pub, code, reason)
+
+    def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        if isinstance(request, Lookup):
+            self._lookup_failed(rid, f"route owner {node} left the cluster")
+        elif self.core.requests.close(rid) is not None:
+            self._fail_publish(request.pub, codec.E_UNAVAILABLE, f"destination node {node} left the cluster")

@@ -1,0 +1,408 @@
+"""The owner side: the route table of the shards this node owns, and every answer it gives about them.
+
+Rules of this file:
+- The route table holds, per shard, which nodes have subscribers for which filters. Route changes come as
+  ROUTE_ADD/ROUTE_DEL from the node whose clients subscribed (``subscriptions``), and as relays from the source
+  of a hand-off this node is filling.
+- Fencing at the sink: a direct item is applied only if we hold the shard at the item's shard epoch (owner, or
+  hand-off source still streaming it), or its shard epoch is newer than ours (the sender saw a flip we have not
+  seen yet). An item at an older shard epoch is not applied: the ROUTE_ACK says so (``stale``) and the sender
+  re-sends to the current owners. Relayed items come only from the source of a fill we hold
+  (``HandoffTarget.may_forward``) and are applied whatever their shard epoch.
+- Routes are stored even while we are fenced: storing is not answering. If our lease survives we hold the
+  route; if not, the survivors do. LOOKUPs are refused while fenced.
+- A route change from a member whose registration our view has not shown yet (its ``member_rev`` is newer) is
+  deferred, with every later one, in arrival order, until the view shows it (or ``request_timeout`` passed):
+  the late view that drops the old registration's routes must come before the new route, not after it.
+- Answers are cached by entry nodes (``router.route_cache``). An owner records who asked (``LookupWatchers``)
+  and, when a shard's routes change, sends them INVALIDATE; an added route is confirmed (ROUTE_ACK) only once
+  every INVALIDATE still open for its shard was acknowledged or waited out (twice the cache ttl), so no entry
+  node publishes from an answer without the route after the subscriber was told it is subscribed.
+- Hand-offs: as source, the shard is snapshotted to the targets, then its changes streamed
+  (``rebalance.handoff``); as target, snapshots fill the table and HANDOFF_READY goes to the coordinator.
+- A shard we no longer own is dropped from the table only once nothing needs it: no fill, no stream, the
+  flip's grace over.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shardmq.rebalance.handoff import HandoffSource, HandoffTarget
+from shardmq.ring import Assignment
+from shardmq.router import codec
+from shardmq.router.codec import Frame
+from shardmq.router.route_cache import LookupWatchers
+from shardmq.router.routes import RouteTable
+
+from .records import Invalidation, gate
+from .view import ROOT
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+# How long an owner waits for INVALIDATE_ACKs, in route-cache ttls: more than one, so that an entry node the
+# INVALIDATE does not reach has dropped the answer on its own before the route is confirmed without it.
+INVALIDATE_WAIT = 2
+
+
+class OwnerSide:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.routes = RouteTable()
+        self.lookup_watchers = LookupWatchers()
+        self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
+        # Route changes from peers registered more recently than our view of them shows, waiting (see the rules).
+        self.deferred_route_changes: deque[tuple[float, str, Frame]] = deque()
+        self.source = HandoffSource()
+        self.target = HandoffTarget()
+
+    # ------------------------------------------------------------------ route changes
+    def on_route_change(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        if not h.get("fwd") and (core.view.registration_unseen(sender, h.get("member_rev"))
+                                 or self.deferred_route_changes):  # fmt: skip
+            self.deferred_route_changes.append((core.now, sender, frame))
+            core.metrics["routes.deferred_for_view"] += 1
+            core.effects.poll_view()
+            if len(self.deferred_route_changes) == 1:
+                core.effects.call_later(core.cfg.request_timeout, self.replay_route_changes)
+            return
+        self.change_routes_now(sender, frame)
+
+    def replay_route_changes(self) -> None:
+        """Apply deferred route changes whose sender's view we now have (or that waited request_timeout)."""
+        core = self.core
+        deferred = self.deferred_route_changes
+        oldest_allowed = core.now - core.cfg.request_timeout
+        while deferred and (not core.view.registration_unseen(deferred[0][1], deferred[0][2].header.get("member_rev"))
+                            or deferred[0][0] <= oldest_allowed):  # fmt: skip
+            _, sender, frame = deferred.popleft()
+            if sender in core.view.members:
+                self.change_routes_now(sender, frame)
+        if deferred:
+            core.effects.call_later(min(1.0, core.cfg.request_timeout), self.replay_route_changes)
+
+    def change_routes_now(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        forwarded = bool(h.get("fwd"))
+        if not core.view.shards_ok(item[0] for item in h["routes"]):
+            core.refuse_peer(sender, frame, codec.E_BAD_HEADER, "a route names a shard outside this cluster")
+            return
+        if forwarded:
+            if not all(self.target.may_forward(item[0], sender) for item in h["routes"]):
+                core.refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} is not handing these shards to us")
+                return
+        elif h["node"] != sender:
+            core.refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
+            return
+        stale = self.apply_route_items(frame.type, h["node"], h["routes"], forwarded)
+        shards = {item[0] for item in h["routes"]}
+        if forwarded or not h["id"]:
+            self.invalidate_caches(shards)
+            return
+        ack = codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": stale})
+
+        def confirm() -> None:
+            core.effects.send_peer(sender, ack)
+
+        # An added route is confirmed once no entry node can still publish from an answer without it.
+        if not self.invalidate_caches(shards, confirm if frame.type == codec.ROUTE_ADD else None):
+            confirm()
+
+    def apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
+        """Apply route changes for ``node`` (fencing at the sink, see the rules); returns [shard, our shard
+        epoch] for the items sent with an older one."""
+        core = self.core
+        change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
+        a = core.view.assignment
+        me = core.me
+        stale: list[list[int]] = []
+        relay: dict[str, list[list[Any]]] = {}
+        newer_shards: set[int] = set()
+        for item in items:
+            shard, shard_epoch, filt = item
+            if shard == ROOT:
+                change(ROOT, filt, node)
+                continue
+            ours = a.epoch(shard) if a is not None else 0
+            holds = a is not None and (me in a.owners(shard) or shard in self.source)
+            if forwarded or shard_epoch > ours or (shard_epoch == ours and holds):
+                change(shard, filt, node)
+                targets = self.source.relay_targets(shard)
+                if targets and not forwarded:
+                    for target in targets:
+                        relay.setdefault(target, []).append(item)
+            else:
+                stale.append([shard, ours])
+            if shard_epoch > ours:
+                newer_shards.add(shard)
+        for target, routes in relay.items():
+            core.metrics["handoff.changes_forwarded"] += len(routes)
+            core.effects.send_peer(target, codec.encode(kind, {"id": 0, "node": node, "routes": routes, "fwd": True}))
+        if newer_shards:
+            core.effects.poll_view()
+            # The owners changed and we have not seen how: entry nodes may cache answers of an owner that is gone.
+            self.watch_everywhere(newer_shards)
+        if stale:
+            core.metrics["fencing.stale_route_items"] += len(stale)
+        return stale
+
+    # ------------------------------------------------------------------ cached answers
+    def watch_everywhere(self, shards: Iterable[int]) -> None:
+        """Count every member as caching answers for ``shards``: the owner that answered their lookups is gone
+        (it died, or our view lags), and with it the record of who caches them, so the next route change in
+        these shards invalidates every entry node before it is confirmed."""
+        core = self.core
+        nodes = [n for n in core.view.members if n != core.me]
+        for shard in shards:
+            for node in nodes:
+                self.lookup_watchers.watch(shard, node)
+
+    def invalidate_caches(self, shards: Iterable[int], then: Callable[[], None] | None = None) -> bool:
+        """Tell the entry nodes caching answers for ``shards`` to drop them (see router.route_cache).
+
+        With ``then`` (an added route), it runs once every INVALIDATE still unacknowledged for these shards is,
+        this one's and earlier ones' alike (an earlier one took the watches, and until it is acknowledged an
+        entry node may still hold an answer without the new route); True is returned when there is something to
+        wait for.
+        """
+        core = self.core
+        shards = {s for s in shards if s != ROOT}
+        told = self.lookup_watchers.take(shards)
+        if told:
+            inv = Invalidation(set(told), sorted({s for ss in told.values() for s in ss}))
+            iid = core.requests.open(inv, self)
+            for node, told_shards in told.items():
+                core.metrics["route_cache.invalidations_out"] += 1
+                # Unsent: it waits out the timeout like one that was lost.
+                core.effects.send_peer(node, codec.encode(codec.INVALIDATE, {"id": iid, "shards": told_shards}))
+            for shard in inv.shards:
+                self.invalidating.setdefault(shard, set()).add(iid)
+            core.effects.call_later(INVALIDATE_WAIT * core.cfg.route_cache_ttl, lambda: self._expire_invalidation(iid))
+        if then is None:
+            return False
+        waits = {iid for shard in shards for iid in self.invalidating.get(shard, ())}
+        if not waits:
+            return False
+        done = gate(len(waits), lambda _failures: then())
+        for iid in waits:
+            core.requests.get(iid).callbacks.append(done)
+        return True
+
+    def settle_invalidation(self, iid: int, node: str) -> None:
+        inv = self.core.requests.get(iid)
+        if isinstance(inv, Invalidation):
+            inv.pending.discard(node)
+            if not inv.pending:
+                self._finish_invalidation(iid)
+
+    def _finish_invalidation(self, iid: int) -> None:
+        inv = self.core.requests.close(iid)
+        for shard in inv.shards:
+            waiting = self.invalidating.get(shard)
+            if waiting is not None:
+                waiting.discard(iid)
+                if not waiting:
+                    del self.invalidating[shard]
+        for callback in inv.callbacks:
+            callback([])
+
+    def _expire_invalidation(self, iid: int) -> None:
+        inv = self.core.requests.get(iid)
+        if inv is not None:  # its answers expired at the entry nodes that did not acknowledge (see route_cache)
+            self.core.metrics["route_cache.invalidate_timeouts"] += 1
+            self.core.log.warning("invalidate_timeout", nodes=sorted(inv.pending))
+            self._finish_invalidation(iid)
+
+    def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
+        self.settle_invalidation(rid, sender)
+
+    def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        self.settle_invalidation(rid, node)
+
+    def on_invalidate_ack(self, sender: str, frame: Frame) -> None:
+        self.settle_invalidation(frame.header["id"], sender)
+
+    # ------------------------------------------------------------------ lookups
+    def on_lookup(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        shard = h["shard"]
+        if core.fenced():
+            core.refuse_peer(sender, frame, codec.E_FENCED, f"{core.me} cannot renew its etcd lease", shard=shard)
+            return
+        if not core.view.shards_ok([shard]):
+            core.refuse_peer(sender, frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
+        ours = core.view.shard_epoch(shard)
+        if h["shard_epoch"] < ours:  # fence at the sink: the asker must learn the new owners first
+            reason = f"shard {shard} is at shard epoch {ours}, not {h['shard_epoch']}: re-read the assignment"
+            core.refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard, current_shard_epoch=ours)
+            return
+        if h["shard_epoch"] > ours:
+            core.effects.poll_view()
+        nodes = sorted(self.routes.match(shard, h["topic"]))
+        self.lookup_watchers.watch(shard, sender)  # it may cache this answer: tell it when the shard's routes change
+        reply = {"id": h["id"], "shard": shard, "shard_epoch": ours, "nodes": nodes}
+        core.effects.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
+
+    # ------------------------------------------------------------------ assignment changes
+    def on_assignment(self, old: Assignment | None, new: Assignment) -> None:
+        """The assignment changed: end fills that flipped, invalidate answers of flipped shards, schedule the
+        release of shards we lost and the end of streams whose shard flipped."""
+        core = self.core
+        me = core.me
+        grace = core.cfg.handoff_grace
+        mine = set(new.shards_of(me))
+        for shard in mine:
+            source = self.target.flipped(shard)
+            if source is not None:
+                # The fill flipped: the source keeps forwarding until it sees the flip plus its grace period.
+                core.effects.call_later(2 * grace, lambda s=shard, src=source: self.target.forget_source(s, src))
+        if old is None:
+            return
+        changed = [s for s in range(new.shard_count) if new.epoch(s) != old.epoch(s)]
+        self.invalidate_caches(changed)
+        # An owner that left took with it the record of who caches its answers (a promotion): every entry node
+        # may, and the next route change in such a shard invalidates them all.
+        members = core.view.members
+        self.watch_everywhere(
+            s for s in changed if me in new.owners(s) and any(o not in members for o in old.owners(s))
+        )
+        for shard in set(old.shards_of(me)) - mine:
+            core.effects.call_later(grace, lambda shard=shard: self.release(shard))
+        for shard, shard_epoch in self.source.flipped(new.epoch):
+            # Flipped: stale senders have a grace period to catch up.
+            core.effects.call_later(grace, lambda s=shard, e=shard_epoch: self._stop_stream(s, e))
+
+    def _stop_stream(self, shard: int, shard_epoch: int) -> None:
+        if self.source.stop(shard, shard_epoch):
+            self.release(shard)
+
+    def release(self, shard: int) -> None:
+        """Drop our copy of a shard we no longer own, once nothing (hand-off, grace) still needs it."""
+        core = self.core
+        a = core.view.assignment
+        if a is None or core.me in a.owners(shard) or shard in self.target or shard in self.source:
+            return
+        dropped = self.routes.drop_shard(shard)
+        core.metrics["handoff.shards_released"] += 1
+        core.log.info("shard_released", shard=shard, shard_epoch=a.epoch(shard), routes_dropped=dropped)
+        core.maybe_finish_leaving()
+
+    # ------------------------------------------------------------------ hand-offs
+    def on_handoff(self, sender: str, frame: Frame, reread: bool = True) -> None:
+        """We are the source of a move: snapshot the shard to the new replicas, then stream its changes."""
+        core = self.core
+        h = frame.header
+        shard, shard_epoch = h["shard"], h["shard_epoch"]
+        if not core.view.shards_ok([shard]):
+            self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
+        if core.fenced():
+            self._refuse_move(frame, codec.E_FENCED, f"{core.me} cannot renew its etcd lease")
+            return
+        a = core.view.assignment
+        if reread and (a is None or a.epoch(shard) < shard_epoch):
+            # The coordinator saw a newer assignment than ours: decide on a fresh read, not on our lagging view.
+            core.refresh_assignment(lambda _ok: self.on_handoff(sender, frame, reread=False), force=True)
+            return
+        if a is None or a.epoch(shard) != shard_epoch or core.me not in a.owners(shard):
+            reason = f"{core.me} does not own shard {shard} at shard epoch {shard_epoch}"
+            self._refuse_move(frame, codec.E_STALE_EPOCH, reason)
+            return
+        targets = [t for t in h["targets"] if t != core.me]
+        unknown = [t for t in targets if t not in core.view.members]
+        if unknown:
+            # Our view has not caught up with a target that (re)joined: a snapshot sent now would be dropped and
+            # the move would wait out handoff_timeout. Refused, the coordinator plans it again at its next tick.
+            self._refuse_move(frame, codec.E_UNAVAILABLE, f"{core.me} does not know {unknown} as members yet")
+            core.effects.poll_view()
+            return
+        move_id = h["id"]
+        self.source.begin(shard, shard_epoch, move_id, targets)
+        # A move the coordinator abandons never flips: stop streaming to its targets after the timeout.
+        core.effects.call_later(
+            core.cfg.handoff_timeout + core.cfg.handoff_grace,
+            lambda: self._stop_abandoned(shard, shard_epoch, move_id),
+        )
+        routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
+        size = 0
+        for target in targets:
+            for chunk, last in self.source.snapshot_chunks(routes):
+                header = {
+                    "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk, "last": last,
+                    "coordinator": h["coordinator"],
+                }  # fmt: skip
+                parts = codec.encode(codec.SNAPSHOT, header)
+                size += len(parts[1])
+                core.effects.send_peer(target, parts)
+        core.metrics["handoff.snapshots_sent"] += len(targets)
+        core.metrics["handoff.routes_sent"] += len(routes) * len(targets)
+        core.metrics["handoff.bytes_sent"] += size
+        core.log.info("handoff_snapshot", shard=shard, shard_epoch=shard_epoch, targets=targets, routes=len(routes),
+                      bytes=size)  # fmt: skip
+
+    def _stop_abandoned(self, shard: int, shard_epoch: int, move_id: int) -> None:
+        if self.source.stop_abandoned(shard, shard_epoch, move_id, self.core.view.shard_epoch(shard)):
+            self.core.metrics["handoff.abandoned_streams"] += 1
+
+    def on_snapshot(self, sender: str, frame: Frame) -> None:
+        """We are a new replica: take the snapshot; when complete, tell the coordinator we are ready."""
+        core = self.core
+        h = frame.header
+        shard, shard_epoch = h["shard"], h["shard_epoch"]
+        if not core.view.shards_ok([shard]):
+            self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return
+        ours = core.view.shard_epoch(shard)
+        if core.view.assignment is not None and ours > shard_epoch:
+            reason = f"snapshot of shard {shard} is for shard epoch {shard_epoch}, it is at {ours}"
+            self._refuse_move(frame, codec.E_STALE_EPOCH, reason)
+            return
+        move_id = h["id"]
+        if self.target.take_snapshot(shard, move_id, sender):
+            # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
+            # we must not give up on a fill that is about to become ours.
+            core.effects.call_later(2 * core.cfg.handoff_timeout, lambda: self._abandon_fill(shard, move_id, sender))
+        for filt, nodes in h["routes"]:
+            for node in nodes:
+                self.routes.add(shard, filt, node)
+        core.metrics["handoff.routes_received"] += len(h["routes"])
+        core.metrics["handoff.bytes_received"] += len(orjson.dumps(h["routes"]))
+        if h["last"]:
+            ready = {"id": move_id, "shard": shard, "shard_epoch": shard_epoch, "node": core.me}
+            core.effects.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
+
+    def _abandon_fill(self, shard: int, move_id: int, source: str) -> None:
+        if not self.target.still_filling(shard, move_id):
+            return  # the move flipped, or a newer fill replaced it
+        core = self.core
+
+        def decide(ok: bool) -> None:
+            if not ok:
+                core.effects.call_later(core.cfg.handoff_grace, lambda: self._abandon_fill(shard, move_id, source))
+            elif self.target.abandon(shard, move_id, source):  # the fresh view may have made us the owner
+                self.release(shard)
+
+        # Our view may not show the flip yet (it lags by a poll): decide on a fresh read, never on a stale one.
+        core.refresh_assignment(decide, force=True)
+
+    def _refuse_move(self, frame: Frame, code: str, reason: str) -> None:
+        """Tell the coordinator (not whoever relayed the frame) that this move cannot proceed, by move id."""
+        core = self.core
+        h = frame.header
+        core.metrics[f"fencing.refused.{code}"] += 1
+        core.log.warning("move_refused", shard=h.get("shard"), code=code, reason=reason)
+        extra = {"move_id": h.get("id"), "shard": h.get("shard")}
+        if h.get("coordinator") == core.me and core.coordinator is not None:
+            core.coordinator.on_refused(h["id"])
+        elif isinstance(h.get("coordinator"), str):
+            core.effects.send_peer(h["coordinator"], codec.error_parts(code, reason, None, **extra))

@@ -1,0 +1,275 @@
+"""Subscriptions: this node's clients' filters, and the routes that make the owners send their messages here.
+
+Rules of this file:
+- A client's subscription lives only on its own node (``local_q0``/``local_q1``, by granted QoS). When a filter
+  gets its first local subscriber the node sends ROUTE_ADD(filter -> this node) to every owner of the filter's
+  shard (to every member for root-set filters, which have no placement key), and ROUTE_DEL when the last one
+  leaves: reference counting per node, so the owners hold one route per (filter, node), not per client.
+- A SUBACK waits until every owner confirmed (ROUTE_ACK): from then on every publish finds the route. A client
+  subscribing to a filter whose ROUTE_ADD is still on its way waits for that one too. All or nothing: a SUB
+  whose routes an owner could not confirm is undone and answered with an error.
+- An owner that says our shard epoch is old (``stale`` in its ROUTE_ACK) gets nothing applied; we re-read the
+  assignment and send those items to the current owners (up to three times).
+- A shard with no owner at all (etcd lost every lease at once) cannot hold the route: the SUB fails.
+- Subscriptions are refused while the node is fenced: peers drop our routes if our lease runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shardmq.router import codec
+from shardmq.router.codec import Frame
+from shardmq.router.matching import FilterIndex
+from shardmq.router.partition import placement_key
+from shardmq.router.topics import TopicError, validate_topic_filter
+
+from .records import Session, Waiter, gate
+from .view import ROOT
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+REANNOUNCE_DELAY = 1.0  # a few member polls: by then every peer has seen us gone and back
+STALE_RETRIES = 3
+
+
+class Subscriptions:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.local_q0: FilterIndex[bytes] = FilterIndex()
+        self.local_q1: FilterIndex[bytes] = FilterIndex()
+        self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
+
+    def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]:
+        """This node's clients for a message: (those that get it at QoS 0, those that get it at QoS 1)."""
+        if qos:
+            q1 = self.local_q1.match(topic)
+            return self.local_q0.match(topic) - q1, q1
+        return self.local_q0.match(topic) | self.local_q1.match(topic), set()
+
+    def local_filters(self) -> set[str]:
+        return {f for idx in (self.local_q0, self.local_q1) for f in idx.filters()}
+
+    # ------------------------------------------------------------------ client frames
+    def on_sub(self, session: Session, frame: Frame) -> None:
+        core = self.core
+        ref = frame.header["id"]
+        qos = frame.header["qos"]
+        if qos not in (0, 1):
+            core.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
+            return
+        if core.view.assignment is None:
+            core.reject_client(session.rid, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry", ref)
+            return
+        if core.fenced():
+            reason = "this node lost contact with etcd and cannot keep routes; use another node"
+            core.reject_client(session.rid, codec.E_FENCED, reason, ref)
+            return
+        results: list[Any] = []
+        new_filters: list[str] = []
+        installing: set[int] = set()  # route adds started by earlier subscribers that this SUBACK must wait for
+        added: list[str] = []  # filters this client did not have before this SUB: the ones to undo on failure
+        for filt in frame.header["filters"]:
+            try:
+                if not isinstance(filt, str):
+                    raise TopicError("invalid_filter", f"a filter must be a string, got {type(filt).__name__}")
+                validate_topic_filter(filt)
+            except TopicError as exc:
+                core.metrics[f"errors.{exc.code}"] += 1
+                shown = filt if isinstance(filt, str) else None
+                results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
+                continue
+            results.append(qos)
+            if filt not in session.filters:
+                added.append(filt)
+            if self._subscribe_local(session, filt, qos):
+                new_filters.append(filt)
+            elif filt in self.route_add_waiters:
+                installing.add(self.route_add_waiters[filt])
+        core.metrics["subscriptions"] += len(new_filters)
+
+        def done(failures: list[str]) -> None:
+            if failures:
+                # Undo this SUB so the client is not sent messages for filters it was told failed (subscriptions
+                # it had before this SUB stay).
+                if core.destination.sessions.get(session.rid) is session:
+                    gone = [f for f in added if self._unsubscribe_local(session, f)]
+                    self.change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
+                reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
+                core.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
+            else:
+                core.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
+
+        on_done = gate(len(installing) + 1, done)
+        for wid in installing:
+            core.requests.get(wid).callbacks.append(on_done)
+        self.change_routes(codec.ROUTE_ADD, new_filters, on_done)
+
+    def on_unsub(self, session: Session, frame: Frame) -> None:
+        core = self.core
+        ref = frame.header["id"]
+        if not all(isinstance(f, str) for f in frame.header["filters"]):
+            core.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
+            return
+        gone = [f for f in frame.header["filters"] if self._unsubscribe_local(session, f)]
+
+        def done(failures: list[str]) -> None:
+            core.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
+
+        self.change_routes(codec.ROUTE_DEL, gone, done)
+
+    def forget(self, session: Session) -> int:
+        """The session ended: drop its subscriptions (and the routes no other local client needs)."""
+        gone = [f for f in list(session.filters) if self._unsubscribe_local(session, f)]
+        self.change_routes(codec.ROUTE_DEL, gone, lambda failures: None)
+        return len(gone)
+
+    def _subscribe_local(self, session: Session, filt: str, qos: int) -> bool:
+        """Record the subscription; True when the filter is new on this node (a route must be added)."""
+        had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
+        old = session.filters.get(filt)
+        if old is not None and old != qos:
+            (self.local_q1 if old else self.local_q0).remove(filt, session.rid)
+        session.filters[filt] = qos
+        (self.local_q1 if qos else self.local_q0).add(filt, session.rid)
+        return not had_route
+
+    def _unsubscribe_local(self, session: Session, filt: str) -> bool:
+        """Forget the subscription; True when no local client has the filter any more (drop the route)."""
+        qos = session.filters.pop(filt, None)
+        if qos is None:
+            return False
+        (self.local_q1 if qos else self.local_q0).remove(filt, session.rid)
+        return not (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt))
+
+    # ------------------------------------------------------------------ routes at the owners
+    def change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
+        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed."""
+        view = self.core.view
+        if not filters or view.assignment is None:  # without an assignment no route was ever installed
+            on_done([])
+            return
+        wid = self._send_route_items(kind, [view.route_item(f) for f in filters], on_done)
+        if wid is not None and kind == codec.ROUTE_ADD:
+            self.core.requests.get(wid).filters = filters
+            for filt in filters:
+                self.route_add_waiters[filt] = wid
+
+    def _send_route_items(
+        self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0
+    ) -> int | None:
+        """Send items to the owners of their shards; returns the waiter id, or None when all was local."""
+        core = self.core
+        by_node: dict[str, list[list[Any]]] = {}
+        ownerless: list[str] = []
+        for item in items:
+            targets = core.view.targets(item[0])
+            if not targets and item[0] != ROOT:
+                ownerless.append(f"shard {item[0]} has no owner")
+            for owner in targets:
+                by_node.setdefault(owner, []).append(item)
+        local = by_node.pop(core.me, None)
+        waiter = Waiter(set(by_node), [on_done], kind, by_node, attempt, failures=sorted(set(ownerless)))
+        wid = core.requests.open(waiter, self)
+        if local:
+            core.owner.apply_route_items(kind, core.me, local, forwarded=False)
+            # We own some of these shards: entry nodes caching their answers must drop them before we confirm.
+            settle = (lambda: self._settle_waiter(wid, core.me)) if kind == codec.ROUTE_ADD else None
+            if core.owner.invalidate_caches((item[0] for item in local), settle):
+                waiter.pending.add(core.me)
+        if not waiter.pending:
+            core.requests.close(wid)
+            on_done(waiter.failures)
+            return None
+        for node, routes in by_node.items():
+            header = {"id": wid, "node": core.me, "routes": routes, "member_rev": core.view.member_revision}
+            if not core.effects.send_peer(node, codec.encode(kind, header)):
+                waiter.failures.append(node)
+                self._settle_waiter(wid, node)
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
+        return wid
+
+    def _settle_waiter(self, wid: int, node: str) -> None:
+        waiter = self.core.requests.get(wid)
+        if isinstance(waiter, Waiter):
+            waiter.pending.discard(node)
+            if not waiter.pending:
+                self._finish_waiter(wid)
+
+    def _expire_waiter(self, wid: int) -> None:
+        waiter = self.core.requests.get(wid)
+        if waiter is not None:
+            self.core.metrics["errors.route_timeout"] += 1
+            waiter.failures.append("timeout")
+            self._finish_waiter(wid)
+
+    def _finish_waiter(self, wid: int) -> None:
+        waiter = self.core.requests.close(wid)
+        for filt in waiter.filters:
+            if self.route_add_waiters.get(filt) == wid:
+                del self.route_add_waiters[filt]
+        for callback in waiter.callbacks:
+            callback(waiter.failures)
+
+    def on_route_ack(self, sender: str, frame: Frame) -> None:
+        wid = frame.header["id"]
+        stale = frame.header.get("stale")
+        waiter = self.core.requests.get(wid)
+        if not isinstance(waiter, Waiter):
+            return
+        if stale:
+            if waiter.attempt < STALE_RETRIES:
+                # An owner said our shard epoch is old: re-read the assignment, re-send to the current owners.
+                self.core.refresh_assignment(lambda _ok: self._retry_stale(wid, sender, stale))
+                return
+            waiter.failures.append(f"{sender} (shard epoch still stale)")  # never confirm what no owner holds
+        self._settle_waiter(wid, sender)
+
+    def _retry_stale(self, wid: int, sender: str, stale: list[list[int]]) -> None:
+        waiter = self.core.requests.get(wid)
+        if not isinstance(waiter, Waiter):
+            return
+        view = self.core.view
+        shards = {s for s, _ in stale}
+        retry = [view.route_item(f) for s, _, f in waiter.sent.get(sender, []) if s in shards]
+        if not retry:
+            waiter.failures.append(f"{sender} (shard epoch still stale)")
+            self._settle_waiter(wid, sender)
+            return
+        self.core.metrics["fencing.route_retries"] += 1
+
+        def done(failures: list[str]) -> None:
+            found = self.core.requests.get(wid)
+            if isinstance(found, Waiter):
+                found.failures.extend(failures)
+            self._settle_waiter(wid, sender)
+
+        self._send_route_items(waiter.kind, retry, done, waiter.attempt + 1)
+
+    def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
+        request.failures.append(f"{sender} ({code})")
+        self._settle_waiter(rid, sender)
+
+    def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        request.failures.append(node)
+        self._settle_waiter(rid, node)
+
+    # ------------------------------------------------------------------ membership changes
+    def announce_root_routes(self, nodes: set[str]) -> None:
+        """Root-set routes live on every node: give a newcomer ours (every node does the same)."""
+        core = self.core
+        local = {f for f in self.local_filters() if placement_key(f) is None}
+        if not local:
+            return
+        items = [[ROOT, 0, f] for f in sorted(local)]
+        for node in nodes:
+            core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, {"id": 0, "node": core.me, "routes": items}))
+
+    def reannounce_routes(self) -> None:
+        """After registering again (peers dropped our routes when they saw us gone), add every route again."""
+        filters = sorted(self.local_filters())
+        self.core.log.info("routes_reannounced", filters=len(filters))
+        self.core.metrics["routes.reannounced"] += len(filters)
+        self.change_routes(codec.ROUTE_ADD, filters, lambda failures: None)

@@ -1,0 +1,120 @@
+"""The node's view of the cluster: members, the shard assignment, the leader, and whether its lease is in doubt.
+
+Rules of this file:
+- Everything here comes from etcd through the shell (the session thread reads, the core is told): the core
+  never decides membership or ownership, it only reads this view.
+- Two epochs, two names. The *membership epoch* (``membership_epoch``) is the highest etcd create_revision among
+  the member keys: every node that sees the same members computes the same one, and it only goes to clients and
+  logs. A *shard epoch* (``Assignment.epoch(shard)``, ``shard_epoch`` on the wire) counts the ownership changes
+  of one shard: fencing compares shard epochs, never the membership epoch.
+- Fenced: from two thirds of the lease TTL without a keep-alive (``fenced_from``, told by the shell), and between
+  registering again and seeing the view that goes with that registration, a node neither answers for its
+  shards nor takes subscriptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shardmq.ring import Assignment, shard_for_key
+from shardmq.router.partition import placement_key
+from shardmq.router.routes import RouteTable
+
+ROOT = RouteTable.ROOT
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    node_id: str
+    client_endpoint: str
+    peer_endpoint: str
+    weight: int = 1
+    leaving: bool = False  # set by a graceful leave: the rebalancer moves every shard away, then the node exits
+    incarnation: str = ""  # new for every process start: a restart under the same id is another member to peers
+    # etcd create_revision of the member key (read from etcd, never written): rises with every registration, so a
+    # node that registered again after losing its lease is a new member to peers even in the same process.
+    revision: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "client_endpoint": self.client_endpoint,
+            "peer_endpoint": self.peer_endpoint,
+            "weight": self.weight,
+            "leaving": self.leaving,
+            "incarnation": self.incarnation,
+            "revision": self.revision,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemberInfo:
+        return cls(
+            data["node"],
+            data["client_endpoint"],
+            data["peer_endpoint"],
+            int(data.get("weight", 1)),
+            bool(data.get("leaving", False)),
+            str(data.get("incarnation", "")),
+            int(data.get("revision", 0)),
+        )
+
+    def same_process(self, other: MemberInfo) -> bool:
+        """True when ``other`` is this member's same registration of the same process at the same address (only
+        ``leaving`` may differ)."""
+        return (self.incarnation, self.revision, self.peer_endpoint, self.client_endpoint) == (
+            other.incarnation, other.revision, other.peer_endpoint, other.client_endpoint,
+        )  # fmt: skip
+
+
+class ClusterView:
+    def __init__(self, me: str, shard_count: int, replication: int) -> None:
+        self.me = me
+        self.members: dict[str, MemberInfo] = {}
+        self.membership_epoch = 0
+        self.assignment: Assignment | None = None
+        self.assignment_revision = 0
+        self.leader: str | None = None
+        self.settings: dict[str, Any] = {"shard_count": shard_count, "replication": replication}
+        self.fenced_from = float("inf")  # the session's lease comes into doubt at this time (shell clock)
+        self.registrations = 0  # registrations the session made; more than one: the lease was lost once
+        self.registration_seen = 0  # the registration whose view we processed
+        self.member_revision = 0  # our member key's etcd create_revision, sent as ROUTE_ADD/ROUTE_DEL member_rev
+        self.leaving = False
+
+    def fenced(self, now: float) -> bool:
+        return now > self.fenced_from or self.registration_seen < self.registrations
+
+    @property
+    def shard_count(self) -> int:
+        return self.assignment.shard_count if self.assignment else int(self.settings["shard_count"])
+
+    def shards_ok(self, shards: Any) -> bool:
+        count = self.shard_count
+        return all(s == ROOT or (type(s) is int and 0 <= s < count) for s in shards)
+
+    def shard_epoch(self, shard: int) -> int:
+        return self.assignment.epoch(shard) if self.assignment is not None else 0
+
+    def route_item(self, filt: str) -> list[Any]:
+        """[shard, shard epoch, filter] for a filter: its shard (ROOT for the root set) and that shard's epoch."""
+        assert self.assignment is not None
+        key = placement_key(filt)
+        if key is None:
+            return [ROOT, 0, filt]
+        shard = shard_for_key(key, self.assignment.shard_count)
+        return [shard, self.assignment.epoch(shard), filt]
+
+    def targets(self, shard: int) -> tuple[str, ...]:
+        """Who must hold a route of ``shard``: its owners, or every member for the root set."""
+        assert self.assignment is not None
+        return tuple(sorted(self.members)) if shard == ROOT else self.assignment.owners(shard)
+
+    def holds(self, shard: int) -> bool:
+        a = self.assignment
+        return a is not None and self.me in a.owners(shard)
+
+    def registration_unseen(self, sender: str, member_rev: Any) -> bool:
+        """The sender registered more recently than our view of it shows (see ``owner``: deferred changes)."""
+        member = self.members.get(sender)
+        return member is not None and type(member_rev) is int and member_rev > member.revision
