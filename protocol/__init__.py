@@ -9,6 +9,6 @@ Rules of this package:
 from .config import ProtocolConfig
 from .effects import Effects
 from .node import NodeCore
-from .view import ClusterView, MemberInfo
+from .view import ClusterView, MemberInfo, SessionView
 
-__all__ = ["ClusterView", "Effects", "MemberInfo", "NodeCore", "ProtocolConfig"]
+__all__ = ["ClusterView", "Effects", "MemberInfo", "NodeCore", "ProtocolConfig", "SessionView"]

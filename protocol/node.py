@@ -24,8 +24,9 @@ Rules of this file:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff, target_table
@@ -42,7 +43,7 @@ from .owner import OwnerSide
 from .records import Lookup, Session
 from .requests import PendingRequests
 from .subscriptions import REANNOUNCE_DELAY, Subscriptions
-from .view import ClusterView, MemberInfo
+from .view import ClusterView, MemberInfo, SessionView
 
 # The fence check runs when the lease would come into doubt (and at least this often): a fixed 100 ms tick woke
 # every node ten times a second and, measured, made a saturated subscriber's node send smaller batches and drop.
@@ -50,6 +51,13 @@ FENCE_CHECK_INTERVAL = 1.0
 FENCE_CHECK_MIN = 0.02
 LEAD_TICK = 0.05  # while moves are in flight the leader steps its coordinator this often
 REFRESH_MIN_INTERVAL = 0.1  # an assignment read asked for by a peer's answer, at most this often
+
+
+@functools.lru_cache(maxsize=4)
+def parse_assignment(document: bytes) -> Assignment:
+    """One parse per document: views repeat it, and a simulated cluster's nodes share it (Assignment is
+    immutable)."""
+    return Assignment.from_json(document)
 
 
 class NodeCore:
@@ -246,17 +254,16 @@ class NodeCore:
             self.destination.delivered(rid, deliveries, self.send_client(rid, parts))
 
     # ------------------------------------------------------------------ the view from etcd
-    def on_view(self, snapshot: dict[str, Any], document: bytes) -> None:
-        """A new view from the etcd session: members, leader, our registration and (when it changed) the
-        assignment document."""
+    def on_view(self, session_view: SessionView) -> None:
+        """A new view from the etcd session: members, leader, our registration and the assignment document."""
         view = self.view
-        members = {m["node"]: MemberInfo.from_dict(m) for m in snapshot["members"]}
+        members = session_view.members
         if self.me not in members and view.members.get(self.me) is not None:
             self.log.warning("removed_from_cluster", membership_epoch=view.membership_epoch)
             self.effects.stop()  # `shardmq cluster remove` deleted our key
             return
-        view.leader = snapshot.get("leader")
-        registration = int(snapshot.get("registration", 1))
+        view.leader = session_view.leader
+        registration = session_view.registration
         if registration > view.registration_seen:
             if view.registration_seen:
                 # We lost our lease and registered again: peers saw us gone and dropped our routes, so messages
@@ -270,13 +277,14 @@ class NodeCore:
                 self.entry.route_cache.clear()
             view.registration_seen = registration
         if members != view.members:
-            self._on_members(members, int(snapshot["epoch"]))
+            self._on_members(members, session_view.membership_epoch)
         me = members.get(self.me)
         view.member_revision = me.revision if me is not None else 0
         if self.owner.deferred_route_changes:
             self.owner.replay_route_changes()
-        if document and snapshot["assignment_revision"] > view.assignment_revision:
-            self.set_assignment(Assignment.from_json(document), snapshot["assignment_revision"])
+        revision = session_view.assignment_revision
+        if session_view.document and revision > view.assignment_revision:
+            self.set_assignment(parse_assignment(session_view.document), revision)
         if view.leader == self.me and self.coordinator is None:
             self.coordinator = Coordinator(
                 int(view.settings["shard_count"]), int(view.settings["replication"]),
@@ -285,10 +293,10 @@ class NodeCore:
             self.log.info("leader_elected", membership_epoch=view.membership_epoch)
         elif view.leader != self.me:
             self.coordinator = None
-        self._lead()
+        self.lead()
         self.maybe_finish_leaving()
 
-    def _on_members(self, members: dict[str, MemberInfo], membership_epoch: int) -> None:
+    def _on_members(self, members: Mapping[str, MemberInfo], membership_epoch: int) -> None:
         view = self.view
         old = view.members
         # A member that restarted (new incarnation), moved (new endpoints) or registered again is another
@@ -347,7 +355,7 @@ class NodeCore:
             if not ok:
                 self.log.warning("etcd_read_failed", what="assignment")
             elif document:
-                self.set_assignment(Assignment.from_json(document), revision)
+                self.set_assignment(parse_assignment(document), revision)
             then(ok)
 
         self.effects.read_assignment(done)
@@ -361,7 +369,7 @@ class NodeCore:
             self.effects.stop()
 
     # ------------------------------------------------------------------ rebalance (leader only)
-    def _lead(self) -> None:
+    def lead(self) -> None:
         """Run the coordinator: the leader turns its decisions into hand-offs and assignment commits."""
         c = self.coordinator
         view = self.view
@@ -388,7 +396,7 @@ class NodeCore:
 
     def _lead_tick(self) -> None:
         self._lead_scheduled = False
-        self._lead()
+        self.lead()
 
     def _start_handoff(self, action: StartHandoff) -> None:
         move = action.move

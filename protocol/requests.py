@@ -34,6 +34,9 @@ class PendingRequests:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._open
+
     def next_id(self) -> int:
         """An id for something that is not (yet) a request: a frame nobody answers, a request made local."""
         return next(self._ids)

@@ -151,16 +151,15 @@ class Subscriptions:
         if not filters or view.assignment is None:  # without an assignment no route was ever installed
             on_done([])
             return
-        wid = self._send_route_items(kind, [view.route_item(f) for f in filters], on_done)
-        if wid is not None and kind == codec.ROUTE_ADD:
-            self.core.requests.get(wid).filters = filters
-            for filt in filters:
-                self.route_add_waiters[filt] = wid
+        self._send_route_items(kind, [view.route_item(f) for f in filters], on_done,
+                               filters=filters if kind == codec.ROUTE_ADD else None)  # fmt: skip
 
     def _send_route_items(
-        self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0
-    ) -> int | None:
-        """Send items to the owners of their shards; returns the waiter id, or None when all was local."""
+        self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0,
+        filters: list[str] | None = None,
+    ) -> None:
+        """Send items to the owners of their shards; ``on_done`` once every owner confirmed (or failed).
+        ``filters``: the ROUTE_ADD filters this installs (a SUB of one of them meanwhile waits for it too)."""
         core = self.core
         by_node: dict[str, list[list[Any]]] = {}
         ownerless: list[str] = []
@@ -171,8 +170,11 @@ class Subscriptions:
             for owner in targets:
                 by_node.setdefault(owner, []).append(item)
         local = by_node.pop(core.me, None)
-        waiter = Waiter(set(by_node), [on_done], kind, by_node, attempt, failures=sorted(set(ownerless)))
+        waiter = Waiter(set(by_node), [on_done], kind, by_node, attempt, filters=filters or [],
+                        failures=sorted(set(ownerless)))  # fmt: skip
         wid = core.requests.open(waiter, self)
+        for filt in waiter.filters:
+            self.route_add_waiters[filt] = wid
         if local:
             core.owner.apply_route_items(kind, core.me, local, forwarded=False)
             # We own some of these shards: entry nodes caching their answers must drop them before we confirm.
@@ -180,16 +182,15 @@ class Subscriptions:
             if core.owner.invalidate_caches((item[0] for item in local), settle):
                 waiter.pending.add(core.me)
         if not waiter.pending:
-            core.requests.close(wid)
-            on_done(waiter.failures)
-            return None
+            self._finish_waiter(wid)
+            return
         for node, routes in by_node.items():
             header = {"id": wid, "node": core.me, "routes": routes, "member_rev": core.view.member_revision}
             if not core.effects.send_peer(node, codec.encode(kind, header)):
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
-        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
-        return wid
+        if wid in core.requests:
+            core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
 
     def _settle_waiter(self, wid: int, node: str) -> None:
         waiter = self.core.requests.get(wid)

@@ -14,6 +14,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,35 @@ class MemberInfo:
         )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """One view from the etcd session, as it hands it to the core (the core never changes its parts, so one
+    ``members`` mapping and one ``document`` may be shared by many nodes' views, as the simulation does)."""
+
+    members: Mapping[str, MemberInfo]
+    membership_epoch: int
+    leader: str | None
+    assignment_revision: int
+    registration: int  # registrations the session has made so far (more than one: the lease was lost once)
+    document: bytes = b""  # the assignment document at ``assignment_revision`` (b"": none yet)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any], document: bytes) -> SessionView:
+        """The session thread's snapshot (``shard.membership.EtcdSession``)."""
+        return cls(
+            {m["node"]: MemberInfo.from_dict(m) for m in snapshot["members"]},
+            int(snapshot["epoch"]),
+            snapshot.get("leader"),
+            int(snapshot["assignment_revision"]),
+            int(snapshot.get("registration", 1)),
+            document,
+        )
+
+
 class ClusterView:
     def __init__(self, me: str, shard_count: int, replication: int) -> None:
         self.me = me
-        self.members: dict[str, MemberInfo] = {}
+        self.members: Mapping[str, MemberInfo] = {}
         self.membership_epoch = 0
         self.assignment: Assignment | None = None
         self.assignment_revision = 0

@@ -80,7 +80,7 @@ class ShardState:
 class Assignment:
     """Versioned shard -> ShardState table. Build with :meth:`initial` or :meth:`from_json`."""
 
-    __slots__ = ("_replication", "_states", "_version")
+    __slots__ = ("_by_node", "_replication", "_states", "_version")
 
     _states: tuple[ShardState, ...]
     _replication: int
@@ -160,12 +160,32 @@ class Assignment:
     def joining(self, shard: int) -> tuple[str, ...]:
         return self.state(shard).joining
 
+    def _node_index(self) -> dict[str, tuple[list[int], list[int]]]:
+        """node -> (shards it owns, shards it is primary of), built once per document: every node of a cluster
+        (and of a simulated one, which shares one document among all its nodes) asks for its own shards."""
+        try:
+            return self._by_node
+        except AttributeError:
+            index: dict[str, tuple[list[int], list[int]]] = {}
+            for shard, st in enumerate(self._states):
+                for position, node_id in enumerate(st.owners):
+                    entry = index.get(node_id)
+                    if entry is None:
+                        entry = index[node_id] = ([], [])
+                    entry[0].append(shard)
+                    if position == 0:
+                        entry[1].append(shard)
+            object.__setattr__(self, "_by_node", index)
+            return index
+
     def shards_of(self, node_id: str) -> list[int]:
         """Shards ``node_id`` owns (any replica position), ascending."""
-        return [s for s, st in enumerate(self._states) if node_id in st.owners]
+        entry = self._node_index().get(node_id)
+        return list(entry[0]) if entry else []
 
     def primaries_of(self, node_id: str) -> list[int]:
-        return [s for s, st in enumerate(self._states) if st.owners and st.owners[0] == node_id]
+        entry = self._node_index().get(node_id)
+        return list(entry[1]) if entry else []
 
     def joining_of(self, node_id: str) -> list[int]:
         """Shards ``node_id`` is being filled with, ascending."""

@@ -36,7 +36,7 @@ import orjson
 import structlog
 import zmq
 
-from shardmq.protocol import NodeCore, ProtocolConfig
+from shardmq.protocol import NodeCore, ProtocolConfig, SessionView
 from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT
 from shardmq.router import codec
 
@@ -351,7 +351,7 @@ class Node:
     def _on_session_parts(self, parts: list[bytes]) -> None:
         kind, header, document = parts
         if kind == b"view":
-            self.core.on_view(orjson.loads(header), document)
+            self.core.on_view(SessionView.from_snapshot(orjson.loads(header), document))
             return
         answer = orjson.loads(header)
         then = self._etcd_waiting.pop(answer["token"], None)

@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from shardmq.client import Client, ShardMQError
+from shardmq.router import codec
 from shardmq.testing import LocalCluster
 
 MIB = 1024 * 1024
@@ -29,8 +30,8 @@ def unique() -> str:
 
 
 def hdr(**fields: Any) -> bytes:
-    """A JSON header; ``v`` defaults to 1 unless given (pass v=None to leave it out)."""
-    fields.setdefault("v", 1)
+    """A JSON header; ``v`` defaults to the protocol's version unless given (pass v=None to leave it out)."""
+    fields.setdefault("v", codec.PROTOCOL_VERSION)
     if fields["v"] is None:
         del fields["v"]
     return orjson.dumps(fields)
@@ -121,7 +122,7 @@ def assert_error(parts: list[bytes] | None, code: str, fragment: str, ref: int |
     assert parts is not None, f"no reply within {REPLY_TIMEOUT}s; expected ERROR {code}"
     assert len(parts) == 3 and parts[0] == b"ERROR", f"expected an ERROR frame, got {parts!r}"
     header = orjson.loads(parts[1])
-    assert header["v"] == 1
+    assert header["v"] == codec.PROTOCOL_VERSION
     assert header["code"] == code, header
     assert isinstance(header["reason"], str) and fragment in header["reason"], header
     assert header.get("ref") == ref, header
@@ -157,31 +158,31 @@ CLIENT_CASES = [
     ("dack_mid_str", [b"DACK", hdr(mids=["1"]), b""], "bad_header", "list of integers", None),
     ("dack_mid_list", [b"DACK", hdr(mids=[[1]]), b""], "bad_header", "list of integers", None),
     ("version_missing", [b"PUB", hdr(v=None, id=11, topic="a", qos=1), b""], "unsupported_version", "None", 11),
-    ("version_2", [b"PUB", hdr(v=2, id=12, topic="a", qos=1), b""], "unsupported_version", "version 2", 12),
+    ("version_1", [b"PUB", hdr(v=1, id=12, topic="a", qos=1), b""], "unsupported_version", "version 1", 12),
     ("version_str", [b"PING", hdr(v="1", id=13), b""], "unsupported_version", "'1'", 13),
-    ("version_float", [b"PING", hdr(v=1.0, id=14), b""], "unsupported_version", "1.0", 14),
+    ("version_float", [b"PING", hdr(v=2.0, id=14), b""], "unsupported_version", "2.0", 14),
     ("version_bool", [b"PING", hdr(v=True, id=15), b""], "unsupported_version", "True", 15),
     ("unknown_type", [b"NOPE", hdr(id=42), b""], "unknown_type", "'NOPE'", 42),
     ("empty_type", [b"", hdr(id=43), b""], "unknown_type", "unknown frame type", 43),
     ("binary_type", [b"\xff\x00\xfe", hdr(id=44), b""], "unknown_type", "unknown frame type", 44),
     (
         "peer_type_fwd_on_client_socket",
-        [b"FWD", hdr(id=45, shard=1, epoch=1, topic="a", qos=0), b"x"],
+        [b"FWD", hdr(id=45, topic="a", qos=0), b"x"],
         "unknown_type",
         "'FWD'",
         45,
     ),
     (
         "peer_type_route_add_on_client_socket",
-        [b"ROUTE_ADD", hdr(id=46, node="n1", epoch=1, routes=[[-1, "#"]]), b""],
+        [b"ROUTE_ADD", hdr(id=46, node="n1", routes=[[-1, "#"]]), b""],
         "unknown_type",
         "'ROUTE_ADD'",
         46,
     ),
     ("server_type_error_on_client_socket", [b"ERROR", hdr(code="x", reason="y"), b""], "unknown_type", "ERROR", None),
-    ("invalid_utf8_header", [b"PUB", b'{"v":1,"topic":"\xff\xfe","qos":1}', b""], "invalid_utf8", "UTF-8", None),
+    ("invalid_utf8_header", [b"PUB", b'{"v":2,"topic":"\xff\xfe","qos":1}', b""], "invalid_utf8", "UTF-8", None),
     ("invalid_utf8_bare", [b"PING", b"\xc3\x28\xa0\xa1", b""], "invalid_utf8", "UTF-8", None),
-    ("surrogate_utf8", [b"PING", b'{"v":1,"x":"\xed\xa0\x80"}', b""], "invalid_utf8", "UTF-8", None),
+    ("surrogate_utf8", [b"PING", b'{"v":2,"x":"\xed\xa0\x80"}', b""], "invalid_utf8", "UTF-8", None),
     (
         "payload_1mib_plus_1",
         [b"PUB", hdr(id=47, topic="big", qos=1), b"x" * (MIB + 1)],
@@ -260,7 +261,7 @@ def test_payload_limit_is_exactly_one_mib(cluster: LocalCluster, raw: Callable[.
         # exactly the limit: accepted, acked and delivered intact
         payload = bytes(range(256)) * (MIB // 256)
         ack = sock.exchange([b"PUB", hdr(id=1, topic=topic, qos=1), payload], timeout=10.0)
-        assert ack is not None and ack[0] == b"PUBACK" and orjson.loads(ack[1])["id"] == 1, ack
+        assert ack is not None and ack[0] == b"PUBACK" and orjson.loads(ack[1])["ids"] == [1], ack
         msg = sub.receive(timeout=5.0)
         assert msg is not None and msg.topic == topic and msg.payload == payload
         # one byte more: refused with payload_too_large, counted once, nothing delivered
@@ -377,14 +378,14 @@ PEER_CASES = [
     ("header_not_json", [b"FWD", b"not json", b""], "bad_header"),
     ("header_array", [b"LOOKUP", b"[]", b""], "bad_header"),
     ("missing_fields", [b"FWD", hdr(id=1), b"x"], "bad_header"),
-    ("wrong_field_type", [b"ROUTE_ADD", hdr(id=1, node="ghost", epoch=0, routes="#"), b""], "bad_header"),
-    ("route_items_short", [b"ROUTE_ADD", hdr(id=1, node="ghost", epoch=0, routes=[[-1]]), b""], "bad_header"),
-    ("route_items_str", [b"ROUTE_DEL", hdr(id=1, node="ghost", epoch=0, routes=["xy"]), b""], "bad_header"),
-    ("invalid_utf8", [b"LOOKUP", b'{"v":1,"topic":"\xff"}', b""], "invalid_utf8"),
-    ("version_2", [b"FWD", hdr(v=2, id=1), b""], "unsupported_version"),
+    ("wrong_field_type", [b"ROUTE_ADD", hdr(id=1, node="ghost", routes="#"), b""], "bad_header"),
+    ("route_items_short", [b"ROUTE_ADD", hdr(id=1, node="ghost", routes=[[-1]]), b""], "bad_header"),
+    ("route_items_str", [b"ROUTE_DEL", hdr(id=1, node="ghost", routes=["xy"]), b""], "bad_header"),
+    ("invalid_utf8", [b"LOOKUP", b'{"v":2,"topic":"\xff"}', b""], "invalid_utf8"),
+    ("version_1", [b"FWD", hdr(v=1, id=1), b""], "unsupported_version"),
     ("unknown_type", [b"NOPE", hdr(id=1), b""], "unknown_type"),
     ("client_type_on_peer_socket", [b"PUB", hdr(id=1, topic="a", qos=1), b""], "unknown_type"),
-    ("too_large", [b"FWD", hdr(id=1, shard=0, epoch=0, topic="a", qos=0), b"x" * (MIB + 1)], "payload_too_large"),
+    ("too_large", [b"FWD", hdr(id=1, topic="a", qos=0), b"x" * (MIB + 1)], "payload_too_large"),
 ]
 
 
@@ -418,7 +419,7 @@ def test_route_add_from_non_member_peer_does_not_break_publishes(
     the publish failed with ``timeout``. The route table must not change either: any process that can reach the
     peer port could otherwise grow it without bound and make ``status()`` report routes that do not exist.
     The frame uses the current wire shape of route items
-    ``[shard, epoch, filter]``; the test checks it was decoded, so a format change cannot make it pass vacuously.
+    ``[shard, shard_epoch, filter]``; the test checks it was decoded, so a format change cannot make it pass vacuously.
     """
     endpoint, peer_endpoint = node(cluster, 0)
     p = unique()
@@ -426,7 +427,7 @@ def test_route_add_from_non_member_peer_does_not_break_publishes(
     ghost = raw(peer_endpoint, routing_id=b"ghost")
     before = status(endpoint)
     counts = Counter(before["metrics"])
-    ghost.send([b"ROUTE_ADD", hdr(id=1, node="ghost", epoch=0, routes=[route]), b""])
+    ghost.send([b"ROUTE_ADD", hdr(id=1, node="ghost", routes=[route]), b""])
     ghost.send([b"sync"])  # refused after the ROUTE_ADD was handled (same socket, in order): wait for it
     assert wait_metric(endpoint, "errors.bad_frame", counts["errors.bad_frame"] + 1) >= counts["errors.bad_frame"] + 1
     try:
@@ -449,12 +450,12 @@ def test_route_add_from_non_member_peer_does_not_break_publishes(
         }
         assert sum(counted.values()) == 1, f"the refused ROUTE_ADD must be counted once under errors.*: {counted}"
         assert after["root_set_size"] == before["root_set_size"] and after["routes"] == before["routes"], (
-            "BUG node.py on_peer_parts -> _on_route_change -> _apply_route_items: a ROUTE_ADD from non-member "
+            "BUG protocol/node.py on_peer_parts -> owner.apply_route_items: a ROUTE_ADD from non-member "
             f"'ghost' was applied (root_set_size {before['root_set_size']} -> {after['root_set_size']}, routes "
             f"{before['routes']} -> {after['routes']}); a non-member must not change the route table"
         )
     finally:  # take a ghost route out again so later tests on this node are not affected
-        ghost.send([b"ROUTE_DEL", hdr(id=2, node="ghost", epoch=0, routes=[route]), b""])
+        ghost.send([b"ROUTE_DEL", hdr(id=2, node="ghost", routes=[route]), b""])
         ghost.send([b"sync"])
         wait_metric(endpoint, "errors.bad_frame", counts["errors.bad_frame"] + 2)
     assert_node_serves(endpoint)

@@ -43,7 +43,9 @@ def session_pair(cluster: LocalCluster) -> Iterator[tuple[EtcdSession, zmq.Socke
 def next_snapshot(pull: zmq.Socket, timeout: float) -> dict | None:
     if not pull.poll(int(timeout * 1000)):
         return None
-    return orjson.loads(pull.recv_multipart()[0])
+    kind, snapshot, _document = pull.recv_multipart()
+    assert kind == b"view"
+    return orjson.loads(snapshot)
 
 
 @pytest.mark.timeout(30)

@@ -1,0 +1,772 @@
+"""A deterministic, in-memory shardmq cluster: the nodes' real protocol cores on a simulated network, etcd and clock.
+
+What is real and what is simulated:
+
+* Real: every node is a ``shardmq.protocol.NodeCore``, the object the node process runs, fed real encoded frames
+  (``router.codec``), with its route table, route cache, hand-off machines, request registry and, on the leader,
+  the ``Coordinator`` and planner. No handler of the node exists here; a fix to the node is a fix to the model.
+* Simulated, after ``shard/node.py`` and ``shard/membership.py`` (the shell): ``SimNode`` carries out the core's
+  effects. Frames go into FIFO channels per (sender, receiver), as one zmq connection keeps them in order, and
+  are delivered when a driver says so (``deliver``), so the driver chooses every interleaving. Timers run on the
+  simulated clock (``tick``). A send to a node that is crashed or partitioned is lost, as a zmq frame to a dead
+  peer is; a closed peer connection (``forget_peer``) loses what was queued on it. etcd requests (assignment reads,
+  the leader's commits) are answered at the node's next session poll, and fail while it cannot reach etcd.
+* Simulated etcd (``Etcd``): leases with a TTL on the simulated clock, member keys (a put keeps an existing key's
+  create_revision), the assignment document with compare-and-swap on its mod revision, a leader key held by a
+  lease. The session (``session_poll``): keep-alive every TTL/3, register again after a lost lease, retire a
+  previous incarnation first (``EtcdSession.retire_previous``), read the view and hand it to the core.
+* Clients: each subscription is one client session (``SimClient``) that sends SUB, and takes SUBACK, ERROR, MSG
+  (acknowledged at once with DACK) and SESSION_END; a publish is a QoS 1 PUB from a publisher client. A client
+  whose session ended is ``interrupted`` until it subscribes again (``resubscribe``), as the SDK fails over.
+* Not modelled: client connections breaking on their own, slow clients, payload sizes, wall-clock costs.
+
+Pure: no sockets, threads, real clocks or randomness. Whoever drives it (a hypothesis state machine, or
+``shardmq.testing.simulate`` with a seed) chooses every step, so a run is a function of its step list.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shardmq.protocol import MemberInfo, NodeCore, ProtocolConfig, SessionView
+from shardmq.ring import Assignment, ShardMap, shard_for_key
+from shardmq.router import codec
+from shardmq.router.partition import placement_key
+from shardmq.router.routes import RouteTable
+
+__all__ = ["Etcd", "Sim", "SimClient", "SimConfig", "SimNode"]
+
+ROOT = RouteTable.ROOT
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    shard_count: int = 16
+    replication: int = 2
+    lease_ttl: float = 3.0
+    handoff_grace: float = 1.0
+    handoff_timeout: float = 6.0
+    request_timeout: float = 2.0
+    lookup_timeout: float = 0.5
+    route_cache_ttl: float = 1.0
+    redelivery_interval: float = 2.0
+    client_idle_check: float = 10.0
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: int
+    expires_at: float
+    create_revision: int
+    incarnation: int = 0
+    leaving: bool = False
+
+
+class Etcd:
+    """The etcd keys shardmq uses: members (leased), assignment (CAS on mod revision) and leader (leased)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.revision = 1
+        self.members: dict[str, Lease] = {}
+        self.leases: dict[int, float] = {}  # lease id -> expiry
+        self._next_lease = 1
+        self.doc: Assignment | None = None
+        self.doc_revision = 0
+        self.leader: tuple[str, int] | None = None  # (node, lease id)
+        self.history: list[tuple[int, Assignment]] = []  # every committed document, in order
+        self.expired: dict[str, int] = {}  # node -> etcd revision at which its last lease expired
+        self.expired_time: dict[str, float] = {}  # node -> simulated time of that expiry
+
+    def expire(self, now: float) -> list[str]:
+        gone = [lid for lid, until in self.leases.items() if until <= now]
+        for lid in gone:
+            del self.leases[lid]
+        return self._drop_keys_without_lease(now) if gone else []
+
+    def revoke(self, lid: int, now: float) -> list[str]:
+        """``lease.revoke()``: the lease and every key attached to it (member key, leader key) go at once."""
+        self.leases.pop(lid, None)
+        return self._drop_keys_without_lease(now)
+
+    def _drop_keys_without_lease(self, now: float) -> list[str]:
+        dropped = []
+        for node, lease in list(self.members.items()):
+            if lease.lease_id not in self.leases:
+                del self.members[node]
+                self.revision += 1
+                self.expired[node] = self.revision
+                self.expired_time[node] = now
+                dropped.append(node)
+        if self.leader is not None and self.leader[1] not in self.leases:
+            self.leader = None
+            self.revision += 1
+        return dropped
+
+    def grant(self, now: float) -> int:
+        lid = self._next_lease
+        self._next_lease += 1
+        self.leases[lid] = now + self.ttl
+        return lid
+
+    def put_member(self, node: str, lid: int, incarnation: int, leaving: bool = False) -> None:
+        """A put attaches the key to ``lid``; a key that still exists keeps its create_revision."""
+        self.revision += 1
+        old = self.members.get(node)
+        created = old.create_revision if old is not None else self.revision
+        self.members[node] = Lease(lid, self.leases[lid], created, incarnation, leaving)
+
+    def refresh(self, lid: int, now: float) -> bool:
+        if lid not in self.leases:
+            return False
+        self.leases[lid] = now + self.ttl
+        return True
+
+    def campaign(self, node: str, lid: int | None) -> str | None:
+        """``EtcdSession._leader``: read the key; create it with our lease when absent."""
+        if self.leader is None and lid is not None and lid in self.leases:
+            self.revision += 1
+            self.leader = (node, lid)
+        return self.leader[0] if self.leader else None
+
+    def write_assignment(self, doc: Assignment, expected_revision: int) -> int | None:
+        """``membership.write_assignment``: 0 means create-if-absent, else compare the mod revision."""
+        if expected_revision == 0:
+            if self.doc is not None:
+                return None
+        elif self.doc_revision != expected_revision:
+            return None
+        self.revision += 1
+        self.doc, self.doc_revision = doc, self.revision
+        self.history.append((self.revision, doc))
+        return self.revision
+
+
+class _NullLog:
+    """The cores' structlog calls, dropped (a thousand nodes' logs would cost more than the run)."""
+
+    def _drop(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    debug = info = warning = error = exception = _drop
+
+
+@dataclass(slots=True)
+class SimClient:
+    """One client session with one subscription (or the publisher of one node)."""
+
+    rid: bytes
+    node_id: str
+    filt: str | None
+    resumes: tuple[str, str, str] | None = None  # the ``Sim.interrupted`` entry this SUB makes again
+    state: str = "pending"  # pending -> acked | refused; ended (SESSION_END) from any of them
+
+
+class SimNode:
+    """The shell of one simulated node process: carries out its core's effects (``protocol.effects.Effects``)."""
+
+    def __init__(self, sim: Sim, node_id: str, incarnation: int, partitioned: bool = False,
+                 retiring: bool = False) -> None:  # fmt: skip
+        self.sim = sim
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.crashed = False  # killed, or stopped (a graceful leave ended, or removed from the cluster)
+        self.paused = False
+        self.partitioned = partitioned
+        self.retiring = retiring  # a restarted process retiring its previous incarnation: not registered yet
+        self.lease_id: int | None = None
+        self.lease_valid_until = 0.0
+        self.next_refresh = 0.0
+        self.registrations = 0
+        self.leaving = False
+        self.view_read_at = 0  # etcd revision when the node last read its view
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.etcd_requests: deque[tuple[str, tuple[Any, ...], Callable[..., None]]] = deque()
+        c = sim.cfg
+        config = ProtocolConfig(
+            node_id, c.shard_count, c.replication, request_timeout=c.request_timeout, lookup_timeout=c.lookup_timeout,
+            route_cache_ttl=c.route_cache_ttl, handoff_grace=c.handoff_grace, handoff_timeout=c.handoff_timeout,
+            redelivery_interval=c.redelivery_interval, client_idle_check=c.client_idle_check,
+        )  # fmt: skip
+        self.core = NodeCore(config, self, _NullLog(), str(incarnation))
+        self.core.start(sim.now)
+
+    @property
+    def up(self) -> bool:
+        """Runs code: not crashed (or stopped) and not paused."""
+        return not self.crashed and not self.paused
+
+    @property
+    def online(self) -> bool:
+        """Can reach etcd and peers."""
+        return self.up and not self.partitioned
+
+    def enter(self) -> NodeCore:
+        """The core, with its clock and lease state brought up to date (what the shell does before each batch)."""
+        core = self.core
+        core.now = self.sim.now
+        core.on_lease(self.lease_valid_until - self.sim.cfg.lease_ttl / 3, self.registrations)
+        return core
+
+    # ------------------------------------------------------------------ protocol.effects.Effects
+    def send_peer(self, node: str, parts: list[bytes]) -> bool:
+        if node not in self.core.view.members:
+            self.core.metrics["drops.peer_unknown"] += 1
+            return False
+        self.sim.send(self.node_id, node, parts)
+        return True
+
+    def send_client(self, rid: bytes, parts: list[bytes]) -> bool:
+        self.sim.client_frames.append((self.node_id, self.incarnation, rid, parts))
+        return True
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.timers, (self.sim.now + delay, next(self.sim.seq), fn))
+
+    def poll_view(self) -> None:
+        return None  # the driver reads views (``refresh``, ``settle``); a real session would read sooner
+
+    def read_assignment(self, then: Callable[[bytes | None, int, bool], None]) -> None:
+        self.etcd_requests.append(("read", (), then))
+
+    def write_assignment(self, document: bytes, expected_revision: int, then: Callable[[int | None], None]) -> None:
+        self.etcd_requests.append(("write", (document, expected_revision), then))
+
+    def set_leaving(self) -> None:
+        self.leaving = True
+
+    def forget_peer(self, node: str) -> None:
+        self.sim.channels.pop((self.node_id, node), None)
+
+    def stop(self) -> None:
+        self.sim.stopped(self)
+
+    def shell_status(self) -> dict[str, Any]:
+        return {}
+
+
+class Sim:
+    """The cluster. Every public method is one step a driver may take; ``trace`` records them."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.cfg = config or SimConfig()
+        self.now = 0.0
+        self.seq = itertools.count()
+        self.etcd = Etcd(self.cfg.lease_ttl)
+        self.nodes: dict[str, SimNode] = {}
+        self.channels: dict[tuple[str, str], deque[list[bytes]]] = {}
+        self.client_frames: deque[tuple[str, int, bytes, list[bytes]]] = deque()
+        self.clients: dict[bytes, SimClient] = {}
+        self._client_ids = itertools.count(1)
+        self._refs = itertools.count(1)
+        self.sub_refs: dict[int, SimClient] = {}
+        self.acked: dict[str, set[str]] = {}  # filter -> subscriber nodes whose SUB was acknowledged
+        self.ack_time: dict[tuple[str, str], float] = {}
+        self.failed_subs = 0
+        # Publishes: id -> (time, entry node, topic, subscribers acknowledged then, outcome, nodes delivered to).
+        self.publishes: dict[int, list[Any]] = {}
+        self.trace: list[str] = []
+        self.notes: list[str] = []
+        self._targets: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
+        self._views: tuple[int, int, dict[str, MemberInfo], int, bytes] | None = None
+        self.etcd_reachable = True
+        self._incarnations = 0
+        self._names = itertools.count()
+        # Subscriptions whose client session ended (fenced node, restart, stop): (filter, node it was on, why).
+        # Their ack is void (removed from ``acked``) until the client subscribes again (``resubscribe``).
+        self.interrupted: list[tuple[str, str, str]] = []
+        self.interruptions: list[tuple[float, str, str, str]] = []  # log: (time, node, filter, why)
+
+    # ------------------------------------------------------------------ helpers
+    def shard_of(self, filt: str) -> int:
+        key = placement_key(filt)
+        return ROOT if key is None else shard_for_key(key, self.cfg.shard_count)
+
+    def fenced(self, n: SimNode) -> bool:
+        return n.enter().fenced()
+
+    def live_members(self) -> set[str]:
+        return set(self.etcd.members)
+
+    def reaches_etcd(self, n: SimNode) -> bool:
+        return n.online and self.etcd_reachable
+
+    def expired_after_ack(self, filt: str, node: str) -> bool:
+        """True when ``node``'s lease expired after its SUB of ``filt`` was acknowledged."""
+        acked = self.ack_time.get((filt, node))
+        return acked is not None and self.etcd.expired_time.get(node, -1.0) >= acked
+
+    def target(self) -> tuple[tuple[str, ...], ...] | None:
+        live = tuple(sorted(n for n, m in self.etcd.members.items() if not m.leaving))
+        if not live:
+            return None
+        table = self._targets.get(live)
+        if table is None:  # building the ring is a large part of a run's cost: cache it per member set
+            table = ShardMap.build(dict.fromkeys(live, 1), self.cfg.shard_count, self.cfg.replication).table
+            self._targets[live] = table
+        return table
+
+    def has_route(self, node_id: str, shard: int, filt: str, subscriber: str) -> bool:
+        for f, nodes in self.nodes[node_id].core.owner.routes.shard_routes(shard):
+            if f == filt:
+                return subscriber in nodes
+        return False
+
+    def send(self, src: str, dst: str, parts: list[bytes]) -> None:
+        s, d = self.nodes[src], self.nodes.get(dst)
+        if not s.online or d is None or d.crashed or d.partitioned:
+            return  # lost; the sender finds out by a timeout, like a frame to a dead peer
+        self.channels.setdefault((src, dst), deque()).append(parts)
+
+    def _drop_channels(self, node_id: str) -> None:
+        for key in [k for k in self.channels if node_id in k]:
+            del self.channels[key]
+
+    # ------------------------------------------------------------------ cluster-level steps
+    def join(self) -> str:
+        node_id = f"n{next(self._names)}"
+        self._incarnations += 1
+        self.nodes[node_id] = SimNode(self, node_id, self._incarnations)
+        self.trace.append(f"join {node_id}")
+        self.session_poll(node_id, read=True)
+        return node_id
+
+    def crash(self, node_id: str) -> None:
+        """kill -9: the process is gone (its lease runs out in etcd); its clients lose their sessions."""
+        n = self.nodes[node_id]
+        n.crashed = True
+        n.timers.clear()
+        self._drop_channels(node_id)
+        self._end_client_sessions(node_id, "crash")
+        self.trace.append(f"crash {node_id}")
+
+    def stopped(self, n: SimNode) -> None:
+        """The node's core stopped the process (a graceful leave ended, or removed): its session revokes the
+        lease on the way out (``EtcdSession.run``)."""
+        if n.crashed:
+            return
+        n.crashed = True
+        n.timers.clear()
+        self._end_client_sessions(n.node_id, "stopped")
+        if n.lease_id is not None and self.reaches_etcd_after_stop(n):
+            self.etcd.revoke(n.lease_id, self.now)
+        self.notes.append(f"{self.now}: {n.node_id} stopped")
+
+    def reaches_etcd_after_stop(self, n: SimNode) -> bool:
+        return not n.partitioned and not n.paused and self.etcd_reachable
+
+    def leave(self, node_id: str) -> bool:
+        """A graceful leave (``shardmq cluster leave``: the LEAVE frame): the node flags itself leaving, the
+        leader drains its shards, then it exits."""
+        n = self.nodes[node_id]
+        if not n.up:
+            return False
+        self.trace.append(f"leave {node_id}")
+        rid = b"admin/%s" % node_id.encode()
+        self.clients[rid] = SimClient(rid, node_id, None, state="admin")
+        n.enter().on_client_parts([rid, *codec.encode(codec.LEAVE, {"id": next(self._refs)})])
+        n.core.flush()
+        return True
+
+    def restart(self, node_id: str) -> None:
+        """kill -9 and an immediate start under the same id: every in-memory state is lost, frames to and from it
+        are lost; its lease lives on in etcd. The new process retires the old incarnation first."""
+        old = self.nodes[node_id]
+        self.trace.append(f"restart {node_id}")
+        old.crashed = True
+        old.timers.clear()
+        self._end_client_sessions(node_id, "restart")
+        self._drop_channels(node_id)
+        self._incarnations += 1
+        self.nodes[node_id] = SimNode(self, node_id, self._incarnations, partitioned=old.partitioned, retiring=True)
+        self.session_poll(node_id, read=True)
+
+    def etcd_down(self) -> None:
+        self.etcd_reachable = False
+        self.trace.append("etcd_down")
+
+    def etcd_up(self) -> None:
+        self.etcd_reachable = True
+        self.trace.append("etcd_up")
+
+    def pause(self, node_id: str) -> None:
+        self.nodes[node_id].paused = True
+        self.trace.append(f"pause {node_id}")
+
+    def resume(self, node_id: str) -> None:
+        self.nodes[node_id].paused = False
+        self.trace.append(f"resume {node_id}")
+
+    def partition(self, node_id: str) -> None:
+        self.nodes[node_id].partitioned = True
+        self._drop_channels(node_id)
+        self.trace.append(f"partition {node_id}")
+
+    def heal(self, node_id: str) -> None:
+        self.nodes[node_id].partitioned = False
+        self.trace.append(f"heal {node_id}")
+
+    def tick(self, dt: float, renew: bool = True) -> None:
+        """Advance the clock; etcd expires leases; sessions keep alive (if ``renew``); timers fire."""
+        self.now += dt
+        self.trace.append(f"tick {dt} renew={renew}")
+        self.etcd.expire(self.now)
+        if renew:
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=False)
+        self.etcd.expire(self.now)
+        for node_id in sorted(self.nodes):
+            self.run_timers(node_id)
+        self.pump_clients()
+
+    def run_timers(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        if not n.up or not n.timers or n.timers[0][0] > self.now:
+            return
+        core = n.enter()
+        timers = n.timers
+        while n.up and timers and timers[0][0] <= self.now:
+            _, _, fn = heapq.heappop(timers)
+            fn()
+        core.flush()
+
+    # ------------------------------------------------------------------ EtcdSession
+    def session_poll(self, node_id: str, read: bool = True) -> None:
+        """One iteration of ``EtcdSession.run``: answer the core's etcd requests, keep-alive when due, register
+        (again) when the lease is gone; with ``read`` the view is read and handed to the core."""
+        n = self.nodes[node_id]
+        if not n.up:
+            return
+        reaches = self.reaches_etcd(n)
+        self._answer_requests(n, reaches)
+        if not reaches:
+            return
+        if n.retiring and not self._retire_previous(n):
+            return
+        if n.lease_id is not None and self.now >= n.next_refresh:
+            if self.etcd.refresh(n.lease_id, self.now):
+                n.lease_valid_until = self.now + self.cfg.lease_ttl
+                n.next_refresh = self.now + self.cfg.lease_ttl / 3
+            else:
+                n.lease_id = None
+                n.lease_valid_until = 0.0
+        if n.lease_id is None:
+            n.lease_id = self.etcd.grant(self.now)
+            self.etcd.put_member(node_id, n.lease_id, n.incarnation, n.leaving)
+            n.registrations += 1
+            n.lease_valid_until = self.now + self.cfg.lease_ttl
+            n.next_refresh = self.now + self.cfg.lease_ttl / 3
+        elif self.etcd.members.get(node_id) is not None and self.etcd.members[node_id].leaving != n.leaving:
+            self.etcd.put_member(node_id, n.lease_id, n.incarnation, n.leaving)
+        if read:
+            self.etcd.campaign(node_id, n.lease_id)
+            n.view_read_at = self.etcd.revision
+            n.enter().on_view(self._view(n))
+            n.core.flush()
+
+    def _view(self, n: SimNode) -> SessionView:
+        """The view every node reads at this etcd revision: one members mapping and one document, shared."""
+        etcd = self.etcd
+        cached = self._views
+        if cached is None or cached[0] != etcd.revision or cached[1] != etcd.doc_revision:
+            members = {
+                m: MemberInfo(m, f"sim://{m}/client", f"sim://{m}/peer", 1, lease.leaving, str(lease.incarnation),
+                              lease.create_revision)  # fmt: skip
+                for m, lease in sorted(etcd.members.items())
+            }
+            epoch = max((lease.create_revision for lease in etcd.members.values()), default=0)
+            document = etcd.doc.to_json() if etcd.doc is not None else b""
+            if cached is not None and cached[1] == etcd.doc_revision:
+                document = cached[4]  # the same bytes object: the cores' parse cache finds it
+            cached = self._views = (etcd.revision, etcd.doc_revision, members, epoch, document)
+        leader = etcd.leader[0] if etcd.leader else None
+        return SessionView(cached[2], cached[3], leader, etcd.doc_revision, n.registrations, cached[4])
+
+    def _answer_requests(self, n: SimNode, reaches: bool) -> None:
+        while n.etcd_requests and n.up:
+            kind, args, then = n.etcd_requests.popleft()
+            core = n.enter()
+            if kind == "read":
+                if reaches:
+                    doc = self._view(n).document
+                    then(doc or None, self.etcd.doc_revision, True)
+                else:
+                    then(None, 0, False)
+            else:
+                document, expected = args
+                then(self.etcd.write_assignment(Assignment.from_json(document), expected) if reaches else None)
+            core.flush()
+
+    def _retire_previous(self, n: SimNode) -> bool:
+        """``EtcdSession.retire_previous``: revoke the lease of a member key left by a previous incarnation; then,
+        while other members are live, wait until the assignment lists this id in no shard."""
+        key = self.etcd.members.get(n.node_id)
+        if key is not None and key.incarnation != n.incarnation:
+            self.etcd.revoke(key.lease_id, self.now)
+            self.notes.append(f"{self.now}: {n.node_id} revoked the lease of its previous incarnation")
+        others = set(self.etcd.members) - {n.node_id}
+        doc = self.etcd.doc
+        if others and doc is not None and n.node_id in doc.nodes():
+            return False
+        n.retiring = False
+        return True
+
+    def member_view(self) -> dict[str, tuple[int, int]]:
+        """Every member key: (incarnation, create_revision)."""
+        return {m: (lease.incarnation, lease.create_revision) for m, lease in self.etcd.members.items()}
+
+    def refresh(self, node_id: str) -> None:
+        self.trace.append(f"refresh {node_id}")
+        self.session_poll(node_id, read=True)
+        self.pump_clients()
+
+    def lead(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        if n.up:
+            n.enter().lead()
+            n.core.flush()
+
+    # ------------------------------------------------------------------ network
+    def deliverable(self) -> list[tuple[str, str]]:
+        return sorted(k for k, q in self.channels.items() if q and self.nodes[k[1]].up)
+
+    def deliver(self, src: str, dst: str) -> None:
+        """Deliver the oldest frame from ``src`` to ``dst`` (dropped if either end is partitioned or crashed)."""
+        q = self.channels.get((src, dst))
+        if not q:
+            return
+        parts = q.popleft()
+        s, d = self.nodes[src], self.nodes[dst]
+        self.trace.append(f"deliver {src}->{dst} {parts[0].decode()}")
+        if s.crashed or s.partitioned or d.crashed or d.partitioned or d.paused:
+            return
+        core = d.enter()
+        core.on_peer_parts([src.encode(), *parts])
+        core.flush()
+        self.pump_clients()
+
+    # ------------------------------------------------------------------ clients
+    def subscribe(self, node_id: str, filt: str, resumes: tuple[str, str, str] | None = None) -> bool:
+        """A new client on ``node_id`` subscribes to ``filt`` at QoS 1. False when the node does not run; a
+        refusal (no assignment yet, fenced) comes back as an ERROR (``failed_subs``)."""
+        self.trace.append(f"subscribe {node_id} {filt}")
+        n = self.nodes[node_id]
+        if not n.up:
+            return False
+        rid = b"c%d" % next(self._client_ids)
+        client = self.clients[rid] = SimClient(rid, node_id, filt, resumes)
+        ref = next(self._refs)
+        self.sub_refs[ref] = client
+        n.enter().on_client_parts([rid, *codec.encode(codec.SUB, {"id": ref, "filters": [filt], "qos": 1})])
+        n.core.flush()
+        self.pump_clients()
+        return client.state != "refused"
+
+    def resubscribe(self, index: int, node_id: str) -> bool:
+        """The client of interrupted subscription ``index`` subscribes again through ``node_id`` (the SDK fails
+        over and subscribes everything again). It stays interrupted until acknowledged."""
+        entry = self.interrupted[index]
+        self.trace.append(f"resubscribe {index} via {node_id}")
+        return self.subscribe(node_id, entry[0], entry)
+
+    def publish(self, node_id: str, topic: str) -> int | None:
+        """A QoS 1 publish of a unique payload through ``node_id``; returns its id (None if the node does not
+        run). Its outcome (``publishes[id][4]``: "acked" or the error code) and the subscriber nodes it reached
+        (``publishes[id][5]``) fill in as frames are delivered."""
+        self.trace.append(f"publish {node_id} {topic}")
+        n = self.nodes[node_id]
+        if not n.up:
+            return None
+        pid = next(self._refs)
+        expected = frozenset(self.acked.get(topic, set()) & self.live_members())
+        self.publishes[pid] = [self.now, node_id, topic, expected, None, set()]
+        rid = b"pub/%s/%d" % (node_id.encode(), n.incarnation)
+        if rid not in self.clients:
+            self.clients[rid] = SimClient(rid, node_id, None, state="publisher")
+        header = {"id": pid, "topic": topic, "qos": 1}
+        n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, b"%d" % pid)])
+        n.core.flush()
+        self.pump_clients()
+        return pid
+
+    def pump_clients(self) -> None:
+        """Clients take the frames their nodes sent them; a QoS 1 message is acknowledged (DACK) at once."""
+        while self.client_frames:
+            node_id, incarnation, rid, parts = self.client_frames.popleft()
+            frame = codec.decode(parts, max_payload=1 << 30)
+            client = self.clients.get(rid)
+            if client is None:
+                continue
+            h = frame.header
+            if frame.type == codec.SUBACK:
+                self._subscribed(client)
+            elif frame.type == codec.ERROR:
+                self._refused(client, h)
+            elif frame.type == codec.SESSION_END:
+                self._session_ended(client, h["code"])
+            elif frame.type == codec.PUBACK:
+                for pid in h["ids"]:
+                    if pid in self.publishes and self.publishes[pid][4] is None:
+                        self.publishes[pid][4] = "acked"
+            elif frame.type in (codec.MSG, codec.MSGS):
+                self._received(node_id, incarnation, client, frame)
+
+    def _subscribed(self, client: SimClient) -> None:
+        if client.state != "pending" or client.filt is None:
+            return  # a SUBACK after the session ended: the client had moved on
+        client.state = "acked"
+        self.acked.setdefault(client.filt, set()).add(client.node_id)
+        self.ack_time[(client.filt, client.node_id)] = self.now
+        if client.resumes in self.interrupted:
+            self.interrupted.remove(client.resumes)
+
+    def _refused(self, client: SimClient, h: dict[str, Any]) -> None:
+        ref = h.get("ref")
+        if ref in self.publishes:
+            if self.publishes[ref][4] is None:
+                self.publishes[ref][4] = h["code"]
+            return
+        if ref in self.sub_refs and client.state == "pending":
+            client.state = "refused"
+            self.failed_subs += 1
+
+    def _session_ended(self, client: SimClient, why: str) -> None:
+        if client.filt is None or client.state in ("refused", "ended"):
+            client.state = "ended"
+            return
+        was_acked = client.state == "acked"
+        client.state = "ended"
+        if was_acked:
+            self._unack(client)
+        if client.resumes is None:  # a resubscribing client's first interruption is still listed
+            entry = (client.filt, client.node_id, why)
+            self.interrupted.append(entry)
+            client.resumes = entry
+        self.interruptions.append((self.now, client.node_id, client.filt, why))
+
+    def _unack(self, client: SimClient) -> None:
+        assert client.filt is not None
+        if not any(c.state == "acked" and c.filt == client.filt and c.node_id == client.node_id
+                   for c in self.clients.values() if c is not client):  # fmt: skip
+            subs = self.acked.get(client.filt)
+            if subs is not None:
+                subs.discard(client.node_id)
+            self.ack_time.pop((client.filt, client.node_id), None)
+
+    def _end_client_sessions(self, node_id: str, why: str) -> None:
+        """The node's process ended: its clients' sessions end with it (the SDK reports the gap)."""
+        for client in list(self.clients.values()):
+            if client.node_id == node_id and client.state in ("pending", "acked"):
+                self._session_ended(client, why)
+
+    def _received(self, node_id: str, incarnation: int, client: SimClient, frame: codec.Frame) -> None:
+        if frame.type == codec.MSG:
+            items = [(frame.header.get("mid"), frame.payload)]
+        else:
+            items = [(item[2], payload) for item, payload in codec.split_batch(frame)]
+        mids = [mid for mid, _ in items if mid is not None]
+        for _, payload in items:
+            pid = int(payload)
+            if pid in self.publishes:
+                self.publishes[pid][5].add(client.node_id)
+        n = self.nodes.get(node_id)
+        if mids and n is not None and n.up and n.incarnation == incarnation:
+            n.enter().on_client_parts([client.rid, *codec.encode(codec.DACK, {"mids": mids})])
+            n.core.flush()
+
+    # ------------------------------------------------------------------ settling
+    def views_current(self) -> bool:
+        members = self.etcd.members
+        for n in self.nodes.values():
+            if not n.up or n.node_id not in members:
+                continue
+            view = n.core.view
+            if view.assignment_revision != self.etcd.doc_revision or view.registration_seen != n.registrations:
+                return False
+            if set(view.members) != set(members) or any(
+                view.members[m].revision != lease.create_revision for m, lease in members.items()
+            ):
+                return False
+        return True
+
+    def leader_node(self) -> SimNode | None:
+        if self.etcd.leader is None:
+            return None
+        return self.nodes[self.etcd.leader[0]]
+
+    def quiescent(self) -> bool:
+        """Nothing left to do: views current, no frames, requests or etcd requests pending, the assignment at
+        the target, no moves in flight."""
+        doc, target = self.etcd.doc, self.target()
+        if not self.etcd_reachable or any(n.retiring and not n.crashed for n in self.nodes.values()):
+            return False
+        if doc is None or target is None or doc.table != target or not self.views_current():
+            return False
+        if any(self.channels.values()) or self.client_frames:
+            return False
+        for n in self.nodes.values():
+            if n.up and (len(n.core.requests) or n.core.owner.deferred_route_changes or n.etcd_requests):
+                return False
+        leader = self.leader_node()
+        if leader is None or not leader.up or leader.core.coordinator is None or leader.core.coordinator.in_flight:
+            return False
+        return all(
+            not n.partitioned and not n.paused if not n.crashed else n.node_id not in self.etcd.members
+            for n in self.nodes.values()
+        )
+
+    def settle(self, max_rounds: int = 400, dt: float = 0.25) -> bool:
+        """Drive the cluster deterministically towards quiescence: deliver every frame, read every view, let
+        the leader step, advance the clock. Paused and partitioned nodes stay so. True once quiescent."""
+        self.trace.append("settle")
+        for _ in range(max_rounds):
+            self.drain()
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=True)
+            self.drain()
+            leader = self.leader_node()
+            if leader is not None:
+                self.lead(leader.node_id)
+            if self.quiescent():
+                return True
+            self.now += dt
+            self.etcd.expire(self.now)
+            for node_id in sorted(self.nodes):
+                self.session_poll(node_id, read=False)
+                self.run_timers(node_id)
+            self.pump_clients()
+        return self.quiescent()
+
+    def drain(self, limit: int = 1_000_000) -> None:
+        """Deliver every frame queued (and those they cause), channel by channel in a fixed order."""
+        for _ in range(limit):
+            ready = self.deliverable()
+            if not ready:
+                return
+            for src, dst in ready:
+                q = self.channels.get((src, dst))
+                while q:
+                    self.deliver(src, dst)
+
+    def check_publish(self, node_id: str, topic: str, max_rounds: int = 80) -> frozenset[str] | None:
+        """Publish and run the cluster until the publisher has its answer: the subscriber nodes the message
+        reached when it was acknowledged, or None when it failed (or no answer came)."""
+        pid = self.publish(node_id, topic)
+        if pid is None:
+            return None
+        record = self.publishes[pid]
+        for _ in range(max_rounds):
+            self.drain()
+            if record[4] is not None:
+                break
+            self.now += 0.25
+            for nid in sorted(self.nodes):
+                self.session_poll(nid, read=True)
+                self.run_timers(nid)
+            self.pump_clients()
+        return frozenset(record[5]) if record[4] == "acked" else None
