@@ -276,7 +276,7 @@ class NodeCore:
                 # Owners that saw us gone forgot which of their answers we cache: ask them all again.
                 self.entry.route_cache.clear()
             view.registration_seen = registration
-        if members != view.members:
+        if members is not view.members and members != view.members:
             self._on_members(members, session_view.membership_epoch)
         me = members.get(self.me)
         view.member_revision = me.revision if me is not None else 0

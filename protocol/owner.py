@@ -11,9 +11,12 @@ Rules of this file:
   (``HandoffTarget.may_forward``) and are applied whatever their shard epoch.
 - Routes are stored even while we are fenced: storing is not answering. If our lease survives we hold the
   route; if not, the survivors do. LOOKUPs are refused while fenced.
-- A route change from a member whose registration our view has not shown yet (its ``member_rev`` is newer) is
-  deferred, with every later one, in arrival order, until the view shows it (or ``request_timeout`` passed):
-  the late view that drops the old registration's routes must come before the new route, not after it.
+- A route change or a snapshot that names a member registration our view has not shown yet is deferred, with
+  every later one, in arrival order, until the view shows it (or ``request_timeout`` passed). Each names the
+  registrations it relies on as its sender saw them: ``member_rev`` (the create_revision of the route's node's
+  member key; for a direct change that is the sender itself) and a snapshot's ``member_revs``. Otherwise the
+  late view that drops the old registration's routes (a restart, a lost lease) would drop the new routes after
+  they were confirmed or copied (found by the simulation, for relays and snapshots as well as direct changes).
 - Answers are cached by entry nodes (``router.route_cache``). An owner records who asked (``LookupWatchers``)
   and, when a shard's routes change, sends them INVALIDATE; an added route is confirmed (ROUTE_ACK) only once
   every INVALIDATE still open for its shard was acknowledged or waited out (twice the cache ttl), so no entry
@@ -79,28 +82,44 @@ class OwnerSide:
 
     # ------------------------------------------------------------------ route changes
     def on_route_change(self, sender: str, frame: Frame) -> None:
-        core = self.core
-        h = frame.header
-        if not h.get("fwd") and (core.view.registration_unseen(sender, h.get("member_rev"))
-                                 or self.deferred_route_changes):  # fmt: skip
-            self.deferred_route_changes.append((core.now, sender, frame))
-            core.metrics["routes.deferred_for_view"] += 1
-            core.effects.poll_view()
-            if len(self.deferred_route_changes) == 1:
-                core.effects.call_later(core.cfg.request_timeout, self.replay_route_changes)
+        if self._defer(sender, frame):
             return
         self.change_routes_now(sender, frame)
+
+    def _unseen(self, frame: Frame) -> bool:
+        """The frame names a member registration our view has not shown yet (see the rules)."""
+        h = frame.header
+        unseen = self.core.view.registration_unseen
+        if frame.type == codec.SNAPSHOT:
+            revs = h.get("member_revs")
+            return isinstance(revs, dict) and any(unseen(node, rev) for node, rev in revs.items())
+        return unseen(h["node"], h.get("member_rev"))
+
+    def _defer(self, sender: str, frame: Frame) -> bool:
+        """Keep a route change or snapshot that names a registration our view has not shown yet (and anything
+        after one, in arrival order) until the view shows it; True when deferred."""
+        core = self.core
+        if not self.deferred_route_changes and not self._unseen(frame):
+            return False
+        self.deferred_route_changes.append((core.now, sender, frame))
+        core.metrics["routes.deferred_for_view"] += 1
+        core.effects.poll_view()
+        if len(self.deferred_route_changes) == 1:
+            core.effects.call_later(core.cfg.request_timeout, self.replay_route_changes)
+        return True
 
     def replay_route_changes(self) -> None:
         """Apply deferred route changes whose sender's view we now have (or that waited request_timeout)."""
         core = self.core
         deferred = self.deferred_route_changes
         oldest_allowed = core.now - core.cfg.request_timeout
-        while deferred and (not core.view.registration_unseen(deferred[0][1], deferred[0][2].header.get("member_rev"))
-                            or deferred[0][0] <= oldest_allowed):  # fmt: skip
+        while deferred and (not self._unseen(deferred[0][2]) or deferred[0][0] <= oldest_allowed):
             _, sender, frame = deferred.popleft()
             if sender in core.view.members:
-                self.change_routes_now(sender, frame)
+                if frame.type == codec.SNAPSHOT:
+                    self.take_snapshot(sender, frame)
+                else:
+                    self.change_routes_now(sender, frame)
         if deferred:
             core.effects.call_later(min(1.0, core.cfg.request_timeout), self.replay_route_changes)
 
@@ -159,9 +178,12 @@ class OwnerSide:
                 stale.append([shard, ours])
             if shard_epoch > ours:
                 newer_shards.add(shard)
-        for target, routes in relay.items():
-            core.metrics["handoff.changes_forwarded"] += len(routes)
-            core.effects.send_peer(target, codec.encode(kind, {"id": 0, "node": node, "routes": routes, "fwd": True}))
+        if relay:
+            member = core.view.members.get(node)
+            header = {"id": 0, "node": node, "fwd": True, "member_rev": member.revision if member else 0}
+            for target, routes in relay.items():
+                core.metrics["handoff.changes_forwarded"] += len(routes)
+                core.effects.send_peer(target, codec.encode(kind, {**header, "routes": routes}))
         if newer_shards:
             core.effects.poll_view()
             # The owners changed and we have not seen how: entry nodes may cache answers of an owner that is gone.
@@ -350,13 +372,16 @@ class OwnerSide:
             lambda: self._stop_abandoned(shard, shard_epoch, move_id),
         )
         routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
+        members = core.view.members
         size = 0
-        for target in targets:
-            for chunk, last in self.source.snapshot_chunks(routes):
-                header = {
-                    "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk, "last": last,
-                    "coordinator": h["coordinator"],
-                }  # fmt: skip
+        for chunk, last in self.source.snapshot_chunks(routes):
+            named = {node for _, nodes in chunk for node in nodes}
+            header = {
+                "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk, "last": last,
+                "coordinator": h["coordinator"],
+                "member_revs": {node: members[node].revision for node in sorted(named) if node in members},
+            }  # fmt: skip
+            for target in targets:
                 parts = codec.encode(codec.SNAPSHOT, header)
                 size += len(parts[1])
                 core.effects.send_peer(target, parts)
@@ -383,7 +408,13 @@ class OwnerSide:
             reason = f"snapshot of shard {shard} is for shard epoch {shard_epoch}, it is at {ours}"
             self._refuse_move(frame, codec.E_STALE_EPOCH, reason)
             return
-        move_id = h["id"]
+        if not self._defer(sender, frame):
+            self.take_snapshot(sender, frame)
+
+    def take_snapshot(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        shard, shard_epoch, move_id = h["shard"], h["shard_epoch"], h["id"]
         if self.target.take_snapshot(shard, move_id, sender):
             # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
             # we must not give up on a fill that is about to become ours.

@@ -10,9 +10,10 @@ Rules of this file:
   requests to this thread (``request``), answered on the same socket: the loop never waits for etcd.
 - It reads the cluster's keys when something under ``/shardmq/<cluster>/`` changed (an etcd watch stream, read by
   a second thread that only wakes the session) and at least every ``poll_interval`` (1 s) in case the stream is
-  down; keep-alives go out every third of the lease TTL whatever happens. Reading every 250 ms instead cost each
-  node ~2 ms of CPU four times a second, which showed as the p99 of publish latency at low load.
-- A snapshot's ``epoch`` is the highest etcd ``create_revision`` among the member keys: every node that sees the
+  down; keep-alives go out every sixth of the lease TTL whatever happens (``KEEPALIVES_PER_TTL``). Reading every
+  250 ms instead cost each node ~2 ms of CPU four times a second, which showed as the p99 of publish latency at
+  low load.
+- A snapshot's ``epoch`` (the membership epoch) is the highest etcd ``create_revision`` among the member keys: every node that sees the
   same member set computes the same epoch, and a join always raises it.
 - Cluster settings (shard count, replication) are written once at ``/shardmq/<cluster>/config`` with a
   create-if-absent transaction; the first writer wins and every node reads the stored value.
@@ -52,6 +53,11 @@ from shardmq.protocol.view import MemberInfo
 from shardmq.ring import Assignment
 
 log = structlog.get_logger("shardmq.membership")
+
+# Six keep-alives per TTL rather than etcd's customary three: a node fences itself two thirds of the TTL after its
+# last successful keep-alive, so with three an etcd outage of 2 s (TTL 5 s) could fence every node, depending on
+# where in the keep-alive period it began; with six, an outage up to half the TTL never does.
+KEEPALIVES_PER_TTL = 6
 
 
 def etcd_client(url: str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
@@ -303,11 +309,11 @@ class EtcdSession(threading.Thread):
                         continue
                     if self._lease is None:
                         self._register()
-                        next_refresh = now + self._ttl / 3
+                        next_refresh = now + self._ttl / KEEPALIVES_PER_TTL
                     elif now >= next_refresh:
                         if not self._keep_alive():
                             continue
-                        next_refresh = now + self._ttl / 3
+                        next_refresh = now + self._ttl / KEEPALIVES_PER_TTL
                     if self._registered_as is not None and self._registered_as.leaving != self.leaving:
                         self._put_member()
                     epoch, members = read_members(self.client, self._cluster)

@@ -13,7 +13,7 @@ What is real and what is simulated:
   the leader's commits) are answered at the node's next session poll, and fail while it cannot reach etcd.
 * Simulated etcd (``Etcd``): leases with a TTL on the simulated clock, member keys (a put keeps an existing key's
   create_revision), the assignment document with compare-and-swap on its mod revision, a leader key held by a
-  lease. The session (``session_poll``): keep-alive every TTL/3, register again after a lost lease, retire a
+  lease. The session (``session_poll``): keep-alive every TTL/6 (``KEEPALIVES_PER_TTL``), register again after a lost lease, retire a
   previous incarnation first (``EtcdSession.retire_previous``), read the view and hand it to the core.
 * Clients: each subscription is one client session (``SimClient``) that sends SUB, and takes SUBACK, ERROR, MSG
   (acknowledged at once with DACK) and SESSION_END; a publish is a QoS 1 PUB from a publisher client. A client
@@ -34,10 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardmq.protocol import MemberInfo, NodeCore, ProtocolConfig, SessionView
-from shardmq.ring import Assignment, ShardMap, shard_for_key
+from shardmq.protocol.node import parse_assignment
+from shardmq.rebalance import Member, target_table
+from shardmq.ring import Assignment, shard_for_key
 from shardmq.router import codec
 from shardmq.router.partition import placement_key
 from shardmq.router.routes import RouteTable
+from shardmq.shard.membership import KEEPALIVES_PER_TTL
 
 __all__ = ["Etcd", "Sim", "SimClient", "SimConfig", "SimNode"]
 
@@ -77,6 +80,7 @@ class Etcd:
         self.leases: dict[int, float] = {}  # lease id -> expiry
         self._next_lease = 1
         self.doc: Assignment | None = None
+        self.doc_json = b""  # the document's bytes as written (views hand out this one object)
         self.doc_revision = 0
         self.leader: tuple[str, int] | None = None  # (node, lease id)
         self.history: list[tuple[int, Assignment]] = []  # every committed document, in order
@@ -134,7 +138,7 @@ class Etcd:
             self.leader = (node, lid)
         return self.leader[0] if self.leader else None
 
-    def write_assignment(self, doc: Assignment, expected_revision: int) -> int | None:
+    def write_assignment(self, doc: Assignment, expected_revision: int, document: bytes = b"") -> int | None:
         """``membership.write_assignment``: 0 means create-if-absent, else compare the mod revision."""
         if expected_revision == 0:
             if self.doc is not None:
@@ -143,6 +147,7 @@ class Etcd:
             return None
         self.revision += 1
         self.doc, self.doc_revision = doc, self.revision
+        self.doc_json = document or doc.to_json()
         self.history.append((self.revision, doc))
         return self.revision
 
@@ -272,7 +277,6 @@ class Sim:
         self.publishes: dict[int, list[Any]] = {}
         self.trace: list[str] = []
         self.notes: list[str] = []
-        self._targets: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
         self._views: tuple[int, int, dict[str, MemberInfo], int, bytes] | None = None
         self.etcd_reachable = True
         self._incarnations = 0
@@ -302,14 +306,10 @@ class Sim:
         return acked is not None and self.etcd.expired_time.get(node, -1.0) >= acked
 
     def target(self) -> tuple[tuple[str, ...], ...] | None:
-        live = tuple(sorted(n for n, m in self.etcd.members.items() if not m.leaving))
-        if not live:
-            return None
-        table = self._targets.get(live)
-        if table is None:  # building the ring is a large part of a run's cost: cache it per member set
-            table = ShardMap.build(dict.fromkeys(live, 1), self.cfg.shard_count, self.cfg.replication).table
-            self._targets[live] = table
-        return table
+        """The balanced table for etcd's live members: what the leader's coordinator moves towards (the same
+        cached computation, so a run builds each member set's table once)."""
+        members = {n: Member(1, m.leaving) for n, m in self.etcd.members.items()}
+        return target_table(members, self.cfg.shard_count, self.cfg.replication)
 
     def has_route(self, node_id: str, shard: int, filt: str, subscriber: str) -> bool:
         for f, nodes in self.nodes[node_id].core.owner.routes.shard_routes(shard):
@@ -451,7 +451,7 @@ class Sim:
         if n.lease_id is not None and self.now >= n.next_refresh:
             if self.etcd.refresh(n.lease_id, self.now):
                 n.lease_valid_until = self.now + self.cfg.lease_ttl
-                n.next_refresh = self.now + self.cfg.lease_ttl / 3
+                n.next_refresh = self.now + self.cfg.lease_ttl / KEEPALIVES_PER_TTL
             else:
                 n.lease_id = None
                 n.lease_valid_until = 0.0
@@ -460,7 +460,7 @@ class Sim:
             self.etcd.put_member(node_id, n.lease_id, n.incarnation, n.leaving)
             n.registrations += 1
             n.lease_valid_until = self.now + self.cfg.lease_ttl
-            n.next_refresh = self.now + self.cfg.lease_ttl / 3
+            n.next_refresh = self.now + self.cfg.lease_ttl / KEEPALIVES_PER_TTL
         elif self.etcd.members.get(node_id) is not None and self.etcd.members[node_id].leaving != n.leaving:
             self.etcd.put_member(node_id, n.lease_id, n.incarnation, n.leaving)
         if read:
@@ -480,9 +480,7 @@ class Sim:
                 for m, lease in sorted(etcd.members.items())
             }
             epoch = max((lease.create_revision for lease in etcd.members.values()), default=0)
-            document = etcd.doc.to_json() if etcd.doc is not None else b""
-            if cached is not None and cached[1] == etcd.doc_revision:
-                document = cached[4]  # the same bytes object: the cores' parse cache finds it
+            document = etcd.doc_json  # one bytes object per document: the cores' parse cache finds it
             cached = self._views = (etcd.revision, etcd.doc_revision, members, epoch, document)
         leader = etcd.leader[0] if etcd.leader else None
         return SessionView(cached[2], cached[3], leader, etcd.doc_revision, n.registrations, cached[4])
@@ -499,7 +497,8 @@ class Sim:
                     then(None, 0, False)
             else:
                 document, expected = args
-                then(self.etcd.write_assignment(Assignment.from_json(document), expected) if reaches else None)
+                doc = parse_assignment(document)  # the core's cache: the views that follow reuse the parse
+                then(self.etcd.write_assignment(doc, expected, document) if reaches else None)
             core.flush()
 
     def _retire_previous(self, n: SimNode) -> bool:
@@ -566,6 +565,22 @@ class Sim:
         n.core.flush()
         self.pump_clients()
         return client.state != "refused"
+
+    def unsubscribe(self, rid: bytes) -> bool:
+        """The client ``rid`` unsubscribes (UNSUB); its subscription stops counting as acknowledged at once."""
+        client = self.clients.get(rid)
+        if client is None or client.filt is None or client.state != "acked":
+            return False
+        n = self.nodes[client.node_id]
+        if not n.up:
+            return False
+        self.trace.append(f"unsubscribe {rid.decode()}")
+        client.state = "unsubscribed"
+        self._unack(client)
+        n.enter().on_client_parts([rid, *codec.encode(codec.UNSUB, {"id": next(self._refs), "filters": [client.filt]})])
+        n.core.flush()
+        self.pump_clients()
+        return True
 
     def resubscribe(self, index: int, node_id: str) -> bool:
         """The client of interrupted subscription ``index`` subscribes again through ``node_id`` (the SDK fails
@@ -752,6 +767,9 @@ class Sim:
                 q = self.channels.get((src, dst))
                 while q:
                     self.deliver(src, dst)
+
+    def subscribers(self) -> list[SimClient]:
+        return [c for c in self.clients.values() if c.filt is not None and c.state == "acked"]
 
     def check_publish(self, node_id: str, topic: str, max_rounds: int = 80) -> frozenset[str] | None:
         """Publish and run the cluster until the publisher has its answer: the subscriber nodes the message
