@@ -13,8 +13,8 @@ Rules of this file:
   down; keep-alives go out every sixth of the lease TTL whatever happens (``KEEPALIVES_PER_TTL``). Reading every
   250 ms instead cost each node ~2 ms of CPU four times a second, which showed as the p99 of publish latency at
   low load.
-- A snapshot's ``epoch`` (the membership epoch) is the highest etcd ``create_revision`` among the member keys: every node that sees the
-  same member set computes the same epoch, and a join always raises it.
+- A snapshot's ``epoch`` (the membership epoch) is the highest etcd ``create_revision`` among the member keys:
+  every node that sees the same member set computes the same epoch, and a join always raises it.
 - Cluster settings (shard count, replication) are written once at ``/shardmq/<cluster>/config`` with a
   create-if-absent transaction; the first writer wins and every node reads the stored value.
 - Shard ownership lives in one document, ``/shardmq/<cluster>/assignment`` (``shardmq.ring.Assignment``), and

@@ -13,8 +13,9 @@ What is real and what is simulated:
   the leader's commits) are answered at the node's next session poll, and fail while it cannot reach etcd.
 * Simulated etcd (``Etcd``): leases with a TTL on the simulated clock, member keys (a put keeps an existing key's
   create_revision), the assignment document with compare-and-swap on its mod revision, a leader key held by a
-  lease. The session (``session_poll``): keep-alive every TTL/6 (``KEEPALIVES_PER_TTL``), register again after a lost lease, retire a
-  previous incarnation first (``EtcdSession.retire_previous``), read the view and hand it to the core.
+  lease. The session (``session_poll``): keep-alive every TTL/6 (``KEEPALIVES_PER_TTL``), register again after a
+  lost lease, retire a previous incarnation first (``EtcdSession.retire_previous``), read the view and hand it to
+  the core.
 * Clients: each subscription is one client session (``SimClient``) that sends SUB, and takes SUBACK, ERROR, MSG
   (acknowledged at once with DACK) and SESSION_END; a publish is a QoS 1 PUB from a publisher client. A client
   whose session ended is ``interrupted`` until it subscribes again (``resubscribe``), as the SDK fails over.
