@@ -90,7 +90,7 @@ def test_etcd_paused_two_seconds_loses_nothing_and_subscriptions_succeed(lc: Loc
     missing = [m for m in pub.acked if m not in sub.got]
     assert missing == [], f"{len(missing)} of {len(pub.acked)} acknowledged messages never arrived"
     during = sorted(t for t in sub.got.values() if paused_at - 0.5 <= t <= resumed_at + 0.5)
-    gaps = [b - a for a, b in zip(during, during[1:])]
+    gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
     largest = max(gaps, default=float("inf"))
     acked_during = sum(1 for t in pub.acked.values() if paused_at <= t <= resumed_at)
     print(f"\netcd stopped {resumed_at - paused_at:.2f}s: {acked_during} publishes acknowledged meanwhile, "
