@@ -336,8 +336,11 @@ class NodeCore:
         if revision <= view.assignment_revision:
             return
         old = view.assignment
+        old_members, view.assignment_members = view.assignment_members, view.members
         view.assignment, view.assignment_revision = new, revision
-        self.owner.on_assignment(old, new)
+        changed = self.owner.on_assignment(old, new)
+        if old is not None and changed:
+            self.subscriptions.reannounce_orphaned(old, new, changed, old_members)
         self.log.info(
             "assignment", version=new.version, revision=revision, shards_held=len(new.shards_of(self.me)),
             primaries=len(new.primaries_of(self.me)), membership_epoch=view.membership_epoch,

@@ -292,9 +292,10 @@ class OwnerSide:
         core.effects.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
 
     # ------------------------------------------------------------------ assignment changes
-    def on_assignment(self, old: Assignment | None, new: Assignment) -> None:
+    def on_assignment(self, old: Assignment | None, new: Assignment) -> list[int]:
         """The assignment changed: end fills that flipped, invalidate answers of flipped shards, schedule the
-        release of shards we lost and the end of streams whose shard flipped."""
+        release of shards we lost and the end of streams whose shard flipped. Returns the shards whose epoch
+        changed."""
         core = self.core
         me = core.me
         grace = core.cfg.handoff_grace
@@ -305,7 +306,7 @@ class OwnerSide:
                 # The fill flipped: the source keeps forwarding until it sees the flip plus its grace period.
                 core.effects.call_later(2 * grace, lambda s=shard, src=source: self.target.forget_source(s, src))
         if old is None:
-            return
+            return []
         changed = epochs_changed(old, new)
         self.invalidate_caches(changed)
         # An owner that left took with it the record of who caches its answers (a promotion): every entry node
@@ -319,6 +320,7 @@ class OwnerSide:
         for shard, shard_epoch in self.source.flipped(new.epoch):
             # Flipped: stale senders have a grace period to catch up.
             core.effects.call_later(grace, lambda s=shard, e=shard_epoch: self._stop_stream(s, e))
+        return changed
 
     def _stop_stream(self, shard: int, shard_epoch: int) -> None:
         if self.source.stop(shard, shard_epoch):

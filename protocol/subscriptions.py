@@ -12,13 +12,17 @@ Rules of this file:
   assignment and send those items to the current owners (up to three times).
 - A shard with no owner at all (etcd lost every lease at once) cannot hold the route: the SUB fails.
 - Subscriptions are refused while the node is fenced: peers drop our routes if our lease runs out.
+- Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
+  copied (R nodes died at once), its new owners start empty, and every node with local subscribers in it adds
+  its routes again (``reannounce_orphaned``), as it does after registering again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from shardmq.ring import Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.matching import FilterIndex
@@ -26,12 +30,13 @@ from shardmq.router.partition import placement_key
 from shardmq.router.topics import TopicError, validate_topic_filter
 
 from .records import Session, Waiter, gate
-from .view import ROOT
+from .view import ROOT, MemberInfo
 
 if TYPE_CHECKING:
     from .node import NodeCore
 
 REANNOUNCE_DELAY = 1.0  # a few member polls: by then every peer has seen us gone and back
+REANNOUNCE_ATTEMPTS = 10
 STALE_RETRIES = 3
 
 
@@ -222,8 +227,13 @@ class Subscriptions:
             return
         if stale:
             if waiter.attempt < STALE_RETRIES:
-                # An owner said our shard epoch is old: re-read the assignment, re-send to the current owners.
-                self.core.refresh_assignment(lambda _ok: self._retry_stale(wid, sender, stale))
+                # An owner said our shard epoch is old: re-send to the current owners once our view is at least
+                # as new as the owner's (re-read the assignment first when it is not).
+                view = self.core.view
+                if any(type(e) is int and view.shard_epoch(s) < e for s, e in stale):
+                    self.core.refresh_assignment(lambda _ok: self._retry_stale(wid, sender, stale), force=True)
+                else:
+                    self._retry_stale(wid, sender, stale)
                 return
             waiter.failures.append(f"{sender} (shard epoch still stale)")  # never confirm what no owner holds
         self._settle_waiter(wid, sender)
@@ -268,9 +278,50 @@ class Subscriptions:
         for node in nodes:
             core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, {"id": 0, "node": core.me, "routes": items}))
 
+    def reannounce_orphaned(
+        self, old: Assignment, new: Assignment, changed: list[int], old_members: Mapping[str, MemberInfo]
+    ) -> None:
+        """Add our routes again in shards that lost every owner: their new owners were filled from nobody (every
+        replica died before it could be copied), and we are the one place that still knows which of our clients
+        subscribed. An owner is gone when its member key is, or when it registered again since ``old_members``
+        (the view we had when ``old`` arrived: a restarted process holds nothing of its predecessor's). A shard
+        whose new owners were filled after all just gets routes it already has."""
+        members = self.core.view.members
+
+        def alive(node: str) -> bool:
+            now, then = members.get(node), old_members.get(node)
+            return now is not None and then is not None and now.revision == then.revision
+
+        orphaned = {s for s in changed if new.owners(s) and not any(alive(o) for o in old.owners(s))}
+        if not orphaned:
+            return
+        view = self.core.view
+        filters = sorted(f for f in self.local_filters() if view.route_item(f)[0] in orphaned)
+        if filters:
+            self.core.log.warning("routes_reannounced_orphaned", shards=len(orphaned), filters=len(filters))
+            self.core.metrics["routes.reannounced_orphaned"] += len(filters)
+            self.announce_again(filters)
+
     def reannounce_routes(self) -> None:
         """After registering again (peers dropped our routes when they saw us gone), add every route again."""
         filters = sorted(self.local_filters())
         self.core.log.info("routes_reannounced", filters=len(filters))
         self.core.metrics["routes.reannounced"] += len(filters)
-        self.change_routes(codec.ROUTE_ADD, filters, lambda failures: None)
+        self.announce_again(filters)
+
+    def announce_again(self, filters: list[str], attempt: int = 1) -> None:
+        """ROUTE_ADD for filters our clients still hold; no client waits for it, so a failure (an owner
+        unreachable, epochs moving) is retried every ``request_timeout`` with what is still subscribed here."""
+        core = self.core
+
+        def done(failures: list[str]) -> None:
+            if not failures:
+                return
+            if attempt >= REANNOUNCE_ATTEMPTS:
+                core.metrics["routes.reannounce_failed"] += len(filters)
+                core.log.error("routes_reannounce_failed", filters=len(filters), failures=sorted(set(failures)))
+                return
+            core.effects.call_later(core.cfg.request_timeout, lambda: self.announce_again(
+                sorted(set(filters) & self.local_filters()), attempt + 1))
+
+        self.change_routes(codec.ROUTE_ADD, filters, done)

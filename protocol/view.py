@@ -100,6 +100,7 @@ class ClusterView:
         self.membership_epoch = 0
         self.assignment: Assignment | None = None
         self.assignment_revision = 0
+        self.assignment_members: Mapping[str, MemberInfo] = {}  # the members as we saw them when it arrived
         self.leader: str | None = None
         self.settings: dict[str, Any] = {"shard_count": shard_count, "replication": replication}
         self.fenced_from = float("inf")  # the session's lease comes into doubt at this time (shell clock)
