@@ -129,7 +129,7 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"assignment version {first['assignment_version']}  highest shard epoch {max(epochs)}"
               f"  (per-shard epochs: cluster status --json)")
         print(
-            f"members {first['members']}  epoch {first['epoch']}"
+            f"members {first['members']}  membership epoch {first['membership_epoch']}"
             f"  shards {first['shard_count']} x R={first['replication']}"
             f"  root-set size {first['root_set_size']} (held on every node; the part that does not scale)"
         )
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     node.add_argument(
         "--max-queued", type=int, default=10_000,
-        help="QoS 1 messages one client's backlog holds (their PUBACKs wait); beyond it publishes get 'overloaded'",
+        help="QoS 1 messages one client's backlog holds beyond its window; beyond it publishes get 'overloaded'",
     )  # fmt: skip
     node.add_argument(
         "--max-session-bytes", type=int, default=64 * 1024 * 1024,

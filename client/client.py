@@ -792,8 +792,7 @@ class Client:
                 continue
             h = frame.header
             if frame.type == codec.PUBACK:
-                ids = h.get("ids")
-                waiting.difference_update(ids if isinstance(ids, list) else [h["id"]])
+                waiting.difference_update(h["ids"])
             elif frame.type == codec.ERROR and h.get("ref") in waiting:
                 if h["code"] != codec.E_OVERLOADED:
                     raise ShardMQError(h["code"], h["reason"])

@@ -235,9 +235,25 @@ class Entry:
             return
         core.metrics["lookups.retried"] += 1
         core.log.info("lookup_retry", shard=lookup.shard, owner=lookup.owner, reason=reason)
+        waiting = [p for p in lookup.pubs if not p.failed]
+        if refresh and waiting:
+            # The owner has seen a newer shard epoch than we have: ask again once we have read the assignment
+            # (the publishes keep waiting, in order, behind this lookup; its other owners may well be old too).
+            for p in waiting:
+                p.lookups_left += 1
+
+            def retry(_ok: bool) -> None:
+                for p in waiting:
+                    p.lookups_left -= 1
+                still = [p for p in waiting if not p.failed]
+                if still:
+                    self._lookup(still[0], lookup.shard, lookup.tried, still)
+                self._dispatch(lookup.topic)
+
+            core.refresh_assignment(retry, force=True)
+            return
         if refresh:
             core.refresh_assignment(lambda _ok: None)
-        waiting = [p for p in lookup.pubs if not p.failed]
         if waiting:  # a refresh nobody waits for is not retried: the answer it refreshes still serves
             self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
         self._dispatch(lookup.topic)

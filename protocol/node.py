@@ -280,11 +280,11 @@ class NodeCore:
             self._on_members(members, session_view.membership_epoch)
         me = members.get(self.me)
         view.member_revision = me.revision if me is not None else 0
-        if self.owner.deferred_route_changes:
-            self.owner.replay_route_changes()
         revision = session_view.assignment_revision
         if session_view.document and revision > view.assignment_revision:
             self.set_assignment(parse_assignment(session_view.document), revision)
+        if self.owner.deferred_route_changes:
+            self.owner.replay_route_changes()
         if view.leader == self.me and self.coordinator is None:
             self.coordinator = Coordinator(
                 int(view.settings["shard_count"]), int(view.settings["replication"]),

@@ -59,11 +59,13 @@ class PendingRequests:
         return sum(1 for request, _ in self._open.values() if type(request) is kind)
 
     def refused(self, rid: Any, sender: str, code: str, reason: str) -> bool:
-        """A peer's ERROR names request ``rid``; False when no such request is open."""
+        """A peer's ERROR names request ``rid``; False when no such request waits on that peer."""
         found = self._open.get(rid)
         if found is None:
             return False
         request, requester = found
+        if not request.waits_on(sender):  # only the peer a request went to may refuse it
+            return False
         requester.request_refused(rid, request, sender, code, reason)
         return True
 

@@ -223,7 +223,15 @@ class Subscriptions:
         wid = frame.header["id"]
         stale = frame.header.get("stale")
         waiter = self.core.requests.get(wid)
-        if not isinstance(waiter, Waiter):
+        if not isinstance(waiter, Waiter) or sender not in waiter.pending:
+            return  # late, or from a node this request never went to
+        if stale is not None and not (isinstance(stale, list) and all(
+            isinstance(i, list) and len(i) == 2 and type(i[0]) is int and type(i[1]) is int for i in stale
+        )):  # fmt: skip
+            reason = "ROUTE_ACK stale must be [shard, shard_epoch] pairs"
+            self.core.refuse_peer(sender, frame, codec.E_BAD_HEADER, reason)
+            waiter.failures.append(f"{sender} (malformed ROUTE_ACK)")
+            self._settle_waiter(wid, sender)
             return
         if stale:
             if waiter.attempt < STALE_RETRIES:
@@ -276,7 +284,8 @@ class Subscriptions:
             return
         items = [[ROOT, 0, f] for f in sorted(local)]
         for node in nodes:
-            core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, {"id": 0, "node": core.me, "routes": items}))
+            header = {"id": 0, "node": core.me, "routes": items, "member_rev": core.view.member_revision}
+            core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, header))
 
     def reannounce_orphaned(
         self, old: Assignment, new: Assignment, changed: list[int], old_members: Mapping[str, MemberInfo]
@@ -285,14 +294,19 @@ class Subscriptions:
         replica died before it could be copied), and we are the one place that still knows which of our clients
         subscribed. An owner is gone when its member key is, or when it registered again since ``old_members``
         (the view we had when ``old`` arrived: a restarted process holds nothing of its predecessor's). A shard
-        whose new owners were filled after all just gets routes it already has."""
+        whose new owners were filled after all just gets routes it already has: ROUTE_ADD is idempotent."""
         members = self.core.view.members
 
         def alive(node: str) -> bool:
             now, then = members.get(node), old_members.get(node)
             return now is not None and then is not None and now.revision == then.revision
 
-        orphaned = {s for s in changed if new.owners(s) and not any(alive(o) for o in old.owners(s))}
+        # A shard is given owners from nobody only from an ownerless state, one epoch after it; a view that skipped
+        # epochs cannot tell what happened in between (and its member list may lag a restart), so it re-announces.
+        orphaned = {
+            s for s in changed
+            if new.owners(s) and (new.epoch(s) > old.epoch(s) + 1 or not any(alive(o) for o in old.owners(s)))
+        }
         if not orphaned:
             return
         view = self.core.view

@@ -140,7 +140,8 @@ def _ints_ok(items: list[Any]) -> bool:
 
 def _fwd_items_ok(items: list[Any]) -> bool:
     return all(
-        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str) and r[2] in (0, 1)
+        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str)
+        and type(r[2]) is int and r[2] in (0, 1)
         for r in items
     )
 
@@ -161,7 +162,7 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (PUBS, "items"): (
         lambda items: all(
-            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and r[1] in (0, 1)
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
             and (r[2] is None or type(r[2]) is int)
             for r in items
         ),

@@ -82,9 +82,9 @@ class NodeConfig:
     metrics_address: str = "127.0.0.1"
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
-    # QoS 1 flow control per client session: messages written and not yet acknowledged, then a backlog that
-    # holds the forward's FWD_ACK (so the publisher's PUBACK) until the message enters the window; beyond the
-    # backlog (count or bytes) a forward is refused with ``overloaded``.
+    # QoS 1 flow control per client session: messages written and not yet acknowledged, then a backlog of accepted
+    # messages written as acknowledgements make room; beyond the backlog (count or bytes) a forward is refused with
+    # ``overloaded`` (protocol/destination.py).
     max_inflight: int = 1000
     max_queued: int = 10_000
     max_session_bytes: int = 64 * 1024 * 1024
