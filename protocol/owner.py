@@ -223,15 +223,18 @@ class OwnerSide:
                 core.effects.send_peer(node, codec.encode(codec.INVALIDATE, {"id": iid, "shards": told_shards}))
             for shard in inv.shards:
                 self.invalidating.setdefault(shard, set()).add(iid)
-            core.effects.call_later(INVALIDATE_WAIT * core.cfg.route_cache_ttl, lambda: self._expire_invalidation(iid))
+            # Bound now: ``iid`` names other invalidations below (a late-bound closure expired the wrong one and
+            # left this one waiting for ever; found by the simulation).
+            core.effects.call_later(INVALIDATE_WAIT * core.cfg.route_cache_ttl,
+                                    lambda iid=iid: self._expire_invalidation(iid))  # fmt: skip
         if then is None:
             return False
-        waits = {iid for shard in shards for iid in self.invalidating.get(shard, ())}
+        waits = {waiting for shard in shards for waiting in self.invalidating.get(shard, ())}
         if not waits:
             return False
         done = gate(len(waits), lambda _failures: then())
-        for iid in waits:
-            core.requests.get(iid).callbacks.append(done)
+        for waiting in waits:
+            core.requests.get(waiting).callbacks.append(done)
         return True
 
     def settle_invalidation(self, iid: int, node: str) -> None:
