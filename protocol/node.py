@@ -42,7 +42,7 @@ from .outbox import Outbox
 from .owner import OwnerSide
 from .records import Lookup, Session
 from .requests import PendingRequests
-from .subscriptions import REANNOUNCE_DELAY, Subscriptions
+from .subscriptions import Subscriptions
 from .view import ClusterView, MemberInfo, SessionView
 
 # The fence check runs when the lease would come into doubt (and at least this often): a fixed 100 ms tick woke
@@ -272,7 +272,7 @@ class NodeCore:
                 if not self.sessions_ended_fenced:
                     self.destination.end_sessions(codec.E_FENCED, f"node {self.me} lost its etcd lease; "
                                                   "connect to another node")  # fmt: skip
-                self.effects.call_later(REANNOUNCE_DELAY, self.subscriptions.reannounce_routes)
+                self.subscriptions.reannounce_later()
                 # Owners that saw us gone forgot which of their answers we cache: ask them all again.
                 self.entry.route_cache.clear()
             view.registration_seen = registration

@@ -46,6 +46,7 @@ class Subscriptions:
         self.local_q0: FilterIndex[bytes] = FilterIndex()
         self.local_q1: FilterIndex[bytes] = FilterIndex()
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
+        self.announcements_due = 0  # re-announcements scheduled and not yet sent (a driver waits for them)
 
     def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]:
         """This node's clients for a message: (those that get it at QoS 0, those that get it at QoS 1)."""
@@ -316,8 +317,14 @@ class Subscriptions:
             self.core.metrics["routes.reannounced_orphaned"] += len(filters)
             self.announce_again(filters)
 
+    def reannounce_later(self) -> None:
+        """After registering again, once every peer has seen us gone and back (``REANNOUNCE_DELAY``)."""
+        self.announcements_due += 1
+        self.core.effects.call_later(REANNOUNCE_DELAY, self.reannounce_routes)
+
     def reannounce_routes(self) -> None:
         """After registering again (peers dropped our routes when they saw us gone), add every route again."""
+        self.announcements_due -= 1
         filters = sorted(self.local_filters())
         self.core.log.info("routes_reannounced", filters=len(filters))
         self.core.metrics["routes.reannounced"] += len(filters)
@@ -335,7 +342,12 @@ class Subscriptions:
                 core.metrics["routes.reannounce_failed"] += len(filters)
                 core.log.error("routes_reannounce_failed", filters=len(filters), failures=sorted(set(failures)))
                 return
-            core.effects.call_later(core.cfg.request_timeout, lambda: self.announce_again(
-                sorted(set(filters) & self.local_filters()), attempt + 1))
+            self.announcements_due += 1
+
+            def again() -> None:
+                self.announcements_due -= 1
+                self.announce_again(sorted(set(filters) & self.local_filters()), attempt + 1)
+
+            core.effects.call_later(core.cfg.request_timeout, again)
 
         self.change_routes(codec.ROUTE_ADD, filters, done)

@@ -726,7 +726,9 @@ class Sim:
         if any(self.channels.values()) or self.client_frames:
             return False
         for n in self.nodes.values():
-            if n.up and (len(n.core.requests) or n.core.owner.deferred_route_changes or n.etcd_requests):
+            core = n.core
+            if n.up and (len(core.requests) or core.owner.deferred_route_changes or n.etcd_requests
+                         or core.subscriptions.announcements_due):  # fmt: skip
                 return False
         leader = self.leader_node()
         if leader is None or not leader.up or leader.core.coordinator is None or leader.core.coordinator.in_flight:
