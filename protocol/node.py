@@ -301,7 +301,10 @@ class NodeCore:
         old = view.members
         # A member that restarted (new incarnation), moved (new endpoints) or registered again is another
         # process or registration: what we knew of the old one goes, as if it had left and joined.
-        replaced = {n for n, m in members.items() if n in old and n != self.me and not m.same_process(old[n])}
+        replaced = {
+            n for n, m in members.items()
+            if (was := old.get(n)) is not None and m is not was and n != self.me and not m.same_process(was)
+        }
         joined = (set(members) - set(old) - {self.me}) | replaced
         gone = (set(old) - set(members)) | replaced
         # Same process at the same address, registered again after a lost lease: our connection to it is still

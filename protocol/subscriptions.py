@@ -296,6 +296,8 @@ class Subscriptions:
         subscribed. An owner is gone when its member key is, or when it registered again since ``old_members``
         (the view we had when ``old`` arrived: a restarted process holds nothing of its predecessor's). A shard
         whose new owners were filled after all just gets routes it already has: ROUTE_ADD is idempotent."""
+        if not self.local_q0 and not self.local_q1:
+            return  # no client of ours subscribes to anything: nothing to add again
         members = self.core.view.members
 
         def alive(node: str) -> bool:

@@ -279,6 +279,7 @@ class Sim:
         self.trace: list[str] = []
         self.notes: list[str] = []
         self._views: tuple[int, int, dict[str, MemberInfo], int, bytes] | None = None
+        self._member_infos: dict[tuple[str, int, int, bool], MemberInfo] = {}
         self.etcd_reachable = True
         self._incarnations = 0
         self._names = itertools.count()
@@ -475,16 +476,24 @@ class Sim:
         etcd = self.etcd
         cached = self._views
         if cached is None or cached[0] != etcd.revision or cached[1] != etcd.doc_revision:
-            members = {
-                m: MemberInfo(m, f"sim://{m}/client", f"sim://{m}/peer", 1, lease.leaving, str(lease.incarnation),
-                              lease.create_revision)  # fmt: skip
-                for m, lease in sorted(etcd.members.items())
-            }
+            members = {m: self._member_info(m, lease) for m, lease in sorted(etcd.members.items())}
             epoch = max((lease.create_revision for lease in etcd.members.values()), default=0)
             document = etcd.doc_json  # one bytes object per document: the cores' parse cache finds it
             cached = self._views = (etcd.revision, etcd.doc_revision, members, epoch, document)
         leader = etcd.leader[0] if etcd.leader else None
         return SessionView(cached[2], cached[3], leader, etcd.doc_revision, n.registrations, cached[4])
+
+    def _member_info(self, node: str, lease: Lease) -> MemberInfo:
+        """One MemberInfo object per registration state, shared by every view that shows it (cores compare
+        members by identity first)."""
+        key = (node, lease.incarnation, lease.create_revision, lease.leaving)
+        info = self._member_infos.get(key)
+        if info is None:
+            info = self._member_infos[key] = MemberInfo(
+                node, f"sim://{node}/client", f"sim://{node}/peer", 1, lease.leaving, str(lease.incarnation),
+                lease.create_revision,
+            )  # fmt: skip
+        return info
 
     def _answer_requests(self, n: SimNode, reaches: bool) -> None:
         while n.etcd_requests and n.up:
@@ -704,6 +713,8 @@ class Sim:
             view = n.core.view
             if view.assignment_revision != self.etcd.doc_revision or view.registration_seen != n.registrations:
                 return False
+            if self._views is not None and view.members is self._views[2] and self._views[0] == self.etcd.revision:
+                continue  # the current view object itself
             if set(view.members) != set(members) or any(
                 view.members[m].revision != lease.create_revision for m, lease in members.items()
             ):
