@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardmq.rebalance.handoff import SNAPSHOT_CHUNK
 from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT
 from shardmq.router import codec
 
@@ -26,3 +27,4 @@ class ProtocolConfig:
     max_inflight: int = 1000
     max_queued: int = 10_000
     max_session_bytes: int = 64 * 1024 * 1024
+    snapshot_chunk: int = SNAPSHOT_CHUNK  # routes per SNAPSHOT frame of a hand-off (the simulation uses a few)

@@ -379,7 +379,7 @@ class OwnerSide:
         routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
         members = core.view.members
         size = 0
-        for chunk, last in self.source.snapshot_chunks(routes):
+        for chunk, last in self.source.snapshot_chunks(routes, core.cfg.snapshot_chunk):
             named = {node for _, nodes in chunk for node in nodes}
             header = {
                 "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk, "last": last,

@@ -11,8 +11,8 @@ Rules of this file:
   assignment shows the flip (``flipped``: stale senders still reach the old owner meanwhile), or when the
   coordinator abandoned the move and it never flipped (``stop_abandoned``, checked against the move id: a newer
   move through the same stream is not stopped by an older move's timer).
-- The snapshot goes in chunks of ``SNAPSHOT_CHUNK`` routes; only the last says ``last``, and a target reports
-  ready (HANDOFF_READY to the coordinator) on it.
+- The snapshot goes in chunks of ``SNAPSHOT_CHUNK`` routes (or the ``chunk`` given); only the last says
+  ``last``, and a target reports ready (HANDOFF_READY to the coordinator) on it.
 - Target. A snapshot for a move it does not hold yet starts a fill (``take_snapshot``); only that move's source
   may forward changes for the shard to it (``may_forward``). After the flip it keeps accepting the source's
   forwards for twice the grace (the source streams until it sees the flip plus its grace). A fill that never
@@ -55,10 +55,12 @@ class HandoffSource:
         stream.move_id = move_id
 
     @staticmethod
-    def snapshot_chunks(routes: list[list[Any]]) -> Iterator[tuple[list[list[Any]], bool]]:
+    def snapshot_chunks(
+        routes: list[list[Any]], chunk: int = SNAPSHOT_CHUNK
+    ) -> Iterator[tuple[list[list[Any]], bool]]:
         """(chunk of [filter, [nodes]] routes, last) in order; an empty shard is one empty, last chunk."""
-        for start in range(0, max(len(routes), 1), SNAPSHOT_CHUNK):
-            yield routes[start : start + SNAPSHOT_CHUNK], start + SNAPSHOT_CHUNK >= len(routes)
+        for start in range(0, max(len(routes), 1), chunk):
+            yield routes[start : start + chunk], start + chunk >= len(routes)
 
     def relay_targets(self, shard: int) -> set[str] | None:
         stream = self.streams.get(shard)

@@ -60,6 +60,7 @@ class SimConfig:
     route_cache_ttl: float = 1.0
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
+    snapshot_chunk: int = 2  # routes per SNAPSHOT: small, so hand-offs of the simulated shards take several
 
 
 @dataclass(slots=True)
@@ -198,6 +199,7 @@ class SimNode:
             node_id, c.shard_count, c.replication, request_timeout=c.request_timeout, lookup_timeout=c.lookup_timeout,
             route_cache_ttl=c.route_cache_ttl, handoff_grace=c.handoff_grace, handoff_timeout=c.handoff_timeout,
             redelivery_interval=c.redelivery_interval, client_idle_check=c.client_idle_check,
+            snapshot_chunk=c.snapshot_chunk,
         )  # fmt: skip
         self.core = NodeCore(config, self, _NullLog(), str(incarnation))
         self.core.start(sim.now)
