@@ -315,9 +315,9 @@ class OwnerSide:
         # An owner that left took with it the record of who caches its answers (a promotion): every entry node
         # may, and the next route change in such a shard invalidates them all.
         members = core.view.members
-        self.watch_everywhere(
-            s for s in changed if me in new.owners(s) and any(o not in members for o in old.owners(s))
-        )
+        promoted = [s for s in changed if me in new.owners(s) and any(o not in members for o in old.owners(s))]
+        if promoted:
+            self.watch_everywhere(promoted)
         for shard in set(old.shards_of(me)) - mine:
             core.effects.call_later(grace, lambda shard=shard: self.release(shard))
         for shard, shard_epoch in self.source.flipped(new.epoch):
