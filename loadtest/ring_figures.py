@@ -3,16 +3,26 @@
 Rules: everything printed is measured in this run (no cached numbers); the
 workload is deterministic (fixed node names and topics), so only the timing
 columns vary between runs. Run ``python -m shardmq.loadtest.ring_figures``.
+
+``--scale`` prints instead how long ``place()`` takes from 3 to 1,000 nodes:
+with empty caches, again for the same members, and after one member joins
+(ring cache warm), next to the dense implementation it replaced
+(``tests/placement_reference.py``, run in a child process that is killed
+after ``--old-timeout`` seconds).
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from uhashring import HashRing
 
-from shardmq.ring import ShardMap
+from shardmq.ring import ShardMap, placement
 
 S = 4096
 R = 2
@@ -86,7 +96,76 @@ def lookups_per_second(fn: Callable[[str], object], topics: list[str]) -> float:
     return len(topics) / (time.perf_counter() - t0)
 
 
+SCALE_CASES = ((3, 4096, 2), (12, 4096, 3), (100, 16384, 2), (1000, 16384, 2))
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "placement_reference.py"
+_OLD_RUN = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("placement_reference", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+n, s, r = map(int, sys.argv[2:5])
+t0 = time.perf_counter()
+module.reference_place({f"n{i}": 1 for i in range(n)}, s, r)
+print(time.perf_counter() - t0)
+"""
+
+
+def old_seconds(n: int, s: int, r: int, timeout: float) -> float | None:
+    """The dense implementation's time in a child process, or None if it ran past ``timeout``."""
+    if not REFERENCE.exists():
+        return None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _OLD_RUN, str(REFERENCE), str(n), str(s), str(r)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    return float(done.stdout)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def scale_rows(old_timeout: float) -> list[str]:
+    rows = []
+    for n, s, r in SCALE_CASES:
+        nodes = {f"n{i}": 1 for i in range(n)}
+        placement._rings.clear()
+        placement._node_points.cache_clear()
+        cold = timed(lambda nodes=nodes, s=s, r=r: placement.place(nodes, s, r))
+        warm = timed(lambda nodes=nodes, s=s, r=r: placement.place(nodes, s, r))
+        grown = {**nodes, f"n{n}": 1}
+        join = timed(lambda grown=grown, s=s, r=r: placement.place(grown, s, r))
+        old = old_seconds(n, s, r, old_timeout)
+        old_text = f"{old:>10.3f}" if old is not None else f"{'> ' + format(old_timeout, '.0f'):>10}"
+        ratio = f"{old / warm:>8.0f}x" if old is not None else f"{'-':>9}"
+        rows.append(f"{n:>5} {s:>6} {r:>2} {cold:>9.3f} {warm:>9.3f} {join:>9.3f} {old_text} {ratio}")
+    return rows
+
+
+def scale_main(old_timeout: float) -> None:
+    print("place() seconds: new with empty caches, new again (ring cached), new after one member joins")
+    print(f"(ring cached), old dense implementation (killed after {old_timeout:.0f} s); ratio = old / new again")
+    print("    N      S  R      cold     again      join        old    ratio")
+    for row in scale_rows(old_timeout):
+        print(row)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", action="store_true", help="print place() times from 3 to 1,000 nodes")
+    parser.add_argument("--old-timeout", type=float, default=120.0, help="seconds the old placement may run")
+    args = parser.parse_args()
+    if args.scale:
+        scale_main(args.old_timeout)
+        return
     print(f"placement: S={S} R={R}; ratios are busiest/mean; join/leave are replica copies / ideal")
     print("  N placement  primary  replica  join/ideal  leave/ideal  build ms")
     for row in placement_rows():
