@@ -8,10 +8,10 @@ What it offers:
   drive. ``up()`` returns once every node sees every member and the assignment is balanced, ``down()`` stops
   exactly what was started; ``join``, ``leave``, ``remove``, ``stop_node`` and ``restart`` change membership
   under a test. Connect with ``shardmq.client.Client(cluster.state.client_endpoints())``.
-- Soon, an in-memory deterministic simulated cluster (``testing/simulation.py``, ``testing/simulate.py``; the
-  model lives in ``rebalance/simulation.py`` today): shardmq's real pure cores around a model of etcd, the nodes
-  and the network, in one process on fake time and repeatable from a seed, for tests that need many faults or
-  exact schedules and cannot afford real processes.
+- ``Sim`` (``testing/simulation.py``): a cluster in one process, every node the real protocol core
+  (``shardmq.protocol.NodeCore``) on a simulated network, etcd and clock; the driver chooses every step (deliver a
+  frame, advance the clock, crash, partition, restart, etcd down...), so a run is repeatable. ``testing/simulate.py``
+  (``python -m shardmq.testing.simulate``) runs a seeded random fault schedule on it and prints what it found.
 
 Rules of this package:
 
@@ -38,6 +38,7 @@ from .cluster import (
     port_free,
     stop_proc,
 )
+from .simulation import Sim, SimConfig
 
 __all__ = [
     "STATE_FILE",
@@ -45,6 +46,8 @@ __all__ = [
     "LocalCluster",
     "Proc",
     "Restarted",
+    "Sim",
+    "SimConfig",
     "etcd_binary",
     "free_port",
     "pid_runs",
