@@ -82,6 +82,8 @@ class NodeCore:
         self._commit_in_flight = False
         self._last_progress_log = 0.0
         self._last_refresh = float("-inf")
+        self._refresh_in_flight = False  # an assignment read is on its way
+        self._refresh_next: list[Callable[[bool], None]] = []  # what waits for the read after it
         self._shard_view_cache: tuple[Assignment | None, dict[str, Any]] | None = None
         self._client_handlers: dict[bytes, Callable[[Session, Frame], None]] = {
             codec.HELLO: self.destination.on_hello,
@@ -351,18 +353,32 @@ class NodeCore:
 
     def refresh_assignment(self, then: Callable[[bool], None], force: bool = False) -> None:
         """Read the assignment from etcd (a peer told us our view is old), at most every 100 ms unless
-        ``force``; ``then(ok)`` once the answer is in (at once when rate-limited)."""
+        ``force``; ``then(ok)`` once the answer is in (at once when rate-limited). Reads are coalesced: while
+        one is on its way, a request waits for the next one (one more read, however many asked), so a burst
+        of refusals costs etcd two reads, not hundreds."""
+        if self._refresh_in_flight:
+            self._refresh_next.append(then)
+            return
         if self.now - self._last_refresh < REFRESH_MIN_INTERVAL and not force:
             then(True)
             return
+        self._read_assignment([then])
+
+    def _read_assignment(self, waiting: list[Callable[[bool], None]]) -> None:
         self._last_refresh = self.now
+        self._refresh_in_flight = True
 
         def done(document: bytes | None, revision: int, ok: bool) -> None:
+            self._refresh_in_flight = False
             if not ok:
                 self.log.warning("etcd_read_failed", what="assignment")
             elif document:
                 self.set_assignment(parse_assignment(document), revision)
-            then(ok)
+            for then in waiting:
+                then(ok)
+            if self._refresh_next and not self._refresh_in_flight:
+                following, self._refresh_next = self._refresh_next, []
+                self._read_assignment(following)
 
         self.effects.read_assignment(done)
 

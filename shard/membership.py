@@ -161,19 +161,31 @@ class EtcdSession(threading.Thread):
         self._wake.set()
 
     def _answer_requests(self, push: zmq.Socket) -> None:
+        """Answer what the loop asked, in order; every read waiting is answered by one read of etcd (a burst of
+        them, e.g. many refusals at once, must not starve the keep-alives of this thread)."""
+        pending: list[tuple[int, str, tuple[Any, ...]]] = []
         while True:
             try:
-                token, kind, args = self._requests.get_nowait()
+                pending.append(self._requests.get_nowait())
             except queue.Empty:
-                return
+                break
+        read: tuple[bool, bytes | None, int | None] | None = None
+        for token, kind, args in pending:
             document: bytes | None = b""
             revision: int | None = None
             ok = True
             try:
                 if kind == "read_assignment":
-                    document, revision = read_assignment(self.client, self._cluster)
+                    if read is None:
+                        try:
+                            read = (True, *read_assignment(self.client, self._cluster))
+                        except Exception as exc:
+                            log.warning("etcd_error", node=self._me.node_id, request=kind, error=str(exc))
+                            read = (False, b"", None)
+                    ok, document, revision = read
                 else:
                     revision = write_assignment(self.client, self._cluster, *args)
+                    read = None  # a later read must see this write
             except Exception as exc:
                 log.warning("etcd_error", node=self._me.node_id, request=kind, error=str(exc))
                 ok = False
@@ -302,7 +314,6 @@ class EtcdSession(threading.Thread):
         try:
             while not self._stopping.is_set():
                 try:
-                    self._answer_requests(push)
                     now = time.monotonic()
                     if self.retiring:
                         self.retire_previous()
@@ -316,6 +327,7 @@ class EtcdSession(threading.Thread):
                         next_refresh = now + self._ttl / KEEPALIVES_PER_TTL
                     if self._registered_as is not None and self._registered_as.leaving != self.leaving:
                         self._put_member()
+                    self._answer_requests(push)  # after the keep-alive: the lease comes first
                     epoch, members = read_members(self.client, self._cluster)
                     document, revision = read_assignment(self.client, self._cluster)
                     snapshot = {
