@@ -319,6 +319,10 @@ class NodeCore:
         had_members = bool(old)
         view.members = members
         view.membership_epoch = membership_epoch
+        if gone:
+            # Cached answers may name a process that is gone: a restarted one under the same id would take (and
+            # acknowledge) forwards for subscribers it never had. Ask the owners again, who drop its routes.
+            self.entry.route_cache.clear()
         for node in gone:
             if node not in same_socket:
                 self.effects.forget_peer(node)

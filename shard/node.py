@@ -295,7 +295,11 @@ class Node:
         now = self.core.now
         while timers and timers[0][0] <= now:
             _, _, fn = heapq.heappop(timers)
-            fn()
+            try:
+                fn()
+            except Exception:  # a bug in one timer must not take the node down (as for a frame, see _drain)
+                self.core.metrics["errors.internal"] += 1
+                self.log.exception("timer_failed")
 
     def run(self) -> None:
         self._open_sockets()
