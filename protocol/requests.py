@@ -37,10 +37,6 @@ class PendingRequests:
     def __contains__(self, rid: object) -> bool:
         return rid in self._open
 
-    def next_id(self) -> int:
-        """An id for something that is not (yet) a request: a frame nobody answers, a request made local."""
-        return next(self._ids)
-
     def open(self, request: Any, requester: Requester, rid: int | None = None) -> int:
         rid = next(self._ids) if rid is None else rid
         self._open[rid] = (request, requester)

@@ -137,10 +137,6 @@ class ClusterView:
         assert self.assignment is not None
         return tuple(sorted(self.members)) if shard == ROOT else self.assignment.owners(shard)
 
-    def holds(self, shard: int) -> bool:
-        a = self.assignment
-        return a is not None and self.me in a.owners(shard)
-
     def registration_unseen(self, sender: str, member_rev: Any) -> bool:
         """The sender registered more recently than our view of it shows (see ``owner``: deferred changes)."""
         member = self.members.get(sender)

@@ -354,15 +354,13 @@ class Sim:
         lease on the way out (``EtcdSession.run``)."""
         if n.crashed:
             return
+        revoke = n.lease_id is not None and self.reaches_etcd(n)  # asked while the process still runs
         n.crashed = True
         n.timers.clear()
         self._end_client_sessions(n.node_id, "stopped")
-        if n.lease_id is not None and self.reaches_etcd_after_stop(n):
+        if revoke:
             self.etcd.revoke(n.lease_id, self.now)
         self.notes.append(f"{self.now}: {n.node_id} stopped")
-
-    def reaches_etcd_after_stop(self, n: SimNode) -> bool:
-        return not n.partitioned and not n.paused and self.etcd_reachable
 
     def leave(self, node_id: str) -> bool:
         """A graceful leave (``shardmq cluster leave``: the LEAVE frame): the node flags itself leaving, the
@@ -526,10 +524,6 @@ class Sim:
             return False
         n.retiring = False
         return True
-
-    def member_view(self) -> dict[str, tuple[int, int]]:
-        """Every member key: (incarnation, create_revision)."""
-        return {m: (lease.incarnation, lease.create_revision) for m, lease in self.etcd.members.items()}
 
     def refresh(self, node_id: str) -> None:
         self.trace.append(f"refresh {node_id}")
