@@ -24,7 +24,6 @@ Rules of this file:
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,11 +52,26 @@ LEAD_TICK = 0.05  # while moves are in flight the leader steps its coordinator t
 REFRESH_MIN_INTERVAL = 0.1  # an assignment read asked for by a peer's answer, at most this often
 
 
-@functools.lru_cache(maxsize=4)
+_PARSED: dict[bytes, Assignment] = {}  # the latest documents, oldest first (Assignment is immutable)
+_PARSED_MAX = 4
+
+
 def parse_assignment(document: bytes) -> Assignment:
-    """One parse per document: views repeat it, and a simulated cluster's nodes share it (Assignment is
-    immutable)."""
-    return Assignment.from_json(document)
+    """One parse per document: views repeat it, a simulated cluster's nodes share it, and a document this
+    process wrote is known without one (``remember_assignment``)."""
+    found = _PARSED.get(document)
+    if found is None:
+        found = Assignment.from_json(document)
+        remember_assignment(document, found)
+    return found
+
+
+def remember_assignment(document: bytes, assignment: Assignment) -> None:
+    """``document`` is ``assignment.to_json()``: at 16,384 shards a parse costs a tenth of a second, and the
+    leader would otherwise parse back every document it commits."""
+    _PARSED[document] = assignment
+    while len(_PARSED) > _PARSED_MAX:
+        del _PARSED[next(iter(_PARSED))]
 
 
 class NodeCore:
@@ -460,7 +474,9 @@ class NodeCore:
                 self._lead_scheduled = True
                 self.effects.call_later(0.0, self._lead_tick)
 
-        self.effects.write_assignment(commit.assignment.to_json(), commit.expected_revision, done)
+        document = commit.assignment.to_json()
+        remember_assignment(document, commit.assignment)
+        self.effects.write_assignment(document, commit.expected_revision, done)
 
     def target_table(self) -> tuple[tuple[str, ...], ...] | None:
         """The balanced placement for the current live (non-leaving) members."""

@@ -8,7 +8,15 @@ Rules of this file:
   hand-off source still streaming it), or its shard epoch is newer than ours (the sender saw a flip we have not
   seen yet). An item at an older shard epoch is not applied: the ROUTE_ACK says so (``stale``) and the sender
   re-sends to the current owners. Relayed items come only from the source of a fill we hold
-  (``HandoffTarget.may_forward``) and are applied whatever their shard epoch.
+  (``HandoffTarget.may_forward``) and are applied whatever their shard epoch. A target that is itself the
+  source of a later hand-off of the shard relays them on, when they changed its table.
+- A relayed addition is acknowledged by each target, and the source confirms the addition to the subscriber's
+  node only once every target filling the shard holds it: a relay queued on a connection that broke (a
+  partition, a target's connection re-made) is gone, and a target that flips to owner without it would have
+  lost a confirmed route. Unacknowledged, it is sent again (what the target still fills and we still hold)
+  up to ``RELAY_ATTEMPTS`` times within one ``request_timeout``, then left unconfirmed; a target that refuses
+  it or left fills nothing, so nothing waits for it. Removals are relayed unacknowledged: a lost one leaves a
+  route to a node that no longer wants the messages, which costs forwards, not messages.
 - Routes are stored even while we are fenced: storing is not answering. If our lease survives we hold the
   route; if not, the survivors do. LOOKUPs are refused while fenced.
 - A route change or a snapshot that names a member registration our view has not shown yet is deferred, with
@@ -42,7 +50,7 @@ from shardmq.router.codec import Frame
 from shardmq.router.route_cache import LookupWatchers
 from shardmq.router.routes import RouteTable
 
-from .records import Invalidation, gate
+from .records import Invalidation, Relay, gate
 from .view import ROOT
 
 if TYPE_CHECKING:
@@ -67,6 +75,7 @@ def epochs_changed(old: Assignment, new: Assignment) -> list[int]:
 # How long an owner waits for INVALIDATE_ACKs, in route-cache ttls: more than one, so that an entry node the
 # INVALIDATE does not reach has dropped the answer on its own before the route is confirmed without it.
 INVALIDATE_WAIT = 2
+RELAY_ATTEMPTS = 3  # sends of a relayed addition after the first, before it is given up (see _relay_due)
 
 
 class OwnerSide:
@@ -137,23 +146,41 @@ class OwnerSide:
         elif h["node"] != sender:
             core.refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
             return
-        stale = self.apply_route_items(frame.type, h["node"], h["routes"], forwarded)
+        stale, relay_id = self.apply_route_items(frame.type, h["node"], h["routes"], forwarded)
         shards = {item[0] for item in h["routes"]}
-        if forwarded or not h["id"]:
+        if not h["id"] or frame.type != codec.ROUTE_ADD:  # a relayed removal waits for nothing
             self.invalidate_caches(shards)
+            if h["id"]:
+                core.effects.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": stale}))
             return
         ack = codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": stale})
 
         def confirm() -> None:
             core.effects.send_peer(sender, ack)
 
-        # An added route is confirmed once no entry node can still publish from an answer without it.
-        if not self.invalidate_caches(shards, confirm if frame.type == codec.ROUTE_ADD else None):
+        if not self.confirm_when_safe(shards, relay_id, confirm):
             confirm()
 
-    def apply_route_items(self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool) -> list[list[int]]:
+    def confirm_when_safe(self, shards: Iterable[int], relay_id: int | None, then: Callable[[], None]) -> bool:
+        """Run ``then`` (confirming added routes) once no entry node can still publish from an answer without them
+        and every hand-off target they were relayed to holds them (``relay_id``); True when there is something to
+        wait for. A relay that was never acknowledged leaves them unconfirmed: the subscriber's node times out and
+        its client is told."""
+        relay = self.core.requests.get(relay_id) if relay_id is not None else None
+        if not isinstance(relay, Relay):
+            return self.invalidate_caches(shards, then)
+        done = gate(2, lambda failures: None if failures else then())
+        relay.callbacks.append(done)
+        if not self.invalidate_caches(shards, lambda: done([])):
+            done([])
+        return True
+
+    def apply_route_items(
+        self, kind: bytes, node: str, items: list[list[Any]], forwarded: bool
+    ) -> tuple[list[list[int]], int | None]:
         """Apply route changes for ``node`` (fencing at the sink, see the rules); returns [shard, our shard
-        epoch] for the items sent with an older one."""
+        epoch] for the items sent with an older one, and the request id of the additions relayed to hand-off
+        targets (None if none)."""
         core = self.core
         change = self.routes.add if kind == codec.ROUTE_ADD else self.routes.remove
         a = core.view.assignment
@@ -169,28 +196,96 @@ class OwnerSide:
             ours = a.epoch(shard) if a is not None else 0
             holds = a is not None and (me in a.owners(shard) or shard in self.source)
             if forwarded or shard_epoch > ours or (shard_epoch == ours and holds):
-                change(shard, filt, node)
+                changed = change(shard, filt, node)
                 targets = self.source.relay_targets(shard)
-                if targets and not forwarded:
+                # A relayed change goes on to the targets of our own stream too (a target that is itself handing
+                # the shard on): only if it changed our table, so relays between two streams cannot circle.
+                if targets and (changed or not forwarded):
                     for target in targets:
                         relay.setdefault(target, []).append(item)
             else:
                 stale.append([shard, ours])
             if shard_epoch > ours:
                 newer_shards.add(shard)
-        if relay:
-            member = core.view.members.get(node)
-            header = {"id": 0, "node": node, "fwd": True, "member_rev": member.revision if member else 0}
-            for target, routes in relay.items():
-                core.metrics["handoff.changes_forwarded"] += len(routes)
-                core.effects.send_peer(target, codec.encode(kind, {**header, "routes": routes}))
+        relay_id = self._relay(kind, node, relay) if relay else None
         if newer_shards:
             core.effects.poll_view()
             # The owners changed and we have not seen how: entry nodes may cache answers of an owner that is gone.
             self.watch_everywhere(newer_shards)
         if stale:
             core.metrics["fencing.stale_route_items"] += len(stale)
-        return stale
+        return stale, relay_id
+
+    # ------------------------------------------------------------------ relays to hand-off targets
+    def _relay(self, kind: bytes, node: str, relay: dict[str, list[list[Any]]]) -> int | None:
+        """Send route changes to the targets filling their shards. Additions wait for every target's ROUTE_ACK
+        (see the rules); removals go unacknowledged. Returns the additions' request id."""
+        core = self.core
+        member = core.view.members.get(node)
+        header: dict[str, Any] = {"id": 0, "node": node, "fwd": True, "member_rev": member.revision if member else 0}
+        for routes in relay.values():
+            core.metrics["handoff.changes_forwarded"] += len(routes)
+        if kind != codec.ROUTE_ADD:
+            for target, routes in relay.items():
+                core.effects.send_peer(target, codec.encode(kind, {**header, "routes": routes}))
+            return None
+        record = Relay(set(relay), header, relay)
+        rid = header["id"] = core.requests.open(record, self)
+        for target, routes in relay.items():
+            if not core.effects.send_peer(target, codec.encode(kind, {**header, "routes": routes})):
+                self._settle_relay(rid, target)  # not a member: it fills nothing any more
+        if rid in core.requests:
+            core.effects.call_later(self._relay_interval(), lambda: self._relay_due(rid))
+        return rid if rid in core.requests else None
+
+    def _relay_interval(self) -> float:
+        # Every attempt and the last wait fit in one request_timeout: the subscriber's node waits no longer.
+        return self.core.cfg.request_timeout / (RELAY_ATTEMPTS + 1)
+
+    def _relay_due(self, rid: int) -> None:
+        """A relay still unacknowledged: send it again to the targets that still fill its shards (a frame queued
+        on a connection that broke is gone), or give up after ``RELAY_ATTEMPTS``."""
+        core = self.core
+        record = core.requests.get(rid)
+        if not isinstance(record, Relay):
+            return
+        if record.attempt >= RELAY_ATTEMPTS:
+            core.metrics["handoff.relay_timeouts"] += 1
+            core.log.warning("relay_timeout", targets=sorted(record.pending), node_of_routes=record.header["node"])
+            record.failures.append("timeout")
+            self._finish_relay(rid)
+            return
+        record.attempt += 1
+        node = record.header["node"]
+        for target in sorted(record.pending):
+            # Only what the target still fills and we still hold: a removal relayed since must not be undone.
+            routes = [
+                item for item in record.sent[target]
+                if target in (self.source.relay_targets(item[0]) or ()) and self.routes.has(item[0], item[2], node)
+            ]  # fmt: skip
+            if not routes:
+                self._settle_relay(rid, target)
+                continue
+            core.metrics["handoff.relays_resent"] += 1
+            if not core.effects.send_peer(target, codec.encode(codec.ROUTE_ADD, {**record.header, "routes": routes})):
+                self._settle_relay(rid, target)
+        if rid in core.requests:
+            core.effects.call_later(self._relay_interval(), lambda: self._relay_due(rid))
+
+    def on_relay_ack(self, sender: str, rid: int) -> None:
+        self._settle_relay(rid, sender)
+
+    def _settle_relay(self, rid: int, node: str) -> None:
+        record = self.core.requests.get(rid)
+        if isinstance(record, Relay):
+            record.pending.discard(node)
+            if not record.pending:
+                self._finish_relay(rid)
+
+    def _finish_relay(self, rid: int) -> None:
+        record = self.core.requests.close(rid)
+        for callback in record.callbacks:
+            callback(record.failures)
 
     # ------------------------------------------------------------------ cached answers
     def watch_everywhere(self, shards: Iterable[int]) -> None:
@@ -262,11 +357,18 @@ class OwnerSide:
             self.core.log.warning("invalidate_timeout", nodes=sorted(inv.pending))
             self._finish_invalidation(iid)
 
+    # A target that refuses a relay, or left, fills nothing: the addition need not wait for it.
     def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
-        self.settle_invalidation(rid, sender)
+        if isinstance(request, Relay):
+            self._settle_relay(rid, sender)
+        else:
+            self.settle_invalidation(rid, sender)
 
     def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
-        self.settle_invalidation(rid, node)
+        if isinstance(request, Relay):
+            self._settle_relay(rid, node)
+        else:
+            self.settle_invalidation(rid, node)
 
     def on_invalidate_ack(self, sender: str, frame: Frame) -> None:
         self.settle_invalidation(frame.header["id"], sender)

@@ -119,6 +119,22 @@ class Waiter:
         return node in self.pending
 
 
+@dataclass(slots=True)
+class Relay:
+    """Route additions a hand-off source relayed to the targets filling their shards (``owner``), waiting for
+    their ROUTE_ACKs: the addition is confirmed to its subscriber's node only once every target holds it."""
+
+    pending: set[str]
+    header: dict[str, Any]  # the relayed frame's header, without ``routes``
+    sent: dict[str, list[list[Any]]]  # target -> [shard, shard_epoch, filter] items
+    callbacks: list[Callable[[list[str]], None]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    attempt: int = 0
+
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending
+
+
 def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """A callback that calls ``on_done`` (with every failure seen) once it has itself been called ``count`` times."""
     failures: list[str] = []

@@ -29,7 +29,7 @@ from shardmq.router.matching import FilterIndex
 from shardmq.router.partition import placement_key
 from shardmq.router.topics import TopicError, validate_topic_filter
 
-from .records import Session, Waiter, gate
+from .records import Relay, Session, Waiter, gate
 from .view import ROOT, MemberInfo
 
 if TYPE_CHECKING:
@@ -182,10 +182,13 @@ class Subscriptions:
         for filt in waiter.filters:
             self.route_add_waiters[filt] = wid
         if local:
-            core.owner.apply_route_items(kind, core.me, local, forwarded=False)
-            # We own some of these shards: entry nodes caching their answers must drop them before we confirm.
-            settle = (lambda: self._settle_waiter(wid, core.me)) if kind == codec.ROUTE_ADD else None
-            if core.owner.invalidate_caches((item[0] for item in local), settle):
+            _, relay_id = core.owner.apply_route_items(kind, core.me, local, forwarded=False)
+            # We own some of these shards: entry nodes caching their answers must drop them, and the targets of
+            # our hand-offs must hold the routes, before we confirm.
+            shards = {item[0] for item in local}
+            if kind != codec.ROUTE_ADD:
+                core.owner.invalidate_caches(shards)
+            elif core.owner.confirm_when_safe(shards, relay_id, lambda: self._settle_waiter(wid, core.me)):
                 waiter.pending.add(core.me)
         if not waiter.pending:
             self._finish_waiter(wid)
@@ -224,6 +227,10 @@ class Subscriptions:
         wid = frame.header["id"]
         stale = frame.header.get("stale")
         waiter = self.core.requests.get(wid)
+        if isinstance(waiter, Relay):  # a hand-off target holds additions the owner side relayed
+            if waiter.waits_on(sender):
+                self.core.owner.on_relay_ack(sender, wid)
+            return
         if not isinstance(waiter, Waiter) or sender not in waiter.pending:
             return  # late, or from a node this request never went to
         if stale is not None and not (isinstance(stale, list) and all(

@@ -51,6 +51,10 @@ class RouteTable:
             del self._shards[shard]
         return True
 
+    def has(self, shard: int, filt: str, node: str) -> bool:
+        index = self._shards.get(shard)
+        return index is not None and node in index.members(filt)
+
     def drop_shard(self, shard: int) -> int:
         """Forget every route of ``shard`` (e.g. after handing it off); return how many."""
         index = self._shards.pop(shard, None)

@@ -602,3 +602,38 @@ def test_short_etcd_outage_fences_without_losing_leases() -> None:
     assert len(sim.etcd.history) == history
     check.resubscribe_all()
     assert not check.route_losses() and not check.publish_misses()
+
+
+def test_relayed_addition_lost_on_a_broken_connection_is_sent_again() -> None:
+    """A hand-off source relays a new route to the target filling the shard; the connection breaks and the relay
+    is gone (seed 231 of the seed sweep: the target was partitioned for 0.7 s). The subscriber is not told it is
+    subscribed until the target holds the route: the source sends the relay again, the target acknowledges it,
+    and after the flip the new owner has the route."""
+    sim = started()
+    check = Checker(sim)
+    new = sim.join()
+    leader = sim.leader_node()
+    assert leader is not None and leader.core.coordinator is not None
+    sim.refresh(leader.node_id)  # the coordinator starts its hand-offs to the newcomer
+    moves = {f.move.shard: f.move for f in leader.core.coordinator.in_flight.values() if new in f.move.add}
+    deliver_kind(sim, codec.HANDOFF)
+    deliver_kind(sim, codec.SNAPSHOT)  # the newcomer is filling; no shard has flipped yet
+    filt, move = next((f, moves[s]) for f in (f"r/{i}" for i in range(200)) if (s := sim.shard_of(f)) in moves)
+    subscriber = next(n for n in sorted(sim.nodes) if n not in (move.source, new))
+    source = sim.nodes[move.source]
+    assert sim.subscribe(subscriber, filt)
+    while (subscriber, move.source) in sim.channels:
+        sim.deliver(subscriber, move.source)  # the ROUTE_ADD reaches the source, which relays it
+    relays = [codec.decode(p) for p in sim.channels.get((move.source, new), ()) if p[0] == codec.ROUTE_ADD]
+    assert any(r.header.get("fwd") and r.header["routes"][0][2] == filt for r in relays)
+    sim.channels.pop((move.source, new))  # the connection broke: what was queued on it is gone
+    sim.drain()
+    assert subscriber not in sim.acked.get(filt, set())  # not confirmed while the target lacks the route
+    sim.tick(sim.cfg.request_timeout / 2)
+    sim.drain()
+    assert source.core.metrics["handoff.relays_resent"] >= 1
+    assert sim.acked.get(filt) == {subscriber}
+    assert sim.has_route(new, sim.shard_of(filt), filt, subscriber)
+    assert sim.settle()
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
