@@ -38,6 +38,11 @@ def cmd_node(args: argparse.Namespace) -> None:
             client_endpoint=args.client_endpoint,
             peer_endpoint=args.peer_endpoint,
             etcd_url=args.etcd,
+            etcd_user=args.etcd_user,
+            etcd_password_file=args.etcd_password_file,
+            etcd_ca_cert=args.etcd_ca_cert,
+            etcd_client_cert=args.etcd_client_cert,
+            etcd_client_key=args.etcd_client_key,
             cluster=args.cluster,
             weight=args.weight,
             shard_count=args.shard_count,
@@ -242,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--id", required=True)
     node.add_argument("--client-endpoint", required=True, help="e.g. tcp://127.0.0.1:7101 (port * = any free)")
     node.add_argument("--peer-endpoint", required=True, help="e.g. tcp://127.0.0.1:7201 (port * = any free)")
-    node.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
+    node.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379 (https://: TLS)")
+    node.add_argument("--etcd-user", default="", help="etcd user to authenticate as (etcd with auth enabled)")
+    node.add_argument("--etcd-password-file", default="", help="file holding that user's password (mode 0600)")
+    node.add_argument("--etcd-ca-cert", default="", help="CA file that signed etcd's TLS certificate")
+    node.add_argument("--etcd-client-cert", default="", help="client certificate, where etcd asks for one")
+    node.add_argument("--etcd-client-key", default="", help="the client certificate's key")
     node.add_argument("--cluster", default="default")
     node.add_argument("--weight", type=int, default=1)
     node.add_argument("--shard-count", type=int, default=DEFAULT_SHARD_COUNT)

@@ -13,13 +13,13 @@ from typing import Any
 from shardmq.client import Client, ShardMQError
 from shardmq.rebalance import plan, summarize
 from shardmq.ring import Assignment, ShardMap
-from shardmq.shard.membership import etcd_client, read_assignment, read_members
+from shardmq.shard.membership import read_assignment, read_members
 from shardmq.testing import LocalCluster
 
 
 def plan_report(lc: LocalCluster) -> dict[str, Any]:
     assert lc.state is not None
-    client = etcd_client(lc.state.etcd_url)
+    client = lc.etcd_client()
     document, revision = read_assignment(client, lc.state.cluster)
     if document is None:
         raise RuntimeError("the cluster has no assignment yet")

@@ -22,7 +22,7 @@ from typing import Any
 
 from shardmq.client import Client, ShardMQError
 from shardmq.ring import Assignment, shard_for_key
-from shardmq.shard.membership import etcd_client, read_assignment
+from shardmq.shard.membership import read_assignment
 from shardmq.testing import LocalCluster
 
 
@@ -85,7 +85,7 @@ def load_routes(endpoints: list[str], count: int) -> Client:
 
 def kill_recovery(lc: LocalCluster, lease_ttl: int) -> None:
     assert lc.state is not None
-    document, _ = read_assignment(etcd_client(lc.state.etcd_url), lc.state.cluster)
+    document, _ = read_assignment(lc.etcd_client(), lc.state.cluster)
     assert document is not None
     a = Assignment.from_json(document)
     victim = "n2"

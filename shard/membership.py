@@ -24,6 +24,12 @@ Rules of this file:
   lease, so it vanishes with that node and the next campaigner takes over.
 - A node stops acting as an owner (self-fences) once two thirds of its lease TTL passed without a successful
   keep-alive, i.e. before the lease can expire and etcd can hand its shards to someone else.
+- Reaching etcd (``EtcdAccess``): a private loopback etcd, or one that spans machines over TLS (``https://``
+  with a CA file, and a client certificate where etcd asks for one) with etcd's own users. etcd's JSON gateway,
+  which etcd3gw speaks, does not take TLS common names as users: the session authenticates with
+  ``/v3/auth/authenticate`` and sends the token on every request, and authenticates again when etcd says a token
+  expired (simple tokens last 300 s). A refused user or password, or an etcd that wants a user and got none, is
+  an ``EtcdAuthError`` naming the flag to fix, raised at the first request, i.e. at start.
 - A process registers under a new ``incarnation``, never as its predecessor: a node id's earlier process (killed
   and restarted by a supervisor, maybe on other ports, maybe before its lease ran out) held routes this one never
   received. Before registering, the session retires it (``retire_previous``): it revokes the lease behind the
@@ -38,7 +44,8 @@ import contextlib
 import queue
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -60,9 +67,97 @@ log = structlog.get_logger("shardmq.membership")
 KEEPALIVES_PER_TTL = 6
 
 
-def etcd_client(url: str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
-    parsed = urlparse(url if "://" in url else f"http://{url}")
-    return etcd3gw.client(host=parsed.hostname or "127.0.0.1", port=parsed.port or 2379, timeout=timeout)
+class EtcdAuthError(RuntimeError):
+    """etcd refused our credentials, or wants some we do not have: a setting to fix, not a failure to wait out."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdAccess:
+    """How to reach etcd: its URL (``https://`` for TLS), the CA that signed its certificate, our client
+    certificate where it asks for one, and the etcd user we authenticate as (empty: etcd runs without users)."""
+
+    url: str
+    user: str = ""
+    password: str = field(default="", repr=False)
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+
+    @classmethod
+    def from_files(
+        cls, url: str, user: str = "", password_file: str = "", ca_cert: str = "", client_cert: str = "",
+        client_key: str = "",
+    ) -> EtcdAccess:
+        """The password is read from a file (mode 0600), never from the command line, where ``ps`` shows it."""
+        try:
+            password = Path(password_file).read_text().strip() if password_file else ""
+        except OSError as exc:
+            raise EtcdAuthError(f"cannot read --etcd-password-file {password_file}: {exc.strerror}") from exc
+        if user and not password:
+            raise EtcdAuthError(f"etcd user {user!r} needs a password: pass --etcd-password-file")
+        return cls(url, user, password, ca_cert, client_cert, client_key)
+
+
+class _TokenSession(requests.Session):
+    """A requests session that carries etcd's auth token, authenticating first and again when it expired."""
+
+    def __init__(self, access: EtcdAccess, base_url: str, timeout: float) -> None:
+        super().__init__()
+        self._access = access
+        self._base_url = base_url
+        self._timeout = timeout
+        self._token_lock = threading.Lock()  # the session thread and the watch thread share it
+        if access.ca_cert:
+            self.verify = access.ca_cert
+        if access.client_cert and access.client_key:
+            self.cert = (access.client_cert, access.client_key)
+
+    def _authenticate(self) -> None:
+        access = self._access
+        response = super().request(
+            "POST", f"{self._base_url}/v3/auth/authenticate", json={"name": access.user, "password": access.password},
+            timeout=self._timeout,
+        )  # fmt: skip
+        if response.status_code != 200:
+            reason = _etcd_error(response)
+            raise EtcdAuthError(f"etcd at {access.url} refused user {access.user!r}: {reason}; check --etcd-user and "
+                                "--etcd-password-file")  # fmt: skip
+        self.headers["Authorization"] = response.json()["token"]
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if self._access.user and "Authorization" not in self.headers:
+            with self._token_lock:
+                if "Authorization" not in self.headers:
+                    self._authenticate()
+        response = super().request(method, url, *args, **kwargs)
+        if response.status_code in (400, 401):
+            reason = _etcd_error(response)
+            if "user name is empty" in reason:
+                raise EtcdAuthError(f"etcd at {self._access.url} has authentication on: pass --etcd-user and "
+                                    "--etcd-password-file")  # fmt: skip
+            if "invalid auth token" in reason and self._access.user:
+                with self._token_lock:
+                    self._authenticate()
+                response = super().request(method, url, *args, **kwargs)
+        return response
+
+
+def _etcd_error(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+def etcd_client(access: EtcdAccess | str, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
+    """An etcd3gw client for ``access`` (a bare URL: no TLS files, no user)."""
+    if isinstance(access, str):
+        access = EtcdAccess(access)
+    parsed = urlparse(access.url if "://" in access.url else f"http://{access.url}")
+    protocol = "https" if parsed.scheme == "https" else "http"
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 2379
+    session = _TokenSession(access, f"{protocol}://{host}:{port}", timeout)
+    return etcd3gw.client(host=host, port=port, protocol=protocol, timeout=timeout, session=session)
 
 
 def cluster_prefix(cluster: str) -> str:
@@ -127,7 +222,7 @@ class EtcdSession(threading.Thread):
     def __init__(
         self,
         ctx: zmq.Context,
-        etcd_url: str,
+        etcd: EtcdAccess | str,
         cluster: str,
         me: MemberInfo,
         notify_endpoint: str,
@@ -146,7 +241,7 @@ class EtcdSession(threading.Thread):
         self._lease: Any = None
         self._registered_as: MemberInfo | None = None
         # Every etcd call is bounded well inside the lease, so a stuck call cannot outlive our ownership.
-        self.client = etcd_client(etcd_url, timeout=max(0.5, lease_ttl / 4))
+        self.client = etcd_client(etcd, timeout=max(0.5, lease_ttl / 4))
         self.lease_valid_until = 0.0
         self.leaving = False
         self.registrations = 0  # more than one: the lease was lost once, and peers dropped our routes
@@ -295,7 +390,8 @@ class EtcdSession(threading.Thread):
         url = self.client.get_url("/watch")
         while not self._stopping.is_set():
             try:
-                with requests.post(url, json=request, stream=True, timeout=(2.0, None)) as response:
+                # The client's session: it carries etcd's TLS files and auth token.
+                with self.client.session.post(url, json=request, stream=True, timeout=(2.0, None)) as response:
                     for line in response.iter_lines():
                         if self._stopping.is_set():
                             return

@@ -40,7 +40,7 @@ from shardmq.protocol import NodeCore, ProtocolConfig, SessionView
 from shardmq.ring import DEFAULT_REPLICATION, DEFAULT_SHARD_COUNT
 from shardmq.router import codec
 
-from .membership import EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
+from .membership import EtcdAccess, EtcdAuthError, EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
 
 log = structlog.get_logger("shardmq.node")
@@ -63,6 +63,12 @@ class NodeConfig:
     peer_endpoint: str
     etcd_url: str
     cluster: str = "default"
+    # etcd beyond loopback: TLS files and an etcd user (membership.EtcdAccess); the password only from a file.
+    etcd_user: str = ""
+    etcd_password_file: str = ""
+    etcd_ca_cert: str = ""
+    etcd_client_cert: str = ""
+    etcd_client_key: str = ""
     weight: int = 1
     shard_count: int = DEFAULT_SHARD_COUNT
     replication: int = DEFAULT_REPLICATION
@@ -88,6 +94,12 @@ class NodeConfig:
     max_inflight: int = 1000
     max_queued: int = 10_000
     max_session_bytes: int = 64 * 1024 * 1024
+
+    def etcd_access(self) -> EtcdAccess:
+        return EtcdAccess.from_files(
+            self.etcd_url, self.etcd_user, self.etcd_password_file, self.etcd_ca_cert, self.etcd_client_cert,
+            self.etcd_client_key,
+        )  # fmt: skip
 
     def protocol_config(self) -> ProtocolConfig:
         return ProtocolConfig(
@@ -304,15 +316,19 @@ class Node:
     def run(self) -> None:
         self._open_sockets()
         try:
-            self.etcd = etcd_client(self.cfg.etcd_url, timeout=max(0.5, self.cfg.lease_ttl / 4))
+            access = self.cfg.etcd_access()
+            self.etcd = etcd_client(access, timeout=max(0.5, self.cfg.lease_ttl / 4))
             self.core.view.settings = ensure_cluster_config(self.etcd, self.cfg.cluster, self.core.view.settings)
+        except EtcdAuthError as exc:  # a setting to fix: say which, and do not look like an outage
+            self.log.error("etcd_auth_failed", etcd=self.cfg.etcd_url, error=str(exc))
+            raise SystemExit(2) from exc
         except Exception as exc:
             self.log.error("etcd_unreachable", etcd=self.cfg.etcd_url, error=str(exc))
             raise SystemExit(2) from exc
         advertised = self.cfg.advertise_peer_endpoint or self.cfg.peer_endpoint
         me = MemberInfo(self.me, self.cfg.client_endpoint, advertised, self.cfg.weight, False, self.incarnation)
         self.session = EtcdSession(
-            self.ctx, self.cfg.etcd_url, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl
+            self.ctx, access, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl
         )
         self.session.start()
         self.running = True

@@ -11,6 +11,9 @@ Rules of this file:
 - Stop is SIGTERM, then SIGKILL after a grace period. Logs go to ``DIR/logs/<name>.log``.
 - Ports are free loopback ports chosen at start (or ``base_port`` upwards), so several clusters and test runs can
   share a machine.
+- The private etcd runs with authentication on: ``up`` makes its root user with a random password, kept in
+  ``DIR/etcd-password`` (mode 0600), and every node is started with ``--etcd-user``/``--etcd-password-file``.
+  Whoever else talks to that etcd (tests, ``rebalance plan``) uses ``etcd_access``/``etcd_client``.
 - ``restart`` starts again, from the recorded command lines, the processes of ``cluster.json`` that no longer run:
   same ids, same flags, same data (etcd's data directory is never wiped on restart) and the previous ports when
   they are free. Processes still running are left alone.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,12 +33,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import orjson
 
 from shardmq.client import Client, ShardMQError
+
+if TYPE_CHECKING:
+    import etcd3gw
+
+    from shardmq.shard.membership import EtcdAccess
+
+ETCD_USER = "root"  # the private etcd's one user (etcd's root role): the cluster's nodes and its operator
 
 STATE_FILE = "cluster.json"
 
@@ -302,6 +313,42 @@ class LocalCluster:
         assert self.state is not None
         return self.state
 
+    # ------------------------------------------------------------------ etcd
+    @property
+    def etcd_password_path(self) -> Path:
+        return self.dir / "etcd-password"
+
+    def etcd_access(self) -> EtcdAccess:
+        """How to reach this cluster's etcd: its URL, and the root user once ``up`` enabled authentication."""
+        from shardmq.shard.membership import EtcdAccess
+
+        assert self.state is not None
+        if self.etcd_password_path.exists():
+            return EtcdAccess.from_files(self.state.etcd_url, ETCD_USER, str(self.etcd_password_path))
+        return EtcdAccess(self.state.etcd_url)
+
+    def etcd_client(self, timeout: float = 5.0) -> etcd3gw.Etcd3Client:
+        from shardmq.shard.membership import etcd_client
+
+        return etcd_client(self.etcd_access(), timeout=timeout)
+
+    def _enable_etcd_auth(self) -> None:
+        """Give the new etcd a root user with a random password (kept in a 0600 file) and turn authentication on:
+        from then on nothing reaches the cluster's keys without that password."""
+        from shardmq.shard.membership import etcd_client
+
+        assert self.state is not None
+        password = secrets.token_urlsafe(24)
+        path = self.etcd_password_path
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        client = etcd_client(self.state.etcd_url, timeout=5.0)
+        client.post(client.get_url("/auth/user/add"), json={"name": ETCD_USER, "password": password})
+        client.post(client.get_url("/auth/user/grant"), json={"user": ETCD_USER, "role": "root"})
+        client.post(client.get_url("/auth/enable"), json={})
+
     def _start_etcd(self, timeout: float) -> bool:
         etcd_port, etcd_peer = self._port(), self._port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -319,11 +366,13 @@ class LocalCluster:
         ]  # fmt: skip
         self.state.etcd = Proc("etcd", self._spawn("etcd", cmd), cmd)
         self.save()
+        self.etcd_password_path.unlink(missing_ok=True)  # a new etcd: the old password means nothing to it
         try:
             self._wait_etcd(timeout)
         except RuntimeError:
             shutil.rmtree(self.dir / "etcd", ignore_errors=True)
             return False
+        self._enable_etcd_auth()
         return True
 
     def start_node(
@@ -354,6 +403,8 @@ class LocalCluster:
             "--etcd", etcd_url or self.state.etcd_url, "--cluster", self.cluster, "--lease-ttl", str(self.lease_ttl),
             "--endpoint-file", str(endpoint_file), "--metrics-port", "0",
         ]  # fmt: skip
+        if self.etcd_password_path.exists():
+            cmd += ["--etcd-user", ETCD_USER, "--etcd-password-file", str(self.etcd_password_path)]
         if self.shard_count:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:
@@ -525,7 +576,7 @@ class LocalCluster:
         assert self.state is not None
         say = progress or (lambda _msg: None)
         wanted = [p.name for p in self.state.nodes]
-        client = etcd_client(self.state.etcd_url, timeout=2.0)
+        client = etcd_client(self.etcd_access(), timeout=2.0)
         started = time.monotonic()
         deadline = started + timeout
         last_report, last_missing = 0.0, ""
@@ -568,7 +619,7 @@ class LocalCluster:
         from shardmq.shard.membership import etcd_client
 
         assert self.state is not None
-        client = etcd_client(self.state.etcd_url, timeout=1.0)
+        client = etcd_client(self.etcd_access(), timeout=1.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -634,7 +685,7 @@ class LocalCluster:
 
         assert self.state is not None
         proc = self._node(node_id)
-        etcd_client(self.state.etcd_url).delete(cluster_prefix(self.state.cluster) + f"members/{node_id}")
+        etcd_client(self.etcd_access()).delete(cluster_prefix(self.state.cluster) + f"members/{node_id}")
         deadline = time.monotonic() + 10
         while pid_runs(proc) and time.monotonic() < deadline:  # it notices its key is gone and exits
             time.sleep(0.1)

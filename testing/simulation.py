@@ -357,6 +357,7 @@ class Sim:
         revoke = n.lease_id is not None and self.reaches_etcd(n)  # asked while the process still runs
         n.crashed = True
         n.timers.clear()
+        self._drop_channels(n.node_id)  # frames on their way to or from an exited process are gone
         self._end_client_sessions(n.node_id, "stopped")
         if revoke:
             self.etcd.revoke(n.lease_id, self.now)

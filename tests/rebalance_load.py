@@ -13,13 +13,13 @@ from collections import Counter
 
 from shardmq.client import Client, ShardMQError
 from shardmq.ring import Assignment, shard_for_key
-from shardmq.shard.membership import etcd_client, read_assignment
+from shardmq.shard.membership import read_assignment
 from shardmq.testing import LocalCluster
 
 
 def current_assignment(lc: LocalCluster) -> Assignment:
     assert lc.state is not None
-    document, _ = read_assignment(etcd_client(lc.state.etcd_url), lc.state.cluster)
+    document, _ = read_assignment(lc.etcd_client(), lc.state.cluster)
     assert document is not None
     return Assignment.from_json(document)
 

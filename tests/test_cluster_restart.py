@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from shardmq.client import Client, ShardMQError
-from shardmq.shard.membership import cluster_prefix, etcd_client, read_assignment, read_members
+from shardmq.shard.membership import cluster_prefix, read_assignment, read_members
 from shardmq.testing import LocalCluster, Proc, pid_runs
 
 LEASE_TTL = 2
@@ -101,7 +101,7 @@ def test_restart_brings_back_a_killed_etcd_with_its_data(lc: LocalCluster) -> No
     assert lc.state is not None and lc.state.etcd is not None
     url, cluster = lc.state.etcd_url, lc.state.cluster
     nodes_before = {p.name: p.pid for p in lc.state.nodes}
-    client = etcd_client(url)
+    client = lc.etcd_client()
     config_before = client.get(cluster_prefix(cluster) + "config")
     document_before, revision_before = read_assignment(client, cluster)
     assert config_before and document_before is not None
@@ -125,7 +125,7 @@ def test_restart_brings_back_a_killed_etcd_with_its_data(lc: LocalCluster) -> No
     assert any(m.startswith("cluster ready") for m in messages), messages
     assert LocalCluster.load(lc.dir).state == lc.state  # what it did is in the state file
 
-    client = etcd_client(lc.state.etcd_url)
+    client = lc.etcd_client()
     assert client.get(marker) == [b"kept"]
     assert client.get(cluster_prefix(cluster) + "config") == config_before
     document_after, revision_after = read_assignment(client, cluster)
@@ -180,7 +180,7 @@ def test_restart_brings_back_a_killed_node_with_its_id_flags_and_ports(lc: Local
     assert new.cmd[new.cmd.index("--log-level") + 1] == "warning"
     assert LocalCluster.load(lc.dir).state == lc.state
 
-    assert sorted(read_members(etcd_client(lc.state.etcd_url), lc.state.cluster)[1]) == NODES
+    assert sorted(read_members(lc.etcd_client(), lc.state.cluster)[1]) == NODES
     st = status(new.client_endpoint)
     assert st["node"] == "n3" and st["members"] == NODES and not st["fenced"]
     eps = {p.name: p.client_endpoint for p in lc.state.nodes}

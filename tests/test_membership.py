@@ -14,7 +14,7 @@ import orjson
 import pytest
 import zmq
 
-from shardmq.shard.membership import EtcdSession, MemberInfo, cluster_prefix, etcd_client
+from shardmq.shard.membership import EtcdSession, MemberInfo, cluster_prefix
 from shardmq.testing import LocalCluster
 
 
@@ -29,7 +29,7 @@ def session_pair(cluster: LocalCluster) -> Iterator[tuple[EtcdSession, zmq.Socke
     endpoint = f"inproc://snapshots-{name}"
     pull.bind(endpoint)
     me = MemberInfo("w1", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
-    session = EtcdSession(ctx, cluster.state.etcd_url, name, me, endpoint, lease_ttl=30, poll_interval=30.0)
+    session = EtcdSession(ctx, cluster.etcd_access(), name, me, endpoint, lease_ttl=30, poll_interval=30.0)
     session.start()
     try:
         yield session, pull, name
@@ -37,7 +37,7 @@ def session_pair(cluster: LocalCluster) -> Iterator[tuple[EtcdSession, zmq.Socke
         session.stop()
         session.join(timeout=5)
         pull.close(linger=0)
-        etcd_client(cluster.state.etcd_url).delete_prefix(cluster_prefix(name))
+        cluster.etcd_client().delete_prefix(cluster_prefix(name))
 
 
 def next_snapshot(pull: zmq.Socket, timeout: float) -> dict | None:
@@ -56,7 +56,7 @@ def test_a_member_joining_is_seen_through_the_watch_not_the_periodic_read(cluste
     while next_snapshot(pull, 0.5) is not None:  # the leader campaign may push one more view
         pass
     other = MemberInfo("w2", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
-    client = etcd_client(cluster.state.etcd_url)
+    client = cluster.etcd_client()
     started = time.monotonic()
     client.put(cluster_prefix(name) + "members/w2", orjson.dumps(other.to_dict()))
     seen = next_snapshot(pull, 12)
