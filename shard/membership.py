@@ -107,14 +107,18 @@ class _TokenSession(requests.Session):
         self._base_url = base_url
         self._timeout = timeout
         self._token_lock = threading.Lock()  # the session thread and the watch thread share it
-        if access.ca_cert:
-            self.verify = access.ca_cert
         if access.client_cert and access.client_key:
             self.cert = (access.client_cert, access.client_key)
 
+    def _send(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if self._access.ca_cert:
+            # Per request: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's ``verify``.
+            kwargs.setdefault("verify", self._access.ca_cert)
+        return super().request(method, url, *args, **kwargs)
+
     def _authenticate(self) -> None:
         access = self._access
-        response = super().request(
+        response = self._send(
             "POST", f"{self._base_url}/v3/auth/authenticate", json={"name": access.user, "password": access.password},
             timeout=self._timeout,
         )  # fmt: skip
@@ -129,7 +133,7 @@ class _TokenSession(requests.Session):
             with self._token_lock:
                 if "Authorization" not in self.headers:
                     self._authenticate()
-        response = super().request(method, url, *args, **kwargs)
+        response = self._send(method, url, *args, **kwargs)
         if response.status_code in (400, 401):
             reason = _etcd_error(response)
             if "user name is empty" in reason:
@@ -138,7 +142,7 @@ class _TokenSession(requests.Session):
             if "invalid auth token" in reason and self._access.user:
                 with self._token_lock:
                     self._authenticate()
-                response = super().request(method, url, *args, **kwargs)
+                response = self._send(method, url, *args, **kwargs)
         return response
 
 

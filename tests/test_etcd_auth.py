@@ -7,9 +7,11 @@ started with wrong settings, each bounded by a timeout and reaped by the test.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,75 @@ def test_a_missing_password_file_stops_the_node_at_start(cluster: LocalCluster, 
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "cannot read --etcd-password-file" in out
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _make_certs(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem",
+             "-days", "1", "-subj", "/CN=shardmq-test-ca", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=d)  # fmt: skip
+
+
+@pytest.fixture
+def tls_etcd(tmp_path: Path):
+    """A real etcd on 127.0.0.1 that speaks only TLS and wants a client certificate signed by our CA."""
+    from shardmq.testing.cluster import etcd_binary, free_port
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make the test's certificates")
+    _make_certs(tmp_path)
+    port, peer = free_port(), free_port()
+    url = f"https://127.0.0.1:{port}"
+    cmd = [
+        etcd_binary(), "--name", "tls", "--data-dir", str(tmp_path / "data"),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-cluster", f"tls=http://127.0.0.1:{peer}",
+        "--cert-file", str(tmp_path / "server.pem"), "--key-file", str(tmp_path / "server-key.pem"),
+        "--client-cert-auth", "--trusted-ca-file", str(tmp_path / "ca.pem"), "--log-level", "warn",
+    ]  # fmt: skip
+    with open(tmp_path / "etcd.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        access = EtcdAccess(url, ca_cert=str(tmp_path / "ca.pem"), client_cert=str(tmp_path / "client.pem"),
+                            client_key=str(tmp_path / "client-key.pem"))  # fmt: skip
+        client = etcd_client(access, timeout=2.0)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.status()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield access
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_tls_with_a_client_certificate(tls_etcd: EtcdAccess) -> None:
+    client = etcd_client(tls_etcd, timeout=2.0)
+    client.put("/shardmq/tls/key", "value")
+    assert client.get("/shardmq/tls/key") == [b"value"]
+    no_client_cert = etcd_client(EtcdAccess(tls_etcd.url, ca_cert=tls_etcd.ca_cert), timeout=2.0)
+    with pytest.raises(Exception):  # noqa: B017 - the TLS handshake fails; requests names it several ways
+        no_client_cert.get("/shardmq/tls/key")
+    unverified = etcd_client(EtcdAccess(tls_etcd.url), timeout=2.0)  # no CA: the server's certificate is unknown
+    with pytest.raises(Exception):  # noqa: B017
+        unverified.get("/shardmq/tls/key")
