@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -571,3 +572,15 @@ def test_every_flavour_drives_the_same_core() -> None:
         client = cls("tcp://127.0.0.1:1", connect=False)
         assert type(client._core) is ClientCore
     assert type(AsyncClient("tcp://127.0.0.1:1")._core) is ClientCore
+
+
+@pytest.mark.timeout(60)
+def test_the_sdk_docs_asyncio_example_runs(endpoints: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "SDK.md").read_text()
+    section = doc.split("## asyncio (`AsyncClient`)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "sdk_example"}  # not __main__: the session's cluster, not its own
+    exec(compile(code, "docs/SDK.md", "exec"), namespace)
+    asyncio.run(namespace["main"](endpoints))
+    printed = capsys.readouterr().out
+    assert printed.strip() == str(sorted([b"qos 0", *(b"order %d" % n for n in range(10))]))
