@@ -1,6 +1,16 @@
-"""The shardmq client SDK (blocking flavour; ``shardmq.client.green`` is the gevent one).
+"""The shardmq client SDK (blocking flavour; ``shardmq.client.green`` is the gevent one, ``shardmq.client.aio``
+the asyncio one).
 
-Rules of this file:
+The rules below are the SDK's, for every flavour. The protocol that implements them (state, frames, and each
+call's control flow: failover, recovery, resending) is ``core.ClientCore``, shared by all flavours and free of
+I/O. Rules of this file, a shell around it:
+- It owns the socket, its zmq monitor, the clock, the lock, the flusher thread and the waiting: ``_run`` drives a
+  step of the core, blocking on each effect it yields (``Send``, ``Recv``, ``NOW``, ``Open``, ``CLOSE``). It holds
+  no protocol state of its own and decides nothing the core decides; what it adds is when and where to block.
+- Hot paths (a QoS 0 publish, a flush while connected, a message already in the inbox) use the core's plain
+  methods without a generator.
+
+The SDK's rules:
 - One DEALER socket to one node at a time. Any node can serve any topic, so the endpoint list is a failover
   list: when a node does not answer within ``timeout`` (or answers ``fenced``: it lost etcd) the client moves to
   the next endpoint, subscribes again to everything it had (clean-session semantics: the application does
@@ -28,7 +38,7 @@ Rules of this file:
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
   without a round trip.
 - QoS 0 publishes are batched when they queue up, without a timer at low load: ``publish(qos=0)`` appends to
-  ``_pending`` and returns; the caller's own thread sends the pending list when it reaches ``max_batch`` messages
+  the pending list and returns; the caller's own thread sends the pending list when it reaches ``max_batch`` messages
   or its oldest message is ``linger`` seconds old (checked with ``time.monotonic()`` on each publish). A flush is
   one PUBS frame (a lone message goes as the plain PUB it always was), split so that no frame carries more than
   the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. Consecutive QoS 0
