@@ -380,6 +380,12 @@ class ClientCore:
                     raise
                 failures.append(f"{endpoint} ({exc.code})")
                 continue
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled or interrupted before the node welcomed us: this socket has no session, so the
+                    # next call connects again instead of using it.
+                    self.connected = False
+                raise
             return
         yield from self._close()
         raise ShardMQError(codec.E_UNAVAILABLE, f"no node answered within {self.timeout}s: {', '.join(failures)}")
@@ -446,20 +452,25 @@ class ClientCore:
     def recover(self) -> Steps[None]:
         """Say HELLO again on a connection zmq re-made, or move to the next node after SESSION_END."""
         kind, self.recovery = self.recovery, None
-        if kind == "hello" and self.endpoint is not None:
-            deadline = (yield NOW) + self.timeout
-            while True:
-                try:
-                    reply = yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME)
-                    yield from self.welcomed(reply, self.endpoint)
-                    return
-                except TimeoutError:
-                    if self.recovery != "hello" or (yield NOW) >= deadline:
+        try:
+            if kind == "hello" and self.endpoint is not None:
+                deadline = (yield NOW) + self.timeout
+                while True:
+                    try:
+                        reply = yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME)
+                        yield from self.welcomed(reply, self.endpoint)
+                        return
+                    except TimeoutError:
+                        if self.recovery != "hello" or (yield NOW) >= deadline:
+                            break
+                        self.recovery = None  # zmq re-made the connection once more while we waited: HELLO again
+                    except ShardMQError:
                         break
-                    self.recovery = None  # zmq re-made the connection once more while we waited: HELLO again
-                except ShardMQError:
-                    break
-        yield from self.failover()
+            yield from self.failover()
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and self.recovery is None:
+                self.recovery = kind  # cancelled or interrupted half-way: the next call recovers again
+            raise
 
     def move_on(self) -> Steps[None]:
         """The node stayed silent: recover if the connection was re-made meanwhile, else fail over."""

@@ -435,6 +435,32 @@ def test_a_node_that_does_not_answer_never_blocks_the_loop() -> None:
     assert max_gap < 0.15, f"the event loop stalled for {max_gap * 1000:.0f} ms"
 
 
+@pytest.mark.timeout(30)
+def test_a_cancelled_call_leaves_the_client_usable(endpoints: list[str]) -> None:
+    """Cancelled while it waits for a silent node's WELCOME, the client does not keep that half-made connection:
+    the next call connects to the next endpoint."""
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    topic = f"aio/{unique()}/cancel"
+
+    async def main() -> None:
+        c = AsyncClient([f"tcp://127.0.0.1:{port}", endpoints[0]], timeout=2.0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await c.subscribe(topic, qos=1)
+        await c.subscribe(topic, qos=1)
+        assert c.endpoint == endpoints[0]
+        await c.publish(topic, b"after", qos=1)
+        msg = await c.receive(timeout=5.0)
+        assert msg is not None and msg.payload == b"after"
+        await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close(linger=0)
+
+
 @pytest.mark.timeout(60)
 def test_lone_publish_leaves_without_another_call(endpoints: list[str]) -> None:
     topic = f"aio/{unique()}/lone"
