@@ -101,11 +101,11 @@ class AsyncClient(CoreView):
             try:
                 if effect is NOW:
                     value = loop.time()
-                elif type(effect) is Recv:
+                elif isinstance(effect, Recv):
                     value = await self._recv(effect.timeout, effect.yieldable)
-                elif type(effect) is Send:
+                elif isinstance(effect, Send):
                     await self._send(effect.parts)
-                elif type(effect) is Open:
+                elif isinstance(effect, Open):
                     self._open(effect.endpoint)
                 elif effect is CLOSE:
                     self._close_socket()
