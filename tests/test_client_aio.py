@@ -610,3 +610,19 @@ def test_the_sdk_docs_asyncio_example_runs(endpoints: list[str], capsys: pytest.
     asyncio.run(namespace["main"](endpoints))
     printed = capsys.readouterr().out
     assert printed.strip() == str(sorted([b"qos 0", *(b"order %d" % n for n in range(10))]))
+
+
+def test_the_core_imports_no_io() -> None:
+    """The core's rule, checked: nothing that could read a clock, touch a socket or start a thread."""
+    import ast
+
+    import shardmq.client.core as core_module
+
+    tree = ast.parse(Path(core_module.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not imported & {"zmq", "time", "threading", "asyncio", "socket", "select", "gevent", "selectors"}
