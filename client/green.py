@@ -1,6 +1,8 @@
 """The gevent flavour of the SDK, for locust and other gevent programs.
 
 Rules of this file:
+- Only the zmq module and the batching defaults differ from ``Client``: the protocol is the shared
+  ``core.ClientCore`` and the shell is ``Client``'s, so every fix to either reaches this flavour unchanged.
 - Built on ``zmq.green``: plain ``zmq`` blocks the whole gevent hub while it waits.
 - ``RCVTIMEO`` is silently ignored under ``zmq.green``, so the SDK never relies on it: every wait is a
   ``poll`` with a timeout, which ``zmq.green`` makes cooperative, and callers that need a hard bound wrap a call

@@ -1,0 +1,628 @@
+"""The asyncio flavour (``AsyncClient``) and the sans-I/O core every flavour shares.
+
+The core tests drive ``ClientCore`` steps with a simulated node and a simulated clock (``Sim``): no sockets, no
+waiting, a silent node costs no real time. The AsyncClient tests use real node processes on 127.0.0.1: the
+session's 3-node cluster (``endpoints``), and a cluster of this module's own for the test that kills a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardmq.client import Client, Message, ShardMQError
+from shardmq.client.aio import AsyncClient
+from shardmq.client.core import (
+    BULK_CHUNK,
+    CLOSE,
+    DACK_BATCH,
+    NOW,
+    OVERLOAD_BACKOFF,
+    OVERLOAD_BACKOFF_MAX,
+    YIELDED,
+    Backoff,
+    ClientCore,
+    Open,
+    Recv,
+    Send,
+    Steps,
+)
+from shardmq.router import codec
+from shardmq.testing import LocalCluster, pid_runs
+
+# ---------------------------------------------------------------------------------------------- core: simulated
+
+
+class Sim:
+    """Drives core steps against simulated nodes: ``live`` endpoints answer like a node, the others never do; a
+    Recv with nothing to read advances the simulated clock by its whole timeout."""
+
+    def __init__(self, core: ClientCore, live: set[str], max_payload: int = codec.DEFAULT_MAX_PAYLOAD) -> None:
+        self.core = core
+        self.live = live
+        self.max_payload = max_payload
+        self.now = 100.0
+        self.endpoint: str | None = None
+        self.sessions: dict[str, set[str]] = {}  # endpoint -> clients it has a session for
+        self.sent: list[tuple[str | None, codec.Frame]] = []
+        self.replies: deque[list[bytes]] = deque()
+
+    def run(self, steps: Steps[Any]) -> Any:
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                effect = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value = error = None
+            if effect is NOW:
+                value = self.now
+            elif isinstance(effect, Open):
+                self.endpoint = effect.endpoint
+                self.replies.clear()
+            elif effect is CLOSE:
+                self.endpoint = None
+                self.core.socket_closed()
+            elif isinstance(effect, Send):
+                self._answer(codec.decode(effect.parts, max_payload=1 << 62))
+            elif isinstance(effect, Recv):
+                if self.replies:
+                    value = self.core.decode(self.replies.popleft(), self.now)
+                else:
+                    self.now += effect.timeout
+            else:
+                raise AssertionError(f"unknown effect {effect!r}")
+
+    def _answer(self, frame: codec.Frame) -> None:
+        self.sent.append((self.endpoint, frame))
+        if self.endpoint not in self.live:
+            return
+        h, rid = frame.header, frame.header.get("id")
+        node = self.endpoint.rsplit("/", 1)[-1] if self.endpoint else "?"
+        if frame.type == codec.HELLO:
+            present = h["client"] in self.sessions.setdefault(self.endpoint, set())
+            self.sessions[self.endpoint].add(h["client"])
+            reply = {"id": rid, "node": node, "session_present": present, "max_payload": self.max_payload}
+            self.replies.append(codec.encode(codec.WELCOME, reply))
+        elif frame.type == codec.SUB:
+            self.replies.append(codec.encode(codec.SUBACK, {"id": rid, "results": [h["qos"]] * len(h["filters"])}))
+        elif frame.type == codec.PING:
+            self.replies.append(codec.encode(codec.PONG, {"id": rid}))
+        elif frame.type == codec.PUB and h["qos"] == 1:
+            self.replies.append(codec.encode(codec.PUBACK, {"ids": [rid]}))
+
+    def types(self, endpoint: str) -> list[bytes]:
+        return [f.type for ep, f in self.sent if ep == endpoint]
+
+
+def make_core(endpoints: list[str], timeout: float = 2.0, **kwargs: Any) -> ClientCore:
+    return ClientCore(endpoints, kwargs.pop("client_id", "c1"), timeout, kwargs.pop("max_batch", 128), 0.0005)
+
+
+def test_core_connects_past_a_silent_node_in_simulated_time() -> None:
+    core = make_core(["tcp://dead/n0", "tcp://live/n1"])
+    sim = Sim(core, live={"tcp://live/n1"})
+    sim.run(core.connect())
+    assert (core.node, core.endpoint, core.connected) == ("n1", "tcp://live/n1", True)
+    assert sim.now == 102.0  # one whole timeout on the silent node, and not a real second
+    assert sim.types("tcp://dead/n0") == [codec.HELLO]
+
+
+def test_core_fails_over_resubscribes_reports_the_gap_and_resends() -> None:
+    core = make_core(["tcp://a/n1", "tcp://b/n2", "tcp://c/n3"])
+    sim = Sim(core, live={"tcp://a/n1", "tcp://b/n2", "tcp://c/n3"})
+    sim.run(core.connect())
+    sim.run(core.subscribe_many(["x/#"], 1, BULK_CHUNK, None))
+    sim.live.discard("tcp://a/n1")  # the node dies: it reads nothing and answers nothing
+    sim.run(core.publish_acked("x/y", b"m"))  # silent: fail over, subscribe again, send it again
+    assert core.node == "n2" and core.failovers == 1 and core.interruptions == 1
+    types = sim.types("tcp://b/n2")
+    assert types == [codec.HELLO, codec.SUB, codec.PUB]
+    [sub] = [f for ep, f in sim.sent if ep == "tcp://b/n2" and f.type == codec.SUB]
+    assert sub.header["filters"] == ["x/#"] and sub.header["qos"] == 1
+    with pytest.raises(ShardMQError) as err:
+        core.take_message()
+    assert err.value.code == codec.E_INTERRUPTED and "did not have this client's session" in err.value.reason
+
+
+def test_core_resumes_a_session_only_on_the_node_that_holds_it() -> None:
+    core = make_core(["tcp://a/n1"])
+    sim = Sim(core, live={"tcp://a/n1"})
+    sim.run(core.connect())
+    sim.run(core.subscribe_many(["s/+"], 0, BULK_CHUNK, None))
+    core.connection_broken()  # zmq re-made the connection: HELLO again; the node still has our session
+    sim.run(core.prepare())
+    assert core.interruptions == 0 and sim.types("tcp://a/n1")[-1] == codec.HELLO
+    assert core.welcome({"node": "n9", "session_present": True}, "tcp://z/n9", sim.now) == [
+        {"filters": ["s/+"], "qos": 0}
+    ]  # another node's old session of ours may lack subscriptions: subscribe again
+    assert core.interruptions == 1
+
+
+def test_resubscribe_plan_groups_by_qos_and_chunks() -> None:
+    core = make_core(["tcp://a/n1"])
+    core.subscriptions = {f"f/{i}": i % 2 for i in range(2 * BULK_CHUNK + 3)}
+    plan = core.resubscribe_plan()
+    assert sorted((h["qos"], len(h["filters"])) for h in plan) == [(0, 2), (0, BULK_CHUNK), (1, 1), (1, BULK_CHUNK)]
+    assert sorted(f for h in plan for f in h["filters"]) == sorted(core.subscriptions)
+    assert all(core.subscriptions[f] == h["qos"] for h in plan for f in h["filters"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.sampled_from(["a", "b/c", "d/e/f"]), st.integers(0, 120)), max_size=60),
+    max_payload=st.integers(1, 300),
+    qos=st.sampled_from([0, 1]),
+)
+def test_publish_frames_never_exceed_max_payload_and_keep_order(
+    sizes: list[tuple[str, int]], max_payload: int, qos: int
+) -> None:
+    core = make_core(["tcp://a/n1"])
+    core.max_payload = max_payload
+    messages = [(topic, bytes([i % 256]) * n) for i, (topic, n) in enumerate(sizes)]
+    refs: list[int | None] = list(range(1, len(messages) + 1)) if qos else [None] * len(messages)
+    got: list[tuple[str, bytes]] = []
+    got_refs: list[int | None] = []
+    for parts in core.publish_frames(messages, qos, refs):
+        frame = codec.decode(parts, max_payload=1 << 62)
+        if frame.type == codec.PUB:
+            got.append((frame.header["topic"], frame.payload))
+            got_refs.append(frame.header.get("id"))
+        else:
+            assert frame.type == codec.PUBS
+            assert len(frame.payload) <= max_payload  # a message larger than the limit only ever goes alone
+            for item, payload in codec.split_batch(frame):
+                got.append((item[0], payload))
+                got_refs.append(item[2])
+    assert got == messages
+    assert got_refs == refs
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from([codec.SUBACK, codec.PUBACK, codec.PONG, codec.ERROR, codec.WELCOME]),
+    rid=st.integers(1, 20),
+    other=st.integers(1, 20),
+    batch=st.booleans(),
+)
+def test_replies_match_only_their_request(kind: bytes, rid: int, other: int, batch: bool) -> None:
+    # Frames as the codec hands them over (the shapes it checks are not what this test is about).
+    if kind == codec.ERROR:
+        frame = codec.Frame(kind, {"code": codec.E_FENCED, "reason": "no", "ref": other})
+    elif batch:
+        frame = codec.Frame(kind, {"ids": [other, other + 1]})
+    else:
+        frame = codec.Frame(kind, {"id": other})
+    answers = other == rid or (batch and kind != codec.ERROR and other + 1 == rid)
+    if kind == codec.ERROR and answers:
+        with pytest.raises(ShardMQError) as err:
+            ClientCore.match_reply(frame, rid, codec.SUBACK)
+        assert err.value.code == codec.E_FENCED
+    elif kind == codec.SUBACK and answers:
+        assert ClientCore.match_reply(frame, rid, codec.SUBACK) is frame.header
+    else:
+        assert ClientCore.match_reply(frame, rid, codec.SUBACK) is None
+
+
+def test_dacks_are_sent_when_the_inbox_empties_or_a_batch_is_due() -> None:
+    core = make_core(["tcp://a/n1"])
+    core.connected = True
+    n = DACK_BATCH + 10
+    for mid in range(n):
+        core.handle_unsolicited(codec.decode(codec.encode(codec.MSG, {"topic": "t", "qos": 1, "mid": mid}, b"x")))
+    acked: list[list[int]] = []
+    for _ in range(n):
+        message, dack = core.take_message()
+        assert message is not None and message.qos == 1
+        if dack is not None:
+            acked.append(codec.decode(dack).header["mids"])
+    assert [len(a) for a in acked] == [DACK_BATCH, 10]
+    assert [m for a in acked for m in a] == list(range(n))
+    assert core.take_message() == (None, None)
+
+
+def test_a_gap_is_raised_after_the_messages_before_it() -> None:
+    core = make_core(["tcp://a/n1"])
+    core.subscriptions["t"] = 0
+    core.handle_unsolicited(codec.decode(codec.encode(codec.MSG, {"topic": "t", "qos": 0}, b"before")))
+    core.handle_unsolicited(codec.decode(codec.encode(codec.SESSION_END, {"code": "shutdown", "reason": "bye"})))
+    assert core.recovery == "failover" and core.interruptions == 1
+    message, _ = core.take_message()
+    assert message == Message("t", b"before", 0, False)
+    with pytest.raises(ShardMQError) as err:
+        core.take_message()
+    assert err.value.code == codec.E_INTERRUPTED
+
+
+def test_backoff_doubles_up_to_its_cap_and_stops_at_the_deadline() -> None:
+    backoff = Backoff(0.0, 1.0)
+    pauses = []
+    now = 0.0
+    while (pause := backoff.next(now)) is not None:
+        pauses.append(pause)
+        now += pause
+    assert pauses[0] == OVERLOAD_BACKOFF and max(pauses) == OVERLOAD_BACKOFF_MAX
+    assert all(b == min(2 * a, OVERLOAD_BACKOFF_MAX) for a, b in zip(pauses, pauses[1:], strict=False))
+    assert now <= 1.0 < now + min(2 * pauses[-1], OVERLOAD_BACKOFF_MAX)
+
+
+def test_pending_publishes_flush_at_max_batch_and_on_linger() -> None:
+    core = ClientCore(["tcp://a/n1"], "c1", 1.0, 3, 0.5)
+    assert [core.add_pending("t", b"x", 0.0) for _ in range(3)] == [1, 0, 2]  # first, queued, flush (max_batch)
+    frames, count = core.take_pending()
+    assert count == 3 and len(frames) == 1 and core.pending == []
+    assert core.add_pending("t", b"y", 10.0) == 1
+    assert core.add_pending("t", b"z", 10.6) == 2  # the oldest is older than linger
+
+
+def test_a_yielded_receive_wait_returns_early() -> None:
+    core = make_core(["tcp://a/n1"])
+    core.connected = True
+    steps = core.wait_for_message(None)
+    assert next(steps) is NOW
+    effect = steps.send(0.0)
+    assert isinstance(effect, Recv) and effect.yieldable
+    with pytest.raises(StopIteration):
+        steps.send(YIELDED)
+
+
+# ---------------------------------------------------------------------------------------------- AsyncClient
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def rotate(endpoints: list[str], index: int) -> list[str]:
+    return endpoints[index:] + endpoints[:index]
+
+
+async def collect(client: AsyncClient, n: int, timeout: float = 20.0, quiet: float = 2.0) -> list[Message]:
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline and (msg := await client.receive(timeout=quiet)):
+        got.append(msg)
+    return got
+
+
+class Ticker:
+    """A task that ticks every ``period`` seconds and records the longest gap between ticks: the event loop was
+    blocked for about that long at most."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.max_gap = 0.0
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.period)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            self.ticks += 1
+            last = now
+
+    def __enter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+@pytest.mark.timeout(60)
+def test_qos0_and_qos1_messages_all_arrive(endpoints: list[str]) -> None:
+    topic = f"aio/{unique()}"
+
+    async def main() -> None:
+        async with AsyncClient(rotate(endpoints, 1)) as sub, AsyncClient(rotate(endpoints, 0)) as pub:
+            assert sub.node != pub.node
+            await sub.subscribe(f"{topic}/#", qos=1)
+            await sub.subscribe_many([f"{topic}/0"], qos=0)  # a second filter: still one copy (the highest qos)
+            for i in range(200):
+                await pub.publish(f"{topic}/0", f"q0-{i}")
+            for i in range(100):
+                await pub.publish(f"{topic}/1", f"q1-{i}", qos=1)
+            assert await pub.publish_many([(f"{topic}/1", f"m-{i}") for i in range(50)], qos=1) == 50
+            got = await collect(sub, 350)
+            assert [m.payload for m in got if m.topic.endswith("/0")] == [f"q0-{i}".encode() for i in range(200)]
+            assert [m.payload for m in got if m.topic.endswith("/1")] == [
+                *(f"q1-{i}".encode() for i in range(100)),
+                *(f"m-{i}".encode() for i in range(50)),
+            ]
+            assert {m.qos for m in got if m.topic.endswith("/1")} == {1}
+            status = await sub.status()
+            assert status["members"] == sorted(status["members"]) and sub.node in status["members"]
+            await sub.unsubscribe(f"{topic}/#", f"{topic}/0")
+            assert sub.subscriptions == {}
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_tasks_share_one_client(endpoints: list[str]) -> None:
+    """Publishing tasks and a receiving task on one AsyncClient: the lock serialises them, the receiver gives
+    the socket up to the publishers, and every message arrives, in order per task."""
+    topic = f"aio/{unique()}"
+    tasks, each = 12, 30
+
+    async def main() -> None:
+        async with AsyncClient(rotate(endpoints, 2)) as c:
+            await c.subscribe(f"{topic}/#", qos=1)
+            got: list[Message] = []
+
+            async def consumer() -> None:
+                while len(got) < 2 * tasks * each and (msg := await c.receive(timeout=10.0)) is not None:
+                    got.append(msg)
+
+            async def producer(k: int) -> None:
+                for i in range(each):
+                    await c.publish(f"{topic}/{k}", f"{i}", qos=1)  # waits for its PUBACK
+                    await c.publish(f"{topic}/{k}/zero", f"{i}")  # queued, sent by the flush task or the next call
+
+            reader = asyncio.create_task(consumer())
+            await asyncio.sleep(0.05)  # the consumer is now waiting in receive, holding the lock
+            started = time.monotonic()
+            await asyncio.gather(*(producer(k) for k in range(tasks)))
+            publish_s = time.monotonic() - started
+            await asyncio.wait_for(reader, 30)
+        for k in range(tasks):
+            assert [m.payload for m in got if m.topic == f"{topic}/{k}"] == [str(i).encode() for i in range(each)]
+            zero = [m.payload for m in got if m.topic == f"{topic}/{k}/zero"]
+            assert zero == [str(i).encode() for i in range(each)]
+        assert publish_s < 20  # a consumer waiting in receive did not hold the publishers up for its timeouts
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_receive_timeout_returns_none(endpoints: list[str]) -> None:
+    async def main() -> None:
+        async with AsyncClient(endpoints) as c:
+            await c.subscribe(f"aio/{unique()}")
+            with Ticker() as ticker:
+                started = time.monotonic()
+                assert await c.receive(timeout=0.3) is None
+                waited = time.monotonic() - started
+            assert 0.25 <= waited < 2.0
+            assert ticker.ticks >= 20  # the loop ran the ticker while receive waited
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_node_that_does_not_answer_never_blocks_the_loop() -> None:
+    """Two endpoints that accept connections and never answer (zmq ROUTERs that read nothing): the client waits
+    ``timeout`` on each, then raises ``unavailable``; meanwhile the loop keeps ticking."""
+    ctx = zmq.Context.instance()
+    silent = [ctx.socket(zmq.ROUTER) for _ in range(2)]
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in silent]
+
+    async def main() -> float:
+        c = AsyncClient([f"tcp://127.0.0.1:{p}" for p in ports], timeout=0.5)
+        with Ticker() as ticker:
+            started = time.monotonic()
+            with pytest.raises(ShardMQError) as err:
+                await c.subscribe("t/#", qos=1)
+            assert err.value.code == codec.E_UNAVAILABLE
+            assert 0.9 <= time.monotonic() - started < 3.0
+        await c.close()
+        assert ticker.ticks >= 20
+        return ticker.max_gap
+
+    try:
+        max_gap = asyncio.run(main())
+    finally:
+        for s in silent:
+            s.close(linger=0)
+    # A blocking wait would stall the loop for a whole timeout (500 ms); the margin is for a busy machine.
+    assert max_gap < 0.15, f"the event loop stalled for {max_gap * 1000:.0f} ms"
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_call_leaves_the_client_usable(endpoints: list[str]) -> None:
+    """Cancelled while it waits for a silent node's WELCOME, the client does not keep that half-made connection:
+    the next call connects to the next endpoint."""
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    topic = f"aio/{unique()}/cancel"
+
+    async def main() -> None:
+        c = AsyncClient([f"tcp://127.0.0.1:{port}", endpoints[0]], timeout=2.0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await c.subscribe(topic, qos=1)
+        await c.subscribe(topic, qos=1)
+        assert c.endpoint == endpoints[0]
+        await c.publish(topic, b"after", qos=1)
+        msg = await c.receive(timeout=5.0)
+        assert msg is not None and msg.payload == b"after"
+        await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close(linger=0)
+
+
+@pytest.mark.timeout(60)
+def test_lone_publish_leaves_without_another_call(endpoints: list[str]) -> None:
+    topic = f"aio/{unique()}/lone"
+
+    async def main() -> None:
+        async with AsyncClient(rotate(endpoints, 1)) as sub, AsyncClient(endpoints, linger=60) as pub:
+            await sub.subscribe(topic)
+            await pub.publish(topic, b"lone")
+            assert pub._pending == [(topic, b"lone")]  # queued: the flush task runs on the loop's next turn
+            await asyncio.sleep(0.2)  # no call on pub
+            assert pub._pending == []
+            msg = await sub.receive(timeout=5.0)
+            assert msg is not None and (msg.topic, msg.payload) == (topic, b"lone")
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_close_flushes_what_is_pending(endpoints: list[str]) -> None:
+    topic = f"aio/{unique()}/close"
+
+    async def main() -> None:
+        async with AsyncClient(rotate(endpoints, 1)) as sub:
+            await sub.subscribe(topic)
+            pub = AsyncClient(endpoints, max_batch=10_000, linger=60)
+            await pub.connect()
+            for i in range(50):
+                await pub.publish(topic, str(i))
+            assert len(pub._pending) == 50
+            await pub.close()  # no await in between: only close can have sent them
+            assert pub.sock is None
+            assert [m.payload for m in await collect(sub, 50)] == [str(i).encode() for i in range(50)]
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_errors_and_validation(endpoints: list[str]) -> None:
+    async def main() -> None:
+        async with AsyncClient(endpoints) as c:
+            with pytest.raises(ShardMQError) as err:
+                await c.publish("a/#", b"x")
+            assert err.value.code == codec.E_INVALID_TOPIC
+            with pytest.raises(ShardMQError) as err:
+                await c.subscribe("a/#/b")
+            assert err.value.code == codec.E_INVALID_FILTER
+            with pytest.raises(ShardMQError) as err:
+                await c.publish("a", b"x", qos=2)
+            assert err.value.code == codec.E_INVALID_QOS
+            await c.flush()  # nothing published: no round trip, no error
+        with pytest.raises(ValueError, match="max_batch"):
+            AsyncClient(endpoints, max_batch=0)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------- failover
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster this module may kill nodes of (the session's cluster is shared by other tests)."""
+    lc = LocalCluster(tmp_path_factory.mktemp("aio"), nodes=3, lease_ttl=2, log_level="warning")
+    lc.up(timeout=60)
+    try:
+        yield lc
+    finally:
+        lc.down()
+
+
+@pytest.mark.timeout(120)
+def test_failover_after_kill_delivers_every_acknowledged_qos1_message(own_cluster: LocalCluster) -> None:
+    """The node the publishing AsyncClient is connected to is killed (SIGKILL) mid-stream: the client fails over
+    and every publish it saw acknowledged reaches the subscriber (at least once)."""
+    assert own_cluster.state is not None
+    nodes = {p.name: p for p in own_cluster.state.nodes}
+    victim = nodes["n1"]
+    topic = f"aio/{unique()}/kill"
+    n, kill_at = 120, 40
+
+    async def main() -> tuple[set[int], list[ShardMQError], set[int], AsyncClient]:
+        sub = AsyncClient([nodes["n2"].client_endpoint, nodes["n3"].client_endpoint])
+        pub = AsyncClient(
+            [victim.client_endpoint, nodes["n2"].client_endpoint, nodes["n3"].client_endpoint], timeout=2.0
+        )
+        async with sub, pub:
+            assert pub.node == "n1" and sub.node == "n2"
+            await sub.subscribe(topic, qos=1)
+            acked: set[int] = set()
+            refused: list[ShardMQError] = []
+            received: set[int] = set()
+
+            async def consume() -> None:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not (done.is_set() and acked <= received):
+                    msg = await sub.receive(timeout=0.5)
+                    if msg is not None:
+                        received.add(int(msg.payload))
+
+            done = asyncio.Event()
+            reader = asyncio.create_task(consume())
+            ticker = Ticker().__enter__()
+            for i in range(n):
+                if i == kill_at:
+                    os.kill(victim.pid, signal.SIGKILL)
+                try:
+                    await pub.publish(topic, str(i), qos=1)
+                    acked.add(i)
+                except ShardMQError as exc:  # not acknowledged: may or may not arrive
+                    refused.append(exc)
+            done.set()
+            await reader
+            ticker.__exit__()
+            print(
+                f"failovers {pub.failovers}, refused {len(refused)}, loop's longest gap {ticker.max_gap * 1000:.0f} ms"
+            )
+            assert pub.node != "n1" and pub.failovers >= 1
+            assert ticker.max_gap < 0.5  # failing over is waiting on sockets, never blocking the loop
+            return acked, refused, received, pub
+
+    acked, refused, received, _ = asyncio.run(main())
+    assert not pid_runs(victim)
+    assert set(range(kill_at)) <= acked
+    assert len(acked) >= n - 10, f"too many publishes refused after the failover: {refused}"
+    assert acked <= received, f"acknowledged but never delivered: {sorted(acked - received)}"
+
+
+# ---------------------------------------------------------------------------------------------- one core
+
+
+def test_every_flavour_drives_the_same_core() -> None:
+    from shardmq.client.green import GreenClient
+
+    for cls in (Client, GreenClient):
+        client = cls("tcp://127.0.0.1:1", connect=False)
+        assert type(client._core) is ClientCore
+    assert type(AsyncClient("tcp://127.0.0.1:1")._core) is ClientCore
+
+
+@pytest.mark.timeout(60)
+def test_the_sdk_docs_asyncio_example_runs(endpoints: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "SDK.md").read_text()
+    section = doc.split("## asyncio (`AsyncClient`)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "sdk_example"}  # not __main__: the session's cluster, not its own
+    exec(compile(code, "docs/SDK.md", "exec"), namespace)
+    asyncio.run(namespace["main"](endpoints))
+    printed = capsys.readouterr().out
+    assert printed.strip() == str(sorted([b"qos 0", *(b"order %d" % n for n in range(10))]))
+
+
+def test_the_core_imports_no_io() -> None:
+    """The core's rule, checked: nothing that could read a clock, touch a socket or start a thread."""
+    import ast
+
+    import shardmq.client.core as core_module
+
+    tree = ast.parse(Path(core_module.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not imported & {"zmq", "time", "threading", "asyncio", "socket", "select", "gevent", "selectors"}
