@@ -13,10 +13,13 @@ Rules of this file:
 - A relayed addition is acknowledged by each target, and the source confirms the addition to the subscriber's
   node only once every target filling the shard holds it: a relay queued on a connection that broke (a
   partition, a target's connection re-made) is gone, and a target that flips to owner without it would have
-  lost a confirmed route. Unacknowledged, it is sent again (what the target still fills and we still hold)
-  up to ``RELAY_ATTEMPTS`` times within one ``request_timeout``, then left unconfirmed; a target that refuses
-  it or left fills nothing, so nothing waits for it. Removals are relayed unacknowledged: a lost one leaves a
-  route to a node that no longer wants the messages, which costs forwards, not messages.
+  lost a confirmed route. Unacknowledged, it is sent again (what the target still fills and we still hold) up
+  to ``RELAY_ATTEMPTS`` times within half a ``request_timeout``. A relay that could not be delivered (given up,
+  refused, or the target's fill ended first) is answered as stale for its shards: the subscriber's node re-reads
+  the assignment and sends the addition to the current owners itself, which reaches a target that flipped in the
+  meantime directly. A target that left fills nothing: nothing waits for it. Removals are relayed
+  unacknowledged: a lost one leaves a route to a node that no longer wants the messages, which costs forwards,
+  not messages.
 - Routes are stored even while we are fenced: storing is not answering. If our lease survives we hold the
   route; if not, the survivors do. LOOKUPs are refused while fenced.
 - A route change or a snapshot that names a member registration our view has not shown yet is deferred, with
@@ -153,23 +156,25 @@ class OwnerSide:
             if h["id"]:
                 core.effects.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": stale}))
             return
-        ack = codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": stale})
 
-        def confirm() -> None:
-            core.effects.send_peer(sender, ack)
+        def confirm(relay_failed: list[int]) -> None:
+            # Shards whose relay failed are stale to the sender: it sends to the current owners itself.
+            answer = stale + [[shard, core.view.shard_epoch(shard)] for shard in relay_failed]
+            core.effects.send_peer(sender, codec.encode(codec.ROUTE_ACK, {"id": h["id"], "stale": answer}))
 
         if not self.confirm_when_safe(shards, relay_id, confirm):
-            confirm()
+            confirm([])
 
-    def confirm_when_safe(self, shards: Iterable[int], relay_id: int | None, then: Callable[[], None]) -> bool:
+    def confirm_when_safe(
+        self, shards: Iterable[int], relay_id: int | None, then: Callable[[list[int]], None]
+    ) -> bool:
         """Run ``then`` (confirming added routes) once no entry node can still publish from an answer without them
-        and every hand-off target they were relayed to holds them (``relay_id``); True when there is something to
-        wait for. A relay that was never acknowledged leaves them unconfirmed: the subscriber's node times out and
-        its client is told."""
+        and every hand-off target they were relayed to (``relay_id``) answered; it gets the shards whose relay
+        failed. True when there is something to wait for."""
         relay = self.core.requests.get(relay_id) if relay_id is not None else None
         if not isinstance(relay, Relay):
-            return self.invalidate_caches(shards, then)
-        done = gate(2, lambda failures: None if failures else then())
+            return self.invalidate_caches(shards, lambda: then([]))
+        done = gate(2, lambda _failures: then(sorted(relay.failed)))
         relay.callbacks.append(done)
         if not self.invalidate_caches(shards, lambda: done([])):
             done([])
@@ -239,8 +244,9 @@ class OwnerSide:
         return rid if rid in core.requests else None
 
     def _relay_interval(self) -> float:
-        # Every attempt and the last wait fit in one request_timeout: the subscriber's node waits no longer.
-        return self.core.cfg.request_timeout / (RELAY_ATTEMPTS + 1)
+        # Every attempt and the last wait fit in half a request_timeout: the subscriber's node, which waits one,
+        # has the other half to send a failed relay's routes to the current owners.
+        return self.core.cfg.request_timeout / (2 * (RELAY_ATTEMPTS + 1))
 
     def _relay_due(self, rid: int) -> None:
         """A relay still unacknowledged: send it again to the targets that still fill its shards (a frame queued
@@ -252,17 +258,20 @@ class OwnerSide:
         if record.attempt >= RELAY_ATTEMPTS:
             core.metrics["handoff.relay_timeouts"] += 1
             core.log.warning("relay_timeout", targets=sorted(record.pending), node_of_routes=record.header["node"])
-            record.failures.append("timeout")
-            self._finish_relay(rid)
+            for target in sorted(record.pending):
+                self._settle_relay(rid, target, failed=True)
             return
         record.attempt += 1
         node = record.header["node"]
         for target in sorted(record.pending):
-            # Only what the target still fills and we still hold: a removal relayed since must not be undone.
-            routes = [
-                item for item in record.sent[target]
-                if target in (self.source.relay_targets(item[0]) or ()) and self.routes.has(item[0], item[2], node)
-            ]  # fmt: skip
+            sent = record.sent[target]
+            if any(target not in (self.source.relay_targets(item[0]) or ()) for item in sent):
+                # Its fill ended (the flip's grace is over, or the move was abandoned) before it answered: it may
+                # own the shard without the routes, so the subscriber's node must send them to the owners itself.
+                self._settle_relay(rid, target, failed=True)
+                continue
+            # Only what we still hold: a removal relayed since must not be undone.
+            routes = [item for item in sent if self.routes.has(item[0], item[2], node)]
             if not routes:
                 self._settle_relay(rid, target)
                 continue
@@ -275,17 +284,19 @@ class OwnerSide:
     def on_relay_ack(self, sender: str, rid: int) -> None:
         self._settle_relay(rid, sender)
 
-    def _settle_relay(self, rid: int, node: str) -> None:
+    def _settle_relay(self, rid: int, node: str, failed: bool = False) -> None:
         record = self.core.requests.get(rid)
-        if isinstance(record, Relay):
+        if isinstance(record, Relay) and node in record.pending:
             record.pending.discard(node)
+            if failed:
+                record.failed.update(item[0] for item in record.sent[node])
             if not record.pending:
                 self._finish_relay(rid)
 
     def _finish_relay(self, rid: int) -> None:
         record = self.core.requests.close(rid)
         for callback in record.callbacks:
-            callback(record.failures)
+            callback([])
 
     # ------------------------------------------------------------------ cached answers
     def watch_everywhere(self, shards: Iterable[int]) -> None:
@@ -357,10 +368,11 @@ class OwnerSide:
             self.core.log.warning("invalidate_timeout", nodes=sorted(inv.pending))
             self._finish_invalidation(iid)
 
-    # A target that refuses a relay, or left, fills nothing: the addition need not wait for it.
+    # A target that refused a relay may own the shard without the routes (see the rules); one that left fills
+    # nothing and will own nothing.
     def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
         if isinstance(request, Relay):
-            self._settle_relay(rid, sender)
+            self._settle_relay(rid, sender, failed=True)
         else:
             self.settle_invalidation(rid, sender)
 

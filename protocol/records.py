@@ -128,7 +128,7 @@ class Relay:
     header: dict[str, Any]  # the relayed frame's header, without ``routes``
     sent: dict[str, list[list[Any]]]  # target -> [shard, shard_epoch, filter] items
     callbacks: list[Callable[[list[str]], None]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failed: set[int] = field(default_factory=set)  # shards of relays not delivered (see owner's rules)
     attempt: int = 0
 
     def waits_on(self, node: str) -> bool:

@@ -188,7 +188,7 @@ class Subscriptions:
             shards = {item[0] for item in local}
             if kind != codec.ROUTE_ADD:
                 core.owner.invalidate_caches(shards)
-            elif core.owner.confirm_when_safe(shards, relay_id, lambda: self._settle_waiter(wid, core.me)):
+            elif core.owner.confirm_when_safe(shards, relay_id, lambda failed: self._settle_local(wid, failed)):
                 waiter.pending.add(core.me)
         if not waiter.pending:
             self._finish_waiter(wid)
@@ -200,6 +200,13 @@ class Subscriptions:
                 self._settle_waiter(wid, node)
         if wid in core.requests:
             core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
+
+    def _settle_local(self, wid: int, relay_failed: list[int]) -> None:
+        """Our own owner side confirmed; a relay of ours that failed leaves those routes unconfirmed."""
+        waiter = self.core.requests.get(wid)
+        if isinstance(waiter, Waiter) and relay_failed:
+            waiter.failures.append(f"{self.core.me} (hand-off targets of shards {relay_failed} did not answer)")
+        self._settle_waiter(wid, self.core.me)
 
     def _settle_waiter(self, wid: int, node: str) -> None:
         waiter = self.core.requests.get(wid)
