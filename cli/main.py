@@ -43,6 +43,8 @@ def cmd_node(args: argparse.Namespace) -> None:
             etcd_ca_cert=args.etcd_ca_cert,
             etcd_client_cert=args.etcd_client_cert,
             etcd_client_key=args.etcd_client_key,
+            cluster_key_file=args.cluster_key_file,
+            insecure=args.insecure,
             cluster=args.cluster,
             weight=args.weight,
             shard_count=args.shard_count,
@@ -74,7 +76,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
         replication=args.replication,
         lease_ttl=args.lease_ttl,
         base_port=args.base_port,
+        insecure=args.insecure,
     )
+    if args.insecure:
+        print("warning: --insecure: nodes will not authenticate or encrypt peer traffic", file=sys.stderr)
     print(f"starting etcd and {args.nodes} nodes in {lc.dir} ...", flush=True)
     try:
         state = lc.up()
@@ -254,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--etcd-client-cert", default="", help="client certificate, where etcd asks for one")
     node.add_argument("--etcd-client-key", default="", help="the client certificate's key")
     node.add_argument("--cluster", default="default")
+    node.add_argument("--cluster-key-file", default="",
+                      help="the cluster's secret (hex): peers prove their keys with it (`cluster up` makes one)")
+    node.add_argument("--insecure", action="store_true",
+                      help="no peer authentication or encryption (logged as a warning at every start)")
     node.add_argument("--weight", type=int, default=1)
     node.add_argument("--shard-count", type=int, default=DEFAULT_SHARD_COUNT)
     node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
@@ -295,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replication", type=int, default=None)
     up.add_argument("--lease-ttl", type=int, default=5)
     up.add_argument("--base-port", type=int, default=None, help="first port to use (default: free ports)")
+    up.add_argument("--insecure", action="store_true", help="start nodes without peer authentication or encryption")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status")
     st.add_argument("--dir", default=DEFAULT_DIR)

@@ -13,8 +13,10 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, record: bool = False) -> None:
         self.target = ("127.0.0.1", target_port)
+        # Every byte it forwarded, both directions, when ``record``: what a wiretap on the link would see.
+        self.recorded: bytearray | None = bytearray() if record else None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.blocked = threading.Event()
@@ -49,6 +51,9 @@ class TcpProxy:
             while data := src.recv(65536):
                 if self.blocked.is_set():
                     break
+                if self.recorded is not None:
+                    with self._lock:
+                        self.recorded += data
                 dst.sendall(data)
         except OSError:
             pass

@@ -36,6 +36,10 @@ class MemberInfo:
     # etcd create_revision of the member key (read from etcd, never written): rises with every registration, so a
     # node that registered again after losing its lease is a new member to peers even in the same process.
     revision: int = 0
+    # The process's CURVE public key (z85) and its proof under the cluster key; the shell checks and uses them
+    # (``shard.security``), the core never reads them. Empty in an insecure cluster.
+    curve_key: str = ""
+    key_proof: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +50,8 @@ class MemberInfo:
             "leaving": self.leaving,
             "incarnation": self.incarnation,
             "revision": self.revision,
+            "curve_key": self.curve_key,
+            "key_proof": self.key_proof,
         }
 
     @classmethod
@@ -58,6 +64,8 @@ class MemberInfo:
             bool(data.get("leaving", False)),
             str(data.get("incarnation", "")),
             int(data.get("revision", 0)),
+            str(data.get("curve_key", "")),
+            str(data.get("key_proof", "")),
         )
 
     def same_process(self, other: MemberInfo) -> bool:

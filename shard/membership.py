@@ -44,6 +44,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -232,8 +233,11 @@ class EtcdSession(threading.Thread):
         notify_endpoint: str,
         lease_ttl: int = 5,
         poll_interval: float = 1.0,
+        admit: Callable[[MemberInfo], bool] | None = None,
     ) -> None:
         super().__init__(name="etcd-session", daemon=True)
+        self._admit = admit  # which registrations are members (None: every one, an insecure cluster)
+        self._rejected: set[tuple[str, int]] = set()
         self._ctx = ctx
         self._cluster = cluster
         self._me = me
@@ -358,9 +362,20 @@ class EtcdSession(threading.Thread):
             self._stopping.wait(0.2)
         self.retiring = False
 
+    def _admitted(self, members: dict[str, MemberInfo]) -> tuple[int, dict[str, MemberInfo]]:
+        """The members whose registration ``admit`` accepts (``shard.security``: a key proven with the cluster
+        key), and the membership epoch among them; the others are logged once per registration."""
+        assert self._admit is not None
+        kept = {n: m for n, m in members.items() if self._admit(m)}
+        for node, m in members.items():
+            if node not in kept and (node, m.revision) not in self._rejected:
+                self._rejected.add((node, m.revision))
+                log.warning("member_rejected", node=self._me.node_id, peer=node, revision=m.revision,
+                            reason="its key is not proven with this cluster's key")  # fmt: skip
+        return max((m.revision for m in kept.values()), default=0), kept
+
     def _put_member(self) -> None:
-        me = MemberInfo(self._me.node_id, self._me.client_endpoint, self._me.peer_endpoint, self._me.weight,
-                        self.leaving, self._me.incarnation)
+        me = replace(self._me, leaving=self.leaving, revision=0)
         key = cluster_prefix(self._cluster) + f"members/{me.node_id}"
         self.client.put(key, orjson.dumps(me.to_dict()), self._lease)
         self._registered_as = me
@@ -429,6 +444,8 @@ class EtcdSession(threading.Thread):
                         self._put_member()
                     self._answer_requests(push)  # after the keep-alive: the lease comes first
                     epoch, members = read_members(self.client, self._cluster)
+                    if self._admit is not None:
+                        epoch, members = self._admitted(members)
                     document, revision = read_assignment(self.client, self._cluster)
                     snapshot = {
                         "epoch": epoch,

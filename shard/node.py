@@ -42,6 +42,7 @@ from shardmq.router import codec
 
 from .membership import EtcdAccess, EtcdAuthError, EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
+from .security import PeerSecurity, SecurityConfigError, load_cluster_key
 
 log = structlog.get_logger("shardmq.node")
 
@@ -69,6 +70,9 @@ class NodeConfig:
     etcd_ca_cert: str = ""
     etcd_client_cert: str = ""
     etcd_client_key: str = ""
+    # Peer security (shard.security): the cluster's secret, or an explicit, logged opt-out.
+    cluster_key_file: str = ""
+    insecure: bool = False
     weight: int = 1
     shard_count: int = DEFAULT_SHARD_COUNT
     replication: int = DEFAULT_REPLICATION
@@ -157,6 +161,7 @@ class Node:
         self.started = time.monotonic()
         self.rss_at_start = rss_bytes()
         self.running = False
+        self.security: PeerSecurity | None = None  # set by run(): None in an --insecure cluster
 
     # ------------------------------------------------------------------ sockets
     def _open_sockets(self) -> None:
@@ -170,6 +175,8 @@ class Node:
             sock.setsockopt(zmq.MAXMSGSIZE, codec.DEFAULT_MAX_HEADER + 2 * self.cfg.max_payload)
         self.peer_sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
         self.peer_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MS * 3)
+        if self.security is not None:
+            self.security.serve(self.peer_sock)
         set_tcp_keepalive(self.client_sock)
         # "tcp://127.0.0.1:*" binds a free port chosen by the kernel: no race with other processes picking ports.
         self.client_sock.bind(self.cfg.client_endpoint)
@@ -204,6 +211,8 @@ class Node:
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MS * 3)
             sock.setsockopt(zmq.SNDHWM, 100_000)
+            if self.security is not None:
+                self.security.connect_to(sock, info)
             sock.connect(info.peer_endpoint)
             self.dealers[node] = sock
         return sock
@@ -282,6 +291,7 @@ class Node:
             # Below 10,000 routes the allocator's own noise dominates, so nothing is reported.
             "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes >= 10_000 else None,
             "clients_paused": self.clients_paused,
+            "peer_security": "curve" if self.security is not None else "insecure",
             "uptime_s": round(time.monotonic() - self.started, 1),
             "wire_bytes": {
                 f"bytes_{direction}.{channel}{'.' + peer if peer else ''}": ch.bytes
@@ -290,7 +300,13 @@ class Node:
         }
 
     def status(self) -> dict[str, Any]:
+        self._sync_security_metrics()
         return {**self.shell_status(), **self.core.status()}
+
+    def _sync_security_metrics(self) -> None:
+        # The ZAP handler counts on its own thread; the count joins the node's metrics when they are read.
+        if self.security is not None and self.security.refused_keys:
+            self.core.metrics["security.peer_keys_refused"] = self.security.refused_keys
 
     # ------------------------------------------------------------------ loop
     def _clock(self) -> None:
@@ -313,7 +329,23 @@ class Node:
                 self.core.metrics["errors.internal"] += 1
                 self.log.exception("timer_failed")
 
+    def _secure(self) -> None:
+        """Peer security on (``shard.security``), or the explicit opt-out, said loudly at every start."""
+        if self.cfg.insecure:
+            self.log.warning("insecure", reason="--insecure: peer connections are neither authenticated nor "
+                             "encrypted; anyone who reaches the peer port can pose as a member")  # fmt: skip
+            return
+        if not self.cfg.cluster_key_file:
+            raise SecurityConfigError("pass --cluster-key-file (the cluster's secret; `shardmq cluster up` makes "
+                                      "DIR/cluster.key) or, explicitly, --insecure")  # fmt: skip
+        self.security = PeerSecurity(self.ctx, load_cluster_key(self.cfg.cluster_key_file), self.cfg.cluster)
+
     def run(self) -> None:
+        try:
+            self._secure()
+        except SecurityConfigError as exc:
+            self.log.error("security_config_invalid", error=str(exc))
+            raise SystemExit(2) from exc
         self._open_sockets()
         try:
             access = self.cfg.etcd_access()
@@ -326,10 +358,16 @@ class Node:
             self.log.error("etcd_unreachable", etcd=self.cfg.etcd_url, error=str(exc))
             raise SystemExit(2) from exc
         advertised = self.cfg.advertise_peer_endpoint or self.cfg.peer_endpoint
-        me = MemberInfo(self.me, self.cfg.client_endpoint, advertised, self.cfg.weight, False, self.incarnation)
+        security = self.security
+        me = MemberInfo(
+            self.me, self.cfg.client_endpoint, advertised, self.cfg.weight, False, self.incarnation,
+            curve_key=security.public_key if security else "",
+            key_proof=security.proof(self.me, self.incarnation) if security else "",
+        )  # fmt: skip
         self.session = EtcdSession(
-            self.ctx, access, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl
-        )
+            self.ctx, access, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl,
+            admit=security.verified if security else None,
+        )  # fmt: skip
         self.session.start()
         self.running = True
         tune_gc()
@@ -371,7 +409,10 @@ class Node:
     def _on_session_parts(self, parts: list[bytes]) -> None:
         kind, header, document = parts
         if kind == b"view":
-            self.core.on_view(SessionView.from_snapshot(orjson.loads(header), document))
+            view = SessionView.from_snapshot(orjson.loads(header), document)
+            if self.security is not None:
+                self.security.set_members(view.members)  # the keys the peer port admits from now on
+            self.core.on_view(view)
             return
         answer = orjson.loads(header)
         then = self._etcd_waiting.pop(answer["token"], None)
@@ -397,11 +438,14 @@ class Node:
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], channel: str | None = None) -> None:
         core = self.core
+        verify = channel == "peer" and self.security is not None
         for _ in range(DRAIN_BATCH):
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                parts = self._recv_member_frame() if verify else sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if parts is None:
+                continue
             if channel is not None:  # parts[0] is the routing id: the peer's node id, or a client's id
                 peer = parts[0].decode(errors="replace") if channel == "peer" else ""
                 self.wire.count(channel, peer, "in", parts[1:])
@@ -414,6 +458,17 @@ class Node:
             # the peer socket, are read before more publishes pile up behind them.
             if core.outbox.queued + (core.entry.queued_publishes if channel == "client" else 0) >= FLUSH_AT:
                 return
+
+    def _recv_member_frame(self) -> list[bytes] | None:
+        """A peer frame, or None when its routing id is not the member its CURVE key belongs to (the User-Id
+        the ZAP handler gave the connection): a member may speak only as itself."""
+        first = self.peer_sock.recv(zmq.NOBLOCK, copy=False)
+        rest = self.peer_sock.recv_multipart() if first.more else []  # the rest of the same message
+        claimed = first.bytes
+        if first.get("User-Id") != claimed.decode(errors="replace"):
+            self.core.metrics["security.peer_id_mismatch"] += 1
+            return None
+        return [claimed, *rest]
 
     def _publish_metrics(self) -> None:
         """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""
@@ -435,3 +490,5 @@ class Node:
         self.session.join(timeout=3)
         for sock in [self.peer_sock, self.member_pull, *self.dealers.values()]:
             sock.close(linger=0)
+        if self.security is not None:
+            self.security.stop()

@@ -14,6 +14,8 @@ Rules of this file:
 - The private etcd runs with authentication on: ``up`` makes its root user with a random password, kept in
   ``DIR/etcd-password`` (mode 0600), and every node is started with ``--etcd-user``/``--etcd-password-file``.
   Whoever else talks to that etcd (tests, ``rebalance plan``) uses ``etcd_access``/``etcd_client``.
+- Peers authenticate and encrypt (``shard.security``): ``up`` makes the cluster key ``DIR/cluster.key`` (mode
+  0600) and starts every node with ``--cluster-key-file``; ``insecure=True`` starts them with ``--insecure``.
 - ``restart`` starts again, from the recorded command lines, the processes of ``cluster.json`` that no longer run:
   same ids, same flags, same data (etcd's data directory is never wiped on restart) and the previous ports when
   they are free. Processes still running are left alone.
@@ -214,6 +216,7 @@ class LocalCluster:
         base_port: int | None = None,
         log_level: str = "info",
         node_args: list[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.dir = Path(directory).resolve()
         self.node_count = nodes
@@ -224,6 +227,7 @@ class LocalCluster:
         self.base_port = base_port
         self.log_level = log_level
         self.node_args = node_args or []
+        self.insecure = insecure  # nodes without peer security (--insecure): an explicit, logged choice
         self.state: ClusterState | None = None
 
     # ------------------------------------------------------------------ state
@@ -242,6 +246,7 @@ class LocalCluster:
             "node_args": self.node_args,
             "shard_count": self.shard_count,
             "replication": self.replication,
+            "insecure": self.insecure,
         }
 
     @classmethod
@@ -258,6 +263,7 @@ class LocalCluster:
         lc.node_args = list(settings.get("node_args", lc.node_args))
         lc.shard_count = settings.get("shard_count", lc.shard_count)
         lc.replication = settings.get("replication", lc.replication)
+        lc.insecure = bool(settings.get("insecure", lc.insecure))
         return lc
 
     def _port(self) -> int:
@@ -298,6 +304,11 @@ class LocalCluster:
                 )
         self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # `up` makes a new cluster: no state from an old one
+        self.cluster_key_path.unlink(missing_ok=True)
+        if not self.insecure:
+            from shardmq.shard.security import write_cluster_key
+
+            write_cluster_key(self.cluster_key_path)
         try:
             for attempt in range(3):  # a free port can be taken by someone else before etcd binds it: retry
                 if self._start_etcd(timeout):
@@ -317,6 +328,11 @@ class LocalCluster:
     @property
     def etcd_password_path(self) -> Path:
         return self.dir / "etcd-password"
+
+    @property
+    def cluster_key_path(self) -> Path:
+        """The cluster's secret (``shard.security``): whoever holds it can make a member."""
+        return self.dir / "cluster.key"
 
     def etcd_access(self) -> EtcdAccess:
         """How to reach this cluster's etcd: its URL, and the root user once ``up`` enabled authentication."""
@@ -405,6 +421,7 @@ class LocalCluster:
         ]  # fmt: skip
         if self.etcd_password_path.exists():
             cmd += ["--etcd-user", ETCD_USER, "--etcd-password-file", str(self.etcd_password_path)]
+        cmd += ["--insecure"] if self.insecure else ["--cluster-key-file", str(self.cluster_key_path)]
         if self.shard_count:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:

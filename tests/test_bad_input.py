@@ -92,6 +92,19 @@ def raw() -> Iterator[Callable[..., Raw]]:
         sock.close()
 
 
+@pytest.fixture(scope="module")
+def insecure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster without peer security, for the peer-frame tests only: on the secure default a process that is
+    no member cannot complete a handshake with the peer port (``tests/test_peer_security.py``), so its frames
+    never reach the handlers whose robustness these tests check."""
+    lc = LocalCluster(tmp_path_factory.mktemp("insecure"), nodes=3, log_level="warning", insecure=True)
+    lc.up(timeout=90)
+    try:
+        yield lc
+    finally:
+        lc.down()
+
+
 def node(cluster: LocalCluster, index: int) -> tuple[str, str]:
     """(client endpoint, peer endpoint) of node ``index``."""
     assert cluster.state is not None
@@ -394,9 +407,9 @@ PEER_CASES = [
     [pytest.param(parts, code, i % 3, id=name) for i, (name, parts, code) in enumerate(PEER_CASES)],
 )
 def test_garbage_from_unknown_peer_is_counted_and_node_serves(
-    cluster: LocalCluster, raw: Callable[..., Raw], parts: list[bytes], code: str, index: int
+    insecure_cluster: LocalCluster, raw: Callable[..., Raw], parts: list[bytes], code: str, index: int
 ) -> None:
-    endpoint, peer_endpoint = node(cluster, index)
+    endpoint, peer_endpoint = node(insecure_cluster, index)
     key = f"errors.{code}"
     before = metrics(endpoint)[key]
     ghost = raw(peer_endpoint, routing_id=b"ghost")
@@ -411,7 +424,7 @@ def test_garbage_from_unknown_peer_is_counted_and_node_serves(
 
 
 def test_route_add_from_non_member_peer_does_not_break_publishes(
-    cluster: LocalCluster, raw: Callable[..., Raw]
+    insecure_cluster: LocalCluster, raw: Callable[..., Raw]
 ) -> None:
     """A well-formed ROUTE_ADD from a routing id that is no cluster member must not break other clients' publishes.
 
@@ -421,7 +434,7 @@ def test_route_add_from_non_member_peer_does_not_break_publishes(
     The frame uses the current wire shape of route items
     ``[shard, shard_epoch, filter]``; the test checks it was decoded, so a format change cannot make it pass vacuously.
     """
-    endpoint, peer_endpoint = node(cluster, 0)
+    endpoint, peer_endpoint = node(insecure_cluster, 0)
     p = unique()
     route = [-1, 0, f"+/ghost-{p}"]  # a root-set filter: matched on every publish this node handles
     ghost = raw(peer_endpoint, routing_id=b"ghost")
