@@ -291,16 +291,37 @@ class Subscriptions:
         self._settle_waiter(rid, node)
 
     # ------------------------------------------------------------------ membership changes
-    def announce_root_routes(self, nodes: set[str]) -> None:
-        """Root-set routes live on every node: give a newcomer ours (every node does the same)."""
+    def announce_root_routes(self, nodes: set[str], attempt: int = 1) -> None:
+        """Root-set routes live on every node: give a newcomer ours (every node does the same). Acknowledged and
+        retried: a newcomer drops frames from members its first view has not shown it yet (``not_member``), and
+        we may see it registered before it sees us."""
         core = self.core
         local = {f for f in self.local_filters() if placement_key(f) is None}
-        if not local:
+        nodes = {n for n in nodes if n in core.view.members and n != core.me}
+        if not local or not nodes:
             return
         items = [[ROOT, 0, f] for f in sorted(local)]
-        for node in nodes:
-            header = {"id": 0, "node": core.me, "routes": items, "member_rev": core.view.member_revision}
-            core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, header))
+        waiter = Waiter(set(nodes), [], codec.ROUTE_ADD, {n: items for n in nodes})
+
+        def done(failures: list[str]) -> None:
+            if not failures:
+                return
+            if attempt >= REANNOUNCE_ATTEMPTS:
+                core.metrics["routes.root_announce_failed"] += 1
+                core.log.error("root_routes_announce_failed", peers=sorted(nodes), failures=sorted(set(failures)))
+                return
+            core.metrics["routes.root_announce_retries"] += 1
+            self.announce_root_routes(nodes, attempt + 1)  # idempotent at those that did take it
+
+        waiter.callbacks.append(done)
+        wid = core.requests.open(waiter, self)
+        header = {"id": wid, "node": core.me, "routes": items, "member_rev": core.view.member_revision}
+        for node in sorted(nodes):
+            if not core.effects.send_peer(node, codec.encode(codec.ROUTE_ADD, header)):
+                waiter.failures.append(node)
+                self._settle_waiter(wid, node)
+        if wid in core.requests:
+            core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
 
     def reannounce_orphaned(
         self, old: Assignment, new: Assignment, changed: list[int], old_members: Mapping[str, MemberInfo]
