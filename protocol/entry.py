@@ -16,6 +16,14 @@ Rules of this file:
   only, nothing queued before it) sends its later publishes in the frame to the same nodes without resolving
   them again, and a QoS 0 run (many messages to one topic) travels on as one item. It sits beside the general
   path (``on_pubs`` beside ``publish``) and does what ``forward`` does, without a record per message.
+- Resolved topics (``resolved``): such a topic's nodes are also kept across frames, so a publisher cycling
+  through many topics (one publish per topic per frame) is not resolved again per message: validation, shards,
+  owners, cache entries. An entry serves only while nothing it was derived from may have changed: the same
+  assignment and member view (objects), the same owned route table (``RouteTable.version``), no cache
+  invalidation or clear (``RouteCache.version``), before the earliest expiry or refresh time of the cached
+  answers it used (``RouteCache.until``), not fenced, and no publish of the topic waits for a lookup. A new
+  answer stored for the topic drops its entry. Anything else (a refresh due, an expired answer) takes the
+  general path, which resolves, refreshes and keeps the topic again.
 - QoS 1: the publisher's PUBACK is sent once every destination answered FWD_ACK; a destination that refuses
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
 # A cached answer used after this share of its ttl is asked for again while it still serves (refresh ahead).
 REFRESH_AFTER = 0.5
 MAX_OWNERS_TRIED = 3
+INF = float("inf")
 
 
 class Entry:
@@ -54,6 +63,10 @@ class Entry:
         self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
+        # topic -> (its nodes, serves until): see "Resolved topics" above; valid for ``_resolved_for`` only.
+        self.resolved: dict[str, tuple[frozenset[str], float]] = {}
+        self._resolved_for: tuple[Any, ...] = ()
+        self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -68,17 +81,26 @@ class Entry:
         except ProtocolError as exc:
             core.reject_client(session.rid, exc.code, exc.reason, exc.ref)
             return
-        routed: dict[str, set[str]] = {}
+        routed: dict[str, frozenset[str] | set[str]] = {}
         queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
-        rid, me, members, outbox = session.rid, core.me, core.view.members, core.outbox
-        fast = hops = queued = dead = 0
+        rid, me, members, outbox, now = session.rid, core.me, core.view.members, core.outbox, core.now
+        resolved = self._resolved_now()
+        topic_queues = self.topic_queues
+        fast = hops = queued = dead = kept = 0
         for (topic, qos, ref), sizes, payload in runs:
             dests = routed.get(topic)
+            if dests is None and resolved is not None:
+                known = resolved.get(topic)
+                if known is not None and now < known[1] and topic not in topic_queues:
+                    dests = routed[topic] = known[0]
+                    kept += 1
             if dests is None:
                 head = payload if sizes is None else payload[: sizes[0]]
                 pub = self._publish_one(session, ref, topic, qos, head)
-                if pub is not None and not pub.lookups_left and not pub.failed and topic not in self.topic_queues:
+                if pub is not None and not pub.lookups_left and not pub.failed and topic not in topic_queues:
                     dests = routed[topic] = pub.dests
+                    if resolved is not None and not pub.asked_remote:
+                        self._keep_resolved(topic, pub.dests)
                 if sizes is None:
                     continue
                 payload, sizes = payload[sizes[0] :], sizes[1:]
@@ -103,6 +125,8 @@ class Entry:
                 hops += n
             queued += len(lists) * n
             dead += (len(dests) - len(lists)) * n
+        if kept:
+            core.metrics["publishes.resolved_kept"] += kept
         if fast:
             m = core.metrics
             m["publishes.in"] += fast
@@ -111,6 +135,25 @@ class Entry:
             if dead:
                 m["drops.dead_destination"] += dead
             outbox.queued += queued
+
+    def _resolved_now(self) -> dict[str, tuple[frozenset[str], float]] | None:
+        """The resolved topics, emptied first when what they were derived from changed; None while fenced."""
+        core = self.core
+        if core.fenced():
+            return None
+        basis = (core.view.assignment, core.view.members, core.owner.routes.version, self.route_cache.version)
+        was = self._resolved_for
+        if not was or was[0] is not basis[0] or was[1] is not basis[1] or was[2:] != basis[2:]:
+            self.resolved.clear()
+            self._resolved_for = basis
+        return self.resolved
+
+    def _keep_resolved(self, topic: str, dests: set[str]) -> None:
+        """Keep a topic ``publish`` just routed at once (see the rules), until ``_until``."""
+        resolved = self.resolved
+        if topic not in resolved and len(resolved) >= max(1, self.core.cfg.route_cache_size):
+            del resolved[next(iter(resolved))]
+        resolved[topic] = (frozenset(dests), self._until)
 
     def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> Publish | None:
         """Validate and route one publish; returns it, or None when it was refused."""
@@ -140,6 +183,7 @@ class Entry:
             self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
         pub.dests |= core.owner.routes.match(ROOT, pub.topic)
+        self._until = INF
         for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
             self._lookup(pub, shard, [])
         queue = self.topic_queues.get(pub.topic)
@@ -172,6 +216,7 @@ class Entry:
                 pub.dests.update(cached)
                 if self.route_cache.claim_refresh(pub.topic, shard, shard_epoch, core.now):
                     self._refresh_lookup(pub.topic, shard, shard_epoch)
+                self._until = min(self._until, self.route_cache.until(pub.topic, shard))
                 return
             lid = self.lookups_in_flight.get((pub.topic, shard))
             if lid is not None:  # a burst to one topic: every publish waits for the one answer
@@ -263,6 +308,7 @@ class Entry:
         if lookup is not None:
             nodes = frame.header["nodes"]
             topic = lookup.topic
+            self.resolved.pop(topic, None)  # resolved from the answer this one replaces: resolve it again
             for pub in lookup.pubs:
                 pub.dests.update(nodes)
             if frame.header["shard_epoch"] == lookup.shard_epoch:  # an owner behind our epoch is not cached
