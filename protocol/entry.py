@@ -4,9 +4,14 @@ Rules of this file:
 - A publish is resolved per shard its topic can be stored in (at most two, see ``router.partition``): owned
   here, the table answers; else the route cache (``router.route_cache``); else a LOOKUP already on its way for
   the same topic and shard; else a LOOKUP to the shard's primary, then its replicas in order (a dead primary
-  costs one ``lookup_timeout``, not a failed publish). Root-set routes (filters without a placement key) live
-  on every node and are matched here. Then one FWD goes to each node with a match; a node's own clients get it
-  from ``destination`` directly.
+  costs one ``lookup_timeout``, not a failed publish). Lookups are sent when the core flushes, one frame per
+  owner (LOOKUPS; a lone one as the plain LOOKUP), with one timer per frame. Root-set routes (filters without a
+  placement key) live on every node and are matched here. Then one FWD goes to each node with a match; a node's
+  own clients get it from ``destination`` directly.
+- A topic's first level: the shard of a multi-level topic's first level (when not the topic's own shard) holds
+  only wildcard filters under that level that could match. The owner says so when there are none (``clear``),
+  and that answer is cached once for the first level (key ``<first level>/#``, never a topic name) and serves
+  every topic under it, so many topics under one first level cost one lookup each, not two.
 - Order per topic: publishes wait in a per-topic FIFO until their lookups finish, so the order of publishes to
   one topic is the order they are forwarded in.
 - A cached answer used after half its ttl is asked for again while it still serves (refresh ahead): a hot topic
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
 REFRESH_AFTER = 0.5
 MAX_OWNERS_TRIED = 3
 INF = float("inf")
+HEAD_KEY = "/#"  # a first level's cached "no match under it" answer: "<level>/#", which no topic name can be
 
 
 class Entry:
@@ -67,6 +73,7 @@ class Entry:
         self.resolved: dict[str, tuple[frozenset[str], float]] = {}
         self._resolved_for: tuple[Any, ...] = ()
         self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
+        self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -184,8 +191,13 @@ class Entry:
             return
         pub.dests |= core.owner.routes.match(ROOT, pub.topic)
         self._until = INF
-        for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
-            self._lookup(pub, shard, [])
+        keys = lookup_keys(pub.topic)
+        shard = shard_for_key(keys[0], a.shard_count)
+        self._lookup(pub, shard, [])
+        if len(keys) == 2:  # (topic, its first level): the second shard holds only filters under that level
+            head_shard = shard_for_key(keys[1], a.shard_count)
+            if head_shard != shard:
+                self._lookup(pub, head_shard, [], head=keys[1])
         queue = self.topic_queues.get(pub.topic)
         if queue is None:
             if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
@@ -197,9 +209,12 @@ class Entry:
         self.queued_publishes += 1
         self._dispatch(pub.topic)
 
-    def _lookup(self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None) -> None:
+    def _lookup(
+        self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None, head: str | None = None
+    ) -> None:
         """Find the nodes with routes matching ``pub.topic`` in ``shard`` (see the rules). ``group``: publishes
-        to the same topic that share a retried lookup (``pub`` is one of them)."""
+        to the same topic that share a retried lookup (``pub`` is one of them). ``head``: the topic's first
+        level, when ``shard`` is that level's shard and not the topic's own."""
         core = self.core
         a = core.view.assignment
         assert a is not None
@@ -211,11 +226,18 @@ class Entry:
                 return
         shard_epoch = a.epoch(shard)
         if not tried:
+            if head is not None:  # every topic under this first level has no match here (see the rules)
+                key = head + HEAD_KEY
+                if self.route_cache.get(key, shard, shard_epoch, core.now) is not None:
+                    if self.route_cache.claim_refresh(key, shard, shard_epoch, core.now):
+                        self._refresh_lookup(pub.topic, shard, shard_epoch, head)
+                    self._until = min(self._until, self.route_cache.until(key, shard))
+                    return
             cached = self.route_cache.get(pub.topic, shard, shard_epoch, core.now)
             if cached is not None:
                 pub.dests.update(cached)
                 if self.route_cache.claim_refresh(pub.topic, shard, shard_epoch, core.now):
-                    self._refresh_lookup(pub.topic, shard, shard_epoch)
+                    self._refresh_lookup(pub.topic, shard, shard_epoch, head)
                 self._until = min(self._until, self.route_cache.until(pub.topic, shard))
                 return
             lid = self.lookups_in_flight.get((pub.topic, shard))
@@ -237,9 +259,9 @@ class Entry:
         for p in pubs:
             p.asked_remote = True
             p.lookups_left += 1
-        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], shard_epoch))
+        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], shard_epoch, head=head))
 
-    def _refresh_lookup(self, topic: str, shard: int, shard_epoch: int) -> None:
+    def _refresh_lookup(self, topic: str, shard: int, shard_epoch: int, head: str | None) -> None:
         """Ask the shard's primary again for a cached answer that still serves; publishes that miss meanwhile
         wait for this LOOKUP rather than send their own."""
         core = self.core
@@ -247,20 +269,54 @@ class Entry:
         owner = (core.view.assignment.owners(shard) or [core.me])[0]
         if owner != core.me and owner in core.view.members and (topic, shard) not in self.lookups_in_flight:
             core.metrics["route_cache.refreshes"] += 1
-            self._send_lookup(Lookup([], topic, shard, owner, [owner], shard_epoch))
+            self._send_lookup(Lookup([], topic, shard, owner, [owner], shard_epoch, head=head))
 
     def _send_lookup(self, lookup: Lookup) -> None:
+        """Open the lookup now (its ticket and time are taken now); it leaves with the flush (``send_lookups``)."""
         core = self.core
         lookup.ticket, lookup.sent_at = self.route_cache.ticket(lookup.shard), core.now
         lid = core.requests.open(lookup, self)
         self.lookups_in_flight[(lookup.topic, lookup.shard)] = lid
-        header = {"id": lid, "shard": lookup.shard, "shard_epoch": lookup.shard_epoch, "topic": lookup.topic}
-        owner = lookup.owner
-        if not core.effects.send_peer(owner, codec.encode(codec.LOOKUP, header)):
-            self._lookup_failed(lid, f"owner {owner} of shard {lookup.shard} is unreachable")
-            return
-        reason = f"owner {owner} did not answer"
-        core.effects.call_later(core.cfg.lookup_timeout, lambda: self._lookup_failed(lid, reason))
+        self.lookups_out.setdefault(lookup.owner, []).append(lid)
+
+    def send_lookups(self) -> None:
+        """Send the lookups opened since the last flush: one frame per owner, one timer per frame."""
+        core = self.core
+        requests = core.requests
+        while self.lookups_out:  # a failed send retries at the next owner, which queues again
+            out, self.lookups_out = self.lookups_out, {}
+            for owner, lids in out.items():
+                items = []
+                for lid in lids:
+                    lookup = requests.get(lid)
+                    if isinstance(lookup, Lookup):  # not failed meanwhile (its owner left)
+                        items.append([lid, lookup.shard, lookup.shard_epoch, lookup.topic, lookup.head is not None])
+                if not items:
+                    continue
+                if len(items) == 1:
+                    lid, shard, shard_epoch, topic, head = items[0]
+                    header = {"id": lid, "shard": shard, "shard_epoch": shard_epoch, "topic": topic}
+                    if head:
+                        header["head"] = True
+                    parts = codec.encode(codec.LOOKUP, header)
+                else:
+                    for item in items:
+                        item[4] = int(item[4])
+                    parts = codec.encode(codec.LOOKUPS, {"items": items})
+                    core.metrics["batches.lookups"] += 1
+                if not core.effects.send_peer(owner, parts):
+                    for item in items:
+                        self._lookup_failed(item[0], f"owner {owner} of shard {item[1]} is unreachable")
+                    continue
+                reason = f"owner {owner} did not answer"
+                ids = [item[0] for item in items]
+                core.effects.call_later(
+                    core.cfg.lookup_timeout, lambda ids=ids, why=reason: self._expire_lookups(ids, why)
+                )
+
+    def _expire_lookups(self, lids: list[int], reason: str) -> None:
+        for lid in lids:
+            self._lookup_failed(lid, reason)  # nothing for those answered meanwhile
 
     def _end_lookup(self, lid: int) -> Lookup | None:
         lookup = self.core.requests.close(lid)
@@ -292,7 +348,7 @@ class Entry:
                     p.lookups_left -= 1
                 still = [p for p in waiting if not p.failed]
                 if still:
-                    self._lookup(still[0], lookup.shard, lookup.tried, still)
+                    self._lookup(still[0], lookup.shard, lookup.tried, still, lookup.head)
                 self._dispatch(lookup.topic)
 
             core.refresh_assignment(retry, force=True)
@@ -300,23 +356,31 @@ class Entry:
         if refresh:
             core.refresh_assignment(lambda _ok: None)
         if waiting:  # a refresh nobody waits for is not retried: the answer it refreshes still serves
-            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
+            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting, lookup.head)
         self._dispatch(lookup.topic)
 
     def on_lookup_reply(self, sender: str, frame: Frame) -> None:
-        lookup = self._end_lookup(frame.header["id"])
-        if lookup is not None:
-            nodes = frame.header["nodes"]
-            topic = lookup.topic
-            self.resolved.pop(topic, None)  # resolved from the answer this one replaces: resolve it again
-            for pub in lookup.pubs:
-                pub.dests.update(nodes)
-            if frame.header["shard_epoch"] == lookup.shard_epoch:  # an owner behind our epoch is not cached
-                ttl = self.core.cfg.route_cache_ttl
-                expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
-                self.route_cache.put(topic, lookup.shard, lookup.shard_epoch, lookup.ticket, expires, nodes,
-                                     refresh_at)  # fmt: skip
-            self._dispatch(topic)
+        h = frame.header
+        self._answered(h["id"], h["shard_epoch"], h["nodes"], h.get("clear") is True)
+
+    def on_lookups_reply(self, sender: str, frame: Frame) -> None:
+        for lid, shard_epoch, nodes, clear in frame.header["items"]:
+            self._answered(lid, shard_epoch, nodes, clear == 1)
+
+    def _answered(self, lid: int, shard_epoch: int, nodes: list[str], clear: bool) -> None:
+        lookup = self._end_lookup(lid)
+        if lookup is None:
+            return
+        topic = lookup.topic
+        self.resolved.pop(topic, None)  # resolved from the answer this one replaces: resolve it again
+        for pub in lookup.pubs:
+            pub.dests.update(nodes)
+        if shard_epoch == lookup.shard_epoch:  # an owner behind our epoch is not cached
+            ttl = self.core.cfg.route_cache_ttl
+            expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
+            key = lookup.head + HEAD_KEY if clear and lookup.head is not None and not nodes else topic
+            self.route_cache.put(key, lookup.shard, lookup.shard_epoch, lookup.ticket, expires, nodes, refresh_at)
+        self._dispatch(topic)
 
     def on_invalidate(self, sender: str, frame: Frame) -> None:
         """An owner's routes changed: drop our cached answers for those shards, then say so if it waits."""

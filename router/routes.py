@@ -84,6 +84,11 @@ class RouteTable:
             return set()
         return index.match(topic)
 
+    def wild_under(self, shard: int, head: str) -> bool:
+        """False when no wildcard filter of ``shard`` can match a topic whose first level is ``head``."""
+        index = self._shards.get(shard)
+        return index is not None and index.wild_under(head)
+
     def shard_routes(self, shard: int) -> list[tuple[str, tuple[str, ...]]]:
         """A snapshot of the shard's routes, sorted so two snapshots compare equal."""
         index = self._shards.get(shard)
