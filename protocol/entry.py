@@ -28,7 +28,9 @@ Rules of this file:
   invalidation or clear (``RouteCache.version``), before the earliest expiry or refresh time of the cached
   answers it used (``RouteCache.until``), not fenced, and no publish of the topic waits for a lookup. A new
   answer stored for the topic drops its entry. Anything else (a refresh due, an expired answer) takes the
-  general path, which resolves, refreshes and keeps the topic again.
+  general path, which resolves, refreshes and keeps the topic again. First levels found clear (cached, or owned
+  here without a wildcard filter under them) are kept the same way (``heads_clear``), so a topic under one is
+  resolved with one shard, not two.
 - QoS 1: the publisher's PUBACK is sent once every destination answered FWD_ACK; a destination that refuses
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
@@ -71,6 +73,7 @@ class Entry:
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
         # topic -> (its nodes, serves until): see "Resolved topics" above; valid for ``_resolved_for`` only.
         self.resolved: dict[str, tuple[frozenset[str], float]] = {}
+        self.heads_clear: dict[str, float] = {}  # first level -> serves until (see "Resolved topics")
         self._resolved_for: tuple[Any, ...] = ()
         self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
         self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
@@ -103,7 +106,7 @@ class Entry:
                     kept += 1
             if dests is None:
                 head = payload if sizes is None else payload[: sizes[0]]
-                pub = self._publish_one(session, ref, topic, qos, head)
+                pub = self._publish_one(session, ref, topic, qos, head, resolved is not None)
                 if pub is not None and not pub.lookups_left and not pub.failed and topic not in topic_queues:
                     dests = routed[topic] = pub.dests
                     if resolved is not None and not pub.asked_remote:
@@ -152,6 +155,7 @@ class Entry:
         was = self._resolved_for
         if not was or was[0] is not basis[0] or was[1] is not basis[1] or was[2:] != basis[2:]:
             self.resolved.clear()
+            self.heads_clear.clear()
             self._resolved_for = basis
         return self.resolved
 
@@ -162,8 +166,11 @@ class Entry:
             del resolved[next(iter(resolved))]
         resolved[topic] = (frozenset(dests), self._until)
 
-    def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> Publish | None:
-        """Validate and route one publish; returns it, or None when it was refused."""
+    def _publish_one(
+        self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes, kept: bool = False
+    ) -> Publish | None:
+        """Validate and route one publish; returns it, or None when it was refused. ``kept``: ``heads_clear``
+        may be used (``on_pubs`` checked it at the start of its frame)."""
         core = self.core
         if qos not in (0, 1):
             core.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
@@ -179,11 +186,11 @@ class Entry:
             return None
         core.metrics["publishes.in"] += 1
         pub = Publish(session.rid, ref, topic, qos, payload)
-        self.publish(pub)
+        self.publish(pub, kept)
         return pub
 
     # ------------------------------------------------------------------ resolve
-    def publish(self, pub: Publish) -> None:
+    def publish(self, pub: Publish, kept: bool = False) -> None:
         core = self.core
         a = core.view.assignment
         if a is None:
@@ -195,9 +202,13 @@ class Entry:
         shard = shard_for_key(keys[0], a.shard_count)
         self._lookup(pub, shard, [])
         if len(keys) == 2:  # (topic, its first level): the second shard holds only filters under that level
-            head_shard = shard_for_key(keys[1], a.shard_count)
-            if head_shard != shard:
-                self._lookup(pub, head_shard, [], head=keys[1])
+            until = self.heads_clear.get(keys[1]) if kept else None
+            if until is not None and core.now < until:
+                self._until = min(self._until, until)
+            else:
+                head_shard = shard_for_key(keys[1], a.shard_count)
+                if head_shard != shard:
+                    self._lookup(pub, head_shard, [], head=keys[1])
         queue = self.topic_queues.get(pub.topic)
         if queue is None:
             if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
@@ -219,19 +230,23 @@ class Entry:
         a = core.view.assignment
         assert a is not None
         pubs = group or [pub]
-        if not tried:
-            owners = a.owners(shard)
-            if owners and owners[0] == core.me:
-                pub.dests |= core.owner.routes.match(shard, pub.topic)
-                return
-        shard_epoch = a.epoch(shard)
+        state = a.state(shard)
+        owners = state.owners
+        if not tried and owners and owners[0] == core.me:
+            routes = core.owner.routes
+            pub.dests |= routes.match(shard, pub.topic)
+            if head is not None and not routes.wild_under(shard, head):
+                self.heads_clear[head] = INF
+            return
+        shard_epoch = state.epoch
         if not tried:
             if head is not None:  # every topic under this first level has no match here (see the rules)
                 key = head + HEAD_KEY
                 if self.route_cache.get(key, shard, shard_epoch, core.now) is not None:
                     if self.route_cache.claim_refresh(key, shard, shard_epoch, core.now):
                         self._refresh_lookup(pub.topic, shard, shard_epoch, head)
-                    self._until = min(self._until, self.route_cache.until(key, shard))
+                    until = self.heads_clear[head] = self.route_cache.until(key, shard)
+                    self._until = min(self._until, until)
                     return
             cached = self.route_cache.get(pub.topic, shard, shard_epoch, core.now)
             if cached is not None:
@@ -245,7 +260,7 @@ class Entry:
                 core.requests.get(lid).pubs.append(pub)
                 pub.lookups_left += 1
                 return
-        candidates = [n for n in a.owners(shard) if n not in tried and n in core.view.members]
+        candidates = [n for n in owners if n not in tried and n in core.view.members]
         if not candidates or len(tried) > MAX_OWNERS_TRIED:
             for p in pubs:
                 self._fail_publish(p, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
@@ -315,8 +330,10 @@ class Entry:
                 )
 
     def _expire_lookups(self, lids: list[int], reason: str) -> None:
+        requests = self.core.requests
         for lid in lids:
-            self._lookup_failed(lid, reason)  # nothing for those answered meanwhile
+            if lid in requests:  # not answered meanwhile
+                self._lookup_failed(lid, reason)
 
     def _end_lookup(self, lid: int) -> Lookup | None:
         lookup = self.core.requests.close(lid)
@@ -364,8 +381,28 @@ class Entry:
         self._answered(h["id"], h["shard_epoch"], h["nodes"], h.get("clear") is True)
 
     def on_lookups_reply(self, sender: str, frame: Frame) -> None:
+        """``_answered`` for each item, its steps inlined (a LOOKUPS_REPLY carries hundreds)."""
+        close, in_flight, resolved = self.core.requests.close, self.lookups_in_flight, self.resolved
+        put, ttl = self.route_cache.put, self.core.cfg.route_cache_ttl
+        refresh_ttl = ttl * REFRESH_AFTER
         for lid, shard_epoch, nodes, clear in frame.header["items"]:
-            self._answered(lid, shard_epoch, nodes, clear == 1)
+            lookup = close(lid)
+            if not isinstance(lookup, Lookup):
+                continue
+            topic = lookup.topic
+            key = (topic, lookup.shard)
+            if in_flight.get(key) == lid:
+                del in_flight[key]
+            resolved.pop(topic, None)
+            for pub in lookup.pubs:
+                pub.lookups_left -= 1
+                pub.dests.update(nodes)
+            if shard_epoch == lookup.shard_epoch:
+                cached = lookup.head + HEAD_KEY if clear and lookup.head is not None and not nodes else topic
+                sent = lookup.sent_at
+                put(cached, lookup.shard, shard_epoch, lookup.ticket, sent + ttl, nodes, sent + refresh_ttl)
+            if lookup.pubs:
+                self._dispatch(topic)
 
     def _answered(self, lid: int, shard_epoch: int, nodes: list[str], clear: bool) -> None:
         lookup = self._end_lookup(lid)

@@ -289,11 +289,30 @@ class OwnerSide:
 
     def on_lookups(self, sender: str, frame: Frame) -> None:
         """Many LOOKUPs in one frame: one LOOKUPS_REPLY with the answered ones, an ERROR for each refused one."""
+        core = self.core
+        items = frame.header["items"]
         answers = []
-        for lid, shard, shard_epoch, topic, head in frame.header["items"]:
-            answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
-            if answer is not None:
-                answers.append(answer)
+        if core.fenced() or not core.view.shards_ok(item[1] for item in items):
+            for lid, shard, shard_epoch, topic, head in items:  # each refused, or answered, as a LOOKUP would be
+                answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
+                if answer is not None:
+                    answers.append(answer)
+        else:  # the same checks as _answer_lookup, those that hold for the whole frame made once
+            epoch_of, match, wild_under = core.view.shard_epoch, self.routes.match, self.routes.wild_under
+            watched: set[int] = set()
+            for lid, shard, shard_epoch, topic, head in items:
+                ours = epoch_of(shard)
+                if shard_epoch != ours:
+                    answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
+                    if answer is not None:
+                        answers.append(answer)
+                    continue
+                if shard not in watched:
+                    watched.add(shard)
+                    self.lookup_watchers.watch(shard, sender)
+                nodes = match(shard, topic)
+                clear = 1 if head and not wild_under(shard, topic.partition("/")[0]) else 0
+                answers.append([lid, ours, sorted(nodes) if len(nodes) > 1 else list(nodes), clear])
         if answers:
             self.core.effects.send_peer(sender, codec.encode(codec.LOOKUPS_REPLY, {"items": answers}))
 
