@@ -141,7 +141,7 @@ def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
 
 
 def test_a_first_level_with_a_wildcard_filter_is_never_clear() -> None:
-    """"m/#" lives in shard("m"): topics under "m" whose own shard differs must still be asked about it."""
+    """The filter "m/#" lives in shard("m"): topics under "m" whose own shard differs must still be asked about it."""
     sim, ids = cluster()
     topics = [f"m/u{i}" for i in range(40)]
     for pid in publish_frame(sim, ids[1], topics):  # nobody subscribed: first level "m" answered clear
