@@ -12,7 +12,9 @@ Rules of this file:
 - Two epochs, two names: ``shard_epoch`` (a shard's ownership changes, what fencing compares) on the frames about
   one shard, and the cluster's ``membership_epoch`` only in WELCOME, for clients and logs. A field no receiver
   reads is not sent. Batches put many items in one frame (``filters``, ``routes``, ``mids``, ``ids``) rather
-  than inventing new frame types.
+  than inventing new frame types; only a request defined as one item per frame has a batch sibling (PUBS, FWDS,
+  MSGS for PUB, FWD, MSG; LOOKUPS and LOOKUPS_REPLY for LOOKUP and LOOKUP_REPLY), whose lone item still goes
+  as the plain frame.
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
