@@ -84,6 +84,16 @@ def topic_for(system: str, name: str) -> str:
     return name.replace("/", ".") if system == "nats" else name
 
 
+def topic_names(spec: dict[str, Any]) -> list[str]:
+    """The phase's topics: ``spec["topic"]`` itself, or K topics under it (``--topics``): ``<topic>/t<i>`` (NATS:
+    ``.`` for ``/``), published to in turn and all subscribed to (exact names, no wildcard)."""
+    k = spec.get("topics", 1)
+    if k == 1:
+        return [spec["topic"]]
+    sep = "." if "." in spec["topic"] else "/"
+    return [f"{spec['topic']}{sep}t{i}" for i in range(k)]
+
+
 # ---------------------------------------------------------------------------------------------- subscriber side
 class Tally:
     """What the subscriber counts: messages, the last receive time and (paced runs) publish -> deliver times."""
@@ -148,7 +158,7 @@ def sub_shardmq(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: T
     from shardmq.client import Client
 
     with Client([info["sub_endpoint"]], timeout=10.0) as c:
-        c.subscribe(spec["topic"], qos=spec["qos"])
+        c.subscribe_many(topic_names(spec), qos=spec["qos"])
         ready.set()
 
         def get(timeout: float) -> bytes | None:
@@ -213,8 +223,9 @@ def sub_nats(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: Tall
             async def on_msg(msg: Any) -> None:
                 tally.add(msg.data)
 
-            await nc.subscribe(spec["topic"], cb=on_msg, pending_msgs_limit=spec["count"] + 1000)
-            await nc.flush()  # the server has the subscription
+            for subject in topic_names(spec):  # one subscription per subject (nats-py has no bulk subscribe)
+                await nc.subscribe(subject, cb=on_msg, pending_msgs_limit=spec["count"] + 1000)
+            await nc.flush()  # the server has the subscriptions
             ready.set()
             while not tally.done():
                 await asyncio.sleep(0.01)
@@ -251,13 +262,28 @@ def subscriber_main(system: str, info: dict[str, Any], spec: dict[str, Any], rea
 
 
 # ---------------------------------------------------------------------------------------------- publisher side
-def drive(spec: dict[str, Any], send: Callable[[bytes], None], send_many: Callable[[range], None]) -> dict[str, Any]:
-    """The publish loop for blocking clients. ``send_many(range)`` sends stamped messages for those numbers."""
+def drive(
+    spec: dict[str, Any],
+    send: Callable[[bytes], None],
+    send_many: Callable[[range], None],
+    send_to: Callable[[str, bytes], None] | None = None,
+) -> dict[str, Any]:
+    """The publish loop for blocking clients. ``send_many(range)`` sends stamped messages for those numbers;
+    ``send_to(topic, payload)``: QoS 0 max over ``--topics`` K > 1, each message to the next topic in turn."""
     n, mode = spec["count"], spec["mode"]
     deadline = time.monotonic() + spec["seconds"]
     i = 0
+    topics = topic_names(spec)
     first = time.monotonic_ns()
-    if mode == "max":
+    if mode == "max" and len(topics) > 1:
+        assert send_to is not None
+        k = len(topics)
+        while i < n:
+            send_to(topics[i % k], FLAT)
+            i += 1
+            if i & 1023 == 0 and time.monotonic() > deadline:
+                break
+    elif mode == "max":
         while i < n:
             send(FLAT)
             i += 1
@@ -295,7 +321,10 @@ def pub_shardmq(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             for i in seqs:
                 c.publish(topic, stamped(i), qos=qos)
 
-        result = drive(spec, send, send_many)
+        def send_to(name: str, payload: bytes) -> None:
+            c.publish(name, payload, qos=qos)
+
+        result = drive(spec, send, send_many, send_to)
         # QoS 0 frames may still sit in the socket's queue, and close() (linger 0) would discard them. One
         # request behind them on the same connection is answered only after the node has read them all.
         c.status()
@@ -385,8 +414,16 @@ def pub_nats(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             topic, n, mode = spec["topic"], spec["count"], spec["mode"]
             deadline = time.monotonic() + spec["seconds"]
             i = 0
+            topics = topic_names(spec)
+            k = len(topics)
             first = time.monotonic_ns()
-            if mode == "max":
+            if mode == "max" and k > 1:
+                while i < n:
+                    await nc.publish(topics[i % k], FLAT)
+                    i += 1
+                    if i & 1023 == 0 and time.monotonic() > deadline:
+                        break
+            elif mode == "max":
                 while i < n:
                     await nc.publish(topic, FLAT)
                     i += 1
@@ -453,8 +490,9 @@ def run_phase(ctx: Any, system: str, info: dict[str, Any], spec: dict[str, Any])
         while not ready.wait(0.2):
             if not sub.is_alive() or not sub_q.empty():
                 return _get(sub_q, 1.0, "subscriber exited before it was subscribed")
-            if time.monotonic() - spec["started"] > 60:
-                return {"error": "subscriber not subscribed within 60 s"}
+            allowed = 60 + spec.get("topics", 1) / 1000  # subscribing to 100,000 topics takes a while
+            if time.monotonic() - spec["started"] > allowed:
+                return {"error": f"subscriber not subscribed within {allowed:.0f} s"}
         pub = ctx.Process(target=publisher_main, args=(system, info, spec, pub_q), daemon=True)
         pub.start()
         pub_res = _get(pub_q, spec["seconds"] + 60, "publisher gave no result")
@@ -630,6 +668,131 @@ def measure_system(
                   f"{res['sent']:,} acked)", flush=True)  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- many topics
+MANY_TOPIC_SYSTEMS = ("shardmq", "nats")  # the others subscribe to one topic only here
+PROBE_EVERY = 0.25  # seconds between liveness probes of each shardmq node during a many-topic run
+PROBE_TIMEOUT = 5.0
+
+
+def probe_node(endpoint: str) -> float:
+    """A new client's HELLO then STATUS to one node, as a raw DEALER (no SDK failover): seconds until both were
+    answered, PROBE_TIMEOUT when they were not."""
+    import zmq
+
+    from shardmq.router import codec
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    started = time.monotonic()
+    try:
+        for kind, header, reply in ((codec.HELLO, {"id": 1}, codec.WELCOME), (codec.STATUS, {"id": 2}, None)):
+            sock.send_multipart(codec.encode(kind, header))
+            while True:
+                left = PROBE_TIMEOUT - (time.monotonic() - started)
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    return PROBE_TIMEOUT
+                parts = sock.recv_multipart()
+                if parts[0] == (reply or codec.STATUS_REPLY):
+                    break
+        return time.monotonic() - started
+    finally:
+        sock.close()
+
+
+class Liveness:
+    """Probes every node of the shardmq cluster from a thread of this process while a run goes on: the slowest
+    HELLO + STATUS answer per node (the goal: none over a second)."""
+
+    def __init__(self, endpoints: dict[str, str]) -> None:
+        self.endpoints = endpoints
+        self.worst: dict[str, float] = {}
+        self.probes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Liveness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROBE_EVERY):
+            for name, endpoint in self.endpoints.items():
+                took = probe_node(endpoint)
+                self.probes += 1
+                self.worst[name] = max(self.worst.get(name, 0.0), took)
+
+
+def many_topics(ctx: Any, infos: dict[str, dict[str, Any]], args: Any, node_endpoints: dict[str, str]) -> None:
+    """QoS 0 max per topic count K (``--topics``): each message to the next of K topics, the subscriber holding
+    all K (exact filters) before the publisher starts; every system per K per repeat, interleaved."""
+    ks = [int(k) for k in args.topics.split(",")]
+    systems = [s for s in SYSTEMS if s in infos and s in MANY_TOPIC_SYSTEMS]
+    skipped = [s for s in infos if s not in MANY_TOPIC_SYSTEMS]
+    if skipped:
+        print(f"many topics: {', '.join(skipped)} not run (only {', '.join(MANY_TOPIC_SYSTEMS)} are)")
+    rates: dict[tuple[str, int], list[float]] = {}
+    losses: dict[tuple[str, int], list[float]] = {}
+    worst: dict[int, dict[str, float]] = {}
+    for rep in range(args.repeats):
+        order = systems[rep % len(systems) :] + systems[: rep % len(systems)]
+        print(f"\n-- repeat {rep + 1}/{args.repeats} (order: {', '.join(order)})", flush=True)
+        for k in ks:
+            for system in order:
+                spec = {"topic": topic_for(system, f"bench/k{k}"), "topics": k, "mode": "max", "count": args.count,
+                        "seconds": args.seconds, "qos": 0, "started": time.monotonic()}  # fmt: skip
+                probe = Liveness(node_endpoints) if system == "shardmq" and k > 1 else contextlib.nullcontext()
+                with probe:
+                    res = run_phase(ctx, system, infos[system], spec)
+                if "error" in res or not res.get("received"):
+                    print(f"{system:<10} K={k:<7} FAILED: {res.get('error', 'nothing delivered')}", flush=True)
+                    continue
+                rate = delivered_rate(res)
+                loss = 1 - res["received"] / res["sent"]
+                if rate is not None:
+                    rates.setdefault((system, k), []).append(rate)
+                losses.setdefault((system, k), []).append(loss)
+                live = ""
+                if isinstance(probe, Liveness):
+                    for name, took in probe.worst.items():
+                        worst.setdefault(k, {})[name] = max(worst.get(k, {}).get(name, 0.0), took)
+                    live = "  slowest HELLO+STATUS " + ", ".join(
+                        f"{n} {t * 1000:.0f} ms" for n, t in sorted(probe.worst.items())
+                    )
+                print(f"{system:<10} K={k:<7} {fmt_rate(rate):>9} msg/s delivered  ({res['received']:,} of "
+                      f"{res['sent']:,} sent, loss {loss:.1%}){live}", flush=True)  # fmt: skip
+    print(f"\nmany topics: QoS 0 max, each message to the next of K topics, subscriber on all K; medians of "
+          f"{args.repeats} repeats; ratio = shardmq / nats\n")  # fmt: skip
+    header = ["K"]
+    for system in systems:
+        header += [f"{system} msg/s", f"{system} loss"]
+    header += ["ratio", "slowest HELLO+STATUS (shardmq nodes)"]
+    rows = [tuple(header)]
+    for k in ks:
+        row = [f"{k:,}"]
+        for system in systems:
+            loss = med(losses.get((system, k), []))
+            row += [fmt_rate(med(rates.get((system, k), []))), "-" if loss is None else f"{loss:.1%}"]
+        row.append(fmt_ratio(med(rates.get(("shardmq", k), [])), med(rates.get(("nats", k), []))))
+        w = worst.get(k)
+        row.append(", ".join(f"{n} {t * 1000:.0f} ms" for n, t in sorted(w.items())) if w else "-")
+        rows.append(tuple(row))
+    print_table(rows)
+    for k in ks:
+        s, n = med(rates.get(("shardmq", k), [])), med(rates.get(("nats", k), []))
+        loss = med(losses.get(("shardmq", k), []))
+        w = max(worst.get(k, {}).values(), default=None)
+        if s and n:
+            verdict = "met" if s >= n and loss == 0 and (w is None or w <= 1.0) else "NOT met"
+            print(f"goal K={k:,}: shardmq >= nats, 0 loss, every node answers within 1 s: {verdict} "
+                  f"(ratio {s / n:.3f}, loss {loss:.1%}"
+                  + (f", slowest answer {w * 1000:.0f} ms)" if w is not None else ")"))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -642,6 +805,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qos1-count", type=int, default=20_000)
     parser.add_argument("--qos1-seconds", type=float, default=4.0)
     parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument(
+        "--topics",
+        default="",
+        help="comma-separated topic counts K (e.g. 1,1000,100000): run only QoS 0 max per K, each message to the "
+        "next of K topics, the subscriber on all K (shardmq and nats), with liveness probes of the shardmq nodes",
+    )
     args = parser.parse_args(argv)
     wanted = [s for s in SYSTEMS if s in args.only.split(",")]
     started = time.monotonic()
@@ -657,6 +826,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     ctx = mp.get_context("spawn")
+    node_endpoints: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="shardmq-compare-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         infos: dict[str, dict[str, Any]] = {}
@@ -669,7 +839,7 @@ def main(argv: list[str] | None = None) -> None:
                 stack.callback(lc.down)
                 lc.up()
                 assert lc.state is not None
-                eps = {p.name: p.client_endpoint for p in lc.state.nodes}
+                eps = node_endpoints = {p.name: p.client_endpoint for p in lc.state.nodes}
                 infos[system] = {"sub_endpoint": eps["n1"], "pub_endpoint": eps["n3"]}
                 print(f"shardmq: 3 nodes up; subscriber on n1 {eps['n1']}, publisher on n3 {eps['n3']}")
                 continue
@@ -695,6 +865,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("shardmq is the baseline: run it (drop --only or include shardmq)")
         systems = [s for s in SYSTEMS if s in infos]
         figures: dict[str, dict[str, list[float]]] = {s: {} for s in systems}
+        if args.topics:
+            many_topics(ctx, infos, args, node_endpoints)
+            print(f"(total {time.monotonic() - started:.0f} s)")
+            return
 
         for rep in range(args.repeats):
             order = systems[rep % len(systems) :] + systems[: rep % len(systems)]

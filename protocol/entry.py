@@ -4,9 +4,14 @@ Rules of this file:
 - A publish is resolved per shard its topic can be stored in (at most two, see ``router.partition``): owned
   here, the table answers; else the route cache (``router.route_cache``); else a LOOKUP already on its way for
   the same topic and shard; else a LOOKUP to the shard's primary, then its replicas in order (a dead primary
-  costs one ``lookup_timeout``, not a failed publish). Root-set routes (filters without a placement key) live
-  on every node and are matched here. Then one FWD goes to each node with a match; a node's own clients get it
-  from ``destination`` directly.
+  costs one ``lookup_timeout``, not a failed publish). Lookups are sent when the core flushes, one frame per
+  owner (LOOKUPS; a lone one as the plain LOOKUP), with one timer per frame. Root-set routes (filters without a
+  placement key) live on every node and are matched here. Then one FWD goes to each node with a match; a node's
+  own clients get it from ``destination`` directly.
+- A topic's first level: the shard of a multi-level topic's first level (when not the topic's own shard) holds
+  only wildcard filters under that level that could match. The owner says so when there are none (``clear``),
+  and that answer is cached once for the first level (key ``<first level>/#``, never a topic name) and serves
+  every topic under it, so many topics under one first level cost one lookup each, not two.
 - Order per topic: publishes wait in a per-topic FIFO until their lookups finish, so the order of publishes to
   one topic is the order they are forwarded in.
 - A cached answer used after half its ttl is asked for again while it still serves (refresh ahead): a hot topic
@@ -16,6 +21,16 @@ Rules of this file:
   only, nothing queued before it) sends its later publishes in the frame to the same nodes without resolving
   them again, and a QoS 0 run (many messages to one topic) travels on as one item. It sits beside the general
   path (``on_pubs`` beside ``publish``) and does what ``forward`` does, without a record per message.
+- Resolved topics (``resolved``): such a topic's nodes are also kept across frames, so a publisher cycling
+  through many topics (one publish per topic per frame) is not resolved again per message: validation, shards,
+  owners, cache entries. An entry serves only while nothing it was derived from may have changed: the same
+  assignment and member view (objects), the same owned route table (``RouteTable.version``), no cache
+  invalidation or clear (``RouteCache.version``), before the earliest expiry or refresh time of the cached
+  answers it used (``RouteCache.until``), not fenced, and no publish of the topic waits for a lookup. A new
+  answer stored for the topic drops its entry. Anything else (a refresh due, an expired answer) takes the
+  general path, which resolves, refreshes and keeps the topic again. First levels found clear (cached, or owned
+  here without a wildcard filter under them) are kept the same way (``heads_clear``), so a topic under one is
+  resolved with one shard, not two.
 - QoS 1: the publisher's PUBACK is sent once every destination answered FWD_ACK; a destination that refuses
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
@@ -44,6 +59,8 @@ if TYPE_CHECKING:
 # A cached answer used after this share of its ttl is asked for again while it still serves (refresh ahead).
 REFRESH_AFTER = 0.5
 MAX_OWNERS_TRIED = 3
+INF = float("inf")
+HEAD_KEY = "/#"  # a first level's cached "no match under it" answer: "<level>/#", which no topic name can be
 
 
 class Entry:
@@ -54,6 +71,12 @@ class Entry:
         self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
+        # topic -> (its nodes, serves until): see "Resolved topics" above; valid for ``_resolved_for`` only.
+        self.resolved: dict[str, tuple[frozenset[str], float]] = {}
+        self.heads_clear: dict[str, float] = {}  # first level -> serves until (see "Resolved topics")
+        self._resolved_for: tuple[Any, ...] = ()
+        self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
+        self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -68,17 +91,26 @@ class Entry:
         except ProtocolError as exc:
             core.reject_client(session.rid, exc.code, exc.reason, exc.ref)
             return
-        routed: dict[str, set[str]] = {}
+        routed: dict[str, frozenset[str] | set[str]] = {}
         queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
-        rid, me, members, outbox = session.rid, core.me, core.view.members, core.outbox
-        fast = hops = queued = dead = 0
+        rid, me, members, outbox, now = session.rid, core.me, core.view.members, core.outbox, core.now
+        resolved = self._resolved_now()
+        topic_queues = self.topic_queues
+        fast = hops = queued = dead = kept = 0
         for (topic, qos, ref), sizes, payload in runs:
             dests = routed.get(topic)
+            if dests is None and resolved is not None:
+                known = resolved.get(topic)
+                if known is not None and now < known[1] and topic not in topic_queues:
+                    dests = routed[topic] = known[0]
+                    kept += 1
             if dests is None:
                 head = payload if sizes is None else payload[: sizes[0]]
-                pub = self._publish_one(session, ref, topic, qos, head)
-                if pub is not None and not pub.lookups_left and not pub.failed and topic not in self.topic_queues:
+                pub = self._publish_one(session, ref, topic, qos, head, resolved is not None)
+                if pub is not None and not pub.lookups_left and not pub.failed and topic not in topic_queues:
                     dests = routed[topic] = pub.dests
+                    if resolved is not None and not pub.asked_remote:
+                        self._keep_resolved(topic, pub.dests)
                 if sizes is None:
                     continue
                 payload, sizes = payload[sizes[0] :], sizes[1:]
@@ -103,6 +135,8 @@ class Entry:
                 hops += n
             queued += len(lists) * n
             dead += (len(dests) - len(lists)) * n
+        if kept:
+            core.metrics["publishes.resolved_kept"] += kept
         if fast:
             m = core.metrics
             m["publishes.in"] += fast
@@ -112,8 +146,31 @@ class Entry:
                 m["drops.dead_destination"] += dead
             outbox.queued += queued
 
-    def _publish_one(self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes) -> Publish | None:
-        """Validate and route one publish; returns it, or None when it was refused."""
+    def _resolved_now(self) -> dict[str, tuple[frozenset[str], float]] | None:
+        """The resolved topics, emptied first when what they were derived from changed; None while fenced."""
+        core = self.core
+        if core.fenced():
+            return None
+        basis = (core.view.assignment, core.view.members, core.owner.routes.version, self.route_cache.version)
+        was = self._resolved_for
+        if not was or was[0] is not basis[0] or was[1] is not basis[1] or was[2:] != basis[2:]:
+            self.resolved.clear()
+            self.heads_clear.clear()
+            self._resolved_for = basis
+        return self.resolved
+
+    def _keep_resolved(self, topic: str, dests: set[str]) -> None:
+        """Keep a topic ``publish`` just routed at once (see the rules), until ``_until``."""
+        resolved = self.resolved
+        if topic not in resolved and len(resolved) >= max(1, self.core.cfg.route_cache_size):
+            del resolved[next(iter(resolved))]
+        resolved[topic] = (frozenset(dests), self._until)
+
+    def _publish_one(
+        self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes, kept: bool = False
+    ) -> Publish | None:
+        """Validate and route one publish; returns it, or None when it was refused. ``kept``: ``heads_clear``
+        may be used (``on_pubs`` checked it at the start of its frame)."""
         core = self.core
         if qos not in (0, 1):
             core.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
@@ -129,19 +186,29 @@ class Entry:
             return None
         core.metrics["publishes.in"] += 1
         pub = Publish(session.rid, ref, topic, qos, payload)
-        self.publish(pub)
+        self.publish(pub, kept)
         return pub
 
     # ------------------------------------------------------------------ resolve
-    def publish(self, pub: Publish) -> None:
+    def publish(self, pub: Publish, kept: bool = False) -> None:
         core = self.core
         a = core.view.assignment
         if a is None:
             self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
         pub.dests |= core.owner.routes.match(ROOT, pub.topic)
-        for shard in {shard_for_key(key, a.shard_count) for key in lookup_keys(pub.topic)}:
-            self._lookup(pub, shard, [])
+        self._until = INF
+        keys = lookup_keys(pub.topic)
+        shard = shard_for_key(keys[0], a.shard_count)
+        self._lookup(pub, shard, [])
+        if len(keys) == 2:  # (topic, its first level): the second shard holds only filters under that level
+            until = self.heads_clear.get(keys[1]) if kept else None
+            if until is not None and core.now < until:
+                self._until = min(self._until, until)
+            else:
+                head_shard = shard_for_key(keys[1], a.shard_count)
+                if head_shard != shard:
+                    self._lookup(pub, head_shard, [], head=keys[1])
         queue = self.topic_queues.get(pub.topic)
         if queue is None:
             if pub.lookups_left == 0:  # answered here (owned, cached, or failed at once): nothing to wait behind
@@ -153,32 +220,47 @@ class Entry:
         self.queued_publishes += 1
         self._dispatch(pub.topic)
 
-    def _lookup(self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None) -> None:
+    def _lookup(
+        self, pub: Publish, shard: int, tried: list[str], group: list[Publish] | None = None, head: str | None = None
+    ) -> None:
         """Find the nodes with routes matching ``pub.topic`` in ``shard`` (see the rules). ``group``: publishes
-        to the same topic that share a retried lookup (``pub`` is one of them)."""
+        to the same topic that share a retried lookup (``pub`` is one of them). ``head``: the topic's first
+        level, when ``shard`` is that level's shard and not the topic's own."""
         core = self.core
         a = core.view.assignment
         assert a is not None
         pubs = group or [pub]
+        state = a.state(shard)
+        owners = state.owners
+        if not tried and owners and owners[0] == core.me:
+            routes = core.owner.routes
+            pub.dests |= routes.match(shard, pub.topic)
+            if head is not None and not routes.wild_under(shard, head):
+                self.heads_clear[head] = INF
+            return
+        shard_epoch = state.epoch
         if not tried:
-            owners = a.owners(shard)
-            if owners and owners[0] == core.me:
-                pub.dests |= core.owner.routes.match(shard, pub.topic)
-                return
-        shard_epoch = a.epoch(shard)
-        if not tried:
+            if head is not None:  # every topic under this first level has no match here (see the rules)
+                key = head + HEAD_KEY
+                if self.route_cache.get(key, shard, shard_epoch, core.now) is not None:
+                    if self.route_cache.claim_refresh(key, shard, shard_epoch, core.now):
+                        self._refresh_lookup(pub.topic, shard, shard_epoch, head)
+                    until = self.heads_clear[head] = self.route_cache.until(key, shard)
+                    self._until = min(self._until, until)
+                    return
             cached = self.route_cache.get(pub.topic, shard, shard_epoch, core.now)
             if cached is not None:
                 pub.dests.update(cached)
                 if self.route_cache.claim_refresh(pub.topic, shard, shard_epoch, core.now):
-                    self._refresh_lookup(pub.topic, shard, shard_epoch)
+                    self._refresh_lookup(pub.topic, shard, shard_epoch, head)
+                self._until = min(self._until, self.route_cache.until(pub.topic, shard))
                 return
             lid = self.lookups_in_flight.get((pub.topic, shard))
             if lid is not None:  # a burst to one topic: every publish waits for the one answer
                 core.requests.get(lid).pubs.append(pub)
                 pub.lookups_left += 1
                 return
-        candidates = [n for n in a.owners(shard) if n not in tried and n in core.view.members]
+        candidates = [n for n in owners if n not in tried and n in core.view.members]
         if not candidates or len(tried) > MAX_OWNERS_TRIED:
             for p in pubs:
                 self._fail_publish(p, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)
@@ -192,9 +274,9 @@ class Entry:
         for p in pubs:
             p.asked_remote = True
             p.lookups_left += 1
-        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], shard_epoch))
+        self._send_lookup(Lookup(pubs, pub.topic, shard, owner, [*tried, owner], shard_epoch, head=head))
 
-    def _refresh_lookup(self, topic: str, shard: int, shard_epoch: int) -> None:
+    def _refresh_lookup(self, topic: str, shard: int, shard_epoch: int, head: str | None) -> None:
         """Ask the shard's primary again for a cached answer that still serves; publishes that miss meanwhile
         wait for this LOOKUP rather than send their own."""
         core = self.core
@@ -202,20 +284,56 @@ class Entry:
         owner = (core.view.assignment.owners(shard) or [core.me])[0]
         if owner != core.me and owner in core.view.members and (topic, shard) not in self.lookups_in_flight:
             core.metrics["route_cache.refreshes"] += 1
-            self._send_lookup(Lookup([], topic, shard, owner, [owner], shard_epoch))
+            self._send_lookup(Lookup([], topic, shard, owner, [owner], shard_epoch, head=head))
 
     def _send_lookup(self, lookup: Lookup) -> None:
+        """Open the lookup now (its ticket and time are taken now); it leaves with the flush (``send_lookups``)."""
         core = self.core
         lookup.ticket, lookup.sent_at = self.route_cache.ticket(lookup.shard), core.now
         lid = core.requests.open(lookup, self)
         self.lookups_in_flight[(lookup.topic, lookup.shard)] = lid
-        header = {"id": lid, "shard": lookup.shard, "shard_epoch": lookup.shard_epoch, "topic": lookup.topic}
-        owner = lookup.owner
-        if not core.effects.send_peer(owner, codec.encode(codec.LOOKUP, header)):
-            self._lookup_failed(lid, f"owner {owner} of shard {lookup.shard} is unreachable")
-            return
-        reason = f"owner {owner} did not answer"
-        core.effects.call_later(core.cfg.lookup_timeout, lambda: self._lookup_failed(lid, reason))
+        self.lookups_out.setdefault(lookup.owner, []).append(lid)
+
+    def send_lookups(self) -> None:
+        """Send the lookups opened since the last flush: one frame per owner, one timer per frame."""
+        core = self.core
+        requests = core.requests
+        while self.lookups_out:  # a failed send retries at the next owner, which queues again
+            out, self.lookups_out = self.lookups_out, {}
+            for owner, lids in out.items():
+                items = []
+                for lid in lids:
+                    lookup = requests.get(lid)
+                    if isinstance(lookup, Lookup):  # not failed meanwhile (its owner left)
+                        items.append([lid, lookup.shard, lookup.shard_epoch, lookup.topic, lookup.head is not None])
+                if not items:
+                    continue
+                if len(items) == 1:
+                    lid, shard, shard_epoch, topic, head = items[0]
+                    header = {"id": lid, "shard": shard, "shard_epoch": shard_epoch, "topic": topic}
+                    if head:
+                        header["head"] = True
+                    parts = codec.encode(codec.LOOKUP, header)
+                else:
+                    for item in items:
+                        item[4] = int(item[4])
+                    parts = codec.encode(codec.LOOKUPS, {"items": items})
+                    core.metrics["batches.lookups"] += 1
+                if not core.effects.send_peer(owner, parts):
+                    for item in items:
+                        self._lookup_failed(item[0], f"owner {owner} of shard {item[1]} is unreachable")
+                    continue
+                reason = f"owner {owner} did not answer"
+                ids = [item[0] for item in items]
+                core.effects.call_later(
+                    core.cfg.lookup_timeout, lambda ids=ids, why=reason: self._expire_lookups(ids, why)
+                )
+
+    def _expire_lookups(self, lids: list[int], reason: str) -> None:
+        requests = self.core.requests
+        for lid in lids:
+            if lid in requests:  # not answered meanwhile
+                self._lookup_failed(lid, reason)
 
     def _end_lookup(self, lid: int) -> Lookup | None:
         lookup = self.core.requests.close(lid)
@@ -247,7 +365,7 @@ class Entry:
                     p.lookups_left -= 1
                 still = [p for p in waiting if not p.failed]
                 if still:
-                    self._lookup(still[0], lookup.shard, lookup.tried, still)
+                    self._lookup(still[0], lookup.shard, lookup.tried, still, lookup.head)
                 self._dispatch(lookup.topic)
 
             core.refresh_assignment(retry, force=True)
@@ -255,22 +373,51 @@ class Entry:
         if refresh:
             core.refresh_assignment(lambda _ok: None)
         if waiting:  # a refresh nobody waits for is not retried: the answer it refreshes still serves
-            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting)
+            self._lookup(waiting[0], lookup.shard, lookup.tried, waiting, lookup.head)
         self._dispatch(lookup.topic)
 
     def on_lookup_reply(self, sender: str, frame: Frame) -> None:
-        lookup = self._end_lookup(frame.header["id"])
-        if lookup is not None:
-            nodes = frame.header["nodes"]
+        h = frame.header
+        self._answered(h["id"], h["shard_epoch"], h["nodes"], h.get("clear") is True)
+
+    def on_lookups_reply(self, sender: str, frame: Frame) -> None:
+        """``_answered`` for each item, its steps inlined (a LOOKUPS_REPLY carries hundreds)."""
+        close, in_flight, resolved = self.core.requests.close, self.lookups_in_flight, self.resolved
+        put, ttl = self.route_cache.put, self.core.cfg.route_cache_ttl
+        refresh_ttl = ttl * REFRESH_AFTER
+        for lid, shard_epoch, nodes, clear in frame.header["items"]:
+            lookup = close(lid)
+            if not isinstance(lookup, Lookup):
+                continue
             topic = lookup.topic
+            key = (topic, lookup.shard)
+            if in_flight.get(key) == lid:
+                del in_flight[key]
+            resolved.pop(topic, None)
             for pub in lookup.pubs:
+                pub.lookups_left -= 1
                 pub.dests.update(nodes)
-            if frame.header["shard_epoch"] == lookup.shard_epoch:  # an owner behind our epoch is not cached
-                ttl = self.core.cfg.route_cache_ttl
-                expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
-                self.route_cache.put(topic, lookup.shard, lookup.shard_epoch, lookup.ticket, expires, nodes,
-                                     refresh_at)  # fmt: skip
-            self._dispatch(topic)
+            if shard_epoch == lookup.shard_epoch:
+                cached = lookup.head + HEAD_KEY if clear and lookup.head is not None and not nodes else topic
+                sent = lookup.sent_at
+                put(cached, lookup.shard, shard_epoch, lookup.ticket, sent + ttl, nodes, sent + refresh_ttl)
+            if lookup.pubs:
+                self._dispatch(topic)
+
+    def _answered(self, lid: int, shard_epoch: int, nodes: list[str], clear: bool) -> None:
+        lookup = self._end_lookup(lid)
+        if lookup is None:
+            return
+        topic = lookup.topic
+        self.resolved.pop(topic, None)  # resolved from the answer this one replaces: resolve it again
+        for pub in lookup.pubs:
+            pub.dests.update(nodes)
+        if shard_epoch == lookup.shard_epoch:  # an owner behind our epoch is not cached
+            ttl = self.core.cfg.route_cache_ttl
+            expires, refresh_at = lookup.sent_at + ttl, lookup.sent_at + ttl * REFRESH_AFTER
+            key = lookup.head + HEAD_KEY if clear and lookup.head is not None and not nodes else topic
+            self.route_cache.put(key, lookup.shard, lookup.shard_epoch, lookup.ticket, expires, nodes, refresh_at)
+        self._dispatch(topic)
 
     def on_invalidate(self, sender: str, frame: Frame) -> None:
         """An owner's routes changed: drop our cached answers for those shards, then say so if it waits."""

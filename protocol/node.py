@@ -118,6 +118,8 @@ class NodeCore:
             codec.ROUTE_ACK: self.subscriptions.on_route_ack,
             codec.LOOKUP: self.owner.on_lookup,
             codec.LOOKUP_REPLY: self.entry.on_lookup_reply,
+            codec.LOOKUPS: self.owner.on_lookups,
+            codec.LOOKUPS_REPLY: self.entry.on_lookups_reply,
             codec.FWD: self.destination.on_fwd,
             codec.FWDS: self.destination.on_fwds,
             codec.FWD_ACK: self.entry.on_fwd_ack,
@@ -230,8 +232,12 @@ class NodeCore:
         self._peer_handlers[frame.type](sender, frame)
 
     def refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None:
+        self.refuse_request(sender, frame.header.get("id"), code, reason, **extra)
+
+    def refuse_request(self, sender: str, ref: int | None, code: str, reason: str, **extra: Any) -> None:
+        """Refuse one request of a peer (a frame, or one item of a batch such as LOOKUPS) with an ERROR."""
         self.metrics[f"fencing.refused.{code}"] += 1
-        self.effects.send_peer(sender, codec.error_parts(code, reason, frame.header.get("id"), **extra))
+        self.effects.send_peer(sender, codec.error_parts(code, reason, ref, **extra))
 
     def _on_peer_error(self, sender: str, frame: Frame) -> None:
         """A peer refused one of our requests: fail what waits on it now rather than at its timeout."""
@@ -251,7 +257,9 @@ class NodeCore:
 
     # ------------------------------------------------------------------ the outbox
     def flush(self) -> None:
-        """Send what the last batch of events queued: one frame per destination and kind (see outbox.py)."""
+        """Send what the last batch of events queued: one frame per destination and kind (see outbox.py), and
+        the lookups, one frame per owner (see entry.py)."""
+        self.entry.send_lookups()
         self.entry.take_unexpired()
         outbox = self.outbox
         if not outbox:

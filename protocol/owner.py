@@ -28,6 +28,11 @@ Rules of this file:
   member key; for a direct change that is the sender itself) and a snapshot's ``member_revs``. Otherwise the
   late view that drops the old registration's routes (a restart, a lost lease) would drop the new routes after
   they were confirmed or copied (found by the simulation, for relays and snapshots as well as direct changes).
+- LOOKUP and LOOKUPS (many in one frame, answered by one LOOKUPS_REPLY) are answered item by item alike; a
+  refused item gets its own ERROR. An item flagged ``head`` asks about the shard of the topic's first level only
+  (not the topic's own shard): the answer says ``clear`` when no wildcard filter of the shard starts with that
+  level (or with ``+``/``#``), so no topic under that first level has a match in this shard, and the entry node
+  may cache that for all of them (same epoch, ticket, expiry and INVALIDATE rules as any answer).
 - Answers are cached by entry nodes (``router.route_cache``). An owner records who asked (``LookupWatchers``)
   and, when a shard's routes change, sends them INVALIDATE; an added route is confirmed (ROUTE_ACK) only once
   every INVALIDATE still open for its shard was acknowledged or waited out (twice the cache ttl), so no entry
@@ -52,6 +57,7 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.route_cache import LookupWatchers
 from shardmq.router.routes import RouteTable
+from shardmq.router.topics import first_level
 
 from .records import Invalidation, Relay, gate
 from .view import ROOT
@@ -387,26 +393,65 @@ class OwnerSide:
 
     # ------------------------------------------------------------------ lookups
     def on_lookup(self, sender: str, frame: Frame) -> None:
-        core = self.core
         h = frame.header
-        shard = h["shard"]
+        answer = self._answer_lookup(sender, h["id"], h["shard"], h["shard_epoch"], h["topic"], h.get("head") is True)
+        if answer is not None:
+            reply = {"id": h["id"], "shard": h["shard"], "shard_epoch": answer[1], "nodes": answer[2]}
+            if answer[3]:
+                reply["clear"] = True
+            self.core.effects.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
+
+    def on_lookups(self, sender: str, frame: Frame) -> None:
+        """Many LOOKUPs in one frame: one LOOKUPS_REPLY with the answered ones, an ERROR for each refused one."""
+        core = self.core
+        items = frame.header["items"]
+        answers = []
+        if core.fenced() or not core.view.shards_ok(item[1] for item in items):
+            for lid, shard, shard_epoch, topic, head in items:  # each refused, or answered, as a LOOKUP would be
+                answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
+                if answer is not None:
+                    answers.append(answer)
+        else:  # the same checks as _answer_lookup, those that hold for the whole frame made once
+            epoch_of, match, wild_under = core.view.shard_epoch, self.routes.match, self.routes.wild_under
+            watched: set[int] = set()
+            for lid, shard, shard_epoch, topic, head in items:
+                ours = epoch_of(shard)
+                if shard_epoch != ours:
+                    answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
+                    if answer is not None:
+                        answers.append(answer)
+                    continue
+                if shard not in watched:
+                    watched.add(shard)
+                    self.lookup_watchers.watch(shard, sender)
+                nodes = match(shard, topic)
+                clear = 1 if head and not wild_under(shard, topic.partition("/")[0]) else 0
+                answers.append([lid, ours, sorted(nodes) if len(nodes) > 1 else list(nodes), clear])
+        if answers:
+            self.core.effects.send_peer(sender, codec.encode(codec.LOOKUPS_REPLY, {"items": answers}))
+
+    def _answer_lookup(
+        self, sender: str, lid: int, shard: int, shard_epoch: int, topic: str, head: bool
+    ) -> list[Any] | None:
+        """[id, our shard epoch, nodes, clear] for one lookup, or None when refused (the ERROR is sent)."""
+        core = self.core
         if core.fenced():
-            core.refuse_peer(sender, frame, codec.E_FENCED, f"{core.me} cannot renew its etcd lease", shard=shard)
-            return
+            core.refuse_request(sender, lid, codec.E_FENCED, f"{core.me} cannot renew its etcd lease", shard=shard)
+            return None
         if not core.view.shards_ok([shard]):
-            core.refuse_peer(sender, frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
-            return
+            core.refuse_request(sender, lid, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
+            return None
         ours = core.view.shard_epoch(shard)
-        if h["shard_epoch"] < ours:  # fence at the sink: the asker must learn the new owners first
-            reason = f"shard {shard} is at shard epoch {ours}, not {h['shard_epoch']}: re-read the assignment"
-            core.refuse_peer(sender, frame, codec.E_STALE_EPOCH, reason, shard=shard, current_shard_epoch=ours)
-            return
-        if h["shard_epoch"] > ours:
+        if shard_epoch < ours:  # fence at the sink: the asker must learn the new owners first
+            reason = f"shard {shard} is at shard epoch {ours}, not {shard_epoch}: re-read the assignment"
+            core.refuse_request(sender, lid, codec.E_STALE_EPOCH, reason, shard=shard, current_shard_epoch=ours)
+            return None
+        if shard_epoch > ours:
             core.effects.poll_view()
-        nodes = sorted(self.routes.match(shard, h["topic"]))
+        nodes = sorted(self.routes.match(shard, topic))
         self.lookup_watchers.watch(shard, sender)  # it may cache this answer: tell it when the shard's routes change
-        reply = {"id": h["id"], "shard": shard, "shard_epoch": ours, "nodes": nodes}
-        core.effects.send_peer(sender, codec.encode(codec.LOOKUP_REPLY, reply))
+        clear = 1 if head and not self.routes.wild_under(shard, first_level(topic)) else 0
+        return [lid, ours, nodes, clear]
 
     # ------------------------------------------------------------------ assignment changes
     def on_assignment(self, old: Assignment | None, new: Assignment) -> list[int]:

@@ -85,6 +85,7 @@ class Lookup:
     shard_epoch: int = 0  # the shard's epoch we asked at, the route cache's ticket and the time then (route_cache)
     ticket: tuple[int, int] = (0, 0)
     sent_at: float = 0.0
+    head: str | None = None  # the topic's first level when ``shard`` is its first level's shard only (see entry)
 
     def waits_on(self, node: str) -> bool:
         return self.owner == node

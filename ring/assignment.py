@@ -143,6 +143,9 @@ class Assignment:
         return tuple(state.owners for state in self._states)
 
     def state(self, shard: int) -> ShardState:
+        states = self._states
+        if type(shard) is int and 0 <= shard < len(states):  # the common case, on every publish: one check
+            return states[shard]
         # Explicit range check: a negative index would otherwise silently read another shard.
         if not _is_int(shard) or not 0 <= shard < len(self._states):
             raise IndexError(f"shard must be an int in [0, {len(self._states)}), got {shard!r}")

@@ -12,7 +12,9 @@ Rules of this file:
 - Two epochs, two names: ``shard_epoch`` (a shard's ownership changes, what fencing compares) on the frames about
   one shard, and the cluster's ``membership_epoch`` only in WELCOME, for clients and logs. A field no receiver
   reads is not sent. Batches put many items in one frame (``filters``, ``routes``, ``mids``, ``ids``) rather
-  than inventing new frame types.
+  than inventing new frame types; only a request defined as one item per frame has a batch sibling (PUBS, FWDS,
+  MSGS for PUB, FWD, MSG; LOOKUPS and LOOKUPS_REPLY for LOOKUP and LOOKUP_REPLY), whose lone item still goes
+  as the plain frame.
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -57,6 +59,8 @@ ROUTE_DEL = b"ROUTE_DEL"
 ROUTE_ACK = b"ROUTE_ACK"
 LOOKUP = b"LOOKUP"
 LOOKUP_REPLY = b"LOOKUP_REPLY"
+LOOKUPS = b"LOOKUPS"  # many LOOKUPs to one owner in one frame
+LOOKUPS_REPLY = b"LOOKUPS_REPLY"
 FWD = b"FWD"
 FWD_ACK = b"FWD_ACK"
 FWDS = b"FWDS"
@@ -100,6 +104,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     ROUTE_ACK: {"id": _INT},
     LOOKUP: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "topic": _STR},
     LOOKUP_REPLY: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "nodes": _LIST},
+    LOOKUPS: {"items": _LIST},
+    LOOKUPS_REPLY: {"items": _LIST},
     FWD: {"id": _INT, "topic": _STR, "qos": _INT},
     FWD_ACK: {"ids": _LIST},
     FWDS: {"items": _LIST, "sizes": _LIST},
@@ -138,6 +144,22 @@ def _ints_ok(items: list[Any]) -> bool:
     return all(type(n) is int and n >= 0 for n in items)
 
 
+def _lookups_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 5 and type(r[0]) is int and type(r[1]) is int and type(r[2]) is int
+        and isinstance(r[3], str) and r[4] in (0, 1) and type(r[4]) is int
+        for r in items
+    )  # fmt: skip
+
+
+def _lookup_replies_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 4 and type(r[0]) is int and type(r[1]) is int and isinstance(r[2], list)
+        and all(isinstance(n, str) for n in r[2]) and r[3] in (0, 1) and type(r[3]) is int
+        for r in items
+    )  # fmt: skip
+
+
 def _fwd_items_ok(items: list[Any]) -> bool:
     return all(
         isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str)
@@ -154,6 +176,8 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (FWD_ACK, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
+    (LOOKUPS, "items"): (_lookups_ok, "[id:int, shard:int, shard_epoch:int, topic:str, head:0|1] lists"),
+    (LOOKUPS_REPLY, "items"): (_lookup_replies_ok, "[id:int, shard_epoch:int, nodes:[str, ...], clear:0|1] lists"),
     (HANDOFF, "targets"): (_strings_ok, "node id strings"),
     (INVALIDATE, "shards"): (_ints_ok, "shard numbers (non-negative integers)"),
     (SNAPSHOT, "routes"): (_snapshot_ok, "[filter:str, [node:str, ...]] pairs"),
@@ -173,8 +197,8 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
     {
-        ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, FWD, FWDS, FWD_ACK, HANDOFF, SNAPSHOT, HANDOFF_READY,
-        INVALIDATE, INVALIDATE_ACK, ERROR,
+        ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
+        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR,
     }
 )  # fmt: skip
 

@@ -220,6 +220,15 @@ class FilterIndex(Generic[M]):
 
     # -- queries -----------------------------------------------------------------------------
 
+    def wild_under(self, head: str) -> bool:
+        """True when a wildcard filter may match a topic whose first level is ``head`` (one starts with ``head``,
+        ``+`` or ``#``); False means none does (exact filters aside)."""
+        root = self._root
+        if root is None:
+            return False
+        children = root.children
+        return head in children or "+" in children or "#" in children
+
     def has_filter(self, filt: str) -> bool:
         return filt in self._exact or filt in self._wild
 

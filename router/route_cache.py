@@ -20,6 +20,9 @@ the destination nodes (one hop). Two objects, one per side, both pure (no socket
   has dropped the answer by then on its own: the send time precedes the owner's answer, which precedes the
   route change.
 - At most ``capacity`` answers; the least recently stored goes first.
+- ``version`` changes with every ``invalidate`` and ``clear``, and ``until`` tells how long a valid answer
+  serves without a new ``get`` (its expiry, or its refresh time if not yet claimed): what the entry node needs
+  to keep the topics it resolved from these answers (``protocol.entry``) no longer than the answers.
 - Refresh ahead: ``put`` may also take a ``refresh_at`` time before the expiry. The first ``claim_refresh`` at or
   after it (on a hit) returns True, once per stored answer, and the caller asks the owner again while the
   answer still serves. A hot topic then never meets an expired answer (and the publishes that would queue
@@ -50,7 +53,7 @@ __all__ = ["LookupWatchers", "RouteCache"]
 class RouteCache:
     """Entry side: (topic, shard) -> the nodes with matching routes, valid for one shard epoch."""
 
-    __slots__ = ("capacity", "_answers", "_generation", "_era", "hits", "misses")
+    __slots__ = ("capacity", "_answers", "_generation", "_era", "hits", "misses", "version")
 
     def __init__(self, capacity: int = 100_000) -> None:
         if capacity < 0:
@@ -62,6 +65,7 @@ class RouteCache:
         self._era = 0  # bumped by clear(): invalidates every shard at once
         self.hits = 0
         self.misses = 0
+        self.version = 0  # bumped by invalidate() and clear()
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -79,6 +83,12 @@ class RouteCache:
         self, answer: tuple[int, tuple[int, int], float, tuple[str, ...], float], shard: int, epoch: int, now: float
     ) -> bool:
         return answer[0] == epoch and answer[1] == (self._era, self._generation.get(shard, 0)) and now < answer[2]
+
+    def until(self, topic: str, shard: int) -> float:
+        """When the stored answer for ``topic`` in ``shard`` stops serving as is: expired, or due to be refreshed
+        (call it after a ``get`` that found it valid)."""
+        answer = self._answers.get((topic, shard))
+        return float("-inf") if answer is None else min(answer[2], answer[4])
 
     def claim_refresh(self, topic: str, shard: int, epoch: int, now: float) -> bool:
         """True (once per stored answer) when the answer is valid and its ``refresh_at`` has come: ask again."""
@@ -114,6 +124,7 @@ class RouteCache:
         return True
 
     def invalidate(self, shards: Iterable[int]) -> None:
+        self.version += 1
         for shard in shards:
             self._generation[shard] = self._generation.get(shard, 0) + 1
 
@@ -121,6 +132,7 @@ class RouteCache:
         """Forget every answer, including replies still on their way (the owners may have forgotten us)."""
         self._answers.clear()
         self._era += 1
+        self.version += 1
 
 
 class LookupWatchers:

@@ -11,6 +11,8 @@ Rules:
 * Node ids are interned on insertion: millions of routes then share one string per node.
 * The table does not validate filters, nor decide which shard a filter belongs to; callers do
   that with :mod:`.topics` and :mod:`.partition` first.
+* ``version`` changes with every mutation (a call that may have changed a route), so a caller can keep
+  answers it derived from the table (an entry node's resolved topics) and know when they may be stale.
 """
 
 from __future__ import annotations
@@ -26,17 +28,19 @@ __all__ = ["RouteTable"]
 class RouteTable:
     """Routes (filter -> nodes) grouped by shard id."""
 
-    __slots__ = ("_shards",)
+    __slots__ = ("_shards", "version")
 
     ROOT: Final = -1
 
     def __init__(self) -> None:
         self._shards: dict[int, FilterIndex[str]] = {}
+        self.version = 0
 
     # -- mutation ----------------------------------------------------------------------------
 
     def add(self, shard: int, filt: str, node: str) -> bool:
         """Add a route; True if it is new."""
+        self.version += 1
         index = self._shards.get(shard)
         if index is None:
             index = self._shards[shard] = FilterIndex()
@@ -44,6 +48,7 @@ class RouteTable:
 
     def remove(self, shard: int, filt: str, node: str) -> bool:
         """Remove a route; True if it existed."""
+        self.version += 1
         index = self._shards.get(shard)
         if index is None or not index.remove(filt, node):
             return False
@@ -57,11 +62,13 @@ class RouteTable:
 
     def drop_shard(self, shard: int) -> int:
         """Forget every route of ``shard`` (e.g. after handing it off); return how many."""
+        self.version += 1
         index = self._shards.pop(shard, None)
         return 0 if index is None else index.route_count
 
     def remove_node(self, node: str) -> int:
         """Remove every route of a node that left the cluster; return how many were removed."""
+        self.version += 1
         removed = 0
         for shard in list(self._shards):
             index = self._shards[shard]
@@ -80,6 +87,11 @@ class RouteTable:
         if index is None:
             return set()
         return index.match(topic)
+
+    def wild_under(self, shard: int, head: str) -> bool:
+        """False when no wildcard filter of ``shard`` can match a topic whose first level is ``head``."""
+        index = self._shards.get(shard)
+        return index is not None and index.wild_under(head)
 
     def shard_routes(self, shard: int) -> list[tuple[str, tuple[str, ...]]]:
         """A snapshot of the shard's routes, sorted so two snapshots compare equal."""

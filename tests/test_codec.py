@@ -92,6 +92,20 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     ),
     (codec.PUBS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.INVALIDATE, "shards"): st.lists(st.integers(0, 4095), max_size=5),
+    (codec.LOOKUPS, "items"): st.lists(
+        st.tuples(
+            st.integers(0, 2**40),
+            st.integers(0, 4095),
+            st.integers(0, 2**40),
+            st.text(max_size=20),
+            st.sampled_from([0, 1]),
+        ).map(list),
+        max_size=5,
+    ),
+    (codec.LOOKUPS_REPLY, "items"): st.lists(
+        st.tuples(st.integers(0, 2**40), st.integers(0, 2**40), _NODE_IDS, st.sampled_from([0, 1])).map(list),
+        max_size=5,
+    ),
 }
 
 
