@@ -231,7 +231,9 @@ class NodeCore:
 
     def refuse_peer(self, sender: str, frame: Frame, code: str, reason: str, **extra: Any) -> None:
         self.metrics[f"fencing.refused.{code}"] += 1
-        self.effects.send_peer(sender, codec.error_parts(code, reason, frame.header.get("id"), **extra))
+        ref = frame.header.get("id")  # only an int names a request (FWDS carries no id: anything may be there)
+        ref = ref if type(ref) is int else None
+        self.effects.send_peer(sender, codec.error_parts(code, reason, ref, **extra))
 
     def _on_peer_error(self, sender: str, frame: Frame) -> None:
         """A peer refused one of our requests: fail what waits on it now rather than at its timeout."""
@@ -241,7 +243,7 @@ class NodeCore:
         if "move_id" in h:  # a hand-off refused: move ids are the coordinator's, never confused with request ids
             if self.coordinator is not None:
                 self.coordinator.on_refused(h["move_id"])
-        elif h.get("ref") is not None:
+        elif type(h.get("ref")) is int:  # a list or object is no request id, nor even a key (found by fuzzing)
             self.requests.refused(h["ref"], sender, h["code"], h["reason"])
 
     def _on_handoff_ready(self, sender: str, frame: Frame) -> None:
