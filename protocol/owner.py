@@ -381,7 +381,7 @@ class OwnerSide:
         if core.fenced():
             core.refuse_peer(sender, frame, codec.E_FENCED, f"{core.me} cannot renew its etcd lease", shard=shard)
             return
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set is on every node: never looked up
             core.refuse_peer(sender, frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return
         ours = core.view.shard_epoch(shard)
@@ -448,7 +448,7 @@ class OwnerSide:
         core = self.core
         h = frame.header
         shard, shard_epoch = h["shard"], h["shard_epoch"]
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set never moves (found by fuzzing)
             self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return
         if core.fenced():
@@ -507,7 +507,7 @@ class OwnerSide:
         core = self.core
         h = frame.header
         shard, shard_epoch = h["shard"], h["shard_epoch"]
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set never moves (found by fuzzing)
             self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return
         ours = core.view.shard_epoch(shard)

@@ -206,6 +206,13 @@ def test_peer_frames(frame_type: bytes, data: st.DataObject, fuzzed: str) -> Non
 # A refused FWDS echoed its (id-less, so anything) "id" as the ERROR's ref, and the sender crashed on it.
 @example([(True, b"n1", frame_from(codec.FWDS, {"items": [[1, "a/b", 1]], "sizes": [2], "id": []}, b"x")),
           (False, b"fz1", frame_from(codec.PING, {}))])
+# The root set's shard number (-1) passed the shard check of HANDOFF, SNAPSHOT and LOOKUP, and the assignment
+# raised IndexError for it.
+@example([(True, b"n1", frame_from(codec.HANDOFF, {"id": 1, "shard": -1, "shard_epoch": 1, "targets": ["n1"],
+                                                   "coordinator": "n0"})),
+          (True, b"n1", frame_from(codec.SNAPSHOT, {"id": 1, "shard": -1, "shard_epoch": 1, "routes": [["a", ["n1"]]],
+                                                    "last": True, "coordinator": "n0"})),
+          (True, b"n2", frame_from(codec.LOOKUP, {"id": 1, "shard": -1, "shard_epoch": 1, "topic": "a"}))])
 def test_mixed_frames(frames: list[tuple[bool, bytes, list[bytes]]]) -> None:  # fmt: skip
     fed(frames)
 
