@@ -96,9 +96,11 @@ class Mutator:
     """Frames built from the seeds by choices: choice 0 keeps the seed's value, so an empty atheris input is a
     valid frame and coverage-guided inputs grow from there."""
 
-    def __init__(self, names: list[str] | None = None, max_payload: int = 1024 * 1024) -> None:
+    def __init__(self, names: list[str] | None = None, max_payload: int = 1024 * 1024,
+                 never: frozenset[bytes] = frozenset()) -> None:  # fmt: skip
         self.names = names or NAMES
         self.max_payload = max_payload
+        self.never = never  # frame types never sent, not even as a swapped type
 
     def pick(self, c: Choices, items: list[Any]) -> Any:
         return items[c.int_in(0, len(items) - 1)]
@@ -202,7 +204,7 @@ class Mutator:
         elif how == 4:
             raw = raw + b"\xff"
         elif how == 5:
-            frame_type = self.pick(c, [b"NOPE", b"", b"\xff", *sorted(codec.FRAME_TYPES)])
+            frame_type = self.pick(c, [b"NOPE", b"", b"\xff", *sorted(codec.FRAME_TYPES - self.never)])
         parts = [frame_type, raw, payload]
         if c.int_in(0, 31) == 0:
             parts = self.pick(c, [parts[:2], [*parts, b""], [], [frame_type]])
@@ -499,11 +501,31 @@ def _answer(sock: Any) -> int:
     return errors
 
 
-def _status(endpoint: str) -> dict[str, Any]:
-    from shardmq.client import Client
+def _status(endpoint: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The node's status, or None when it does not answer (a finding: a hung or flooded node)."""
+    from shardmq.client import Client, ShardMQError
 
-    with Client([endpoint], timeout=5.0) as c:
-        return c.status()
+    try:
+        with Client([endpoint], timeout=timeout) as c:
+            return c.status()
+    except (ShardMQError, TimeoutError):
+        return None
+
+
+def _cpu(pid: int) -> str:
+    """What an unresponsive node is doing: its state and CPU use over a second (spinning, or waiting)."""
+
+    def ticks() -> tuple[str, int]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])
+
+    try:
+        state, t0 = ticks()
+        time.sleep(1.0)
+        _, t1 = ticks()
+    except OSError:
+        return "gone"
+    return f"state {state}, {100 * (t1 - t0) / os.sysconf('SC_CLK_TCK'):.0f}% cpu"
 
 
 @dataclass
@@ -527,6 +549,8 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
 
     own_dir = directory is None
     base = Path(directory or tempfile.mkdtemp(prefix="shardmq-fuzz-live-"))
+    # A node killed by a signal (a crash in C code) then leaves its Python stack in its log.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     lc = LocalCluster(base / "cluster", nodes=nodes, log_level="warning")
     report = Report("live", "random")
     ctx = zmq.Context()
@@ -537,7 +561,10 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
         procs = lc.state.nodes
         target = procs[0]
         endpoints = [p.client_endpoint for p in procs]
-        before = Counter(_status(target.client_endpoint)["metrics"])
+        first = _status(target.client_endpoint, timeout=15.0)
+        if first is None:
+            raise RuntimeError(f"node {target.name} did not answer status before fuzzing")
+        before = Counter(first["metrics"])
         # The pair's clients sit on the other nodes, but its routes and lookups may well go through the target.
         pair = Pair(endpoints[2:] + endpoints[:1], endpoints[1:2] + endpoints[2:], f"fuzz/pair/{uuid.uuid4().hex[:6]}")
         client = ctx.socket(zmq.DEALER)
@@ -550,10 +577,11 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
             s.connect(ep)
             socks.append(s)
         names = [p.name for p in procs] + ["ghost", ""]
-        mutator = Mutator(names)
+        # LEAVE would make the node drain away and exit: that is an operator's request, not a fault to survive
+        # (a LEAVE made from another type's header did exactly that in an early run).
+        mutator = Mutator(names, never=frozenset({codec.LEAVE}))
         rng = random.Random(seed)
         choices = RandomChoices(rng)
-        # LEAVE would make the node drain away and exit: that is an operator's request, not a fault to survive.
         client_types = sorted(codec.CLIENT_REQUESTS - {codec.LEAVE})
         peer_types = sorted(codec.PEER_REQUESTS)
         sent = Counter[str]()
@@ -578,12 +606,16 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
         while time.monotonic() < deadline:
             time.sleep(0.2)
             client_errors += _answer(client)
-            counted = _refusals(_status(target.client_endpoint)["metrics"]) - _refusals(before)
-            if counted >= sent["peer"] + client_errors:
+            now = _status(target.client_endpoint)
+            if now is not None and _refusals(now["metrics"]) - _refusals(before) >= sent["peer"] + client_errors:
                 break
         pair.finish()
         alive = {p.name: pid_runs(p) for p in procs}
-        after = Counter(_status(target.client_endpoint)["metrics"]) if alive[target.name] else Counter()
+        last = _status(target.client_endpoint) if alive[target.name] else None
+        if last is None and alive[target.name]:
+            report.findings.append(f"node {target.name} runs but does not answer ({_cpu(target.pid)}; logs: "
+                                   f"{lc.dir}/logs)")  # fmt: skip
+        after = Counter(last["metrics"] if last else {})
         grew = _refusals(after) - _refusals(before)
         expected = sent["peer"] + client_errors
         internal = after["errors.internal"] - before["errors.internal"]
