@@ -549,14 +549,22 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
 
     own_dir = directory is None
     base = Path(directory or tempfile.mkdtemp(prefix="shardmq-fuzz-live-"))
-    # A node killed by a signal (a crash in C code) then leaves its Python stack in its log.
-    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     lc = LocalCluster(base / "cluster", nodes=nodes, log_level="warning")
+    # A node killed by a signal (a crash in C code) then leaves its Python stack in its log; the nodes inherit
+    # our environment, which is put back as it was once they run.
+    faulthandler_was = os.environ.get("PYTHONFAULTHANDLER")
+    os.environ["PYTHONFAULTHANDLER"] = "1"
     report = Report("live", "random")
     ctx = zmq.Context()
     socks: list[zmq.Socket] = []
     try:
-        lc.up(timeout=90)
+        try:
+            lc.up(timeout=90)
+        finally:
+            if faulthandler_was is None:
+                os.environ.pop("PYTHONFAULTHANDLER", None)
+            else:
+                os.environ["PYTHONFAULTHANDLER"] = faulthandler_was
         assert lc.state is not None
         procs = lc.state.nodes
         target = procs[0]
