@@ -149,6 +149,23 @@ class CoreTarget:
         node.send_peer = peer  # type: ignore[method-assign]
         node.send_client = client  # type: ignore[method-assign]
 
+    def _record_replies(self, node: SimNode) -> list[tuple[str, bytes, bytes]]:
+        """(peer or client, destination, frame type) of every frame the node sends until the list is dropped."""
+        sent: list[tuple[str, bytes, bytes]] = []
+        send_peer, send_client = node.send_peer, node.send_client
+
+        def peer(dest: str, parts: list[bytes]) -> bool:
+            sent.append(("peer", dest.encode("utf-8", "surrogateescape"), parts[0]))
+            return send_peer(dest, parts)
+
+        def client(rid: bytes, parts: list[bytes]) -> bool:
+            sent.append(("client", rid, parts[0]))
+            return send_client(rid, parts)
+
+        node.send_peer, node.send_client = peer, client  # type: ignore[method-assign]
+        self._unrecord = (send_peer, send_client)
+        return sent
+
     def feed(self, peer: bool, ident: bytes, parts: list[bytes]) -> None:
         """One frame from client ``ident`` (or from peer routing id ``ident``) to the fuzzed node."""
         n = self.node
@@ -158,11 +175,15 @@ class CoreTarget:
         core = n.enter()
         members = set(core.view.members)
         before, errors_before = refusals(core.metrics), self.errors_sent
-        if peer:
-            core.on_peer_parts([ident, *parts])
-        else:
-            core.on_client_parts([ident, *parts])
-        core.flush()
+        sent = self._record_replies(n)
+        try:
+            if peer:
+                core.on_peer_parts([ident, *parts])
+            else:
+                core.on_client_parts([ident, *parts])
+            core.flush()
+        finally:
+            n.send_peer, n.send_client = self._unrecord  # type: ignore[method-assign]
         counted = refusals(core.metrics) - before
         errors = self.errors_sent - errors_before
         what = f"{'peer' if peer else 'client'} {ident!r} {parts!r:.400}"
@@ -177,6 +198,15 @@ class CoreTarget:
         stranger = peer and ident.decode("utf-8", "replace") not in members
         if (undecodable or stranger) and not counted:
             raise FuzzFailure(f"refused frame not counted: {what}")
+        sender = ident.decode("utf-8", "replace")
+        answered = any(kind == ("peer" if peer else "client") and dest == (sender.encode() if peer else ident)
+                       and ftype == codec.ERROR for kind, dest, ftype in sent)  # fmt: skip
+        # The protocol's rule: a frame the codec refuses is answered with an ERROR when the sender can be addressed
+        # (a client, a member); a stranger on the peer port gets nothing, not even an answer to a valid frame.
+        if undecodable and not stranger and not answered:
+            raise FuzzFailure(f"undecodable frame not answered with an ERROR: {what}")
+        if stranger and any(kind == "peer" and dest == sender.encode() for kind, dest, _ in sent):
+            raise FuzzFailure(f"a stranger was answered: {what}")
         self.sim.pump_clients()
 
     def afterwards(self, tag: str = "after") -> None:

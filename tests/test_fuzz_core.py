@@ -199,7 +199,9 @@ def test_peer_frames(frame_type: bytes, data: st.DataObject, fuzzed: str) -> Non
 
 @FUZZ_SETTINGS
 @given(st.lists(st.one_of(st.tuples(st.just(False), CLIENTS, mutated_frame(CLIENT_TYPES)),
-                          st.tuples(st.just(True), PEERS, mutated_frame(PEER_TYPES))), min_size=2, max_size=8))
+                          st.tuples(st.just(True), PEERS, mutated_frame(PEER_TYPES)),
+                          st.tuples(st.booleans(), PEERS | CLIENTS, mutated_frame(ALL_TYPES))),  # the wrong channel
+                min_size=2, max_size=8))
 # A peer's ERROR whose ref is a list: the registry lookup raised TypeError (unhashable) out of the core.
 @example([(True, b"n1", frame_from(codec.ERROR, {"code": "x", "reason": "y", "ref": [1]})),
           (True, b"n2", frame_from(codec.ERROR, {"code": "x", "reason": "y", "ref": {"a": 1}}))])
