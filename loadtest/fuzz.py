@@ -247,23 +247,48 @@ class Report:
         return "\n".join(lines)
 
 
-def _reproducer(target: str, program: Any) -> str:
-    return f"reproduce with testing.fuzzing ({target}): {program!r:.2000}"
+Input = Any  # codec: the parts of one frame; core: (fuzzed node, [(from a peer?, routing id, parts), ...])
 
 
-def run_one(target: str, c: Choices, mutator: Mutator) -> None:
-    """One execution; raises on a finding."""
+def build(target: str, c: Choices, mutator: Mutator) -> Input:
+    """One execution's input, from choices."""
     from shardmq.router import codec
+
+    if target == "codec":
+        return mutator.frame(c, sorted(codec.FRAME_TYPES))
+    program = mutator.program(c)
+    return mutator.pick(c, ["n0", "n1"]), program
+
+
+def execute(target: str, given: Input) -> None:
+    """Run one input through its oracle; raises on a finding."""
     from shardmq.testing.fuzzing import CoreTarget, check_codec
 
     if target == "codec":
-        check_codec(mutator.frame(c, sorted(codec.FRAME_TYPES)))
+        check_codec(given)
         return
-    program = mutator.program(c)
-    core = CoreTarget(mutator.pick(c, ["n0", "n1"]))
+    fuzzed, program = given
+    core = CoreTarget(fuzzed)
     for peer, ident, parts in program:
         core.feed(peer, ident, parts)
     core.afterwards()
+
+
+def run_one(target: str, c: Choices, mutator: Mutator) -> None:
+    execute(target, build(target, c, mutator))
+
+
+def _shown(given: Input) -> str:
+    """An input as Python literals, big payloads abbreviated (a 1 MiB payload would drown the report)."""
+
+    def short(parts: list[bytes]) -> str:
+        return "[" + ", ".join(repr(p) if len(p) <= 256 else f"b'x' * {len(p)}" for p in parts) + "]"
+
+    if isinstance(given, tuple):
+        fuzzed, program = given
+        frames = ",\n  ".join(f"({peer}, {ident!r}, {short(parts)})" for peer, ident, parts in program)
+        return f"CoreTarget({fuzzed!r}) fed:\n  {frames}"
+    return short(given)
 
 
 def fuzz_random(target: str, seconds: float, seed: int) -> Report:
@@ -273,22 +298,43 @@ def fuzz_random(target: str, seconds: float, seed: int) -> Report:
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < seconds:
-        # One Random per execution, seeded from (seed, i): a finding replays from those two numbers alone.
-        rng = random.Random(seed * 1_000_003 + i)
+        # One Random per execution: a finding replays from that one number (--replay).
+        key = seed * 1_000_003 + i
+        given = build(target, RandomChoices(random.Random(key)), mutator)
         try:
-            run_one(target, RandomChoices(rng), mutator)
+            execute(target, given)
         except Exception as exc:
-            program = Mutator().program(RandomChoices(random.Random(seed * 1_000_003 + i))) if target == "core" else ""
             report.findings.append(
-                f"{type(exc).__name__}: {exc!s:.500} (execution {i}, --seed {seed}: "
-                f"random.Random({seed * 1_000_003 + i}))\n{traceback.format_exc(limit=-4)}"
-                + (_reproducer(target, program) if program else "")
+                f"{type(exc).__name__}: {exc!s:.500}\n  reproduce: python -m shardmq.loadtest.fuzz --target {target} "
+                f"--replay {key}\n  input: {_shown(given)}\n{traceback.format_exc(limit=-4)}"
             )
             if len(report.findings) >= 5:
                 break
         i += 1
     report.execs, report.seconds = i, time.monotonic() - start
     return report
+
+
+def replay(target: str, key: int | None, path: str | None) -> int:
+    """Run one input again (from a random engine's key, or an atheris crash file) and show what it does."""
+    if path is not None:
+        data = Path(path).read_bytes()
+        if target == "codec":
+            given: Input = _split(data)
+        else:
+            import atheris
+
+            given = build(target, DataChoices(atheris.FuzzedDataProvider(data)), Mutator())
+    else:
+        given = build(target, RandomChoices(random.Random(key)), Mutator())
+    print(f"input: {_shown(given)}")
+    try:
+        execute(target, given)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    print("no finding")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- atheris
@@ -344,6 +390,9 @@ def atheris_child(target: str, seconds: int, seed: int, workdir: str) -> None:
     else:
         corpus.mkdir(parents=True, exist_ok=True)
         (corpus / "empty").write_bytes(b"")  # every choice 0: the seeds as they are
+        rng = random.Random(seed)
+        for i in range(64):  # random choices too: the empty input alone left most mutations to find first
+            (corpus / f"random-{i}").write_bytes(rng.randbytes(rng.randint(16, 512)))
     argv = [sys.argv[0], f"-max_total_time={seconds}", f"-seed={seed or 1}", f"-artifact_prefix={work}/",
             "-print_final_stats=1", str(corpus)]  # fmt: skip
     atheris.Setup(argv, one)
@@ -370,10 +419,10 @@ def fuzz_atheris(target: str, seconds: int, seed: int) -> Report:
             report.extra["coverage (edges, features)"] = cov[-1]
         for crash in sorted(work.glob("crash-*")) + sorted(work.glob("timeout-*")) + sorted(work.glob("oom-*")):
             data = crash.read_bytes()
-            what = _split(data) if target == "codec" else _describe_core_input(data)
             kept = Path.cwd() / crash.name
             shutil.copy(crash, kept)
-            report.findings.append(f"{crash.name} (kept as {kept}): {what!r:.2000}")
+            report.findings.append(f"{crash.name}\n  reproduce: python -m shardmq.loadtest.fuzz --target {target} "
+                                   f"--replay-file {kept}\n  input: {_shown(_atheris_input(target, data)):.3000}")
         if proc.returncode != 0 and not report.findings:
             report.findings.append(f"atheris exited {proc.returncode}:\n{out[-3000:]}")
         elif report.findings:
@@ -384,10 +433,12 @@ def fuzz_atheris(target: str, seconds: int, seed: int) -> Report:
     return report
 
 
-def _describe_core_input(data: bytes) -> Any:
+def _atheris_input(target: str, data: bytes) -> Input:
+    if target == "codec":
+        return _split(data)
     import atheris
 
-    return Mutator().program(DataChoices(atheris.FuzzedDataProvider(data)))
+    return build(target, DataChoices(atheris.FuzzedDataProvider(data)), Mutator())
 
 
 # ---------------------------------------------------------------------------------------------- live
@@ -671,12 +722,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto",
                     help="codec/core: atheris when installed (auto), or the random loop")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the report as JSON too")
+    ap.add_argument("--replay", type=int, help="run the random engine's input with this key once (from a report)")
+    ap.add_argument("--replay-file", help="run an atheris crash file once")
     ap.add_argument("--atheris-child", choices=["codec", "core"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.atheris_child:
         atheris_child(args.atheris_child, int(args.seconds), args.seed, args.workdir)
         return 0
+    if args.replay is not None or args.replay_file:
+        return replay(args.target, args.replay, args.replay_file)
     seed = args.seed or random.SystemRandom().randint(1, 2**31 - 1)
     print(f"seed {seed}", flush=True)
     if args.target == "live":
