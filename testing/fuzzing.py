@@ -123,12 +123,32 @@ class CoreTarget:
     properties, ``afterwards`` the cluster-wide ones (see the module docstring). Exceptions from the core are
     not caught: they are the crashes the fuzzers look for."""
 
-    def __init__(self, fuzzed: str = FUZZED, nodes: int = 3, config: SimConfig = CORE_CONFIG) -> None:
+    def __init__(self, fuzzed: str = FUZZED, nodes: int = 3, config: SimConfig = CORE_CONFIG,
+                 rebalancing: int | None = None) -> None:  # fmt: skip
+        """``rebalancing``: None for a quiet cluster; else subscribers hold routes, a node joins and only that many
+        frames are delivered after the leader starts moving shards to it, so frames meet hand-offs half done."""
         sim = self.sim = Sim(config)
         for _ in range(nodes):
             sim.join()
         if not sim.settle():
             raise FuzzFailure("the cluster did not settle before fuzzing")
+        if rebalancing is not None:
+            # Letters no fuzzed topic has: the simulated clients read every payload they get as a publish id.
+            for i, filt in enumerate(["q/1", "q/+", "+/z", "z/1", "z/#"]):
+                sim.subscribe(MEMBERS[i % len(MEMBERS)], filt)
+            if not sim.settle():
+                raise FuzzFailure("the cluster did not settle with subscribers")
+            sim.join()
+            for node_id in sorted(sim.nodes):
+                sim.session_poll(node_id, read=True)
+            leader = sim.leader_node()
+            if leader is not None:
+                sim.lead(leader.node_id)
+            for _ in range(rebalancing):
+                ready = sim.deliverable()
+                if not ready:
+                    break
+                sim.deliver(*ready[0])
         self.node = sim.nodes[fuzzed]
         self.errors_sent = 0
         self._count_errors(self.node)
