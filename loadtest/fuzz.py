@@ -248,7 +248,7 @@ class Report:
 
 
 # codec: the parts of one frame; core: (fuzzed node, frames delivered into a rebalance or None for a quiet
-# cluster, [(from a peer?, routing id, parts), ...]).
+# cluster, whether the node's lease is in doubt, [(from a peer?, routing id, parts), ...]).
 Input = Any
 
 
@@ -259,7 +259,7 @@ def build(target: str, c: Choices, mutator: Mutator) -> Input:
     if target == "codec":
         return mutator.frame(c, sorted(codec.FRAME_TYPES))
     program = mutator.program(c)
-    return mutator.pick(c, ["n0", "n1"]), mutator.pick(c, [None, None, 0, 5, 20]), program
+    return mutator.pick(c, ["n0", "n1"]), mutator.pick(c, [None, None, 0, 5, 20]), c.int_in(0, 3) == 0, program
 
 
 def execute(target: str, given: Input) -> None:
@@ -269,8 +269,8 @@ def execute(target: str, given: Input) -> None:
     if target == "codec":
         check_codec(given)
         return
-    fuzzed, rebalancing, program = given
-    core = CoreTarget(fuzzed, rebalancing=rebalancing)
+    fuzzed, rebalancing, fenced, program = given
+    core = CoreTarget(fuzzed, rebalancing=rebalancing, fenced=fenced)
     for peer, ident, parts in program:
         core.feed(peer, ident, parts)
     core.afterwards()
@@ -287,9 +287,9 @@ def _shown(given: Input) -> str:
         return "[" + ", ".join(repr(p) if len(p) <= 256 else f"b'x' * {len(p)}" for p in parts) + "]"
 
     if isinstance(given, tuple):
-        fuzzed, rebalancing, program = given
+        fuzzed, rebalancing, fenced, program = given
         frames = ",\n  ".join(f"({peer}, {ident!r}, {short(parts)})" for peer, ident, parts in program)
-        return f"CoreTarget({fuzzed!r}, rebalancing={rebalancing!r}) fed:\n  {frames}"
+        return f"CoreTarget({fuzzed!r}, rebalancing={rebalancing!r}, fenced={fenced}) fed:\n  {frames}"
     return short(given)
 
 

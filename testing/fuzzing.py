@@ -124,9 +124,10 @@ class CoreTarget:
     not caught: they are the crashes the fuzzers look for."""
 
     def __init__(self, fuzzed: str = FUZZED, nodes: int = 3, config: SimConfig = CORE_CONFIG,
-                 rebalancing: int | None = None) -> None:  # fmt: skip
+                 rebalancing: int | None = None, fenced: bool = False) -> None:  # fmt: skip
         """``rebalancing``: None for a quiet cluster; else subscribers hold routes, a node joins and only that many
-        frames are delivered after the leader starts moving shards to it, so frames meet hand-offs half done."""
+        frames are delivered after the leader starts moving shards to it, so frames meet hand-offs half done.
+        ``fenced``: the fuzzed node's lease is in doubt (its keep-alives seem late) until its next renewal."""
         sim = self.sim = Sim(config)
         for _ in range(nodes):
             sim.join()
@@ -150,6 +151,8 @@ class CoreTarget:
                     break
                 sim.deliver(*ready[0])
         self.node = sim.nodes[fuzzed]
+        if fenced:
+            self.node.lease_valid_until = sim.now  # what the core sees of the lease (SimNode.enter)
         self.errors_sent = 0
         self._count_errors(self.node)
         self.fed = 0
@@ -232,6 +235,7 @@ class CoreTarget:
     def afterwards(self, tag: str = "after") -> None:
         """The cluster settles, and a new QoS 1 subscriber gets a publish sent through another node."""
         sim = self.sim
+        self.node.next_refresh = min(self.node.next_refresh, sim.now)  # a fenced node's keep-alive gets through
         if not sim.settle():
             raise FuzzFailure("the cluster did not settle after fuzzing")
         live = sorted(n for n in sim.live_members() if sim.nodes[n].up)

@@ -164,9 +164,10 @@ CLIENTS = st.sampled_from([b"fz1", b"fz2", b"\xff"])
 
 
 def fed(
-    frames: list[tuple[bool, bytes, list[bytes]]], fuzzed: str = "n0", rebalancing: int | None = None
+    frames: list[tuple[bool, bytes, list[bytes]]], fuzzed: str = "n0", rebalancing: int | None = None,
+    fenced: bool = False,
 ) -> CoreTarget:
-    target = CoreTarget(fuzzed, rebalancing=rebalancing)
+    target = CoreTarget(fuzzed, rebalancing=rebalancing, fenced=fenced)
     for peer, ident, parts in frames:
         target.feed(peer, ident, parts)
     target.afterwards()
@@ -204,23 +205,24 @@ def test_peer_frames(frame_type: bytes, data: st.DataObject, fuzzed: str) -> Non
                           st.tuples(st.just(True), PEERS, mutated_frame(PEER_TYPES)),
                           st.tuples(st.booleans(), PEERS | CLIENTS, mutated_frame(ALL_TYPES))),  # the wrong channel
                 min_size=2, max_size=8),
-       st.one_of(st.none(), st.integers(min_value=0, max_value=40)))
+       st.one_of(st.none(), st.integers(min_value=0, max_value=40)), st.booleans())
 # A peer's ERROR whose ref is a list: the registry lookup raised TypeError (unhashable) out of the core.
 @example([(True, b"n1", frame_from(codec.ERROR, {"code": "x", "reason": "y", "ref": [1]})),
-          (True, b"n2", frame_from(codec.ERROR, {"code": "x", "reason": "y", "ref": {"a": 1}}))], None)
+          (True, b"n2", frame_from(codec.ERROR, {"code": "x", "reason": "y", "ref": {"a": 1}}))], None, False)
 # A refused FWDS echoed its (id-less, so anything) "id" as the ERROR's ref, and the sender crashed on it.
 @example([(True, b"n1", frame_from(codec.FWDS, {"items": [[1, "a/b", 1]], "sizes": [2], "id": []}, b"x")),
-          (False, b"fz1", frame_from(codec.PING, {}))], 10)
+          (False, b"fz1", frame_from(codec.PING, {}))], 10, False)
 # The root set's shard number (-1) passed the shard check of HANDOFF, SNAPSHOT and LOOKUP, and the assignment
 # raised IndexError for it.
 @example([(True, b"n1", frame_from(codec.HANDOFF, {"id": 1, "shard": -1, "shard_epoch": 1, "targets": ["n1"],
                                                    "coordinator": "n0"})),
           (True, b"n1", frame_from(codec.SNAPSHOT, {"id": 1, "shard": -1, "shard_epoch": 1, "routes": [["a", ["n1"]]],
                                                     "last": True, "coordinator": "n0"})),
-          (True, b"n2", frame_from(codec.LOOKUP, {"id": 1, "shard": -1, "shard_epoch": 1, "topic": "a"}))], None)
-def test_mixed_frames(frames: list[tuple[bool, bytes, list[bytes]]], rebalancing: int | None) -> None:
-    """Any frames on either channel, to a quiet cluster or to one moving shards to a newcomer."""
-    fed(frames, rebalancing=rebalancing)
+          (True, b"n2", frame_from(codec.LOOKUP, {"id": 1, "shard": -1, "shard_epoch": 1, "topic": "a"}))], None, True)
+def test_mixed_frames(frames: list[tuple[bool, bytes, list[bytes]]], rebalancing: int | None, fenced: bool) -> None:
+    """Any frames on either channel, to a quiet cluster or to one moving shards to a newcomer, to a node whose
+    lease is in doubt or not."""
+    fed(frames, rebalancing=rebalancing, fenced=fenced)
 
 
 def test_every_seed_reaches_its_handler() -> None:
