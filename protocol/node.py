@@ -237,6 +237,7 @@ class NodeCore:
     def refuse_request(self, sender: str, ref: int | None, code: str, reason: str, **extra: Any) -> None:
         """Refuse one request of a peer (a frame, or one item of a batch such as LOOKUPS) with an ERROR."""
         self.metrics[f"fencing.refused.{code}"] += 1
+        ref = ref if type(ref) is int else None  # only an int names a request (FWDS carries no id: anything goes)
         self.effects.send_peer(sender, codec.error_parts(code, reason, ref, **extra))
 
     def _on_peer_error(self, sender: str, frame: Frame) -> None:
@@ -247,7 +248,7 @@ class NodeCore:
         if "move_id" in h:  # a hand-off refused: move ids are the coordinator's, never confused with request ids
             if self.coordinator is not None:
                 self.coordinator.on_refused(h["move_id"])
-        elif h.get("ref") is not None:
+        elif type(h.get("ref")) is int:  # a list or object is no request id, nor even a key (found by fuzzing)
             self.requests.refused(h["ref"], sender, h["code"], h["reason"])
 
     def _on_handoff_ready(self, sender: str, frame: Frame) -> None:

@@ -406,7 +406,8 @@ class OwnerSide:
         core = self.core
         items = frame.header["items"]
         answers = []
-        if core.fenced() or not core.view.shards_ok(item[1] for item in items):
+        shards = [item[1] for item in items]
+        if core.fenced() or not core.view.shards_ok(shards) or ROOT in shards:
             for lid, shard, shard_epoch, topic, head in items:  # each refused, or answered, as a LOOKUP would be
                 answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
                 if answer is not None:
@@ -438,7 +439,7 @@ class OwnerSide:
         if core.fenced():
             core.refuse_request(sender, lid, codec.E_FENCED, f"{core.me} cannot renew its etcd lease", shard=shard)
             return None
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set is on every node: never looked up
             core.refuse_request(sender, lid, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return None
         ours = core.view.shard_epoch(shard)
@@ -505,7 +506,7 @@ class OwnerSide:
         core = self.core
         h = frame.header
         shard, shard_epoch = h["shard"], h["shard_epoch"]
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set never moves (found by fuzzing)
             self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return
         if core.fenced():
@@ -564,7 +565,7 @@ class OwnerSide:
         core = self.core
         h = frame.header
         shard, shard_epoch = h["shard"], h["shard_epoch"]
-        if not core.view.shards_ok([shard]):
+        if shard == ROOT or not core.view.shards_ok([shard]):  # the root set never moves (found by fuzzing)
             self._refuse_move(frame, codec.E_BAD_HEADER, f"shard {shard} is outside this cluster")
             return
         ours = core.view.shard_epoch(shard)
