@@ -12,9 +12,12 @@
   ``random.Random(seed)``. Oracle: ``testing.fuzzing.CoreTarget``.
 - ``live``: a ``LocalCluster`` (3 node processes, a private etcd, 127.0.0.1) with a QoS 1 publisher/subscriber
   pair on unique payloads, while a raw DEALER on one node's client port and another with a made-up routing id
-  on its peer port send random and mutated frames. At the end: every acknowledged publish was received, the
-  nodes still run, every refusal was counted (the node's ``errors.*`` grew by at least the stranger's frames
-  plus the ERRORs the client socket got) and ``errors.internal`` (a handler raised) did not grow.
+  on its peer port send random and mutated frames. On the secure default the peer DEALER speaks CURVE with a
+  key of no member and is refused at the handshake (``security.peer_keys_refused``); with ``--insecure`` its
+  frames reach the node and are refused as a non-member's. At the end: every acknowledged publish was received,
+  the nodes still run, every refusal was counted (the node's refusal counters grew by at least the stranger's
+  decoded frames plus the ERRORs the client socket got) and ``errors.internal`` (a handler raised) did not
+  grow.
 
 Every mode prints executions per second and what it found, with a reproducer for a crash; the exit status is 1
 when something was found. Atheris runs in a child process (libFuzzer exits the process when its time is up):
@@ -444,7 +447,7 @@ def _atheris_input(target: str, data: bytes) -> Input:
 
 
 # ---------------------------------------------------------------------------------------------- live
-REFUSAL_PREFIXES = ("errors.", "fencing.refused.", "qos1.refused")
+REFUSAL_PREFIXES = ("errors.", "fencing.refused.", "qos1.refused", "security.")
 
 
 def _refusals(metrics: dict[str, int]) -> int:
@@ -593,16 +596,24 @@ class LiveResult:
     counters: dict[str, int]
 
 
-def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, nodes: int = 3) -> LiveResult:
-    """The live fuzz (see the module docstring); stops everything it started by pid and removes its temp dir."""
+def fuzz_live(
+    seconds: float, seed: int, directory: str | Path | None = None, nodes: int = 3, insecure: bool = False
+) -> LiveResult:
+    """The live fuzz (see the module docstring); stops everything it started by pid and removes its temp dir.
+
+    On the secure default the made-up peer is a CURVE client with a key of its own: the node's ZAP handler
+    refuses every handshake (``security.peer_keys_refused``) and none of its frames reaches a handler, which the
+    core fuzz exercises instead. ``insecure`` runs the cluster with ``--insecure``, so its frames are decoded and
+    refused as a non-member's (``errors.not_member``)."""
     import zmq
 
     from shardmq.router import codec
+    from shardmq.shard.membership import read_members
     from shardmq.testing import LocalCluster, pid_runs
 
     own_dir = directory is None
     base = Path(directory or tempfile.mkdtemp(prefix="shardmq-fuzz-live-"))
-    lc = LocalCluster(base / "cluster", nodes=nodes, log_level="warning")
+    lc = LocalCluster(base / "cluster", nodes=nodes, log_level="warning", insecure=insecure)
     # A node killed by a signal (a crash in C code) then leaves its Python stack in its log; the nodes inherit
     # our environment, which is put back as it was once they run.
     faulthandler_was = os.environ.get("PYTHONFAULTHANDLER")
@@ -632,6 +643,12 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
         client.setsockopt(zmq.ROUTING_ID, f"fuzz-client-{uuid.uuid4().hex[:6]}".encode())
         peer = ctx.socket(zmq.DEALER)
         peer.setsockopt(zmq.ROUTING_ID, f"fuzz-peer-{uuid.uuid4().hex[:6]}".encode())  # no member has this id
+        if not insecure:  # a stranger who speaks CURVE, with the node's real server key and a key of its own
+            server_key = read_members(lc.etcd_client(), lc.state.cluster)[1][target.name].curve_key
+            public, secret = zmq.curve_keypair()
+            peer.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+            peer.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            peer.setsockopt(zmq.CURVE_SECRETKEY, secret)
         for s, ep in ((client, target.client_endpoint), (peer, target.peer_endpoint)):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 1000)
@@ -662,13 +679,14 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
             if sent["client"] % 64 == 0:
                 time.sleep(0.001)  # leave the pair (and the machine) some room
         report.execs, report.seconds = sent["client"] + sent["peer"], time.monotonic() - start
+        peer_decoded = sent["peer"] if insecure else 0  # refused at the handshake, a stranger's frames never arrive
         # Let the node read what is still queued: every stranger's frame and every ERROR must show in the counters.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             time.sleep(0.2)
             client_errors += _answer(client)
             now = _status(target.client_endpoint)
-            if now is not None and _refusals(now["metrics"]) - _refusals(before) >= sent["peer"] + client_errors:
+            if now is not None and _refusals(now["metrics"]) - _refusals(before) >= peer_decoded + client_errors:
                 break
         pair.finish()
         alive = {p.name: pid_runs(p) for p in procs}
@@ -678,7 +696,7 @@ def fuzz_live(seconds: float, seed: int, directory: str | Path | None = None, no
                                    f"{lc.dir}/logs)")  # fmt: skip
         after = Counter(last["metrics"] if last else {})
         grew = _refusals(after) - _refusals(before)
-        expected = sent["peer"] + client_errors
+        expected = peer_decoded + client_errors
         internal = after["errors.internal"] - before["errors.internal"]
         counters = {k: after[k] - before[k] for k in sorted(after) if k.startswith(REFUSAL_PREFIXES)
                     and after[k] != before[k]}  # fmt: skip
@@ -724,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto",
                     help="codec/core: atheris when installed (auto), or the random loop")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the report as JSON too")
+    ap.add_argument("--insecure", action="store_true",
+                    help="live: a cluster without peer security, so the stranger's peer frames reach the handlers")
     ap.add_argument("--replay", type=int, help="run the random engine's input with this key once (from a report)")
     ap.add_argument("--replay-file", help="run an atheris crash file once")
     ap.add_argument("--atheris-child", choices=["codec", "core"], help=argparse.SUPPRESS)
@@ -737,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed or random.SystemRandom().randint(1, 2**31 - 1)
     print(f"seed {seed}", flush=True)
     if args.target == "live":
-        report = fuzz_live(args.seconds, seed).report
+        report = fuzz_live(args.seconds, seed, insecure=args.insecure).report
     elif args.engine == "atheris" or (args.engine == "auto" and has_atheris()):
         report = fuzz_atheris(args.target, max(1, int(args.seconds)), seed)
     else:

@@ -57,6 +57,8 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.ROUTE_ACK: ({"id": 1, "stale": [[3, 1]]}, b""),
     codec.LOOKUP: ({"id": 1, "shard": 3, "shard_epoch": 1, "topic": "a/b"}, b""),
     codec.LOOKUP_REPLY: ({"id": 1, "shard": 3, "shard_epoch": 1, "nodes": ["n1"]}, b""),
+    codec.LOOKUPS: ({"items": [[1, 3, 1, "a/b", 0], [2, 5, 1, "a", 1]]}, b""),
+    codec.LOOKUPS_REPLY: ({"items": [[1, 1, ["n1"], 0], [2, 1, [], 1]]}, b""),
     codec.FWD: ({"id": 1, "topic": "a/b", "qos": 1}, b"f"),
     codec.FWD_ACK: ({"ids": [1]}, b""),
     codec.FWDS: ({"items": [[1, "a/b", 1], [0, "a/b", 0]], "sizes": [1, 2], "counts": [1, 2]}, b"fgh"),
