@@ -6,7 +6,8 @@ on n3 (another node). Peers are run when installed (binary on PATH or in /usr/sb
 nats-server (nats-py), mosquitto (paho-mqtt), redis-server (redis-py PUBLISH/SUBSCRIBE), each as a child
 process on a free 127.0.0.1 port, stopped by pid at the end. ``floor`` (always run) is the same four processes
 and hops as shardmq's path with none of its work (``pyzmq_floor``): what this machine gives before any broker
-logic, so the distance to it is shardmq's own cost.
+logic, so the distance to it is shardmq's own cost. ``shardmq-insecure`` (only when named in ``--only``) is the
+same cluster started with ``--insecure``: without CURVE between the nodes, so the ratio prices peer security.
 
 Figures per system, each repeat running every system in turn (order rotated per repeat), three repeats:
 1. QoS 0 max: the publisher sends as fast as it can (``--count`` messages or ``--seconds``, whichever first);
@@ -62,13 +63,15 @@ FLAT = b"x" * PAYLOAD_SIZE
 WARMUP = 100  # latency samples dropped at the start of a paced run
 IDLE_NS = 2_000_000_000  # the subscriber gives up 2 s after the last message once the publisher is done
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # Debian puts nats-server and mosquitto here
-SYSTEMS = ("shardmq", "floor", "nats", "mosquitto", "redis")
+SYSTEMS = ("shardmq", "shardmq-insecure", "floor", "nats", "mosquitto", "redis")
+# Run only when named in --only: the same cluster started with --insecure, to price peer security (CURVE).
+OPTIONAL_SYSTEMS = ("shardmq-insecure",)
 PEERS = {  # system -> (server binary, Python module of its client, pip name)
     "nats": ("nats-server", "nats", "nats-py"),
     "mosquitto": ("mosquitto", "paho.mqtt.client", "paho-mqtt"),
     "redis": ("redis-server", "redis", "redis"),
 }
-QOS1_SYSTEMS = ("shardmq", "mosquitto")
+QOS1_SYSTEMS = ("shardmq", "shardmq-insecure", "mosquitto")
 NO_QOS1 = {
     "nats": "core NATS has no publish ack",
     "redis": "PUBLISH has no delivery ack",
@@ -245,6 +248,7 @@ def sub_floor(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: Tal
 
 SUBSCRIBERS = {
     "shardmq": sub_shardmq,
+    "shardmq-insecure": sub_shardmq,
     "floor": sub_floor,
     "nats": sub_nats,
     "mosquitto": sub_mosquitto,
@@ -464,6 +468,7 @@ def pub_floor(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
 PUBLISHERS = {
     "shardmq": pub_shardmq,
+    "shardmq-insecure": pub_shardmq,
     "floor": pub_floor,
     "nats": pub_nats,
     "mosquitto": pub_mosquitto,
@@ -804,7 +809,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixed-rate", type=float, default=1000.0, help="latency at this rate too (0: off)")
     parser.add_argument("--qos1-count", type=int, default=20_000)
     parser.add_argument("--qos1-seconds", type=float, default=4.0)
-    parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument(
+        "--only", default=",".join(s for s in SYSTEMS if s not in OPTIONAL_SYSTEMS),
+        help="comma-separated subset of " + ",".join(SYSTEMS) + " (shardmq-insecure only when named)",
+    )  # fmt: skip
     parser.add_argument(
         "--topics",
         default="",
@@ -831,17 +839,20 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         infos: dict[str, dict[str, Any]] = {}
         for system in wanted:
-            if system == "shardmq":
+            if system in ("shardmq", "shardmq-insecure"):
                 from shardmq.testing import LocalCluster
 
-                lc = LocalCluster(tmp / "shardmq", nodes=3, log_level="warning")
-                print("shardmq: starting etcd + 3 nodes ...", flush=True)
+                insecure = system == "shardmq-insecure"
+                lc = LocalCluster(tmp / system, nodes=3, log_level="warning", insecure=insecure)
+                print(f"{system}: starting etcd + 3 nodes{' (--insecure)' if insecure else ''} ...", flush=True)
                 stack.callback(lc.down)
                 lc.up()
                 assert lc.state is not None
-                eps = node_endpoints = {p.name: p.client_endpoint for p in lc.state.nodes}
+                eps = {p.name: p.client_endpoint for p in lc.state.nodes}
+                if not insecure:
+                    node_endpoints = eps
                 infos[system] = {"sub_endpoint": eps["n1"], "pub_endpoint": eps["n3"]}
-                print(f"shardmq: 3 nodes up; subscriber on n1 {eps['n1']}, publisher on n3 {eps['n3']}")
+                print(f"{system}: 3 nodes up; subscriber on n1 {eps['n1']}, publisher on n3 {eps['n3']}")
                 continue
             if system == "floor":
                 infos[system] = stack.enter_context(pyzmq_floor.chain(ctx))
