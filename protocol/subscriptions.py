@@ -9,7 +9,9 @@ Rules of this file:
   subscribing to a filter whose ROUTE_ADD is still on its way waits for that one too. All or nothing: a SUB
   whose routes an owner could not confirm is undone and answered with an error.
 - An owner that says our shard epoch is old (``stale`` in its ROUTE_ACK) gets nothing applied; we re-read the
-  assignment and send those items to the current owners (up to three times).
+  assignment and send those items to the current owners (up to three times), those that still hold: a removal
+  is not sent again once its filter was subscribed again, nor an addition once it was unsubscribed, since the
+  retry would overtake the newer change.
 - A shard with no owner at all (etcd lost every lease at once) cannot hold the route: the SUB fails.
 - Subscriptions are refused while the node is fenced: peers drop our routes if our lease runs out.
 - Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
@@ -267,7 +269,13 @@ class Subscriptions:
             return
         view = self.core.view
         shards = {s for s, _ in stale}
-        retry = [view.route_item(f) for s, _, f in waiter.sent.get(sender, []) if s in shards]
+        # Only what still holds: a removal whose filter was subscribed again since (its new ROUTE_ADD already went
+        # out) must not follow that addition, nor an addition a removal since undid (found by the simulation).
+        local = self.local_filters()
+        adding = waiter.kind == codec.ROUTE_ADD
+        retry = [
+            view.route_item(f) for s, _, f in waiter.sent.get(sender, []) if s in shards and (f in local) == adding
+        ]
         if not retry:
             waiter.failures.append(f"{sender} (shard epoch still stale)")
             self._settle_waiter(wid, sender)
