@@ -106,6 +106,7 @@ from .core import (
     OVERLOAD_BACKOFF_MAX,
     PENDING_FIRST,
     PENDING_FLUSH,
+    PENDING_LONE,
     PING_INTERVAL,
     VALID_TOPICS_MEMO,
     ClientCore,
@@ -378,7 +379,9 @@ class Client(CoreView):
                 self._run(core.publish_acked(topic, data))
                 return
             action = core.add_pending(topic, data, time.monotonic())
-            if action == PENDING_FLUSH:
+            if action in (PENDING_FLUSH, PENDING_LONE):
+                # A lone message leaves from the caller's thread: waking the flusher for it would cost a thread
+                # hand-off (tens of microseconds to milliseconds on a busy machine) for nothing to gather.
                 self._flush_pending()
             elif action == PENDING_FIRST:
                 self._wake_flusher()

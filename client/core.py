@@ -124,6 +124,10 @@ Steps = Generator[Effect, Any, _T]  # a protocol step the shell drives; its retu
 PENDING_QUEUED: Final = 0  # nothing: more are pending, a flush is already due
 PENDING_FIRST: Final = 1  # the list just became non-empty: make sure it is flushed once the caller goes idle
 PENDING_FLUSH: Final = 2  # max_batch or linger reached: flush now, in the caller's call
+# A lone message (the list was empty) and no send for ``linger``: nothing is under way that it could join, so
+# waiting would only add latency. A shell that can send in the caller's own thread does so now (``Client``: no
+# hand-off to its flusher thread); one whose flush leaves on its next turn anyway treats it as PENDING_FIRST.
+PENDING_LONE: Final = 3
 
 
 class Backoff:
@@ -535,15 +539,24 @@ class ClientCore:
 
     # ------------------------------------------------------------------ publishing
     def add_pending(self, topic: str, data: bytes, now: float) -> int:
-        """Queue a QoS 0 publish (already validated); PENDING_FLUSH, PENDING_FIRST or PENDING_QUEUED."""
+        """Queue a QoS 0 publish (already validated); PENDING_FLUSH, PENDING_LONE, PENDING_FIRST or PENDING_QUEUED.
+
+        Messages gather only while a send is under way: a send counts as under way for ``linger`` after it was
+        handed to the socket (the time zmq's I/O thread and the node take to pass a frame on), so a publisher that
+        outpaces the socket fills batches while one publishing at ordinary rates sends each message at once.
+        """
         self.raise_pending_error()
         pending = self.pending
         if not pending:
             self.pending_since = now
+            pending.append((topic, data))
+            if self.max_batch == 1 or self.linger == 0:
+                return PENDING_FLUSH
+            return PENDING_LONE if now - self.last_flush >= self.linger else PENDING_FIRST
         pending.append((topic, data))
         if len(pending) >= self.max_batch or now - self.pending_since >= self.linger:
             return PENDING_FLUSH
-        return PENDING_FIRST if len(pending) == 1 else PENDING_QUEUED
+        return PENDING_QUEUED
 
     def take_pending(self) -> tuple[list[list[bytes]], int]:
         """The frames of every pending QoS 0 publish, and how many publishes they carry; the list is emptied (on
