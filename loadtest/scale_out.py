@@ -269,12 +269,16 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 def report(results: list[Result]) -> None:
     one = next((r for r in results if r.nodes == 1 and r.error is None), None)
+    # With N = 1 a message crosses one node, from N = 2 on two (publisher and subscriber on different nodes): the
+    # per-pair figure of N = 2 is the base of the scaling once every message crosses nodes.
+    two = next((r for r in results if r.nodes == 2 and r.error is None), None)
     print("\naggregate (all processes share this machine's cores)\n")
     rows = [("N", "sent", "received", "loss", "drops reported", "aggregate msg/s", "pair msg/s min / med / max",
-             "vs N x one pair", "projected msg/s", "projected vs N x one pair", "bottleneck (busy share)")]  # fmt: skip
+             "vs N x one pair", "projected msg/s", "projected vs N x one pair", "projected vs N/2 x N=2",
+             "bottleneck (busy share)")]  # fmt: skip
     for r in results:
         if r.error is not None:
-            rows.append((str(r.nodes), "FAILED", r.error[:60], *("-",) * 8))
+            rows.append((str(r.nodes), "FAILED", r.error[:60], *("-",) * 9))
             continue
         proc, busy = r.bottleneck
         base = one.aggregate if one else 0.0
@@ -290,6 +294,7 @@ def report(results: list[Result]) -> None:
             f"{r.aggregate / (r.nodes * base):.2f}" if base else "-",
             f"{r.projected:,.0f}",
             f"{r.projected / (r.nodes * pbase):.2f}" if pbase else "-",
+            f"{r.projected / (r.nodes / 2 * two.projected):.2f}" if two and two.projected and r.nodes >= 2 else "-",
             f"{proc} ({busy:.0%})",
         ))  # fmt: skip
     print_table(rows)
