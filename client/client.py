@@ -37,17 +37,17 @@ The SDK's rules:
   for nothing) is kept in ``errors`` and raised by the next call.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
   without a round trip.
-- QoS 0 publishes gather only while a send is under way, without a timer at low load: a ``publish(qos=0)`` that
-  finds nothing pending and no send in the last ``linger`` seconds sends its message at once, in the caller's
-  thread (at ordinary rates every message leaves at once, with no hand-off to the flusher thread). A send counts as
-  under way for ``linger`` after it was handed to the socket (about what zmq's I/O thread and the node take to
-  pass a frame on), so a publisher that outpaces the socket (a tight loop, a burst) gathers: ``publish`` then
-  appends to the pending list and returns, and the caller's own thread sends the list when it reaches
-  ``max_batch`` messages or its oldest message is ``linger`` seconds old (checked with ``time.monotonic()`` on
-  each publish). A flush is
-  one PUBS frame (a lone message goes as the plain PUB it always was), split so that no frame carries more than
-  the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. Consecutive QoS 0
-  messages to one topic in a frame go as one run (``codec.Run``), which every node passes on as one item.
+- QoS 0 publishes gather only while the publisher outpaces the socket, without a timer at low load: a
+  ``publish(qos=0)`` that finds nothing pending and comes ``linger`` or more after the previous one sends its
+  message at once, in the caller's thread (at ordinary rates every message leaves at once, with no hand-off to
+  the flusher thread). Publishes closer together than ``linger`` (a tight loop, a burst, a paced loop catching
+  up: what queues while the previous send is still on its way through zmq's I/O thread and the node) gather:
+  ``publish`` appends to the pending list and returns, and the caller's own thread sends the list when it
+  reaches ``max_batch`` messages or its oldest message is ``linger`` seconds old (checked with
+  ``time.monotonic()`` on each publish). A flush is one PUBS frame (a lone message goes as the plain PUB it
+  always was), split so that no frame carries more than the node's ``max_payload`` (from WELCOME) bytes of
+  payload; a larger message goes alone. Consecutive QoS 0 messages to one topic in a frame go as one run
+  (``codec.Run``), which every node passes on as one item.
   ``max_batch=1`` turns batching off (every publish is sent at once, as before).
 - Every other call (``publish(qos=1)``, ``publish_many``, ``subscribe*``, ``unsubscribe``, ``receive``,
   ``status``, ``leave``, ``flush``, ``close``, ``connect`` and failover) sends what is pending first, so order per
@@ -55,7 +55,7 @@ The SDK's rules:
   ``receive`` never sits on pending messages.
 - A background flusher thread (a daemon, started on the first buffered publish, holding only a weakref to the
   Client so an unclosed client can still be garbage collected) sends what is pending once the application leaves
-  the client idle (the end of a burst, a publish that followed a send within ``linger`` and then a sleep), at most
+  the client idle (the end of a burst, a publish that followed another within ``linger`` and then a sleep), at most
   once per ``linger``: at moderate rates (a publish every few tens of microseconds, with sleeps between) messages
   gather for up to ``linger`` instead of costing every process on the path a wake-up each, while a message after
   a quiet spell of ``linger`` or more leaves at once (from ``publish`` itself). ``publish`` wakes it (an Event)

@@ -267,10 +267,10 @@ def test_pending_publishes_flush_at_max_batch_and_on_linger() -> None:
     assert [core.add_pending("t", b"x", 0.0) for _ in range(3)] == [1, 0, 2]  # first, queued, flush (max_batch)
     frames, count = core.take_pending()
     assert count == 3 and len(frames) == 1 and core.pending == []
-    assert core.add_pending("t", b"y", 10.0) == PENDING_LONE  # no send for linger: nothing to gather with
+    assert core.add_pending("t", b"y", 10.0) == PENDING_LONE  # linger since the previous publish: at once
     frames, count = core.take_pending()
     core.pending_sent(count, 10.0)
-    assert core.add_pending("t", b"y", 10.1) == PENDING_FIRST  # a send under way: gather
+    assert core.add_pending("t", b"y", 10.1) == PENDING_FIRST  # closer than linger to the previous one: gather
     assert core.add_pending("t", b"z", 10.6) == PENDING_FLUSH  # the oldest is older than linger
 
 

@@ -2,9 +2,9 @@
 
 The unit tests give one Client a fake socket (``FakeSocket``) and look at the frames it builds. A test that must
 keep the flusher thread out holds ``client._lock``: the flusher only try-acquires it, so while the test thread
-holds it nothing is sent behind the test's back. A lone publish leaves at once unless a send is under way, so a
-test that wants publishes to gather starts with ``sending(client)``. The integration tests use the session's
-real 3-node cluster.
+holds it nothing is sent behind the test's back. A lone publish leaves at once unless the previous one was less
+than ``linger`` ago, so a test that wants publishes to gather starts with ``sending(client)``. The integration
+tests use the session's real 3-node cluster.
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ def fake_client(cls: type[Client] = Client, max_payload: int = codec.DEFAULT_MAX
 
 
 def sending(client: Client) -> Client:
-    """As if a send had just been handed to the socket: publishes gather for ``linger`` from now (a lone publish
-    with no send under way leaves at once, in the caller's thread)."""
-    client._core.last_flush = time.monotonic()
+    """As if a publish had just been made and sent: publishes gather for ``linger`` from now (a lone publish
+    ``linger`` or more after the previous one leaves at once, in the caller's thread)."""
+    client._core.last_publish = client._core.last_flush = time.monotonic()
     return client
 
 
@@ -136,7 +136,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 2.0) -> None:
 
 def test_lone_publish_leaves_at_once_as_a_plain_pub_frame() -> None:
     c = fake_client(linger=60)
-    c.publish("a/b", b"x")  # nothing pending, no send under way: publish sends it, no thread hand-off
+    c.publish("a/b", b"x")  # nothing pending, no publish just before: publish sends it, no thread hand-off
     [frame] = c.fake.sent
     assert frame.type == codec.PUB and frame.payload == b"x"
     assert frame.header == {"v": codec.PROTOCOL_VERSION, "topic": "a/b", "qos": 0}
@@ -150,7 +150,7 @@ def test_publishes_right_after_a_send_gather_in_one_frame() -> None:
     c = fake_client(linger=60)
     with c._lock:
         c.publish("t", b"0")  # leaves at once
-        c.publish("t", b"1")  # a send is under way (less than linger ago): gathers
+        c.publish("t", b"1")  # less than linger after the previous publish: gathers
         c.publish("t", b"2")
         assert c._pending == [("t", b"1"), ("t", b"2")]
         c.flush()
@@ -316,7 +316,7 @@ def test_every_other_call_sends_pending_publishes_first(name: str) -> None:
 
 
 def test_flusher_thread_sends_what_gathered_when_the_caller_is_idle() -> None:
-    c = sending(fake_client(linger=0.05))  # a send under way: the publish gathers, and only the flusher can send it
+    c = sending(fake_client(linger=0.05))  # a publish just went: this one gathers, only the flusher can send it
     c.publish("t", b"gathered")
     thread = c._flusher.thread
     assert thread.daemon and thread.name.startswith("shardmq-flusher")
@@ -419,7 +419,7 @@ def test_lone_publish_leaves_at_once_and_the_next_then_sleep_by_the_flusher(conn
     try:
         pub.publish(topic, b"lone")
         assert pub._pending == []  # sent by publish itself
-        pub.publish(topic, b"next")  # within linger of that send: gathers
+        pub.publish(topic, b"next")  # within linger of that publish: gathers
         time.sleep(0.5)  # no other call on pub: only its flusher thread can have sent it
         assert pub._pending == [] and pub._flusher is not None
         got = collect(sub, 2, quiet=5.0)
