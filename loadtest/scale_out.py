@@ -9,8 +9,10 @@ distinct sequence numbers it received and stops once it has them all, or 2 s aft
 publisher is done.
 
 Printed per N: aggregate delivered msg/s (all messages received / from the first send to the last receive),
-loss (sent - received; QoS 0 may drop under overload, and the nodes' ``drops.*`` counters and the subscribers'
-``dropped`` are printed with it), each pair's rate, and the CPU time (user + system, from ``/proc/<pid>/stat``,
+loss (sent - received) and what was counted lost (QoS 0 may drop under overload: the subscribers' ``dropped``,
+the nodes' ``drops.*``, and their ``errors.*`` for QoS 0 publishes an entry node failed, e.g. ``unavailable``
+when no route owner answered its lookup within ``lookup_timeout`` behind a backlog; those reach no client),
+each pair's rate, and the CPU time (user + system, from ``/proc/<pid>/stat``,
 every thread of the process) that each node and client process spent during the run, per message. Then the ratio
 aggregate / (N x the one-pair aggregate).
 
@@ -41,8 +43,13 @@ from pathlib import Path
 from typing import Any
 
 SEQ_BYTES = 8
-IDLE_S = 2.0  # a subscriber stops this long after its last message once its publisher is done
+IDLE_S = 5.0  # a subscriber stops this long after its last message once its publisher is done
 START_TIMEOUT_S = 60.0
+# Node counters of messages not delivered (per message); frame counts and the share already reported are not.
+LOSS_COUNTERS = ("drops.", "errors.")
+NOT_MESSAGES = ("_frames", "_reported", "errors.from_peer", "errors.internal", "errors.not_member")
+# Printed for every node when messages went missing: where they were last seen.
+TRACE_COUNTERS = ("publishes.", "forwards.", "frames_", "errors.", "lookups.", "peers.", "batches.", "clients.")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -71,6 +78,7 @@ def subscriber_main(
             seen = bytearray()  # one byte per sequence number: cheaper than a set at hundreds of thousands
             unique = duplicates = 0
             first = last = known = 0.0
+            ended = "all received"
             give_up = time.monotonic() + seconds + 3 * START_TIMEOUT_S  # the publisher died without a word
             while True:
                 msg = c.receive(timeout=0.2)
@@ -92,12 +100,16 @@ def subscriber_main(
                 want = expected.value
                 if want >= 0:
                     known = known or now
-                    if unique >= want or now - max(last, known) > IDLE_S:
+                    if unique >= want:
+                        break
+                    if now - max(last, known) > IDLE_S:
+                        ended = f"nothing for {IDLE_S:g} s"
                         break
                 if now > give_up:
+                    ended = "gave up"
                     break
             out.put(("sub", pair, {"received": unique, "duplicates": duplicates, "first": first, "last": last,
-                                   "dropped": c.dropped}))  # fmt: skip
+                                   "dropped": c.dropped, "ended": ended}))  # fmt: skip
             release.wait(START_TIMEOUT_S)
     except BaseException as exc:  # the parent reports it and stops everything
         out.put(("error", pair, f"subscriber {pair}: {exc!r}"))
@@ -142,8 +154,13 @@ class Result:
     window: float = 0.0
     aggregate: float = 0.0
     pair_rates: list[float] = field(default_factory=list)
-    dropped_reported: int = 0  # subscribers' ``dropped`` + the nodes' drops.* counters
+    pairs: list[str] = field(default_factory=list)  # one line per pair: sent, received, how the count ended
+    # Messages someone counted as not delivered: the subscribers' ``dropped`` (reported to them), the nodes' drops.*
+    # and errors.* counters (a QoS 0 publish an entry node failed, e.g. ``unavailable`` when no owner answered its
+    # lookup within ``lookup_timeout``, is counted there only: QoS 0 has no reply to carry it to the publisher).
+    dropped_reported: int = 0
     node_drops: dict[str, int] = field(default_factory=dict)
+    node_counters: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> the counters that trace a loss
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds during the run
     messages: dict[str, int] = field(default_factory=dict)  # process -> messages it handled
     pids: dict[str, int] = field(default_factory=dict)  # process -> pid (all stopped when ``run_one`` returns)
@@ -228,8 +245,11 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
             with Client([endpoint], timeout=10.0) as c:
                 metrics = c.status()["metrics"]
             for key, value in metrics.items():
-                if key.startswith("drops.") and value:
+                if key.startswith(LOSS_COUNTERS) and value and not key.endswith(NOT_MESSAGES):
                     res.node_drops[f"{nodes[j].name} {key}"] = value
+            res.node_counters[nodes[j].name] = {
+                k: v for k, v in sorted(metrics.items()) if v and k.startswith(TRACE_COUNTERS)
+            }
         res.sent = sum(p["sent"] for p in pubs.values())
         res.received = sum(s["received"] for s in subs.values())
         res.duplicates = sum(s["duplicates"] for s in subs.values())
@@ -241,6 +261,11 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
         for i in range(n):
             took = subs[i]["last"] - pubs[i]["first"]
             res.pair_rates.append(subs[i]["received"] / took if took > 0 else 0.0)
+            res.pairs.append(
+                f"pair {i}: {pubs[i]['sent']:,} sent, {subs[i]['received']:,} received ({subs[i]['ended']}), "
+                f"flushed {pubs[i]['flushed'] - pubs[i]['first']:.2f} s and last received "
+                f"{subs[i]['last'] - pubs[i]['first']:.2f} s after its first send, dropped {subs[i]['dropped']:,}"
+            )
             res.messages[f"pub {i}"] = pubs[i]["sent"]
             res.messages[f"sub {i}"] = subs[i]["received"]
             # A node takes in its publisher's messages (entry) and, with N >= 2, delivers the previous pair's.
@@ -273,7 +298,7 @@ def report(results: list[Result]) -> None:
     # per-pair figure of N = 2 is the base of the scaling once every message crosses nodes.
     two = next((r for r in results if r.nodes == 2 and r.error is None), None)
     print("\naggregate (all processes share this machine's cores)\n")
-    rows = [("N", "sent", "received", "loss", "drops reported", "aggregate msg/s", "pair msg/s min / med / max",
+    rows = [("N", "sent", "received", "loss", "counted lost", "aggregate msg/s", "pair msg/s min / med / max",
              "vs N x one pair", "projected msg/s", "projected vs N x one pair", "projected vs N/2 x N=2",
              "bottleneck (busy share)")]  # fmt: skip
     for r in results:
@@ -298,6 +323,8 @@ def report(results: list[Result]) -> None:
             f"{proc} ({busy:.0%})",
         ))  # fmt: skip
     print_table(rows)
+    print("\nloss = sent - received; counted lost = what the subscribers were told (DROPPED) and the nodes counted "
+          "(drops.*, and errors.* of QoS 0 publishes an entry node failed: not reported to the publisher)")
     print("\nCPU per message, microseconds (CPU seconds of the process during the run / messages it handled: a "
           "publisher's sent, a subscriber's received, a node's entering from its publisher)\n")  # fmt: skip
     for r in results:
@@ -305,6 +332,11 @@ def report(results: list[Result]) -> None:
             continue
         cells = [f"{p} {r.us_per_message(p):.1f}" for p in sorted(r.cpu, key=_proc_order)]
         print(f"N={r.nodes}: " + ", ".join(cells))
+        if r.loss:
+            for line in r.pairs:
+                print(f"      {line}")
+            for node, counters in r.node_counters.items():
+                print(f"      {node}: {counters}")
         if r.node_drops:
             print(f"      drops: {r.node_drops}")
     if one is not None:
@@ -351,8 +383,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 print(f"N={n}: FAILED: {r.error}", flush=True)
                 continue
             print(f"N={n}: {r.received:,} of {r.sent:,} delivered in {r.window:.2f} s: {r.aggregate:,.0f} msg/s "
-                  f"aggregate, loss {r.loss:,}, duplicates {r.duplicates:,}, drops reported "
-                  f"{r.dropped_reported:,}", flush=True)  # fmt: skip
+                  f"aggregate, loss {r.loss:,}, duplicates {r.duplicates:,}, counted lost {r.dropped_reported:,}"
+                  + (f" {r.node_drops}" if r.node_drops else ""), flush=True)  # fmt: skip
     report(results)
     return results
 

@@ -30,8 +30,8 @@ def test_scale_out_runs_reports_its_figures_and_loses_nothing(capsys: pytest.Cap
         assert r.sent > 0 and r.received > 0 and r.duplicates == 0
         assert len(r.pair_rates) == r.nodes and all(rate > 0 for rate in r.pair_rates)
         # The publishers flushed before the counting ended; QoS 0 may still drop under overload, but never
-        # silently: the nodes' drops.* counters or the subscribers' ``dropped`` would say so.
-        assert r.loss == 0 or r.dropped_reported > 0, f"N={r.nodes}: {r.loss} lost, no drop reported"
+        # uncounted: the subscribers' ``dropped`` or the nodes' drops.*/errors.* counters say so.
+        assert r.loss <= r.dropped_reported, f"N={r.nodes}: {r.loss} lost, {r.dropped_reported} counted"
         pairs = range(r.nodes)
         expected = {f"node n{j + 1}" for j in pairs} | {f"pub {i}" for i in pairs} | {f"sub {i}" for i in pairs}
         assert set(r.cpu) == expected and all(cpu >= 0 for cpu in r.cpu.values())
