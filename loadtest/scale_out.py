@@ -5,16 +5,17 @@ node i, subscriber i to node (i + 1) mod N (so with N >= 2 every message crosses
 node 1), and pair i has its own ``--topics-per-pair`` exact topics (``scale/<i>/<j>``). The publisher sends QoS 0
 messages of ``--payload`` bytes, each carrying a unique sequence number, round robin over its topics as fast as
 it can for ``--seconds``, then ``flush()``es (the node confirmed reading every one); the subscriber counts the
-distinct sequence numbers it received and stops once it has them all, or 2 s after the last one once its
+distinct sequence numbers it received and stops once it has them all, or 5 s after the last one once its
 publisher is done.
 
 Printed per N: aggregate delivered msg/s (all messages received / from the first send to the last receive),
 loss (sent - received) and what was counted lost (QoS 0 may drop under overload: the subscribers' ``dropped``,
 the nodes' ``drops.*``, and their ``errors.*`` for QoS 0 publishes an entry node failed, e.g. ``unavailable``
 when no route owner answered its lookup within ``lookup_timeout`` behind a backlog; those reach no client),
-each pair's rate, and the CPU time (user + system, from ``/proc/<pid>/stat``,
-every thread of the process) that each node and client process spent during the run, per message. Then the ratio
-aggregate / (N x the one-pair aggregate).
+each pair's rate, and the CPU time (user + system, from ``/proc/<pid>/stat``, every thread of the process) that
+each node and client process spent during the run, per message. Then the ratio aggregate / (N x the one-pair
+aggregate), and against N/2 x the N = 2 aggregate (from N = 2 on every message crosses two nodes, with N = 1
+one). Where messages went missing, per pair and per node where they were last counted.
 
 Reading it on a small machine: with fewer cores than processes (3N + 1 with etcd), the measured aggregate shows
 the shape only: the processes share the cores. What a machine with a core per process would reach follows from
@@ -216,7 +217,10 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
         ready = 0
         deadline = time.monotonic() + START_TIMEOUT_S
         while ready < 2 * n:
-            kind, pair, value = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                kind, pair, value = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{2 * n - ready} client(s) not connected within {START_TIMEOUT_S:g} s") from None
             if kind == "error":
                 raise RuntimeError(value)
             ready += 1
