@@ -369,8 +369,8 @@ class Client(CoreView):
         """Publish; with qos=1 returns only after every node with matching subscribers accepted it.
 
         With qos=0 (see the rules above) a lone message leaves at once, from this thread, when nothing is pending
-        and nothing was sent in the last ``linger`` seconds; else it is queued and sent with the others that queue
-        up: at once when ``max_batch`` are pending or the oldest is ``linger`` seconds old, else by the next call
+        and the previous publish was ``linger`` seconds ago or more; else it is queued and sent with the others that
+        queue up: at once when ``max_batch`` are pending or the oldest is ``linger`` seconds old, else by the next call
         or by the flusher thread as soon as the application leaves the client idle.
         """
         check_qos(qos)
