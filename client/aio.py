@@ -43,6 +43,7 @@ from .core import (
     NOW,
     PENDING_FIRST,
     PENDING_FLUSH,
+    PENDING_LONE,
     YIELDED,
     ClientCore,
     CoreView,
@@ -289,7 +290,8 @@ class AsyncClient(CoreView):
         if action == PENDING_FLUSH:
             async with self._exclusive():
                 await self._flush_pending()
-        elif action == PENDING_FIRST and (self._flush_task is None or self._flush_task.done()):
+        elif action in (PENDING_FIRST, PENDING_LONE) and (self._flush_task is None or self._flush_task.done()):
+            # A lone message too leaves on the loop's next turn: no thread hand-off to save here.
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def publish_many(self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500) -> int:

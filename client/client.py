@@ -37,12 +37,17 @@ The SDK's rules:
   for nothing) is kept in ``errors`` and raised by the next call.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
   without a round trip.
-- QoS 0 publishes are batched when they queue up, without a timer at low load: ``publish(qos=0)`` appends to
-  the pending list and returns; the caller's own thread sends the pending list when it reaches ``max_batch`` messages
-  or its oldest message is ``linger`` seconds old (checked with ``time.monotonic()`` on each publish). A flush is
-  one PUBS frame (a lone message goes as the plain PUB it always was), split so that no frame carries more than
-  the node's ``max_payload`` (from WELCOME) bytes of payload; a larger message goes alone. Consecutive QoS 0
-  messages to one topic in a frame go as one run (``codec.Run``), which every node passes on as one item.
+- QoS 0 publishes gather only while the publisher outpaces the socket, without a timer at low load: a
+  ``publish(qos=0)`` that finds nothing pending and comes ``linger`` or more after the previous one sends its
+  message at once, in the caller's thread (at ordinary rates every message leaves at once, with no hand-off to
+  the flusher thread). Publishes closer together than ``linger`` (a tight loop, a burst, a paced loop catching
+  up: what queues while the previous send is still on its way through zmq's I/O thread and the node) gather:
+  ``publish`` appends to the pending list and returns, and the caller's own thread sends the list when it
+  reaches ``max_batch`` messages or its oldest message is ``linger`` seconds old (checked with
+  ``time.monotonic()`` on each publish). A flush is one PUBS frame (a lone message goes as the plain PUB it
+  always was), split so that no frame carries more than the node's ``max_payload`` (from WELCOME) bytes of
+  payload; a larger message goes alone. Consecutive QoS 0 messages to one topic in a frame go as one run
+  (``codec.Run``), which every node passes on as one item.
   ``max_batch=1`` turns batching off (every publish is sent at once, as before).
 - Every other call (``publish(qos=1)``, ``publish_many``, ``subscribe*``, ``unsubscribe``, ``receive``,
   ``status``, ``leave``, ``flush``, ``close``, ``connect`` and failover) sends what is pending first, so order per
@@ -50,13 +55,14 @@ The SDK's rules:
   ``receive`` never sits on pending messages.
 - A background flusher thread (a daemon, started on the first buffered publish, holding only a weakref to the
   Client so an unclosed client can still be garbage collected) sends what is pending once the application leaves
-  the client idle (a lone publish followed by a sleep, the end of a burst), at most once per ``linger``: at
-  moderate rates (a publish every few tens of microseconds, with sleeps between) messages gather for up to
-  ``linger`` instead of costing every process on the path a wake-up each, while a message after a quiet spell
-  of ``linger`` or more leaves at once. ``publish`` wakes it (an Event) only
-  when the pending list goes from empty to non-empty. It never waits for the application: it only
-  try-acquires the lock and, when the application is inside a call, looks again 0.5 ms later (and stops looking
-  once the list is empty). Its errors are kept in ``errors``. ``close`` flushes, stops and joins it.
+  the client idle (the end of a burst, a publish that followed another within ``linger`` and then a sleep), at most
+  once per ``linger``: at moderate rates (a publish every few tens of microseconds, with sleeps between) messages
+  gather for up to ``linger`` instead of costing every process on the path a wake-up each, while a message after
+  a quiet spell of ``linger`` or more leaves at once (from ``publish`` itself). ``publish`` wakes it (an Event)
+  only when the pending list goes from empty to non-empty and the message did not leave at once. It never waits
+  for the application: it only try-acquires the lock and, when the application is inside a call, looks again
+  0.5 ms later (and stops looking once the list is empty). Its errors are kept in ``errors``. ``close`` flushes,
+  stops and joins it.
 - The socket is used by the application's thread and by the flusher, never at the same time: every socket use
   (send, recv, poll) happens under ``_lock`` (an RLock), held for the whole of each public call and by the
   flusher while it flushes. The lock also makes the hand-over between the two threads a memory barrier, which is
@@ -106,6 +112,7 @@ from .core import (
     OVERLOAD_BACKOFF_MAX,
     PENDING_FIRST,
     PENDING_FLUSH,
+    PENDING_LONE,
     PING_INTERVAL,
     VALID_TOPICS_MEMO,
     ClientCore,
@@ -361,9 +368,10 @@ class Client(CoreView):
     def publish(self, topic: str, payload: bytes | str, qos: int = 0) -> None:
         """Publish; with qos=1 returns only after every node with matching subscribers accepted it.
 
-        With qos=0 the message is queued and sent with the others that queue up (see the rules above): at once
-        when ``max_batch`` are pending or the oldest is ``linger`` seconds old, else by the next call or by the
-        flusher thread as soon as the application leaves the client idle.
+        With qos=0 (see the rules above) a lone message leaves at once, from this thread, when nothing is pending
+        and the previous publish was ``linger`` seconds ago or more; else it is queued and sent with the others that
+        queue up: at once when ``max_batch`` are pending or the oldest is ``linger`` seconds old, else by the next call
+        or by the flusher thread as soon as the application leaves the client idle.
         """
         check_qos(qos)
         core = self._core
@@ -378,7 +386,9 @@ class Client(CoreView):
                 self._run(core.publish_acked(topic, data))
                 return
             action = core.add_pending(topic, data, time.monotonic())
-            if action == PENDING_FLUSH:
+            if action in (PENDING_FLUSH, PENDING_LONE):
+                # A lone message leaves from the caller's thread: waking the flusher for it would cost a thread
+                # hand-off (tens of microseconds to milliseconds on a busy machine) for nothing to gather.
                 self._flush_pending()
             elif action == PENDING_FIRST:
                 self._wake_flusher()

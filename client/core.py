@@ -124,6 +124,11 @@ Steps = Generator[Effect, Any, _T]  # a protocol step the shell drives; its retu
 PENDING_QUEUED: Final = 0  # nothing: more are pending, a flush is already due
 PENDING_FIRST: Final = 1  # the list just became non-empty: make sure it is flushed once the caller goes idle
 PENDING_FLUSH: Final = 2  # max_batch or linger reached: flush now, in the caller's call
+# A lone message: the list was empty and the previous publish was ``linger`` or more ago, so the publisher does not
+# outpace the socket and waiting would only add latency. A shell that can send in the caller's own thread does so
+# now (``Client``: no hand-off to its flusher thread); one whose flush leaves on its next turn anyway treats it as
+# PENDING_FIRST.
+PENDING_LONE: Final = 3
 
 
 class Backoff:
@@ -193,6 +198,7 @@ class ClientCore:
         self.pending_since = 0.0  # when the oldest pending publish was queued
         self.dacks: list[int] = []  # mids handed to the application, acknowledged together (``take_message``)
         self.last_flush = 0.0  # when the pending list was last sent
+        self.last_publish = 0.0  # when the previous QoS 0 publish was queued (``add_pending``)
         # QoS 0 publishes handed to the current socket since its node last confirmed reading everything (a PONG
         # to ``confirm_read``), and those handed to sockets closed before such a confirmation.
         self.unconfirmed = 0
@@ -535,15 +541,27 @@ class ClientCore:
 
     # ------------------------------------------------------------------ publishing
     def add_pending(self, topic: str, data: bytes, now: float) -> int:
-        """Queue a QoS 0 publish (already validated); PENDING_FLUSH, PENDING_FIRST or PENDING_QUEUED."""
+        """Queue a QoS 0 publish (already validated); PENDING_FLUSH, PENDING_LONE, PENDING_FIRST or PENDING_QUEUED.
+
+        Messages gather only while the publisher outpaces the socket: publishes less than ``linger`` apart (a
+        tight loop, a burst, a paced loop catching up) join the pending list, while one that finds it empty and
+        comes ``linger`` or more after the previous publish is PENDING_LONE. The gap between publishes, not the
+        time since the last send, decides: a flush that came late (a busy machine delays the flusher) must not
+        make the next lone message wait as well.
+        """
         self.raise_pending_error()
         pending = self.pending
+        previous, self.last_publish = self.last_publish, now
         if not pending:
             self.pending_since = now
+            pending.append((topic, data))
+            if self.max_batch == 1 or self.linger == 0:
+                return PENDING_FLUSH
+            return PENDING_LONE if now - previous >= self.linger else PENDING_FIRST
         pending.append((topic, data))
         if len(pending) >= self.max_batch or now - self.pending_since >= self.linger:
             return PENDING_FLUSH
-        return PENDING_FIRST if len(pending) == 1 else PENDING_QUEUED
+        return PENDING_QUEUED
 
     def take_pending(self) -> tuple[list[list[bytes]], int]:
         """The frames of every pending QoS 0 publish, and how many publishes they carry; the list is emptied (on

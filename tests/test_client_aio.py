@@ -31,6 +31,9 @@ from shardmq.client.core import (
     NOW,
     OVERLOAD_BACKOFF,
     OVERLOAD_BACKOFF_MAX,
+    PENDING_FIRST,
+    PENDING_FLUSH,
+    PENDING_LONE,
     YIELDED,
     Backoff,
     ClientCore,
@@ -264,8 +267,11 @@ def test_pending_publishes_flush_at_max_batch_and_on_linger() -> None:
     assert [core.add_pending("t", b"x", 0.0) for _ in range(3)] == [1, 0, 2]  # first, queued, flush (max_batch)
     frames, count = core.take_pending()
     assert count == 3 and len(frames) == 1 and core.pending == []
-    assert core.add_pending("t", b"y", 10.0) == 1
-    assert core.add_pending("t", b"z", 10.6) == 2  # the oldest is older than linger
+    assert core.add_pending("t", b"y", 10.0) == PENDING_LONE  # linger since the previous publish: at once
+    frames, count = core.take_pending()
+    core.pending_sent(count, 10.0)
+    assert core.add_pending("t", b"y", 10.1) == PENDING_FIRST  # closer than linger to the previous one: gather
+    assert core.add_pending("t", b"z", 10.6) == PENDING_FLUSH  # the oldest is older than linger
 
 
 def test_a_yielded_receive_wait_returns_early() -> None:

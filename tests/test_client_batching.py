@@ -2,7 +2,9 @@
 
 The unit tests give one Client a fake socket (``FakeSocket``) and look at the frames it builds. A test that must
 keep the flusher thread out holds ``client._lock``: the flusher only try-acquires it, so while the test thread
-holds it nothing is sent behind the test's back. The integration tests use the session's real 3-node cluster.
+holds it nothing is sent behind the test's back. A lone publish leaves at once unless the previous one was less
+than ``linger`` ago, so a test that wants publishes to gather starts with ``sending(client)``. The integration
+tests use the session's real 3-node cluster.
 """
 
 from __future__ import annotations
@@ -118,6 +120,13 @@ def fake_client(cls: type[Client] = Client, max_payload: int = codec.DEFAULT_MAX
     return client
 
 
+def sending(client: Client) -> Client:
+    """As if a publish had just been made and sent: publishes gather for ``linger`` from now (a lone publish
+    ``linger`` or more after the previous one leaves at once, in the caller's thread)."""
+    client._core.last_publish = client._core.last_flush = time.monotonic()
+    return client
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -125,20 +134,32 @@ def wait_for(condition: Callable[[], object], timeout: float = 2.0) -> None:
         time.sleep(0.001)
 
 
-def test_lone_publish_is_a_plain_pub_frame() -> None:
-    c = fake_client()
-    with c._lock:
-        c.publish("a/b", b"x")
-        assert c.fake.sent == []  # buffered
-        c.flush()
-    frame, barrier = c.fake.sent
+def test_lone_publish_leaves_at_once_as_a_plain_pub_frame() -> None:
+    c = fake_client(linger=60)
+    c.publish("a/b", b"x")  # nothing pending, no publish just before: publish sends it, no thread hand-off
+    [frame] = c.fake.sent
     assert frame.type == codec.PUB and frame.payload == b"x"
     assert frame.header == {"v": codec.PROTOCOL_VERSION, "topic": "a/b", "qos": 0}
-    assert barrier.type == codec.PING  # flush waits for the node to have read it
+    assert c.fake.threads == [threading.current_thread().name] and c._flusher is None
+    c.flush()
+    assert [f.type for f in c.fake.sent[1:]] == [codec.PING]  # flush waits for the node to have read it
+    c.close()
+
+
+def test_publishes_right_after_a_send_gather_in_one_frame() -> None:
+    c = fake_client(linger=60)
+    with c._lock:
+        c.publish("t", b"0")  # leaves at once
+        c.publish("t", b"1")  # less than linger after the previous publish: gathers
+        c.publish("t", b"2")
+        assert c._pending == [("t", b"1"), ("t", b"2")]
+        c.flush()
+    assert c.fake.published() == [(codec.PUB, [("t", b"0")]), (codec.PUBS, [("t", b"1"), ("t", b"2")])]
+    c.close()
 
 
 def test_max_batch_sends_one_pubs_in_order() -> None:
-    c = fake_client(max_batch=4, linger=60)
+    c = sending(fake_client(max_batch=4, linger=60))
     with c._lock:
         for i in range(3):
             c.publish(f"t/{i % 2}", str(i))
@@ -153,7 +174,7 @@ def test_max_batch_sends_one_pubs_in_order() -> None:
 
 
 def test_linger_sends_on_the_next_publish() -> None:
-    c = fake_client(max_batch=1000, linger=0.02)
+    c = sending(fake_client(max_batch=1000, linger=0.02))
     with c._lock:  # the flusher cannot send while we hold the lock
         c.publish("t", b"a")
         time.sleep(0.03)
@@ -172,7 +193,7 @@ def test_max_batch_1_sends_every_publish_at_once_without_a_thread() -> None:
 
 
 def test_frames_respect_the_nodes_max_payload() -> None:
-    c = fake_client(max_payload=100, max_batch=1000, linger=60)
+    c = sending(fake_client(max_payload=100, max_batch=1000, linger=60))
     sizes = [40, 40, 40, 150, 10, 10]
     with c._lock:
         for i, size in enumerate(sizes):
@@ -205,7 +226,7 @@ def test_publish_many_shares_the_frame_builder() -> None:
     max_payload=st.integers(40, 300),
 )
 def test_consecutive_qos0_publishes_to_one_topic_go_as_runs(messages: list[tuple[str, bytes]], max_payload: int):
-    c = fake_client(max_payload=max_payload, max_batch=1000, linger=60)
+    c = sending(fake_client(max_payload=max_payload, max_batch=1000, linger=60))
     try:
         with c._lock:
             for topic, payload in messages:
@@ -282,7 +303,7 @@ CALLS: dict[str, tuple[Callable[[Client], object], bytes | None]] = {
 @pytest.mark.parametrize("name", list(CALLS))
 def test_every_other_call_sends_pending_publishes_first(name: str) -> None:
     call, frame_type = CALLS[name]
-    c = fake_client(max_batch=1000, linger=60)
+    c = sending(fake_client(max_batch=1000, linger=60))
     with c._lock:
         c.publish("t/a", b"0")
         c.publish("t/a", b"1")
@@ -294,21 +315,22 @@ def test_every_other_call_sends_pending_publishes_first(name: str) -> None:
     assert [f.type for f in c.fake.sent[1:2]] == ([frame_type] if frame_type else [])
 
 
-def test_flusher_thread_sends_a_lone_publish_when_the_caller_is_idle() -> None:
-    c = fake_client(linger=60)  # only the flusher can send it
-    c.publish("t", b"lone")
+def test_flusher_thread_sends_what_gathered_when_the_caller_is_idle() -> None:
+    c = sending(fake_client(linger=0.05))  # a publish just went: this one gathers, only the flusher can send it
+    c.publish("t", b"gathered")
     thread = c._flusher.thread
     assert thread.daemon and thread.name.startswith("shardmq-flusher")
-    time.sleep(0.05)  # the application is idle: no call
+    time.sleep(0.01)  # the application is idle: no call
+    assert c.fake.sent == []  # not before ``linger`` after the last send
     wait_for(lambda: c.fake.sent)
-    assert c.fake.published() == [(codec.PUB, [("t", b"lone")])]
+    assert c.fake.published() == [(codec.PUB, [("t", b"gathered")])]
     assert c.fake.threads == [thread.name]
     c.close()
     assert not thread.is_alive() and c._flusher is None
 
 
 def test_flusher_is_woken_only_when_the_pending_list_becomes_non_empty() -> None:
-    c = fake_client(max_batch=1000, linger=60)
+    c = sending(fake_client(max_batch=1000, linger=60))
     sets = 0
     with c._lock:
         c.publish("t", b"0")  # starts the flusher and wakes it
@@ -331,7 +353,7 @@ def test_flusher_is_woken_only_when_the_pending_list_becomes_non_empty() -> None
 
 
 def test_unclosed_client_is_garbage_collected_and_its_flusher_ends() -> None:
-    c = fake_client(linger=60)
+    c = sending(fake_client(linger=0.01))
     c.publish("t", b"x")
     thread, fake = c._flusher.thread, c.fake
     wait_for(lambda: fake.sent)
@@ -344,7 +366,7 @@ def test_unclosed_client_is_garbage_collected_and_its_flusher_ends() -> None:
 
 
 def test_background_flush_error_is_raised_by_the_next_call() -> None:
-    c = fake_client(linger=60)
+    c = sending(fake_client(linger=0.01))
     c.fake.fail_next_send = True
     c.publish("t", b"lost")
     wait_for(lambda: c.errors)
@@ -389,16 +411,21 @@ def collect(client: Client, n: int, timeout: float = 30.0, quiet: float = 1.0) -
 
 
 @pytest.mark.timeout(60)
-def test_lone_publish_then_sleep_is_delivered_by_the_flusher(connect) -> None:
+def test_lone_publish_leaves_at_once_and_the_next_then_sleep_by_the_flusher(connect, endpoints) -> None:
     topic = f"{unique()}/lone"
     sub = connect(1)
     sub.subscribe(topic)
-    pub = connect(0)
-    pub.publish(topic, b"lone")
-    time.sleep(0.5)  # no other call on pub: only its flusher thread can have sent it
-    assert pub._pending == [] and pub._flusher is not None
-    msg = sub.receive(timeout=5.0)
-    assert msg is not None and (msg.topic, msg.payload, msg.qos) == (topic, b"lone", 0)
+    pub = Client(endpoints, client_id=f"lone-{unique()}", linger=0.2)
+    try:
+        pub.publish(topic, b"lone")
+        assert pub._pending == []  # sent by publish itself
+        pub.publish(topic, b"next")  # within linger of that publish: gathers
+        time.sleep(0.5)  # no other call on pub: only its flusher thread can have sent it
+        assert pub._pending == [] and pub._flusher is not None
+        got = collect(sub, 2, quiet=5.0)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [(topic, b"lone", 0), (topic, b"next", 0)]
+    finally:
+        pub.close()
 
 
 @pytest.mark.timeout(60)
@@ -444,7 +471,7 @@ def test_close_delivers_what_was_pending(connect, endpoints) -> None:
     topic = f"{unique()}/close"
     sub = connect(1)
     sub.subscribe(topic)
-    pub = Client(endpoints, client_id=f"close-{unique()}", max_batch=10_000, linger=60)
+    pub = sending(Client(endpoints, client_id=f"close-{unique()}", max_batch=10_000, linger=60))
     with pub._lock:  # keeps the flusher out: only close() can send them
         for i in range(50):
             pub.publish(topic, str(i))

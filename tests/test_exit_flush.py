@@ -161,6 +161,7 @@ def fake(pong: bool) -> tuple[Client, SilentNode]:
 
     client._open = open_fake  # type: ignore[method-assign]
     client.connect()
+    client._core.last_publish = client._core.last_flush = time.monotonic()  # publishes gather (linger=60)
     node.sent.clear()
     return client, node
 
