@@ -15,8 +15,11 @@ Rules of this file:
 - A key the node's view does not show yet is not refused at once: a newcomer (or a restarted member) connects
   as soon as it has registered, and our view may show it up to a second later. libzmq does not reconnect after a
   refused handshake, so refusing then would leave that link dead for good. The handler waits for the view, up to
-  ``ADMIT_WAIT_S`` (each such check on its own, so a stranger's handshakes delay nobody else's; at most
-  ``MAX_WAITING`` at once, the rest refused at once), and refuses what never shows up.
+  ``ADMIT_WAIT_S``, and refuses what never shows up. It answers one request at a time, as pyzmq's handler loop
+  does: its ZAP socket is a REP socket, and a reply sent later from another task can leave the next request
+  unread (the socket's readiness is edge-triggered), which stalled handshakes for good. So a stranger's
+  handshakes delay other new connections by up to ``ADMIT_WAIT_S`` each; established links are not affected,
+  and a handshake left waiting past libzmq's handshake interval is retried by libzmq.
 - A member's identity is its key, not the routing id it claims: the node reads each peer frame's User-Id and
   drops (and counts, ``security.peer_id_mismatch``) a frame whose routing id is another member's.
 - ``--insecure`` turns all of this off, explicitly: the node logs ``insecure`` at warning level at every start.
@@ -40,8 +43,7 @@ from shardmq.protocol.view import MemberInfo
 
 PEER_ZAP_DOMAIN = "shardmq-peer"
 CLUSTER_KEY_BYTES = 32
-ADMIT_WAIT_S = 5.0  # several view reads (at least one a second, and one on every etcd watch event)
-MAX_WAITING = 64
+ADMIT_WAIT_S = 3.0  # several view reads (at least one a second, and one on every etcd watch event)
 
 
 class SecurityConfigError(RuntimeError):
@@ -88,7 +90,6 @@ class PeerSecurity:
         self._secret_key = secret
         self._members_by_key: dict[str, str] = {}  # z85 public key -> node id; replaced whole, read by the ZAP thread
         self.refused_keys = 0  # handshakes from keys of no member (written by the ZAP thread)
-        self._waiting = 0  # handshakes waiting for our view to show their key (ZAP thread only)
         self._lock = threading.Lock()
         self._auth = _MemberAuthenticator(ctx, self)
         self._auth.start()
@@ -128,21 +129,17 @@ class PeerSecurity:
         z85_key = key.decode()
         if domain == PEER_ZAP_DOMAIN and z85_key in self._members_by_key:
             return True
-        if domain != PEER_ZAP_DOMAIN or self._waiting >= MAX_WAITING:
+        if domain != PEER_ZAP_DOMAIN:
             return self._refused()
         return self._admitted_once_seen(z85_key)
 
     async def _admitted_once_seen(self, z85_key: str) -> bool:
         """A key our view may show soon (a member that just registered): wait for it (see the rules)."""
-        self._waiting += 1
-        try:
-            deadline = time.monotonic() + ADMIT_WAIT_S
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                if z85_key in self._members_by_key:
-                    return True
-        finally:
-            self._waiting -= 1
+        deadline = time.monotonic() + ADMIT_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if z85_key in self._members_by_key:
+                return True
         return self._refused()
 
     def _refused(self) -> bool:
@@ -158,18 +155,11 @@ class PeerSecurity:
 
 
 class _MemberAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler thread, naming a connection's User-Id after the member whose key it presented, and
-    answering each request in a task of its own (pyzmq's loop awaits one at a time)."""
+    """pyzmq's ZAP handler thread, naming a connection's User-Id after the member whose key it presented."""
 
     def __init__(self, ctx: zmq.Context, security: PeerSecurity) -> None:
         super().__init__(ctx)
         self._security = security
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        task = asyncio.ensure_future(super().handle_zap_message(msg))
-        self._tasks.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._tasks.discard)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         from zmq.utils import z85
