@@ -637,3 +637,25 @@ def test_relayed_addition_lost_on_a_broken_connection_is_sent_again() -> None:
     assert sim.settle()
     assert not check.route_losses(), check.route_losses()
     assert not check.publish_misses(), check.publish_misses()
+
+
+def test_no_relay_to_a_target_that_already_owns_the_shard() -> None:
+    """A counterexample StrictCluster found: a hand-off source kept a stream (begun at an epoch the shard had
+    already left) to a target that owns the shard now and accepts no forwards any more. Relayed, every addition
+    was refused, answered as stale and retried until the subscription failed. A target that owns the shard in the
+    source's view got the addition from its sender directly, so nothing is relayed to it."""
+    state = StrictCluster()
+    state.settle()
+    state.crash(i=1)
+    state.settle()
+    state.subscribe(f="t/2", i=0)
+    state.settle()
+    state.pause(i=0)
+    state.settle()
+    for _ in range(3):
+        state.join()
+    state.coordinator_step(i=30)
+    state.tick(dt=1.0, renew=True)
+    state.renew_leases()
+    state.settle()
+    state.teardown()  # heals, settles, subscribes every interrupted client again and checks convergence
