@@ -9,9 +9,9 @@ Rules of this file:
   seen yet). An item at an older shard epoch is not applied: the ROUTE_ACK says so (``stale``) and the sender
   re-sends to the current owners. Relayed items come only from the source of a fill we hold
   (``HandoffTarget.may_forward``) and are applied whatever their shard epoch. A target that is itself the
-  source of a later hand-off of the shard relays them on, when they changed its table. Nothing is relayed to a
-  target that owns the shard in our view: its sender, whose view is ours (an older one is refused as stale),
-  sent it the change directly.
+  source of a later hand-off of the shard relays them on, when they changed its table. A direct change is not
+  relayed to a target that owns the shard in our view: its sender, whose view is ours or newer (an older one
+  is refused as stale), sent it the change directly.
 - A relayed addition is acknowledged by each target, and the source confirms the addition to the subscriber's
   node only once every target filling the shard holds it: a relay queued on a connection that broke (a
   partition, a target's connection re-made) is gone, and a target that flips to owner without it would have
@@ -214,9 +214,10 @@ class OwnerSide:
                 # A relayed change goes on to the targets of our own stream too (a target that is itself handing
                 # the shard on): only if it changed our table, so relays between two streams cannot circle.
                 if targets and (changed or not forwarded):
-                    # A target that owns the shard in our view already got the change from its sender, whose
-                    # view is ours (an older one was refused above as stale): the fill it needed is over.
-                    owners = a.owners(shard) if a is not None else ()
+                    # A target that owns the shard in our view already got a direct change from its sender,
+                    # whose view is ours or newer (an older one was refused above as stale). A relayed change
+                    # was sent by a node with an older view: it goes on to every target.
+                    owners = a.owners(shard) if a is not None and not forwarded else ()
                     for target in targets:
                         if target not in owners:
                             relay.setdefault(target, []).append(item)
