@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shardmq.loadtest.compare_brokers import print_table
+
 SEQ_BYTES = 8
 IDLE_S = 5.0  # a subscriber stops this long after its last message once its publisher is done
 START_TIMEOUT_S = 60.0
@@ -288,14 +290,6 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("| " + " | ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-
-
 def report(results: list[Result]) -> None:
     one = next((r for r in results if r.nodes == 1 and r.error is None), None)
     # With N = 1 a message crosses one node, from N = 2 on two (publisher and subscriber on different nodes): the

@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Mapping
@@ -66,9 +68,6 @@ def load_cluster_key(path: str) -> bytes:
 
 def write_cluster_key(path: Path) -> None:
     """A new random cluster key, readable by its owner only."""
-    import os
-    import secrets
-
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(CLUSTER_KEY_BYTES) + "\n")
