@@ -32,6 +32,7 @@ def run_demo(directory: Path, nodes: int = 3) -> None:
     cluster = LocalCluster(directory, nodes=nodes, log_level="warning")
     print(f"== starting a private etcd and {nodes} shard nodes under {cluster.dir}")
     state = cluster.up()
+    cluster.export_credentials()
     endpoints = state.client_endpoints()
     try:
         for node in state.nodes:

@@ -16,17 +16,19 @@ from shardmq.shard.logs import configure_logging
 DEFAULT_DIR = ".shardmq"
 
 
-def _endpoints(args: argparse.Namespace) -> list[str]:
+def _client(args: argparse.Namespace) -> Client:
+    """A client of ``--endpoint`` (with ``--credentials``, else ``SHARDMQ_CREDENTIALS``), or of the local cluster
+    in ``--dir`` (with ``--credentials``, else that cluster's ``admin.creds``)."""
     if args.endpoint:
-        return args.endpoint
+        return Client(args.endpoint, credentials=args.credentials)
     from shardmq.testing import LocalCluster
 
     state_dir = Path(args.dir)
     if not (state_dir / "cluster.json").exists():
         sys.exit(f"no --endpoint given and no cluster in {state_dir}: run `shardmq cluster up` first")
-    state = LocalCluster.load(state_dir).state
-    assert state is not None
-    return state.client_endpoints()
+    lc = LocalCluster.load(state_dir)
+    assert lc.state is not None
+    return Client(lc.state.client_endpoints(), credentials=args.credentials or lc.admin_credentials)
 
 
 def cmd_node(args: argparse.Namespace) -> None:
@@ -79,7 +81,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
         insecure=args.insecure,
     )
     if args.insecure:
-        print("warning: --insecure: nodes will not authenticate or encrypt peer traffic", file=sys.stderr)
+        print("warning: --insecure: nodes will neither authenticate nor encrypt peer or client traffic",
+              file=sys.stderr)  # fmt: skip
     print(f"starting etcd and {args.nodes} nodes in {lc.dir} ...", flush=True)
     try:
         state = lc.up()
@@ -88,6 +91,9 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
     print(f"cluster '{state.cluster}' ready; etcd {state.etcd_url}")
     for node in state.nodes:
         print(f"  {node.name}  pid {node.pid}  clients: {node.client_endpoint}")
+    if lc.admin_credentials:
+        print(f"operator credentials (allowed everything): {lc.admin_credentials}")
+        print(f"  export SHARDMQ_CREDENTIALS={lc.admin_credentials}   # for the SDK; `shardmq creds add` makes more")
     print(f"stop it with: shardmq cluster down --dir {args.dir}")
 
 
@@ -215,7 +221,7 @@ def cmd_rebalance_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_sub(args: argparse.Namespace) -> None:
-    with Client(_endpoints(args)) as c:
+    with _client(args) as c:
         c.subscribe(args.filter, qos=args.qos)
         print(f"subscribed to {args.filter!r} via {c.node}; waiting (Ctrl-C to stop)", file=sys.stderr, flush=True)
         received = 0
@@ -231,10 +237,31 @@ def cmd_sub(args: argparse.Namespace) -> None:
 
 
 def cmd_pub(args: argparse.Namespace) -> None:
-    with Client(_endpoints(args)) as c:
+    with _client(args) as c:
         c.publish(args.topic, args.message.encode(), qos=args.qos)
         if args.qos:
             print(f"published to {args.topic!r} via {c.node}, acknowledged")
+
+
+def cmd_creds_add(args: argparse.Namespace) -> None:
+    from shardmq.testing import LocalCluster
+
+    if not (Path(args.dir) / "cluster.json").exists():
+        sys.exit(f"no cluster recorded in {args.dir}: run `shardmq cluster up --dir {args.dir}` first")
+    try:
+        path = LocalCluster.load(args.dir).add_credentials(args.name, args.publish, args.subscribe, args.admin)
+    except (RuntimeError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    print(f"{path} (mode 0600): principal {args.name!r} may publish to {args.publish or 'nothing'}, subscribe to "
+          f"{args.subscribe or 'nothing'}{', administer' if args.admin else ''}")  # fmt: skip
+
+
+def cmd_creds_revoke(args: argparse.Namespace) -> None:
+    from shardmq.testing import LocalCluster
+
+    if not LocalCluster.load(args.dir).revoke_credentials(args.name):
+        sys.exit(f"error: no principal {args.name!r} in the cluster of {args.dir}")
+    print(f"revoked {args.name!r}: nodes refuse its key and end its sessions")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -260,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--etcd-client-key", default="", help="the client certificate's key")
     node.add_argument("--cluster", default="default")
     node.add_argument("--cluster-key-file", default="",
-                      help="the cluster's secret (hex): peers prove their keys with it (`cluster up` makes one)")
+                      help="the cluster's secret (hex): peers prove their keys and principals their records with "
+                      "it, and the client port's CURVE key derives from it (`cluster up` makes one)")
     node.add_argument("--insecure", action="store_true",
-                      help="no peer authentication or encryption (logged as a warning at every start)")
+                      help="no authentication, encryption or ACLs on either port (logged as a warning at every "
+                      "start)")
     node.add_argument("--weight", type=int, default=1)
     node.add_argument("--shard-count", type=int, default=DEFAULT_SHARD_COUNT)
     node.add_argument("--replication", type=int, default=DEFAULT_REPLICATION)
@@ -304,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replication", type=int, default=None)
     up.add_argument("--lease-ttl", type=int, default=5)
     up.add_argument("--base-port", type=int, default=None, help="first port to use (default: free ports)")
-    up.add_argument("--insecure", action="store_true", help="start nodes without peer authentication or encryption")
+    up.add_argument("--insecure", action="store_true",
+                    help="start nodes without authentication, encryption or ACLs (peers and clients)")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status")
     st.add_argument("--dir", default=DEFAULT_DIR)
@@ -344,10 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
     rapply.add_argument("--timeout", type=float, default=300.0)
     rapply.set_defaults(func=cmd_rebalance_apply)
 
+    creds = sub.add_parser("creds", help="principals of a local cluster: credentials files and their ACLs")
+    crsub = creds.add_subparsers(dest="creds_command", required=True)
+    cadd = crsub.add_parser("add", help="make a principal with an ACL and write DIR/NAME.creds (mode 0600)")
+    cadd.add_argument("name")
+    cadd.add_argument("--dir", default=DEFAULT_DIR)
+    cadd.add_argument("--publish", nargs="*", default=[], metavar="FILTER", help="topic filters it may publish to")
+    cadd.add_argument("--subscribe", nargs="*", default=[], metavar="FILTER",
+                      help="filters it may subscribe within (each requested filter must be covered by one)")
+    cadd.add_argument("--admin", action="store_true", help="may make nodes leave and read detailed status")
+    cadd.set_defaults(func=cmd_creds_add)
+    crevoke = crsub.add_parser("revoke", help="delete a principal: its key is refused, its sessions end")
+    crevoke.add_argument("name")
+    crevoke.add_argument("--dir", default=DEFAULT_DIR)
+    crevoke.set_defaults(func=cmd_creds_revoke)
+
     for name, func, help_ in (("sub", cmd_sub, "subscribe and print messages"), ("pub", cmd_pub, "publish one")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--endpoint", action="append", help="node endpoint (repeat); default: the local cluster")
         sp.add_argument("--dir", default=DEFAULT_DIR)
+        sp.add_argument("--credentials", default=None,
+                        help="credentials file (default: SHARDMQ_CREDENTIALS, or the local cluster's admin.creds)")
         sp.add_argument("--qos", type=int, default=0, choices=(0, 1))
         sp.set_defaults(func=func)
         if name == "sub":

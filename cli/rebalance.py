@@ -32,7 +32,7 @@ def plan_report(lc: LocalCluster) -> dict[str, Any]:
     sizes: dict[int, int] = {}
     for proc in lc.live_nodes():
         try:
-            with Client([proc.client_endpoint], timeout=10.0) as c:
+            with Client([proc.client_endpoint], timeout=10.0, credentials=lc.admin_credentials) as c:
                 for shard, (routes, size) in c.status(detail=True).get("routes_per_shard", {}).items():
                     counts[int(shard)], sizes[int(shard)] = routes, size
         except (ShardMQError, TimeoutError):
@@ -82,7 +82,7 @@ def apply(lc: LocalCluster, timeout: float = 300.0) -> None:
         statuses = []
         for proc in lc.live_nodes():
             try:
-                with Client([proc.client_endpoint], timeout=2.0) as c:
+                with Client([proc.client_endpoint], timeout=2.0, credentials=lc.admin_credentials) as c:
                     statuses.append(c.status())
             except (ShardMQError, TimeoutError):
                 pass

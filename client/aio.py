@@ -35,6 +35,7 @@ import zmq.asyncio
 
 from shardmq.router import codec
 
+from .client import MONITORED_EVENTS, monitor_event, use_curve
 from .core import (
     BULK_CHUNK,
     CLOSE,
@@ -56,6 +57,8 @@ from .core import (
     as_bytes,
     check_qos,
 )
+from .credentials import CredentialsArg
+from .credentials import resolve as resolve_credentials
 
 __all__ = ["AsyncClient", "Message", "ShardMQError"]
 
@@ -73,14 +76,17 @@ class AsyncClient(CoreView):
         *,
         max_batch: int | None = None,
         linger: float = DEFAULT_LINGER,
+        credentials: CredentialsArg = None,
     ) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
-        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger)
+        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger,
+                                resolve_credentials(credentials))  # fmt: skip
         # A shadow of the process's global context: ``zmq.asyncio.Context.instance()`` may hand back the plain
         # context when a blocking Client made it first (the class attribute is shared).
         self.ctx = zmq.asyncio.Context.shadow(zmq.Context.instance())
         self.sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
+        self._endpoint = ""  # the socket's
         self._poller: zmq.asyncio.Poller | None = None
         self._lock = asyncio.Lock()  # every socket use; held by each call and by the flush task
         self._wanted = 0  # calls (other than receive) waiting for the lock
@@ -150,7 +156,9 @@ class AsyncClient(CoreView):
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 2)
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 5)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        use_curve(sock, self._core.credentials)
+        self._monitor = sock.get_monitor_socket(MONITORED_EVENTS)
+        self._endpoint = endpoint
         sock.connect(endpoint)  # zmq connects in its I/O thread: this returns at once
         self.sock = sock
         self._poller = zmq.asyncio.Poller()
@@ -206,12 +214,15 @@ class AsyncClient(CoreView):
         return self._core.decode(parts, asyncio.get_running_loop().time())
 
     async def _read_monitor(self) -> None:
-        """zmq reported a disconnect: it reconnects by itself, and the core says HELLO at its next turn."""
+        """zmq reported a disconnect (it reconnects by itself, and the core says HELLO at its next turn) or a
+        refused handshake (raised)."""
         assert self._monitor is not None
         with contextlib.suppress(zmq.Again):
             while True:
-                await self._monitor.recv_multipart(zmq.NOBLOCK)
-                self._core.connection_broken()
+                message = await self._monitor.recv_multipart(zmq.NOBLOCK)
+                refused = monitor_event(self._core, self._endpoint, message)
+                if refused is not None:
+                    raise refused
 
     # ------------------------------------------------------------------ lifecycle
     async def connect(self) -> None:

@@ -98,6 +98,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from shardmq.router import codec
 
@@ -126,6 +127,31 @@ from .core import (
     as_bytes,
     check_qos,
 )
+from .credentials import Credentials, CredentialsArg
+from .credentials import resolve as resolve_credentials
+
+# The monitor events a client's socket reports: a disconnect (say HELLO again) and the refused handshakes.
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+MONITORED_EVENTS = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+
+
+def use_curve(sock: Any, credentials: Credentials | None) -> None:
+    """Make ``sock`` (before it connects) a CURVE client with these credentials; none: leave it plain."""
+    if credentials is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.server_key.encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public_key.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret_key.encode())
+
+
+def monitor_event(core: ClientCore, endpoint: str, message: list[bytes]) -> ShardMQError | None:
+    """Tell the core what the socket's monitor reported; a refused handshake comes back as the error to raise."""
+    event = parse_monitor_message(message)["event"]
+    if event & HANDSHAKE_FAILED:
+        return core.handshake_refused(endpoint, zmq.Event(event).name or str(event))
+    core.connection_broken()
+    return None
 
 __all__ = [
     "BULK_CHUNK",
@@ -208,14 +234,17 @@ class Client(CoreView):
         *,
         max_batch: int | None = None,
         linger: float = DEFAULT_LINGER,
+        credentials: CredentialsArg = None,
     ) -> None:
         max_batch = self.default_max_batch if max_batch is None else max_batch
-        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger)
+        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger,
+                                resolve_credentials(credentials))  # fmt: skip
         if max_batch > 1 and not self.batching:
             raise ValueError(f"{type(self).__name__} does not batch publish() (max_batch=1); use publish_many")
         self._core.last_heard = time.monotonic()
         self.ctx = self.zmq_module.Context.instance()
         self.sock: Any = None
+        self._endpoint = ""  # the socket's
         self._monitor: Any = None
         self._poller: Any = None
         self._lock = threading.RLock()  # every socket use; held by each public call and by the flusher
@@ -274,7 +303,9 @@ class Client(CoreView):
         sock.setsockopt(z.TCP_KEEPALIVE_IDLE, 10)
         sock.setsockopt(z.TCP_KEEPALIVE_INTVL, 2)
         sock.setsockopt(z.TCP_KEEPALIVE_CNT, 5)
-        self._monitor = sock.get_monitor_socket(z.EVENT_DISCONNECTED)
+        use_curve(sock, self._core.credentials)
+        self._monitor = sock.get_monitor_socket(MONITORED_EVENTS)
+        self._endpoint = endpoint
         sock.connect(endpoint)
         self.sock = sock
         self._poller = z.Poller()
@@ -292,12 +323,13 @@ class Client(CoreView):
             self._core.socket_closed()
 
     def _read_monitor(self) -> None:
-        """zmq reported a disconnect (the only event we ask for): it reconnects by itself, and we say HELLO."""
+        """zmq reported a disconnect (it reconnects by itself, and we say HELLO) or a refused handshake (raised)."""
         z = self.zmq_module
         with contextlib.suppress(z.Again):
             while True:
-                self._monitor.recv_multipart(z.NOBLOCK)
-                self._core.connection_broken()
+                refused = monitor_event(self._core, self._endpoint, self._monitor.recv_multipart(z.NOBLOCK))
+                if refused is not None:
+                    raise refused
 
     def _recv(self, timeout: float) -> codec.Frame | None:
         """One frame from the node within ``timeout`` seconds, or None (also when zmq reported a disconnect:

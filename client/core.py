@@ -39,6 +39,8 @@ from shardmq.router import codec
 from shardmq.router.codec import ProtocolError
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
+from .credentials import Credentials
+
 BULK_CHUNK = 5000
 PING_INTERVAL = 5.0
 DACK_BATCH = 256
@@ -163,6 +165,7 @@ class ClientCore:
         timeout: float,
         max_batch: int,
         linger: float,
+        credentials: Credentials | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -172,6 +175,7 @@ class ClientCore:
         if not linger >= 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
         self.client_id = client_id
+        self.credentials = credentials  # CURVE keys for the shell's socket; None: no CURVE (an insecure cluster)
         self.timeout = timeout
         self.max_batch = max_batch
         self.linger = linger
@@ -229,6 +233,22 @@ class ClientCore:
         # them, so the next flush or close reports them.
         self.unconfirmed_closed += self.unconfirmed
         self.unconfirmed = 0
+
+    def handshake_refused(self, endpoint: str, event: str) -> ShardMQError:
+        """zmq reported a failed handshake (``event``: its monitor event's name): the node refused our credentials,
+        or we and it disagree on CURVE. Every node of a cluster would answer the same, so the shell raises this at
+        once instead of failing over or waiting for a timeout."""
+        creds = self.credentials
+        if creds is None:
+            reason = (f"{endpoint} refused the connection ({event}): the cluster requires credentials; pass "
+                      "credentials=PATH or set SHARDMQ_CREDENTIALS (`shardmq creds add NAME --dir DIR` makes one)")
+        elif event == "HANDSHAKE_FAILED_PROTOCOL":
+            reason = (f"{endpoint} refused the connection ({event}): it does not speak CURVE (an --insecure "
+                      f"cluster?) or these credentials are for another cluster ({creds.cluster!r})")
+        else:
+            reason = (f"{endpoint} refused principal {creds.principal!r} ({event}): unknown to this cluster, "
+                      f"revoked, or the credentials are for another cluster ({creds.cluster!r})")
+        return ShardMQError(codec.E_NOT_AUTHORIZED, reason)
 
     def socket_closed(self) -> None:
         """The shell closed the socket (idempotent)."""

@@ -113,6 +113,7 @@ def main() -> None:
             node_args=["--max-inflight", str(args.max_inflight), "--max-queued", str(args.max_queued)],
         )  # fmt: skip
         lc.up(timeout=60)
+        lc.export_credentials()
         try:
             rows = [("fast reader", run(lc, args.duration, None)),
                     (f"reader at {args.read_rate:.0f}/s", run(lc, args.duration, args.read_rate))]  # fmt: skip

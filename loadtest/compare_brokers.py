@@ -160,7 +160,7 @@ def wait_loop(tally: Tally) -> None:
 def sub_shardmq(info: dict[str, Any], spec: dict[str, Any], ready: Any, tally: Tally) -> None:
     from shardmq.client import Client
 
-    with Client([info["sub_endpoint"]], timeout=10.0) as c:
+    with Client([info["sub_endpoint"]], timeout=10.0, credentials=info["credentials"]) as c:
         c.subscribe_many(topic_names(spec), qos=spec["qos"])
         ready.set()
 
@@ -316,7 +316,7 @@ def pub_shardmq(info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     from shardmq.client import Client
 
     topic, qos = spec["topic"], spec["qos"]
-    with Client([info["pub_endpoint"]], timeout=60.0) as c:
+    with Client([info["pub_endpoint"]], timeout=60.0, credentials=info["credentials"]) as c:
 
         def send(payload: bytes) -> None:
             c.publish(topic, payload, qos=qos)
@@ -679,15 +679,18 @@ PROBE_EVERY = 0.25  # seconds between liveness probes of each shardmq node durin
 PROBE_TIMEOUT = 5.0
 
 
-def probe_node(endpoint: str) -> float:
+def probe_node(endpoint: str, credentials: str | bool) -> float:
     """A new client's HELLO then STATUS to one node, as a raw DEALER (no SDK failover): seconds until both were
     answered, PROBE_TIMEOUT when they were not."""
     import zmq
 
+    from shardmq.client.client import use_curve
+    from shardmq.client.credentials import resolve as resolve_credentials
     from shardmq.router import codec
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    use_curve(sock, resolve_credentials(credentials))
     sock.connect(endpoint)
     started = time.monotonic()
     try:
@@ -709,8 +712,9 @@ class Liveness:
     """Probes every node of the shardmq cluster from a thread of this process while a run goes on: the slowest
     HELLO + STATUS answer per node (the goal: none over a second)."""
 
-    def __init__(self, endpoints: dict[str, str]) -> None:
+    def __init__(self, endpoints: dict[str, str], credentials: str | bool) -> None:
         self.endpoints = endpoints
+        self.credentials = credentials
         self.worst: dict[str, float] = {}
         self.probes = 0
         self._stop = threading.Event()
@@ -727,7 +731,7 @@ class Liveness:
     def _run(self) -> None:
         while not self._stop.wait(PROBE_EVERY):
             for name, endpoint in self.endpoints.items():
-                took = probe_node(endpoint)
+                took = probe_node(endpoint, self.credentials)
                 self.probes += 1
                 self.worst[name] = max(self.worst.get(name, 0.0), took)
 
@@ -750,7 +754,11 @@ def many_topics(ctx: Any, infos: dict[str, dict[str, Any]], args: Any, node_endp
             for system in order:
                 spec = {"topic": topic_for(system, f"bench/k{k}"), "topics": k, "mode": "max", "count": args.count,
                         "seconds": args.seconds, "qos": 0, "started": time.monotonic()}  # fmt: skip
-                probe = Liveness(node_endpoints) if system == "shardmq" and k > 1 else contextlib.nullcontext()
+                probe = (
+                    Liveness(node_endpoints, infos[system]["credentials"])
+                    if system == "shardmq" and k > 1
+                    else contextlib.nullcontext()
+                )
                 with probe:
                     res = run_phase(ctx, system, infos[system], spec)
                 if "error" in res or not res.get("received"):
@@ -851,7 +859,9 @@ def main(argv: list[str] | None = None) -> None:
                 eps = {p.name: p.client_endpoint for p in lc.state.nodes}
                 if not insecure:
                     node_endpoints = eps
-                infos[system] = {"sub_endpoint": eps["n1"], "pub_endpoint": eps["n3"]}
+                creds = lc.admin_credentials
+                infos[system] = {"sub_endpoint": eps["n1"], "pub_endpoint": eps["n3"],
+                                 "credentials": str(creds) if creds else False}  # fmt: skip
                 print(f"{system}: 3 nodes up; subscriber on n1 {eps['n1']}, publisher on n3 {eps['n3']}")
                 continue
             if system == "floor":

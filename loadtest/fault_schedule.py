@@ -518,6 +518,7 @@ class FaultSchedule:
             self.lc = LocalCluster(Path(tmp), nodes=0, lease_ttl=self.lease_ttl, replication=2, log_level="info")
             self.say(f"starting etcd + {len(NODES)} nodes (R=2, lease TTL {self.lease_ttl}s) in {tmp}")
             self.lc.up(timeout=60)  # etcd only: the nodes are started below, each behind its own relay to etcd
+            self.lc.export_credentials()
             assert self.lc.state is not None and self.lc.state.etcd is not None
             self.started_procs.append(Proc(**asdict(self.lc.state.etcd)))
             etcd_port = int(self.lc.state.etcd_url.rsplit(":", 1)[1])

@@ -607,6 +607,8 @@ def fuzz_live(
     refused as a non-member's (``errors.not_member``)."""
     import zmq
 
+    from shardmq.client.client import use_curve
+    from shardmq.client.credentials import resolve as resolve_credentials
     from shardmq.router import codec
     from shardmq.shard.membership import read_members
     from shardmq.testing import LocalCluster, pid_runs
@@ -624,6 +626,7 @@ def fuzz_live(
     try:
         try:
             lc.up(timeout=90)
+            lc.export_credentials()
         finally:
             if faulthandler_was is None:
                 os.environ.pop("PYTHONFAULTHANDLER", None)
@@ -641,6 +644,9 @@ def fuzz_live(
         pair = Pair(endpoints[2:] + endpoints[:1], endpoints[1:2] + endpoints[2:], f"fuzz/pair/{uuid.uuid4().hex[:6]}")
         client = ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.ROUTING_ID, f"fuzz-client-{uuid.uuid4().hex[:6]}".encode())
+        # The operator's credentials (exported above; none when insecure): the fuzzer's frames must reach the
+        # handlers, and an operator may send every request type (LEAVE aside, see below).
+        use_curve(client, resolve_credentials(None))
         peer = ctx.socket(zmq.DEALER)
         peer.setsockopt(zmq.ROUTING_ID, f"fuzz-peer-{uuid.uuid4().hex[:6]}".encode())  # no member has this id
         if not insecure:  # a stranger who speaks CURVE, with the node's real server key and a key of its own

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         lc = LocalCluster(Path(tmp), nodes=3, lease_ttl=args.lease_ttl, log_level="warning")
         print(f"starting etcd + 3 nodes (R=2, lease TTL {args.lease_ttl} s) ...", flush=True)
         lc.up()
+        lc.export_credentials()
         try:
             assert lc.state is not None
             loader = load_routes(lc.state.client_endpoints(), args.routes)

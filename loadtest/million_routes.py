@@ -353,6 +353,7 @@ def run_cluster(
         )
         print(f"\nstarting etcd + {args.nodes} nodes (R={replication}, lease TTL {args.lease_ttl} s) ...", flush=True)
         lc.up()
+        lc.export_credentials()
         clients: list[Client] = []
         try:
             assert lc.state is not None

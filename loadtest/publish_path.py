@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="shardmq-path-") as tmp:
         cluster = LocalCluster(tmp, nodes=3, log_level="warning")
         state = cluster.up(timeout=60)
+        cluster.export_credentials()
         try:
             endpoints = state.client_endpoints()
             sub_q, pub_q, ready = ctx.Queue(), ctx.Queue(), ctx.Event()

@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting etcd + {args.nodes} nodes in {cluster_dir} ...", flush=True)
     try:
         state = lc.up()
+        lc.export_credentials()  # locust's processes inherit it
         endpoints = state.client_endpoints()
         holders = preload(endpoints, args.routes, args.loaders, args.preload_qos, args.chunk, args.preload_timeout,
                           stop, hard_deadline)  # fmt: skip

@@ -200,6 +200,7 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
     release = ctx.Event()
     try:
         state = cluster.up(timeout=120)
+        cluster.export_credentials()
         nodes = state.nodes  # n1..nN
         endpoints = [p.client_endpoint for p in nodes]
         out, go = ctx.Queue(), ctx.Event()

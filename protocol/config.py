@@ -27,4 +27,6 @@ class ProtocolConfig:
     max_inflight: int = 1000
     max_queued: int = 10_000
     max_session_bytes: int = 64 * 1024 * 1024
+    # Check every client frame against its principal's ACL (``access``); off for --insecure and the simulation.
+    access_control: bool = False
     snapshot_chunk: int = SNAPSHOT_CHUNK  # routes per SNAPSHOT frame of a hand-off (the simulation uses a few)

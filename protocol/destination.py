@@ -106,12 +106,14 @@ class Destination:
 
     def end_sessions(self, code: str, reason: str) -> None:
         """Tell every client its session here is over (it fails over and subscribes again), then forget them."""
-        core = self.core
-        end = codec.encode(codec.SESSION_END, {"code": code, "reason": reason})
         for rid in list(self.sessions):
-            core.send_client(rid, end)
-            self.drop_session(rid, reason=code)
-        core.metrics[f"sessions.ended.{code}"] += 1
+            self.end_session(rid, code, reason)
+        self.core.metrics[f"sessions.ended.{code}"] += 1
+
+    def end_session(self, rid: bytes, code: str, reason: str) -> None:
+        """Tell one client its session here is over, then forget it."""
+        self.core.send_client(rid, codec.encode(codec.SESSION_END, {"code": code, "reason": reason}))
+        self.drop_session(rid, reason=code)
 
     def idle_tick(self) -> None:
         """Probe idle clients: a send to a vanished one finds it unreachable and detaches its session."""

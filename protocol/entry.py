@@ -97,7 +97,11 @@ class Entry:
         resolved = self._resolved_now()
         topic_queues = self.topic_queues
         fast = hops = queued = dead = kept = 0
+        acl = session.acl
         for (topic, qos, ref), sizes, payload in runs:
+            if acl is not None and not acl.may_publish(topic):
+                core.access.refuse(session, f"publish to {topic!r}", ref)
+                continue
             dests = routed.get(topic)
             if dests is None and resolved is not None:
                 known = resolved.get(topic)
@@ -179,6 +183,9 @@ class Entry:
             validate_topic_name(topic)
         except TopicError as exc:
             core.reject_client(session.rid, exc.code, exc.reason, ref)
+            return None
+        if session.acl is not None and not session.acl.may_publish(topic):
+            core.access.refuse(session, f"publish to {topic!r}", ref)
             return None
         if core.fenced():
             reason = "this node lost contact with etcd and cannot vouch for routes; use another node"

@@ -33,6 +33,7 @@ from shardmq.ring import Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 
+from .access import AccessControl
 from .config import ProtocolConfig
 from .destination import Destination
 from .effects import Effects
@@ -90,6 +91,7 @@ class NodeCore:
         self.owner = OwnerSide(self)
         self.destination = Destination(self)
         self.subscriptions = Subscriptions(self)
+        self.access = AccessControl(self)
         self.coordinator: Coordinator | None = None
         self.sessions_ended_fenced = False  # SESSION_END sent to every client since the lease became doubtful
         self._lead_scheduled = False
@@ -165,7 +167,8 @@ class NodeCore:
         self.effects.call_later(min(FENCE_CHECK_INTERVAL, max(FENCE_CHECK_MIN, until_doubt)), self._fence_tick)
 
     # ------------------------------------------------------------------ client frames
-    def on_client_parts(self, parts: list[bytes]) -> None:
+    def on_client_parts(self, parts: list[bytes], principal: str | None = None) -> None:
+        """A client's frame; ``principal``: who the shell says sent it (with ``access_control`` on)."""
         self.metrics["frames_in.client"] += 1
         rid, rest = parts[0], parts[1:]
         try:
@@ -173,7 +176,14 @@ class NodeCore:
         except ProtocolError as exc:
             self.reject_client(rid, exc.code, exc.reason, exc.ref)
             return
-        self._client_handlers[frame.type](self.destination.attach(rid), frame)
+        if self.access.enabled:
+            ref = frame.header.get("id")
+            session = self.access.admit(rid, principal, ref if type(ref) is int else None)
+            if session is None:
+                return
+        else:
+            session = self.destination.attach(rid)
+        self._client_handlers[frame.type](session, frame)
 
     def send_client(self, rid: bytes, parts: list[bytes]) -> bool:
         if not self.effects.send_client(rid, parts):
@@ -195,9 +205,13 @@ class NodeCore:
         self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
 
     def _on_status(self, session: Session, frame: Frame) -> None:
+        detail = frame.header.get("detail") is True
+        if detail and session.acl is not None and not session.acl.admin:
+            self.access.refuse(session, "ask for detailed status (admin only)", frame.header["id"])
+            return
         status = {**self.effects.shell_status(), **self.status()}
         a = self.view.assignment
-        if frame.header.get("detail") is True and a is not None:
+        if detail and a is not None:
             routes_of = self.owner.routes.shard_routes
             status["routes_per_shard"] = {
                 str(shard): [len(routes), sum(len(f) + sum(len(n) for n in nodes) for f, nodes in routes)]
@@ -208,6 +222,9 @@ class NodeCore:
 
     def _on_leave(self, session: Session, frame: Frame) -> None:
         """Graceful leave: flag ourselves in etcd; the leader drains every shard away, then we exit."""
+        if session.acl is not None and not session.acl.admin:
+            self.access.refuse(session, "make the node leave (admin only)", frame.header["id"])
+            return
         self.view.leaving = True
         self.effects.set_leaving()
         self.log.info("leaving", membership_epoch=self.view.membership_epoch)
@@ -303,6 +320,7 @@ class NodeCore:
             view.registration_seen = registration
         if members is not view.members and members != view.members:
             self._on_members(members, session_view.membership_epoch)
+        self.access.set_principals(session_view.principals)
         me = members.get(self.me)
         view.member_revision = me.revision if me is not None else 0
         revision = session_view.assignment_revision

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardmq.router import codec
+from shardmq.router.acl import Acl
 from shardmq.router.routes import RouteTable
 
 ROOT = RouteTable.ROOT
@@ -45,6 +46,9 @@ class Session:
     # told to the client (a DROPPED frame goes once zmq takes frames for it again).
     dropped: int = 0
     dropped_unreported: int = 0
+    # The principal that opened the session and its ACL (``access``); None when access control is off.
+    principal: str | None = None
+    acl: Acl | None = None
 
 
 @dataclass(slots=True)

@@ -89,6 +89,11 @@ class Subscriptions:
                 shown = filt if isinstance(filt, str) else None
                 results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
                 continue
+            if session.acl is not None and not session.acl.may_subscribe(filt):
+                core.metrics[f"errors.{codec.E_NOT_AUTHORIZED}"] += 1
+                reason = f"principal {session.principal!r} may not subscribe to {filt!r}"
+                results.append({"filter": filt, "code": codec.E_NOT_AUTHORIZED, "reason": reason})
+                continue
             results.append(qos)
             if filt not in session.filters:
                 added.append(filt)

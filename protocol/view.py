@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardmq.ring import Assignment, shard_for_key
+from shardmq.router.acl import Acl
 from shardmq.router.partition import placement_key
 from shardmq.router.routes import RouteTable
 
@@ -87,6 +88,8 @@ class SessionView:
     assignment_revision: int
     registration: int  # registrations the session has made so far (more than one: the lease was lost once)
     document: bytes = b""  # the assignment document at ``assignment_revision`` (b"": none yet)
+    # The principals and their ACLs (only records proven with the cluster key); None: the session reads none.
+    principals: Mapping[str, Acl] | None = None
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], document: bytes) -> SessionView:
@@ -98,6 +101,7 @@ class SessionView:
             int(snapshot["assignment_revision"]),
             int(snapshot.get("registration", 1)),
             document,
+            None if (listed := snapshot.get("principals")) is None else {p["name"]: Acl.from_dict(p) for p in listed},
         )
 
 

@@ -16,6 +16,9 @@ Rules (inputs are validated by :mod:`.topics` first; matching is :mod:`.matching
 * Pure: no I/O, no clock; ``tests/test_acl.py`` proves ``filter_covers`` against a bounded brute force (every
   topic up to one level deeper than the longer filter, over an alphabet that includes ``$`` levels and the
   empty level; a counterexample to coverage can always be shortened to one of those).
+* ``may_publish`` remembers its answers for up to ``PUBLISH_MEMO`` topics (then starts over): a node checks
+  every publish, and a publisher's topics repeat. An ``Acl`` never changes, so a memo is never stale; a new
+  grant is a new ``Acl``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .matching import FilterIndex
+from .topics import TopicError, validate_topic_filter
 
 __all__ = ["Acl", "filter_covers"]
+
+PUBLISH_MEMO = 100_000
 
 
 def filter_covers(allowed: str, requested: str) -> bool:
@@ -58,11 +64,13 @@ class Acl:
     subscribe: tuple[str, ...] = ()
     admin: bool = False
     _publish_index: FilterIndex[bool] = field(init=False, repr=False, compare=False)
+    _publish_memo: dict[str, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.publish = tuple(self.publish)
         self.subscribe = tuple(self.subscribe)
         self._publish_index = FilterIndex()
+        self._publish_memo = {}
         for filt in self.publish:
             self._publish_index.add(filt, True)
 
@@ -71,8 +79,33 @@ class Acl:
         """The operator's: publish and subscribe anywhere (``$`` topics included), and administer."""
         return cls(("#", "$SYS/#"), ("#", "$SYS/#"), admin=True)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Acl:
+        """An ACL as a principal's record stores it (``to_dict``); ValueError when it is not one."""
+        publish, subscribe, admin = data.get("publish", []), data.get("subscribe", []), data.get("admin", False)
+        for name, filters in (("publish", publish), ("subscribe", subscribe)):
+            if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
+                raise ValueError(f"{name} must be a list of topic filters")
+            for filt in filters:
+                try:
+                    validate_topic_filter(filt)
+                except TopicError as exc:
+                    raise ValueError(f"{name} filter {filt!r}: {exc.reason}") from None
+        if not isinstance(admin, bool):
+            raise ValueError("admin must be true or false")
+        return cls(tuple(publish), tuple(subscribe), admin)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"publish": list(self.publish), "subscribe": list(self.subscribe), "admin": self.admin}
+
     def may_publish(self, topic: str) -> bool:
-        return bool(self._publish_index.match(topic))
+        memo = self._publish_memo
+        allowed = memo.get(topic)
+        if allowed is None:
+            if len(memo) >= PUBLISH_MEMO:
+                memo.clear()
+            allowed = memo[topic] = bool(self._publish_index.match(topic))
+        return allowed
 
     def may_subscribe(self, filt: str) -> bool:
         return any(filter_covers(allowed, filt) for allowed in self.subscribe)

@@ -215,6 +215,7 @@ E_INVALID_QOS = "invalid_qos"
 E_UNAVAILABLE = "unavailable"
 E_TIMEOUT = "timeout"
 E_NOT_ALLOWED = "not_allowed"
+E_NOT_AUTHORIZED = "not_authorized"  # the principal's ACL does not allow it, or no valid credentials
 E_STALE_EPOCH = "stale_epoch"
 E_FENCED = "fenced"
 E_OVERLOADED = "overloaded"  # a subscriber's QoS 1 backlog is full: the publish was not delivered

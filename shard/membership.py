@@ -188,6 +188,25 @@ def read_members(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[int, dict[s
     return epoch, members
 
 
+def read_principals(client: etcd3gw.Etcd3Client, cluster: str) -> list[dict[str, Any]]:
+    """Every principal record stored (``shard.security.sign_principal``), unverified; unreadable ones skipped."""
+    records = []
+    for value, _meta in client.get_prefix(cluster_prefix(cluster) + "principals/"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            record = orjson.loads(value)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def put_principal(client: etcd3gw.Etcd3Client, cluster: str, record: dict[str, Any]) -> None:
+    client.put(cluster_prefix(cluster) + f"principals/{record['name']}", orjson.dumps(record))
+
+
+def delete_principal(client: etcd3gw.Etcd3Client, cluster: str, name: str) -> bool:
+    return bool(client.delete(cluster_prefix(cluster) + f"principals/{name}"))
+
+
 def read_assignment(client: etcd3gw.Etcd3Client, cluster: str) -> tuple[bytes | None, int]:
     """The stored assignment document and its etcd mod_revision (0 when there is none)."""
     found = client.get(cluster_prefix(cluster) + "assignment", metadata=True)
@@ -234,10 +253,13 @@ class EtcdSession(threading.Thread):
         lease_ttl: int = 5,
         poll_interval: float = 1.0,
         admit: Callable[[MemberInfo], bool] | None = None,
+        admit_principal: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         super().__init__(name="etcd-session", daemon=True)
         self._admit = admit  # which registrations are members (None: every one, an insecure cluster)
-        self._rejected: set[tuple[str, int]] = set()
+        # Which principal records hold (None: principals are not read, an insecure cluster).
+        self._admit_principal = admit_principal
+        self._rejected: set[tuple[Any, ...]] = set()  # logged refusals: (node, revision), principal records
         self._ctx = ctx
         self._cluster = cluster
         self._me = me
@@ -374,6 +396,19 @@ class EtcdSession(threading.Thread):
                             reason="its key is not proven with this cluster's key")  # fmt: skip
         return max((m.revision for m in kept.values()), default=0), kept
 
+    def _admitted_principals(self) -> list[dict[str, Any]]:
+        """The principal records whose proof holds, sorted by name; the others are logged once per content."""
+        assert self._admit_principal is not None
+        kept = []
+        for record in read_principals(self.client, self._cluster):
+            if self._admit_principal(record):
+                kept.append({k: record[k] for k in ("name", "key", "publish", "subscribe", "admin")})
+            elif (seen := ("principal", repr(record.get("name")), str(record.get("proof")))) not in self._rejected:
+                self._rejected.add(seen)
+                log.warning("principal_rejected", node=self._me.node_id, principal=record.get("name"),
+                            reason="its record is not proven with this cluster's key")  # fmt: skip
+        return sorted(kept, key=lambda p: str(p["name"]))
+
     def _put_member(self) -> None:
         me = replace(self._me, leaving=self.leaving, revision=0)
         key = cluster_prefix(self._cluster) + f"members/{me.node_id}"
@@ -454,6 +489,8 @@ class EtcdSession(threading.Thread):
                         "assignment_revision": revision,
                         "registration": self.registrations,
                     }
+                    if self._admit_principal is not None:
+                        snapshot["principals"] = self._admitted_principals()
                     if snapshot != last:
                         last = snapshot
                         push.send_multipart([b"view", orjson.dumps(snapshot), document or b""])

@@ -42,7 +42,7 @@ from shardmq.router import codec
 
 from .membership import EtcdAccess, EtcdAuthError, EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
-from .security import PeerSecurity, SecurityConfigError, load_cluster_key
+from .security import NodeSecurity, SecurityConfigError, load_cluster_key
 
 log = structlog.get_logger("shardmq.node")
 
@@ -110,7 +110,7 @@ class NodeConfig:
             self.node_id, self.shard_count, self.replication, self.max_payload, self.request_timeout,
             self.lookup_timeout, self.route_cache_size, self.route_cache_ttl, self.handoff_grace,
             self.handoff_timeout, self.redelivery_interval, self.client_idle_check, self.max_inflight,
-            self.max_queued, self.max_session_bytes,
+            self.max_queued, self.max_session_bytes, access_control=not self.insecure,
         )  # fmt: skip
 
 
@@ -161,7 +161,7 @@ class Node:
         self.started = time.monotonic()
         self.rss_at_start = rss_bytes()
         self.running = False
-        self.security: PeerSecurity | None = None  # set by run(): None in an --insecure cluster
+        self.security: NodeSecurity | None = None  # set by run(): None in an --insecure cluster
 
     # ------------------------------------------------------------------ sockets
     def _open_sockets(self) -> None:
@@ -177,6 +177,7 @@ class Node:
         self.peer_sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_MS * 3)
         if self.security is not None:
             self.security.serve(self.peer_sock)
+            self.security.serve_clients(self.client_sock)
         set_tcp_keepalive(self.client_sock)
         # "tcp://127.0.0.1:*" binds a free port chosen by the kernel: no race with other processes picking ports.
         self.client_sock.bind(self.cfg.client_endpoint)
@@ -305,8 +306,11 @@ class Node:
 
     def _sync_security_metrics(self) -> None:
         # The ZAP handler counts on its own thread; the count joins the node's metrics when they are read.
-        if self.security is not None and self.security.refused_keys:
-            self.core.metrics["security.peer_keys_refused"] = self.security.refused_keys
+        if self.security is not None:
+            if self.security.refused_keys:
+                self.core.metrics["security.peer_keys_refused"] = self.security.refused_keys
+            if self.security.refused_client_keys:
+                self.core.metrics["security.client_keys_refused"] = self.security.refused_client_keys
 
     # ------------------------------------------------------------------ loop
     def _clock(self) -> None:
@@ -332,13 +336,14 @@ class Node:
     def _secure(self) -> None:
         """Peer security on (``shard.security``), or the explicit opt-out, said loudly at every start."""
         if self.cfg.insecure:
-            self.log.warning("insecure", reason="--insecure: peer connections are neither authenticated nor "
-                             "encrypted; anyone who reaches the peer port can pose as a member")  # fmt: skip
+            self.log.warning("insecure", reason="--insecure: neither peer nor client connections are "
+                             "authenticated or encrypted; anyone who reaches a port can read, publish, pose as a "
+                             "member or make the node leave")  # fmt: skip
             return
         if not self.cfg.cluster_key_file:
             raise SecurityConfigError("pass --cluster-key-file (the cluster's secret; `shardmq cluster up` makes "
                                       "DIR/cluster.key) or, explicitly, --insecure")  # fmt: skip
-        self.security = PeerSecurity(self.ctx, load_cluster_key(self.cfg.cluster_key_file), self.cfg.cluster)
+        self.security = NodeSecurity(self.ctx, load_cluster_key(self.cfg.cluster_key_file), self.cfg.cluster)
 
     def run(self) -> None:
         try:
@@ -367,6 +372,7 @@ class Node:
         self.session = EtcdSession(
             self.ctx, access, self.cfg.cluster, me, self.member_endpoint, self.cfg.lease_ttl,
             admit=security.verified if security else None,
+            admit_principal=security.verified_principal if security else None,
         )  # fmt: skip
         self.session.start()
         self.running = True
@@ -409,9 +415,11 @@ class Node:
     def _on_session_parts(self, parts: list[bytes]) -> None:
         kind, header, document = parts
         if kind == b"view":
-            view = SessionView.from_snapshot(orjson.loads(header), document)
-            if self.security is not None:
-                self.security.set_members(view.members)  # the keys the peer port admits from now on
+            snapshot = orjson.loads(header)
+            view = SessionView.from_snapshot(snapshot, document)
+            if self.security is not None:  # the keys each port admits from now on
+                self.security.set_members(view.members)
+                self.security.set_principals(snapshot.get("principals") or [])
             self.core.on_view(view)
             return
         answer = orjson.loads(header)
@@ -436,12 +444,17 @@ class Node:
             self.core.metrics["backpressure.pauses"] += 1
             self.log.warning("clients_paused", waiting=waiting, requests=len(self.core.requests))
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], channel: str | None = None) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[..., None], channel: str | None = None) -> None:
         core = self.core
         verify = channel == "peer" and self.security is not None
+        principals = channel == "client" and self.security is not None
+        principal: str | None = None
         for _ in range(DRAIN_BATCH):
             try:
-                parts = self._recv_member_frame() if verify else sock.recv_multipart(zmq.NOBLOCK)
+                if principals:
+                    principal, parts = self._recv_client_frame()
+                else:
+                    parts = self._recv_member_frame() if verify else sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if parts is None:
@@ -450,7 +463,10 @@ class Node:
                 peer = parts[0].decode(errors="replace") if channel == "peer" else ""
                 self.wire.count(channel, peer, "in", parts[1:])
             try:
-                handle(parts)
+                if principals:
+                    handle(parts, principal)
+                else:
+                    handle(parts)
             except Exception:  # a bug handling one frame must not take the node down
                 core.metrics["errors.internal"] += 1
                 self.log.exception("handler_failed")
@@ -469,6 +485,12 @@ class Node:
             self.core.metrics["security.peer_id_mismatch"] += 1
             return None
         return [claimed, *rest]
+
+    def _recv_client_frame(self) -> tuple[str, list[bytes]]:
+        """A client frame and its principal: the User-Id the ZAP handler gave the connection."""
+        first = self.client_sock.recv(zmq.NOBLOCK, copy=False)
+        rest = self.client_sock.recv_multipart() if first.more else []  # the rest of the same message
+        return first.get("User-Id"), [first.bytes, *rest]
 
     def _publish_metrics(self) -> None:
         """Hand the Prometheus thread a copy of our counters (it never reads live loop state)."""

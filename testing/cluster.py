@@ -14,8 +14,14 @@ Rules of this file:
 - The private etcd runs with authentication on: ``up`` makes its root user with a random password, kept in
   ``DIR/etcd-password`` (mode 0600), and every node is started with ``--etcd-user``/``--etcd-password-file``.
   Whoever else talks to that etcd (tests, ``rebalance plan``) uses ``etcd_access``/``etcd_client``.
-- Peers authenticate and encrypt (``shard.security``): ``up`` makes the cluster key ``DIR/cluster.key`` (mode
-  0600) and starts every node with ``--cluster-key-file``; ``insecure=True`` starts them with ``--insecure``.
+- Peers and clients authenticate and encrypt (``shard.security``): ``up`` makes the cluster key
+  ``DIR/cluster.key`` (mode 0600), starts every node with ``--cluster-key-file``, and registers the operator's
+  principal, allowed everything, whose credentials it writes to ``DIR/admin.creds`` (mode 0600; the SDK takes
+  them as ``credentials=lc.admin_credentials``). ``add_credentials`` makes more principals, each with its ACL;
+  ``insecure=True`` starts the nodes with ``--insecure`` and makes no keys.
+- ``SHARDMQ_CLUSTER_KEYS=DIR2`` (a directory made by ``make_cluster_keys``) makes ``up`` take the cluster key
+  and the admin credentials from DIR2 instead of making new ones: every cluster of a test suite then accepts
+  one ``SHARDMQ_CREDENTIALS`` file (``tests/conftest.py`` does this).
 - ``restart`` starts again, from the recorded command lines, the processes of ``cluster.json`` that no longer run:
   same ids, same flags, same data (etcd's data directory is never wiped on restart) and the previous ports when
   they are free. Processes still running are left alone.
@@ -32,15 +38,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import orjson
+import zmq
 
 from shardmq.client import Client, ShardMQError
+from shardmq.client.credentials import CREDENTIALS_ENV, Credentials
+from shardmq.router.acl import Acl
 
 if TYPE_CHECKING:
     import etcd3gw
@@ -48,6 +57,8 @@ if TYPE_CHECKING:
     from shardmq.shard.membership import EtcdAccess
 
 ETCD_USER = "root"  # the private etcd's one user (etcd's root role): the cluster's nodes and its operator
+ADMIN_PRINCIPAL = "admin"
+CLUSTER_KEYS_ENV = "SHARDMQ_CLUSTER_KEYS"
 
 STATE_FILE = "cluster.json"
 
@@ -75,6 +86,28 @@ class ClusterState:
 
     def client_endpoints(self) -> list[str]:
         return [n.client_endpoint for n in self.nodes]
+
+
+def make_cluster_keys(directory: Path) -> None:
+    """A new cluster key (``DIR/cluster.key``) and the operator's credentials (``DIR/admin.creds``, its principal
+    registered by ``up``), both mode 0600."""
+    from shardmq.shard.security import client_server_key, load_cluster_key, write_cluster_key
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path = directory / "cluster.key"
+    key_path.unlink(missing_ok=True)
+    write_cluster_key(key_path)
+    public, secret = zmq.curve_keypair()
+    server_key = client_server_key(load_cluster_key(str(key_path)))
+    admin = Credentials(ADMIN_PRINCIPAL, public.decode(), secret.decode(), server_key)
+    admin.write(directory / f"{ADMIN_PRINCIPAL}.creds")
+
+
+def _copy_private(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(source.read_bytes())
 
 
 def free_port() -> int:
@@ -305,16 +338,22 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # `up` makes a new cluster: no state from an old one
         self.cluster_key_path.unlink(missing_ok=True)
+        (self.dir / f"{ADMIN_PRINCIPAL}.creds").unlink(missing_ok=True)
         if not self.insecure:
-            from shardmq.shard.security import write_cluster_key
-
-            write_cluster_key(self.cluster_key_path)
+            shared = os.environ.get(CLUSTER_KEYS_ENV)
+            if shared:
+                for name in (self.cluster_key_path.name, f"{ADMIN_PRINCIPAL}.creds"):
+                    _copy_private(Path(shared) / name, self.dir / name)
+            else:
+                make_cluster_keys(self.dir)
         try:
             for attempt in range(3):  # a free port can be taken by someone else before etcd binds it: retry
                 if self._start_etcd(timeout):
                     break
                 if attempt == 2:
                     raise RuntimeError(f"etcd did not start; see {self.dir / 'logs' / 'etcd.log'}")
+            if not self.insecure:
+                self._register_principal(Credentials.load(self.dir / f"{ADMIN_PRINCIPAL}.creds"), Acl.everything())
             for i in range(1, self.node_count + 1):
                 self.start_node(f"n{i}")
             self.wait_ready(self.node_count, timeout)
@@ -333,6 +372,71 @@ class LocalCluster:
     def cluster_key_path(self) -> Path:
         """The cluster's secret (``shard.security``): whoever holds it can make a member."""
         return self.dir / "cluster.key"
+
+    @property
+    def admin_credentials(self) -> Path | Literal[False]:
+        """The operator's credentials file (allowed everything), as a client's ``credentials`` argument; False for
+        an insecure cluster (no credentials, whatever ``SHARDMQ_CREDENTIALS`` says)."""
+        return False if self.insecure else self.dir / f"{ADMIN_PRINCIPAL}.creds"
+
+    def export_credentials(self) -> None:
+        """Make the operator's credentials this process's default (``SHARDMQ_CREDENTIALS``, which the processes it
+        starts inherit too), as a user of ``cluster up`` would export them; for an insecure cluster, remove it.
+        For scripts that drive one cluster: a ``Client`` they make then needs no ``credentials`` argument."""
+        if self.insecure:
+            os.environ.pop(CREDENTIALS_ENV, None)
+        else:
+            os.environ[CREDENTIALS_ENV] = str(self.admin_credentials)
+
+    def add_credentials(
+        self, name: str, publish: Sequence[str] = (), subscribe: Sequence[str] = (), admin: bool = False,
+        wait: float = 10.0,
+    ) -> Path:  # fmt: skip
+        """Make principal ``name`` with this ACL (replacing one of that name: its old key stops working), write
+        its credentials to ``DIR/<name>.creds`` (mode 0600) and return the path; then wait up to ``wait`` seconds
+        until every running node admits it (nodes see etcd's change within a few milliseconds, normally)."""
+        from shardmq.shard.security import client_server_key, load_cluster_key
+
+        assert self.state is not None
+        if self.insecure:
+            raise RuntimeError("an --insecure cluster has no principals: every client may do everything")
+        acl = Acl(tuple(publish), tuple(subscribe), admin)
+        public, secret = zmq.curve_keypair()
+        server_key = client_server_key(load_cluster_key(str(self.cluster_key_path)))
+        creds = Credentials(name, public.decode(), secret.decode(), server_key, self.state.cluster)
+        self._register_principal(creds, acl)
+        path = self.dir / f"{name}.creds"
+        creds.write(path)
+        self._wait_admitted(creds, wait)
+        return path
+
+    def revoke_credentials(self, name: str) -> bool:
+        """Delete principal ``name``: nodes refuse its key from then on and end its sessions. True if it existed."""
+        from shardmq.shard.membership import delete_principal
+
+        assert self.state is not None
+        return delete_principal(self.etcd_client(), self.state.cluster, name)
+
+    def _register_principal(self, creds: Credentials, acl: Acl) -> None:
+        from shardmq.shard.membership import put_principal
+        from shardmq.shard.security import load_cluster_key, sign_principal
+
+        assert self.state is not None
+        record = sign_principal(load_cluster_key(str(self.cluster_key_path)), self.state.cluster, creds.principal,
+                                creds.public_key, acl)  # fmt: skip
+        put_principal(self.etcd_client(), self.state.cluster, record)
+
+    def _wait_admitted(self, creds: Credentials, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        for proc in self.live_nodes():
+            while True:
+                try:
+                    with Client([proc.client_endpoint], timeout=1.0, credentials=creds):
+                        break
+                except ShardMQError as exc:
+                    if exc.code != "not_authorized" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     def etcd_access(self) -> EtcdAccess:
         """How to reach this cluster's etcd: its URL, and the root user once ``up`` enabled authentication."""
@@ -611,7 +715,7 @@ class LocalCluster:
                     missing.append(f"{proc.name} not registered in etcd")
                     continue
                 try:
-                    with Client([proc.client_endpoint], timeout=1.0) as c:
+                    with Client([proc.client_endpoint], timeout=1.0, credentials=self.admin_credentials) as c:
                         st = c.status()
                 except (ShardMQError, TimeoutError):
                     missing.append(f"{proc.name} not answering")
@@ -659,7 +763,7 @@ class LocalCluster:
                 if not pid_runs(proc):
                     raise RuntimeError(f"node {proc.name} exited; see {self.dir / 'logs' / (proc.name + '.log')}")
                 try:
-                    with Client([proc.client_endpoint], timeout=1.0) as c:
+                    with Client([proc.client_endpoint], timeout=1.0, credentials=self.admin_credentials) as c:
                         status = c.status()
                         if len(status["members"]) == members and status["settled"]:
                             break
@@ -685,7 +789,7 @@ class LocalCluster:
     def leave(self, node_id: str, timeout: float = 120.0) -> None:
         """Graceful leave: the node's shards are handed off (drained) before it exits by itself."""
         proc = self._node(node_id)
-        with Client([proc.client_endpoint], timeout=5.0) as c:
+        with Client([proc.client_endpoint], timeout=5.0, credentials=self.admin_credentials) as c:
             c.leave()
         deadline = time.monotonic() + timeout
         while pid_runs(proc):
@@ -729,7 +833,7 @@ class LocalCluster:
             entry: dict[str, Any] = {"id": proc.name, "client_endpoint": proc.client_endpoint, "alive": False}
             if pid_runs(proc):
                 try:
-                    with Client([proc.client_endpoint], timeout=2.0) as c:
+                    with Client([proc.client_endpoint], timeout=2.0, credentials=self.admin_credentials) as c:
                         entry.update(c.status(), alive=True, id=proc.name)
                 except (ShardMQError, TimeoutError):
                     pass

@@ -18,6 +18,9 @@ import pytest
 import zmq
 
 from shardmq.client import Client, ShardMQError
+from shardmq.client.client import use_curve
+from shardmq.client.credentials import Credentials
+from shardmq.client.credentials import resolve as resolve_credentials
 from shardmq.router import codec
 from shardmq.testing import LocalCluster
 
@@ -40,9 +43,10 @@ def hdr(**fields: Any) -> bytes:
 class Raw:
     """A raw DEALER on one node endpoint; ``reply`` skips the node's idle-probe PINGs (and answers them)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, routing_id: bytes) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, routing_id: bytes, credentials: Credentials | None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        use_curve(self.sock, credentials)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
@@ -78,12 +82,14 @@ class Raw:
 
 @pytest.fixture
 def raw() -> Iterator[Callable[..., Raw]]:
-    """raw(endpoint, routing_id=None) -> a connected Raw DEALER; all closed (linger=0) after the test."""
+    """raw(endpoint, routing_id=None, secure=True) -> a connected Raw DEALER (with the suite's operator
+    credentials when ``secure``: a client port's CURVE); all closed (linger=0) after the test."""
     made: list[Raw] = []
     ctx = zmq.Context.instance()
 
-    def make(endpoint: str, routing_id: bytes | None = None) -> Raw:
-        sock = Raw(ctx, endpoint, routing_id or f"raw-{unique()}".encode())
+    def make(endpoint: str, routing_id: bytes | None = None, secure: bool = True) -> Raw:
+        creds = resolve_credentials(None) if secure else None
+        sock = Raw(ctx, endpoint, routing_id or f"raw-{unique()}".encode(), creds)
         made.append(sock)
         return sock
 
@@ -412,7 +418,7 @@ def test_garbage_from_unknown_peer_is_counted_and_node_serves(
     endpoint, peer_endpoint = node(insecure_cluster, index)
     key = f"errors.{code}"
     before = metrics(endpoint)[key]
-    ghost = raw(peer_endpoint, routing_id=b"ghost")
+    ghost = raw(peer_endpoint, routing_id=b"ghost", secure=False)
     ghost.send(parts)
     assert wait_metric(endpoint, key, before + 1) == before + 1
     # an unknown peer cannot be addressed (the node answers peers through its own DEALERs): no reply, no crash
@@ -437,7 +443,7 @@ def test_route_add_from_non_member_peer_does_not_break_publishes(
     endpoint, peer_endpoint = node(insecure_cluster, 0)
     p = unique()
     route = [-1, 0, f"+/ghost-{p}"]  # a root-set filter: matched on every publish this node handles
-    ghost = raw(peer_endpoint, routing_id=b"ghost")
+    ghost = raw(peer_endpoint, routing_id=b"ghost", secure=False)
     before = status(endpoint)
     counts = Counter(before["metrics"])
     ghost.send([b"ROUTE_ADD", hdr(id=1, node="ghost", routes=[route]), b""])

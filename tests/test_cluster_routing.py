@@ -10,6 +10,8 @@ import pytest
 import zmq
 
 from shardmq.client import Client, Message, ShardMQError
+from shardmq.client.client import use_curve
+from shardmq.client.credentials import resolve as resolve_credentials
 from shardmq.router import codec
 
 
@@ -285,6 +287,7 @@ def test_a_qos0_run_crosses_every_hop_as_one_item(connect, endpoints: list[str])
     topic = f"{unique()}/run"
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    use_curve(sock, resolve_credentials(None))  # the suite's operator credentials (conftest)
     sock.connect(endpoints[0])
 
     def frames(until: float) -> Iterator[codec.Frame]:
