@@ -281,6 +281,7 @@ class Node:
         self.running = False
 
     def shell_status(self) -> dict[str, Any]:
+        self._sync_security_metrics()  # before the core's status copies its metrics
         rss = rss_bytes()
         routes = self.core.owner.routes.route_count
         return {
@@ -293,6 +294,7 @@ class Node:
             "bytes_per_route": round((rss - self.rss_at_start) / routes) if routes >= 10_000 else None,
             "clients_paused": self.clients_paused,
             "peer_security": "curve" if self.security is not None else "insecure",
+            "client_security": "curve+acl" if self.security is not None else "insecure",
             "uptime_s": round(time.monotonic() - self.started, 1),
             "wire_bytes": {
                 f"bytes_{direction}.{channel}{'.' + peer if peer else ''}": ch.bytes
@@ -301,7 +303,6 @@ class Node:
         }
 
     def status(self) -> dict[str, Any]:
-        self._sync_security_metrics()
         return {**self.shell_status(), **self.core.status()}
 
     def _sync_security_metrics(self) -> None:

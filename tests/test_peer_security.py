@@ -213,7 +213,11 @@ def wiretap(lc: LocalCluster) -> tuple[bytes, bytes, bytes]:
             extra_args=["--advertise-peer-endpoint", f"tcp://127.0.0.1:{proxy.port}"],
         )  # fmt: skip
         secure.wait_ready(3, timeout=60)
-        with Client([n3.client_endpoint]) as sub, Client([secure.state.nodes[0].client_endpoint]) as pub:
+        creds = lc.admin_credentials
+        with (
+            Client([n3.client_endpoint], credentials=creds) as sub,
+            Client([secure.state.nodes[0].client_endpoint], credentials=creds) as pub,
+        ):
             sub.subscribe(secret_topic, qos=1)
             pub.publish(secret_topic, payload, qos=1)
             got = sub.receive(timeout=10.0)
