@@ -159,6 +159,7 @@ class AsyncClient(CoreView):
         use_curve(sock, self._core.credentials)
         self._monitor = sock.get_monitor_socket(MONITORED_EVENTS)
         self._endpoint = endpoint
+        self._core.socket_opened()
         sock.connect(endpoint)  # zmq connects in its I/O thread: this returns at once
         self.sock = sock
         self._poller = zmq.asyncio.Poller()

@@ -130,11 +130,11 @@ from .core import (
 from .credentials import Credentials, CredentialsArg
 from .credentials import resolve as resolve_credentials
 
-# The monitor events a client's socket reports: a disconnect (say HELLO again) and the refused handshakes.
+# The monitor events a client's socket reports: a disconnect (say HELLO again) and the handshakes' outcomes.
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
-MONITORED_EVENTS = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+MONITORED_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
 
 
 def use_curve(sock: Any, credentials: Credentials | None) -> None:
@@ -149,8 +149,11 @@ def monitor_event(core: ClientCore, endpoint: str, message: list[bytes]) -> Shar
     """Tell the core what the socket's monitor reported; a refused handshake comes back as the error to raise."""
     event = parse_monitor_message(message)["event"]
     if event & HANDSHAKE_FAILED:
-        return core.handshake_refused(endpoint, zmq.Event(event).name or str(event))
-    core.connection_broken()
+        return core.handshake_failed(endpoint, zmq.Event(event).name or str(event))
+    if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        core.handshake_succeeded()
+    else:
+        core.connection_broken()
     return None
 
 __all__ = [
@@ -306,6 +309,7 @@ class Client(CoreView):
         use_curve(sock, self._core.credentials)
         self._monitor = sock.get_monitor_socket(MONITORED_EVENTS)
         self._endpoint = endpoint
+        self._core.socket_opened()
         sock.connect(endpoint)
         self.sock = sock
         self._poller = z.Poller()

@@ -176,6 +176,8 @@ class ClientCore:
             raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
         self.client_id = client_id
         self.credentials = credentials  # CURVE keys for the shell's socket; None: no CURVE (an insecure cluster)
+        self.handshake_ok = False  # a zmq handshake succeeded on the current socket (``handshake_failed``)
+        self.handshakes_failed = 0  # failed handshakes on it since the last success
         self.timeout = timeout
         self.max_batch = max_batch
         self.linger = linger
@@ -226,7 +228,11 @@ class ClientCore:
 
     # ------------------------------------------------------------------ events the shell reports
     def connection_broken(self) -> None:
-        """zmq reported a disconnect: it reconnects by itself, and the next turn says HELLO again."""
+        """zmq reported a disconnect: it reconnects by itself, and the next turn says HELLO again. Not before a
+        handshake succeeded on this socket: nothing went over it yet (zmq keeps what was sent for the next
+        connection), and the failed handshake was reported to ``handshake_failed``."""
+        if not self.handshake_ok:
+            return
         if self.recovery is None:
             self.recovery = "hello"
         # QoS 0 publishes written to the broken connection may be gone: a PONG on the new one cannot vouch for
@@ -234,10 +240,33 @@ class ClientCore:
         self.unconfirmed_closed += self.unconfirmed
         self.unconfirmed = 0
 
+    def socket_opened(self) -> None:
+        """The shell opened a socket: no handshake on it yet."""
+        self.handshake_ok = False
+        self.handshakes_failed = 0
+
+    def handshake_succeeded(self) -> None:
+        self.handshake_ok = True
+        self.handshakes_failed = 0
+
+    def handshake_failed(self, endpoint: str, event: str) -> ShardMQError | None:
+        """zmq reported a failed handshake (``event``: its monitor event's name). The error to raise when it means
+        the node refuses us; None when it may be a connection broken half-way (zmq tries again by itself).
+
+        ``HANDSHAKE_FAILED_AUTH`` is the node's ZAP handler saying no: definite. The others are definite only
+        before any handshake succeeded on this socket (a mechanism mismatch, a server key that is not the node's):
+        ``NO_DETAIL`` is also what a connection cut during the handshake gives, so it counts once it happened twice
+        in a row. After a success, both are a broken connection (a relay cut, a node restarting)."""
+        self.handshakes_failed += 1
+        if event == "HANDSHAKE_FAILED_AUTH" or (
+            not self.handshake_ok and (event == "HANDSHAKE_FAILED_PROTOCOL" or self.handshakes_failed >= 2)
+        ):
+            return self.handshake_refused(endpoint, event)
+        return None
+
     def handshake_refused(self, endpoint: str, event: str) -> ShardMQError:
-        """zmq reported a failed handshake (``event``: its monitor event's name): the node refused our credentials,
-        or we and it disagree on CURVE. Every node of a cluster would answer the same, so the shell raises this at
-        once instead of failing over or waiting for a timeout."""
+        """The node refused our credentials, or we and it disagree on CURVE. Every node of a cluster would answer
+        the same, so the shell raises this at once instead of failing over or waiting for a timeout."""
         creds = self.credentials
         if creds is None:
             reason = (f"{endpoint} refused the connection ({event}): the cluster requires credentials; pass "

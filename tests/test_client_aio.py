@@ -76,6 +76,9 @@ class Sim:
             elif isinstance(effect, Open):
                 self.endpoint = effect.endpoint
                 self.replies.clear()
+                self.core.socket_opened()
+                if effect.endpoint in self.live:  # what the shells learn from the socket's monitor
+                    self.core.handshake_succeeded()
             elif effect is CLOSE:
                 self.endpoint = None
                 self.core.socket_closed()
