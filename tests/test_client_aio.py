@@ -43,7 +43,9 @@ from shardmq.client.core import (
     Steps,
 )
 from shardmq.router import codec
+from shardmq.shard.security import client_server_secret, load_cluster_key
 from shardmq.testing import LocalCluster, pid_runs
+from shardmq.testing.cluster import CLUSTER_KEYS_ENV
 
 # ---------------------------------------------------------------------------------------------- core: simulated
 
@@ -424,7 +426,7 @@ def test_a_node_that_does_not_answer_never_blocks_the_loop() -> None:
     ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in silent]
 
     async def main() -> float:
-        c = AsyncClient([f"tcp://127.0.0.1:{p}" for p in ports], timeout=0.5)
+        c = AsyncClient([f"tcp://127.0.0.1:{p}" for p in ports], timeout=0.5, credentials=False)  # plain ROUTERs
         with Ticker() as ticker:
             started = time.monotonic()
             with pytest.raises(ShardMQError) as err:
@@ -449,6 +451,11 @@ def test_a_cancelled_call_leaves_the_client_usable(endpoints: list[str]) -> None
     """Cancelled while it waits for a silent node's WELCOME, the client does not keep that half-made connection:
     the next call connects to the next endpoint."""
     silent = zmq.Context.instance().socket(zmq.ROUTER)
+    # A CURVE server under the suite's client key (no ZAP handler in this process: it admits any client key), so
+    # the client's handshake succeeds and it waits for a WELCOME that never comes.
+    silent.curve_server = True
+    cluster_key = load_cluster_key(os.path.join(os.environ[CLUSTER_KEYS_ENV], "cluster.key"))
+    silent.curve_secretkey = client_server_secret(cluster_key)
     port = silent.bind_to_random_port("tcp://127.0.0.1")
     topic = f"aio/{unique()}/cancel"
 
