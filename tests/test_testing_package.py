@@ -30,7 +30,8 @@ def shardmq_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def test_my_app_gets_what_it_subscribed_to(shardmq_cluster: LocalCluster) -> None:
     assert shardmq_cluster.state is not None
     endpoints = shardmq_cluster.state.client_endpoints()
-    with Client(endpoints) as subscriber, Client(endpoints[::-1]) as publisher:  # one client on each node
+    creds = shardmq_cluster.admin_credentials  # the operator's; add_credentials(name, publish=..., ...) makes more
+    with Client(endpoints, credentials=creds) as subscriber, Client(endpoints[::-1], credentials=creds) as publisher:
         subscriber.subscribe("orders/+/created", qos=1)  # returns once the route is stored
         publisher.publish("orders/42/created", b'{"total": 3}', qos=1)  # returns once the subscriber's node has it
         msg = subscriber.receive(timeout=5.0)
