@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -316,3 +318,27 @@ def test_a_wiretap_between_a_client_and_its_node_sees_no_topic_or_payload(secure
 def test_the_same_client_wiretap_reads_an_insecure_cluster(insecure: LocalCluster) -> None:
     recorded, topic, payload = client_wiretap(insecure)
     assert topic in recorded and payload in recorded
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def shardmq(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardmq.cli.main", "--log-level", "warning", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_creds_add_writes_a_private_file_whose_acl_the_cluster_enforces(secure: LocalCluster) -> None:
+    name = unique("cli")
+    done = shardmq("creds", "add", name, "--dir", str(secure.dir), "--publish", "cli/#", "--subscribe", "cli/+")
+    assert done.returncode == 0, done.stderr
+    path = secure.dir / f"{name}.creds"
+    assert path.stat().st_mode & 0o077 == 0
+    allowed = shardmq("pub", "cli/x", "hello", "--qos", "1", "--dir", str(secure.dir), "--credentials", str(path))
+    assert allowed.returncode == 0, allowed.stderr
+    refused = shardmq("pub", "other/x", "hello", "--qos", "1", "--dir", str(secure.dir), "--credentials", str(path))
+    assert refused.returncode != 0 and "not_authorized" in refused.stderr
+    assert shardmq("creds", "revoke", name, "--dir", str(secure.dir)).returncode == 0
+    gone = shardmq("pub", "cli/x", "hello", "--qos", "1", "--dir", str(secure.dir), "--credentials", str(path))
+    assert gone.returncode != 0 and "not_authorized" in gone.stderr
