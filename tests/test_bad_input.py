@@ -19,7 +19,7 @@ import zmq
 
 from shardmq.client import Client, ShardMQError
 from shardmq.client.client import use_curve
-from shardmq.client.credentials import Credentials
+from shardmq.client.credentials import CREDENTIALS_ENV, Credentials
 from shardmq.client.credentials import resolve as resolve_credentials
 from shardmq.router import codec
 from shardmq.testing import LocalCluster
@@ -96,6 +96,12 @@ def raw() -> Iterator[Callable[..., Raw]]:
     yield make
     for sock in made:
         sock.close()
+
+
+@pytest.fixture
+def plain_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's SDK clients connect without credentials (an insecure cluster's)."""
+    monkeypatch.delenv(CREDENTIALS_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -413,6 +419,7 @@ PEER_CASES = [
     [pytest.param(parts, code, i % 3, id=name) for i, (name, parts, code) in enumerate(PEER_CASES)],
 )
 def test_garbage_from_unknown_peer_is_counted_and_node_serves(
+    plain_clients: None,
     insecure_cluster: LocalCluster, raw: Callable[..., Raw], parts: list[bytes], code: str, index: int
 ) -> None:
     endpoint, peer_endpoint = node(insecure_cluster, index)
@@ -430,6 +437,7 @@ def test_garbage_from_unknown_peer_is_counted_and_node_serves(
 
 
 def test_route_add_from_non_member_peer_does_not_break_publishes(
+    plain_clients: None,
     insecure_cluster: LocalCluster, raw: Callable[..., Raw]
 ) -> None:
     """A well-formed ROUTE_ADD from a routing id that is no cluster member must not break other clients' publishes.
