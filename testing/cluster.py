@@ -261,6 +261,7 @@ class LocalCluster:
         self.log_level = log_level
         self.node_args = node_args or []
         self.insecure = insecure  # nodes without peer security (--insecure): an explicit, logged choice
+        self._env_before: tuple[str | None] | None = None  # SHARDMQ_CREDENTIALS before ``export_credentials``
         self.state: ClusterState | None = None
 
     # ------------------------------------------------------------------ state
@@ -382,7 +383,10 @@ class LocalCluster:
     def export_credentials(self) -> None:
         """Make the operator's credentials this process's default (``SHARDMQ_CREDENTIALS``, which the processes it
         starts inherit too), as a user of ``cluster up`` would export them; for an insecure cluster, remove it.
-        For scripts that drive one cluster: a ``Client`` they make then needs no ``credentials`` argument."""
+        For scripts that drive one cluster: a ``Client`` they make then needs no ``credentials`` argument.
+        ``down`` puts back what the variable was."""
+        if self._env_before is None:
+            self._env_before = (os.environ.get(CREDENTIALS_ENV),)
         if self.insecure:
             os.environ.pop(CREDENTIALS_ENV, None)
         else:
@@ -841,6 +845,13 @@ class LocalCluster:
         return {"cluster": self.state.cluster, "etcd": self.state.etcd_url, "nodes": nodes}
 
     def down(self) -> None:
+        if self._env_before is not None:
+            (before,) = self._env_before
+            if before is None:
+                os.environ.pop(CREDENTIALS_ENV, None)
+            else:
+                os.environ[CREDENTIALS_ENV] = before
+            self._env_before = None
         if self.state is None:
             if not self.state_path.exists():
                 return
