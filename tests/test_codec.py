@@ -436,6 +436,7 @@ def test_error_codes_are_the_documented_set() -> None:
         "overloaded",
         "interrupted",
         "shutdown",
+        "not_authorized",
     } == ERROR_CODES
 
 
