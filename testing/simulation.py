@@ -61,6 +61,9 @@ class SimConfig:
     redelivery_interval: float = 2.0
     client_idle_check: float = 10.0
     snapshot_chunk: int = 2  # routes per SNAPSHOT: small, so hand-offs of the simulated shards take several
+    # Client frames checked against ACLs (``protocol.access``): the driver gives each frame's principal and sets
+    # the principals with ``core.access.set_principals``, as the shell does from its views.
+    access_control: bool = False
 
 
 @dataclass(slots=True)
@@ -199,7 +202,7 @@ class SimNode:
             node_id, c.shard_count, c.replication, request_timeout=c.request_timeout, lookup_timeout=c.lookup_timeout,
             route_cache_ttl=c.route_cache_ttl, handoff_grace=c.handoff_grace, handoff_timeout=c.handoff_timeout,
             redelivery_interval=c.redelivery_interval, client_idle_check=c.client_idle_check,
-            snapshot_chunk=c.snapshot_chunk,
+            snapshot_chunk=c.snapshot_chunk, access_control=c.access_control,
         )  # fmt: skip
         self.core = NodeCore(config, self, _NullLog(), str(incarnation))
         self.core.start(sim.now)
