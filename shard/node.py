@@ -21,6 +21,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import itertools
@@ -153,6 +154,8 @@ class Node:
         self.collector: NodeCollector | None = None
         self.metrics_port: int | None = None
         self.dealers: dict[str, zmq.Socket] = {}
+        self.dealer_monitors: dict[zmq.Socket, str] = {}  # monitor socket of a peer's DEALER -> that peer
+        self.poller = zmq.Poller()
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_ids = itertools.count()
         self._etcd_tokens = itertools.count(1)
@@ -214,9 +217,26 @@ class Node:
             sock.setsockopt(zmq.SNDHWM, 100_000)
             if self.security is not None:
                 self.security.connect_to(sock, info)
+                # A refused handshake is final for this socket (libzmq does not try again): watch for it.
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                self.dealer_monitors[monitor] = node
+                self.poller.register(monitor, zmq.POLLIN)
             sock.connect(info.peer_endpoint)
             self.dealers[node] = sock
         return sock
+
+    def _on_dealer_refused(self, monitor: zmq.Socket) -> None:
+        """A peer refused our key (its view did not show us within its wait, see ``shard.security``): the link
+        would stay dead, so the DEALER is dropped and the next frame for that peer makes a new one, whose
+        handshake the peer judges again. The frames queued on the old one are lost; what waits on them times out
+        and is retried like any request to a silent peer."""
+        node = self.dealer_monitors[monitor]
+        with contextlib.suppress(zmq.Again):
+            while True:
+                monitor.recv_multipart(zmq.NOBLOCK)
+        self.core.metrics["security.peer_handshake_refused"] += 1
+        self.log.warning("peer_handshake_refused", peer=node, action="reconnecting with a new socket")
+        self.forget_peer(node)
 
     # ------------------------------------------------------------------ effects (protocol.effects.Effects)
     def send_peer(self, node: str, parts: list[bytes]) -> bool:
@@ -274,8 +294,16 @@ class Node:
 
     def forget_peer(self, node: str) -> None:
         sock = self.dealers.pop(node, None)
-        if sock is not None:
-            sock.close(linger=0)
+        if sock is None:
+            return
+        for monitor, peer in list(self.dealer_monitors.items()):
+            if peer == node:
+                del self.dealer_monitors[monitor]
+                self.poller.unregister(monitor)
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                monitor.close(linger=0)
+        sock.close(linger=0)
 
     def stop(self) -> None:
         self.running = False
@@ -386,7 +414,7 @@ class Node:
         cfg = self.cfg
         self.log.info("node_started", client_endpoint=cfg.client_endpoint, peer_endpoint=cfg.peer_endpoint,
                       incarnation=self.incarnation, membership_epoch=0)  # fmt: skip
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.peer_sock, zmq.POLLIN)
         poller.register(self.member_pull, zmq.POLLIN)
@@ -410,6 +438,8 @@ class Node:
                     self._clock()
                     self._drain(self.client_sock, core.on_client_parts, "client")
                     core.flush()
+                for monitor in [m for m in self.dealer_monitors if m in ready]:
+                    self._on_dealer_refused(monitor)
         finally:
             self._shutdown()
 
@@ -511,7 +541,9 @@ class Node:
         self.client_sock.close(linger=200)
         self.session.stop()
         self.session.join(timeout=3)
-        for sock in [self.peer_sock, self.member_pull, *self.dealers.values()]:
+        for node in list(self.dealers):
+            self.forget_peer(node)
+        for sock in [self.peer_sock, self.member_pull]:
             sock.close(linger=0)
         if self.security is not None:
             self.security.stop()

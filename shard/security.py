@@ -20,7 +20,8 @@ Rules of this file:
   does: its ZAP socket is a REP socket, and a reply sent later from another task can leave the next request
   unread (the socket's readiness is edge-triggered), which stalled handshakes for good. So a stranger's
   handshakes delay other new connections by up to ``ADMIT_WAIT_S`` each; established links are not affected,
-  and a handshake left waiting past libzmq's handshake interval is retried by libzmq.
+  and a handshake left waiting past libzmq's handshake interval is retried by libzmq. A member refused all the
+  same makes its link again (``shard.node``: the DEALER's monitor reports the refusal).
 - A member's identity is its key, not the routing id it claims: the node reads each peer frame's User-Id and
   drops (and counts, ``security.peer_id_mismatch``) a frame whose routing id is another member's.
 - Clients (``CLIENT_ZAP_DOMAIN``): the client ROUTER is a CURVE server too, with one keypair for the whole

@@ -229,3 +229,52 @@ def wiretap(lc: LocalCluster) -> tuple[bytes, bytes, bytes]:
         secure.stop_node("n3")
         proxy.close()
         Path(secure.dir / "run" / "n3.json").unlink(missing_ok=True)
+
+
+class _RefuseAll:
+    def callback(self, domain: str, key: bytes) -> bool:
+        return False
+
+
+@pytest.mark.timeout(90)
+def test_a_link_whose_handshake_is_refused_is_made_again(tmp_path: Path) -> None:
+    """A member whose peer port refuses our key (here: a registered member that refuses everyone; in life, a
+    peer whose view did not show us within its wait) would leave our DEALER dead for good, since libzmq does not
+    retry a refused handshake. The node sees the refusal on the socket's monitor, counts it and makes the link
+    again for its next frame, so each new frame to that peer gets a new handshake."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    lc = LocalCluster(tmp_path / "refused", nodes=1, log_level="warning")
+    lc.up(timeout=60)
+    ctx = zmq.Context()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("refuse", credentials_provider=_RefuseAll())
+    router = ctx.socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    router.curve_server = True
+    router.curve_secretkey = secret
+    router.zap_domain = b"refuse"
+    router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    key = ""
+    try:
+        assert lc.state is not None
+        n1 = lc.state.nodes[0]
+        proof = key_proof(load_cluster_key(str(lc.cluster_key_path)), lc.state.cluster, "fake", "x", public.decode())
+        info = MemberInfo("fake", "tcp://127.0.0.1:9", f"tcp://127.0.0.1:{port}", incarnation="x",
+                          curve_key=public.decode(), key_proof=proof)  # fmt: skip
+        key = cluster_prefix(lc.state.cluster) + "members/fake"
+        lc.etcd_client().put(key, orjson.dumps(info.to_dict()))  # the leader starts handing shards to it
+        assert wait_for(lambda: metric(n1.client_endpoint, "security.peer_handshake_refused") >= 2, timeout=45)
+        with Client([n1.client_endpoint], timeout=5.0) as c:  # and the node serves its clients meanwhile
+            c.subscribe("refused/t", qos=1)
+            c.publish("refused/t", b"x", qos=1)
+            assert c.receive(timeout=5.0) is not None
+    finally:
+        if key:
+            lc.etcd_client().delete(key)
+        lc.down()
+        router.close(linger=0)
+        auth.stop()
+        ctx.term()
