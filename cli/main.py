@@ -246,14 +246,35 @@ def cmd_pub(args: argparse.Namespace) -> None:
 def cmd_creds_add(args: argparse.Namespace) -> None:
     from shardmq.testing import LocalCluster
 
-    if not (Path(args.dir) / "cluster.json").exists():
-        sys.exit(f"no cluster recorded in {args.dir}: run `shardmq cluster up --dir {args.dir}` first")
     try:
-        path = LocalCluster.load(args.dir).add_credentials(args.name, args.publish, args.subscribe, args.admin)
-    except (RuntimeError, ValueError) as exc:
+        if args.etcd:  # a cluster of your own: its etcd, its name and its cluster key
+            path = _add_credentials_to(args)
+        elif not (Path(args.dir) / "cluster.json").exists():
+            sys.exit(f"no cluster recorded in {args.dir}: run `shardmq cluster up --dir {args.dir}` first, or name "
+                     "a cluster of your own with --etcd, --cluster and --cluster-key-file")  # fmt: skip
+        else:
+            path = LocalCluster.load(args.dir).add_credentials(args.name, args.publish, args.subscribe, args.admin)
+    except (RuntimeError, ValueError, OSError) as exc:
         sys.exit(f"error: {exc}")
     print(f"{path} (mode 0600): principal {args.name!r} may publish to {args.publish or 'nothing'}, subscribe to "
           f"{args.subscribe or 'nothing'}{', administer' if args.admin else ''}")  # fmt: skip
+
+
+def _add_credentials_to(args: argparse.Namespace) -> Path:
+    from shardmq.router.acl import Acl
+    from shardmq.shard.membership import EtcdAccess, etcd_client
+    from shardmq.shard.security import load_cluster_key
+    from shardmq.testing.cluster import make_principal
+
+    if not args.cluster_key_file:
+        sys.exit("with --etcd, give --cluster-key-file (the nodes' --cluster-key-file): principals are proven with it")
+    access = EtcdAccess.from_files(args.etcd, args.etcd_user, args.etcd_password_file, args.etcd_ca_cert,
+                                   args.etcd_client_cert, args.etcd_client_key)  # fmt: skip
+    acl = Acl(tuple(args.publish), tuple(args.subscribe), args.admin)
+    creds = make_principal(etcd_client(access), args.cluster, load_cluster_key(args.cluster_key_file), args.name, acl)
+    path = Path(args.out or f"{args.name}.creds")
+    creds.write(path)
+    return path
 
 
 def cmd_creds_revoke(args: argparse.Namespace) -> None:
@@ -383,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     cadd.add_argument("--subscribe", nargs="*", default=[], metavar="FILTER",
                       help="filters it may subscribe within (each requested filter must be covered by one)")
     cadd.add_argument("--admin", action="store_true", help="may make nodes leave and read detailed status")
+    cadd.add_argument("--etcd", default="", help="a cluster of your own (not `cluster up`'s): its etcd URL")
+    cadd.add_argument("--cluster", default="default", help="with --etcd: the cluster's name (the nodes' --cluster)")
+    cadd.add_argument("--cluster-key-file", default="", help="with --etcd: the nodes' --cluster-key-file")
+    cadd.add_argument("--out", default="", help="with --etcd: where to write the file (default ./NAME.creds)")
+    for flag, help_ in (("--etcd-user", "etcd user"), ("--etcd-password-file", "that user's password file"),
+                        ("--etcd-ca-cert", "CA of etcd's TLS certificate"), ("--etcd-client-cert", "client cert"),
+                        ("--etcd-client-key", "client certificate's key")):  # fmt: skip
+        cadd.add_argument(flag, default="", help=f"with --etcd: {help_}, as the nodes take it")
     cadd.set_defaults(func=cmd_creds_add)
     crevoke = crsub.add_parser("revoke", help="delete a principal: its key is refused, its sessions end")
     crevoke.add_argument("name")

@@ -88,6 +88,28 @@ class ClusterState:
         return [n.client_endpoint for n in self.nodes]
 
 
+def make_principal(etcd: etcd3gw.Etcd3Client, cluster: str, cluster_key: bytes, name: str, acl: Acl) -> Credentials:
+    """Make principal ``name`` of ``cluster`` with a new CURVE keypair and this ACL: register its record in etcd,
+    proven with the cluster key (replacing one of that name), and return its credentials (the caller writes
+    them). Works for any cluster whose etcd and cluster key the caller holds, local or not."""
+    from shardmq.shard.security import client_server_key
+
+    public, secret = zmq.curve_keypair()
+    creds = Credentials(name, public.decode(), secret.decode(), client_server_key(cluster_key), cluster)
+    register_principal(etcd, cluster, cluster_key, creds, acl)
+    return creds
+
+
+def register_principal(
+    etcd: etcd3gw.Etcd3Client, cluster: str, cluster_key: bytes, creds: Credentials, acl: Acl
+) -> None:
+    """Store the principal of ``creds`` with this ACL, proven with the cluster key (``shard.security``)."""
+    from shardmq.shard.membership import put_principal
+    from shardmq.shard.security import sign_principal
+
+    put_principal(etcd, cluster, sign_principal(cluster_key, cluster, creds.principal, creds.public_key, acl))
+
+
 def make_cluster_keys(directory: Path) -> None:
     """A new cluster key (``DIR/cluster.key``) and the operator's credentials (``DIR/admin.creds``, its principal
     registered by ``up``), both mode 0600."""
@@ -399,16 +421,14 @@ class LocalCluster:
         """Make principal ``name`` with this ACL (replacing one of that name: its old key stops working), write
         its credentials to ``DIR/<name>.creds`` (mode 0600) and return the path; then wait up to ``wait`` seconds
         until every running node admits it (nodes see etcd's change within a few milliseconds, normally)."""
-        from shardmq.shard.security import client_server_key, load_cluster_key
+        from shardmq.shard.security import load_cluster_key
 
         assert self.state is not None
         if self.insecure:
             raise RuntimeError("an --insecure cluster has no principals: every client may do everything")
         acl = Acl(tuple(publish), tuple(subscribe), admin)
-        public, secret = zmq.curve_keypair()
-        server_key = client_server_key(load_cluster_key(str(self.cluster_key_path)))
-        creds = Credentials(name, public.decode(), secret.decode(), server_key, self.state.cluster)
-        self._register_principal(creds, acl)
+        cluster_key = load_cluster_key(str(self.cluster_key_path))
+        creds = make_principal(self.etcd_client(), self.state.cluster, cluster_key, name, acl)
         path = self.dir / f"{name}.creds"
         creds.write(path)
         self._wait_admitted(creds, wait)
@@ -422,13 +442,11 @@ class LocalCluster:
         return delete_principal(self.etcd_client(), self.state.cluster, name)
 
     def _register_principal(self, creds: Credentials, acl: Acl) -> None:
-        from shardmq.shard.membership import put_principal
-        from shardmq.shard.security import load_cluster_key, sign_principal
+        from shardmq.shard.security import load_cluster_key
 
         assert self.state is not None
-        record = sign_principal(load_cluster_key(str(self.cluster_key_path)), self.state.cluster, creds.principal,
-                                creds.public_key, acl)  # fmt: skip
-        put_principal(self.etcd_client(), self.state.cluster, record)
+        register_principal(self.etcd_client(), self.state.cluster, load_cluster_key(str(self.cluster_key_path)),
+                           creds, acl)  # fmt: skip
 
     def _wait_admitted(self, creds: Credentials, wait: float) -> None:
         deadline = time.monotonic() + wait

@@ -342,3 +342,27 @@ def test_creds_add_writes_a_private_file_whose_acl_the_cluster_enforces(secure: 
     assert shardmq("creds", "revoke", name, "--dir", str(secure.dir)).returncode == 0
     gone = shardmq("pub", "cli/x", "hello", "--qos", "1", "--dir", str(secure.dir), "--credentials", str(path))
     assert gone.returncode != 0 and "not_authorized" in gone.stderr
+
+
+@pytest.mark.timeout(120)
+def test_creds_add_works_for_a_cluster_of_ones_own_given_its_etcd_and_key(secure: LocalCluster, tmp_path: Path) -> None:
+    """A deployment not made by `cluster up`: the operator names etcd (user, password file), the cluster and the
+    cluster key file, as the nodes take them."""
+    from shardmq.testing.cluster import ETCD_USER
+
+    assert secure.state is not None
+    name, out = unique("own"), tmp_path / "own.creds"
+    done = shardmq("creds", "add", name, "--etcd", secure.state.etcd_url, "--cluster", secure.state.cluster,
+                   "--cluster-key-file", str(secure.cluster_key_path), "--etcd-user", ETCD_USER,
+                   "--etcd-password-file", str(secure.etcd_password_path), "--subscribe", "own/#", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while True:  # the nodes see the new record within milliseconds (the etcd watch)
+        try:
+            with Client(endpoints(secure), timeout=5.0, credentials=out) as c:
+                c.subscribe("own/x")
+            break
+        except ShardMQError as exc:
+            if exc.code != codec.E_NOT_AUTHORIZED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
