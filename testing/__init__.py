@@ -7,7 +7,8 @@ What it offers:
   It is what shardmq's own real-cluster tests and load tests use, and what ``shardmq cluster up|down|restart``
   drive. ``up()`` returns once every node sees every member and the assignment is balanced, ``down()`` stops
   exactly what was started; ``join``, ``leave``, ``remove``, ``stop_node`` and ``restart`` change membership
-  under a test. Connect with ``shardmq.client.Client(cluster.state.client_endpoints())``.
+  under a test. Connect with ``shardmq.client.Client(cluster.state.client_endpoints(),
+  credentials=cluster.admin_credentials)``; ``add_credentials`` makes principals with narrower ACLs.
 - ``Sim`` (``testing/simulation.py``): a cluster in one process, every node the real protocol core
   (``shardmq.protocol.NodeCore``) on a simulated network, etcd and clock; the driver chooses every step (deliver a
   frame, advance the clock, crash, partition, restart, etcd down...), so a run is repeatable. ``testing/simulate.py``
