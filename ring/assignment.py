@@ -368,9 +368,14 @@ def promote_survivors(a: Assignment, live: AbstractSet[str]) -> dict[int, ShardS
     result to ``Assignment.with_states``.
     """
     changes: dict[int, ShardState] = {}
-    for shard, st in enumerate(a.states):
-        if all(node_id in live for node_id in st.owners):
-            continue
+    index = a._node_index()
+    dead = [node_id for node_id in index if node_id not in live]
+    if not dead:
+        return changes
+    states = a.states
+    # Only the shards of a dead owner change: found through the per-document node index, not a walk of the table.
+    for shard in sorted(set().union(*(index[node_id][0] for node_id in dead))):
+        st = states[shard]
         changes[shard] = ShardState(
             owners=_keep(st.owners, live),
             epoch=st.epoch + 1,
