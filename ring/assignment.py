@@ -21,12 +21,14 @@ Rules and invariants:
   documents serialise to equal bytes. Owners are stored as indices into a sorted node list, which keeps 4096
   shards x R=3 near 70 KB. ``from_json`` checks everything ``with_states`` checks and interns node ids, so a
   loaded document holds one string per node, shared with the route tables.
-* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``.
+* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``. The caches (a document's
+  node index, derived from its parent's when ``with_states`` made it; the last ``to_json`` encoding) only memoize.
 """
 
 from __future__ import annotations
 
 import sys
+from bisect import insort
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -80,7 +82,7 @@ class ShardState:
 class Assignment:
     """Versioned shard -> ShardState table. Build with :meth:`initial` or :meth:`from_json`."""
 
-    __slots__ = ("_by_node", "_replication", "_states", "_version")
+    __slots__ = ("_by_node", "_changed_from", "_replication", "_states", "_version")
 
     _states: tuple[ShardState, ...]
     _replication: int
@@ -165,7 +167,8 @@ class Assignment:
 
     def _node_index(self) -> dict[str, tuple[list[int], list[int]]]:
         """node -> (shards it owns, shards it is primary of), built once per document: every node of a cluster
-        (and of a simulated one, which shares one document among all its nodes) asks for its own shards."""
+        (and of a simulated one, which shares one document among all its nodes) asks for its own shards. A
+        document made by ``with_states`` from one whose index was built gets its own from that one's at once."""
         try:
             return self._by_node
         except AttributeError:
@@ -196,10 +199,17 @@ class Assignment:
 
     def nodes(self) -> set[str]:
         """Every node that owns or is joining at least one shard."""
-        found: set[str] = set()
+        try:
+            found = set(self._by_node)  # the owners, when the index is at hand
+        except AttributeError:
+            found = set()
+            for st in self._states:
+                found.update(st.owners)
+                found.update(st.joining)
+            return found
         for st in self._states:
-            found.update(st.owners)
-            found.update(st.joining)
+            if st.joining:
+                found.update(st.joining)
         return found
 
     def load(self) -> dict[str, int]:
@@ -229,7 +239,7 @@ class Assignment:
     def with_states(self, changes: Mapping[int, ShardState]) -> Assignment:
         """A new document with ``changes`` applied and ``version + 1``; ``self`` if nothing changes."""
         states = list(self._states)
-        changed = False
+        changed: list[int] = []
         for shard, new in changes.items():
             old = self.state(shard)
             if not isinstance(new, ShardState):
@@ -245,17 +255,38 @@ class Assignment:
                 )
             if new != old:
                 states[shard] = new
-                changed = True
+                changed.append(shard)
         if not changed:
             return self
-        return Assignment._new(tuple(states), self._replication, self._version + 1)
+        doc = Assignment._new(tuple(states), self._replication, self._version + 1)
+        object.__setattr__(doc, "_changed_from", (id(self), tuple(changed)))
+        try:
+            index = self._by_node
+        except AttributeError:
+            return doc
+        object.__setattr__(doc, "_by_node", _updated_index(index, self._states, doc._states, changed))
+        return doc
 
     # --- serialisation -------------------------------------------------------
 
     def to_json(self) -> bytes:
         """Compact, deterministic JSON: owners and joining as indices into the sorted node list."""
+        global _last_json
         names = sorted(self.nodes())
         index = {node_id: i for i, node_id in enumerate(names)}
+        last = _last_json
+        base = getattr(self, "_changed_from", None)
+        if last is not None and base is not None and base[0] == id(last[0]) and last[1] == names:
+            # Made by with_states from the document serialised last, with the same node list: only the changed
+            # shards' owner lists differ (a leader writes each document it commits; at 16,384 shards a full
+            # encode of the owners was most of it).
+            owners = list(last[2])
+            for s in base[1]:
+                owners[s] = [index[n] for n in self._states[s].owners]
+        else:
+            owners = [[index[n] for n in st.owners] for st in self._states]
+        # Holding the document keeps its id from being reused while it is the one compared with.
+        _last_json = (self, names, owners)
         # Joining is empty for almost every shard, so it is stored sparsely as [shard, [indices]] pairs.
         doc = {
             "format": FORMAT_VERSION,
@@ -263,7 +294,7 @@ class Assignment:
             "replication": self._replication,
             "version": self._version,
             "nodes": names,
-            "owners": [[index[n] for n in st.owners] for st in self._states],
+            "owners": owners,
             "epochs": [st.epoch for st in self._states],
             "joining": [[s, [index[n] for n in st.joining]] for s, st in enumerate(self._states) if st.joining],
         }
@@ -340,6 +371,40 @@ class Assignment:
             f"Assignment(shard_count={len(self._states)}, replication={self._replication}, "
             f"version={self._version}, nodes={len(self.nodes())})"
         )
+
+
+# The last document to_json encoded: (document, its node list, its owners as index lists). Its lists are never
+# changed: the next encoding copies the outer list before replacing entries.
+_last_json: tuple[Assignment, list[str], list[list[int]]] | None = None
+
+
+def _updated_index(
+    index: dict[str, tuple[list[int], list[int]]],
+    old: tuple[ShardState, ...],
+    new: tuple[ShardState, ...],
+    changed: list[int],
+) -> dict[str, tuple[list[int], list[int]]]:
+    """``Assignment._node_index`` of ``new``, from that of ``old`` and the shards that differ (lists stay sorted)."""
+    result = {node_id: (list(owned), list(led)) for node_id, (owned, led) in index.items()}
+    for shard in changed:
+        before, after = old[shard].owners, new[shard].owners
+        if before == after:
+            continue
+        for position, node_id in enumerate(before):
+            entry = result[node_id]
+            entry[0].remove(shard)
+            if position == 0:
+                entry[1].remove(shard)
+            if not entry[0]:
+                del result[node_id]
+        for position, node_id in enumerate(after):
+            entry = result.get(node_id)
+            if entry is None:
+                entry = result[node_id] = ([], [])
+            insort(entry[0], shard)
+            if position == 0:
+                insort(entry[1], shard)
+    return result
 
 
 def _check_state(shard: int, state: object, replication: int) -> None:

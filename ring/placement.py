@@ -58,7 +58,7 @@ import math
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from heapq import heapify, heappop, heappush, heapreplace
@@ -596,7 +596,11 @@ def _settle(
             price[node] = new_price
             if new_price != old_price:
                 changed = True
-            moves = [(e[1], alt_of[e[1]]) for e in leaving]
+            if len(leaving) == 1:  # the usual round: no comprehension to run
+                s = leaving[0][1]
+                moves: Sequence[tuple[int, int]] = ((s, alt_of[s]),)
+            else:
+                moves = [(e[1], alt_of[e[1]]) for e in leaving]
             if new_price < old_price:
                 # Stored thresholds may no longer be lower bounds: start the caches afresh.
                 alt_of[:] = [-1] * shard_count
@@ -606,7 +610,8 @@ def _settle(
             load_node = load[node]
             for s, alt in moves:
                 load_node.discard(s)
-                load[alt].add(s)
+                load_alt = load[alt]
+                load_alt.add(s)
                 if not changed:
                     fingerprint += mix_shard[s] * (mix_node[alt] - mix_node[node])
                 v = ver[s] = ver[s] + 1
@@ -617,13 +622,22 @@ def _settle(
                 else:
                     primary[s] = alt  # type: ignore[index]
                     holders = (alt,)
+                # cost(s) for the new holders, inlined and computed at most once: this runs every round.
                 alt_of[s] = -1
+                c = 0.0
+                known = False
+                row = dist[s]
                 for o in holders:
                     ho = heaps[o]
                     if ho is not None:
-                        c = cost(s)
-                        heappush(ho, (c / dist[s][o], s, v, c))
-                spare = caps[alt] - len(load[alt])
+                        if not known:
+                            known = True
+                            a, c = cheapest(s)
+                            alt_of[s] = a
+                            alt_price[s] = price[a]
+                            alt_cost[s] = c
+                        heappush(ho, (c / row[o], s, v, c))
+                spare = caps[alt] - len(load_alt)
                 if spare < 0:
                     heappush(busiest, (spare, alt))
             spare = caps[node] - len(load_node)
