@@ -27,7 +27,9 @@ Rules and invariants:
 
 from __future__ import annotations
 
+import itertools
 import sys
+import threading
 from bisect import insort
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -82,7 +84,7 @@ class ShardState:
 class Assignment:
     """Versioned shard -> ShardState table. Build with :meth:`initial` or :meth:`from_json`."""
 
-    __slots__ = ("_by_node", "_changed_from", "_replication", "_states", "_version")
+    __slots__ = ("_changed_from", "_replication", "_serial", "_states", "_version")
 
     _states: tuple[ShardState, ...]
     _replication: int
@@ -102,6 +104,7 @@ class Assignment:
         self._states = states
         self._replication = replication
         self._version = version
+        self._serial = next(_serials)
 
     @classmethod
     def _new(cls, states: tuple[ShardState, ...], replication: int, version: int) -> Assignment:
@@ -109,6 +112,7 @@ class Assignment:
         self._states = states
         self._replication = replication
         self._version = version
+        self._serial = next(_serials)
         return self
 
     @classmethod
@@ -167,12 +171,19 @@ class Assignment:
 
     def _node_index(self) -> dict[str, tuple[list[int], list[int]]]:
         """node -> (shards it owns, shards it is primary of), built once per document: every node of a cluster
-        (and of a simulated one, which shares one document among all its nodes) asks for its own shards. A
-        document made by ``with_states`` from one whose index was built gets its own from that one's at once."""
-        try:
-            return self._by_node
-        except AttributeError:
-            index: dict[str, tuple[list[int], list[int]]] = {}
+        (and of a simulated one, which shares one document among all its nodes) asks for its own shards. Kept
+        for the last ``_INDEXES_MAX`` documents only (a simulation keeps every document it committed), and derived
+        from the parent's when ``with_states`` made this document from one whose index is kept."""
+        serial = self._serial
+        index = _indexes.get(serial)
+        if index is not None:
+            return index
+        base = getattr(self, "_changed_from", None)
+        parent = _indexes.get(base[0]) if base is not None else None
+        if parent is not None:
+            index = _updated_index(parent, base[2], self._states, base[1])  # type: ignore[index]
+        else:
+            index = {}
             for shard, st in enumerate(self._states):
                 for position, node_id in enumerate(st.owners):
                     entry = index.get(node_id)
@@ -181,8 +192,11 @@ class Assignment:
                     entry[0].append(shard)
                     if position == 0:
                         entry[1].append(shard)
-            object.__setattr__(self, "_by_node", index)
-            return index
+        with _indexes_lock:
+            _indexes[serial] = index
+            while len(_indexes) > _INDEXES_MAX:
+                del _indexes[next(iter(_indexes))]
+        return index
 
     def shards_of(self, node_id: str) -> list[int]:
         """Shards ``node_id`` owns (any replica position), ascending."""
@@ -199,14 +213,14 @@ class Assignment:
 
     def nodes(self) -> set[str]:
         """Every node that owns or is joining at least one shard."""
-        try:
-            found = set(self._by_node)  # the owners, when the index is at hand
-        except AttributeError:
-            found = set()
+        index = _indexes.get(self._serial)
+        if index is None:
+            found: set[str] = set()
             for st in self._states:
                 found.update(st.owners)
                 found.update(st.joining)
             return found
+        found = set(index)  # the owners
         for st in self._states:
             if st.joining:
                 found.update(st.joining)
@@ -259,12 +273,9 @@ class Assignment:
         if not changed:
             return self
         doc = Assignment._new(tuple(states), self._replication, self._version + 1)
-        object.__setattr__(doc, "_changed_from", (id(self), tuple(changed)))
-        try:
-            index = self._by_node
-        except AttributeError:
-            return doc
-        object.__setattr__(doc, "_by_node", _updated_index(index, self._states, doc._states, changed))
+        # What the caches need to derive this document's index and encoding from ours (serials are never reused).
+        parent = self._states
+        object.__setattr__(doc, "_changed_from", (self._serial, tuple(changed), {s: parent[s] for s in changed}))
         return doc
 
     # --- serialisation -------------------------------------------------------
@@ -276,7 +287,7 @@ class Assignment:
         index = {node_id: i for i, node_id in enumerate(names)}
         last = _last_json
         base = getattr(self, "_changed_from", None)
-        if last is not None and base is not None and base[0] == id(last[0]) and last[1] == names:
+        if last is not None and base is not None and base[0] == last[0] and last[1] == names:
             # Made by with_states from the document serialised last, with the same node list: only the changed
             # shards' owner lists differ (a leader writes each document it commits; at 16,384 shards a full
             # encode of the owners was most of it).
@@ -285,8 +296,7 @@ class Assignment:
                 owners[s] = [index[n] for n in self._states[s].owners]
         else:
             owners = [[index[n] for n in st.owners] for st in self._states]
-        # Holding the document keeps its id from being reused while it is the one compared with.
-        _last_json = (self, names, owners)
+        _last_json = (self._serial, names, owners)
         # Joining is empty for almost every shard, so it is stored sparsely as [shard, [indices]] pairs.
         doc = {
             "format": FORMAT_VERSION,
@@ -373,16 +383,22 @@ class Assignment:
         )
 
 
-# The last document to_json encoded: (document, its node list, its owners as index lists). Its lists are never
+# Every document gets a serial number (unlike an id, never reused), which the caches below are keyed by.
+_serials = itertools.count(1)
+# The last document to_json encoded: (serial, its node list, its owners as index lists). Its lists are never
 # changed: the next encoding copies the outer list before replacing entries.
-_last_json: tuple[Assignment, list[str], list[list[int]]] | None = None
+_last_json: tuple[int, list[str], list[list[int]]] | None = None
+# Node indexes (Assignment._node_index) of the documents asked last, by serial, oldest first.
+_indexes: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
+_indexes_lock = threading.Lock()
+_INDEXES_MAX = 32
 
 
 def _updated_index(
     index: dict[str, tuple[list[int], list[int]]],
-    old: tuple[ShardState, ...],
+    old: Mapping[int, ShardState],
     new: tuple[ShardState, ...],
-    changed: list[int],
+    changed: Sequence[int],
 ) -> dict[str, tuple[list[int], list[int]]]:
     """``Assignment._node_index`` of ``new``, from that of ``old`` and the shards that differ (lists stay sorted)."""
     result = {node_id: (list(owned), list(led)) for node_id, (owned, led) in index.items()}
