@@ -21,8 +21,10 @@ Rules and invariants:
   documents serialise to equal bytes. Owners are stored as indices into a sorted node list, which keeps 4096
   shards x R=3 near 70 KB. ``from_json`` checks everything ``with_states`` checks and interns node ids, so a
   loaded document holds one string per node, shared with the route tables.
-* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``. The caches (a document's
-  node index, derived from its parent's when ``with_states`` made it; the last ``to_json`` encoding) only memoize.
+* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``. The caches (the node
+  indexes of the last documents asked, derived from the parent's when ``with_states`` made one; the last
+  ``to_json`` encoding) only memoize; they are keyed by a per-process serial number that every document, copies
+  included, gets anew, and a lock keeps them whole when callers are threads.
 """
 
 from __future__ import annotations
@@ -369,6 +371,10 @@ class Assignment:
 
     def __hash__(self) -> int:
         return hash((self._version, self._replication, self._states))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # A copy, or a document unpickled in another process, gets a serial of its own: the caches key by serial.
+        return (Assignment._new, (self._states, self._replication, self._version))
 
     def __setattr__(self, name: str, value: object) -> None:
         # Immutable after construction: only the constructors (which run before the slots are set) may write.
