@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from shardmq.rebalance import Commit, Coordinator, Member, StartHandoff, target_table
@@ -73,6 +74,50 @@ def remember_assignment(document: bytes, assignment: Assignment) -> None:
     _PARSED[document] = assignment
     while len(_PARSED) > _PARSED_MAX:
         del _PARSED[next(iter(_PARSED))]
+
+
+@dataclass(frozen=True, slots=True)
+class MembersChange:
+    """What changed between two member mappings, as any node sees it (``NodeCore._on_members`` takes itself out)."""
+
+    joined: frozenset[str]  # in the new mapping only
+    gone: frozenset[str]  # in the old mapping only
+    # In both, but another process or registration: a restart (new incarnation), a move (new endpoints) or a
+    # registration made again. What was known of the old one goes, as if it had left and joined.
+    replaced: frozenset[str]
+    # Those of ``replaced`` that are the same process at the same address, registered again after a lost lease:
+    # a connection to it is still right, and closing it would drop what was queued on it just before (a
+    # hand-off's SNAPSHOT, measured: 86 moves then waited out handoff_timeout).
+    same_socket: frozenset[str]
+    members: tuple[str, ...]  # the new mapping's ids, sorted (for the log)
+
+
+_MEMBERS_CHANGES: dict[tuple[int, int], tuple[Mapping[str, MemberInfo], Mapping[str, MemberInfo], MembersChange]] = {}
+_MEMBERS_CHANGES_MAX = 16
+
+
+def members_change(old: Mapping[str, MemberInfo], new: Mapping[str, MemberInfo]) -> MembersChange:
+    """The change from ``old`` to ``new``, computed once per pair of mappings: a view's parts are never changed
+    (``SessionView``), and the nodes of a simulated cluster share them (a walk over a thousand members per node
+    per view was a large part of that run's time)."""
+    key = (id(old), id(new))
+    found = _MEMBERS_CHANGES.get(key)
+    if found is not None and found[0] is old and found[1] is new:
+        return found[2]
+    replaced = frozenset(
+        n for n, m in new.items() if (was := old.get(n)) is not None and m is not was and not m.same_process(was)
+    )
+    same_socket = frozenset(
+        n for n in replaced
+        if (new[n].incarnation, new[n].peer_endpoint) == (old[n].incarnation, old[n].peer_endpoint)
+    )  # fmt: skip
+    joined, gone = frozenset(new.keys() - old.keys()), frozenset(old.keys() - new.keys())
+    change = MembersChange(joined, gone, replaced, same_socket, tuple(sorted(new)))
+    _MEMBERS_CHANGES.pop(key, None)
+    while len(_MEMBERS_CHANGES) >= _MEMBERS_CHANGES_MAX:
+        del _MEMBERS_CHANGES[next(iter(_MEMBERS_CHANGES))]
+    _MEMBERS_CHANGES[key] = (old, new, change)
+    return change
 
 
 class NodeCore:
@@ -342,21 +387,11 @@ class NodeCore:
     def _on_members(self, members: Mapping[str, MemberInfo], membership_epoch: int) -> None:
         view = self.view
         old = view.members
-        # A member that restarted (new incarnation), moved (new endpoints) or registered again is another
-        # process or registration: what we knew of the old one goes, as if it had left and joined.
-        replaced = {
-            n for n, m in members.items()
-            if (was := old.get(n)) is not None and m is not was and n != self.me and not m.same_process(was)
-        }
-        joined = (set(members) - set(old) - {self.me}) | replaced
-        gone = (set(old) - set(members)) | replaced
-        # Same process at the same address, registered again after a lost lease: our connection to it is still
-        # right, and closing it would drop what we queued on it just before (a hand-off's SNAPSHOT, measured:
-        # 86 moves then waited out handoff_timeout).
-        same_socket = {
-            n for n in replaced
-            if (members[n].incarnation, members[n].peer_endpoint) == (old[n].incarnation, old[n].peer_endpoint)
-        }  # fmt: skip
+        change = members_change(old, members)
+        replaced = change.replaced - {self.me}
+        joined = (change.joined - {self.me}) | replaced
+        gone = change.gone | replaced
+        same_socket = change.same_socket
         had_members = bool(old)
         view.members = members
         view.membership_epoch = membership_epoch
@@ -372,7 +407,7 @@ class NodeCore:
             self.log.warning("member_lost", peer=node, routes_removed=removed, membership_epoch=membership_epoch)
         if had_members and joined:
             self.subscriptions.announce_root_routes(joined)
-        self.log.info("membership", membership_epoch=membership_epoch, members=sorted(members),
+        self.log.info("membership", membership_epoch=membership_epoch, members=change.members,
                       joined=sorted(joined), gone=sorted(gone))  # fmt: skip
 
     def _peer_lost(self, node: str) -> None:

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import compress
+from operator import is_not
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -67,7 +69,8 @@ from .view import ROOT
 if TYPE_CHECKING:
     from .node import NodeCore
 
-_CHANGED: dict[tuple[int, int], tuple[Assignment, Assignment, list[int]]] = {}
+_CHANGED: dict[tuple[int, int], tuple[Assignment, Assignment, list[int]]] = {}  # oldest first
+_CHANGED_MAX = 64
 
 
 def epochs_changed(old: Assignment, new: Assignment) -> list[int]:
@@ -76,9 +79,17 @@ def epochs_changed(old: Assignment, new: Assignment) -> list[int]:
     key = (id(old), id(new))
     found = _CHANGED.get(key)
     if found is None or found[0] is not old or found[1] is not new:
-        if len(_CHANGED) >= 8:
-            _CHANGED.clear()
-        changed = [s for s, (a, b) in enumerate(zip(old.states, new.states, strict=True)) if a.epoch != b.epoch]
+        a, b = old.states, new.states
+        if len(a) != len(b):
+            raise ValueError(f"cannot compare assignments of {len(a)} and {len(b)} shards")
+        # with_states keeps the state objects of unchanged shards, so between a document and one derived from it
+        # only the changed shards need a look; the identity test runs in C.
+        maybe = compress(range(len(a)), map(is_not, a, b))
+        changed = [s for s in maybe if a[s].epoch != b[s].epoch]
+        # Nodes that read views at different times compare different pairs: keep the last few, not one.
+        _CHANGED.pop(key, None)
+        while len(_CHANGED) >= _CHANGED_MAX:
+            del _CHANGED[next(iter(_CHANGED))]
         found = _CHANGED[key] = (old, new, changed)
     return found[2]
 
@@ -331,7 +342,8 @@ class OwnerSide:
         wait for.
         """
         core = self.core
-        shards = {s for s in shards if s != ROOT}
+        shards = set(shards)
+        shards.discard(ROOT)
         told = self.lookup_watchers.take(shards)
         if told:
             inv = Invalidation(set(told), sorted({s for ss in told.values() for s in ss}))
@@ -482,7 +494,7 @@ class OwnerSide:
         # An owner that left took with it the record of who caches its answers (a promotion): every entry node
         # may, and the next route change in such a shard invalidates them all.
         members = core.view.members
-        promoted = [s for s in changed if me in new.owners(s) and any(o not in members for o in old.owners(s))]
+        promoted = [s for s in changed if s in mine and any(o not in members for o in old.owners(s))]
         if promoted:
             self.watch_everywhere(promoted)
         for shard in set(old.shards_of(me)) - mine:

@@ -76,10 +76,10 @@ def plan(current: Assignment, target: Sequence[tuple[str, ...]], live: AbstractS
     """Every move from ``current`` to the ``target`` owner table (e.g. ``ShardMap.build(live...).table``)."""
     if len(target) != current.shard_count:
         raise ValueError(f"target has {len(target)} shards, the assignment {current.shard_count}")
+    _check_table(target, live, current.replication)
     keyed: list[tuple[tuple[int, int, int], Move]] = []
     for shard, state in enumerate(current.states):
         want = target[shard]
-        _check_target(shard, want, live, current.replication)
         have = state.owners
         if have == want:
             continue
@@ -93,6 +93,24 @@ def plan(current: Assignment, target: Sequence[tuple[str, ...]], live: AbstractS
         keyed.append((key, Move(shard, source, add, remove, want)))
     keyed.sort(key=lambda item: item[0])
     return [move for _, move in keyed]
+
+
+_CHECKED: list[tuple[tuple[tuple[str, ...], ...], frozenset[str], int]] = []  # tables known valid, newest last
+
+
+def _check_table(target: Sequence[tuple[str, ...]], live: AbstractSet[str], replication: int) -> None:
+    """``_check_target`` for every shard, in order. The coordinator plans against the same target table (a cached
+    one) at every step: a tuple of tuples cannot change, so one that passed for these members passes again."""
+    members = frozenset(live)
+    if isinstance(target, tuple):
+        for table, checked_live, checked_replication in _CHECKED:
+            if table is target and checked_live == members and checked_replication == replication:
+                return
+    for shard, want in enumerate(target):
+        _check_target(shard, want, live, replication)
+    if isinstance(target, tuple):
+        _CHECKED.append((target, members, replication))
+        del _CHECKED[:-4]
 
 
 def _check_target(shard: int, want: object, live: AbstractSet[str], replication: int) -> None:

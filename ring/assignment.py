@@ -21,12 +21,18 @@ Rules and invariants:
   documents serialise to equal bytes. Owners are stored as indices into a sorted node list, which keeps 4096
   shards x R=3 near 70 KB. ``from_json`` checks everything ``with_states`` checks and interns node ids, so a
   loaded document holds one string per node, shared with the route tables.
-* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``.
+* Pure: no I/O, clocks, threads or randomness; imports nothing of shardmq outside ``ring``. The caches (the node
+  indexes of the last documents asked, derived from the parent's when ``with_states`` made one; the last
+  ``to_json`` encoding) only memoize; they are keyed by a per-process serial number that every document, copies
+  included, gets anew, and a lock keeps them whole when callers are threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
+import threading
+from bisect import insort
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -80,7 +86,7 @@ class ShardState:
 class Assignment:
     """Versioned shard -> ShardState table. Build with :meth:`initial` or :meth:`from_json`."""
 
-    __slots__ = ("_by_node", "_replication", "_states", "_version")
+    __slots__ = ("_changed_from", "_replication", "_serial", "_states", "_version")
 
     _states: tuple[ShardState, ...]
     _replication: int
@@ -100,6 +106,7 @@ class Assignment:
         self._states = states
         self._replication = replication
         self._version = version
+        self._serial = next(_serials)
 
     @classmethod
     def _new(cls, states: tuple[ShardState, ...], replication: int, version: int) -> Assignment:
@@ -107,6 +114,7 @@ class Assignment:
         self._states = states
         self._replication = replication
         self._version = version
+        self._serial = next(_serials)
         return self
 
     @classmethod
@@ -165,11 +173,19 @@ class Assignment:
 
     def _node_index(self) -> dict[str, tuple[list[int], list[int]]]:
         """node -> (shards it owns, shards it is primary of), built once per document: every node of a cluster
-        (and of a simulated one, which shares one document among all its nodes) asks for its own shards."""
-        try:
-            return self._by_node
-        except AttributeError:
-            index: dict[str, tuple[list[int], list[int]]] = {}
+        (and of a simulated one, which shares one document among all its nodes) asks for its own shards. Kept
+        for the last ``_INDEXES_MAX`` documents only (a simulation keeps every document it committed), and derived
+        from the parent's when ``with_states`` made this document from one whose index is kept."""
+        serial = self._serial
+        index = _indexes.get(serial)
+        if index is not None:
+            return index
+        base = getattr(self, "_changed_from", None)
+        parent = _indexes.get(base[0]) if base is not None else None
+        if parent is not None:
+            index = _updated_index(parent, base[2], self._states, base[1])  # type: ignore[index]
+        else:
+            index = {}
             for shard, st in enumerate(self._states):
                 for position, node_id in enumerate(st.owners):
                     entry = index.get(node_id)
@@ -178,8 +194,11 @@ class Assignment:
                     entry[0].append(shard)
                     if position == 0:
                         entry[1].append(shard)
-            object.__setattr__(self, "_by_node", index)
-            return index
+        with _indexes_lock:
+            _indexes[serial] = index
+            while len(_indexes) > _INDEXES_MAX:
+                del _indexes[next(iter(_indexes))]
+        return index
 
     def shards_of(self, node_id: str) -> list[int]:
         """Shards ``node_id`` owns (any replica position), ascending."""
@@ -196,10 +215,17 @@ class Assignment:
 
     def nodes(self) -> set[str]:
         """Every node that owns or is joining at least one shard."""
-        found: set[str] = set()
+        index = _indexes.get(self._serial)
+        if index is None:
+            found: set[str] = set()
+            for st in self._states:
+                found.update(st.owners)
+                found.update(st.joining)
+            return found
+        found = set(index)  # the owners
         for st in self._states:
-            found.update(st.owners)
-            found.update(st.joining)
+            if st.joining:
+                found.update(st.joining)
         return found
 
     def load(self) -> dict[str, int]:
@@ -229,7 +255,7 @@ class Assignment:
     def with_states(self, changes: Mapping[int, ShardState]) -> Assignment:
         """A new document with ``changes`` applied and ``version + 1``; ``self`` if nothing changes."""
         states = list(self._states)
-        changed = False
+        changed: list[int] = []
         for shard, new in changes.items():
             old = self.state(shard)
             if not isinstance(new, ShardState):
@@ -245,17 +271,34 @@ class Assignment:
                 )
             if new != old:
                 states[shard] = new
-                changed = True
+                changed.append(shard)
         if not changed:
             return self
-        return Assignment._new(tuple(states), self._replication, self._version + 1)
+        doc = Assignment._new(tuple(states), self._replication, self._version + 1)
+        # What the caches need to derive this document's index and encoding from ours (serials are never reused).
+        parent = self._states
+        object.__setattr__(doc, "_changed_from", (self._serial, tuple(changed), {s: parent[s] for s in changed}))
+        return doc
 
     # --- serialisation -------------------------------------------------------
 
     def to_json(self) -> bytes:
         """Compact, deterministic JSON: owners and joining as indices into the sorted node list."""
+        global _last_json
         names = sorted(self.nodes())
         index = {node_id: i for i, node_id in enumerate(names)}
+        last = _last_json
+        base = getattr(self, "_changed_from", None)
+        if last is not None and base is not None and base[0] == last[0] and last[1] == names:
+            # Made by with_states from the document serialised last, with the same node list: only the changed
+            # shards' owner lists differ (a leader writes each document it commits; at 16,384 shards a full
+            # encode of the owners was most of it).
+            owners = list(last[2])
+            for s in base[1]:
+                owners[s] = [index[n] for n in self._states[s].owners]
+        else:
+            owners = [[index[n] for n in st.owners] for st in self._states]
+        _last_json = (self._serial, names, owners)
         # Joining is empty for almost every shard, so it is stored sparsely as [shard, [indices]] pairs.
         doc = {
             "format": FORMAT_VERSION,
@@ -263,7 +306,7 @@ class Assignment:
             "replication": self._replication,
             "version": self._version,
             "nodes": names,
-            "owners": [[index[n] for n in st.owners] for st in self._states],
+            "owners": owners,
             "epochs": [st.epoch for st in self._states],
             "joining": [[s, [index[n] for n in st.joining]] for s, st in enumerate(self._states) if st.joining],
         }
@@ -329,6 +372,10 @@ class Assignment:
     def __hash__(self) -> int:
         return hash((self._version, self._replication, self._states))
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # A copy, or a document unpickled in another process, gets a serial of its own: the caches key by serial.
+        return (Assignment._new, (self._states, self._replication, self._version))
+
     def __setattr__(self, name: str, value: object) -> None:
         # Immutable after construction: only the constructors (which run before the slots are set) may write.
         if hasattr(self, name):
@@ -340,6 +387,46 @@ class Assignment:
             f"Assignment(shard_count={len(self._states)}, replication={self._replication}, "
             f"version={self._version}, nodes={len(self.nodes())})"
         )
+
+
+# Every document gets a serial number (unlike an id, never reused), which the caches below are keyed by.
+_serials = itertools.count(1)
+# The last document to_json encoded: (serial, its node list, its owners as index lists). Its lists are never
+# changed: the next encoding copies the outer list before replacing entries.
+_last_json: tuple[int, list[str], list[list[int]]] | None = None
+# Node indexes (Assignment._node_index) of the documents asked last, by serial, oldest first.
+_indexes: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
+_indexes_lock = threading.Lock()
+_INDEXES_MAX = 32
+
+
+def _updated_index(
+    index: dict[str, tuple[list[int], list[int]]],
+    old: Mapping[int, ShardState],
+    new: tuple[ShardState, ...],
+    changed: Sequence[int],
+) -> dict[str, tuple[list[int], list[int]]]:
+    """``Assignment._node_index`` of ``new``, from that of ``old`` and the shards that differ (lists stay sorted)."""
+    result = {node_id: (list(owned), list(led)) for node_id, (owned, led) in index.items()}
+    for shard in changed:
+        before, after = old[shard].owners, new[shard].owners
+        if before == after:
+            continue
+        for position, node_id in enumerate(before):
+            entry = result[node_id]
+            entry[0].remove(shard)
+            if position == 0:
+                entry[1].remove(shard)
+            if not entry[0]:
+                del result[node_id]
+        for position, node_id in enumerate(after):
+            entry = result.get(node_id)
+            if entry is None:
+                entry = result[node_id] = ([], [])
+            insort(entry[0], shard)
+            if position == 0:
+                insort(entry[1], shard)
+    return result
 
 
 def _check_state(shard: int, state: object, replication: int) -> None:
@@ -368,9 +455,14 @@ def promote_survivors(a: Assignment, live: AbstractSet[str]) -> dict[int, ShardS
     result to ``Assignment.with_states``.
     """
     changes: dict[int, ShardState] = {}
-    for shard, st in enumerate(a.states):
-        if all(node_id in live for node_id in st.owners):
-            continue
+    index = a._node_index()
+    dead = [node_id for node_id in index if node_id not in live]
+    if not dead:
+        return changes
+    states = a.states
+    # Only the shards of a dead owner change: found through the per-document node index, not a walk of the table.
+    for shard in sorted(set().union(*(index[node_id][0] for node_id in dead))):
+        st = states[shard]
         changes[shard] = ShardState(
             owners=_keep(st.owners, live),
             epoch=st.epoch + 1,

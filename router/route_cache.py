@@ -152,8 +152,12 @@ class LookupWatchers:
     def take(self, shards: Iterable[int]) -> dict[str, list[int]]:
         """Remove the watchers of ``shards``; returns node -> the shards (sorted) it must be told about."""
         told: dict[str, list[int]] = {}
-        for shard in sorted(set(shards)):
-            for node in sorted(self._by_shard.pop(shard, ())):
+        by_shard = self._by_shard
+        wanted = shards if isinstance(shards, (set, frozenset)) else set(shards)
+        # After a big flip ``shards`` may be most of the table while few shards are watched: walk the smaller.
+        found = wanted & by_shard.keys() if len(wanted) <= len(by_shard) else by_shard.keys() & wanted
+        for shard in sorted(found):
+            for node in sorted(by_shard.pop(shard)):
                 told.setdefault(node, []).append(shard)
         return told
 
