@@ -642,3 +642,25 @@ def test_the_core_imports_no_io() -> None:
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert not imported & {"zmq", "time", "threading", "asyncio", "socket", "select", "gevent", "selectors"}
+
+
+def test_core_tells_a_refused_handshake_from_a_cut_connection() -> None:
+    """Only the node's ZAP answer refuses at once; a failure that may be a connection cut half-way (NO_DETAIL)
+    refuses only when it repeats before any handshake succeeded on the socket; after a success every
+    non-AUTH failure is a broken connection zmq re-makes."""
+    core = make_core(["tcp://a/n1"])
+    core.socket_opened()
+    assert core.handshake_failed("tcp://a/n1", "HANDSHAKE_FAILED_NO_DETAIL") is None
+    core.connection_broken()  # the disconnect after it: nothing went over this socket, no HELLO to say again
+    assert core.recovery is None
+    refused = core.handshake_failed("tcp://a/n1", "HANDSHAKE_FAILED_NO_DETAIL")
+    assert refused is not None and refused.code == codec.E_NOT_AUTHORIZED and "requires credentials" in refused.reason
+    core.socket_opened()
+    assert core.handshake_failed("tcp://a/n1", "HANDSHAKE_FAILED_PROTOCOL") is not None  # a mechanism mismatch
+    core.socket_opened()
+    core.handshake_succeeded()
+    for event in ("HANDSHAKE_FAILED_NO_DETAIL", "HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
+        assert core.handshake_failed("tcp://a/n1", event) is None  # a relay cut, a node restarting
+    core.connection_broken()
+    assert core.recovery == "hello"
+    assert core.handshake_failed("tcp://a/n1", "HANDSHAKE_FAILED_AUTH") is not None  # revoked meanwhile
