@@ -8,22 +8,32 @@ suite and the long runs check the same properties:
 - the core: a frame fed to a node of a settled simulated cluster raises nothing out of the core, every ERROR it
   makes the node send is counted (``errors.*``, ``fencing.refused.*``, ``qos1.refused*``), a frame the codec
   refuses or a stranger sends is counted, and afterwards the cluster still settles and a new QoS 1
-  subscriber still gets a publish (``CoreTarget``).
+  subscriber still gets a publish (``CoreTarget``). With ``access`` the nodes check client frames against
+  ACLs and each fed client frame names a principal (allowed everything, part, nothing, or unknown).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from shardmq.router import codec
+from shardmq.router.acl import Acl
 from shardmq.router.codec import Frame, ProtocolError
 
 from .simulation import Sim, SimConfig, SimNode
 
 # Small on purpose: out-of-range shard numbers are easy to hit, and a settle takes milliseconds.
 CORE_CONFIG = SimConfig(shard_count=16, replication=2)
+# Principals of a fuzzed cluster with access control on: the operator (the simulated clients), one allowed part
+# of the topic space, one allowed nothing. A fuzzed frame may also name a principal that is none of them.
+ACCESS_PRINCIPALS = {
+    "operator": Acl.everything(),
+    "narrow": Acl(("fuzz/+/x", "a/#"), ("fuzz/#", "+/b")),
+    "nothing": Acl(),
+}
 FUZZED = "n0"  # the node frames are fed to by default: the first to join, so the leader (coordinator paths too)
 MEMBERS = ("n0", "n1", "n2")
 
@@ -126,11 +136,15 @@ class CoreTarget:
     not caught: they are the crashes the fuzzers look for."""
 
     def __init__(self, fuzzed: str = FUZZED, nodes: int = 3, config: SimConfig = CORE_CONFIG,
-                 rebalancing: int | None = None, fenced: bool = False) -> None:  # fmt: skip
+                 rebalancing: int | None = None, fenced: bool = False, access: bool = False) -> None:  # fmt: skip
         """``rebalancing``: None for a quiet cluster; else subscribers hold routes, a node joins and only that many
         frames are delivered after the leader starts moving shards to it, so frames meet hand-offs half done.
-        ``fenced``: the fuzzed node's lease is in doubt (its keep-alives seem late) until its next renewal."""
-        sim = self.sim = Sim(config)
+        ``fenced``: the fuzzed node's lease is in doubt (its keep-alives seem late) until its next renewal.
+        ``access``: every node checks client frames against ACLs (``ACCESS_PRINCIPALS``; the simulated clients
+        are the operator), and ``feed`` takes the principal of each client frame."""
+        sim = self.sim = Sim(replace(config, access_control=access))
+        if access:
+            sim.client_principal = "operator"
         for _ in range(nodes):
             sim.join()
         if not sim.settle():
@@ -153,6 +167,9 @@ class CoreTarget:
                     break
                 sim.deliver(*ready[0])
         self.node = sim.nodes[fuzzed]
+        if access:
+            for node in sim.nodes.values():
+                node.core.access.set_principals(ACCESS_PRINCIPALS)
         if fenced:
             self.node.lease_valid_until = sim.now  # what the core sees of the lease (SimNode.enter)
         self.errors_sent = 0
@@ -191,8 +208,9 @@ class CoreTarget:
         self._unrecord = (send_peer, send_client)
         return sent
 
-    def feed(self, peer: bool, ident: bytes, parts: list[bytes]) -> None:
-        """One frame from client ``ident`` (or from peer routing id ``ident``) to the fuzzed node."""
+    def feed(self, peer: bool, ident: bytes, parts: list[bytes], principal: str | None = None) -> None:
+        """One frame from client ``ident`` (or from peer routing id ``ident``) to the fuzzed node; ``principal``:
+        who the shell says sent a client frame (with ``access``)."""
         n = self.node
         if not n.up:
             return  # it left (a fuzzed LEAVE): nothing to feed
@@ -205,7 +223,7 @@ class CoreTarget:
             if peer:
                 core.on_peer_parts([ident, *parts])
             else:
-                core.on_client_parts([ident, *parts])
+                core.on_client_parts([ident, *parts], principal)
             core.flush()
         finally:
             n.send_peer, n.send_client = self._unrecord  # type: ignore[method-assign]

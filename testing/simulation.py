@@ -272,6 +272,8 @@ class Sim:
         self.nodes: dict[str, SimNode] = {}
         self.channels: dict[tuple[str, str], deque[list[bytes]]] = {}
         self.client_frames: deque[tuple[str, int, bytes, list[bytes]]] = deque()
+        # The principal the simulated clients' frames come from, for cores with access control on (``access``).
+        self.client_principal: str | None = None
         self.clients: dict[bytes, SimClient] = {}
         self._client_ids = itertools.count(1)
         self._refs = itertools.count(1)
@@ -375,7 +377,7 @@ class Sim:
         self.trace.append(f"leave {node_id}")
         rid = b"admin/%s" % node_id.encode()
         self.clients[rid] = SimClient(rid, node_id, None, state="admin")
-        n.enter().on_client_parts([rid, *codec.encode(codec.LEAVE, {"id": next(self._refs)})])
+        n.enter().on_client_parts([rid, *codec.encode(codec.LEAVE, {"id": next(self._refs)})], self.client_principal)
         n.core.flush()
         return True
 
@@ -573,7 +575,8 @@ class Sim:
         client = self.clients[rid] = SimClient(rid, node_id, filt, resumes)
         ref = next(self._refs)
         self.sub_refs[ref] = client
-        n.enter().on_client_parts([rid, *codec.encode(codec.SUB, {"id": ref, "filters": [filt], "qos": 1})])
+        sub = codec.encode(codec.SUB, {"id": ref, "filters": [filt], "qos": 1})
+        n.enter().on_client_parts([rid, *sub], self.client_principal)
         n.core.flush()
         self.pump_clients()
         return client.state != "refused"
@@ -589,7 +592,8 @@ class Sim:
         self.trace.append(f"unsubscribe {rid.decode()}")
         client.state = "unsubscribed"
         self._unack(client)
-        n.enter().on_client_parts([rid, *codec.encode(codec.UNSUB, {"id": next(self._refs), "filters": [client.filt]})])
+        unsub = codec.encode(codec.UNSUB, {"id": next(self._refs), "filters": [client.filt]})
+        n.enter().on_client_parts([rid, *unsub], self.client_principal)
         n.core.flush()
         self.pump_clients()
         return True
@@ -616,7 +620,7 @@ class Sim:
         if rid not in self.clients:
             self.clients[rid] = SimClient(rid, node_id, None, state="publisher")
         header = {"id": pid, "topic": topic, "qos": 1}
-        n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, b"%d" % pid)])
+        n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, b"%d" % pid)], self.client_principal)
         n.core.flush()
         self.pump_clients()
         return pid
@@ -703,7 +707,8 @@ class Sim:
                 self.publishes[pid][5].add(client.node_id)
         n = self.nodes.get(node_id)
         if mids and n is not None and n.up and n.incarnation == incarnation:
-            n.enter().on_client_parts([client.rid, *codec.encode(codec.DACK, {"mids": mids})])
+            dack = codec.encode(codec.DACK, {"mids": mids})
+            n.enter().on_client_parts([client.rid, *dack], self.client_principal)
             n.core.flush()
 
     # ------------------------------------------------------------------ settling

@@ -191,6 +191,21 @@ def test_client_frames(frame_type: bytes, data: st.DataObject, fuzzed: str) -> N
     fed(frames, fuzzed)
 
 
+PRINCIPALS = st.sampled_from(["operator", "narrow", "nothing", "ghost", "", None])  # ACCESS_PRINCIPALS and strangers
+
+
+@PER_TYPE
+@given(data=st.data())
+def test_client_frames_under_access_control(data: st.DataObject) -> None:
+    """Every client handler behind the ACL check, from principals allowed everything, part, nothing, and none at
+    all (a frame the shell could not name): refusals are counted and the cluster still routes afterwards."""
+    frames = data.draw(st.lists(st.tuples(CLIENTS, mutated_frame(CLIENT_TYPES), PRINCIPALS), min_size=1, max_size=6))
+    target = CoreTarget(access=True)
+    for ident, parts, principal in frames:
+        target.feed(False, ident, parts, principal)
+    target.afterwards()
+
+
 @pytest.mark.parametrize("frame_type", PEER_TYPES, ids=bytes.decode)
 @PER_TYPE
 @given(data=st.data(), fuzzed=st.sampled_from(["n0", "n1"]))
