@@ -376,12 +376,7 @@ class LocalCluster:
                 if attempt == 2:
                     raise RuntimeError(f"etcd did not start; see {self.dir / 'logs' / 'etcd.log'}")
             if not self.insecure:
-                from shardmq.shard.security import load_cluster_key
-
-                assert self.state is not None
-                admin = Credentials.load(self.dir / f"{ADMIN_PRINCIPAL}.creds")
-                cluster_key = load_cluster_key(str(self.cluster_key_path))
-                register_principal(self.etcd_client(), self.state.cluster, cluster_key, admin, Acl.everything())
+                self._register_principal(Credentials.load(self.dir / f"{ADMIN_PRINCIPAL}.creds"), Acl.everything())
             for i in range(1, self.node_count + 1):
                 self.start_node(f"n{i}")
             self.wait_ready(self.node_count, timeout)
@@ -445,6 +440,13 @@ class LocalCluster:
 
         assert self.state is not None
         return delete_principal(self.etcd_client(), self.state.cluster, name)
+
+    def _register_principal(self, creds: Credentials, acl: Acl) -> None:
+        from shardmq.shard.security import load_cluster_key
+
+        assert self.state is not None
+        register_principal(self.etcd_client(), self.state.cluster, load_cluster_key(str(self.cluster_key_path)),
+                           creds, acl)  # fmt: skip
 
     def _wait_admitted(self, creds: Credentials, wait: float) -> None:
         deadline = time.monotonic() + wait

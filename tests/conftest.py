@@ -71,14 +71,3 @@ def connect(endpoints: list[str]) -> Iterator:
     yield make
     for client in made:
         client.close()
-
-
-@pytest.fixture
-def insecure(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A 2-node cluster started with --insecure (a test's control: what the secure default hides), stopped after."""
-    lc = LocalCluster(tmp_path / "insecure", nodes=2, log_level="warning", insecure=True)
-    lc.up(timeout=90)
-    try:
-        yield lc
-    finally:
-        lc.down()

@@ -274,6 +274,16 @@ def test_another_principal_taking_a_routing_id_gets_nothing_of_its_session(secur
 # ------------------------------------------------------------------------------ on the wire
 
 
+@pytest.fixture
+def insecure(tmp_path: Path) -> Iterator[LocalCluster]:
+    lc = LocalCluster(tmp_path / "insecure", nodes=1, log_level="warning", insecure=True)
+    lc.up(timeout=90)
+    try:
+        yield lc
+    finally:
+        lc.down()
+
+
 def client_wiretap(lc: LocalCluster) -> tuple[bytes, bytes, bytes]:
     """(bytes a recording proxy saw between a publisher and its node, the topic, the payload)."""
     assert lc.state is not None

@@ -37,6 +37,16 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         lc.down()
 
 
+@pytest.fixture
+def insecure(tmp_path: Path) -> Iterator[LocalCluster]:
+    lc = LocalCluster(tmp_path / "insecure", nodes=2, log_level="warning", insecure=True)
+    lc.up(timeout=90)
+    try:
+        yield lc
+    finally:
+        lc.down()
+
+
 def status(endpoint: str) -> dict[str, Any]:
     with Client([endpoint], timeout=5.0) as c:
         return c.status()
