@@ -9,6 +9,10 @@ with empty caches, again for the same members, and after one member joins
 (ring cache warm), next to the dense implementation it replaced
 (``tests/placement_reference.py``, run in a child process that is killed
 after ``--old-timeout`` seconds).
+
+``--round-cap`` compares, at 1,000 nodes, tables made with the balancing rounds capped at ``_MAX_ROUNDS`` and at
+the per-node bound alone (``_MAX_ROUNDS_PER_NODE * N``): time, largest loads against the fair share, and how far
+any node's load moved.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -158,11 +163,47 @@ def scale_main(old_timeout: float) -> None:
         print(row)
 
 
+def round_cap_main(sets: int = 4) -> None:
+    """Four member sets of 1,000 nodes (n0..n999 with k leaves and joins): place() with and without the cap."""
+    n, shards, replication = 1000, 16_384, 2
+    member_sets = []
+    for k in range(sets):
+        nodes = {f"n{i}": 1 for i in range(k * 7, n)}
+        nodes.update({f"x{j}": 1 for j in range(k * 7)})
+        member_sets.append(nodes)
+    capped = placement._MAX_ROUNDS
+    uncapped = placement._MAX_ROUNDS_PER_NODE * n
+    print(f"N={n} S={shards} R={replication}: rounds capped at {capped:,} against {uncapped:,}")
+    print("set  capped s  uncapped s  replica max/fair (capped, uncapped)  primary max/fair  largest load moved")
+    for index, nodes in enumerate(member_sets):
+        results = []
+        for cap in (capped, uncapped):
+            placement._MAX_ROUNDS = cap
+            placement.place(nodes, shards, replication)  # the ring, cached: time the rounds, not the hashing
+            started = time.perf_counter()
+            table = placement.place(nodes, shards, replication)
+            elapsed = time.perf_counter() - started
+            results.append((elapsed, Counter(o for row in table for o in row), Counter(row[0] for row in table)))
+        placement._MAX_ROUNDS = capped
+        (t_cap, load_cap, lead_cap), (t_un, load_un, lead_un) = results
+        fair, fair_lead = shards * replication / n, shards / n
+        moved = max(
+            max(abs(load_cap[k] - load_un[k]) for k in nodes), max(abs(lead_cap[k] - lead_un[k]) for k in nodes)
+        )
+        print(f"{index:>3} {t_cap:>9.2f} {t_un:>11.2f} {max(load_cap.values()) / fair:>17.3f} "
+              f"{max(load_un.values()) / fair:>8.3f} {max(lead_cap.values()) / fair_lead:>13.3f} "
+              f"{max(lead_un.values()) / fair_lead:>6.3f} {moved:>10}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", action="store_true", help="print place() times from 3 to 1,000 nodes")
     parser.add_argument("--old-timeout", type=float, default=120.0, help="seconds the old placement may run")
+    parser.add_argument("--round-cap", action="store_true", help="compare place() with and without _MAX_ROUNDS")
     args = parser.parse_args()
+    if args.round_cap:
+        round_cap_main()
+        return
     if args.scale:
         scale_main(args.old_timeout)
         return

@@ -76,11 +76,14 @@ VNODES_PER_WEIGHT = 1280
 BALANCE_SLACK = Fraction(105, 100)
 _RING_SIZE = 1 << 64
 _INF = math.inf
-# Bounds the rounds of each balancing phase. With a dozen nodes they number a
-# few dozen; at a thousand nodes the last excess can circle among a few full
-# nodes until this bound ends it (see _settle). Hitting it leaves a valid, still
-# deterministic table that is merely less balanced.
+# Bound the rounds of each balancing phase: min(_MAX_ROUNDS_PER_NODE * N, _MAX_ROUNDS). With a dozen nodes
+# they number a few dozen; from a few hundred nodes on, the last excess can circle among a few full nodes until
+# the bound ends it (see _settle). Hitting it leaves a valid, still deterministic table that is merely less
+# balanced. _MAX_ROUNDS caps what those circling rounds cost: at N = 1,000, S = 16,384, R = 2, the rounds past
+# 20,000 (of 200,000) changed any node's load by at most two shards and the largest loads by at most one (better
+# once, worse once) and took 40-75% of place()'s time (`python -m shardmq.loadtest.ring_figures --round-cap`).
 _MAX_ROUNDS_PER_NODE = 200
+_MAX_ROUNDS = 20_000
 # Merged rings kept to derive the next one from: 12 bytes per point, ~15 MB
 # for 1,000 nodes of weight 1.
 _RING_CACHE_SIZE = 2
@@ -499,8 +502,8 @@ def _settle(
     finite thresholds sorted by ``(threshold, shard)``, the first ``excess`` shards move to their
     alternative and the node's price becomes the midpoint of the last moving threshold and the next finite
     one (twice the last if none). A node that can shed nothing ends the replica rounds and is set aside
-    in the primary rounds. At most ``_MAX_ROUNDS_PER_NODE * N`` rounds, setting a node aside counting as
-    one. (This is the dense loop of ``tests/placement_reference.py``, and the result is the same.)
+    in the primary rounds. At most ``min(_MAX_ROUNDS_PER_NODE * N, _MAX_ROUNDS)`` rounds, setting a node
+    aside counting as one. (This is the dense loop of ``tests/placement_reference.py``, and the result is the same.)
 
     How it is done without touching every shard in every round:
 
@@ -520,7 +523,7 @@ def _settle(
     """
     n = len(caps)
     shard_count = len(dist)
-    limit = _MAX_ROUNDS_PER_NODE * n
+    limit = min(_MAX_ROUNDS_PER_NODE * n, _MAX_ROUNDS)
     inf = _INF
     stuck: set[int] | None = None if owners is not None else set()
     ver = [0] * shard_count

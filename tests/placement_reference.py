@@ -25,9 +25,10 @@ __all__ = ["reference_place"]
 VNODES_PER_WEIGHT = 1280
 BALANCE_SLACK = Fraction(105, 100)
 _RING_SIZE = 1 << 64
-# A bound for safety only: rounds normally number a few dozen. Hitting it leaves
-# a valid (still deterministic) table that is merely less balanced.
+# Bounds the rounds of each balancing phase: min(_MAX_ROUNDS_PER_NODE * N, _MAX_ROUNDS). Hitting it leaves
+# a valid (still deterministic) table that is merely less balanced. (Same bound as shardmq.ring.placement.)
 _MAX_ROUNDS_PER_NODE = 200
+_MAX_ROUNDS = 20_000
 
 
 def reference_place(members: Mapping[str, int], shard_count: int, replication: int) -> tuple[tuple[str, ...], ...]:
@@ -123,7 +124,7 @@ def _balance_replicas(dist: list[list[float]], r_eff: int, caps: list[int]) -> l
     for s, own in enumerate(owners):
         for k in own:
             held[k].add(s)
-    for _ in range(_MAX_ROUNDS_PER_NODE * n):
+    for _ in range(min(_MAX_ROUNDS_PER_NODE * n, _MAX_ROUNDS)):
         over = [k for k in range(n) if len(held[k]) > caps[k]]
         if not over:
             break
@@ -164,7 +165,7 @@ def _balance_primaries(
     for s, p in enumerate(primary):
         led[p].add(s)
     stuck: set[int] = set()
-    for _ in range(_MAX_ROUNDS_PER_NODE * n):
+    for _ in range(min(_MAX_ROUNDS_PER_NODE * n, _MAX_ROUNDS)):
         over = [k for k in range(n) if len(led[k]) > caps[k] and k not in stuck]
         if not over:
             break
