@@ -546,6 +546,10 @@ class FaultSchedule:
                                 note=problem or note, started=started)
                 )  # fmt: skip
                 self.say(f"          held {held:.1f}s, settled after {ready:.1f}s {problem}")
+                if problem:
+                    # Later faults would land on a cluster already broken, and could run the caller out of time
+                    # before the report and the logs: stop the schedule here.
+                    break
                 time.sleep(max(MIN_GAP_S, started + slot - time.monotonic()))
             time.sleep(TAIL_S)
             t_end = time.monotonic()
@@ -561,7 +565,8 @@ class FaultSchedule:
                 leaked = self._teardown()
                 if report is not None:
                     report.leaked = leaked
-                keep = self.log_dir is not None and (report is None or report.unexplained or report.error or leaked)
+                failed = report is None or report.unexplained or report.error or leaked
+                keep = self.log_dir is not None and (failed or any(not r.settled for r in records))
                 if keep and self.log_dir is not None:
                     with contextlib.suppress(OSError):
                         shutil.copytree(Path(tmp) / "logs", self.log_dir, dirs_exist_ok=True)

@@ -23,35 +23,48 @@ from shardmq.loadtest.fault_schedule import KINDS, Report, Subscriber, run_sched
 READY_TIMEOUT = 45.0  # settling after a restart: retire, promote, register, hand-offs back (slower under load)
 
 
-def check(report: Report) -> None:
+def log_tails(log_dir: Path, lines: int = 40) -> str:
+    """The last lines of each node log the run kept (it keeps them only when it failed), for CI's output."""
+    if not log_dir.is_dir():
+        return ""
+    parts = []
+    for log in sorted(log_dir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def check(report: Report, log_dir: Path) -> None:
     table = report.table()
     print(table)
+    print(log_tails(log_dir))
     assert not report.error, f"the run itself failed: {report.error}\n{table}"
     assert not report.leaked, f"left running: {report.leaked}\n{table}"
+    # A fault the cluster did not settle after ends the schedule there (the node logs are kept).
+    unsettled = [f"{f.index}:{f.kind}@{f.target}" for f in report.faults if not f.settled]
+    assert not unsettled, f"cluster not settled within {READY_TIMEOUT}s after: {unsettled}\n{table}"
     assert report.acked > 0, table
     assert report.unexplained == 0, (
         f"{report.unexplained} acknowledged messages never delivered outside any reported interruption\n{table}"
     )
     quiet = [s.name for s in report.subscribers if s.after_last_fault == 0]
     assert not quiet, f"subscribers that received nothing acknowledged after the last fault: {quiet}\n{table}"
-    unsettled = [f"{f.index}:{f.kind}@{f.target}" for f in report.faults if not f.settled]
-    assert not unsettled, f"cluster not settled within {READY_TIMEOUT}s after: {unsettled}\n{table}"
 
 
 @pytest.mark.timeout(170)
 @pytest.mark.parametrize("seed", [3, 12])
 def test_seeded_schedule_loses_no_acknowledged_message(seed: int, tmp_path: Path) -> None:
     report = run_schedule(seed, duration=20, faults=4, ready_timeout=READY_TIMEOUT, log_dir=tmp_path / "logs")
+    check(report, tmp_path / "logs")
     assert len(report.faults) == 4, report.table()
-    check(report)
 
 
 @pytest.mark.timeout(75)
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_fault_loses_no_acknowledged_message(kind: str, tmp_path: Path) -> None:
     report = run_schedule(1, duration=8, faults=1, kinds=[kind], ready_timeout=READY_TIMEOUT, log_dir=tmp_path / "logs")
+    check(report, tmp_path / "logs")
     assert [f.kind for f in report.faults] == [kind], report.table()
-    check(report)
 
 
 def test_interruption_window_explains_only_losses_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
