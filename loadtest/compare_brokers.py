@@ -554,8 +554,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def peer(system: str, binary: str, tmp: Path) -> Iterator[dict[str, Any]]:
-    """Start one peer server on a free loopback port; stop it by pid on exit."""
+def peer(system: str, binary: str, tmp: Path, extra_conf: str = "") -> Iterator[dict[str, Any]]:
+    """Start one peer server on a free loopback port; stop it by pid on exit.
+
+    ``extra_conf``: lines appended to mosquitto's config (``mqtt_semantics`` sets queue limits per scenario).
+    """
     from shardmq.testing import free_port
 
     work = tmp / system
@@ -565,7 +568,7 @@ def peer(system: str, binary: str, tmp: Path) -> Iterator[dict[str, Any]]:
         cmd = [binary, "-a", "127.0.0.1", "-p", str(port)]
     elif system == "mosquitto":
         conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}")
         cmd = [binary, "-c", str(conf)]
     else:
         cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
