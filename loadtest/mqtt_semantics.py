@@ -95,8 +95,9 @@ class Driver(ABC):
         """Send DISCONNECT (normal, so no will) and close the connection."""
 
     @abstractmethod
-    def vanish(self) -> None:
-        """Close the TCP connection without DISCONNECT, as the kernel does for a killed process."""
+    def vanish(self) -> float:
+        """Close the TCP connection without DISCONNECT, as the kernel does for a killed process. Returns
+        ``time.monotonic()`` taken just before the close, the start of the broker's detection time."""
 
     @abstractmethod
     def go_silent(self) -> None:
@@ -250,12 +251,14 @@ class PahoDriver(Driver):
         self._gone.wait(WAIT)
         self._join()
 
-    def vanish(self) -> None:
+    def vanish(self) -> float:
         self._closed_by_us = True
         self._join()
         sock = self._client.socket()
+        t = time.monotonic()
         if sock is not None:
             sock.close()
+        return t
 
     def go_silent(self) -> None:
         self._silent.set()
@@ -543,8 +546,7 @@ def will(broker: Broker, base: str) -> Observed:
     out: Observed = {}
     v = broker.client()
     v.connect(f"{base}-vanish", will=Will(f"{base}/will/vanish", b"will-vanish"))
-    t0 = time.monotonic()
-    v.vanish()
+    t0 = v.vanish()
     m = watcher.receive(WAIT)
     out["vanish_will"] = brief(m, base) if m else None
     out["vanish_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
