@@ -24,6 +24,11 @@ Rules of this file:
   lease, so it vanishes with that node and the next campaigner takes over.
 - A node stops acting as an owner (self-fences) once two thirds of its lease TTL passed without a successful
   keep-alive, i.e. before the lease can expire and etcd can hand its shards to someone else.
+- Our own key missing from a read means one of two things, told apart by a keep-alive: the lease expired (the
+  process was paused, or cut off from etcd, past the TTL), and the session registers again; or the lease lives
+  and an operator deleted the key (``shardmq cluster remove``), and only then does a view without us go to the
+  node, which stops. Without that check, a node resumed after a pause read its key gone before its next
+  keep-alive found the lease lost, took the view for a removal and exited (seen in the fault schedule).
 - Reaching etcd (``EtcdAccess``): a private loopback etcd, or one that spans machines over TLS (``https://``
   with a CA file, and a client certificate where etcd asks for one) with etcd's own users. etcd's JSON gateway,
   which etcd3gw speaks, does not take TLS common names as users: the session authenticates with
@@ -479,6 +484,10 @@ class EtcdSession(threading.Thread):
                         self._put_member()
                     self._answer_requests(push)  # after the keep-alive: the lease comes first
                     epoch, members = read_members(self.client, self._cluster)
+                    if self._me.node_id not in members and self._lease is not None and not self._keep_alive():
+                        # Our key went with our lease (we were paused or cut off past the TTL): register again.
+                        # A view without us would tell the node it was removed, and it would stop.
+                        continue
                     if self._admit is not None:
                         epoch, members = self._admitted(members)
                     document, revision = read_assignment(self.client, self._cluster)

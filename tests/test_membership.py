@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import etcd3gw
 import orjson
 import pytest
 import zmq
@@ -70,3 +71,42 @@ def test_a_member_joining_is_seen_through_the_watch_not_the_periodic_read(cluste
         time.sleep(0.05)
     # stop() revokes the lease, whose deletion is the event that lets the watch thread see it should end.
     assert not any(t.name == "etcd-watch-w1" for t in threading.enumerate())
+
+
+@pytest.mark.timeout(30)
+def test_a_lease_lost_while_paused_registers_again_and_never_reads_as_a_removal(cluster, session_pair) -> None:
+    """The lease goes (here: revoked from outside, as its expiry would while the process was stopped) and with it
+    our key; the next read, woken by the watch, comes long before the next keep-alive. The session must register
+    again, not hand the node a view without itself (which the node takes for ``cluster remove`` and stops)."""
+    session, pull, name = session_pair
+    first = next_snapshot(pull, 10)
+    assert first is not None and first["registration"] == 1
+    while next_snapshot(pull, 0.5) is not None:  # the leader campaign may push one more view
+        pass
+    client = cluster.etcd_client()
+    found = client.get(cluster_prefix(name) + "members/w1", metadata=True)
+    lease = etcd3gw.Lease(int(found[0][1]["lease"]), client)
+    lease.revoke()
+    views = []
+    deadline = time.monotonic() + 4  # the next keep-alive is 5 s away: only the check on our missing key acts
+    while time.monotonic() < deadline:
+        seen = next_snapshot(pull, 0.5)
+        if seen is not None:
+            views.append(seen)
+    assert views, "no view after the lease was lost"
+    assert all("w1" in [m["node"] for m in v["members"]] for v in views), views
+    assert views[-1]["registration"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_key_deleted_under_a_live_lease_reads_as_a_removal(cluster, session_pair) -> None:
+    """``cluster remove``: our key deleted while the lease lives. The view without us goes to the node."""
+    session, pull, name = session_pair
+    first = next_snapshot(pull, 10)
+    assert first is not None
+    while next_snapshot(pull, 0.5) is not None:
+        pass
+    cluster.etcd_client().delete(cluster_prefix(name) + "members/w1")
+    seen = next_snapshot(pull, 4)
+    assert seen is not None and "w1" not in [m["node"] for m in seen["members"]]
+    assert seen["registration"] == 1
