@@ -29,4 +29,7 @@ class ProtocolConfig:
     max_session_bytes: int = 64 * 1024 * 1024
     # Check every client frame against its principal's ACL (``access``); off for --insecure and the simulation.
     access_control: bool = False
+    # Retained messages (``retained``): bytes (payload + topic) a node holds at most; a write past it is refused.
+    max_retained_bytes: int = 256 * 1024 * 1024
+    retained_fetch_timeout: float | None = None  # a member's RETAINED_REPLY; None: request_timeout
     snapshot_chunk: int = SNAPSHOT_CHUNK  # routes per SNAPSHOT frame of a hand-off (the simulation uses a few)

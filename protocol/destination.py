@@ -21,6 +21,8 @@ Rules of this file:
 - A session whose connection is gone (a send found the client unreachable) is detached, not dropped, for
   ``client_idle_check`` seconds: a client whose connection zmq re-makes says HELLO again within that time and
   finds its session. Any frame from the client attaches it again.
+- Retained messages for a new subscription (``deliver_retained``) go to that one client only, with ``retain``, through
+  the same QoS 1 window and backlog; one that finds no room is refused (the caller reports it to the client).
 - QoS 0 messages zmq would not queue for a client are dropped, counted per message (``drops.client_hwm``) and
   per session, and the client is told: a DROPPED frame goes with its next successful send, or from the drops
   tick for a client nothing else is sent to.
@@ -209,11 +211,30 @@ class Destination:
                 self._write_qos1(s, topic, payload)
         return True
 
-    def _write_qos1(self, session: Session, topic: str, payload: bytes) -> None:
+    def deliver_retained(self, session: Session, topic: str, qos: int, payload: bytes) -> bool:
+        """A retained message for one client's new subscription; False when its QoS 1 backlog has no room."""
+        core = self.core
+        if not qos:
+            core.outbox.deliver(session.rid, Delivery(topic, 0, None, False, payload, retain=True))
+            return True
+        cfg = core.cfg
+        if session.held_bytes + len(payload) > cfg.max_session_bytes or len(session.backlog) >= cfg.max_queued:
+            return False
+        session.held_bytes += len(payload)
+        if session.backlog or len(session.inflight) >= cfg.max_inflight:
+            session.backlog.append((topic, payload, True))
+            core.metrics["qos1.backlogged"] += 1
+        else:
+            self._write_qos1(session, topic, payload, True)
+        return True
+
+    def _write_qos1(self, session: Session, topic: str, payload: bytes, retain: bool = False) -> None:
         mid = session.next_mid
         session.next_mid += 1
         session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
-        self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, False, payload))
+        if retain:
+            session.retained_mids.add(mid)
+        self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, False, payload, retain=retain))
 
     def on_dack(self, session: Session, frame: Frame) -> None:
         inflight = session.inflight
@@ -221,6 +242,8 @@ class Destination:
             found = inflight.pop(mid, None)
             if found is not None:
                 session.held_bytes -= len(found[1])
+                if session.retained_mids:
+                    session.retained_mids.discard(mid)
                 self.core.metrics["deliveries.acked"] += 1
         if session.backlog:
             limit = self.core.cfg.max_inflight
@@ -239,6 +262,8 @@ class Destination:
             if (written and not everything) or session.rid not in self.sessions:
                 continue
             header = {"topic": topic, "qos": 1, "mid": mid, "dup": True}
+            if mid in session.retained_mids:
+                header["retain"] = True
             if core.send_client(session.rid, codec.encode(codec.MSG, header, payload)):
                 session.inflight[mid] = (topic, payload, True)
                 core.metrics["deliveries.redelivered"] += 1

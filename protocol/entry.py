@@ -35,6 +35,12 @@ Rules of this file:
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
 - While the node is fenced, publishes are refused: it cannot vouch for its routes.
+- A retain publish (PUB ``retain``, a PUBS item's 4th element) is routed to current subscribers like any other
+  (live messages never carry ``retain``) and also sent to its shard's primary as the topic's retained message
+  (``retained``). It never takes the fast paths (``on_pubs`` runs, ``resolved``): each one is handled on its own.
+  Its QoS 1 PUBACK waits for the forwards and the RETAIN_ACK alike (``Publish.routed``: a RETAIN_ACK that comes
+  before the forwards left does not acknowledge it); a QoS 0 one is stored all the same, and a failure to store
+  it is reported to the client as an ERROR without ``ref``.
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ class Entry:
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
-        self._publish_one(session, frame.header.get("id"), frame.header["topic"], frame.header["qos"], frame.payload)
+        h = frame.header
+        self._publish_one(session, h.get("id"), h["topic"], h["qos"], frame.payload, retain=h.get("retain") is True)
 
     def on_pubs(self, session: Session, frame: Frame) -> None:
         """Many publishes in one frame (the SDK's batches): each is handled like a PUB, in order, with the fast
@@ -98,9 +105,14 @@ class Entry:
         topic_queues = self.topic_queues
         fast = hops = queued = dead = kept = 0
         acl = session.acl
-        for (topic, qos, ref), sizes, payload in runs:
+        for item, sizes, payload in runs:
+            topic, qos, ref = item[0], item[1], item[2]
             if acl is not None and not acl.may_publish(topic):
                 core.access.refuse(session, f"publish to {topic!r}", ref)
+                continue
+            if len(item) > 3 and item[3]:  # a retain publish: the general path, one by one (see the rules)
+                for data in codec.cut(payload, sizes):
+                    self._publish_one(session, ref, topic, qos, data, retain=True)
                 continue
             dests = routed.get(topic)
             if dests is None and resolved is not None:
@@ -171,7 +183,8 @@ class Entry:
         resolved[topic] = (frozenset(dests), self._until)
 
     def _publish_one(
-        self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes, kept: bool = False
+        self, session: Session, ref: int | None, topic: str, qos: int, payload: bytes, kept: bool = False,
+        retain: bool = False,
     ) -> Publish | None:
         """Validate and route one publish; returns it, or None when it was refused. ``kept``: ``heads_clear``
         may be used (``on_pubs`` checked it at the start of its frame)."""
@@ -192,8 +205,8 @@ class Entry:
             core.reject_client(session.rid, codec.E_FENCED, reason, ref)
             return None
         core.metrics["publishes.in"] += 1
-        pub = Publish(session.rid, ref, topic, qos, payload)
-        self.publish(pub, kept)
+        pub = Publish(session.rid, ref, topic, qos, payload, retain=retain)
+        self.publish(pub, kept and not retain)
         return pub
 
     # ------------------------------------------------------------------ resolve
@@ -203,6 +216,12 @@ class Entry:
         if a is None:
             self._fail_publish(pub, codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
+        if pub.retain:
+            core.metrics["publishes.retain"] += 1
+            pub.acks_left += 1  # the RETAIN_ACK (see the rules)
+            core.retained.publish(pub, lambda code, reason: self._retained(pub, code, reason))
+            if pub.failed:
+                return
         pub.dests |= core.owner.routes.match(ROOT, pub.topic)
         self._until = INF
         keys = lookup_keys(pub.topic)
@@ -466,7 +485,24 @@ class Entry:
             else:
                 fid = 0
             core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload))
+        pub.routed = True
         self._maybe_puback(pub)
+
+    def _retained(self, pub: Publish, code: str | None, reason: str) -> None:
+        """The primary's answer to a retain publish's change (``code`` None: stored and replicated)."""
+        core = self.core
+        if code is None:
+            pub.acks_left -= 1
+            if pub.routed:
+                self._maybe_puback(pub)
+            return
+        if pub.qos:
+            self._fail_publish(pub, code, reason)
+            return
+        core.metrics[f"errors.{code}"] += 1
+        core.log.warning("retain_failed", topic=pub.topic, code=code, reason=reason)
+        if pub.client is not None:
+            core.send_client(pub.client, codec.error_parts(code, f"retained message for {pub.topic!r}: {reason}"))
 
     def _maybe_puback(self, pub: Publish) -> None:
         if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:

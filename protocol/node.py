@@ -9,7 +9,8 @@ Rules of this file:
 - This file dispatches and holds the cluster-wide parts: the view from etcd (members, assignment, leader,
   lease), fencing, and the leader's rebalancer. A message's journey has a room per step: ``entry`` (a client's
   publish, resolved and forwarded), ``owner`` (the route table and its answers, hand-offs), ``destination``
-  (delivery to local clients, QoS 1), ``subscriptions`` (local filters and their routes at the owners).
+  (delivery to local clients, QoS 1), ``subscriptions`` (local filters and their routes at the owners),
+  ``retained`` (retained messages: the primary's writes, their replicas, a new subscription's fetch).
 - The clock is ``now``, set by whoever drives the core before each event; nothing here reads a clock.
 - One registry (``requests``) holds everything that waits on a peer; a peer's ERROR and a peer's loss reach
   what waits on it through it.
@@ -43,6 +44,7 @@ from .outbox import Outbox
 from .owner import OwnerSide
 from .records import Lookup, Session
 from .requests import PendingRequests
+from .retained import RetainedSide
 from .subscriptions import Subscriptions
 from .view import ClusterView, MemberInfo, SessionView
 
@@ -136,6 +138,7 @@ class NodeCore:
         self.owner = OwnerSide(self)
         self.destination = Destination(self)
         self.subscriptions = Subscriptions(self)
+        self.retained = RetainedSide(self)
         self.access = AccessControl(self)
         self.coordinator: Coordinator | None = None
         self.sessions_ended_fenced = False  # SESSION_END sent to every client since the lease became doubtful
@@ -176,6 +179,10 @@ class NodeCore:
             codec.INVALIDATE: self.entry.on_invalidate,
             codec.INVALIDATE_ACK: self.owner.on_invalidate_ack,
             codec.ERROR: self._on_peer_error,
+            codec.RETAIN: self.retained.on_retain,
+            codec.RETAIN_ACK: self.retained.on_retain_ack,
+            codec.RETAINED_GET: self.retained.on_get,
+            codec.RETAINED_REPLY: self.retained.on_reply,
         }
 
     def start(self, now: float) -> None:
@@ -605,6 +612,8 @@ class NodeCore:
             "requests_pending": len(self.requests),
             "publishes_waiting": entry.queued_publishes,  # queued behind lookups at this entry node
             "root_set_size": owner.routes.root_size,
+            "retained": len(owner.retained),
+            "retained_bytes": owner.retained.bytes,
             "clients": len(self.destination.sessions),
             **self.destination.flow_view(),
             "local_filters": len(self.subscriptions.local_q0) + len(self.subscriptions.local_q1),

@@ -45,6 +45,7 @@ class Delivery:
     dup: bool
     payload: bytes
     sizes: list[int] | None = None  # as for Forward
+    retain: bool = False  # a retained message for a new subscription (MSG ``retain``); live messages never are
 
     @property
     def count(self) -> int:
@@ -129,7 +130,10 @@ class Outbox:
                         header["mid"] = d.mid
                     if d.dup:
                         header["dup"] = True
+                    if d.retain:
+                        header["retain"] = True
                     yield rid, codec.encode(codec.MSG, header, d.payload), chunk
                 else:
-                    runs = [([d.topic, d.qos, d.mid, d.dup], d.sizes, d.payload) for d in chunk]
+                    runs = [([d.topic, d.qos, d.mid, d.dup, True] if d.retain else [d.topic, d.qos, d.mid, d.dup],
+                             d.sizes, d.payload) for d in chunk]  # fmt: skip
                     yield rid, codec.encode_runs(codec.MSGS, {}, runs), chunk

@@ -42,7 +42,11 @@ Rules of this file:
 - Hand-offs: as source, the shard is snapshotted to the targets, then its changes streamed
   (``rebalance.handoff``); as target, snapshots fill the table and HANDOFF_READY goes to the coordinator.
 - A shard we no longer own is dropped from the table only once nothing needs it: no fill, no stream, the
-  flip's grace over.
+  flip's grace over. Its retained messages (``retained``, a ``RetainedTable`` beside the route table; written
+  by ``protocol.retained``) go with it: the SNAPSHOT carries them after its routes (chunks bounded by count and
+  by ``max_payload`` bytes, the payloads in the frame's payload part), and ``release`` drops them too. A retained
+  change applied during the stream reaches the targets from the primary, or from the source when the source is
+  a replica (``retained``), as route changes do.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from shardmq.rebalance.handoff import HandoffSource, HandoffTarget
 from shardmq.ring import Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame
+from shardmq.router.retained_table import RetainedMessage, RetainedTable
 from shardmq.router.route_cache import LookupWatchers
 from shardmq.router.routes import RouteTable
 from shardmq.router.topics import first_level
@@ -104,6 +109,7 @@ class OwnerSide:
     def __init__(self, core: NodeCore) -> None:
         self.core = core
         self.routes = RouteTable()
+        self.retained = RetainedTable()  # shard -> retained messages (see ``protocol.retained``)
         self.lookup_watchers = LookupWatchers()
         self.invalidating: dict[int, set[int]] = {}  # shard -> INVALIDATEs not yet acknowledged for it
         # Route changes from peers registered more recently than our view of them shows, waiting (see the rules).
@@ -515,8 +521,10 @@ class OwnerSide:
         if a is None or core.me in a.owners(shard) or shard in self.target or shard in self.source:
             return
         dropped = self.routes.drop_shard(shard)
+        retained = self.retained.drop_shard(shard)
         core.metrics["handoff.shards_released"] += 1
-        core.log.info("shard_released", shard=shard, shard_epoch=a.epoch(shard), routes_dropped=dropped)
+        core.log.info("shard_released", shard=shard, shard_epoch=a.epoch(shard), routes_dropped=dropped,
+                      retained_dropped=retained)  # fmt: skip
         core.maybe_finish_leaving()
 
     # ------------------------------------------------------------------ hand-offs
@@ -556,24 +564,51 @@ class OwnerSide:
             lambda: self._stop_abandoned(shard, shard_epoch, move_id),
         )
         routes = [[filt, list(nodes)] for filt, nodes in self.routes.shard_routes(shard)]
+        retained = self.retained.shard_items(shard)
         members = core.view.members
         size = 0
-        for chunk, last in self.source.snapshot_chunks(routes, core.cfg.snapshot_chunk):
+        chunks: list[tuple[list[list[Any]], list[tuple[str, RetainedMessage]]]] = [
+            (chunk, []) for chunk, _ in self.source.snapshot_chunks(routes, core.cfg.snapshot_chunk)
+        ]
+        if retained:
+            chunks += [([], part) for part in self._retained_chunks(retained)]
+        for i, (chunk, part) in enumerate(chunks):
             named = {node for _, nodes in chunk for node in nodes}
             header = {
-                "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk, "last": last,
-                "coordinator": h["coordinator"],
+                "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk,
+                "last": i == len(chunks) - 1, "coordinator": h["coordinator"],
                 "member_revs": {node: members[node].revision for node in sorted(named) if node in members},
             }  # fmt: skip
+            payload = b""
+            if part:
+                header["retained"] = [[topic, m.qos, *m.stamp] for topic, m in part]
+                header["retained_sizes"] = [len(m.payload) for _, m in part]
+                payload = b"".join(m.payload for _, m in part)
             for target in targets:
-                parts = codec.encode(codec.SNAPSHOT, header)
-                size += len(parts[1])
+                parts = codec.encode(codec.SNAPSHOT, header, payload)
+                size += len(parts[1]) + len(payload)
                 core.effects.send_peer(target, parts)
         core.metrics["handoff.snapshots_sent"] += len(targets)
         core.metrics["handoff.routes_sent"] += len(routes) * len(targets)
+        core.metrics["handoff.retained_sent"] += len(retained) * len(targets)
         core.metrics["handoff.bytes_sent"] += size
         core.log.info("handoff_snapshot", shard=shard, shard_epoch=shard_epoch, targets=targets, routes=len(routes),
-                      bytes=size)  # fmt: skip
+                      retained=len(retained), bytes=size)  # fmt: skip
+
+    def _retained_chunks(
+        self, retained: list[tuple[str, RetainedMessage]]
+    ) -> list[list[tuple[str, RetainedMessage]]]:
+        """Retained messages in SNAPSHOT chunks of at most ``snapshot_chunk`` messages and ``max_payload`` bytes."""
+        cfg = self.core.cfg
+        chunks: list[list[tuple[str, RetainedMessage]]] = [[]]
+        size = 0
+        for topic, m in retained:
+            if chunks[-1] and (len(chunks[-1]) >= cfg.snapshot_chunk or size + len(m.payload) > cfg.max_payload):
+                chunks.append([])
+                size = 0
+            chunks[-1].append((topic, m))
+            size += len(m.payload)
+        return chunks
 
     def _stop_abandoned(self, shard: int, shard_epoch: int, move_id: int) -> None:
         if self.source.stop_abandoned(shard, shard_epoch, move_id, self.core.view.shard_epoch(shard)):
@@ -592,6 +627,12 @@ class OwnerSide:
             reason = f"snapshot of shard {shard} is for shard epoch {shard_epoch}, it is at {ours}"
             self._refuse_move(frame, codec.E_STALE_EPOCH, reason)
             return
+        try:
+            codec.split_retained(frame)  # checked before anything of it is applied (or deferred)
+        except codec.ProtocolError as exc:
+            core.metrics[f"errors.{exc.code}"] += 1
+            self._refuse_move(frame, exc.code, exc.reason)
+            return
         if not self._defer(sender, frame):
             self.take_snapshot(sender, frame)
 
@@ -599,6 +640,12 @@ class OwnerSide:
         core = self.core
         h = frame.header
         shard, shard_epoch, move_id = h["shard"], h["shard_epoch"], h["id"]
+        retained = codec.split_retained(frame)
+        for topic, qos, epoch, seq, payload in retained:
+            self.retained.set(shard, topic, RetainedMessage(payload, qos, (epoch, seq)))
+        if retained:
+            core.metrics["handoff.retained_received"] += len(retained)
+            core.metrics["handoff.bytes_received"] += len(frame.payload)
         if self.target.take_snapshot(shard, move_id, sender):
             # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
             # we must not give up on a fill that is about to become ours.

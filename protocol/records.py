@@ -39,7 +39,8 @@ class Session:
     greeted: bool = False  # said HELLO: a later HELLO on this session finds it present (MQTT's session present)
     # QoS 1 messages beyond the window (``max_inflight``), oldest first: accepted, written as acknowledgements
     # make room.
-    backlog: deque[tuple[str, bytes]] = field(default_factory=deque)
+    # (topic, payload) or (topic, payload, True) for a retained message (``destination.deliver_retained``).
+    backlog: deque[tuple[str, bytes] | tuple[str, bytes, bool]] = field(default_factory=deque)
     held_bytes: int = 0  # payload bytes in ``inflight`` and ``backlog``: bounded by ``max_session_bytes``
     detached_at: float | None = None  # the time its connection was found gone; None while attached
     # QoS 0 messages dropped because zmq would not queue them (the client reads too slowly), in all and not yet
@@ -49,6 +50,7 @@ class Session:
     # The principal that opened the session and its ACL (``access``); None when access control is off.
     principal: str | None = None
     acl: Acl | None = None
+    retained_mids: set[int] = field(default_factory=set)  # inflight mids that carry a retained message (MSG retain)
 
 
 @dataclass(slots=True)
@@ -63,6 +65,8 @@ class Publish:
     dests: set[str] = field(default_factory=set)
     failed: bool = False
     asked_remote: bool = False  # a lookup went to another node: two hops before the forward
+    retain: bool = False  # also store it as the topic's retained message (``retained``); its PUBACK waits for that
+    routed: bool = False  # forwarded: a PUBACK may go once nothing else waits (a RETAIN_ACK may come first)
 
 
 @dataclass(slots=True)
@@ -152,3 +156,49 @@ def gate(count: int, on_done: Callable[[list[str]], None]) -> Callable[[list[str
             on_done(failures)
 
     return one
+
+
+@dataclass(slots=True)
+class RetainWrite:
+    """A retain publish's change sent to its shard's primary (``retained``), waiting for RETAIN_ACK."""
+
+    primary: str
+    shard: int
+    topic: str
+    qos: int
+    payload: bytes
+    then: Callable[[str | None, str], None]  # (error code or None, reason)
+    attempt: int = 0
+
+    def waits_on(self, node: str) -> bool:
+        return self.primary == node
+
+
+@dataclass(slots=True)
+class Replication:
+    """A retained change the primary (or a hand-off source relaying it) sent to replicas and hand-off targets;
+    ``then(failed)`` once each answered, left the view, or the time ran out (failed)."""
+
+    pending: set[str]
+    then: Callable[[bool], None]
+    failed: bool = False
+
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending
+
+
+@dataclass(slots=True)
+class RetainedFetch:
+    """A new subscription's RETAINED_GETs, one per member asked; delivered to its client once all answered."""
+
+    session: Session
+    filters: dict[str, int]  # granted filter -> granted qos
+    pending: set[str]
+    asked: dict[str, list[str]]  # node -> filters it was asked for
+    tried: dict[str, list[str]]  # exact filter -> owners asked so far (the next one is asked on a timeout)
+    # topic -> (rank, qos, payload, stamp epoch, stamp seq) of the copy kept
+    got: dict[str, tuple[int, int, bytes, int, int]] = field(default_factory=dict)
+    partial: dict[str, bool] = field(default_factory=dict)  # node -> it sent a chunk with ``more``
+
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending

@@ -13,6 +13,7 @@ Rules of this file:
   is not sent again once its filter was subscribed again, nor an addition once it was unsubscribed, since the
   retry would overtake the newer change.
 - A shard with no owner at all (etcd lost every lease at once) cannot hold the route: the SUB fails.
+- Once a SUB's SUBACK is sent, its granted filters' retained messages are fetched for that client (``retained``).
 - Subscriptions are refused while the node is fenced: peers drop our routes if our lease runs out.
 - Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
   copied (R nodes died at once), its new owners start empty, and every node with local subscribers in it adds
@@ -114,6 +115,8 @@ class Subscriptions:
                 core.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
             else:
                 core.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
+                granted = [f for f, r in zip(frame.header["filters"], results, strict=True) if type(r) is int]
+                core.retained.fetch(session, granted, qos)
 
         on_done = gate(len(installing) + 1, done)
         for wid in installing:

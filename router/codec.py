@@ -15,6 +15,13 @@ Rules of this file:
   than inventing new frame types; only a request defined as one item per frame has a batch sibling (PUBS, FWDS,
   MSGS for PUB, FWD, MSG; LOOKUPS and LOOKUPS_REPLY for LOOKUP and LOOKUP_REPLY), whose lone item still goes
   as the plain frame.
+- Retained messages (v3): RETAIN (a retain publish's change, entry node -> the shard's primary, and with
+  ``replica`` the primary -> the other owners and hand-off targets), RETAIN_ACK, RETAINED_GET (a new
+  subscription's filters) and RETAINED_REPLY (the stored messages: ``items`` and ``sizes`` in the header, the
+  payloads back to back, as PUBS). A retain flag is optional where a message travels (PUB ``retain``, a PUBS
+  item's 4th element, MSG ``retain``, an MSGS item's 5th): absent means false, so ordinary frames stay as small
+  as before; present, it must be a JSON boolean. A SNAPSHOT may carry the shard's retained messages
+  (``retained`` and ``retained_sizes``, the payloads in its payload part); ``split_retained`` checks them.
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -27,7 +34,7 @@ from typing import Any
 
 import orjson
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # v3: retained messages (RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY, retain flags)
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 
@@ -70,6 +77,10 @@ SNAPSHOT = b"SNAPSHOT"
 HANDOFF_READY = b"HANDOFF_READY"
 INVALIDATE = b"INVALIDATE"
 INVALIDATE_ACK = b"INVALIDATE_ACK"
+RETAIN = b"RETAIN"  # a retained message's change: entry -> shard primary; with ``replica``: primary -> replicas
+RETAIN_ACK = b"RETAIN_ACK"
+RETAINED_GET = b"RETAINED_GET"  # a new subscription's filters: which retained messages match them
+RETAINED_REPLY = b"RETAINED_REPLY"
 
 _INT = int
 _STR = str
@@ -114,6 +125,10 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     HANDOFF_READY: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "node": _STR},
     INVALIDATE: {"id": _INT, "shards": _LIST},
     INVALIDATE_ACK: {"id": _INT},
+    RETAIN: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "topic": _STR, "qos": _INT, "replica": bool},
+    RETAIN_ACK: {"id": _INT},
+    RETAINED_GET: {"id": _INT, "filters": _LIST},
+    RETAINED_REPLY: {"id": _INT, "items": _LIST, "sizes": _LIST, "more": bool},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
@@ -168,6 +183,23 @@ def _fwd_items_ok(items: list[Any]) -> bool:
     )
 
 
+def _pubs_items_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) in (3, 4) and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
+        and (r[2] is None or type(r[2]) is int) and (len(r) == 3 or type(r[3]) is bool)
+        for r in items
+    )  # fmt: skip
+
+
+def _retained_items_ok(items: list[Any]) -> bool:
+    """RETAINED_REPLY items: [topic, qos, shard, stamp epoch, stamp seq]."""
+    return all(
+        isinstance(r, list) and len(r) == 5 and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
+        and type(r[2]) is int and type(r[3]) is int and type(r[4]) is int
+        for r in items
+    )  # fmt: skip
+
+
 # Shapes of list items, checked so a handler never meets a malformed batch half-way through applying it.
 # (SUB/UNSUB filters are checked one by one by the node, which answers per filter.)
 LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
@@ -184,21 +216,19 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (FWDS, "items"): (_fwd_items_ok, "[id:int, topic:str, qos:0|1] triples"),
     (FWDS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
-    (PUBS, "items"): (
-        lambda items: all(
-            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
-            and (r[2] is None or type(r[2]) is int)
-            for r in items
-        ),
-        "[topic:str, qos:0|1, id:int|null] triples",
-    ),
+    (PUBS, "items"): (_pubs_items_ok, "[topic:str, qos:0|1, id:int|null(, retain:bool)] lists"),
     (PUBS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (RETAINED_GET, "filters"): (_strings_ok, "filter strings"),
+    (RETAINED_REPLY, "items"): (_retained_items_ok, "[topic:str, qos:0|1, shard:int, epoch:int, seq:int] lists"),
+    (RETAINED_REPLY, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
 }
+# Optional header fields that must be JSON booleans when present (absent means false).
+OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {PUB: ("retain",), MSG: ("retain",)}
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
-        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR,
+        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY,
     }
 )  # fmt: skip
 
@@ -297,9 +327,52 @@ def decode(
         check = LIST_ITEMS.get((frame_type, name))
         if check is not None and not check[0](value):
             raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be a list of {check[1]}", ref)
+    for name in OPTIONAL_BOOLS.get(frame_type, ()):
+        if name in header and type(header[name]) is not bool:
+            raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be true or false", ref)
     if len(payload) > max_payload:
         raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
     return Frame(frame_type, header, bytes(payload))
+
+
+RetainedItem = tuple[str, int, int, int, bytes]  # (topic, qos, stamp epoch, stamp seq, payload)
+
+
+def split_retained(frame: Frame) -> list[RetainedItem]:
+    """The retained messages a SNAPSHOT carries (``retained``: [topic, qos, epoch, seq] lists, ``retained_sizes``,
+    the payloads back to back in its payload part); ProtocolError when they are malformed or disagree."""
+    h = frame.header
+    items, sizes = h.get("retained"), h.get("retained_sizes")
+    if items is None and sizes is None:
+        if frame.payload:
+            raise ProtocolError(E_BAD_FRAME, "SNAPSHOT has a payload but no retained messages", h.get("id"))
+        return []
+    ok = (
+        isinstance(items, list) and isinstance(sizes, list) and _ints_ok(sizes)
+        and all(
+            isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and r[1] in (0, 1) and type(r[1]) is int
+            and type(r[2]) is int and type(r[3]) is int
+            for r in items
+        )
+    )  # fmt: skip
+    if not ok:
+        reason = "SNAPSHOT retained must be [topic:str, qos:0|1, epoch:int, seq:int] lists with retained_sizes"
+        raise ProtocolError(E_BAD_HEADER, reason, h.get("id"))
+    assert isinstance(items, list) and isinstance(sizes, list)
+    if len(items) != len(sizes) or sum(sizes) != len(frame.payload):
+        raise ProtocolError(
+            E_BAD_FRAME,
+            f"SNAPSHOT lists {len(items)} retained messages and {len(sizes)} sizes totalling {sum(sizes)} bytes for a "
+            f"{len(frame.payload)}-byte payload",
+            h.get("id"),
+        )
+    out: list[RetainedItem] = []
+    at = 0
+    view = memoryview(frame.payload)
+    for (topic, qos, epoch, seq), size in zip(items, sizes, strict=True):
+        out.append((topic, qos, epoch, seq, bytes(view[at : at + size])))
+        at += size
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- batches

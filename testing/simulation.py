@@ -277,6 +277,7 @@ class Sim:
         self.clients: dict[bytes, SimClient] = {}
         self._client_ids = itertools.count(1)
         self._refs = itertools.count(1)
+        self.last_client = b""
         self.sub_refs: dict[int, SimClient] = {}
         self.acked: dict[str, set[str]] = {}  # filter -> subscriber nodes whose SUB was acknowledged
         self.ack_time: dict[tuple[str, str], float] = {}
@@ -294,6 +295,8 @@ class Sim:
         # Their ack is void (removed from ``acked``) until the client subscribes again (``resubscribe``).
         self.interrupted: list[tuple[str, str, str]] = []
         self.interruptions: list[tuple[float, str, str, str]] = []  # log: (time, node, filter, why)
+        self.retain_log: list[tuple[int, str, bytes]] = []  # retain publishes in order: (id, topic, payload)
+        self.retained_got: dict[bytes, dict[str, tuple[bytes, int]]] = {}  # client -> topic -> (payload, qos)
 
     # ------------------------------------------------------------------ helpers
     def shard_of(self, filt: str) -> int:
@@ -564,18 +567,19 @@ class Sim:
         self.pump_clients()
 
     # ------------------------------------------------------------------ clients
-    def subscribe(self, node_id: str, filt: str, resumes: tuple[str, str, str] | None = None) -> bool:
-        """A new client on ``node_id`` subscribes to ``filt`` at QoS 1. False when the node does not run; a
-        refusal (no assignment yet, fenced) comes back as an ERROR (``failed_subs``)."""
+    def subscribe(self, node_id: str, filt: str, resumes: tuple[str, str, str] | None = None, qos: int = 1) -> bool:
+        """A new client on ``node_id`` subscribes to ``filt`` (QoS 1 unless ``qos``). False when the node does not
+        run; a refusal (no assignment yet, fenced) comes back as an ERROR (``failed_subs``). Retained messages it
+        gets are in ``retained_got`` under the newest client's id (``last_client``)."""
         self.trace.append(f"subscribe {node_id} {filt}")
         n = self.nodes[node_id]
         if not n.up:
             return False
-        rid = b"c%d" % next(self._client_ids)
+        rid = self.last_client = b"c%d" % next(self._client_ids)
         client = self.clients[rid] = SimClient(rid, node_id, filt, resumes)
         ref = next(self._refs)
         self.sub_refs[ref] = client
-        sub = codec.encode(codec.SUB, {"id": ref, "filters": [filt], "qos": 1})
+        sub = codec.encode(codec.SUB, {"id": ref, "filters": [filt], "qos": qos})
         n.enter().on_client_parts([rid, *sub], self.client_principal)
         n.core.flush()
         self.pump_clients()
@@ -605,11 +609,12 @@ class Sim:
         self.trace.append(f"resubscribe {index} via {node_id}")
         return self.subscribe(node_id, entry[0], entry)
 
-    def publish(self, node_id: str, topic: str) -> int | None:
+    def publish(self, node_id: str, topic: str, retain: bool = False, delete: bool = False) -> int | None:
         """A QoS 1 publish of a unique payload through ``node_id``; returns its id (None if the node does not
         run). Its outcome (``publishes[id][4]``: "acked" or the error code) and the subscriber nodes it reached
-        (``publishes[id][5]``) fill in as frames are delivered."""
-        self.trace.append(f"publish {node_id} {topic}")
+        (``publishes[id][5]``) fill in as frames are delivered. ``retain``: also the topic's retained message
+        (``delete``: an empty retain publish, which deletes it); ``retain_log`` keeps them in order."""
+        self.trace.append(f"publish {node_id} {topic}" + (" retain" if retain else "") + (" delete" if delete else ""))
         n = self.nodes[node_id]
         if not n.up:
             return None
@@ -619,8 +624,12 @@ class Sim:
         rid = b"pub/%s/%d" % (node_id.encode(), n.incarnation)
         if rid not in self.clients:
             self.clients[rid] = SimClient(rid, node_id, None, state="publisher")
-        header = {"id": pid, "topic": topic, "qos": 1}
-        n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, b"%d" % pid)], self.client_principal)
+        header: dict[str, Any] = {"id": pid, "topic": topic, "qos": 1}
+        if retain:
+            header["retain"] = True
+            self.retain_log.append((pid, topic, b"" if delete else b"%d" % pid))
+        payload = b"" if delete else b"%d" % pid
+        n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, payload)], self.client_principal)
         n.core.flush()
         self.pump_clients()
         return pid
@@ -697,11 +706,18 @@ class Sim:
 
     def _received(self, node_id: str, incarnation: int, client: SimClient, frame: codec.Frame) -> None:
         if frame.type == codec.MSG:
-            items = [(frame.header.get("mid"), frame.payload)]
+            h = frame.header
+            items = [(h.get("mid"), frame.payload, h["topic"], h["qos"], h.get("retain") is True)]
         else:
-            items = [(item[2], payload) for item, payload in codec.split_batch(frame)]
-        mids = [mid for mid, _ in items if mid is not None]
-        for _, payload in items:
+            items = [(item[2], payload, item[0], item[1], len(item) > 4 and item[4] is True)
+                     for item, payload in codec.split_batch(frame)]  # fmt: skip
+        mids = [mid for mid, *_ in items if mid is not None]
+        for _, payload, topic, qos, retain in items:
+            if retain:  # a retained message for a new subscription (not a publish reaching a subscriber)
+                self.retained_got.setdefault(client.rid, {})[topic] = (payload, qos)
+                continue
+            if not payload:  # a retain publish that deletes: nothing to tell publishes apart by
+                continue
             pid = int(payload)
             if pid in self.publishes:
                 self.publishes[pid][5].add(client.node_id)

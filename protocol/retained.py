@@ -1,0 +1,503 @@
+"""Retained messages: where a retain publish is stored, how it is replicated, and what a new subscriber gets.
+
+Rules of this file:
+- Where. The retained message of topic ``T`` lives at the owners of ``T``'s own shard (``shard_for_key(T, S)``,
+  the shard of ``T``'s exact routes), in the owner side's ``RetainedTable`` (one ``RetainedIndex`` per shard).
+  It moves with the shard: a hand-off's SNAPSHOT carries it, ``release`` drops it (``owner``).
+- One writer per shard: its primary. The entry node sends a retain publish's change (RETAIN; an empty payload
+  deletes) to the primary only. The primary takes it only if it is the primary at the shard epoch the entry
+  sent, else it answers RETAIN_ACK ``stale`` with its own shard epoch, and the entry re-reads the assignment and
+  sends again (``STALE_RETRIES``, as ``subscriptions`` does). The primary stamps the change ``(shard epoch,
+  seq)``, applies it and sends it (``replica``) to the shard's other owners and the targets of its hand-off
+  stream of the shard; RETAIN_ACK goes back only once each answered. A replica that leaves the view counts as
+  done; one that does not answer in ``request_timeout`` fails the write (``unavailable``: the publish fails and
+  the client retries). One node orders a shard's writes and each peer connection is FIFO, so replicas see them
+  in the same order: no version vectors, no tombstones (the stamp only keeps a write that arrives twice from
+  undoing a newer one).
+- Replicas apply a change from the shard's primary in their view (same shard epoch) or from a newer shard epoch;
+  a hand-off target also from the source that streams the shard to it (``HandoffTarget.may_forward``). A replica
+  that is itself the source of a hand-off of the shard relays the change on to its targets and answers once they
+  did, so a target never flips without a write confirmed meanwhile.
+- A new retained message that would take the node past ``max_retained_bytes`` (payload + topic) is refused with
+  ``overloaded``: never stored silently past it, never evicted.
+- Subscribe. After a SUB's SUBACK, the subscriber's node asks for the retained messages of its granted filters:
+  an exact filter at the primary of its shard (then the other owners, in order, on a timeout), a wildcard filter
+  at every member (one RETAINED_GET per member carries all of the SUB's filters it is asked). A member answers
+  from every shard it holds (RETAINED_REPLY, chunked by count and bytes, ``more`` on all but the last). The
+  subscriber's node keeps one copy per topic: the primary's in its view, else another owner's (the newer stamp);
+  a copy from a node that owns the shard in neither role is ignored (an ex-owner in its grace period may hold a
+  message deleted since). The messages go to that one client only, at min(stored qos, granted qos), with
+  ``retain`` set, through the normal QoS 1 window and backlog; one that finds the backlog full is not delivered,
+  counted (``retained.refused_overloaded``) and reported to the client (ERROR ``overloaded``), never cut silently.
+  A member that does not answer within ``retained_fetch_timeout`` is counted (``retained.fetch_timeouts``) and
+  its shards' messages are missing from that subscribe (a known limit).
+- Cost of a subscribe: one frame per member for a wildcard filter, plus each member's index query per shard it
+  holds (``RetainedIndex.match`` follows its rarest literal level): it grows with the members and with what
+  matches, not with the total retained.
+- Pure: no I/O, no clock; replies and deliveries are sorted by topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shardmq.ring import shard_for_key
+from shardmq.router import codec
+from shardmq.router.codec import Frame, ProtocolError
+from shardmq.router.matching import filter_matches
+from shardmq.router.retained_table import RetainedMessage, RetainedTable, Stamp
+from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
+
+from .records import Publish, Replication, RetainedFetch, RetainWrite, Session
+from .subscriptions import STALE_RETRIES
+from .view import ROOT
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+REPLY_CHUNK = 5000  # retained messages per RETAINED_REPLY frame at most (and max_payload bytes)
+RANK_PRIMARY, RANK_OWNER = 2, 1  # which copy a subscriber's node keeps when members answer differently
+
+
+def is_wild(filt: str) -> bool:
+    return "+" in filt or "#" in filt
+
+
+class RetainedSide:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.seq = 0  # the stamp's sequence number of the writes this node accepted as primary
+
+    @property
+    def table(self) -> RetainedTable:
+        return self.core.owner.retained
+
+    # ------------------------------------------------------------------ entry: a retain publish
+    def publish(self, pub: Publish, on_done: Callable[[str | None, str], None]) -> None:
+        """Send ``pub``'s retained change to its shard's primary; ``on_done(code, reason)``: code None = stored."""
+        self._write(RetainWrite("", 0, pub.topic, pub.qos, pub.payload, on_done))
+
+    def _write(self, w: RetainWrite) -> None:
+        core = self.core
+        a = core.view.assignment
+        if a is None:
+            w.then(codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
+            return
+        shard = shard_for_key(w.topic, a.shard_count)
+        state = a.state(shard)
+        if not state.owners or (state.owners[0] != core.me and state.owners[0] not in core.view.members):
+            w.then(codec.E_UNAVAILABLE, f"shard {shard} has no reachable primary; retry shortly")
+            return
+        w.primary, w.shard = state.owners[0], shard
+        header = {"id": 0, "shard": shard, "shard_epoch": state.epoch, "topic": w.topic, "qos": w.qos,
+                  "replica": False}  # fmt: skip
+        if w.primary == core.me:
+            self._accept(core.me, header, w.payload, lambda answer: self._answered(w, answer))
+            return
+        rid = header["id"] = core.requests.open(w, self)
+        if not core.effects.send_peer(w.primary, codec.encode(codec.RETAIN, header, w.payload)):
+            core.requests.close(rid)
+            w.then(codec.E_UNAVAILABLE, f"primary {w.primary} of shard {shard} is unreachable")
+            return
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_write(rid))
+
+    def _expire_write(self, rid: int) -> None:
+        w = self.core.requests.close(rid)
+        if isinstance(w, RetainWrite):
+            self.core.metrics["retained.write_timeouts"] += 1
+            w.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {w.shard} did not confirm the retained message")
+
+    def _answered(self, w: RetainWrite, answer: dict[str, Any]) -> None:
+        """The primary's answer: {} stored, {"stale": epoch}, or {"code", "reason"}."""
+        core = self.core
+        if "code" in answer:
+            w.then(answer["code"], answer["reason"])
+            return
+        stale = answer.get("stale")
+        if stale is None:
+            core.metrics["retained.writes_acked"] += 1
+            w.then(None, "")
+            return
+        if w.attempt >= STALE_RETRIES:
+            w.then(codec.E_UNAVAILABLE, f"shard {w.shard}'s primary kept answering stale (shard epoch {stale})")
+            return
+        w.attempt += 1
+        core.metrics["retained.stale_retries"] += 1
+        core.refresh_assignment(lambda _ok: self._write(w), force=True)
+
+    def on_retain_ack(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        w = self.core.requests.get(h["id"])
+        if isinstance(w, Replication):
+            self._settle(h["id"], sender)
+            return
+        if not isinstance(w, RetainWrite) or w.primary != sender:
+            return
+        self.core.requests.close(h["id"])
+        stale = h.get("stale")
+        self._answered(w, {"stale": stale} if type(stale) is int else {})
+
+    # ------------------------------------------------------------------ the primary and its replicas
+    def on_retain(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        if h["replica"]:
+            self._replica(sender, frame)
+            return
+
+        def reply(answer: dict[str, Any]) -> None:
+            if "code" in answer:
+                self.core.refuse_request(sender, h["id"], answer["code"], answer["reason"], shard=h["shard"])
+            else:
+                self.core.effects.send_peer(sender, codec.encode(codec.RETAIN_ACK, {"id": h["id"], **answer}))
+
+        self._accept(sender, h, frame.payload, reply)
+
+    def _check(self, h: dict[str, Any]) -> tuple[str, str] | None:
+        """(code, reason) when a RETAIN's fields are wrong (for any receiver), else None."""
+        core = self.core
+        shard, topic = h["shard"], h["topic"]
+        if shard == ROOT or not core.view.shards_ok([shard]):
+            return codec.E_BAD_HEADER, f"shard {shard} is outside this cluster"
+        if h["qos"] not in (0, 1):
+            return codec.E_INVALID_QOS, f"qos must be 0 or 1, got {h['qos']}"
+        try:
+            validate_topic_name(topic)
+        except TopicError as exc:
+            return exc.code, exc.reason
+        if shard_for_key(topic, core.view.shard_count) != shard:
+            return codec.E_BAD_HEADER, f"topic {topic!r} is not in shard {shard}"
+        return None
+
+    def _accept(self, sender: str, h: dict[str, Any], payload: bytes, reply: Callable[[dict[str, Any]], None]) -> None:
+        """As the shard's primary: take the change, stamp, apply and replicate it, then ``reply``."""
+        core = self.core
+        bad = self._check(h)
+        if bad is not None:
+            core.metrics[f"errors.{bad[0]}"] += 1
+            reply({"code": bad[0], "reason": bad[1]})
+            return
+        if core.fenced():
+            reply({"code": codec.E_FENCED, "reason": f"{core.me} cannot renew its etcd lease"})
+            return
+        shard, shard_epoch, topic = h["shard"], h["shard_epoch"], h["topic"]
+        a = core.view.assignment
+        ours = a.epoch(shard) if a is not None else 0
+        if a is None or shard_epoch != ours or a.owners(shard)[:1] != (core.me,):
+            if shard_epoch > ours:
+                core.effects.poll_view()
+            core.metrics["retained.stale"] += 1
+            reply({"stale": ours})
+            return
+        if payload:
+            growth = self.table.growth(shard, topic, payload)
+            if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:
+                core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
+                core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
+                                 limit=core.cfg.max_retained_bytes)  # fmt: skip
+                reason = f"{core.me} holds {self.table.bytes} bytes of retained messages, the limit is " \
+                         f"{core.cfg.max_retained_bytes}: the retained message was not stored"  # fmt: skip
+                reply({"code": codec.E_OVERLOADED, "reason": reason})
+                return
+        self.seq += 1
+        stamp = (ours, self.seq)
+        self.apply(shard, topic, h["qos"], payload, stamp)
+        members = core.view.members
+        targets = (set(a.owners(shard)) | (self.core.owner.source.relay_targets(shard) or set())) - {core.me}
+        header = {"id": 0, "shard": shard, "shard_epoch": ours, "topic": topic, "qos": h["qos"], "replica": True,
+                  "stamp": list(stamp)}  # fmt: skip
+
+        def replicated(failed: bool) -> None:
+            if failed:
+                reply({"code": codec.E_UNAVAILABLE, "reason": f"replicas of shard {shard} did not confirm in time"})
+            else:
+                reply({})
+
+        self._replicate(sorted(t for t in targets if t in members), header, payload, replicated)
+
+    def _replicate(self, targets: list[str], header: dict[str, Any], payload: bytes,
+                   then: Callable[[bool], None]) -> None:  # fmt: skip
+        core = self.core
+        if not targets:
+            then(False)
+            return
+        record = Replication(set(targets), then)
+        rid = header["id"] = core.requests.open(record, self)
+        core.metrics["retained.replicated"] += len(targets)
+        parts = codec.encode(codec.RETAIN, header, payload)
+        for target in targets:
+            if not core.effects.send_peer(target, parts):
+                self._settle(rid, target)  # not a member any more: it holds nothing of ours
+        if rid in core.requests:
+            core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_replication(rid))
+
+    def _settle(self, rid: int, node: str, failed: bool = False) -> None:
+        record = self.core.requests.get(rid)
+        if isinstance(record, Replication) and node in record.pending:
+            record.pending.discard(node)
+            record.failed |= failed
+            if not record.pending:
+                self.core.requests.close(rid)
+                record.then(record.failed)
+
+    def _expire_replication(self, rid: int) -> None:
+        record = self.core.requests.close(rid)
+        if isinstance(record, Replication):
+            self.core.metrics["retained.replica_timeouts"] += 1
+            self.core.log.warning("retained_replica_timeout", replicas=sorted(record.pending))
+            record.then(True)
+
+    def _replica(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        bad = self._check(h)
+        stamp = h.get("stamp")
+        if bad is None and not (isinstance(stamp, list) and len(stamp) == 2 and all(type(x) is int for x in stamp)):
+            bad = (codec.E_BAD_HEADER, "a replica RETAIN needs stamp [shard_epoch:int, seq:int]")
+        if bad is not None:
+            core.metrics[f"errors.{bad[0]}"] += 1
+            core.refuse_peer(sender, frame, *bad)
+            return
+        shard, shard_epoch = h["shard"], h["shard_epoch"]
+        a = core.view.assignment
+        ours = a.epoch(shard) if a is not None else 0
+        primary = a is not None and shard_epoch == ours and a.owners(shard)[:1] == (sender,)
+        if not (primary or shard_epoch > ours or core.owner.target.may_forward(shard, sender)):
+            core.refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} is not the primary of shard {shard}")
+            return
+        if shard_epoch > ours:
+            core.effects.poll_view()
+        self.apply(shard, h["topic"], h["qos"], frame.payload, (stamp[0], stamp[1]))
+        # A hand-off source relays what it is sent to its own targets (those that do not own the shard: the
+        # primary sent those the change itself), and answers once they hold it.
+        owners = set(a.owners(shard)) if a is not None else set()
+        relay = sorted(t for t in (core.owner.source.relay_targets(shard) or ())
+                       if t not in owners and t != sender and t in core.view.members)  # fmt: skip
+
+        def done(failed: bool) -> None:
+            if failed:
+                reason = f"hand-off targets of shard {shard} did not confirm"
+                core.refuse_request(sender, h["id"], codec.E_UNAVAILABLE, reason, shard=shard)
+            else:
+                core.effects.send_peer(sender, codec.encode(codec.RETAIN_ACK, {"id": h["id"]}))
+
+        if relay:
+            core.metrics["handoff.retained_forwarded"] += len(relay)
+        self._replicate(relay, {**h, "id": 0}, frame.payload, done)
+
+    def apply(self, shard: int, topic: str, qos: int, payload: bytes, stamp: Stamp) -> None:
+        if payload:
+            if self.table.set(shard, topic, RetainedMessage(payload, qos, stamp)):
+                self.core.metrics["retained.stored"] += 1
+        elif self.table.delete(shard, topic, stamp):
+            self.core.metrics["retained.deleted"] += 1
+
+    # ------------------------------------------------------------------ a member answers RETAINED_GET
+    def on_get(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        filters = frame.header["filters"]
+        for filt in filters:
+            try:
+                validate_topic_filter(filt)
+            except TopicError as exc:
+                core.metrics[f"errors.{exc.code}"] += 1
+                core.refuse_peer(sender, frame, exc.code, exc.reason)
+                return
+        for parts in self._reply_frames(frame.header["id"], self.matching(filters)):
+            core.effects.send_peer(sender, parts)
+
+    def matching(self, filters: list[str]) -> list[tuple[str, int, RetainedMessage]]:
+        """(topic, shard, message) of every retained message held here that one of ``filters`` matches, by topic."""
+        table = self.table
+        found: dict[str, tuple[int, RetainedMessage]] = {}
+        count = self.core.view.shard_count
+        for filt in filters:
+            shards = table.held_shards() if is_wild(filt) else [shard_for_key(filt, count)]
+            for shard in shards:
+                for topic, message in table.match(shard, filt):
+                    found[topic] = (shard, message)
+        return [(topic, shard, message) for topic, (shard, message) in sorted(found.items())]
+
+    def _reply_frames(self, rid: int, found: list[tuple[str, int, RetainedMessage]]) -> list[list[bytes]]:
+        limit = self.core.cfg.max_payload
+        frames: list[list[bytes]] = []
+        items: list[list[Any]] = []
+        blobs: list[bytes] = []
+        size = 0
+        for topic, shard, m in found:
+            if items and (len(items) >= REPLY_CHUNK or size + len(m.payload) > limit):
+                frames.append(self._reply(rid, items, blobs, more=True))
+                items, blobs, size = [], [], 0
+            items.append([topic, m.qos, shard, m.stamp[0], m.stamp[1]])
+            blobs.append(m.payload)
+            size += len(m.payload)
+        frames.append(self._reply(rid, items, blobs, more=False))
+        return frames
+
+    @staticmethod
+    def _reply(rid: int, items: list[list[Any]], blobs: list[bytes], more: bool) -> list[bytes]:
+        header = {"id": rid, "items": items, "sizes": [len(b) for b in blobs], "more": more}
+        return codec.encode(codec.RETAINED_REPLY, header, b"".join(blobs))
+
+    # ------------------------------------------------------------------ the subscriber's node
+    def fetch(self, session: Session, filters: list[str], qos: int) -> None:
+        """Ask for the retained messages of a SUB's granted ``filters`` (see the rules) and deliver them."""
+        core = self.core
+        a = core.view.assignment
+        if not filters or a is None:
+            return
+        members = core.view.members
+        fetch = RetainedFetch(session, {f: qos for f in filters}, set(), {}, {})
+        wild = [f for f in filters if is_wild(f)]
+        if wild:
+            for node in sorted(set(members) | {core.me}):
+                fetch.asked[node] = list(wild)
+        for filt in filters:
+            if not is_wild(filt):
+                fetch.tried[filt] = []
+                self._ask_exact(fetch, filt)
+        self._send_gets(fetch, core.requests.open(fetch, self), dict(fetch.asked))
+
+    def _ask_exact(self, fetch: RetainedFetch, filt: str) -> str | None:
+        """Add ``filt`` to what the next owner of its shard not tried yet is asked; that owner, or None."""
+        core = self.core
+        a = core.view.assignment
+        assert a is not None
+        shard = shard_for_key(filt, a.shard_count)
+        tried = fetch.tried[filt]
+        for owner in a.owners(shard):
+            if owner not in tried and (owner == core.me or owner in core.view.members):
+                tried.append(owner)
+                asked = fetch.asked.setdefault(owner, [])
+                if filt not in asked:
+                    asked.append(filt)
+                return owner
+        return None
+
+    def _send_gets(self, fetch: RetainedFetch, fid: int, asks: dict[str, list[str]]) -> None:
+        core = self.core
+        fetch.pending.update(asks)
+        for node in sorted(asks):
+            if node == core.me:
+                fetch.pending.discard(node)
+                found = self.matching(asks[node])
+                self._merge(fetch, node, [[t, m.qos, s, *m.stamp] for t, s, m in found], [m.payload for *_, m in found])
+                continue
+            core.metrics["retained.gets_out"] += 1
+            if not core.effects.send_peer(node, codec.encode(codec.RETAINED_GET, {"id": fid, "filters": asks[node]})):
+                self._node_failed(fid, node)
+        if fid not in core.requests:
+            return
+        if not fetch.pending:
+            self._finish(fid)
+            return
+        timeout = core.cfg.retained_fetch_timeout
+        timeout = core.cfg.request_timeout if timeout is None else timeout
+        waiting = frozenset(asks) - {core.me}
+        core.effects.call_later(timeout, lambda: self._expire_fetch(fid, waiting))
+
+    def on_reply(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        fetch = core.requests.get(h["id"])
+        if not isinstance(fetch, RetainedFetch) or sender not in fetch.pending:
+            return
+        try:
+            pairs = codec.split_batch(frame)
+        except ProtocolError as exc:
+            core.refuse_peer(sender, frame, exc.code, exc.reason)
+            self._node_failed(h["id"], sender)
+            return
+        self._merge(fetch, sender, [item for item, _ in pairs], [payload for _, payload in pairs])
+        if h["more"]:
+            fetch.partial[sender] = True
+            return
+        fetch.pending.discard(sender)
+        if not fetch.pending:
+            self._finish(h["id"])
+
+    def _merge(self, fetch: RetainedFetch, sender: str, items: list[list[Any]], payloads: list[bytes]) -> None:
+        a = self.core.view.assignment
+        if a is None:
+            return
+        count = a.shard_count
+        got = fetch.got
+        for (topic, qos, shard, epoch, seq), payload in zip(items, payloads, strict=True):
+            if not (0 <= shard < count):
+                continue
+            owners = a.owners(shard)
+            if sender not in owners:
+                continue  # not an owner in our view: its copy may be one deleted since (see the rules)
+            rank = RANK_PRIMARY if owners[0] == sender else RANK_OWNER
+            held = got.get(topic)
+            if held is None or (rank, epoch, seq) > (held[0], held[3], held[4]):
+                got[topic] = (rank, qos, payload, epoch, seq)
+
+    def _node_failed(self, fid: int, node: str) -> None:
+        """``node`` will not answer (gone, unreachable, timed out): ask the next owner for its exact filters."""
+        core = self.core
+        fetch = core.requests.get(fid)
+        if not isinstance(fetch, RetainedFetch) or node not in fetch.pending:
+            return
+        fetch.pending.discard(node)
+        core.metrics["retained.fetch_timeouts"] += 1
+        retry: dict[str, list[str]] = {}
+        for filt in fetch.asked.get(node, []):
+            owner = None if is_wild(filt) else self._ask_exact(fetch, filt)
+            if owner is not None:
+                retry.setdefault(owner, []).append(filt)
+        if retry:
+            self._send_gets(fetch, fid, retry)
+        elif not fetch.pending and fid in core.requests:
+            self._finish(fid)
+
+    def _expire_fetch(self, fid: int, nodes: frozenset[str]) -> None:
+        fetch = self.core.requests.get(fid)
+        if isinstance(fetch, RetainedFetch):
+            for node in sorted(nodes & fetch.pending):
+                self.core.log.warning("retained_fetch_timeout", peer=node)
+                self._node_failed(fid, node)
+
+    def _finish(self, fid: int) -> None:
+        core = self.core
+        fetch = core.requests.close(fid)
+        if not isinstance(fetch, RetainedFetch):
+            return
+        session = fetch.session
+        if core.destination.sessions.get(session.rid) is not session:
+            return  # the client left meanwhile
+        refused = 0
+        for topic in sorted(fetch.got):
+            _, qos, payload, _, _ = fetch.got[topic]
+            granted = max((q for f, q in fetch.filters.items() if filter_matches(f, topic)), default=None)
+            if granted is None:
+                continue
+            if core.destination.deliver_retained(session, topic, min(qos, granted), payload):
+                core.metrics["retained.delivered"] += 1
+            else:
+                refused += 1
+        if refused:
+            core.metrics["retained.refused_overloaded"] += refused
+            core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
+            reason = f"{refused} retained messages for this subscription were not delivered: the backlog is full"
+            core.send_client(session.rid, codec.error_parts(codec.E_OVERLOADED, reason))
+
+    # ------------------------------------------------------------------ requests failing
+    def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
+        if isinstance(request, RetainWrite):
+            self.core.requests.close(rid)
+            request.then(code, f"node {sender} refused: {reason}")
+        elif isinstance(request, Replication):
+            self._settle(rid, sender, failed=True)
+        elif isinstance(request, RetainedFetch):
+            self._node_failed(rid, sender)
+
+    def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        if isinstance(request, RetainWrite):
+            # The primary left: a promoted replica holds what it confirmed; ask it once the view shows it.
+            self.core.requests.close(rid)
+            self._answered(request, {"stale": self.core.view.shard_epoch(request.shard)})
+        elif isinstance(request, Replication):
+            self._settle(rid, node)  # a replica that left holds nothing any more: it counts as done
+        elif isinstance(request, RetainedFetch):
+            self._node_failed(rid, node)
