@@ -283,8 +283,9 @@ class AsyncClient(CoreView):
         async with self._call() as core:
             await self._run(core.unsubscribe(filters))
 
-    async def publish(self, topic: str, payload: bytes | str, qos: int = 0) -> None:
-        """Publish; with qos=1 returns only after every node with matching subscribers accepted it.
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
+        """Publish; with qos=1 returns only after every node with matching subscribers accepted it. ``retain``: as
+        ``Client.publish`` (also the topic's retained message; a QoS 0 one leaves at once, not batched).
 
         With qos=0 the message is queued and leaves on the loop's next turn with whatever queued up meanwhile
         (see the rules above), at once when ``max_batch`` are pending or the oldest is ``linger`` seconds old.
@@ -294,9 +295,9 @@ class AsyncClient(CoreView):
         if topic not in core.valid_topics:
             core.check_topic(topic)
         data = payload if type(payload) is bytes else as_bytes(payload)
-        if qos:
+        if qos or retain:
             async with self._call():
-                await self._run(core.publish_acked(topic, data))
+                await self._run(core.publish_acked(topic, data, retain) if qos else core.publish_retained(topic, data))
             return
         action = core.add_pending(topic, data, asyncio.get_running_loop().time())
         if action == PENDING_FLUSH:
@@ -306,7 +307,9 @@ class AsyncClient(CoreView):
             # A lone message too leaves on the loop's next turn: no thread hand-off to save here.
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_soon())
 
-    async def publish_many(self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500) -> int:
+    async def publish_many(
+        self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500, retain: bool = False
+    ) -> int:
         """Publish (topic, payload) pairs, ``batch`` to a frame; returns how many were published (as
         ``Client.publish_many``: with qos=1, once every one was acknowledged)."""
         check_qos(qos)
@@ -318,10 +321,10 @@ class AsyncClient(CoreView):
                     core.check_topic(topic)
                 chunk.append((topic, as_bytes(payload)))
                 if len(chunk) >= batch:
-                    done += await self._run(core.publish_batch(chunk, qos))
+                    done += await self._run(core.publish_batch(chunk, qos, retain))
                     chunk = []
             if chunk:
-                done += await self._run(core.publish_batch(chunk, qos))
+                done += await self._run(core.publish_batch(chunk, qos, retain))
             return done
 
     async def receive(self, timeout: float | None = None) -> Message | None:
@@ -332,8 +335,8 @@ class AsyncClient(CoreView):
         core = self._core
         inbox = core.inbox
         if inbox and inbox[0][4] is None and not core.pending:  # a QoS 0 message already here: no socket use
-            topic, payload, qos, dup, _ = inbox.popleft()
-            return Message(topic, payload, qos, dup)
+            topic, payload, qos, dup, _, retain = inbox.popleft()
+            return Message(topic, payload, qos, dup, retain)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

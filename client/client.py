@@ -401,8 +401,12 @@ class Client(CoreView):
     def unsubscribe(self, *filters: str) -> None:
         self._run(self._core.unsubscribe(filters))
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0) -> None:
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> None:
         """Publish; with qos=1 returns only after every node with matching subscribers accepted it.
+
+        ``retain=True`` also stores it as the topic's retained message (an empty payload deletes it), which later
+        subscribers get with ``Message.retain`` set; with qos=1 the call returns once it is stored and replicated.
+        A QoS 0 retain publish is sent at once, after whatever is pending (not batched).
 
         With qos=0 (see the rules above) a lone message leaves at once, from this thread, when nothing is pending
         and the previous publish was ``linger`` seconds ago or more; else it is queued and sent with the others that
@@ -415,11 +419,11 @@ class Client(CoreView):
             core.check_topic(topic)
         data = payload if type(payload) is bytes else as_bytes(payload)  # the common case without a call
         with self._lock:
-            if qos:
+            if qos or retain:
                 if core.recovery is not None:
                     self._recover()
                 self._flush_pending()
-                self._run(core.publish_acked(topic, data))
+                self._run(core.publish_acked(topic, data, retain) if qos else core.publish_retained(topic, data))
                 return
             action = core.add_pending(topic, data, time.monotonic())
             if action in (PENDING_FLUSH, PENDING_LONE):
@@ -430,8 +434,11 @@ class Client(CoreView):
                 self._wake_flusher()
 
     @_exclusive
-    def publish_many(self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500) -> int:
-        """Publish (topic, payload) pairs, ``batch`` to a frame; returns how many were published.
+    def publish_many(
+        self, messages: Iterable[tuple[str, bytes | str]], qos: int = 0, batch: int = 500, retain: bool = False
+    ) -> int:
+        """Publish (topic, payload) pairs, ``batch`` to a frame; returns how many were published (``retain``: each
+        also as its topic's retained message).
 
         With qos=1 each frame's messages are in flight together and the call returns once every one of them was
         acknowledged (a node that stays silent is failed over and the unacknowledged ones are sent again).
@@ -446,10 +453,10 @@ class Client(CoreView):
                 core.check_topic(topic)
             chunk.append((topic, as_bytes(payload)))
             if len(chunk) >= batch:
-                done += self._run(core.publish_batch(chunk, qos))
+                done += self._run(core.publish_batch(chunk, qos, retain))
                 chunk = []
         if chunk:
-            done += self._run(core.publish_batch(chunk, qos))
+            done += self._run(core.publish_batch(chunk, qos, retain))
         return done
 
     def receive(self, timeout: float | None = None) -> Message | None:
@@ -459,8 +466,8 @@ class Client(CoreView):
         if inbox and inbox[0][4] is None and not core.pending:
             # A QoS 0 message already here and nothing to flush: no socket use, so no lock (the flusher thread
             # never touches the inbox, and only the application's thread reads it).
-            topic, payload, qos, dup, _ = inbox.popleft()
-            return Message(topic, payload, qos, dup)
+            topic, payload, qos, dup, _, retain = inbox.popleft()
+            return Message(topic, payload, qos, dup, retain)
         return self._receive(timeout)
 
     @_exclusive

@@ -56,10 +56,10 @@ _RUN_SIZE_BYTES = 12  # one more message in a run: its size in ``sizes`` and its
 
 _T = TypeVar("_T")
 
-# An inbox entry: (topic, payload, qos, dup, mid to DACK when handed over). Plain tuples of atoms, which the
+# An inbox entry: (topic, payload, qos, dup, mid to DACK when handed over, retain). Plain tuples of atoms, which the
 # garbage collector stops tracking, so a backlog never makes it walk the heap; the Message is built when it is
 # handed over (it then usually dies young). qos -1 is the marker of a gap (the reason is in the topic).
-InboxEntry = tuple[str, bytes, int, bool, int | None]
+InboxEntry = tuple[str, bytes, int, bool, int | None, bool]
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs 3x more to build, on every message received
@@ -68,6 +68,7 @@ class Message:
     payload: bytes
     qos: int
     dup: bool = False
+    retain: bool = False  # a retained message sent for a new subscription; live messages never are
 
 
 class ShardMQError(Exception):
@@ -300,14 +301,15 @@ class ClientCore:
         h = frame.header
         if frame.type == codec.MSG:
             mid = h.get("mid") if h["qos"] else None
-            self.inbox.append((h["topic"], frame.payload, h["qos"], bool(h.get("dup")), mid))
+            self.inbox.append((h["topic"], frame.payload, h["qos"], bool(h.get("dup")), mid, h.get("retain") is True))
         elif frame.type == codec.MSGS:  # a batch: the node sends messages that queued up together in one frame
             try:
-                for (topic, qos, mid, dup), sizes, blob in codec.split_runs(frame):
+                for (topic, qos, mid, dup, *flags), sizes, blob in codec.split_runs(frame):
+                    retain = bool(flags) and flags[0] is True
                     if sizes is None:
-                        self.inbox.append((topic, blob, qos, bool(dup), mid if qos else None))
+                        self.inbox.append((topic, blob, qos, bool(dup), mid if qos else None, retain))
                     else:  # a QoS 0 run: many messages to one topic
-                        self.inbox.extend((topic, data, 0, bool(dup), None) for data in codec.cut(blob, sizes))
+                        self.inbox.extend((topic, data, 0, bool(dup), None, retain) for data in codec.cut(blob, sizes))
             except (ProtocolError, ValueError, TypeError) as exc:
                 self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
@@ -500,7 +502,7 @@ class ClientCore:
             return
         self.interruptions += 1
         self.interruption_log.append((now, reason))
-        self.inbox.append((reason, b"", -1, False, -1))  # qos -1: the marker ``take_message`` raises
+        self.inbox.append((reason, b"", -1, False, -1, False))  # qos -1: the marker ``take_message`` raises
         self.gap_reported = True
         self.subscribed_node = None
 
@@ -637,11 +639,12 @@ class ClientCore:
         self.pending_sent(count, (yield NOW))
 
     def publish_frames(
-        self, messages: list[tuple[str, bytes]], qos: int, refs: list[int | None]
+        self, messages: list[tuple[str, bytes]], qos: int, refs: list[int | None], retain: bool = False
     ) -> Iterator[list[bytes]]:
         """Frames carrying ``messages`` in order: PUBS frames of at most ``max_payload`` bytes of payload (and a
         header the node accepts), in which consecutive QoS 0 messages to one topic form one run (codec.Run); a
-        frame of one message (so any larger message) is a plain PUB."""
+        frame of one message (so any larger message) is a plain PUB. ``retain``: every item carries the retain
+        flag and none joins a run (the node stores each one)."""
         limit = self.max_payload
         runs: list[tuple[list[Any], list[int], list[bytes]]] = []
         size = header = count = 0
@@ -651,27 +654,31 @@ class ClientCore:
             if count and (size + n > limit or header + _ITEM_HEADER_BYTES + 6 * len(topic) > codec.DEFAULT_MAX_HEADER):
                 yield _publish_frame(runs, qos, count)
                 runs, size, header, count, joinable = [], 0, 0, 0, None
-            if topic == joinable and ref is None:
+            if topic == joinable and ref is None and not retain:
                 run = runs[-1]
                 run[1].append(n)
                 run[2].append(data)
                 header += _RUN_SIZE_BYTES
             else:
-                runs.append(([topic, qos, ref], [n], [data]))
-                joinable = topic if not qos and ref is None else None
+                runs.append(([topic, qos, ref, True] if retain else [topic, qos, ref], [n], [data]))
+                joinable = topic if not qos and ref is None and not retain else None
                 header += _ITEM_HEADER_BYTES + 6 * len(topic)
             size += n
             count += 1
         if count:
             yield _publish_frame(runs, qos, count)
 
-    def publish_acked(self, topic: str, data: bytes) -> Steps[None]:
-        """A QoS 1 publish: returns once every node with matching subscribers accepted it; refused with
-        ``overloaded`` (a subscriber's backlog is full) it is sent again after a ``Backoff`` pause."""
+    def publish_acked(self, topic: str, data: bytes, retain: bool = False) -> Steps[None]:
+        """A QoS 1 publish: returns once every node with matching subscribers accepted it (and, with ``retain``,
+        the topic's retained message is stored); refused with ``overloaded`` (a subscriber's backlog is full) it
+        is sent again after a ``Backoff`` pause."""
         backoff = Backoff((yield NOW), self.timeout)
+        header: dict[str, Any] = {"topic": topic, "qos": 1}
+        if retain:
+            header["retain"] = True
         while True:
             try:
-                yield from self.request(codec.PUB, {"topic": topic, "qos": 1}, data, codec.PUBACK)
+                yield from self.request(codec.PUB, header, data, codec.PUBACK)
                 return
             except ShardMQError as exc:  # a subscriber's backlog is full: wait for it (flow control)
                 if exc.code != codec.E_OVERLOADED:
@@ -681,7 +688,16 @@ class ClientCore:
                     raise
             yield from self.pause(pause, ())
 
-    def publish_batch(self, chunk: list[tuple[str, bytes]], qos: int) -> Steps[int]:
+    def publish_retained(self, topic: str, data: bytes) -> Steps[None]:
+        """A QoS 0 retain publish: never batched with the pending list (sent after it, to keep order), so the
+        node stores this one message; a failure to store it comes back as an asynchronous error."""
+        yield from self.flush_pending()
+        if not self.connected:
+            yield from self.connect()
+        yield from self.send(codec.encode(codec.PUB, {"topic": topic, "qos": 0, "retain": True}, data))
+        self.pending_sent(1, (yield NOW))
+
+    def publish_batch(self, chunk: list[tuple[str, bytes]], qos: int, retain: bool = False) -> Steps[int]:
         """Send one chunk; for qos=1 wait until every message is acknowledged. A silent node is failed over
         once (what was not acknowledged is sent again); messages refused with ``overloaded`` (a subscriber's
         backlog is full) are sent again after a growing pause until ``timeout`` has passed, then raised."""
@@ -693,7 +709,7 @@ class ClientCore:
             if not self.connected:
                 yield from self.connect()  # frames are cut to the node's max_payload, which comes with its WELCOME
             ids = [next(self.ids) if qos else None for _ in chunk]
-            for parts in self.publish_frames(chunk, qos, ids):
+            for parts in self.publish_frames(chunk, qos, ids, retain):
                 yield from self.send(parts)
             if not qos:
                 self.unconfirmed += total
@@ -791,7 +807,7 @@ class ClientCore:
         The marker of a gap raises ``ShardMQError("interrupted")``."""
         if not self.inbox:
             return None, None
-        topic, payload, qos, dup, mid = self.inbox.popleft()
+        topic, payload, qos, dup, mid, retain = self.inbox.popleft()
         if qos < 0:  # the marker of a gap in the subscriptions (``interrupted``); the reason is in ``topic``
             raise ShardMQError(codec.E_INTERRUPTED, topic)
         dack = None
@@ -799,7 +815,7 @@ class ClientCore:
             self.dacks.append(mid)
             if not self.inbox or len(self.dacks) >= DACK_BATCH:
                 dack = self.take_dacks()
-        return Message(topic, payload, qos, dup), dack
+        return Message(topic, payload, qos, dup, retain), dack
 
     def take_dacks(self) -> list[bytes] | None:
         """One DACK frame for every message handed over and not acknowledged yet (None: none, or no socket)."""
@@ -857,10 +873,12 @@ def _publish_frame(runs: list[tuple[list[Any], list[int], list[bytes]]], qos: in
     """One PUB (a lone message, as it always looked) or one PUBS frame of these runs (what the node handles like
     that many PUBs)."""
     if count == 1:
-        [([topic, _, ref], _, [data])] = runs
+        [([topic, _, ref, *retain], _, [data])] = runs
         header: dict[str, Any] = {"topic": topic, "qos": qos}
         if ref is not None:
             header["id"] = ref
+        if retain:
+            header["retain"] = True
         return codec.encode(codec.PUB, header, data)
     frame_runs = [(item, sizes if len(sizes) > 1 else None, b"".join(blobs)) for item, sizes, blobs in runs]
     return codec.encode_runs(codec.PUBS, {}, frame_runs)

@@ -185,7 +185,7 @@ CLIENT_CASES = [
     ("version_missing", [b"PUB", hdr(v=None, id=11, topic="a", qos=1), b""], "unsupported_version", "None", 11),
     ("version_1", [b"PUB", hdr(v=1, id=12, topic="a", qos=1), b""], "unsupported_version", "version 1", 12),
     ("version_str", [b"PING", hdr(v="1", id=13), b""], "unsupported_version", "'1'", 13),
-    ("version_float", [b"PING", hdr(v=2.0, id=14), b""], "unsupported_version", "2.0", 14),
+    ("version_float", [b"PING", hdr(v=3.0, id=14), b""], "unsupported_version", "3.0", 14),
     ("version_bool", [b"PING", hdr(v=True, id=15), b""], "unsupported_version", "True", 15),
     ("unknown_type", [b"NOPE", hdr(id=42), b""], "unknown_type", "'NOPE'", 42),
     ("empty_type", [b"", hdr(id=43), b""], "unknown_type", "unknown frame type", 43),

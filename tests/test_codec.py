@@ -87,9 +87,21 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     (codec.FWDS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.MSGS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.PUBS, "items"): st.lists(
-        st.tuples(st.text(max_size=20), st.sampled_from([0, 1]), st.none() | st.integers(0, 2**40)).map(list),
+        st.tuples(st.text(max_size=20), st.sampled_from([0, 1]), st.none() | st.integers(0, 2**40)).map(list)
+        | st.tuples(
+            st.text(max_size=20), st.sampled_from([0, 1]), st.none() | st.integers(0, 2**40), st.booleans()
+        ).map(list),
         max_size=5,
     ),
+    (codec.RETAINED_GET, "filters"): st.lists(st.text(max_size=20), max_size=5),
+    (codec.RETAINED_REPLY, "items"): st.lists(
+        st.tuples(
+            st.text(max_size=20), st.sampled_from([0, 1]), st.integers(0, 4095), st.integers(0, 2**40),
+            st.integers(0, 2**40),
+        ).map(list),
+        max_size=5,
+    ),
+    (codec.RETAINED_REPLY, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.PUBS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.INVALIDATE, "shards"): st.lists(st.integers(0, 4095), max_size=5),
     (codec.LOOKUPS, "items"): st.lists(
@@ -274,7 +286,7 @@ def test_bool_is_not_an_int(flag: bool) -> None:
     assert "'qos'" in exc.reason and "int" in exc.reason
 
 
-@pytest.mark.parametrize("version", [1, 3, 0, -1, None, "2", [2]])
+@pytest.mark.parametrize("version", [1, 2, 4, 0, -1, None, "3", [3]])
 def test_foreign_version_is_unsupported_version(version: Any) -> None:
     exc = rejected(raw(codec.SUB, valid_header(codec.SUB, v=version, id=41)))
     assert exc.code == codec.E_VERSION
@@ -562,3 +574,73 @@ def test_a_run_whose_item_has_no_qos_is_refused(item: Any) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.split_runs(frame)
     assert info.value.code == codec.E_BAD_FRAME and "only a QoS 0 item" in info.value.reason
+
+
+# ---------------------------------------------------------------------------------------------- retained (v3)
+
+
+def test_retained_frames_round_trip() -> None:
+    frames = [
+        (codec.RETAIN, {"id": 3, "shard": 5, "shard_epoch": 2, "topic": "a/b", "qos": 1, "replica": False}, b"x"),
+        (codec.RETAIN, {"id": 4, "shard": 5, "shard_epoch": 2, "topic": "a/b", "qos": 0, "replica": True,
+                        "stamp": [2, 9]}, b""),  # fmt: skip
+        (codec.RETAIN_ACK, {"id": 3}, b""),
+        (codec.RETAIN_ACK, {"id": 3, "stale": 7}, b""),
+        (codec.RETAINED_GET, {"id": 8, "filters": ["a/+/c", "a/b"]}, b""),
+        (codec.RETAINED_REPLY, {"id": 8, "items": [["a/b", 1, 5, 2, 9], ["a/c", 0, 6, 1, 1]], "sizes": [2, 1],
+                                "more": False}, b"xyz"),  # fmt: skip
+        (codec.PUB, {"topic": "a", "qos": 1, "id": 2, "retain": True}, b"p"),
+        (codec.MSG, {"topic": "a", "qos": 0, "retain": True}, b"p"),
+        (codec.PUBS, {"items": [["a", 0, None, True], ["b", 1, 4]], "sizes": [1, 1]}, b"pq"),
+    ]
+    for frame_type, header, payload in frames:
+        frame = codec.decode(codec.encode(frame_type, header, payload))
+        assert frame == Frame(frame_type, {"v": codec.PROTOCOL_VERSION, **header}, payload)
+    reply = codec.decode(codec.encode(*frames[5]))
+    assert codec.split_batch(reply) == [(["a/b", 1, 5, 2, 9], b"xy"), (["a/c", 0, 6, 1, 1], b"z")]
+
+
+def test_snapshot_retained_round_trip_and_checks() -> None:
+    header = {"id": 1, "shard": 2, "shard_epoch": 3, "routes": [], "last": True, "coordinator": "n1",
+              "retained": [["a/b", 1, 3, 4], ["a/c", 0, 3, 5]], "retained_sizes": [3, 0]}  # fmt: skip
+    frame = codec.decode(codec.encode(codec.SNAPSHOT, header, b"abc"))
+    assert codec.split_retained(frame) == [("a/b", 1, 3, 4, b"abc"), ("a/c", 0, 3, 5, b"")]
+    plain = codec.decode(codec.encode(codec.SNAPSHOT, {**header, "retained": None, "retained_sizes": None}))
+    assert codec.split_retained(plain) == []
+    for bad, code in [
+        ({"retained_sizes": [2, 0]}, codec.E_BAD_FRAME),  # sizes do not add up to the payload
+        ({"retained_sizes": [3]}, codec.E_BAD_FRAME),  # one size for two messages
+        ({"retained": [["a/b", 2, 3, 4], ["a/c", 0, 3, 5]]}, codec.E_BAD_HEADER),  # qos 2
+        ({"retained": [["a/b", True, 3, 4], ["a/c", 0, 3, 5]]}, codec.E_BAD_HEADER),
+        ({"retained": "a/b"}, codec.E_BAD_HEADER),
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            codec.split_retained(codec.decode(codec.encode(codec.SNAPSHOT, {**header, **bad}, b"abc")))
+        assert info.value.code == code and info.value.ref == 1
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "header", "field"),
+    [
+        (codec.PUB, {"topic": "a", "qos": 1, "id": 5, "retain": 1}, "retain"),
+        (codec.PUB, {"topic": "a", "qos": 1, "id": 5, "retain": "true"}, "retain"),
+        (codec.MSG, {"topic": "a", "qos": 1, "id": 5, "retain": None}, "retain"),
+        (codec.PUBS, {"id": 5, "items": [["a", 0, None, 1]], "sizes": [0]}, "items"),
+        (codec.RETAIN, {"id": 5, "shard": 1, "shard_epoch": 1, "topic": "a", "qos": 0, "replica": 0}, "replica"),
+        (codec.RETAINED_GET, {"id": 5, "filters": [1]}, "filters"),
+        (codec.RETAINED_REPLY, {"id": 5, "items": [["a", 1, 2, 3]], "sizes": [0], "more": False}, "items"),
+        (codec.RETAINED_REPLY, {"id": 5, "items": [["a", 2, 2, 3, 4]], "sizes": [0], "more": False}, "items"),
+        (codec.RETAINED_REPLY, {"id": 5, "items": [], "sizes": [-1], "more": False}, "sizes"),
+    ],
+)
+def test_bad_retain_fields_are_bad_header(frame_type: bytes, header: dict[str, Any], field: str) -> None:
+    err = rejected(raw(frame_type, {"v": codec.PROTOCOL_VERSION, **header}))
+    assert err.code == codec.E_BAD_HEADER and field in err.reason and err.ref == 5
+
+
+def test_retained_reply_sizes_must_match_the_payload() -> None:
+    frame = codec.decode(codec.encode(codec.RETAINED_REPLY, {"id": 2, "items": [["a", 0, 1, 1, 1]], "sizes": [5],
+                                                             "more": False}, b"abc"))  # fmt: skip
+    with pytest.raises(ProtocolError) as info:
+        codec.split_batch(frame)
+    assert info.value.code == codec.E_BAD_FRAME
