@@ -255,6 +255,43 @@ def test_a_gap_is_raised_after_the_messages_before_it() -> None:
     assert err.value.code == codec.E_INTERRUPTED
 
 
+def test_retain_flag_on_publish_frames() -> None:
+    core = make_core(["tcp://live/n1"])
+    sim = Sim(core, live={"tcp://live/n1"})
+    sim.run(core.publish_acked("a/b", b"x", retain=True))
+    sim.run(core.publish_acked("a/c", b"y"))
+    core.add_pending("q/0", b"0", sim.now)
+    sim.run(core.publish_retained("a/d", b"z"))
+    pubs = [f for _, f in sim.sent if f.type in (codec.PUB, codec.PUBS)]
+    assert [(f.header["topic"], f.header.get("retain")) for f in pubs] == [
+        ("a/b", True), ("a/c", None), ("q/0", None), ("a/d", True)
+    ]  # a retain publish never travels as a bare flag the node would ignore, and goes after what was pending
+    assert pubs[-1].header["qos"] == 0 and pubs[-1].payload == b"z"
+    core.max_payload = 1 << 20
+    frames = [codec.decode(p) for p in core.publish_frames([("t", b"1"), ("t", b"2")], 0, [None, None], retain=True)]
+    assert [f.type for f in frames] == [codec.PUBS]
+    assert frames[0].header["items"] == [["t", 0, None, True], ["t", 0, None, True]]  # no run: each is stored
+    [single] = [codec.decode(p) for p in core.publish_frames([("t", b"1")], 1, [7], retain=True)]
+    assert single.type == codec.PUB and single.header == {"v": codec.PROTOCOL_VERSION, "topic": "t", "qos": 1,
+                                                         "id": 7, "retain": True}  # fmt: skip
+
+
+def test_retain_flag_on_received_messages() -> None:
+    core = make_core(["tcp://a/n1"])
+    core.connected = True
+    core.handle_unsolicited(codec.decode(codec.encode(codec.MSG, {"topic": "r", "qos": 1, "mid": 1, "retain": True},
+                                                      b"kept")))  # fmt: skip
+    core.handle_unsolicited(codec.decode(codec.encode(codec.MSG, {"topic": "l", "qos": 0}, b"live")))
+    runs = [(["r2", 0, None, False, True], None, b"a"), (["l2", 1, 2, False], None, b"b")]
+    core.handle_unsolicited(codec.decode(codec.encode_runs(codec.MSGS, {}, runs)))
+    got = [core.take_message()[0] for _ in range(4)]
+    assert got == [
+        Message("r", b"kept", 1, False, True), Message("l", b"live", 0, False, False),
+        Message("r2", b"a", 0, False, True), Message("l2", b"b", 1, False, False),
+    ]  # fmt: skip
+    assert not core.errors
+
+
 def test_backoff_doubles_up_to_its_cap_and_stops_at_the_deadline() -> None:
     backoff = Backoff(0.0, 1.0)
     pauses = []
