@@ -295,7 +295,8 @@ class Sim:
         # Their ack is void (removed from ``acked``) until the client subscribes again (``resubscribe``).
         self.interrupted: list[tuple[str, str, str]] = []
         self.interruptions: list[tuple[float, str, str, str]] = []  # log: (time, node, filter, why)
-        self.retain_log: list[tuple[int, str, bytes]] = []  # retain publishes in order: (id, topic, payload)
+        # Retain publishes in order: (id, topic, payload, etcd revision when sent).
+        self.retain_log: list[tuple[int, str, bytes, int]] = []
         self.retained_got: dict[bytes, dict[str, tuple[bytes, int]]] = {}  # client -> topic -> (payload, qos)
 
     # ------------------------------------------------------------------ helpers
@@ -627,7 +628,7 @@ class Sim:
         header: dict[str, Any] = {"id": pid, "topic": topic, "qos": 1}
         if retain:
             header["retain"] = True
-            self.retain_log.append((pid, topic, b"" if delete else b"%d" % pid))
+            self.retain_log.append((pid, topic, b"" if delete else b"%d" % pid, self.etcd.revision))
         payload = b"" if delete else b"%d" % pid
         n.enter().on_client_parts([rid, *codec.encode(codec.PUB, header, payload)], self.client_principal)
         n.core.flush()

@@ -2,7 +2,8 @@
 
 Each seed runs a small cluster (its node protocol cores on the simulated network, etcd and clock) through a random
 schedule of joins, leaves, crashes, restarts, pauses and partitions under subscribe/unsubscribe/publish load, then
-heals, converges and checks every subscription with a real publish. A failing seed prints the command line that
+heals, converges and checks every subscription with a real publish, and every acknowledged retained message with a
+subscribe (``lost_retained``). A failing seed prints the command line that
 replays it exactly. ``SIM_SEEDS`` sets how many seeds run (each ~0.5 s); the loop also stops after
 ``SIM_SEEDS_BUDGET_S`` seconds, reporting how many it ran.
 """
@@ -40,10 +41,12 @@ def test_seeded_fault_schedules_lose_no_route_and_never_double_own() -> None:
             run.event()
             run.step()
         _, lost = run.finish()
+        lost_retained = run.lost_retained()
         replay = (f"python -m shardmq.testing.simulate --nodes {NODES} --shards {SHARDS} --replication 2 "
                   f"--events {EVENTS} --seed {seed}")  # fmt: skip
         assert lost == 0, f"seed {seed}: {lost} subscriptions not reached after convergence; replay: {replay}"
         assert run.double_owners == 0, f"seed {seed}: {run.double_owners} double owners; replay: {replay}"
+        assert lost_retained == 0, f"seed {seed}: {lost_retained} retained messages lost; replay: {replay}"
         ran += 1
     print(f"\n{ran} seeds in {time.monotonic() - started:.1f}s")
     assert ran >= min(SEEDS + len(REGRESSION_SEEDS), 5)
