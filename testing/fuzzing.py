@@ -46,8 +46,8 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.SUBACK: ({"id": 1, "results": [1]}, b""),
     codec.UNSUB: ({"id": 1, "filters": ["a/b"]}, b""),
     codec.UNSUBACK: ({"id": 1}, b""),
-    codec.PUB: ({"id": 1, "topic": "a/b", "qos": 1}, b"p"),
-    codec.PUBS: ({"items": [["a/b", 0, None], ["a/b", 1, 2]], "sizes": [1, 1]}, b"pq"),
+    codec.PUB: ({"id": 1, "topic": "a/b", "qos": 1, "retain": True}, b"p"),
+    codec.PUBS: ({"items": [["a/b", 0, None], ["a/b", 1, 2, True]], "sizes": [1, 1]}, b"pq"),
     codec.PUBACK: ({"ids": [1]}, b""),
     codec.MSG: ({"topic": "a/b", "qos": 1, "mid": 1}, b"m"),
     codec.MSGS: ({"items": [["a/b", 1, 1]], "sizes": [1]}, b"m"),
@@ -81,6 +81,10 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.HANDOFF_READY: ({"id": 1, "shard": 3, "shard_epoch": 1, "node": "n1"}, b""),
     codec.INVALIDATE: ({"id": 1, "shards": [3]}, b""),
     codec.INVALIDATE_ACK: ({"id": 1}, b""),
+    codec.RETAIN: ({"id": 1, "shard": 4, "shard_epoch": 1, "topic": "a/b", "qos": 1, "replica": False}, b"r"),
+    codec.RETAIN_ACK: ({"id": 1, "stale": 1}, b""),
+    codec.RETAINED_GET: ({"id": 1, "filters": ["a/b", "a/+"]}, b""),
+    codec.RETAINED_REPLY: ({"id": 1, "items": [["a/b", 1, 4, 1, 1]], "sizes": [1], "more": False}, b"r"),
 }
 assert set(SEEDS) == codec.FRAME_TYPES, "a frame type without a seed is never fuzzed past the codec"
 

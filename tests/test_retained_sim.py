@@ -182,3 +182,35 @@ def test_limit_refuses_a_new_retained_message_with_overloaded() -> None:
     assert sim.settle() and pid is not None
     assert sim.publishes[pid][4] == codec.E_OVERLOADED
     assert sum(n.core.metrics[f"errors.{codec.E_OVERLOADED}"] for n in sim.nodes.values()) >= 1
+
+
+@pytest.mark.timeout(60)
+def test_bad_retain_frames_are_refused_counted_and_the_node_serves() -> None:
+    sim = cluster()
+    nodes = sorted(sim.nodes)
+    a = sim.etcd.doc
+    assert a is not None
+    topic = "bad/1"
+    shard = shard_for_key(topic, SHARDS)
+    primary = a.owners(shard)[0]
+    sender = next(n for n in nodes if n != primary)
+    core = sim.nodes[primary].core
+    base = {"id": 9, "shard": shard, "shard_epoch": a.epoch(shard), "topic": topic, "qos": 1, "replica": False}
+    for header, code in [
+        ({**base, "shard": (shard + 1) % SHARDS}, codec.E_BAD_HEADER),  # the topic is not in that shard
+        ({**base, "qos": 2}, codec.E_INVALID_QOS),
+        ({**base, "topic": "bad/+"}, codec.E_INVALID_TOPIC),
+        ({**base, "replica": True}, codec.E_BAD_HEADER),  # a replica change without its stamp
+    ]:
+        before = core.metrics[f"errors.{code}"]
+        sim.send(sender, primary, codec.encode(codec.RETAIN, header, b"x"))
+        sim.drain()
+        assert core.metrics[f"errors.{code}"] == before + 1, header
+    before = core.metrics["fencing.refused.not_allowed"]
+    stamp = {**base, "replica": True, "stamp": [a.epoch(shard), 1]}
+    sim.send(sender, primary, codec.encode(codec.RETAIN, stamp, b"x"))  # not the shard's primary: not allowed
+    sim.drain()
+    assert core.metrics["fencing.refused.not_allowed"] == before + 1
+    assert len(core.owner.retained) == 0
+    pid = retain(sim, sender, topic)  # and it still serves
+    assert set(copies(sim, topic).values()) == {b"%d" % pid}
