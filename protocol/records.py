@@ -193,7 +193,7 @@ class RetainedFetch:
 
     session: Session
     filters: dict[str, int]  # granted filter -> granted qos
-    pending: set[str]
+    pending: dict[str, int]  # node -> RETAINED_GETs to it not answered yet (a retry may ask a node twice)
     asked: dict[str, list[str]]  # node -> filters it was asked for
     tried: dict[str, list[str]]  # exact filter -> owners asked so far (the next one is asked on a timeout)
     # topic -> (rank, qos, payload, stamp epoch, stamp seq) of the copy kept

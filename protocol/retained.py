@@ -347,7 +347,7 @@ class RetainedSide:
         if not filters or a is None:
             return
         members = core.view.members
-        fetch = RetainedFetch(session, {f: qos for f in filters}, set(), {}, {})
+        fetch = RetainedFetch(session, {f: qos for f in filters}, {}, {}, {})
         wild = [f for f in filters if is_wild(f)]
         if wild:
             for node in sorted(set(members) | {core.me}):
@@ -376,14 +376,13 @@ class RetainedSide:
 
     def _send_gets(self, fetch: RetainedFetch, fid: int, asks: dict[str, list[str]]) -> None:
         core = self.core
-        fetch.pending.update(asks)
         for node in sorted(asks):
             if node == core.me:
-                fetch.pending.discard(node)
                 found = self.matching(asks[node])
                 self._merge(fetch, node, [[t, m.qos, s, *m.stamp] for t, s, m in found], [m.payload for *_, m in found])
                 continue
             core.metrics["retained.gets_out"] += 1
+            fetch.pending[node] = fetch.pending.get(node, 0) + 1
             if not core.effects.send_peer(node, codec.encode(codec.RETAINED_GET, {"id": fid, "filters": asks[node]})):
                 self._node_failed(fid, node)
         if fid not in core.requests:
@@ -412,7 +411,9 @@ class RetainedSide:
         if h["more"]:
             fetch.partial[sender] = True
             return
-        fetch.pending.discard(sender)
+        fetch.pending[sender] -= 1
+        if not fetch.pending[sender]:
+            del fetch.pending[sender]
         if not fetch.pending:
             self._finish(h["id"])
 
@@ -439,7 +440,7 @@ class RetainedSide:
         fetch = core.requests.get(fid)
         if not isinstance(fetch, RetainedFetch) or node not in fetch.pending:
             return
-        fetch.pending.discard(node)
+        del fetch.pending[node]
         core.metrics["retained.fetch_timeouts"] += 1
         retry: dict[str, list[str]] = {}
         for filt in fetch.asked.get(node, []):
@@ -454,7 +455,7 @@ class RetainedSide:
     def _expire_fetch(self, fid: int, nodes: frozenset[str]) -> None:
         fetch = self.core.requests.get(fid)
         if isinstance(fetch, RetainedFetch):
-            for node in sorted(nodes & fetch.pending):
+            for node in sorted(nodes & fetch.pending.keys()):
                 self.core.log.warning("retained_fetch_timeout", peer=node)
                 self._node_failed(fid, node)
 

@@ -214,3 +214,46 @@ def test_bad_retain_frames_are_refused_counted_and_the_node_serves() -> None:
     assert len(core.owner.retained) == 0
     pid = retain(sim, sender, topic)  # and it still serves
     assert set(copies(sim, topic).values()) == {b"%d" % pid}
+
+
+def drain_dropping(sim: Sim, kind: bytes, dst: str) -> int:
+    """Deliver every queued frame, dropping those of type ``kind`` to ``dst`` (a lost frame); how many dropped."""
+    dropped = 0
+    for _ in range(10_000):
+        ready = sim.deliverable()
+        if not ready:
+            return dropped
+        for src, to in ready:
+            q = sim.channels.get((src, to))
+            while q:
+                if to == dst and q[0][0] == kind:
+                    q.popleft()
+                    dropped += 1
+                    continue
+                sim.deliver(src, to)
+    return dropped
+
+
+@pytest.mark.timeout(60)
+def test_a_silent_member_is_counted_and_an_exact_filter_falls_back_to_the_replica() -> None:
+    sim = cluster()
+    nodes = sorted(sim.nodes)
+    a = sim.etcd.doc
+    assert a is not None
+    topic = next(t for t in (f"f/{i}" for i in range(500)) if a.owners(shard_for_key(t, SHARDS))[0] == nodes[0])
+    pid = retain(sim, nodes[1], topic)
+    subscriber = next(n for n in nodes if n not in a.owners(shard_for_key(topic, SHARDS)))
+    core = sim.nodes[subscriber].core
+    assert sim.subscribe(subscriber, topic)
+    assert drain_dropping(sim, codec.RETAINED_GET, nodes[0]) == 1  # the primary never hears the question
+    assert sim.retained_got.get(sim.last_client) is None
+    assert sim.settle()  # the clock passes retained_fetch_timeout: the replica is asked
+    assert core.metrics["retained.fetch_timeouts"] == 1
+    assert sim.retained_got[sim.last_client] == {topic: (b"%d" % pid, 1)}
+    # A wildcard filter asks every member and has no fallback: the silent member's copies are missing (a known
+    # limit), and the replica's copy, which every member asked also holds, still comes.
+    assert sim.subscribe(subscriber, "f/+")
+    assert drain_dropping(sim, codec.RETAINED_GET, nodes[0]) == 1
+    assert sim.settle()
+    assert core.metrics["retained.fetch_timeouts"] == 2
+    assert sim.retained_got[sim.last_client] == {topic: (b"%d" % pid, 1)}
