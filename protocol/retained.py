@@ -2,8 +2,8 @@
 
 Rules of this file:
 - Where. The retained message of topic ``T`` lives at the owners of ``T``'s own shard (``shard_for_key(T, S)``,
-  the shard of ``T``'s exact routes), in the owner side's ``RetainedTable`` (one ``RetainedIndex`` per shard).
-  It moves with the shard: a hand-off's SNAPSHOT carries it, ``release`` drops it (``owner``).
+  the shard of ``T``'s exact routes), in the owner side's ``RetainedTable`` (one ``RetainedIndex`` for the node,
+  and each shard's topics). It moves with the shard: a hand-off's SNAPSHOT carries it, ``release`` drops it (``owner``).
 - One writer per shard: its primary. The entry node sends a retain publish's change (RETAIN; an empty payload
   deletes) to the primary only. The primary takes it only if it is the primary at the shard epoch the entry
   sent, else it answers RETAIN_ACK ``stale`` with its own shard epoch, and the entry re-reads the assignment and
@@ -31,9 +31,9 @@ Rules of this file:
   counted (``retained.refused_overloaded``) and reported to the client (ERROR ``overloaded``), never cut silently.
   A member that does not answer within ``retained_fetch_timeout`` is counted (``retained.fetch_timeouts``) and
   its shards' messages are missing from that subscribe (a known limit).
-- Cost of a subscribe: one frame per member for a wildcard filter, plus each member's index query per shard it
-  holds (``RetainedIndex.match`` follows its rarest literal level): it grows with the members and with what
-  matches, not with the total retained.
+- Cost of a subscribe: one frame per member for a wildcard filter, plus one index query at each member (one
+  index for every shard it holds; ``RetainedIndex.match`` follows the filter's rarest literal level): it grows
+  with the members and with what matches, not with the total retained.
 - Pure: no I/O, no clock; replies and deliveries are sorted by topic.
 """
 
@@ -312,10 +312,14 @@ class RetainedSide:
         found: dict[str, tuple[int, RetainedMessage]] = {}
         count = self.core.view.shard_count
         for filt in filters:
-            shards = table.held_shards() if is_wild(filt) else [shard_for_key(filt, count)]
-            for shard in shards:
-                for topic, message in table.match(shard, filt):
-                    found[topic] = (shard, message)
+            if is_wild(filt):
+                for topic, message in table.match(filt):
+                    found[topic] = (shard_for_key(topic, count), message)
+            else:
+                shard = shard_for_key(filt, count)
+                message = table.get(shard, filt)
+                if message is not None:
+                    found[filt] = (shard, message)
         return [(topic, shard, message) for topic, (shard, message) in sorted(found.items())]
 
     def _reply_frames(self, rid: int, found: list[tuple[str, int, RetainedMessage]]) -> list[list[bytes]]:

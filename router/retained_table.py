@@ -1,9 +1,12 @@
-"""The retained messages a node holds, per shard: one :class:`~.retained.RetainedIndex` each.
+"""The retained messages a node holds: one :class:`~.retained.RetainedIndex` for all of them, and each shard's topics.
 
 Rules of this file:
 * The retained message of topic ``T`` lives in ``T``'s own shard (``shard_for_key(T, S)``: where ``T``'s exact
-  routes live), so the owner side keeps one index per shard next to its route table and moves, snapshots and
-  drops it with the shard. An index is created on first use and dropped when empty.
+  routes live), and the owner side moves, snapshots and drops it with the shard: the table keeps each shard's
+  topics (a set, created on first use and dropped when empty). A topic belongs to one shard only, so the
+  messages themselves sit in one index for the whole node: a wildcard subscribe is one index query however many
+  shards the node holds (with an index per shard it was one per shard, ~2,700 on a 3-node cluster of 4,096
+  shards: ~20 ms whatever matched), and posting lists are shared by all shards (memory per message).
 * A :class:`RetainedMessage` holds the payload, its qos and the writer's order stamp ``(shard epoch, seq)``: the
   shard's primary stamps every write it accepts (one writer per shard). A copy is replaced only by a write with
   a stamp at least as new, so a write that reached a replica twice (direct and relayed) cannot undo a newer one.
@@ -13,7 +16,6 @@ Rules of this file:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .retained import RetainedIndex
@@ -31,24 +33,25 @@ class RetainedMessage:
 
 
 class RetainedTable:
-    """shard -> RetainedIndex[RetainedMessage], with the bytes held in all."""
+    """Retained messages by topic, in one node-wide index, and the topics of each shard."""
 
-    __slots__ = ("bytes", "shards")
+    __slots__ = ("_index", "_topics", "bytes")
 
     def __init__(self) -> None:
-        self.shards: dict[int, RetainedIndex[RetainedMessage]] = {}
+        self._index: RetainedIndex[RetainedMessage] = RetainedIndex()
+        self._topics: dict[int, set[str]] = {}  # shard -> its topics held here
         self.bytes = 0
 
     def __len__(self) -> int:
-        return sum(len(index) for index in self.shards.values())
+        return len(self._index)
 
     @staticmethod
     def cost(topic: str, payload: bytes) -> int:
         return len(topic) + len(payload)
 
     def get(self, shard: int, topic: str) -> RetainedMessage | None:
-        index = self.shards.get(shard)
-        return None if index is None else index.get(topic)
+        topics = self._topics.get(shard)
+        return None if topics is None or topic not in topics else self._index.get(topic)
 
     def growth(self, shard: int, topic: str, payload: bytes) -> int:
         """Bytes held more after storing ``payload`` as ``topic``'s retained message (negative: fewer)."""
@@ -57,50 +60,59 @@ class RetainedTable:
 
     def set(self, shard: int, topic: str, message: RetainedMessage) -> bool:
         """Store unless the copy held has a newer stamp; True when stored."""
-        index = self.shards.get(shard)
-        if index is None:
-            index = self.shards[shard] = RetainedIndex()
-        old = index.get(topic)
+        old = self.get(shard, topic)
         if old is not None:
             if old.stamp > message.stamp:
                 return False
             self.bytes -= self.cost(topic, old.payload)
-        index.set(topic, message)
+        topics = self._topics.get(shard)
+        if topics is None:
+            topics = self._topics[shard] = set()
+        self._index.set(topic, message)
+        topics.add(topic)
         self.bytes += self.cost(topic, message.payload)
         return True
 
     def delete(self, shard: int, topic: str, stamp: Stamp | None = None) -> bool:
         """Forget the topic's message unless the copy held is newer than ``stamp``; True when one was removed."""
-        index = self.shards.get(shard)
-        old = None if index is None else index.get(topic)
-        if index is None or old is None or (stamp is not None and old.stamp > stamp):
+        old = self.get(shard, topic)
+        if old is None or (stamp is not None and old.stamp > stamp):
             return False
-        index.delete(topic)
-        self.bytes -= self.cost(topic, old.payload)
-        if not len(index):
-            del self.shards[shard]
+        self._forget(shard, topic, old)
         return True
 
-    def match(self, shard: int, filt: str) -> list[tuple[str, RetainedMessage]]:
-        index = self.shards.get(shard)
-        return [] if index is None else index.match(filt)
+    def _forget(self, shard: int, topic: str, old: RetainedMessage) -> None:
+        self._index.delete(topic)
+        self.bytes -= self.cost(topic, old.payload)
+        topics = self._topics[shard]
+        topics.discard(topic)
+        if not topics:
+            del self._topics[shard]
+
+    def match(self, filt: str) -> list[tuple[str, RetainedMessage]]:
+        """Every message held here, in any shard, whose topic ``filt`` matches, sorted by topic: one index query
+        (``RetainedIndex.match``), not one per shard held."""
+        return self._index.match(filt)
 
     def shard_items(self, shard: int) -> list[tuple[str, RetainedMessage]]:
         """The shard's messages, sorted by topic (snapshots must be deterministic)."""
-        index = self.shards.get(shard)
-        return [] if index is None else sorted(index.items())
+        index = self._index
+        return [(topic, index.get(topic)) for topic in sorted(self._topics.get(shard, ()))]  # type: ignore[misc]
 
     def count(self, shard: int) -> int:
-        index = self.shards.get(shard)
-        return 0 if index is None else len(index)
+        return len(self._topics.get(shard, ()))
 
     def drop_shard(self, shard: int) -> int:
         """Forget a shard's messages; returns how many there were."""
-        index = self.shards.pop(shard, None)
-        if index is None:
+        topics = self._topics.get(shard)
+        if topics is None:
             return 0
-        self.bytes -= sum(self.cost(t, m.payload) for t, m in index.items())
-        return len(index)
+        count = len(topics)
+        for topic in list(topics):
+            message = self._index.get(topic)
+            assert message is not None
+            self._forget(shard, topic, message)
+        return count
 
-    def held_shards(self) -> Iterator[int]:
-        return iter(sorted(self.shards))
+    def held_shards(self) -> list[int]:
+        return sorted(self._topics)

@@ -148,7 +148,7 @@ def test_handoff_carries_retained_including_a_write_during_the_stream() -> None:
         sim.tick(0.25)
     assert sim.settle()
     for node in sim.nodes.values():
-        held = set(node.core.owner.retained.shards)
+        held = set(node.core.owner.retained.held_shards())
         assert held <= set(a.shards_of(node.node_id))
 
 
