@@ -463,7 +463,7 @@ class ClientCore:
         # other messages), and its QoS 1 messages come again from wherever they are still kept.
         self.dacks.clear()
         if any(entry[4] is not None and entry[2] >= 0 for entry in self.inbox):
-            self.inbox = deque((t, p, q, d, None if q >= 0 else m) for t, p, q, d, m in self.inbox)
+            self.inbox = deque((t, p, q, d, None if q >= 0 else m, r) for t, p, q, d, m, r in self.inbox)
         if not self.subscriptions:
             return []
         if self.had_session and not self.gap_reported:

@@ -292,6 +292,21 @@ def test_retain_flag_on_received_messages() -> None:
     assert not core.errors
 
 
+def test_a_new_session_forgets_the_message_ids_of_messages_still_in_the_inbox() -> None:
+    """QoS 1 messages of the old session still unread when a node without our session welcomes us: they are still
+    handed over (with their retain flag), but never acknowledged, since their ids meant the old session's."""
+    core = make_core(["tcp://a/n1"])
+    core.connected = True
+    for mid, retain in ((1, True), (2, False)):
+        header = {"topic": f"t{mid}", "qos": 1, "mid": mid, "retain": retain}
+        core.handle_unsolicited(codec.decode(codec.encode(codec.MSG, header, b"x")))
+    core.welcome({"node": "n2", "session_present": False}, "tcp://b/n2", 0.0)
+    assert [entry[4] for entry in core.inbox] == [None, None]
+    assert core.take_message() == (Message("t1", b"x", 1, False, True), None)
+    assert core.take_message() == (Message("t2", b"x", 1, False, False), None)
+    assert not core.dacks
+
+
 def test_backoff_doubles_up_to_its_cap_and_stops_at_the_deadline() -> None:
     backoff = Backoff(0.0, 1.0)
     pauses = []
