@@ -22,6 +22,10 @@ Rules of this file:
   item's 4th element, MSG ``retain``, an MSGS item's 5th): absent means false, so ordinary frames stay as small
   as before; present, it must be a JSON boolean. A SNAPSHOT may carry the shard's retained messages
   (``retained`` and ``retained_sizes``, the payloads in its payload part); ``split_retained`` checks them.
+- Persistent sessions: HELLO may say ``clean`` (false: keep the session) and ``expiry`` (seconds); a QoS 1 forward
+  may carry its publish id's counter (FWD ``pid``, a FWDS item's 4th element; the entry node is the sender); the
+  takeover frames SESSION_TAKE, SESSION_STATE (items [topic, dup, retain, pid] and ``sizes``, the payloads back to
+  back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -35,6 +39,8 @@ from typing import Any
 import orjson
 
 PROTOCOL_VERSION = 3  # v3: retained messages (RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY, retain flags)
+# Persistent sessions add frames and optional fields within v3 (SESSION_TAKE, SESSION_STATE, SESSION_TAKEN; HELLO
+# ``clean`` and ``expiry``; FWD ``pid``, a FWDS item's 4th element): an older peer never sends them.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 
@@ -81,6 +87,12 @@ RETAIN = b"RETAIN"  # a retained message's change: entry -> shard primary; with 
 RETAIN_ACK = b"RETAIN_ACK"
 RETAINED_GET = b"RETAINED_GET"  # a new subscription's filters: which retained messages match them
 RETAINED_REPLY = b"RETAINED_REPLY"
+# Persistent sessions: a node taking over client C's session asks its holder for it (SESSION_TAKE), gets its state
+# (SESSION_STATE chunks, the last with ``last``), says it holds it now (SESSION_TAKEN) and gets the tail (more
+# SESSION_STATE chunks, the last with ``last``).
+SESSION_TAKE = b"SESSION_TAKE"
+SESSION_STATE = b"SESSION_STATE"
+SESSION_TAKEN = b"SESSION_TAKEN"
 
 _INT = int
 _STR = str
@@ -129,6 +141,9 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     RETAIN_ACK: {"id": _INT},
     RETAINED_GET: {"id": _INT, "filters": _LIST},
     RETAINED_REPLY: {"id": _INT, "items": _LIST, "sizes": _LIST, "more": bool},
+    SESSION_TAKE: {"id": _INT, "client_id": _STR},
+    SESSION_STATE: {"id": _INT, "client_id": _STR, "filters": _LIST, "items": _LIST, "sizes": _LIST, "last": bool},
+    SESSION_TAKEN: {"id": _INT, "client_id": _STR},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
@@ -177,8 +192,29 @@ def _lookup_replies_ok(items: list[Any]) -> bool:
 
 def _fwd_items_ok(items: list[Any]) -> bool:
     return all(
-        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str)
-        and type(r[2]) is int and r[2] in (0, 1)
+        isinstance(r, list) and len(r) in (3, 4) and type(r[0]) is int and isinstance(r[1], str)
+        and type(r[2]) is int and r[2] in (0, 1) and (len(r) == 3 or type(r[3]) is int)
+        for r in items
+    )  # fmt: skip
+
+
+def _pid_ok(pid: Any) -> bool:
+    """A publish id: [entry node:str, counter:int] (``SESSION_STATE`` items), or null."""
+    return pid is None or (isinstance(pid, list) and len(pid) == 2 and isinstance(pid[0], str) and type(pid[1]) is int)
+
+
+def _session_items_ok(items: list[Any]) -> bool:
+    """SESSION_STATE items: [topic:str, dup:bool, retain:bool, pid:[node, counter]|null]."""
+    return all(
+        isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and type(r[1]) is bool and type(r[2]) is bool
+        and _pid_ok(r[3])
+        for r in items
+    )  # fmt: skip
+
+
+def _session_filters_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
         for r in items
     )
 
@@ -221,14 +257,23 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (RETAINED_GET, "filters"): (_strings_ok, "filter strings"),
     (RETAINED_REPLY, "items"): (_retained_items_ok, "[topic:str, qos:0|1, shard:int, epoch:int, seq:int] lists"),
     (RETAINED_REPLY, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (SESSION_STATE, "filters"): (_session_filters_ok, "[filter:str, qos:0|1] pairs"),
+    (SESSION_STATE, "items"): (
+        _session_items_ok, "[topic:str, dup:bool, retain:bool, pid:[node:str, n:int]|null] lists"
+    ),
+    (SESSION_STATE, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
 }
 # Optional header fields that must be JSON booleans when present (absent means false).
-OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {PUB: ("retain",), MSG: ("retain",)}
+OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {PUB: ("retain",), MSG: ("retain",), HELLO: ("clean",)}
+# Optional header fields that must be JSON integers when present: FWD ``pid`` (the publish id's counter at the
+# entry node, which is the sender). (HELLO ``expiry``, a number of seconds, is checked by the node.)
+OPTIONAL_INTS: dict[bytes, tuple[str, ...]] = {FWD: ("pid",)}
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
         SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY,
+        SESSION_TAKE, SESSION_STATE, SESSION_TAKEN,
     }
 )  # fmt: skip
 
@@ -251,6 +296,7 @@ E_FENCED = "fenced"
 E_OVERLOADED = "overloaded"  # a subscriber's QoS 1 backlog is full: the publish was not delivered
 E_INTERRUPTED = "interrupted"  # SDK: the node ended this client's session (its subscriptions had a gap)
 E_SHUTDOWN = "shutdown"  # SESSION_END: the node is stopping
+E_TAKEN_OVER = "taken_over"  # SESSION_END: a connection with the same client id took the persistent session
 
 
 class ProtocolError(Exception):
@@ -330,6 +376,9 @@ def decode(
     for name in OPTIONAL_BOOLS.get(frame_type, ()):
         if name in header and type(header[name]) is not bool:
             raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be true or false", ref)
+    for name in OPTIONAL_INTS.get(frame_type, ()):
+        if name in header and type(header[name]) is not int:
+            raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be an integer", ref)
     if len(payload) > max_payload:
         raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
     return Frame(frame_type, header, bytes(payload))

@@ -102,6 +102,17 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
         max_size=5,
     ),
     (codec.RETAINED_REPLY, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.SESSION_STATE, "filters"): st.lists(
+        st.tuples(st.text(max_size=20), st.sampled_from([0, 1])).map(list), max_size=5
+    ),
+    (codec.SESSION_STATE, "items"): st.lists(
+        st.tuples(
+            st.text(max_size=20), st.booleans(), st.booleans(),
+            st.none() | st.tuples(st.text(max_size=8), st.integers(0, 2**40)).map(list),
+        ).map(list),
+        max_size=5,
+    ),
+    (codec.SESSION_STATE, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.PUBS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.INVALIDATE, "shards"): st.lists(st.integers(0, 4095), max_size=5),
     (codec.LOOKUPS, "items"): st.lists(
@@ -449,6 +460,7 @@ def test_error_codes_are_the_documented_set() -> None:
         "interrupted",
         "shutdown",
         "not_authorized",
+        "taken_over",
     } == ERROR_CODES
 
 
@@ -641,6 +653,65 @@ def test_bad_retain_fields_are_bad_header(frame_type: bytes, header: dict[str, A
 def test_retained_reply_sizes_must_match_the_payload() -> None:
     frame = codec.decode(codec.encode(codec.RETAINED_REPLY, {"id": 2, "items": [["a", 0, 1, 1, 1]], "sizes": [5],
                                                              "more": False}, b"abc"))  # fmt: skip
+    with pytest.raises(ProtocolError) as info:
+        codec.split_batch(frame)
+    assert info.value.code == codec.E_BAD_FRAME
+
+
+# ---------------------------------------------------------------------------------------------- persistent sessions
+def test_session_frames_round_trip() -> None:
+    frames = [
+        (codec.SESSION_TAKE, {"id": 3, "client_id": "dev-42"}, b""),
+        (codec.SESSION_TAKE, {"id": 0, "client_id": "dev-42", "discard": True}, b""),
+        (codec.SESSION_STATE, {"id": 3, "client_id": "dev-42", "filters": [["a/#", 1], ["b", 0]],
+                               "items": [["a/b", True, False, ["n1", 7]], ["a/c", False, True, None]],
+                               "sizes": [2, 1], "last": False}, b"xyz"),
+        (codec.SESSION_STATE, {"id": 3, "client_id": "dev-42", "filters": [], "items": [], "sizes": [],
+                               "last": True}, b""),
+        (codec.SESSION_TAKEN, {"id": 3, "client_id": "dev-42"}, b""),
+        (codec.HELLO, {"client": "dev-42", "clean": False, "expiry": 60}, b""),
+        (codec.FWD, {"id": 1, "topic": "a", "qos": 1, "pid": 9}, b"p"),
+        (codec.FWDS, {"items": [[1, "a", 1, 9], [2, "a", 0]], "sizes": [1, 1]}, b"pq"),
+        (codec.SESSION_END, {"code": codec.E_TAKEN_OVER, "reason": "taken over on n2"}, b""),
+    ]
+    for frame_type, header, payload in frames:
+        frame = codec.decode(codec.encode(frame_type, header, payload))
+        assert frame.type == frame_type and frame.payload == payload
+        assert {k: v for k, v in frame.header.items() if k != "v"} == header
+    state = codec.decode(codec.encode(*frames[2]))
+    assert codec.split_batch(state) == [(["a/b", True, False, ["n1", 7]], b"xy"), (["a/c", False, True, None], b"z")]
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "header", "code"),
+    [
+        (codec.SESSION_TAKE, {"id": 1}, codec.E_BAD_HEADER),
+        (codec.SESSION_TAKE, {"id": "1", "client_id": "c"}, codec.E_BAD_HEADER),
+        (codec.SESSION_TAKEN, {"id": 1, "client_id": 5}, codec.E_BAD_HEADER),
+        (codec.SESSION_STATE, {"id": 1, "client_id": "c", "filters": [["a", 2]], "items": [], "sizes": [],
+                               "last": True}, codec.E_BAD_HEADER),
+        (codec.SESSION_STATE, {"id": 1, "client_id": "c", "filters": [], "items": [["a", 1, False, None]],
+                               "sizes": [0], "last": True}, codec.E_BAD_HEADER),
+        (codec.SESSION_STATE, {"id": 1, "client_id": "c", "filters": [], "items": [["a", True, False, ["n"]]],
+                               "sizes": [0], "last": True}, codec.E_BAD_HEADER),
+        (codec.SESSION_STATE, {"id": 1, "client_id": "c", "filters": [], "items": [], "sizes": [-1],
+                               "last": True}, codec.E_BAD_HEADER),
+        (codec.SESSION_STATE, {"id": 1, "client_id": "c", "filters": [], "items": [], "sizes": [],
+                               "last": 1}, codec.E_BAD_HEADER),
+        (codec.HELLO, {"clean": 0}, codec.E_BAD_HEADER),
+        (codec.FWD, {"id": 1, "topic": "a", "qos": 1, "pid": "9"}, codec.E_BAD_HEADER),
+        (codec.FWDS, {"items": [[1, "a", 1, "9"]], "sizes": [1]}, codec.E_BAD_HEADER),
+    ],
+)
+def test_session_frames_bad_fields(frame_type: bytes, header: dict[str, Any], code: str) -> None:
+    err = rejected(raw(frame_type, {"v": codec.PROTOCOL_VERSION, **header}, b"p" if frame_type == codec.FWDS else b""))
+    assert err.code == code
+
+
+def test_session_state_sizes_must_match_payload() -> None:
+    header = {"id": 1, "client_id": "c", "filters": [], "items": [["a", False, False, None]], "sizes": [5],
+              "last": True}
+    frame = codec.decode(codec.encode(codec.SESSION_STATE, header, b"ab"))
     with pytest.raises(ProtocolError) as info:
         codec.split_batch(frame)
     assert info.value.code == codec.E_BAD_FRAME
