@@ -26,6 +26,11 @@ Rules of this file:
 - QoS 0 messages zmq would not queue for a client are dropped, counted per message (``drops.client_hwm``) and
   per session, and the client is told: a DROPPED frame goes with its next successful send, or from the drops
   tick for a client nothing else is sent to.
+- A persistent session (``sessions``) is not dropped by BYE or a lost connection: it goes offline (``offline``),
+  keeps its routes, queues its QoS 1 messages in its backlog (bounded as above: at the bound the forward is
+  refused ``overloaded``) and drops QoS 0 ones, counted (``drops.session_offline``, as mosquitto does by default),
+  until its client says HELLO again (everything unacknowledged again with ``dup``, then the backlog) or it
+  expires ``expiry`` seconds after it went offline (``deliveries.session_expired``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 
 from .outbox import Delivery
-from .records import Session
+from .records import Pid, Queued, Session
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -51,6 +56,7 @@ class Destination:
         self.core = core
         self.sessions: dict[bytes, Session] = {}
         self.drop_reports: dict[bytes, Session] = {}  # sessions owed a DROPPED frame
+        self.offline: set[bytes] = set()  # persistent sessions with no connection (or being taken over)
 
     # ------------------------------------------------------------------ sessions
     def attach(self, rid: bytes) -> Session:
@@ -61,32 +67,61 @@ class Destination:
             session = self.sessions[rid] = Session(rid, core.now)
             core.metrics["clients.connected"] += 1
         session.last_seen = core.now
-        session.detached_at = None
+        if session.moving_to is None:  # a session being handed over stays offline here
+            session.detached_at = None
+            if self.offline:
+                self.offline.discard(rid)
         return session
 
     def on_hello(self, session: Session, frame: Frame) -> None:
+        self.core.sessions.on_hello(session, frame)
+
+    def welcome(self, session: Session, present: bool, ref: Any) -> None:
+        """WELCOME, then (a session present) everything unacknowledged again with ``dup``, then the backlog."""
         core = self.core
-        present, session.greeted = session.greeted, True
+        session.greeted = True
         header = {
-            "id": frame.header.get("id"), "node": core.me, "max_payload": core.cfg.max_payload,
+            "id": ref, "node": core.me, "max_payload": core.cfg.max_payload,
             "membership_epoch": core.view.membership_epoch, "session_present": present, "fenced": core.fenced(),
         }  # fmt: skip
         core.send_client(session.rid, codec.encode(codec.WELCOME, header))
         if present:
             self._redeliver(session, everything=True)  # a reconnect: its old pipe may have lost what was in it
+        self.fill(session)
 
     def on_bye(self, session: Session, frame: Frame) -> None:
+        if session.persistent:
+            self.go_offline(session)  # MQTT: a DISCONNECT keeps a persistent session
+            return
         self.drop_session(session.rid, reason="bye")
 
-    def drop_session(self, rid: bytes, reason: str) -> None:
+    def go_offline(self, session: Session) -> None:
+        """A persistent session's client left: keep it, queue for it, end it ``expiry`` seconds from now."""
+        core = self.core
+        if session.rid in self.offline:
+            return
+        since = session.detached_at = core.now
+        self.offline.add(session.rid)
+        core.metrics["sessions.offline"] += 1
+
+        def expire() -> None:
+            found = self.sessions.get(session.rid)
+            if found is session and found.detached_at == since and found.moving_to is None:
+                self.drop_session(session.rid, reason="expired", counted="deliveries.session_expired")
+                core.sessions.record_gone(session.rid)
+
+        core.effects.call_later(session.expiry, expire)
+
+    def drop_session(self, rid: bytes, reason: str, counted: str = "deliveries.session_ended") -> None:
         core = self.core
         session = self.sessions.pop(rid, None)
         if session is None:
             return
+        self.offline.discard(rid)
         routes_dropped = core.subscriptions.forget(session)
-        unsent = len(session.backlog)
+        unsent = len(session.backlog) + len(session.live)
         core.metrics["clients.disconnected"] += 1
-        core.metrics["deliveries.session_ended"] += unsent + len(session.inflight)
+        core.metrics[counted] += unsent + len(session.inflight)
         core.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=routes_dropped,
                       unacknowledged=len(session.inflight), backlog=unsent)  # fmt: skip
 
@@ -95,6 +130,9 @@ class Destination:
         core = self.core
         session = self.sessions.get(rid)
         if session is None or session.detached_at is not None:
+            return
+        if session.persistent:
+            self.go_offline(session)
             return
         since = session.detached_at = core.now
         core.metrics["clients.vanished"] += 1
@@ -122,7 +160,7 @@ class Destination:
         core = self.core
         cutoff = core.now - core.cfg.client_idle_check
         for session in list(self.sessions.values()):
-            if session.last_seen < cutoff:
+            if session.last_seen < cutoff and session.rid not in self.offline:
                 core.send_client(session.rid, codec.encode(codec.PING, {}))
         core.effects.call_later(core.cfg.client_idle_check, self.idle_tick)
 
@@ -133,14 +171,16 @@ class Destination:
         if not h["qos"]:
             self.deliver(h["topic"], 0, frame.payload)
             return
-        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None)
+        pid = h.get("pid")
+        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None, (sender, pid) if pid else None)
 
     def _take_qos1(
-        self, sender: str, fid: int, topic: str, payload: bytes, found: tuple[set[bytes], set[bytes]] | None
+        self, sender: str, fid: int, topic: str, payload: bytes, found: tuple[set[bytes], set[bytes]] | None,
+        pid: Pid | None = None,
     ) -> None:
         """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``."""
         core = self.core
-        if self.deliver(topic, 1, payload, found):
+        if self.deliver(topic, 1, payload, found, pid):
             core.outbox.ack(sender, fid)
         else:
             reason = f"a subscriber of {topic!r} on {core.me} has a full backlog of unacknowledged messages"
@@ -161,17 +201,22 @@ class Destination:
         recipients: dict[tuple[str, int], tuple[set[bytes], set[bytes]]] = {}
         queues: dict[str, list[list[Delivery]]] = {}  # QoS 0: the outbox lists of a topic's clients
         queued = received = 0
-        for (fid, topic, qos), sizes, payload in runs:
+        offline = self.offline
+        for (fid, topic, qos, *pid), sizes, payload in runs:
             if qos:  # never a run (codec.split_runs)
                 found = recipients.get((topic, qos))
                 if found is None:
                     found = recipients[(topic, qos)] = local_recipients(topic, qos)
-                self._take_qos1(sender, fid, topic, payload, found)
+                self._take_qos1(sender, fid, topic, payload, found, (sender, pid[0]) if pid and pid[0] else None)
                 received += 1
                 continue
             lists = queues.get(topic)
             if lists is None:  # the fast path of ``deliver`` for QoS 0, list by list
-                lists = queues[topic] = [outbox.delivery_queue(r) for r in local_recipients(topic, 0)[0]]
+                rids = local_recipients(topic, 0)[0]
+                if offline and not offline.isdisjoint(rids):
+                    core.metrics["drops.session_offline"] += len(rids & offline) * (1 if sizes is None else len(sizes))
+                    rids = rids - offline
+                lists = queues[topic] = [outbox.delivery_queue(r) for r in rids]
             item = Delivery(topic, 0, None, False, payload, sizes)
             for queue in lists:
                 queue.append(item)
@@ -182,15 +227,21 @@ class Destination:
 
     # ------------------------------------------------------------------ delivery
     def deliver(
-        self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None
+        self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None,
+        pid: Pid | None = None,
     ) -> bool:
-        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic.
+        """Queue a message for this node's matching clients; ``recipients`` when already known for the topic;
+        ``pid``: a QoS 1 message's publish id (a session taken over gets a message both nodes had once).
 
         False when a QoS 1 recipient has no room left (see the rules above): then nobody here got it."""
         core = self.core
         q0, q1 = recipients or core.subscriptions.local_recipients(topic, qos)
         outbox = core.outbox
+        offline = self.offline
         for rid in q0:  # queued, and sent by the flush at the end of this batch of frames (one frame per client)
+            if offline and rid in offline:
+                core.metrics["drops.session_offline"] += 1
+                continue
             outbox.deliver(rid, Delivery(topic, 0, None, False, payload))
         if not q1:
             return True
@@ -198,17 +249,22 @@ class Destination:
         sessions = [s for rid in q1 if (s := self.sessions.get(rid)) is not None]
         size = len(payload)
         for s in sessions:
-            if s.held_bytes + size > cfg.max_session_bytes or len(s.backlog) >= cfg.max_queued:
+            if s.held_bytes + size > cfg.max_session_bytes or len(s.backlog) + len(s.live) >= cfg.max_queued:
                 core.metrics["qos1.refused_overloaded"] += 1
                 return False
         for s in sessions:
+            if s.moved_pids and pid in s.moved_pids:  # the old holder handed it over already
+                core.metrics["sessions.duplicates_dropped"] += 1
+                continue
             s.held_bytes += size
+            if s.waiting_tail:  # a takeover: after what the old holder still sends
+                s.live.append((topic, payload, False, pid, False))
             # Behind a backlog even with room in the window: a newer message must not overtake older ones.
-            if s.backlog or len(s.inflight) >= cfg.max_inflight:
-                s.backlog.append((topic, payload))
+            elif s.backlog or len(s.inflight) >= cfg.max_inflight or (offline and s.rid in offline):
+                s.backlog.append((topic, payload, False, pid, False))
                 core.metrics["qos1.backlogged"] += 1
             else:
-                self._write_qos1(s, topic, payload)
+                self._write_qos1(s, topic, payload, False, pid)
         return True
 
     def deliver_retained(self, session: Session, topic: str, qos: int, payload: bytes) -> bool:
@@ -222,19 +278,48 @@ class Destination:
             return False
         session.held_bytes += len(payload)
         if session.backlog or len(session.inflight) >= cfg.max_inflight:
-            session.backlog.append((topic, payload, True))
+            session.backlog.append((topic, payload, True, None, False))
             core.metrics["qos1.backlogged"] += 1
         else:
             self._write_qos1(session, topic, payload, True)
         return True
 
-    def _write_qos1(self, session: Session, topic: str, payload: bytes, retain: bool = False) -> None:
+    def _write_qos1(
+        self, session: Session, topic: str, payload: bytes, retain: bool = False, pid: Pid | None = None,
+        dup: bool = False,
+    ) -> None:
         mid = session.next_mid
         session.next_mid += 1
         session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
         if retain:
             session.retained_mids.add(mid)
-        self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, False, payload, retain=retain))
+        if pid is not None and session.persistent:
+            session.pids[mid] = pid
+        self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, dup, payload, retain=retain))
+
+    def fill(self, session: Session) -> None:
+        """Write backlogged messages while the window has room (a connected session only)."""
+        if session.rid in self.offline:
+            return
+        limit = self.core.cfg.max_inflight
+        backlog, inflight = session.backlog, session.inflight
+        while backlog and len(inflight) < limit:
+            self._write_qos1(session, *backlog.popleft())
+
+    def take_queue(self, session: Session) -> list[Queued]:
+        """Everything a session holds, to hand over (a takeover): unacknowledged messages first, by message id,
+        flagged ``dup``, then the backlog in order. The session holds nothing afterwards."""
+        out: list[Queued] = [
+            (topic, payload, mid in session.retained_mids, session.pids.get(mid), True)
+            for mid, (topic, payload, _) in sorted(session.inflight.items())
+        ]
+        out.extend(session.backlog)
+        session.inflight.clear()
+        session.backlog.clear()
+        session.pids.clear()
+        session.retained_mids.clear()
+        session.held_bytes = 0
+        return out
 
     def on_dack(self, session: Session, frame: Frame) -> None:
         inflight = session.inflight
@@ -244,16 +329,16 @@ class Destination:
                 session.held_bytes -= len(found[1])
                 if session.retained_mids:
                     session.retained_mids.discard(mid)
+                if session.pids:
+                    session.pids.pop(mid, None)
                 self.core.metrics["deliveries.acked"] += 1
         if session.backlog:
-            limit = self.core.cfg.max_inflight
-            backlog = session.backlog
-            while backlog and len(inflight) < limit:  # acknowledgements made room: fill the window
-                self._write_qos1(session, *backlog.popleft())
+            self.fill(session)  # acknowledgements made room: fill the window
 
     def redeliver_tick(self) -> None:
         for session in list(self.sessions.values()):
-            self._redeliver(session, everything=False)
+            if session.rid not in self.offline:
+                self._redeliver(session, everything=False)
         self.core.effects.call_later(self.core.cfg.redelivery_interval, self.redeliver_tick)
 
     def _redeliver(self, session: Session, everything: bool) -> None:

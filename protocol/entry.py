@@ -41,6 +41,9 @@ Rules of this file:
   Its QoS 1 PUBACK waits for the forwards and the RETAIN_ACK alike (``Publish.routed``: a RETAIN_ACK that comes
   before the forwards left does not acknowledge it); a QoS 0 one is stored all the same, and a failure to store
   it is reported to the client as an ERROR without ``ref``.
+- A QoS 1 publish gets a publish id (``Publish.pid``, a counter of this node), sent with each of its forwards:
+  a node taking over a persistent session delivers a message that reached both it and the old holder once.
+  Topics under ``$session/`` (the session directory) are refused ``not_authorized``.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from shardmq.router.route_cache import RouteCache
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .outbox import Forward
-from .records import Lookup, PendingForward, Publish, Session
+from .records import RESERVED_REASON, Lookup, PendingForward, Publish, Session, is_reserved
 from .view import ROOT
 
 if TYPE_CHECKING:
@@ -83,6 +86,7 @@ class Entry:
         self._resolved_for: tuple[Any, ...] = ()
         self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
         self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
+        self.next_pid = 0  # the last QoS 1 publish id given here (``Publish.pid``)
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -199,6 +203,10 @@ class Entry:
             return None
         if session.acl is not None and not session.acl.may_publish(topic):
             core.access.refuse(session, f"publish to {topic!r}", ref)
+            return None
+        if is_reserved(topic):
+            core.metrics["sessions.reserved_refused"] += 1
+            core.reject_client(session.rid, codec.E_NOT_AUTHORIZED, RESERVED_REASON, ref)
             return None
         if core.fenced():
             reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
@@ -470,9 +478,12 @@ class Entry:
         core.metrics["publishes.routed"] += 1
         core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in pub.dests)
         members = core.view.members
+        if pub.qos and not pub.pid:
+            self.next_pid += 1
+            pub.pid = self.next_pid
         for dest in pub.dests:
             if dest == core.me:
-                if not core.destination.deliver(pub.topic, pub.qos, pub.payload):
+                if not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=(core.me, pub.pid)):
                     self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {core.me} has a full backlog")
                 continue
             if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
@@ -484,7 +495,7 @@ class Entry:
                 self.unexpired_fwds.append(fid)  # the flush sets one timer for all forwarded in this batch
             else:
                 fid = 0
-            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload))
+            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid))
         pub.routed = True
         self._maybe_puback(pub)
 

@@ -10,7 +10,8 @@ Rules of this file:
   lease), fencing, and the leader's rebalancer. A message's journey has a room per step: ``entry`` (a client's
   publish, resolved and forwarded), ``owner`` (the route table and its answers, hand-offs), ``destination``
   (delivery to local clients, QoS 1), ``subscriptions`` (local filters and their routes at the owners),
-  ``retained`` (retained messages: the primary's writes, their replicas, a new subscription's fetch).
+  ``retained`` (retained messages: the primary's writes, their replicas, a new subscription's fetch),
+  ``sessions`` (persistent sessions: HELLO, the session directory, the takeover between nodes).
 - The clock is ``now``, set by whoever drives the core before each event; nothing here reads a clock.
 - One registry (``requests``) holds everything that waits on a peer; a peer's ERROR and a peer's loss reach
   what waits on it through it.
@@ -45,6 +46,7 @@ from .owner import OwnerSide
 from .records import Lookup, Session
 from .requests import PendingRequests
 from .retained import RetainedSide
+from .sessions import SessionSide
 from .subscriptions import Subscriptions
 from .view import ClusterView, MemberInfo, SessionView
 
@@ -139,6 +141,7 @@ class NodeCore:
         self.destination = Destination(self)
         self.subscriptions = Subscriptions(self)
         self.retained = RetainedSide(self)
+        self.sessions = SessionSide(self)
         self.access = AccessControl(self)
         self.coordinator: Coordinator | None = None
         self.sessions_ended_fenced = False  # SESSION_END sent to every client since the lease became doubtful
@@ -183,6 +186,9 @@ class NodeCore:
             codec.RETAIN_ACK: self.retained.on_retain_ack,
             codec.RETAINED_GET: self.retained.on_get,
             codec.RETAINED_REPLY: self.retained.on_reply,
+            codec.SESSION_TAKE: self.sessions.on_take,
+            codec.SESSION_STATE: self.sessions.on_state,
+            codec.SESSION_TAKEN: self.sessions.on_taken,
         }
 
     def start(self, now: float) -> None:

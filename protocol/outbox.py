@@ -31,6 +31,7 @@ class Forward:
     qos: int
     payload: bytes
     sizes: list[int] | None = None  # a QoS 0 run: ``payload`` is these messages back to back (codec.Run)
+    pid: int = 0  # a QoS 1 publish's id at its entry node (the same for every destination); 0: none
 
     @property
     def count(self) -> int:
@@ -110,9 +111,12 @@ class Outbox:
                 if len(chunk) == 1 and chunk[0].sizes is None:
                     f = chunk[0]
                     header = {"id": f.fid, "topic": f.topic, "qos": f.qos}
+                    if f.pid:
+                        header["pid"] = f.pid
                     yield dest, codec.encode(codec.FWD, header, f.payload), chunk
                 else:
-                    runs = [([f.fid, f.topic, f.qos], f.sizes, f.payload) for f in chunk]
+                    runs = [([f.fid, f.topic, f.qos, f.pid] if f.pid else [f.fid, f.topic, f.qos], f.sizes, f.payload)
+                            for f in chunk]  # fmt: skip
                     yield dest, codec.encode_runs(codec.FWDS, {}, runs), chunk
 
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:

@@ -23,6 +23,15 @@ from shardmq.router.acl import Acl
 from shardmq.router.routes import RouteTable
 
 ROOT = RouteTable.ROOT
+SESSION_PREFIX = "$session/"  # the session directory's records (``sessions``): no client may publish or subscribe
+RESERVED_REASON = f"topics under {SESSION_PREFIX!r} are reserved for the cluster's session directory"
+Pid = tuple[str, int]  # a QoS 1 publish's id: (entry node, its counter there)
+# A QoS 1 message kept for a session beyond its window: (topic, payload, retain, pid or None, dup).
+Queued = tuple[str, bytes, bool, Pid | None, bool]
+
+
+def is_reserved(topic_or_filter: str) -> bool:
+    return topic_or_filter.startswith(SESSION_PREFIX) or topic_or_filter == SESSION_PREFIX[:-1]
 
 
 @dataclass(slots=True)
@@ -38,9 +47,8 @@ class Session:
     next_mid: int = 1
     greeted: bool = False  # said HELLO: a later HELLO on this session finds it present (MQTT's session present)
     # QoS 1 messages beyond the window (``max_inflight``), oldest first: accepted, written as acknowledgements
-    # make room.
-    # (topic, payload) or (topic, payload, True) for a retained message (``destination.deliver_retained``).
-    backlog: deque[tuple[str, bytes] | tuple[str, bytes, bool]] = field(default_factory=deque)
+    # make room (``Queued``; retain for a retained message, ``destination.deliver_retained``).
+    backlog: deque[Queued] = field(default_factory=deque)
     held_bytes: int = 0  # payload bytes in ``inflight`` and ``backlog``: bounded by ``max_session_bytes``
     detached_at: float | None = None  # the time its connection was found gone; None while attached
     # QoS 0 messages dropped because zmq would not queue them (the client reads too slowly), in all and not yet
@@ -51,6 +59,15 @@ class Session:
     principal: str | None = None
     acl: Acl | None = None
     retained_mids: set[int] = field(default_factory=set)  # inflight mids that carry a retained message (MSG retain)
+    # Persistent sessions (``sessions``): kept after BYE or a lost connection for ``expiry`` seconds.
+    persistent: bool = False
+    expiry: float = 0.0
+    pids: dict[int, Pid] = field(default_factory=dict)  # inflight mid -> its publish id (persistent sessions only)
+    moving_to: str | None = None  # the node taking this session over: nothing is delivered here any more
+    # At the node taking a session over: until the old holder's tail came, live messages wait here (``Queued``).
+    waiting_tail: bool = False
+    live: list[Queued] = field(default_factory=list)
+    moved_pids: set[Pid] = field(default_factory=set)  # publish ids the old holder handed over (delivered once)
 
 
 @dataclass(slots=True)
@@ -67,6 +84,7 @@ class Publish:
     asked_remote: bool = False  # a lookup went to another node: two hops before the forward
     retain: bool = False  # also store it as the topic's retained message (``retained``); its PUBACK waits for that
     routed: bool = False  # forwarded: a PUBACK may go once nothing else waits (a RETAIN_ACK may come first)
+    pid: int = 0  # a QoS 1 publish's id at this entry node, the same for all its destinations (session takeover)
 
 
 @dataclass(slots=True)
@@ -189,9 +207,10 @@ class Replication:
 
 @dataclass(slots=True)
 class RetainedFetch:
-    """A new subscription's RETAINED_GETs, one per member asked; delivered to its client once all answered."""
+    """A new subscription's RETAINED_GETs, one per member asked; delivered to its client once all answered.
+    Without a session: a node's own read of one record (``then`` gets its payload, None when there is none)."""
 
-    session: Session
+    session: Session | None
     filters: dict[str, int]  # granted filter -> granted qos
     pending: dict[str, int]  # node -> RETAINED_GETs to it not answered yet (a retry may ask a node twice)
     asked: dict[str, list[str]]  # node -> filters it was asked for
@@ -199,6 +218,26 @@ class RetainedFetch:
     # topic -> (rank, qos, payload, stamp epoch, stamp seq) of the copy kept
     got: dict[str, tuple[int, int, bytes, int, int]] = field(default_factory=dict)
     partial: dict[str, bool] = field(default_factory=dict)  # node -> it sent a chunk with ``more``
+    then: Callable[[bytes | None], None] | None = None
 
     def waits_on(self, node: str) -> bool:
         return node in self.pending
+
+
+@dataclass(slots=True)
+class Takeover:
+    """A persistent session this node takes over from its holder (``sessions``): ``phase`` is "lookup" (reading
+    the directory), "state" (SESSION_TAKE sent), "subscribe" (routes and directory record being written), "tail"
+    (SESSION_TAKEN sent, waiting for what queued at the holder since)."""
+
+    session: Session
+    client_id: str
+    holder: str = ""
+    phase: str = "lookup"
+    filters: list[list[Any]] = field(default_factory=list)
+    items: list[tuple[list[Any], bytes]] = field(default_factory=list)
+    started: float = 0.0
+    ref: Any = None  # the HELLO's id, for its WELCOME
+
+    def waits_on(self, node: str) -> bool:
+        return node == self.holder and self.phase in ("state", "tail")

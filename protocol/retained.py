@@ -138,6 +138,22 @@ class RetainedSide:
         stale = h.get("stale")
         self._answered(w, {"stale": stale} if type(stale) is int else {})
 
+    def write_record(self, topic: str, payload: bytes, then: Callable[[str | None, str], None]) -> None:
+        """A node's own record (the session directory, ``sessions``): written like a retain publish, through the
+        shard's primary (an empty payload deletes)."""
+        self._write(RetainWrite("", 0, topic, 1, payload, then))
+
+    def read_record(self, topic: str, then: Callable[[bytes | None], None]) -> None:
+        """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners)."""
+        core = self.core
+        if core.view.assignment is None:
+            then(None)
+            return
+        fetch = RetainedFetch(None, {topic: 1}, {}, {}, {}, then=then)
+        fetch.tried[topic] = []
+        self._ask_exact(fetch, topic)
+        self._send_gets(fetch, core.requests.open(fetch, self), dict(fetch.asked))
+
     # ------------------------------------------------------------------ the primary and its replicas
     def on_retain(self, sender: str, frame: Frame) -> None:
         h = frame.header
@@ -469,6 +485,11 @@ class RetainedSide:
         if not isinstance(fetch, RetainedFetch):
             return
         session = fetch.session
+        if session is None:
+            if fetch.then is not None:
+                held = fetch.got.get(next(iter(fetch.filters)))
+                fetch.then(None if held is None else held[2])
+            return
         if core.destination.sessions.get(session.rid) is not session:
             return  # the client left meanwhile
         refused = 0

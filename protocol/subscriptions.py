@@ -32,7 +32,7 @@ from shardmq.router.matching import FilterIndex
 from shardmq.router.partition import placement_key
 from shardmq.router.topics import TopicError, validate_topic_filter
 
-from .records import Relay, Session, Waiter, gate
+from .records import RESERVED_REASON, Relay, Session, Waiter, gate, is_reserved
 from .view import ROOT, MemberInfo
 
 if TYPE_CHECKING:
@@ -89,6 +89,11 @@ class Subscriptions:
                 core.metrics[f"errors.{exc.code}"] += 1
                 shown = filt if isinstance(filt, str) else None
                 results.append({"filter": shown, "code": exc.code, "reason": exc.reason})
+                continue
+            if is_reserved(filt):
+                core.metrics[f"errors.{codec.E_NOT_AUTHORIZED}"] += 1
+                core.metrics["sessions.reserved_refused"] += 1
+                results.append({"filter": filt, "code": codec.E_NOT_AUTHORIZED, "reason": RESERVED_REASON})
                 continue
             if session.acl is not None and not session.acl.may_subscribe(filt):
                 core.metrics[f"errors.{codec.E_NOT_AUTHORIZED}"] += 1

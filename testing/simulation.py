@@ -31,7 +31,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardmq.protocol import MemberInfo, NodeCore, ProtocolConfig, SessionView
@@ -177,6 +177,22 @@ class SimClient:
     state: str = "pending"  # pending -> acked | refused; ended (SESSION_END) from any of them
 
 
+@dataclass(slots=True)
+class SessionClient:
+    """A client driven frame by frame (persistent sessions): it hears only the node it is connected to."""
+
+    rid: bytes
+    node_id: str | None = None  # connected to; None: away (closed, killed)
+    frames: list[codec.Frame] = field(default_factory=list)  # every frame heard, in order
+    # Messages heard: (topic, payload, dup); QoS 1 ones are acknowledged at once unless ``ack`` is off.
+    got: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    ack: bool = True
+
+    def welcome(self) -> dict[str, Any] | None:
+        found = [f.header for f in self.frames if f.type == codec.WELCOME]
+        return found[-1] if found else None
+
+
 class SimNode:
     """The shell of one simulated node process: carries out its core's effects (``protocol.effects.Effects``)."""
 
@@ -298,6 +314,7 @@ class Sim:
         # Retain publishes in order: (id, topic, payload, etcd revision when sent).
         self.retain_log: list[tuple[int, str, bytes, int]] = []
         self.retained_got: dict[bytes, dict[str, tuple[bytes, int]]] = {}  # client -> topic -> (payload, qos)
+        self.session_clients: dict[bytes, SessionClient] = {}
 
     # ------------------------------------------------------------------ helpers
     def shard_of(self, filt: str) -> int:
@@ -640,6 +657,11 @@ class Sim:
         while self.client_frames:
             node_id, incarnation, rid, parts = self.client_frames.popleft()
             frame = codec.decode(parts, max_payload=1 << 30)
+            sc = self.session_clients.get(rid)
+            if sc is not None:
+                if sc.node_id == node_id:
+                    self._session_client_heard(sc, node_id, frame)
+                continue
             client = self.clients.get(rid)
             if client is None:
                 continue
@@ -656,6 +678,46 @@ class Sim:
                         self.publishes[pid][4] = "acked"
             elif frame.type in (codec.MSG, codec.MSGS):
                 self._received(node_id, incarnation, client, frame)
+
+    # ------------------------------------------------------------------ session clients (frame by frame)
+    def client_send(self, rid: bytes, node_id: str, frame_type: bytes, header: dict[str, Any],
+                    payload: bytes = b"") -> None:  # fmt: skip
+        """A ``SessionClient`` (made if new) sends a frame to ``node_id``, which it is connected to from then on."""
+        sc = self.session_clients.setdefault(rid, SessionClient(rid))
+        sc.node_id = node_id
+        self.trace.append(f"client {rid.decode()} -> {node_id} {frame_type.decode()}")
+        n = self.nodes[node_id]
+        if not n.up:
+            return
+        n.enter().on_client_parts([rid, *codec.encode(frame_type, header, payload)], self.client_principal)
+        n.core.flush()
+        self.pump_clients()
+
+    def client_away(self, rid: bytes) -> None:
+        """The client's connection is gone without a BYE (killed): it hears nothing more; its node finds out."""
+        sc = self.session_clients[rid]
+        node_id, sc.node_id = sc.node_id, None
+        if node_id is not None and self.nodes[node_id].up:
+            core = self.nodes[node_id].enter()
+            core.client_unreachable(rid)
+            core.flush()
+
+    def _session_client_heard(self, sc: SessionClient, node_id: str, frame: codec.Frame) -> None:
+        sc.frames.append(frame)
+        if frame.type == codec.MSG:
+            h = frame.header
+            items = [(h["topic"], frame.payload, bool(h.get("dup")), h.get("mid") if h["qos"] else None)]
+        elif frame.type == codec.MSGS:
+            items = [(item[0], payload, bool(item[3]), item[2] if item[1] else None)
+                     for item, payload in codec.split_batch(frame)]  # fmt: skip
+        else:
+            return
+        sc.got.extend((topic, payload, dup) for topic, payload, dup, _ in items)
+        mids = [mid for *_, mid in items if mid is not None]
+        n = self.nodes[node_id]
+        if mids and sc.ack and n.up:  # the outer pump takes what this causes
+            n.enter().on_client_parts([sc.rid, *codec.encode(codec.DACK, {"mids": mids})], self.client_principal)
+            n.core.flush()
 
     def _subscribed(self, client: SimClient) -> None:
         if client.state != "pending" or client.filt is None:

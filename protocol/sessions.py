@@ -1,0 +1,399 @@
+"""Persistent sessions: HELLO's session rules, the session directory and the takeover of a session between nodes.
+
+Rules of this file:
+- The holder. The node a client is connected to holds its session (``destination``). A persistent session (HELLO
+  ``clean: false`` with ``expiry`` seconds) stays after BYE or a lost connection, routes and all, offline, until
+  its client says HELLO again on any node or it expires (``destination.go_offline``). A clean HELLO (the
+  default) keeps today's behaviour and discards any persistent session of that client id, wherever it is held.
+- The directory. Which node holds client C's persistent session is the record ``$session/C`` of the retained
+  store (``retained``: one writer per shard, the primary, replicated before it answers, handed off with the
+  shard), written by the holder through ``RetainedSide.write_record``: {"holder", "holder_rev" (the holder's
+  member revision), "expiry"} as JSON; an empty payload deletes it (a clean connect, an expiry). Clients may not
+  publish or subscribe under ``$session/`` (``not_authorized``), and wildcards never match ``$`` topics.
+- Takeover. HELLO(C, clean false) on node B without a session of C: B reads ``$session/C`` (the exact fetch:
+  the primary, then the other owners). No record, a holder that is B itself, a holder not in the view or
+  registered again since (``holder_rev`` differs): the session is gone, B starts a fresh one (session_present
+  false) and writes itself as holder. Else B sends SESSION_TAKE to the holder A. A ends C's connection there
+  (SESSION_END ``taken_over``), stops delivering, keeps its routes and queues what still arrives, and answers
+  SESSION_STATE chunks (filters; inflight messages in mid order with ``dup``, then the backlog; ``last`` on the
+  final chunk). B subscribes the filters (ROUTE_ADD, confirmed), writes the record holder=B, sends SESSION_TAKEN
+  and WELCOME (session_present true), and delivers A's messages. A answers SESSION_TAKEN with its tail (what
+  queued since, more SESSION_STATE chunks) and drops the session (its routes by ROUTE_DEL reference counting).
+  Live messages that reach B meanwhile wait behind the tail; one whose publish id (``pid``) A handed over is
+  delivered once. A lookup or holder that does not answer within ``request_timeout`` of the HELLO: B starts a
+  fresh session (``sessions.takeover_failed``).
+- Known limits (the next steps of docs/DESIGN-SESSIONS.md): the queue lives at the holder only (kill -9 of the
+  holder loses the session and its queue; B then finds the holder gone), nothing survives a restart, a holder
+  that handed its state to a B that then died loses it.
+- Pure: no I/O, no clock (``core.now``); chunks are in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shardmq.router import codec
+from shardmq.router.codec import Frame, ProtocolError
+from shardmq.router.topics import TopicError, validate_topic_name
+
+from .records import SESSION_PREFIX, Queued, Session, Takeover, gate
+
+if TYPE_CHECKING:
+    from .node import NodeCore
+
+STATE_CHUNK = 1000  # messages per SESSION_STATE frame at most (and max_payload bytes)
+
+
+class SessionSide:
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.takeovers: dict[bytes, int] = {}  # client rid -> id of its takeover in ``core.requests``
+
+    # ------------------------------------------------------------------ HELLO
+    def on_hello(self, session: Session, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        ref = h.get("id")
+        destination = core.destination
+        if h.get("clean") is not False:
+            if session.persistent:  # a clean connect ends the persistent session held here
+                destination.drop_session(session.rid, reason="clean_session")
+                self.record_gone(session.rid)
+                session = destination.attach(session.rid)
+            elif not session.greeted:
+                self._discard_elsewhere(session.rid)
+            destination.welcome(session, session.greeted, ref)
+            return
+        expiry = h.get("expiry")
+        client_id = session.rid.decode("utf-8", "replace")
+        try:
+            if type(expiry) not in (int, float) or not expiry > 0:
+                raise TopicError(codec.E_BAD_HEADER, f"a persistent session needs expiry > 0 seconds, got {expiry!r}")
+            validate_topic_name(SESSION_PREFIX + client_id)
+        except TopicError as exc:
+            core.reject_client(session.rid, exc.code, f"HELLO: {exc.reason}", ref if type(ref) is int else None)
+            return
+        was_persistent, session.persistent, session.expiry = session.persistent, True, float(expiry)
+        if session.greeted:  # the same node: resume (a clean session becomes persistent here)
+            destination.welcome(session, True, ref)
+            if not was_persistent:
+                self._write_holder(session)
+            return
+        if session.rid in self.takeovers:
+            return  # a HELLO again while the first one's takeover runs: its WELCOME answers both
+        takeover = Takeover(session, client_id, started=core.now, ref=ref)
+        tid = self.takeovers[session.rid] = core.requests.open(takeover, self)
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._deadline(tid))
+
+        def found(payload: bytes | None) -> None:
+            if core.requests.get(tid) is takeover and takeover.phase == "lookup":
+                self._found(tid, takeover, payload)
+
+        core.retained.read_record(SESSION_PREFIX + client_id, found)
+
+    def _found(self, tid: int, t: Takeover, payload: bytes | None) -> None:
+        core = self.core
+        holder = self._live_holder(payload)
+        if holder is None or holder == core.me:
+            self._fresh(tid, t)
+            return
+        t.phase, t.holder = "state", holder
+        core.metrics["sessions.takeovers_started"] += 1
+        if not core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, {"id": tid, "client_id": t.client_id})):
+            self._failed(tid, f"holder {holder} is unreachable")
+
+    def _live_holder(self, payload: bytes | None) -> str | None:
+        """The node a directory record names, if it is still the process that wrote it."""
+        if not payload:
+            return None
+        try:
+            record = orjson.loads(payload)
+            holder, rev = record["holder"], record["holder_rev"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.core.metrics["sessions.bad_records"] += 1
+            return None
+        member = self.core.view.members.get(holder) if isinstance(holder, str) else None
+        if member is None or member.revision != rev:
+            self.core.metrics["sessions.holder_gone"] += 1
+            return None
+        return holder
+
+    def _fresh(self, tid: int, t: Takeover) -> None:
+        """No session to take over: a fresh one, with this node as its holder."""
+        core = self.core
+        core.requests.close(tid)
+        if self.takeovers.get(t.session.rid) == tid:
+            del self.takeovers[t.session.rid]
+        session = t.session
+        if core.destination.sessions.get(session.rid) is not session:
+            return
+        core.metrics["sessions.fresh"] += 1
+        core.destination.welcome(session, False, t.ref)
+        self._write_holder(session)
+
+    def _deadline(self, tid: int) -> None:
+        t = self.core.requests.get(tid)
+        if isinstance(t, Takeover) and t.phase in ("lookup", "state"):
+            self._failed(tid, f"no answer within {self.core.cfg.request_timeout}s ({t.phase})")
+
+    def _failed(self, tid: int, reason: str) -> None:
+        core = self.core
+        t = core.requests.get(tid)
+        if not isinstance(t, Takeover):
+            return
+        core.metrics["sessions.takeover_failed"] += 1
+        core.log.warning("session_takeover_failed", client=t.client_id, holder=t.holder, phase=t.phase, reason=reason)
+        self._fresh(tid, t)
+
+    # ------------------------------------------------------------------ the new holder: state, routes, tail
+    def on_state(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        tid = h["id"]
+        t = core.requests.get(tid)
+        if not isinstance(t, Takeover) or t.holder != sender or t.client_id != h["client_id"]:
+            return  # late (the takeover failed meanwhile), or not for us
+        if t.phase not in ("state", "tail"):
+            return
+        try:
+            pairs = codec.split_batch(frame)
+        except ProtocolError as exc:
+            core.refuse_peer(sender, frame, exc.code, exc.reason)
+            if t.phase == "state":
+                self._failed(tid, f"malformed SESSION_STATE: {exc.reason}")
+            else:
+                self._tail_done(tid)
+            return
+        t.filters.extend(h["filters"])
+        t.items.extend(pairs)
+        if not h["last"]:
+            return
+        if t.phase == "state":
+            self._subscribe(tid, t)
+        else:
+            self._tail_done(tid)
+
+    def _subscribe(self, tid: int, t: Takeover) -> None:
+        """The state is in: subscribe its filters here (confirmed), then write the directory and say TAKEN."""
+        core = self.core
+        session = t.session
+        if core.destination.sessions.get(session.rid) is not session:
+            self._abandon(tid, t)
+            return
+        t.phase = "subscribe"
+        session.waiting_tail = True  # from now live messages may arrive: they wait behind the tail
+        self._queue(session, t.items)
+        t.items = []
+        subs = core.subscriptions
+        new: list[str] = []
+        installing: set[int] = set()
+        for filt, qos in sorted((f, q) for f, q in t.filters):
+            if subs._subscribe_local(session, filt, qos):
+                new.append(filt)
+            elif filt in subs.route_add_waiters:
+                installing.add(subs.route_add_waiters[filt])
+
+        def routed(failures: list[str]) -> None:
+            if failures:
+                core.metrics["sessions.takeover_route_failures"] += 1
+                core.log.warning("session_routes_unconfirmed", client=t.client_id, failures=sorted(set(failures)))
+                subs.announce_again(sorted(set(new) & subs.local_filters()))
+            self._write_holder(session, lambda: self._taken(tid, t))
+
+        on_done = gate(len(installing) + 1, routed)
+        for wid in installing:
+            core.requests.get(wid).callbacks.append(on_done)
+        subs.change_routes(codec.ROUTE_ADD, new, on_done)
+
+    def _taken(self, tid: int, t: Takeover) -> None:
+        core = self.core
+        if core.requests.get(tid) is not t:
+            return
+        session = t.session
+        if self.takeovers.get(session.rid) == tid:
+            del self.takeovers[session.rid]
+        t.phase = "tail"
+        core.effects.send_peer(t.holder, codec.encode(codec.SESSION_TAKEN, {"id": tid, "client_id": t.client_id}))
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._tail_expired(tid))
+        core.metrics["sessions.taken_over"] += 1
+        core.log.info("session_taken_over", client=t.client_id, holder=t.holder, filters=len(session.filters),
+                      queued=len(session.backlog), ms=round(1000 * (core.now - t.started)))  # fmt: skip
+        if core.destination.sessions.get(session.rid) is session:
+            core.destination.welcome(session, True, t.ref)
+
+    def _queue(self, session: Session, items: list[tuple[list[Any], bytes]]) -> None:
+        for (topic, dup, retain, pid), payload in items:
+            p = (pid[0], pid[1]) if pid is not None else None
+            session.backlog.append((topic, payload, retain, p, dup))
+            session.held_bytes += len(payload)
+            if p is not None:
+                session.moved_pids.add(p)
+
+    def _tail_expired(self, tid: int) -> None:
+        t = self.core.requests.get(tid)
+        if isinstance(t, Takeover):
+            self.core.metrics["sessions.tail_timeouts"] += 1
+            self.core.log.warning("session_tail_timeout", client=t.client_id, holder=t.holder)
+            self._tail_done(tid)
+
+    def _tail_done(self, tid: int) -> None:
+        """The old holder's tail is in (or will not come): then the live messages that waited, each once."""
+        core = self.core
+        t = core.requests.close(tid)
+        if not isinstance(t, Takeover):
+            return
+        session = t.session
+        self._queue(session, t.items)
+        session.waiting_tail = False
+        live, session.live = session.live, []
+        for topic, payload, retain, pid, dup in live:
+            if pid is not None and pid in session.moved_pids:
+                session.held_bytes -= len(payload)
+                core.metrics["sessions.duplicates_dropped"] += 1
+            else:
+                session.backlog.append((topic, payload, retain, pid, dup))
+        if core.destination.sessions.get(session.rid) is session:
+            core.destination.fill(session)
+
+        def forget() -> None:  # a forward older than this has timed out at its entry node
+            session.moved_pids.clear()
+
+        core.effects.call_later(core.cfg.request_timeout, forget)
+
+    def _abandon(self, tid: int, t: Takeover) -> None:
+        self.core.requests.close(tid)
+        if self.takeovers.get(t.session.rid) == tid:
+            del self.takeovers[t.session.rid]
+
+    # ------------------------------------------------------------------ the old holder
+    def on_take(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        rid = h["client_id"].encode()
+        session = core.destination.sessions.get(rid)
+        if session is None or not session.persistent or session.moving_to is not None:
+            reason = f"{core.me} holds no persistent session of client {h['client_id']!r}"
+            core.refuse_peer(sender, frame, codec.E_UNAVAILABLE, reason)
+            return
+        destination = core.destination
+        if rid not in destination.offline:
+            reason = f"another connection with client id {h['client_id']!r} took this session over (on {sender})"
+            core.send_client(rid, codec.encode(codec.SESSION_END, {"code": codec.E_TAKEN_OVER, "reason": reason}))
+        session.moving_to = sender
+        session.detached_at = core.now
+        destination.offline.add(rid)
+        if h.get("discard") is True:  # a clean connect elsewhere: the session ends here
+            destination.drop_session(rid, reason="clean_session")
+            self.record_gone(rid)
+            return
+        filters = [[f, q] for f, q in sorted(session.filters.items())]
+        self._send_state(sender, h["id"], h["client_id"], filters, destination.take_queue(session))
+
+        def abandoned() -> None:  # the new holder never said TAKEN: what queued since has nowhere to go
+            if destination.sessions.get(rid) is session and session.moving_to == sender:
+                core.metrics["sessions.handover_abandoned"] += 1
+                destination.drop_session(rid, reason="takeover_abandoned")
+
+        core.effects.call_later(2 * core.cfg.request_timeout, abandoned)
+
+    def on_taken(self, sender: str, frame: Frame) -> None:
+        core = self.core
+        h = frame.header
+        rid = h["client_id"].encode()
+        session = core.destination.sessions.get(rid)
+        if session is None or session.moving_to != sender:
+            core.refuse_peer(sender, frame, codec.E_UNAVAILABLE, f"{core.me} is not handing this session to {sender}")
+            return
+        tail = core.destination.take_queue(session)
+        self._send_state(sender, h["id"], h["client_id"], [], tail)
+        core.metrics["sessions.handed_over"] += 1
+        core.destination.drop_session(rid, reason="taken_over")
+
+    def _send_state(self, node: str, tid: int, client_id: str, filters: list[list[Any]], items: list[Queued]) -> None:
+        limit = self.core.cfg.max_payload
+        chunk: list[Queued] = []
+        size = 0
+        frames: list[list[bytes]] = []
+
+        def cut(last: bool) -> None:
+            header = {
+                "id": tid, "client_id": client_id, "filters": filters if not frames else [],
+                "items": [[t, dup, retain, list(pid) if pid else None] for t, _, retain, pid, dup in chunk],
+                "sizes": [len(q[1]) for q in chunk], "last": last,
+            }  # fmt: skip
+            frames.append(codec.encode(codec.SESSION_STATE, header, b"".join(q[1] for q in chunk)))
+
+        for item in items:
+            if chunk and (len(chunk) >= STATE_CHUNK or size + len(item[1]) > limit):
+                cut(False)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item[1])
+        cut(True)
+        for parts in frames:
+            self.core.effects.send_peer(node, parts)
+
+    # ------------------------------------------------------------------ the directory
+    def _write_holder(self, session: Session, then: Any = None) -> None:
+        core = self.core
+        record = {"holder": core.me, "holder_rev": core.view.member_revision, "expiry": session.expiry}
+        client_id = session.rid.decode("utf-8", "replace")
+
+        def done(code: str | None, reason: str) -> None:
+            if code is not None:
+                core.metrics["sessions.record_write_failed"] += 1
+                core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
+            if then is not None:
+                then()
+
+        core.retained.write_record(SESSION_PREFIX + client_id, orjson.dumps(record), done)
+
+    def record_gone(self, rid: bytes) -> None:
+        """The session ended here for good (a clean connect, its expiry): delete its directory record."""
+        core = self.core
+        client_id = rid.decode("utf-8", "replace")
+
+        def done(code: str | None, reason: str) -> None:
+            if code is not None:
+                core.metrics["sessions.record_write_failed"] += 1
+                core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
+
+        core.retained.write_record(SESSION_PREFIX + client_id, b"", done)
+
+    def _discard_elsewhere(self, rid: bytes) -> None:
+        """A clean connect on a new connection: end a persistent session of this client id held anywhere (in the
+        background: a clean connect's WELCOME does not wait, as before persistent sessions existed)."""
+        core = self.core
+        client_id = rid.decode("utf-8", "replace")
+        try:
+            validate_topic_name(SESSION_PREFIX + client_id)
+        except TopicError:
+            return  # no persistent session can have this id
+
+        def found(payload: bytes | None) -> None:
+            if not payload:
+                return
+            holder = self._live_holder(payload)
+            session = core.destination.sessions.get(rid)
+            if holder is None or (holder == core.me and (session is None or not session.persistent)):
+                core.metrics["sessions.records_cleared"] += 1
+                self.record_gone(rid)  # a stale record: its holder is gone
+            elif holder != core.me:
+                core.metrics["sessions.discarded_remote"] += 1
+                header = {"id": 0, "client_id": client_id, "discard": True}
+                core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, header))
+
+        core.retained.read_record(SESSION_PREFIX + client_id, found)
+
+    # ------------------------------------------------------------------ requests failing
+    def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
+        if isinstance(request, Takeover):
+            if request.phase == "state":
+                self._failed(rid, f"holder {sender} refused: {code}: {reason}")
+            elif request.phase == "tail":
+                self._tail_done(rid)
+
+    def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        self.request_refused(rid, request, node, "peer_lost", f"{node} left the cluster")

@@ -1,0 +1,329 @@
+"""Persistent sessions through the protocol core: real ``NodeCore``s in the in-memory cluster (``testing.simulation``).
+
+What is checked: a persistent session keeps its routes while its client is away and queues QoS 1 (QoS 0 dropped and
+counted); a reconnect on the same node or another gets the queue once, in order, with session_present; the old
+holder drops its routes; a message published during the takeover overlap is delivered once (publish ids); a clean
+connect discards a session held on another node; expiry ends a session; a dead holder means no session; clients may
+not publish or subscribe under ``$session/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from shardmq.router import codec
+from shardmq.testing.simulation import Sim, SimConfig
+
+SHARDS = 32
+CLIENT = b"dev-42"
+TOPIC = "sensors/t1"
+
+
+def cluster(nodes: int = 3) -> Sim:
+    sim = Sim(SimConfig(shard_count=SHARDS, replication=2, snapshot_chunk=2))
+    for _ in range(nodes):
+        sim.join()
+    assert sim.settle()
+    return sim
+
+
+def hello(sim: Sim, node: str, clean: bool = False, expiry: float = 60, rid: bytes = CLIENT) -> dict[str, Any]:
+    header: dict[str, Any] = {"id": 1, "client": rid.decode()}
+    if not clean:
+        header |= {"clean": False, "expiry": expiry}
+    before = len(sim.session_clients[rid].frames) if rid in sim.session_clients else 0
+    sim.client_send(rid, node, codec.HELLO, header)
+    assert sim.settle()
+    welcomes = [f.header for f in sim.session_clients[rid].frames[before:] if f.type == codec.WELCOME]
+    assert len(welcomes) == 1, sim.session_clients[rid].frames[before:]
+    return welcomes[0]
+
+
+def subscribe(sim: Sim, node: str, filt: str = "sensors/#", qos: int = 1, rid: bytes = CLIENT) -> dict[str, Any]:
+    sim.client_send(rid, node, codec.SUB, {"id": 2, "filters": [filt], "qos": qos})
+    assert sim.settle()
+    return next(f.header for f in reversed(sim.session_clients[rid].frames) if f.type in (codec.SUBACK, codec.ERROR))
+
+
+def bye(sim: Sim, node: str, rid: bytes = CLIENT) -> None:
+    sim.client_send(rid, node, codec.BYE, {})
+    sim.session_clients[rid].node_id = None
+    assert sim.settle()
+
+
+def publish(sim: Sim, node: str, count: int, topic: str = TOPIC) -> list[bytes]:
+    payloads = []
+    for _ in range(count):
+        pid = sim.publish(node, topic)
+        assert pid is not None
+        payloads.append(b"%d" % pid)
+    assert sim.settle()
+    for p in payloads:
+        assert sim.publishes[int(p)][4] == "acked", sim.publishes[int(p)]
+    return payloads
+
+
+def got(sim: Sim, rid: bytes = CLIENT) -> list[bytes]:
+    return [payload for _, payload, _ in sim.session_clients[rid].got]
+
+
+def has_route(sim: Sim, node: str, filt: str = "sensors/#") -> bool:
+    """Some live owner holds the route (filt -> node)."""
+    shard = sim.shard_of(filt)
+    return any(
+        any(f == filt and node in nodes for f, nodes in owner.core.owner.routes.shard_routes(shard))
+        for owner in sim.nodes.values() if owner.up
+    )  # fmt: skip
+
+
+def record(sim: Sim, rid: bytes = CLIENT) -> dict[str, Any] | None:
+    topic = "$session/" + rid.decode()
+    shard = sim.shard_of(topic)
+    a = sim.etcd.doc
+    assert a is not None
+    held = sim.nodes[a.owners(shard)[0]].core.owner.retained.get(shard, topic)
+    return None if held is None else orjson.loads(held.payload)
+
+
+def metric(sim: Sim, name: str) -> int:
+    return sum(n.core.metrics[name] for n in sim.nodes.values())
+
+
+@pytest.mark.timeout(60)
+def test_away_session_keeps_routing_and_queues_then_same_node_reconnect() -> None:
+    sim = cluster()
+    n1, n2, _ = sorted(sim.nodes)
+    assert hello(sim, n1)["session_present"] is False
+    assert record(sim)["holder"] == n1
+    assert subscribe(sim, n1)["results"] == [1]
+    bye(sim, n1)
+    assert has_route(sim, n1)  # kept while away
+    sent = publish(sim, n2, 20)
+    sim.publish(n2, TOPIC)  # a QoS 0 publish is dropped and counted while the client is away
+    sim.nodes[n2].enter().on_client_parts([b"p0", *codec.encode(codec.PUB, {"topic": TOPIC, "qos": 0}, b"q0")])
+    sim.nodes[n2].core.flush()
+    assert sim.settle()
+    sent.append(b"%d" % max(sim.publishes))
+    assert metric(sim, "drops.session_offline") == 1
+    assert got(sim) == []
+    assert hello(sim, n1)["session_present"] is True
+    assert sim.settle()
+    assert got(sim) == sent  # every queued message once, in order
+    live = publish(sim, n2, 3)
+    assert got(sim) == sent + live
+
+
+@pytest.mark.timeout(60)
+def test_unacknowledged_come_again_with_dup_first() -> None:
+    sim = cluster()
+    n1, n2, _ = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    sim.session_clients[CLIENT].ack = False
+    first = publish(sim, n2, 3)
+    assert got(sim) == first
+    sim.client_away(CLIENT)  # killed: no BYE
+    queued = publish(sim, n2, 2)
+    sim.session_clients[CLIENT].ack = True
+    sim.session_clients[CLIENT].got.clear()
+    assert hello(sim, n1)["session_present"] is True
+    assert sim.settle()
+    heard = sim.session_clients[CLIENT].got
+    assert [p for _, p, _ in heard] == first + queued
+    assert [dup for *_, dup in heard] == [True] * 3 + [False] * 2
+
+
+@pytest.mark.timeout(60)
+def test_takeover_on_another_node_moves_queue_routes_and_unacked() -> None:
+    sim = cluster()
+    n1, n2, n3 = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    sim.session_clients[CLIENT].ack = False
+    unacked = publish(sim, n3, 2)
+    bye(sim, n1)
+    queued = publish(sim, n3, 30)
+    sim.session_clients[CLIENT].ack = True
+    sim.session_clients[CLIENT].got.clear()
+    welcome = hello(sim, n2)
+    assert welcome["session_present"] is True and welcome["node"] == n2
+    assert sim.settle()
+    heard = sim.session_clients[CLIENT].got
+    assert [p for _, p, _ in heard] == unacked + queued  # once each, in order
+    assert [dup for *_, dup in heard][:2] == [True, True]
+    assert record(sim)["holder"] == n2
+    assert has_route(sim, n2) and not has_route(sim, n1)
+    assert CLIENT not in sim.nodes[n1].core.destination.sessions
+    live = publish(sim, n3, 5)
+    assert got(sim) == unacked + queued + live
+    assert metric(sim, "sessions.taken_over") == 1
+
+
+@pytest.mark.timeout(60)
+def test_connected_client_is_told_taken_over() -> None:
+    sim = cluster()
+    n1, n2, _ = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    heard_on_n1: list[codec.Frame] = []
+    shell = sim.nodes[n1]
+    send_client = shell.send_client
+
+    def spy(rid: bytes, parts: list[bytes]) -> bool:  # the old connection, still open on n1
+        heard_on_n1.append(codec.decode(parts))
+        return send_client(rid, parts)
+
+    shell.send_client = spy  # type: ignore[method-assign]
+    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    assert sim.settle()
+    ends = [f.header for f in heard_on_n1 if f.type == codec.SESSION_END]
+    assert [e["code"] for e in ends] == [codec.E_TAKEN_OVER] and n2 in ends[0]["reason"]
+    assert sim.session_clients[CLIENT].welcome()["session_present"] is True
+    assert metric(sim, "sessions.handed_over") == 1
+
+
+@pytest.mark.timeout(60)
+def test_message_in_takeover_overlap_is_delivered_once() -> None:
+    sim = cluster()
+    n1, n2, n3 = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    queued = publish(sim, n3, 3)
+    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    # Step the takeover by hand until n2 sent SESSION_TAKEN: both n1 and n2 then have routes for the client.
+    overlap: list[bytes] = []
+    for _ in range(200):
+        if sim.channels.get((n2, n1)) and any(p[0] == codec.SESSION_TAKEN for p in sim.channels[(n2, n1)]):
+            break
+        ready = sim.deliverable()
+        assert ready, "the takeover stalled"
+        sim.deliver(*ready[0])
+    else:
+        raise AssertionError("no SESSION_TAKEN")
+    assert has_route(sim, n1) and has_route(sim, n2)
+    pid = sim.publish(n3, TOPIC)
+    assert pid is not None
+    overlap.append(b"%d" % pid)
+    # Let the forwards reach n1 before n2 hears of them, so that n1's tail carries the message too.
+    for _ in range(50):
+        if (n3, n1) in sim.channels:
+            sim.deliver(n3, n1)
+        else:
+            break
+    assert sim.settle()
+    live = publish(sim, n3, 2)
+    assert got(sim) == queued + overlap + live
+    assert metric(sim, "sessions.duplicates_dropped") >= 1
+
+
+@pytest.mark.timeout(60)
+def test_clean_connect_discards_session_held_elsewhere() -> None:
+    sim = cluster()
+    n1, n2, n3 = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    publish(sim, n3, 5)
+    welcome = hello(sim, n2, clean=True)
+    assert welcome["session_present"] is False
+    assert sim.settle()
+    assert got(sim) == []
+    assert CLIENT not in sim.nodes[n1].core.destination.sessions
+    assert not has_route(sim, n1)
+    assert record(sim) is None
+    assert metric(sim, "deliveries.session_ended") >= 5
+    publish(sim, n3, 2)
+    assert got(sim) == []  # the subscription went with the session
+    assert hello(sim, n3)["session_present"] is False
+
+
+@pytest.mark.timeout(60)
+def test_clean_connect_on_the_holder_discards_it() -> None:
+    sim = cluster()
+    n1, _, n3 = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    publish(sim, n3, 2)
+    assert hello(sim, n1, clean=True)["session_present"] is False
+    assert sim.settle()
+    assert got(sim) == [] and record(sim) is None and not has_route(sim, n1)
+
+
+@pytest.mark.timeout(60)
+def test_expiry_ends_the_session() -> None:
+    sim = cluster()
+    n1, n2, n3 = sorted(sim.nodes)
+    hello(sim, n1, expiry=5)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    publish(sim, n3, 4)
+    for _ in range(30):  # 7.5 s of virtual time
+        sim.tick(0.25)
+    assert sim.settle()
+    assert CLIENT not in sim.nodes[n1].core.destination.sessions
+    assert metric(sim, "deliveries.session_expired") == 4
+    assert not has_route(sim, n1) and record(sim) is None
+    assert hello(sim, n2)["session_present"] is False
+    assert got(sim) == []
+
+
+@pytest.mark.timeout(60)
+def test_dead_holder_means_no_session() -> None:
+    sim = cluster(4)
+    nodes = sorted(sim.nodes)
+    hello(sim, nodes[0])
+    subscribe(sim, nodes[0])
+    bye(sim, nodes[0])
+    publish(sim, nodes[2], 3)
+    holder = nodes[0]
+    sim.crash(holder)
+    assert sim.settle()
+    assert hello(sim, nodes[1])["session_present"] is False
+    assert record(sim)["holder"] == nodes[1]
+    assert metric(sim, "sessions.holder_gone") >= 1
+
+
+@pytest.mark.timeout(60)
+def test_silent_holder_fails_the_takeover_in_time() -> None:
+    sim = cluster()
+    n1, n2, _ = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    sim.pause(n1)
+    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    for _ in range(30):
+        sim.tick(0.25)
+        sim.drain()
+    welcome = sim.session_clients[CLIENT].welcome()
+    assert welcome is not None and welcome["session_present"] is False
+    assert metric(sim, "sessions.takeover_failed") == 1
+
+
+@pytest.mark.timeout(60)
+def test_reserved_prefix_refused_for_clients() -> None:
+    sim = cluster()
+    n1, _, _ = sorted(sim.nodes)
+    hello(sim, n1)
+    result = subscribe(sim, n1, "$session/dev-42")["results"][0]
+    assert result["code"] == codec.E_NOT_AUTHORIZED and "$session/" in result["reason"]
+    sim.client_send(CLIENT, n1, codec.PUB, {"id": 9, "topic": "$session/other", "qos": 1}, b"x")
+    error = sim.session_clients[CLIENT].frames[-1]
+    assert error.type == codec.ERROR and error.header["code"] == codec.E_NOT_AUTHORIZED
+    assert error.header["ref"] == 9
+    assert metric(sim, "sessions.reserved_refused") == 2
+    assert subscribe(sim, n1, "#")["results"] == [1]  # a wildcard never matches the '$session/' records
+
+
+@pytest.mark.timeout(60)
+def test_persistent_hello_needs_valid_expiry() -> None:
+    sim = cluster()
+    n1 = sorted(sim.nodes)[0]
+    sim.client_send(CLIENT, n1, codec.HELLO, {"id": 1, "clean": False, "expiry": 0})
+    frame = sim.session_clients[CLIENT].frames[-1]
+    assert frame.type == codec.ERROR and frame.header["code"] == codec.E_BAD_HEADER
