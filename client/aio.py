@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -56,6 +55,7 @@ from .core import (
     Steps,
     as_bytes,
     check_qos,
+    session_client_id,
 )
 from .credentials import CredentialsArg
 from .credentials import resolve as resolve_credentials
@@ -77,10 +77,13 @@ class AsyncClient(CoreView):
         max_batch: int | None = None,
         linger: float = DEFAULT_LINGER,
         credentials: CredentialsArg = None,
+        clean_session: bool = True,
+        session_expiry: float | None = None,
     ) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
-        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger,
-                                resolve_credentials(credentials))  # fmt: skip
+        client_id = session_client_id(client_id, clean_session, session_expiry)
+        self._core = ClientCore(endpoints, client_id, timeout, max_batch, linger, resolve_credentials(credentials),
+                                clean_session, session_expiry)  # fmt: skip
         # A shadow of the process's global context: ``zmq.asyncio.Context.instance()`` may hand back the plain
         # context when a blocking Client made it first (the class attribute is shared).
         self.ctx = zmq.asyncio.Context.shadow(zmq.Context.instance())

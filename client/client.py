@@ -91,7 +91,6 @@ import contextlib
 import functools
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
@@ -126,6 +125,7 @@ from .core import (
     Steps,
     as_bytes,
     check_qos,
+    session_client_id,
 )
 from .credentials import Credentials, CredentialsArg
 from .credentials import resolve as resolve_credentials
@@ -238,10 +238,13 @@ class Client(CoreView):
         max_batch: int | None = None,
         linger: float = DEFAULT_LINGER,
         credentials: CredentialsArg = None,
+        clean_session: bool = True,
+        session_expiry: float | None = None,
     ) -> None:
         max_batch = self.default_max_batch if max_batch is None else max_batch
-        self._core = ClientCore(endpoints, client_id or uuid.uuid4().hex, timeout, max_batch, linger,
-                                resolve_credentials(credentials))  # fmt: skip
+        client_id = session_client_id(client_id, clean_session, session_expiry)
+        self._core = ClientCore(endpoints, client_id, timeout, max_batch, linger, resolve_credentials(credentials),
+                                clean_session, session_expiry)  # fmt: skip
         if max_batch > 1 and not self.batching:
             raise ValueError(f"{type(self).__name__} does not batch publish() (max_batch=1); use publish_many")
         self._core.last_heard = time.monotonic()

@@ -30,6 +30,7 @@ Rules of this file:
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ OVERLOAD_BACKOFF = 0.01  # first pause before a publish refused with ``overloade
 OVERLOAD_BACKOFF_MAX = 0.2
 DEFAULT_MAX_BATCH = 128
 DEFAULT_LINGER = 0.0005
+# A persistent session's HELLO may wait for a takeover from the node holding the session: the node answers within
+# its request_timeout (5 s by default), so the HELLO waits that much longer than other requests.
+TAKEOVER_MARGIN = 6.0
 VALID_TOPICS_MEMO = 4096  # topic names a client remembers as valid (publishers to many more re-check some)
 # A PUBS header lists every item's topic; JSON writes a topic character in at most 6 bytes (``\u001f``), plus the
 # item's brackets, qos, id and size. Frames stay under the header limit the node decodes with.
@@ -156,6 +160,22 @@ class Backoff:
 # ---------------------------------------------------------------------------------------------- the core
 
 
+def session_client_id(client_id: str | None, clean_session: bool, session_expiry: float | None) -> str:
+    """The client id to use (a random one for a clean session without one); ValueError for a persistent session
+    without a client id or a positive ``session_expiry``."""
+    if not clean_session:
+        if not client_id:
+            raise ValueError("clean_session=False needs a client_id: the session is found again by it")
+        if isinstance(session_expiry, bool) or not isinstance(session_expiry, int | float) or not session_expiry > 0:
+            raise ValueError(f"clean_session=False needs session_expiry > 0 seconds, got {session_expiry!r}")
+        try:
+            validate_topic_name("$session/" + client_id)
+        except TopicError:
+            raise ValueError(f"client_id {client_id!r} cannot name a persistent session (no '+', '#' or NUL)") from None
+    return client_id or uuid.uuid4().hex
+
+
+
 class ClientCore:
     """The protocol state of one client and the steps of every call (see the rules above)."""
 
@@ -167,6 +187,8 @@ class ClientCore:
         max_batch: int,
         linger: float,
         credentials: Credentials | None = None,
+        clean_session: bool = True,
+        session_expiry: float | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -176,6 +198,9 @@ class ClientCore:
         if not linger >= 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
         self.client_id = client_id
+        self.clean_session = clean_session
+        self.session_expiry = session_expiry
+        self.session_present = False  # the last WELCOME's session_present
         self.credentials = credentials  # CURVE keys for the shell's socket; None: no CURVE (an insecure cluster)
         self.handshake_ok = False  # a zmq handshake succeeded on the current socket (``handshake_failed``)
         self.handshakes_failed = 0  # failed handshakes on it since the last success
@@ -314,6 +339,11 @@ class ClientCore:
                 self.errors.append(ShardMQError(codec.E_BAD_FRAME, f"undecodable MSGS from node: {exc}"))
         elif frame.type == codec.PING:
             return codec.encode(codec.PONG, {})
+        elif frame.type == codec.SESSION_END and h["code"] == codec.E_TAKEN_OVER:
+            # Another connection with our client id took the persistent session: taking it back would make the
+            # two take it from each other forever, so this client stops here and says so.
+            self.errors.append(ShardMQError(codec.E_TAKEN_OVER, f"node {self.node}: {h['reason']}"))
+            self.subscribed_node = None
         elif frame.type == codec.SESSION_END:  # the node cannot keep our routes: move on at the next turn
             self.interrupted(f"node {self.node} ended the session: {h['code']}: {h['reason']}", self.last_heard)
             self.recovery = "failover"
@@ -354,12 +384,13 @@ class ClientCore:
         yield Send(parts)
 
     def roundtrip(
-        self, frame_type: bytes, header: dict[str, Any], payload: bytes, expect: bytes
+        self, frame_type: bytes, header: dict[str, Any], payload: bytes, expect: bytes, timeout: float | None = None
     ) -> Steps[dict[str, Any]]:
         """Send a request and wait for its reply; TimeoutError when the node stays silent."""
         rid, parts = self.request_frame(frame_type, header, payload)
         yield from self.send(parts)
-        deadline = (yield NOW) + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = (yield NOW) + timeout
         while (left := deadline - (yield NOW)) > 0:
             frame = yield Recv(left)
             if frame is None:
@@ -371,7 +402,7 @@ class ClientCore:
                 return reply
             if frame.type not in (codec.WELCOME, codec.PONG):
                 yield from self._unsolicited(frame)
-        raise TimeoutError(f"no {expect.decode()} within {self.timeout}s")
+        raise TimeoutError(f"no {expect.decode()} within {timeout}s")
 
     def request(
         self, frame_type: bytes, header: dict[str, Any], payload: bytes, expect: bytes
@@ -421,7 +452,7 @@ class ClientCore:
             last = len(failures) == len(self.endpoints) - 1
             yield from self._open(endpoint)
             try:
-                reply = yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME)
+                reply = yield from self.hello()
                 if reply.get("fenced") and not last:  # it cannot keep routes: another node can
                     failures.append(f"{endpoint} (fenced)")
                     continue
@@ -447,6 +478,13 @@ class ClientCore:
         yield from self._close()
         raise ShardMQError(codec.E_UNAVAILABLE, f"no node answered within {self.timeout}s: {', '.join(failures)}")
 
+    def hello(self) -> Steps[dict[str, Any]]:
+        """HELLO and its WELCOME; a persistent session's waits ``TAKEOVER_MARGIN`` longer (a takeover)."""
+        if self.clean_session:
+            return (yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME))
+        header = {"client": self.client_id, "clean": False, "expiry": self.session_expiry}
+        return (yield from self.roundtrip(codec.HELLO, header, b"", codec.WELCOME, self.timeout + TAKEOVER_MARGIN))
+
     def welcome(self, reply: dict[str, Any], endpoint: str, now: float) -> list[dict[str, Any]] | None:
         """Take a WELCOME: the node's settings, and whether the session survived. None: it resumed our session;
         else the SUB headers that subscribe again (``resubscribe_plan``), after which the caller calls
@@ -457,13 +495,21 @@ class ClientCore:
         max_payload = reply.get("max_payload")
         if type(max_payload) is int and max_payload > 0:
             self.max_payload = max_payload
-        if reply.get("session_present") is True and self.node == self.subscribed_node:
+        self.session_present = reply.get("session_present") is True
+        same_node = self.node == self.subscribed_node
+        if self.session_present and same_node:
             return None
-        # A new session: message ids of the old one mean nothing here (acknowledging them would acknowledge
-        # other messages), and its QoS 1 messages come again from wherever they are still kept.
+        # A new session, or a persistent one taken over from another node: message ids of the old one mean nothing
+        # here (acknowledging them would acknowledge other messages), and its QoS 1 messages come again from
+        # wherever they are still kept (a takeover resends them with ``dup``).
         self.dacks.clear()
         if any(entry[4] is not None and entry[2] >= 0 for entry in self.inbox):
             self.inbox = deque((t, p, q, d, None if q >= 0 else m, r) for t, p, q, d, m, r in self.inbox)
+        if self.session_present and not self.clean_session:  # it holds its subscriptions
+            self.subscribed_node = self.node
+            self.had_session = True
+            self.gap_reported = False
+            return None
         if not self.subscriptions:
             return []
         if self.had_session and not self.gap_reported:
@@ -514,7 +560,7 @@ class ClientCore:
                 deadline = (yield NOW) + self.timeout
                 while True:
                     try:
-                        reply = yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME)
+                        reply = yield from self.hello()
                         yield from self.welcomed(reply, self.endpoint)
                         return
                     except TimeoutError:
@@ -909,6 +955,11 @@ class CoreView:
     @property
     def endpoints(self) -> list[str]:
         return self._core.endpoints
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the node that last welcomed this client had its session (a persistent one found again)."""
+        return self._core.session_present
 
     @endpoints.setter
     def endpoints(self, value: list[str]) -> None:

@@ -40,7 +40,7 @@ MEMBERS = ("n0", "n1", "n2")
 # One valid header (and payload) per frame type, for the settled 3-node simulated cluster: mutating these reaches
 # the handlers, where random bytes would stop at the JSON parser.
 SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
-    codec.HELLO: ({"id": 1}, b""),
+    codec.HELLO: ({"id": 1, "client": "c1", "clean": False, "expiry": 30}, b""),
     codec.WELCOME: ({"node": "n0", "session_present": False}, b""),
     codec.SUB: ({"id": 1, "filters": ["a/b", "a/+"], "qos": 1}, b""),
     codec.SUBACK: ({"id": 1, "results": [1]}, b""),
@@ -69,9 +69,9 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.LOOKUP_REPLY: ({"id": 1, "shard": 3, "shard_epoch": 1, "nodes": ["n1"]}, b""),
     codec.LOOKUPS: ({"items": [[1, 3, 1, "a/b", 0], [2, 5, 1, "a", 1]]}, b""),
     codec.LOOKUPS_REPLY: ({"items": [[1, 1, ["n1"], 0], [2, 1, [], 1]]}, b""),
-    codec.FWD: ({"id": 1, "topic": "a/b", "qos": 1}, b"f"),
+    codec.FWD: ({"id": 1, "topic": "a/b", "qos": 1, "pid": 1}, b"f"),
     codec.FWD_ACK: ({"ids": [1]}, b""),
-    codec.FWDS: ({"items": [[1, "a/b", 1], [0, "a/b", 0]], "sizes": [1, 2], "counts": [1, 2]}, b"fgh"),
+    codec.FWDS: ({"items": [[1, "a/b", 1, 2], [0, "a/b", 0]], "sizes": [1, 2], "counts": [1, 2]}, b"fgh"),
     codec.HANDOFF: ({"id": 1, "shard": 3, "shard_epoch": 1, "targets": ["n1"], "coordinator": "n0"}, b""),
     codec.SNAPSHOT: (
         {"id": 1, "shard": 3, "shard_epoch": 1, "routes": [["a/b", ["n1"]]], "last": True, "coordinator": "n0",
@@ -85,6 +85,13 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.RETAIN_ACK: ({"id": 1, "stale": 1}, b""),
     codec.RETAINED_GET: ({"id": 1, "filters": ["a/b", "a/+"]}, b""),
     codec.RETAINED_REPLY: ({"id": 1, "items": [["a/b", 1, 4, 1, 1]], "sizes": [1], "more": False}, b"r"),
+    codec.SESSION_TAKE: ({"id": 1, "client_id": "c1"}, b""),
+    codec.SESSION_STATE: (
+        {"id": 1, "client_id": "c1", "filters": [["a/#", 1]], "items": [["a/b", True, False, ["n1", 1]]],
+         "sizes": [1], "last": True},
+        b"s",
+    ),  # fmt: skip
+    codec.SESSION_TAKEN: ({"id": 1, "client_id": "c1"}, b""),
 }
 assert set(SEEDS) == codec.FRAME_TYPES, "a frame type without a seed is never fuzzed past the codec"
 

@@ -1,0 +1,126 @@
+"""Persistent sessions on a real 3-node cluster (R=2): a client with ``clean_session=False`` subscribes on n1 and
+goes away; QoS 1 messages queue at n1; it comes back through n2 (a takeover) or n1, gets each queued message once
+and in order with ``session_present``; a client that vanishes without BYE; a clean connect ends the session; the
+asyncio flavour.
+
+The module starts its own cluster and stops it by pid at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from shardmq.client import Client, Message
+from shardmq.client.aio import AsyncClient
+from shardmq.testing import LocalCluster
+
+EXPIRY = 60
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("sessions"), nodes=3, lease_ttl=2, log_level="warning")
+    cluster.up(timeout=60)
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def endpoints_of(lc: LocalCluster) -> dict[str, str]:
+    assert lc.state is not None
+    return {p.name: p.client_endpoint for p in lc.state.nodes}
+
+
+def drain(client: Client, quiet: float = 0.5) -> list[Message]:
+    got: list[Message] = []
+    while (msg := client.receive(timeout=quiet)) is not None:
+        got.append(msg)
+    return got
+
+
+def publish(endpoint: str, topic: str, count: int, prefix: str = "m") -> list[bytes]:
+    payloads = [f"{prefix}{i}".encode() for i in range(count)]
+    with Client([endpoint]) as pub:
+        for data in payloads:
+            pub.publish(topic, data, qos=1)
+    return payloads
+
+
+def test_persistent_needs_client_id_and_expiry() -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        Client(["tcp://127.0.0.1:1"], clean_session=False, session_expiry=5, connect=False)
+    with pytest.raises(ValueError, match="session_expiry"):
+        Client(["tcp://127.0.0.1:1"], client_id="x", clean_session=False, connect=False)
+    with pytest.raises(ValueError, match="session_expiry"):
+        AsyncClient(["tcp://127.0.0.1:1"], client_id="x", clean_session=False, session_expiry=0)
+
+
+@pytest.mark.timeout(60)
+def test_session_moves_to_another_node_then_vanish_and_clean(lc: LocalCluster) -> None:
+    eps = endpoints_of(lc)
+    p = uuid.uuid4().hex[:8]
+    cid = f"dev-{p}"
+    topic = f"{p}/t"
+    c = Client([eps["n1"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+    assert c.node == "n1" and c.session_present is False
+    c.subscribe(f"{p}/#", qos=1)
+    c.close()  # a DISCONNECT keeps a persistent session
+    queued = publish(eps["n3"], topic, 50)
+    # Through n2: the session is taken over from n1.
+    c = Client([eps["n2"], eps["n1"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+    assert c.node == "n2" and c.session_present is True
+    got = drain(c)
+    assert [m.payload for m in got] == queued  # each once, in order
+    live = publish(eps["n1"], topic, 5, prefix="live")
+    assert [m.payload for m in drain(c)] == live
+    # The client vanishes (its socket closed without BYE, as a killed process's is): the session stays at n2.
+    c._close_socket(linger=0)
+    queued2 = publish(eps["n3"], topic, 10, prefix="q2-")
+    c = Client([eps["n2"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+    assert c.session_present is True
+    assert [m.payload for m in drain(c)] == queued2  # those n2 tried to send to the gone socket again, with dup
+    c.close()
+    publish(eps["n3"], topic, 5, prefix="gone")
+    # A clean connect ends the session wherever it is held: nothing queued comes, nothing more is routed.
+    with Client([eps["n1"]], client_id=cid) as clean:
+        assert clean.session_present is False
+        assert drain(clean) == []
+    publish(eps["n3"], topic, 3, prefix="after")
+    with Client([eps["n3"]], client_id=cid, clean_session=False, session_expiry=EXPIRY) as again:
+        assert again.session_present is False
+        assert drain(again) == []
+        again.close()
+    with Client([eps["n3"]], client_id=cid):  # end it for good
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_async_client_session_moves(lc: LocalCluster) -> None:
+    eps = endpoints_of(lc)
+    p = uuid.uuid4().hex[:8]
+    cid = f"aio-{p}"
+
+    async def run() -> None:
+        c = AsyncClient([eps["n1"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+        await c.connect()
+        assert c.session_present is False
+        await c.subscribe(f"{p}/#", qos=1)
+        await c.close()
+        queued = publish(eps["n3"], f"{p}/a", 20)
+        c = AsyncClient([eps["n2"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+        await c.connect()
+        assert c.node == "n2" and c.session_present is True
+        got: list[bytes] = []
+        while (m := await c.receive(timeout=0.5)) is not None:
+            got.append(m.payload)
+        assert got == queued
+        await c.close()
+        async with AsyncClient([eps["n2"]], client_id=cid):  # end the session
+            pass
+
+    asyncio.run(run())
