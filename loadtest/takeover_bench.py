@@ -1,0 +1,85 @@
+"""Persistent session takeover: how long a client waits when it comes back through another node.
+
+Starts a local 3-node cluster (R=2). One client with ``clean_session=False`` subscribes at QoS 1 and closes; then,
+``--rounds`` times: ``--queued`` QoS 1 messages are published while it is away, and it connects again through the
+next node (n1 -> n2 -> n3 -> n1 ...), which takes the session over from the node that held it. Per round it
+measures the connect (HELLO to WELCOME: directory read, SESSION_TAKE, routes, directory write) and the time until
+the last queued message was received, and checks every queued message came once, in order.
+
+    .venv/bin/python -m shardmq.loadtest.takeover_bench --rounds 20 --queued 100
+
+Prints p50 and p99 (the largest of 20 rounds is their p99) of both, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from shardmq.client import Client
+from shardmq.testing import LocalCluster
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--queued", type=int, default=100, help="QoS 1 messages queued while the client is away")
+    parser.add_argument("--payload", type=int, default=100, help="bytes per message")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        lc = LocalCluster(Path(tmp), nodes=3, lease_ttl=5, log_level="warning")
+        lc.up(timeout=60)
+        try:
+            assert lc.state is not None
+            eps = [p.client_endpoint for p in lc.state.nodes]
+            cid = f"bench-{uuid.uuid4().hex[:8]}"
+            topic = f"{cid}/t"
+            client = Client([eps[0]], client_id=cid, clean_session=False, session_expiry=300)
+            client.subscribe(f"{cid}/#", qos=1)
+            client.close()
+            connects: list[float] = []
+            drained: list[float] = []
+            pad = b"x" * max(0, args.payload - 12)
+            with Client([eps[0]]) as pub:
+                for r in range(args.rounds):
+                    sent = [b"%d-%d-" % (r, i) + pad for i in range(args.queued)]
+                    for data in sent:
+                        pub.publish(topic, data, qos=1)
+                    target = eps[(r + 1) % len(eps)]
+                    start = time.perf_counter()
+                    client = Client([target], client_id=cid, clean_session=False, session_expiry=300)
+                    connected = time.perf_counter()
+                    got = []
+                    while len(got) < len(sent) and (m := client.receive(timeout=5.0)) is not None:
+                        got.append(m.payload)
+                    done = time.perf_counter()
+                    if not client.session_present or got != sent:
+                        print(f"round {r}: session_present={client.session_present}, {len(got)} of {len(sent)} "
+                              "messages or out of order", file=sys.stderr)  # fmt: skip
+                        return 1
+                    client.close()
+                    connects.append(1000 * (connected - start))
+                    drained.append(1000 * (done - start))
+            with Client([eps[0]], client_id=cid):  # a clean connect ends the session
+                pass
+        finally:
+            lc.down()
+    print(f"{args.rounds} takeovers, {args.queued} queued QoS 1 messages of {args.payload} bytes each, 3 nodes R=2")
+    for name, samples in (("connect (HELLO to WELCOME)", connects), ("last queued message received", drained)):
+        print(f"{name}: p50 {percentile(samples, 0.5):.1f} ms, p99 {percentile(samples, 0.99):.1f} ms, "
+              f"mean {statistics.mean(samples):.1f} ms, min {min(samples):.1f} ms")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
