@@ -621,6 +621,8 @@ class NodeCore:
             "retained": len(owner.retained),
             "retained_bytes": owner.retained.bytes,
             "clients": len(self.destination.sessions),
+            "sessions_persistent": sum(1 for s in self.destination.sessions.values() if s.persistent),
+            "sessions_offline": len(self.destination.offline),
             **self.destination.flow_view(),
             "local_filters": len(self.subscriptions.local_q0) + len(self.subscriptions.local_q1),
             "metrics": dict(self.metrics),

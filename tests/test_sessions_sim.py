@@ -327,3 +327,18 @@ def test_persistent_hello_needs_valid_expiry() -> None:
     sim.client_send(CLIENT, n1, codec.HELLO, {"id": 1, "clean": False, "expiry": 0})
     frame = sim.session_clients[CLIENT].frames[-1]
     assert frame.type == codec.ERROR and frame.header["code"] == codec.E_BAD_HEADER
+
+
+@pytest.mark.timeout(60)
+def test_takeover_of_a_long_queue_in_chunks() -> None:
+    sim = cluster()
+    n1, n2, n3 = sorted(sim.nodes)
+    hello(sim, n1)
+    subscribe(sim, n1)
+    bye(sim, n1)
+    queued = publish(sim, n3, 2500)  # past max_inflight (1 000) and SESSION_STATE's 1 000 per chunk
+    assert sim.nodes[n1].core.destination.sessions[CLIENT].backlog
+    assert hello(sim, n2)["session_present"] is True
+    assert sim.settle()
+    assert got(sim) == queued
+    assert sim.nodes[n2].core.destination.sessions[CLIENT].held_bytes == 0
