@@ -238,6 +238,7 @@ class Takeover:
     items: list[tuple[list[Any], bytes]] = field(default_factory=list)
     started: float = 0.0
     ref: Any = None  # the HELLO's id, for its WELCOME
+    welcomed: bool = False
 
     def waits_on(self, node: str) -> bool:
         return node == self.holder and self.phase in ("state", "tail")

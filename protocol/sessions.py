@@ -130,13 +130,22 @@ class SessionSide:
         if core.destination.sessions.get(session.rid) is not session:
             return
         core.metrics["sessions.fresh"] += 1
-        core.destination.welcome(session, False, t.ref)
+        self._welcome(t, False)
         self._write_holder(session)
 
     def _deadline(self, tid: int) -> None:
+        """The WELCOME is due ``request_timeout`` after the HELLO (the SDK waits that long and a margin)."""
         t = self.core.requests.get(tid)
-        if isinstance(t, Takeover) and t.phase in ("lookup", "state"):
+        if not isinstance(t, Takeover):
+            return
+        if t.phase in ("lookup", "state"):
             self._failed(tid, f"no answer within {self.core.cfg.request_timeout}s ({t.phase})")
+        elif t.phase == "subscribe" and not t.welcomed:
+            # The session is here (A handed it over) but an owner has not confirmed its routes yet: welcome the
+            # client with what it has; the routes, the directory and the tail follow.
+            self.core.metrics["sessions.welcomed_before_routes"] += 1
+            self.core.log.warning("session_routes_slow", client=t.client_id, holder=t.holder)
+            self._welcome(t, True)
 
     def _failed(self, tid: int, reason: str) -> None:
         core = self.core
@@ -220,8 +229,14 @@ class SessionSide:
         core.metrics["sessions.taken_over"] += 1
         core.log.info("session_taken_over", client=t.client_id, holder=t.holder, filters=len(session.filters),
                       queued=len(session.backlog), ms=round(1000 * (core.now - t.started)))  # fmt: skip
-        if core.destination.sessions.get(session.rid) is session:
-            core.destination.welcome(session, True, t.ref)
+        self._welcome(t, True)
+
+    def _welcome(self, t: Takeover, present: bool) -> None:
+        if t.welcomed:
+            return
+        t.welcomed = True
+        if self.core.destination.sessions.get(t.session.rid) is t.session:
+            self.core.destination.welcome(t.session, present, t.ref)
 
     def _queue(self, session: Session, items: list[tuple[list[Any], bytes]]) -> None:
         for (topic, dup, retain, pid), payload in items:

@@ -342,3 +342,39 @@ def test_takeover_of_a_long_queue_in_chunks() -> None:
     assert sim.settle()
     assert got(sim) == queued
     assert sim.nodes[n2].core.destination.sessions[CLIENT].held_bytes == 0
+
+
+@pytest.mark.timeout(60)
+def test_welcome_within_request_timeout_when_an_owner_is_slow() -> None:
+    sim = cluster(6)
+    a = sim.etcd.doc
+    assert a is not None
+    nodes = sorted(sim.nodes)
+    directory = set(a.owners(sim.shard_of("$session/" + CLIENT.decode())))
+    route_owners = set(a.owners(sim.shard_of("sensors/#")))
+    slow = sorted(route_owners - directory)
+    others = sorted(set(nodes) - directory - route_owners)
+    if not slow or len(others) < 2:
+        pytest.skip("this placement has no route owner outside the directory's owners")
+    holder, taker = others[0], others[1]
+    hello(sim, holder)
+    subscribe(sim, holder)
+    bye(sim, holder)
+    queued = publish(sim, nodes[0] if nodes[0] not in slow else holder, 3)
+    sim.pause(slow[0])  # it takes the new holder's ROUTE_ADD but does not answer
+    sc = sim.session_clients[CLIENT]
+    sc.frames.clear()
+    sim.client_send(CLIENT, taker, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    start = sim.now
+    while sc.welcome() is None and sim.now - start < 10:
+        sim.tick(0.25)
+        sim.drain()
+        sim.pump_clients()
+    welcome = sc.welcome()
+    assert welcome is not None and welcome["session_present"] is True and welcome["node"] == taker
+    assert sim.now - start <= sim.cfg.request_timeout + 0.5
+    assert metric(sim, "sessions.welcomed_before_routes") == 1
+    assert got(sim) == queued
+    sim.resume(slow[0])
+    assert sim.settle()
+    assert record(sim)["holder"] == taker
