@@ -21,7 +21,8 @@ Rules of this file:
   queued since, more SESSION_STATE chunks) and drops the session (its routes by ROUTE_DEL reference counting).
   Live messages that reach B meanwhile wait behind the tail; one whose publish id (``pid``) A handed over is
   delivered once. A lookup or holder that does not answer within ``request_timeout`` of the HELLO: B starts a
-  fresh session (``sessions.takeover_failed``).
+  fresh session (``sessions.takeover_failed``). The WELCOME goes within ``request_timeout`` of the HELLO in any
+  case (routes an owner is slow to confirm follow it).
 - Known limits (the next steps of docs/DESIGN-SESSIONS.md): the queue lives at the holder only (kill -9 of the
   holder loses the session and its queue; B then finds the holder gone), nothing survives a restart, a holder
   that handed its state to a B that then died loses it.

@@ -16,6 +16,9 @@ import pytest
 
 from shardmq.client import Client, Message
 from shardmq.client.aio import AsyncClient
+from shardmq.client.core import NOW, ClientCore, Send
+from shardmq.client.green import GreenClient
+from shardmq.router import codec
 from shardmq.testing import LocalCluster
 
 EXPIRY = 60
@@ -58,6 +61,11 @@ def test_persistent_needs_client_id_and_expiry() -> None:
         Client(["tcp://127.0.0.1:1"], client_id="x", clean_session=False, connect=False)
     with pytest.raises(ValueError, match="session_expiry"):
         AsyncClient(["tcp://127.0.0.1:1"], client_id="x", clean_session=False, session_expiry=0)
+    with pytest.raises(ValueError, match="client_id"):
+        Client(["tcp://127.0.0.1:1"], client_id="a/+", clean_session=False, session_expiry=5, connect=False)
+    green = GreenClient(["tcp://127.0.0.1:1"], client_id="g", clean_session=False, session_expiry=5, connect=False)
+    assert green.session_present is False and green._core.clean_session is False
+    green.close()
 
 
 @pytest.mark.timeout(60)
@@ -124,3 +132,42 @@ def test_async_client_session_moves(lc: LocalCluster) -> None:
             pass
 
     asyncio.run(run())
+
+
+def test_core_welcome_of_a_taken_over_session() -> None:
+    core = ClientCore(["tcp://a", "tcp://b"], "dev-1", 5.0, 1, 0.0, None, False, 30)
+    core.subscriptions = {"s/#": 1}
+    core.node = core.subscribed_node = "n1"
+    core.had_session = True
+    core.dacks = [4, 5]
+    core.inbox.append(("s/x", b"p", 1, False, 7, False))
+    # Present on another node: the session moved there with its subscriptions; n1's message ids mean nothing.
+    assert core.welcome({"node": "n2", "session_present": True}, "tcp://b", 0.0) is None
+    assert core.session_present and core.subscribed_node == "n2" and core.interruptions == 0
+    assert core.dacks == [] and core.inbox[0][4] is None
+    # Not present (the holder died): subscribe again, and the gap is reported.
+    plan = core.welcome({"node": "n3", "session_present": False}, "tcp://a", 0.0)
+    assert plan == [{"filters": ["s/#"], "qos": 1}] and core.interruptions == 1
+    # A clean client that finds a session on another node still subscribes again there (as before).
+    clean = ClientCore(["tcp://a"], "c", 5.0, 1, 0.0)
+    clean.subscriptions = {"s/#": 0}
+    clean.subscribed_node = "n1"
+    assert clean.welcome({"node": "n2", "session_present": True}, "tcp://a", 0.0) == [{"filters": ["s/#"], "qos": 0}]
+
+
+def test_core_hello_header_and_taken_over() -> None:
+    core = ClientCore(["tcp://a"], "dev-1", 5.0, 1, 0.0, None, False, 30)
+    core.connected = True
+    steps = core.hello()
+    sent = steps.send(None)
+    assert isinstance(sent, Send)
+    header = codec.decode(sent.parts).header
+    assert header["clean"] is False and header["expiry"] == 30 and header["client"] == "dev-1"
+    assert steps.send(None) is NOW
+    assert steps.send(100.0) is NOW
+    recv = steps.send(100.0)
+    assert recv.timeout == pytest.approx(5.0 + 6.0)  # a takeover may make the WELCOME wait
+    end = codec.decode(codec.encode(codec.SESSION_END, {"code": codec.E_TAKEN_OVER, "reason": "on n2"}))
+    assert core.handle_unsolicited(end) is None
+    assert core.recovery is None  # it does not reconnect (that would take the session back)
+    assert core.errors[-1].code == codec.E_TAKEN_OVER
