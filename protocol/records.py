@@ -219,6 +219,7 @@ class RetainedFetch:
     got: dict[str, tuple[int, int, bytes, int, int]] = field(default_factory=dict)
     partial: dict[str, bool] = field(default_factory=dict)  # node -> it sent a chunk with ``more``
     then: Callable[[bytes | None], None] | None = None
+    timeout: float | None = None  # per member asked; None: retained_fetch_timeout
 
     def waits_on(self, node: str) -> bool:
         return node in self.pending

@@ -144,12 +144,15 @@ class RetainedSide:
         self._write(RetainWrite("", 0, topic, 1, payload, then))
 
     def read_record(self, topic: str, then: Callable[[bytes | None], None]) -> None:
-        """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners)."""
+        """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners,
+        each given ``lookup_timeout``)."""
         core = self.core
         if core.view.assignment is None:
             then(None)
             return
-        fetch = RetainedFetch(None, {topic: 1}, {}, {}, {}, then=then)
+        # A dead primary costs one lookup_timeout, as a publish's LOOKUP: the takeover waiting on this read must
+        # still reach the next owner within its own request_timeout.
+        fetch = RetainedFetch(None, {topic: 1}, {}, {}, {}, then=then, timeout=core.cfg.lookup_timeout)
         fetch.tried[topic] = []
         self._ask_exact(fetch, topic)
         self._send_gets(fetch, core.requests.open(fetch, self), dict(fetch.asked))
@@ -410,7 +413,7 @@ class RetainedSide:
         if not fetch.pending:
             self._finish(fid)
             return
-        timeout = core.cfg.retained_fetch_timeout
+        timeout = fetch.timeout if fetch.timeout is not None else core.cfg.retained_fetch_timeout
         timeout = core.cfg.request_timeout if timeout is None else timeout
         waiting = frozenset(asks) - {core.me}
         core.effects.call_later(timeout, lambda: self._expire_fetch(fid, waiting))

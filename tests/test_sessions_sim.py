@@ -378,3 +378,29 @@ def test_welcome_within_request_timeout_when_an_owner_is_slow() -> None:
     sim.resume(slow[0])
     assert sim.settle()
     assert record(sim)["holder"] == taker
+
+
+@pytest.mark.timeout(60)
+def test_directory_read_falls_back_to_the_replica_in_time() -> None:
+    sim = cluster(4)
+    a = sim.etcd.doc
+    assert a is not None
+    nodes = sorted(sim.nodes)
+    primary, replica = a.owners(sim.shard_of("$session/" + CLIENT.decode()))
+    holder, taker = sorted(set(nodes) - {primary, replica})
+    hello(sim, holder)
+    subscribe(sim, holder)
+    bye(sim, holder)
+    queued = publish(sim, holder, 3)
+    sim.pause(primary)  # silent, still a member: the read must move on to the replica
+    sc = sim.session_clients[CLIENT]
+    sc.frames.clear()
+    sim.client_send(CLIENT, taker, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    start = sim.now
+    while sc.welcome() is None and sim.now - start < 10:
+        sim.tick(0.25)
+        sim.drain()
+        sim.pump_clients()
+    welcome = sc.welcome()
+    assert welcome is not None and welcome["session_present"] is True, welcome
+    assert got(sim) == queued
