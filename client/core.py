@@ -52,6 +52,7 @@ DEFAULT_LINGER = 0.0005
 # A persistent session's HELLO may wait for a takeover from the node holding the session: the node answers within
 # its request_timeout (5 s by default), so the HELLO waits that much longer than other requests.
 TAKEOVER_MARGIN = 6.0
+TAKEN_OVER_MARK = -2  # an inbox entry's qos: ``receive`` raises ``taken_over`` there (-1: ``interrupted``)
 VALID_TOPICS_MEMO = 4096  # topic names a client remembers as valid (publishers to many more re-check some)
 # A PUBS header lists every item's topic; JSON writes a topic character in at most 6 bytes (``\u001f``), plus the
 # item's brackets, qos, id and size. Frames stay under the header limit the node decodes with.
@@ -201,6 +202,7 @@ class ClientCore:
         self.clean_session = clean_session
         self.session_expiry = session_expiry
         self.session_present = False  # the last WELCOME's session_present
+        self.taken_over: ShardMQError | None = None  # another connection took our persistent session (not raised yet)
         self.credentials = credentials  # CURVE keys for the shell's socket; None: no CURVE (an insecure cluster)
         self.handshake_ok = False  # a zmq handshake succeeded on the current socket (``handshake_failed``)
         self.handshakes_failed = 0  # failed handshakes on it since the last success
@@ -250,7 +252,11 @@ class ClientCore:
 
     def raise_pending_error(self) -> None:
         if self.errors:
-            raise self.errors.popleft()
+            error = self.errors.popleft()
+            if error is self.taken_over:  # raised once: not by ``receive`` as well
+                self.taken_over = None
+                self.inbox = deque(entry for entry in self.inbox if entry[2] != TAKEN_OVER_MARK)
+            raise error
 
     # ------------------------------------------------------------------ events the shell reports
     def connection_broken(self) -> None:
@@ -342,7 +348,9 @@ class ClientCore:
         elif frame.type == codec.SESSION_END and h["code"] == codec.E_TAKEN_OVER:
             # Another connection with our client id took the persistent session: taking it back would make the
             # two take it from each other forever, so this client stops here and says so.
-            self.errors.append(ShardMQError(codec.E_TAKEN_OVER, f"node {self.node}: {h['reason']}"))
+            error = self.taken_over = ShardMQError(codec.E_TAKEN_OVER, f"node {self.node}: {h['reason']}")
+            self.errors.append(error)  # raised by the next call, or by ``receive`` (the marker), whichever is first
+            self.inbox.append((error.reason, b"", TAKEN_OVER_MARK, False, -1, False))
             self.subscribed_node = None
         elif frame.type == codec.SESSION_END:  # the node cannot keep our routes: move on at the next turn
             self.interrupted(f"node {self.node} ended the session: {h['code']}: {h['reason']}", self.last_heard)
@@ -854,6 +862,11 @@ class ClientCore:
         if not self.inbox:
             return None, None
         topic, payload, qos, dup, mid, retain = self.inbox.popleft()
+        if qos == TAKEN_OVER_MARK and self.taken_over is not None:
+            error, self.taken_over = self.taken_over, None
+            if error in self.errors:
+                self.errors.remove(error)
+            raise error
         if qos < 0:  # the marker of a gap in the subscriptions (``interrupted``); the reason is in ``topic``
             raise ShardMQError(codec.E_INTERRUPTED, topic)
         dack = None

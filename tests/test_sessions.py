@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardmq.client import Client, Message
+from shardmq.client import Client, Message, ShardMQError
 from shardmq.client.aio import AsyncClient
 from shardmq.client.core import NOW, ClientCore, Send
 from shardmq.client.green import GreenClient
@@ -171,3 +171,30 @@ def test_core_hello_header_and_taken_over() -> None:
     assert core.handle_unsolicited(end) is None
     assert core.recovery is None  # it does not reconnect (that would take the session back)
     assert core.errors[-1].code == codec.E_TAKEN_OVER
+    with pytest.raises(ShardMQError) as info:  # a client that only receives is told too, once
+        core.take_message()
+    assert info.value.code == codec.E_TAKEN_OVER
+    assert not core.errors and core.take_message() == (None, None)
+
+
+@pytest.mark.timeout(60)
+def test_connected_client_is_taken_over(lc: LocalCluster) -> None:
+    eps = endpoints_of(lc)
+    p = uuid.uuid4().hex[:8]
+    cid = f"two-{p}"
+    old = Client([eps["n1"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+    old.subscribe(f"{p}/#", qos=1)
+    sent = publish(eps["n3"], f"{p}/t", 3)
+    assert [m.payload for m in drain(old)] == sent
+    new = Client([eps["n2"]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
+    assert new.session_present is True
+    with pytest.raises(ShardMQError) as info:
+        while old.receive(timeout=2.0) is not None:
+            pass
+    assert info.value.code == codec.E_TAKEN_OVER
+    old._close_socket(linger=0)
+    live = publish(eps["n3"], f"{p}/t", 3, prefix="live")
+    assert [m.payload for m in drain(new)] == live
+    new.close()
+    with Client([eps["n2"]], client_id=cid):  # end the session
+        pass
