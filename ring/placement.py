@@ -80,10 +80,10 @@ _INF = math.inf
 # they number a few dozen; from a few hundred nodes on, the last excess can circle among a few full nodes until
 # the bound ends it (see _settle). Hitting it leaves a valid, still deterministic table that is merely less
 # balanced. _MAX_ROUNDS caps what those circling rounds cost: at N = 1,000, S = 16,384, R = 2, the rounds past
-# 20,000 (of 200,000) changed any node's load by at most two shards and the largest loads by at most one (better
-# once, worse once) and took 40-75% of place()'s time (`python -m shardmq.loadtest.ring_figures --round-cap`).
+# 5,000 (of 200,000) changed any node's load by at most three shards and the largest loads by at most one (better
+# once, worse once) and took 60-85% of place()'s time (`python -m shardmq.loadtest.ring_figures --round-cap`).
 _MAX_ROUNDS_PER_NODE = 200
-_MAX_ROUNDS = 20_000
+_MAX_ROUNDS = 5_000
 # Merged rings kept to derive the next one from: 12 bytes per point, ~15 MB
 # for 1,000 nodes of weight 1.
 _RING_CACHE_SIZE = 2

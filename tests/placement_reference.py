@@ -28,7 +28,7 @@ _RING_SIZE = 1 << 64
 # Bounds the rounds of each balancing phase: min(_MAX_ROUNDS_PER_NODE * N, _MAX_ROUNDS). Hitting it leaves
 # a valid (still deterministic) table that is merely less balanced. (Same bound as shardmq.ring.placement.)
 _MAX_ROUNDS_PER_NODE = 200
-_MAX_ROUNDS = 20_000
+_MAX_ROUNDS = 5_000
 
 
 def reference_place(members: Mapping[str, int], shard_count: int, replication: int) -> tuple[tuple[str, ...], ...]:
