@@ -14,12 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardmq.client import Client, Message, ShardMQError
+from shardmq.client import Client, ShardMQError
 from shardmq.client.aio import AsyncClient
 from shardmq.client.core import NOW, ClientCore, Send
 from shardmq.client.green import GreenClient
 from shardmq.router import codec
 from shardmq.testing import LocalCluster
+from tests.test_retained import drain, endpoints_of
 
 EXPIRY = 60
 
@@ -32,18 +33,6 @@ def lc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.down()
-
-
-def endpoints_of(lc: LocalCluster) -> dict[str, str]:
-    assert lc.state is not None
-    return {p.name: p.client_endpoint for p in lc.state.nodes}
-
-
-def drain(client: Client, quiet: float = 0.5) -> list[Message]:
-    got: list[Message] = []
-    while (msg := client.receive(timeout=quiet)) is not None:
-        got.append(msg)
-    return got
 
 
 def publish(endpoint: str, topic: str, count: int, prefix: str = "m") -> list[bytes]:

@@ -15,19 +15,11 @@ import orjson
 import pytest
 
 from shardmq.router import codec
-from shardmq.testing.simulation import Sim, SimConfig
+from shardmq.testing.simulation import Sim
+from tests.test_retained_sim import cluster
 
-SHARDS = 32
 CLIENT = b"dev-42"
 TOPIC = "sensors/t1"
-
-
-def cluster(nodes: int = 3) -> Sim:
-    sim = Sim(SimConfig(shard_count=SHARDS, replication=2, snapshot_chunk=2))
-    for _ in range(nodes):
-        sim.join()
-    assert sim.settle()
-    return sim
 
 
 def hello(sim: Sim, node: str, clean: bool = False, expiry: float = 60, rid: bytes = CLIENT) -> dict[str, Any]:
