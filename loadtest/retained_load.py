@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = b"x" * args.payload
     directory = Path(args.dir or tempfile.mkdtemp(prefix="shardmq-retained-"))
     cluster = LocalCluster(directory, nodes=3, log_level="warning")
-    cluster.up(timeout=60)
     try:
+        cluster.up(timeout=60)
         assert cluster.state is not None
         nodes = cluster.state.nodes
         endpoints = [p.client_endpoint for p in nodes]
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"max_ms={1000 * max(samples):8.1f}")  # fmt: skip
     finally:
         cluster.down()
+        if args.dir is None:  # only the directory this run made
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
