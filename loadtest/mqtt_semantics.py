@@ -62,6 +62,16 @@ class Connack:
     reason: str
 
 
+class Unsupported(Exception):
+    """The broker under test lacks a feature a scenario needs (shardmq: wills, shared subscriptions so far): the
+    scenario is reported as ``{"unsupported": reason}``, not as an error."""
+
+
+class Refused(Exception):
+    """The broker refused a QoS 1 publish instead of accepting it (shardmq: ``overloaded``, a subscriber's queue is
+    full); mosquitto never refuses, it drops."""
+
+
 class Driver(ABC):
     """One client connection to the broker under test, with blocking calls and bounded waits."""
 
@@ -83,7 +93,7 @@ class Driver(ABC):
 
     @abstractmethod
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        """Publish; for QoS > 0 wait for the broker's acknowledgement."""
+        """Publish; for QoS > 0 wait for the broker's acknowledgement (``Refused`` if it says no)."""
 
     @abstractmethod
     def receive(self, timeout: float, ack: bool = True) -> Message | None:
@@ -116,6 +126,7 @@ class Broker(ABC):
     """A running broker under test. ``running`` starts a fresh one with a scenario's settings."""
 
     name: str
+    detect_wait: float = WAIT  # seconds: the most the broker may take to notice a vanished client (its will)
 
     @abstractmethod
     def version(self) -> str: ...
@@ -318,6 +329,298 @@ class MosquittoBroker(Broker):
         return d
 
 
+# ---------------------------------------------------------------------------------------------- shardmq
+SHARED_PREFIX = "$share/"
+SHARDMQ_NODE_ARGS = ["--client-idle-check", "1"]  # as the suite's shared cluster: a quiet client is probed after 1 s
+SETTING_FLAGS = {"max_queued_messages": "--max-queued"}  # a scenario's broker setting -> the node option for it
+
+
+def sdk_has_wills() -> bool:
+    """Whether the SDK takes ``Client(..., will=(topic, payload, qos, retain))`` (issue #13, item 4)."""
+    import inspect
+
+    from shardmq.client import Client
+
+    return "will" in inspect.signature(Client).parameters
+
+
+class SdkDriver(Driver):
+    """The blocking SDK (``shardmq.client.Client``) connected to one node. Where the Driver API asks for something
+    the SDK's public calls do not do (withhold an acknowledgement, vanish, watch for a takeover), it uses the
+    client's own lock and core, as the SDK's tests do; nothing here changes what the node sees from an SDK user."""
+
+    def __init__(self, broker: ShardmqBroker, endpoint: str) -> None:
+        self.broker = broker
+        self.endpoint = endpoint
+        self._client: Any = None  # shardmq.client.Client once connected
+        self._taken_over: str | None = None  # the SESSION_END taken_over reason, once seen
+        self._done = False  # closed cleanly, vanished or taken over: this connection receives nothing more
+        self.interruptions: list[str] = []
+
+    def connect(
+        self,
+        client_id: str,
+        clean_session: bool = True,
+        session_expiry: int | None = None,
+        will: Will | None = None,
+        keepalive: int = 60,
+    ) -> Connack:
+        """``keepalive`` is ignored: the node probes a quiet client after its ``--client-idle-check``. A persistent
+        session always needs an expiry in shardmq; 3.1.1's (None: until a clean connect) becomes SESSION_EXPIRY."""
+        from shardmq.client import Client
+
+        kwargs: dict[str, Any] = {}
+        if will is not None:
+            if not sdk_has_wills():
+                raise Unsupported("will messages: the SDK has no Client(..., will=...) yet (issue #13, item 4)")
+            kwargs["will"] = (will.topic, will.payload, will.qos, will.retain)
+        if not clean_session:
+            kwargs["session_expiry"] = session_expiry or SESSION_EXPIRY
+            self.broker.persistent_ids.add(client_id)
+        self._client = Client([self.endpoint], client_id=client_id, timeout=WAIT, credentials=self.broker.credentials,
+                              clean_session=clean_session, **kwargs)  # fmt: skip
+        return Connack(bool(self._client.session_present), "success")
+
+    def subscribe(self, topic_filter: str, qos: int) -> int:
+        from shardmq.client import ShardMQError
+
+        if topic_filter.startswith(SHARED_PREFIX) and not self.broker.shared_subscriptions():
+            raise Unsupported("shared subscriptions: $share/GROUP/FILTER is not routed yet (issue #13, item 5)")
+        try:
+            self._client.subscribe(topic_filter, qos)
+        except ShardMQError:
+            return 0x80
+        return qos  # shardmq grants the QoS asked for (0 or 1)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        from shardmq.client import ShardMQError
+        from shardmq.router import codec
+
+        try:
+            self._client.publish(topic, payload, qos, retain)
+        except ShardMQError as e:
+            if e.code == codec.E_OVERLOADED:
+                raise Refused(str(e)) from e
+            raise
+
+    def receive(self, timeout: float, ack: bool = True) -> Message | None:
+        from shardmq.client import ShardMQError
+        from shardmq.router import codec
+
+        deadline = time.monotonic() + timeout
+        while not self._done:
+            try:
+                m = self._client.receive(timeout) if ack else self._receive_unacked(timeout)
+            except ShardMQError as e:
+                if e.code == codec.E_TAKEN_OVER:
+                    self._taken_over, self._done = e.reason, True
+                    return None
+                if e.code != codec.E_INTERRUPTED:
+                    raise
+                self.interruptions.append(e.reason)  # a gap in the subscriptions, reported: go on
+                timeout = max(0.0, deadline - time.monotonic())
+                continue
+            if m is None:
+                return None
+            return Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), bool(m.dup))
+        return None
+
+    def _receive_unacked(self, timeout: float) -> Any:
+        """``Client.receive`` without the DACK: acknowledgements due for earlier messages go first, then this
+        message's is dropped, so the node keeps it in flight as a consumer that died before processing it."""
+        c = self._client
+        core = c._core
+        with c._lock:
+            due = core.take_dacks()
+            if due is not None:
+                c.sock.send_multipart(due)
+            if not core.inbox:
+                c._run(core.wait_for_message(timeout))
+            message, _dack = core.take_message()
+            core.dacks.clear()
+            return message
+
+    def disconnect_cleanly(self) -> None:
+        self._done = True
+        self._client.close()  # BYE: the node drops the connection; a persistent session stays
+
+    def vanish(self) -> float:
+        self._done = True
+        c = self._client
+        c._stop_flusher()
+        t = time.monotonic()
+        c._close_socket(linger=0)  # no BYE: the node finds out by its idle probe, as for a killed process
+        return t
+
+    def go_silent(self) -> None:
+        """Nothing to stop: the SDK reads its socket (answering the node's PINGs) only inside a call."""
+
+    def closed_by_server(self, timeout: float) -> dict[str, Any] | None:
+        """shardmq's DISCONNECT 0x8E is SESSION_END taken_over, sent when the new connection is on another node
+        (on the same node zmq hands the routing id over and the old connection hears nothing)."""
+        c = self._client
+        deadline = time.monotonic() + timeout
+        while self._taken_over is None and not self._done:
+            if c._core.taken_over is not None:
+                self._taken_over = c._core.taken_over.reason
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with c._lock:  # read frames into the inbox without taking (or acknowledging) messages
+                frame = c._recv(min(left, 0.1))
+                if frame is not None:
+                    c._handle_unsolicited(frame)
+        if self._taken_over is None:
+            return None
+        self._done = True
+        return {"reason": f"SESSION_END taken_over: {self._taken_over}", "disconnect_packet": True}
+
+    def close(self) -> None:
+        c, self._client = self._client, None
+        if c is None:
+            return
+        with contextlib.suppress(Exception):
+            if self._done:
+                c._stop_flusher()
+                c._close_socket(linger=0)
+            else:
+                c.close()
+
+
+class ShardmqBroker(Broker):
+    """A local shardmq cluster (etcd and ``nodes`` node processes, ``shardmq.testing.LocalCluster``), or one the
+    caller runs (``cluster=``, e.g. a test's fixture). The cluster is started once and serves every scenario:
+    each scenario's topics and client ids are its own, and ``running`` ends the persistent sessions it made, so a
+    scenario starts as on a fresh broker. A scenario with broker settings (``max_queued_messages``) gets a cluster
+    of its own started with the matching node options, stopped after it; on a caller's cluster it is
+    ``Unsupported``. Drivers connect to the nodes in turn (n1, n2, n3, n1...), so every scenario's clients, its
+    reconnections included, cross nodes: a reconnect moves the session to another node."""
+
+    name = "shardmq"
+
+    def __init__(self, cluster: Any = None, nodes: int = 3) -> None:
+        self.nodes = nodes
+        self._given = cluster  # a LocalCluster the caller started and stops
+        self._own: Any = None  # the one this broker started for scenarios without settings
+        self._own_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._cluster: Any = None  # the one the running scenario uses
+        self._next = 0
+        self._drivers: list[SdkDriver] = []
+        self._shared: bool | None = None
+        self.persistent_ids: set[str] = set()
+        self.credentials: Any = None
+        self.detect_wait = WAIT + 3 * float(SHARDMQ_NODE_ARGS[1])  # idle probe after 1 s, its answer within WAIT
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        from shardmq.router import codec
+
+        return f"shardmq {version('shardmq')}, protocol v{codec.PROTOCOL_VERSION}"
+
+    def _start(self, node_args: list[str]) -> tuple[Any, tempfile.TemporaryDirectory[str]]:
+        from shardmq.testing import LocalCluster
+
+        tmp = tempfile.TemporaryDirectory(prefix="shardmq-mqtt-semantics-")
+        cluster = LocalCluster(tmp.name, nodes=self.nodes, lease_ttl=2, log_level="warning",
+                               node_args=[*SHARDMQ_NODE_ARGS, *node_args])  # fmt: skip
+        try:
+            cluster.up(timeout=60)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cluster.down()
+            tmp.cleanup()
+            raise
+        return cluster, tmp
+
+    @contextlib.contextmanager
+    def running(self, settings: dict[str, int]) -> Iterator[None]:
+        node_args = [a for k, v in settings.items() for a in (SETTING_FLAGS[k], str(v))]
+        dedicated: tuple[Any, tempfile.TemporaryDirectory[str]] | None = None
+        if node_args and self._given is not None:
+            raise Unsupported(f"needs nodes started with {' '.join(node_args)}: run the script (its own clusters)")
+        if node_args:
+            dedicated = self._start(node_args)
+            cluster = dedicated[0]
+        elif self._given is not None:
+            cluster = self._given
+        else:
+            cluster = self.start()
+        self._cluster, self._next, self._shared = cluster, 0, None
+        self.credentials = cluster.admin_credentials
+        try:
+            yield
+        finally:
+            for d in self._drivers:
+                d.close()
+            self._drivers.clear()
+            self._end_sessions()
+            self._cluster = None
+            if dedicated is not None:
+                with contextlib.suppress(Exception):
+                    dedicated[0].down()
+                dedicated[1].cleanup()
+
+    def _end_sessions(self) -> None:
+        """A clean connect with each persistent client id used ends its session wherever it is held (SDK.md)."""
+        from shardmq.client import Client
+
+        endpoint = self._cluster.state.client_endpoints()[0]
+        for cid in sorted(self.persistent_ids):
+            with contextlib.suppress(Exception), Client([endpoint], client_id=cid, timeout=WAIT,
+                                                        credentials=self.credentials):  # fmt: skip
+                pass
+        self.persistent_ids.clear()
+
+    def client(self, mqtt_version: int = 5) -> Driver:
+        """A driver for the next node in turn. shardmq has no MQTT versions: ``mqtt_version`` is ignored."""
+        if self._cluster is None:
+            raise RuntimeError("broker not running")
+        endpoints = self._cluster.state.client_endpoints()
+        d = SdkDriver(self, endpoints[self._next % len(endpoints)])
+        self._next += 1
+        self._drivers.append(d)
+        return d
+
+    def shared_subscriptions(self) -> bool:
+        """Whether the cluster routes ``$share/GROUP/FILTER`` as a shared subscription: a probe subscribes one and
+        publishes to its filter (today ``$share/...`` is a plain filter of ``$`` topics and gets nothing)."""
+        if self._shared is None:
+            from shardmq.client import Client, ShardMQError
+
+            probe = f"semantics-probe/{uuid.uuid4().hex[:8]}"
+            endpoints = self._cluster.state.client_endpoints()
+            with Client([endpoints[0]], timeout=WAIT, credentials=self.credentials) as member, \
+                    Client([endpoints[-1]], timeout=WAIT, credentials=self.credentials) as pub:  # fmt: skip
+                try:
+                    member.subscribe(f"{SHARED_PREFIX}probe/{probe}", 1)
+                except ShardMQError:
+                    self._shared = False
+                else:
+                    pub.publish(probe, b"probe", qos=1)
+                    self._shared = member.receive(timeout=1.0) is not None
+        return self._shared
+
+    def start(self) -> Any:
+        """The cluster for scenarios without settings: the caller's, else one started now (once)."""
+        if self._given is not None:
+            return self._given
+        if self._own is None:
+            self._own, self._own_dir = self._start([])
+        return self._own
+
+    def stop(self) -> None:
+        """Stop the cluster this broker started (by pid) and remove its directory."""
+        if self._own is not None:
+            with contextlib.suppress(Exception):
+                self._own.down()
+            self._own = None
+        if self._own_dir is not None:
+            self._own_dir.cleanup()
+            self._own_dir = None
+
+
 def make_broker(name: str) -> Broker:
     if name == "mosquitto":
         from shardmq.loadtest.compare_brokers import find_binary
@@ -331,11 +634,8 @@ def make_broker(name: str) -> Broker:
             raise SystemExit("paho-mqtt not installed (pip install -e '.[loadtest]')") from e
         return MosquittoBroker(binary)
     if name == "shardmq":
-        raise SystemExit(
-            "--broker shardmq: no shardmq driver yet. shardmq has no persistent sessions, retained messages, wills "
-            "or shared subscriptions yet; add a Driver over the SDK beside MosquittoBroker once they exist."
-        )
-    raise SystemExit(f"unknown broker {name!r} (mosquitto; shardmq later)")
+        return ShardmqBroker()
+    raise SystemExit(f"unknown broker {name!r} (mosquitto, shardmq or both)")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -427,6 +727,16 @@ def persistent_session_v311(broker: Broker, base: str) -> Observed:
     return persistent_session(broker, base, 4)
 
 
+def connect_with_will(d: Driver, notes: Observed, client_id: str, will: Will, **kwargs: Any) -> Connack:
+    """Connect with ``will``; on a broker without wills, connect without one and say so in ``notes["wills"]``
+    (the scenario's other observations still count; its will observations are then None)."""
+    try:
+        return d.connect(client_id, will=will, **kwargs)
+    except Unsupported as e:
+        notes["wills"] = f"unsupported: {e}"
+        return d.connect(client_id, **kwargs)
+
+
 def takeover(broker: Broker, base: str) -> Observed:
     """A second connection with a connected client's id takes its session over."""
     topic, cid, will_topic = f"{base}/t", f"{base}-dup", f"{base}/will"
@@ -434,7 +744,9 @@ def takeover(broker: Broker, base: str) -> Observed:
     watcher.connect(f"{base}-watcher")
     watcher.subscribe(will_topic, 1)
     first = broker.client()
-    first.connect(cid, clean_session=False, session_expiry=SESSION_EXPIRY, will=Will(will_topic, b"will-of-first"))
+    notes: Observed = {}
+    connect_with_will(first, notes, cid, Will(will_topic, b"will-of-first"), clean_session=False,
+                      session_expiry=SESSION_EXPIRY)  # fmt: skip
     first.subscribe(topic, 1)
     pub = broker.client()
     pub.connect(f"{base}-pub")
@@ -443,7 +755,7 @@ def takeover(broker: Broker, base: str) -> Observed:
     held = drain(first, ack=False)  # delivered to the first connection, not acknowledged by it
     second = broker.client()
     will2_set = Will(will_topic, b"will-of-second")
-    c2 = second.connect(cid, clean_session=False, session_expiry=SESSION_EXPIRY, will=will2_set)
+    c2 = connect_with_will(second, notes, cid, will2_set, clean_session=False, session_expiry=SESSION_EXPIRY)
     first_closed = first.closed_by_server(WAIT)
     got2 = drain(second)
     for i in range(2):
@@ -472,6 +784,7 @@ def takeover(broker: Broker, base: str) -> Observed:
         "second_closed_by_clean_takeover": second_closed,
         "second_will_published_on_clean_takeover": will2.payload.decode() if will2 else None,
         "clean_takeover_received": texts(got3),
+        **notes,
     }
 
 
@@ -547,7 +860,7 @@ def will(broker: Broker, base: str) -> Observed:
     v = broker.client()
     v.connect(f"{base}-vanish", will=Will(f"{base}/will/vanish", b"will-vanish"))
     t0 = v.vanish()
-    m = watcher.receive(WAIT)
+    m = watcher.receive(broker.detect_wait)
     out["vanish_will"] = brief(m, base) if m else None
     out["vanish_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
     clean = broker.client()
@@ -560,7 +873,7 @@ def will(broker: Broker, base: str) -> Observed:
     k.connect(f"{base}-silent", will=Will(f"{base}/will/silent", b"will-silent"), keepalive=keepalive)
     t0 = time.monotonic()
     k.go_silent()
-    m = watcher.receive(4 * keepalive + 2)
+    m = watcher.receive(max(4 * keepalive + 2, broker.detect_wait))
     out["keepalive_s"] = keepalive
     out["silent_will"] = brief(m, base) if m else None
     out["silent_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
@@ -659,18 +972,26 @@ def queue_limit(broker: Broker, base: str, count: int) -> Observed:
     a.disconnect_cleanly()
     pub = broker.client()
     pub.connect(f"{base}-pub")
+    refused_at: int | None = None
     for i in range(count):
-        pub.publish(topic, str(i).encode(), qos=1)
+        try:
+            pub.publish(topic, str(i).encode(), qos=1)
+        except Refused:  # the broker said no instead of dropping: the rest would be refused as well
+            refused_at = i
+            break
+    published = count if refused_at is None else refused_at
     b = broker.client()
     cb = b.connect(cid, clean_session=False, session_expiry=SESSION_EXPIRY)
     got = [int(t) for t in texts(drain(b, limit=count + 10))]
     return {
-        "published": count,
+        "offered": count,
+        "refused_at": refused_at,
+        "published": published,
         "session_present": cb.session_present,
         "received": len(got),
         "received_ranges": seq_ranges(got),
         "in_order": got == sorted(got),
-        "dropped": count - len(set(got)),
+        "dropped": published - len(set(got)),
     }
 
 
@@ -706,7 +1027,8 @@ def _sum_takeover(o: Observed) -> str:
             f"{o['second_session_present']}, got {len(o['second_received_on_connect'])} of "
             f"{len(o['first_held_unacked'])} unacked dup={sorted(set(o['second_received_dup']))}; "
             f"clean takeover session_present={o['clean_takeover_session_present']}, second's will published="
-            f"{o['second_will_published_on_clean_takeover'] is not None}")  # fmt: skip
+            f"{o['second_will_published_on_clean_takeover'] is not None}"
+            + ("; wills unsupported" if "wills" in o else ""))  # fmt: skip
 
 
 def _sum_clean(o: Observed) -> str:
@@ -741,8 +1063,9 @@ def _sum_shared(o: Observed) -> str:
 
 
 def _sum_queue(o: Observed) -> str:
-    return (f"published {o['published']} offline, received {o['received']} {o['received_ranges']}, "
-            f"dropped {o['dropped']}")
+    refused = "" if o.get("refused_at") is None else f" (publish {o['refused_at']} refused, stopped there)"
+    return (f"published {o['published']} of {o.get('offered', o['published'])} offline{refused}, received "
+            f"{o['received']} {o['received_ranges']}, dropped {o['dropped']}")
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -760,12 +1083,15 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 
 
 def run_scenario(broker: Broker, scenario: Scenario) -> Observed:
-    """Run one scenario on a fresh broker; its observations, or ``{"error": ...}`` if it could not finish."""
+    """Run one scenario on a fresh broker; its observations, ``{"unsupported": why}`` if the broker lacks a feature
+    it needs, or ``{"error": ...}`` if it could not finish."""
     base = f"sem/{scenario.name}/{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     try:
         with broker.running(scenario.settings):
             obs = scenario.run(broker, base)
+    except Unsupported as e:
+        return {"unsupported": str(e)}
     except Exception as e:  # one scenario failing must not hide the others' results
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
     obs["took_s"] = round(time.monotonic() - t0, 2)
@@ -773,14 +1099,47 @@ def run_scenario(broker: Broker, scenario: Scenario) -> Observed:
 
 
 def summarize(scenario: Scenario, obs: Observed) -> str:
+    if "unsupported" in obs:
+        return f"UNSUPPORTED {obs['unsupported']}"
     return f"ERROR {obs['error']}" if "error" in obs else scenario.summary(obs)
+
+
+TIMING_KEYS = ("took_s", "_ms")  # observations that are measurements, never equal across brokers
+
+
+def compare(a: Observed, b: Observed) -> list[tuple[str, str, str, str]]:
+    """Key by key: (key, a's value, b's value, mark): ``DIFF`` where they differ, ``timing`` for measurements."""
+    def show(o: Observed, k: str) -> str:
+        text = json.dumps(o[k], separators=(",", ":")) if k in o else "-"
+        return text if len(text) <= 70 else text[:67] + "..."
+
+    if "unsupported" in a or "unsupported" in b or "error" in a or "error" in b:
+        keys = [k for k in ("unsupported", "error") if k in a or k in b]
+    else:
+        keys = [*a, *(k for k in b if k not in a)]
+    rows = []
+    for k in keys:
+        timing = k == "took_s" or k.endswith("_ms")
+        mark = "timing" if timing else "" if a.get(k, "-") == b.get(k, "-") else "DIFF"
+        rows.append((k, show(a, k), show(b, k), mark))
+    return rows
+
+
+def run_all(broker: Broker, names: list[str]) -> dict[str, Observed]:
+    print(f"broker: {broker.name} ({broker.version()})", flush=True)
+    results: dict[str, Observed] = {}
+    for name in names:
+        results[name] = run_scenario(broker, BY_NAME[name])
+        print(f"  {name}: {results[name].get('took_s', '-')} s", file=sys.stderr, flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     from shardmq.loadtest.compare_brokers import print_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--broker", default="mosquitto", help="mosquitto (shardmq: not yet)")
+    parser.add_argument("--broker", default="mosquitto", choices=("mosquitto", "shardmq", "both"),
+                        help="both: each scenario on mosquitto and on shardmq, then side by side")  # fmt: skip
     parser.add_argument("--only", default="", help=f"comma-separated scenarios of: {', '.join(BY_NAME)}")
     parser.add_argument("--json", type=Path, help="write every scenario's observations here")
     args = parser.parse_args(argv)
@@ -788,20 +1147,34 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}; known: {', '.join(BY_NAME)}")
-    broker = make_broker(args.broker)
-    version = broker.version()
-    print(f"broker: {broker.name} ({version})", flush=True)
-    results: dict[str, Observed] = {}
-    rows = [("scenario", "observed")]
-    for name in names:
-        results[name] = run_scenario(broker, BY_NAME[name])
-        rows.append((name, summarize(BY_NAME[name], results[name])))
-        print(f"  {name}: {results[name].get('took_s', '-')} s", file=sys.stderr, flush=True)
+    brokers = [make_broker(n) for n in (("mosquitto", "shardmq") if args.broker == "both" else (args.broker,))]
+    results: dict[str, dict[str, Observed]] = {}
+    versions: dict[str, str] = {}
+    try:
+        for broker in brokers:
+            versions[broker.name] = broker.version()
+            if isinstance(broker, ShardmqBroker):
+                broker.start()  # once for all scenarios, outside their timings
+            results[broker.name] = run_all(broker, names)
+    finally:
+        for broker in brokers:
+            if isinstance(broker, ShardmqBroker):
+                broker.stop()
+    rows = [("scenario", *(b.name for b in brokers))]
+    rows += [(n, *(summarize(BY_NAME[n], results[b.name][n]) for b in brokers)) for n in names]
     print_table(rows)
+    if len(brokers) == 2:
+        first, second = (b.name for b in brokers)
+        for n in names:
+            diff = compare(results[first][n], results[second][n])
+            marked = sum(1 for row in diff if row[3] == "DIFF")
+            print(f"\n{n}: {marked} difference(s)")
+            print_table([("observation", first, second, ""), *diff])
     if args.json:
-        args.json.write_text(json.dumps({"broker": broker.name, "version": version, "scenarios": results}, indent=1))
+        doc = {"versions": versions, "results": results}
+        args.json.write_text(json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
-    if any("error" in r for r in results.values()):
+    if any("error" in r for per_broker in results.values() for r in per_broker.values()):
         raise SystemExit(1)
 
 
