@@ -126,7 +126,9 @@ class Broker(ABC):
     """A running broker under test. ``running`` starts a fresh one with a scenario's settings."""
 
     name: str
-    detect_wait: float = WAIT  # seconds: the most the broker may take to notice a vanished client (its will)
+    # Seconds the broker may take to notice a connection that vanished (socket closed without DISCONNECT), on top
+    # of WAIT: mosquitto sees the TCP close at once; a shardmq node finds the client unreachable by its idle probe.
+    vanish_detect: float = 0.0
 
     @abstractmethod
     def version(self) -> str: ...
@@ -335,6 +337,18 @@ SHARDMQ_NODE_ARGS = ["--client-idle-check", "1"]  # as the suite's shared cluste
 SETTING_FLAGS = {"max_queued_messages": "--max-queued"}  # a scenario's broker setting -> the node option for it
 
 
+def client_idle_check(node_args: list[str]) -> float:
+    """The nodes' ``--client-idle-check`` (seconds) in their command-line arguments, else the node's default."""
+    from dataclasses import fields
+
+    from shardmq.shard.node import NodeConfig
+
+    flag = "--client-idle-check"
+    if flag in node_args:
+        return float(node_args[node_args.index(flag) + 1])
+    return float(next(f.default for f in fields(NodeConfig) if f.name == "client_idle_check"))  # type: ignore[arg-type]
+
+
 def sdk_has_wills() -> bool:
     """Whether the SDK takes ``Client(..., will=(topic, payload, qos, retain))`` (issue #13, item 4)."""
     import inspect
@@ -510,7 +524,6 @@ class ShardmqBroker(Broker):
         self._shared: bool | None = None
         self.persistent_ids: set[str] = set()
         self.credentials: Any = None
-        self.detect_wait = WAIT + 3 * float(SHARDMQ_NODE_ARGS[1])  # idle probe after 1 s, its answer within WAIT
 
     def version(self) -> str:
         from importlib.metadata import version
@@ -549,6 +562,9 @@ class ShardmqBroker(Broker):
             cluster = self.start()
         self._cluster, self._next, self._shared = cluster, 0, None
         self.credentials = cluster.admin_credentials
+        # A vanished client is found unreachable by the idle probe (every --client-idle-check seconds, to clients
+        # quiet that long) and its clean session dropped one more idle check later: at most 3 of them.
+        self.vanish_detect = 3 * client_idle_check(cluster.node_args)
         try:
             yield
         finally:
@@ -585,7 +601,8 @@ class ShardmqBroker(Broker):
 
     def shared_subscriptions(self) -> bool:
         """Whether the cluster routes ``$share/GROUP/FILTER`` as a shared subscription: a probe subscribes one and
-        publishes to its filter (today ``$share/...`` is a plain filter of ``$`` topics and gets nothing)."""
+        publishes to its filter (today ``$share/...`` is a plain filter of ``$`` topics, refused ``not_authorized``
+        even to the operator, and would get nothing if allowed)."""
         if self._shared is None:
             from shardmq.client import Client, ShardMQError
 
@@ -860,7 +877,7 @@ def will(broker: Broker, base: str) -> Observed:
     v = broker.client()
     v.connect(f"{base}-vanish", will=Will(f"{base}/will/vanish", b"will-vanish"))
     t0 = v.vanish()
-    m = watcher.receive(broker.detect_wait)
+    m = watcher.receive(WAIT + broker.vanish_detect)
     out["vanish_will"] = brief(m, base) if m else None
     out["vanish_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
     clean = broker.client()
@@ -873,7 +890,7 @@ def will(broker: Broker, base: str) -> Observed:
     k.connect(f"{base}-silent", will=Will(f"{base}/will/silent", b"will-silent"), keepalive=keepalive)
     t0 = time.monotonic()
     k.go_silent()
-    m = watcher.receive(max(4 * keepalive + 2, broker.detect_wait))
+    m = watcher.receive(max(4 * keepalive + 2, WAIT + broker.vanish_detect))
     out["keepalive_s"] = keepalive
     out["silent_will"] = brief(m, base) if m else None
     out["silent_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
@@ -913,7 +930,7 @@ def shared_subscription(broker: Broker, base: str) -> Observed:
     c_before = texts(drain(c))
     d_held = texts(drain(d, ack=False))
     d.vanish()
-    c_after = texts(drain(c, idle=1.0))
+    c_after = texts(drain(c, idle=1.0 + broker.vanish_detect))
     reached = set(c_before) | set(c_after)
 
     # The same with a member whose session outlives its connection: do its unacked messages wait for it?
