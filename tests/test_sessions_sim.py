@@ -34,6 +34,49 @@ def hello(sim: Sim, node: str, clean: bool = False, expiry: float = 60, rid: byt
     return welcomes[0]
 
 
+def away_session(sim: Sim, node: str, expiry: float = 60) -> None:
+    """A persistent session held by ``node``, subscribed to ``sensors/#`` at QoS 1, whose client said BYE: the
+    session keeps routing and queues its QoS 1 messages while the client is away."""
+    hello(sim, node, expiry=expiry)
+    subscribe(sim, node)
+    bye(sim, node)
+
+
+def holding_unacked(sim: Sim, node: str, publisher: str, count: int) -> list[bytes]:
+    """A persistent session on ``node``, subscribed to ``sensors/#`` at QoS 1, whose client received ``count``
+    messages published through ``publisher`` and acknowledged none of them (nor anything until ``listen_again``)."""
+    hello(sim, node)
+    subscribe(sim, node)
+    sim.session_clients[CLIENT].ack = False
+    return publish(sim, publisher, count)
+
+
+def listen_again(sim: Sim) -> None:
+    """The client acknowledges again and forgets what it heard: what it hears next is what a reconnect brings."""
+    client = sim.session_clients[CLIENT]
+    client.ack = True
+    client.got.clear()
+
+
+def send_hello(sim: Sim, node: str, rid: bytes = CLIENT) -> None:
+    """A persistent HELLO to ``node``, not settled: the test steps the cluster itself."""
+    sim.client_send(rid, node, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+
+
+def welcome_in_virtual_time(sim: Sim, node: str, limit: float = 10) -> tuple[dict[str, Any] | None, float]:
+    """A persistent HELLO to ``node`` with time passing (ticks of 0.25 s, up to ``limit`` virtual seconds) until its
+    WELCOME: the WELCOME (None if none came) and the virtual seconds it took."""
+    sc = sim.session_clients[CLIENT]
+    sc.frames.clear()
+    send_hello(sim, node)
+    start = sim.now
+    while sc.welcome() is None and sim.now - start < limit:
+        sim.tick(0.25)
+        sim.drain()
+        sim.pump_clients()
+    return sc.welcome(), sim.now - start
+
+
 def subscribe(sim: Sim, node: str, filt: str = "sensors/#", qos: int = 1, rid: bytes = CLIENT) -> dict[str, Any]:
     sim.client_send(rid, node, codec.SUB, {"id": 2, "filters": [filt], "qos": qos})
     assert sim.settle()
@@ -115,15 +158,11 @@ def test_away_session_keeps_routing_and_queues_then_same_node_reconnect() -> Non
 def test_unacknowledged_come_again_with_dup_first() -> None:
     sim = cluster()
     n1, n2, _ = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    sim.session_clients[CLIENT].ack = False
-    first = publish(sim, n2, 3)
+    first = holding_unacked(sim, n1, n2, 3)
     assert got(sim) == first
     sim.client_away(CLIENT)  # killed: no BYE
     queued = publish(sim, n2, 2)
-    sim.session_clients[CLIENT].ack = True
-    sim.session_clients[CLIENT].got.clear()
+    listen_again(sim)
     assert hello(sim, n1)["session_present"] is True
     assert sim.settle()
     heard = sim.session_clients[CLIENT].got
@@ -135,14 +174,10 @@ def test_unacknowledged_come_again_with_dup_first() -> None:
 def test_takeover_on_another_node_moves_queue_routes_and_unacked() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    sim.session_clients[CLIENT].ack = False
-    unacked = publish(sim, n3, 2)
+    unacked = holding_unacked(sim, n1, n3, 2)
     bye(sim, n1)
     queued = publish(sim, n3, 30)
-    sim.session_clients[CLIENT].ack = True
-    sim.session_clients[CLIENT].got.clear()
+    listen_again(sim)
     welcome = hello(sim, n2)
     assert welcome["session_present"] is True and welcome["node"] == n2
     assert sim.settle()
@@ -172,7 +207,7 @@ def test_connected_client_is_told_taken_over() -> None:
         return send_client(rid, parts)
 
     shell.send_client = spy  # type: ignore[method-assign]
-    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    send_hello(sim, n2)
     assert sim.settle()
     ends = [f.header for f in heard_on_n1 if f.type == codec.SESSION_END]
     assert [e["code"] for e in ends] == [codec.E_TAKEN_OVER] and n2 in ends[0]["reason"]
@@ -184,11 +219,9 @@ def test_connected_client_is_told_taken_over() -> None:
 def test_message_in_takeover_overlap_is_delivered_once() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     queued = publish(sim, n3, 3)
-    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    send_hello(sim, n2)
     # Step the takeover by hand until n2 sent SESSION_TAKEN: both n1 and n2 then have routes for the client.
     overlap: list[bytes] = []
     for _ in range(200):
@@ -219,9 +252,7 @@ def test_message_in_takeover_overlap_is_delivered_once() -> None:
 def test_clean_connect_discards_session_held_elsewhere() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     publish(sim, n3, 5)
     welcome = hello(sim, n2, clean=True)
     assert welcome["session_present"] is False
@@ -240,9 +271,7 @@ def test_clean_connect_discards_session_held_elsewhere() -> None:
 def test_clean_connect_on_the_holder_discards_it() -> None:
     sim = cluster()
     n1, _, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     publish(sim, n3, 2)
     assert hello(sim, n1, clean=True)["session_present"] is False
     assert sim.settle()
@@ -253,9 +282,7 @@ def test_clean_connect_on_the_holder_discards_it() -> None:
 def test_expiry_ends_the_session() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1, expiry=5)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1, expiry=5)
     publish(sim, n3, 4)
     for _ in range(30):  # 7.5 s of virtual time
         sim.tick(0.25)
@@ -271,9 +298,7 @@ def test_expiry_ends_the_session() -> None:
 def test_dead_holder_means_no_session() -> None:
     sim = cluster(4)
     nodes = sorted(sim.nodes)
-    hello(sim, nodes[0])
-    subscribe(sim, nodes[0])
-    bye(sim, nodes[0])
+    away_session(sim, nodes[0])
     publish(sim, nodes[2], 3)
     holder = nodes[0]
     sim.crash(holder)
@@ -287,11 +312,9 @@ def test_dead_holder_means_no_session() -> None:
 def test_silent_holder_fails_the_takeover_in_time() -> None:
     sim = cluster()
     n1, n2, _ = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     sim.pause(n1)
-    sim.client_send(CLIENT, n2, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
+    send_hello(sim, n2)
     for _ in range(30):
         sim.tick(0.25)
         sim.drain()
@@ -332,9 +355,7 @@ def test_persistent_hello_needs_valid_expiry() -> None:
 def test_takeover_of_a_long_queue_in_chunks() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     queued = publish(sim, n3, 2500)  # past max_inflight (1 000) and SESSION_STATE's 1 000 per chunk
     assert sim.nodes[n1].core.destination.sessions[CLIENT].backlog
     assert hello(sim, n2)["session_present"] is True
@@ -356,22 +377,12 @@ def test_welcome_within_request_timeout_when_an_owner_is_slow() -> None:
     if not slow or len(others) < 2:
         pytest.skip("this placement has no route owner outside the directory's owners")
     holder, taker = others[0], others[1]
-    hello(sim, holder)
-    subscribe(sim, holder)
-    bye(sim, holder)
+    away_session(sim, holder)
     queued = publish(sim, nodes[0] if nodes[0] not in slow else holder, 3)
     sim.pause(slow[0])  # it takes the new holder's ROUTE_ADD but does not answer
-    sc = sim.session_clients[CLIENT]
-    sc.frames.clear()
-    sim.client_send(CLIENT, taker, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
-    start = sim.now
-    while sc.welcome() is None and sim.now - start < 10:
-        sim.tick(0.25)
-        sim.drain()
-        sim.pump_clients()
-    welcome = sc.welcome()
+    welcome, took = welcome_in_virtual_time(sim, taker)
     assert welcome is not None and welcome["session_present"] is True and welcome["node"] == taker
-    assert sim.now - start <= sim.cfg.request_timeout + 0.5
+    assert took <= sim.cfg.request_timeout + 0.5
     assert metric(sim, "sessions.welcomed_before_routes") == 1
     assert got(sim) == queued
     sim.resume(slow[0])
@@ -387,20 +398,10 @@ def test_directory_read_falls_back_to_the_replica_in_time() -> None:
     nodes = sorted(sim.nodes)
     primary, replica = a.owners(sim.shard_of("$session/" + CLIENT.decode()))
     holder, taker = sorted(set(nodes) - {primary, replica})
-    hello(sim, holder)
-    subscribe(sim, holder)
-    bye(sim, holder)
+    away_session(sim, holder)
     queued = publish(sim, holder, 3)
     sim.pause(primary)  # silent, still a member: the read must move on to the replica
-    sc = sim.session_clients[CLIENT]
-    sc.frames.clear()
-    sim.client_send(CLIENT, taker, codec.HELLO, {"id": 1, "clean": False, "expiry": 60})
-    start = sim.now
-    while sc.welcome() is None and sim.now - start < 10:
-        sim.tick(0.25)
-        sim.drain()
-        sim.pump_clients()
-    welcome = sc.welcome()
+    welcome, took = welcome_in_virtual_time(sim, taker)
     assert welcome is not None and welcome["session_present"] is True, welcome
     assert got(sim) == queued
 
@@ -409,9 +410,7 @@ def test_directory_read_falls_back_to_the_replica_in_time() -> None:
 def test_session_survives_shard_moves_then_moves_to_a_new_node() -> None:
     sim = cluster()
     n1, n2, n3 = sorted(sim.nodes)
-    hello(sim, n1)
-    subscribe(sim, n1)
-    bye(sim, n1)
+    away_session(sim, n1)
     before = publish(sim, n2, 10)
     new_nodes = [sim.join(), sim.join()]  # the rebalance moves shards, the directory's and the routes' among them
     assert sim.settle()
