@@ -1,4 +1,4 @@
-"""MQTT session semantics, observed on a reference broker: the behaviour shardmq's sessions must match (issue #13, 7).
+"""MQTT session semantics, the same scenarios on mosquitto and on shardmq (issue #13, item 7).
 
 Each scenario is a function of a ``Broker`` (which makes ``Driver`` objects, one per client connection) and returns
 what it observed as plain data (JSON-able dicts and lists). A scenario only calls the broker-neutral ``Driver``
@@ -6,13 +6,17 @@ methods, so the same scenario runs against any broker that has a driver:
 
 - ``mosquitto``: a mosquitto child process on a free 127.0.0.1 port (``compare_brokers.peer``, config in a temp dir,
   stopped by pid, temp dir removed), driven with paho-mqtt 2.x over MQTT 5 (3.1.1 where a scenario says so).
-- ``shardmq``: not written yet. shardmq has no persistent sessions, retained messages, wills or shared subscriptions
-  yet; its driver (over the SDK) is to be added beside ``MosquittoBroker`` once they exist.
+- ``shardmq``: a 3-node ``LocalCluster`` (started once for the run, stopped by pid, temp dir removed; or the
+  caller's, e.g. a test fixture), driven with the SDK (``shardmq.client.Client``), each connection to one node, the
+  nodes in turn so that a scenario's clients and reconnections cross nodes. A scenario that needs a feature shardmq
+  lacks (wills, shared subscriptions so far) reports ``{"unsupported": why}``; it runs unchanged once the SDK has it.
 
-Every scenario runs on a fresh broker (its own process and config), uses unique topics and payloads, and waits a
-bounded time for everything. The scenarios and what mosquitto did are described in ``docs/MQTT_SEMANTICS.md``.
+Every scenario runs on a fresh broker (mosquitto: its own process; shardmq: its own topics and client ids, its
+persistent sessions ended afterwards), uses unique topics and payloads, and waits a bounded time for everything. The
+scenarios, what each broker did and why they differ are in ``docs/MQTT_SEMANTICS.md``.
 
-Usage: ``python -m shardmq.loadtest.mqtt_semantics --broker mosquitto [--only will,retained] [--json FILE]``.
+Usage: ``python -m shardmq.loadtest.mqtt_semantics --broker mosquitto|shardmq|both [--only will,retained]
+[--json FILE]``; ``both`` prints the observations side by side with the differences marked.
 """
 
 from __future__ import annotations
