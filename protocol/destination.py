@@ -31,18 +31,29 @@ Rules of this file:
   refused ``overloaded``) and drops QoS 0 ones, counted (``drops.session_offline``, as mosquitto does by default),
   until its client says HELLO again (everything unacknowledged again with ``dup``, then the backlog) or it
   expires ``expiry`` seconds after it went offline (``deliveries.session_expired``).
+- Shared subscriptions (SHARED_FWD, ``deliver_shared``): a message for a share goes to ONE local member: among the
+  connected members (not detached, offline or moving) with room in their QoS 1 window, the one with the fewest
+  unacknowledged, ties in round robin; with none that has room it waits in the share's queue here
+  (``shared_pending``, bounded by ``max_queued``: past it the forward is refused ``overloaded``) and goes to the
+  first member whose window opens. No connected member at all, or no member left here (a route the entry node
+  read before it went): it goes back through the cluster to another node of the group (``Entry.redispatch_shared``),
+  and if none has members it waits here for a member that returns (counted and logged as lost when there is none).
+  A member's acknowledgement runs the message's ``done`` (SHARED_DONE to the entry node that keeps its copy). A
+  member that unsubscribes, ends, goes offline, vanishes or is taken over gives its unacknowledged shared messages
+  to another member the same way (``dup``), instead of holding them: MQTT 5 4.8.2 (mosquitto loses them).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 
 from .outbox import Delivery
-from .records import Pid, Queued, Session
+from .records import Pid, Queued, Session, SharedMessage
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -57,6 +68,9 @@ class Destination:
         self.sessions: dict[bytes, Session] = {}
         self.drop_reports: dict[bytes, Session] = {}  # sessions owed a DROPPED frame
         self.offline: set[bytes] = set()  # persistent sessions with no connection (or being taken over)
+        self.shared_pending: dict[str, deque[SharedMessage]] = {}  # share -> messages waiting for a member's window
+        self.shared_turns: dict[str, int] = {}  # share -> its round robin among local members
+        self.shared_done_out: dict[str, list[int]] = {}  # entry node -> SHARED_FWD ids a member acknowledged
 
     # ------------------------------------------------------------------ sessions
     def attach(self, rid: bytes) -> Session:
@@ -103,6 +117,7 @@ class Destination:
         since = session.detached_at = core.now
         self.offline.add(session.rid)
         core.metrics["sessions.offline"] += 1
+        self.release_shared(session)
 
         def expire() -> None:
             found = self.sessions.get(session.rid)
@@ -136,6 +151,7 @@ class Destination:
             return
         since = session.detached_at = core.now
         core.metrics["clients.vanished"] += 1
+        self.release_shared(session)
 
         def expire() -> None:
             found = self.sessions.get(rid)
@@ -305,10 +321,20 @@ class Destination:
         backlog, inflight = session.backlog, session.inflight
         while backlog and len(inflight) < limit:
             self._write_qos1(session, *backlog.popleft())
+        if self.shared_pending and not backlog and session.moving_to is None and session.detached_at is None:
+            for share in [f for f in session.filters if f in self.shared_pending]:
+                pending = self.shared_pending[share]
+                while pending and len(inflight) < limit:
+                    message = pending.popleft()
+                    self._write_shared(session, message, message.dup)
+                if not pending:
+                    del self.shared_pending[share]
 
     def take_queue(self, session: Session) -> list[Queued]:
         """Everything a session holds, to hand over (a takeover): unacknowledged messages first, by message id,
-        flagged ``dup``, then the backlog in order. The session holds nothing afterwards."""
+        flagged ``dup``, then the backlog in order. The session holds nothing afterwards. Its shared messages go to
+        another member instead (``release_shared``): the copy they are owed to is tracked here."""
+        self.release_shared(session)
         out: list[Queued] = [
             (topic, payload, mid in session.retained_mids, session.pids.get(mid), True)
             for mid, (topic, payload, _) in sorted(session.inflight.items())
@@ -331,9 +357,14 @@ class Destination:
                     session.retained_mids.discard(mid)
                 if session.pids:
                     session.pids.pop(mid, None)
+                if session.shared_mids:
+                    shared = session.shared_mids.pop(mid, None)
+                    if shared is not None and shared.done is not None:
+                        shared.done()
                 self.core.metrics["deliveries.acked"] += 1
-        if session.backlog:
+        if session.backlog or self.shared_pending:
             self.fill(session)  # acknowledgements made room: fill the window
+        self.send_shared_done()
 
     def redeliver_tick(self) -> None:
         for session in list(self.sessions.values()):
@@ -365,6 +396,139 @@ class Destination:
                 metrics["deliveries.qos1" if d.qos else "deliveries.qos0"] += d.count
         if not written and session is not None and (lost := sum(d.count for d in deliveries if not d.qos)):
             self._count_drops(session, lost)
+
+    # ------------------------------------------------------------------ shared subscriptions
+    def on_shared_fwd(self, sender: str, frame: Frame) -> None:
+        """One message for one member of a share (see the rules): FWD_ACK once placed here, or ``overloaded``."""
+        core = self.core
+        h = frame.header
+        core.metrics["forwards.in"] += 1
+        core.metrics["shared.in"] += 1
+        qos, fid = (1 if h["qos"] else 0), h["id"]
+        done = None
+        if qos and fid:
+
+            def done() -> None:
+                self.shared_done_out.setdefault(sender, []).append(fid)
+
+        if self.deliver_shared(h["share"], h["topic"], qos, frame.payload, done, dup=h.get("dup") is True):
+            if qos and fid:
+                core.outbox.ack(sender, fid)
+            self.send_shared_done()  # a message handed on at once may already be done (never for a remote one)
+        else:
+            reason = f"the members of {h['share']!r} on {core.me} have no room for more unacknowledged messages"
+            core.effects.send_peer(sender, codec.error_parts(codec.E_OVERLOADED, reason, fid))
+
+    def send_shared_done(self) -> None:
+        out, self.shared_done_out = self.shared_done_out, {}
+        for node, ids in out.items():
+            self.core.effects.send_peer(node, codec.encode(codec.SHARED_DONE, {"ids": ids}))
+
+    def _shared_candidates(self, share: str) -> list[Session]:
+        members = self.core.subscriptions.shared.get(share)
+        if not members:
+            return []
+        sessions, offline = self.sessions, self.offline
+        return [
+            s for rid in members
+            if (s := sessions.get(rid)) is not None and s.detached_at is None and s.moving_to is None
+            and rid not in offline
+        ]  # fmt: skip
+
+    def deliver_shared(
+        self, share: str, topic: str, qos: int, payload: bytes, done: Any = None, dup: bool = False,
+        accepted: bool = False,
+    ) -> bool:
+        """Give a message to one local member of ``share`` (see the rules); False when it was refused for lack of
+        room (never when ``accepted``: it was taken before, and is only moving on)."""
+        core = self.core
+        message = SharedMessage(share, topic, qos, payload, done, dup)
+        candidates = self._shared_candidates(share)
+        if not candidates:
+            self._send_on(message)
+            return True
+        turn = self.shared_turns.get(share, 0)
+        self.shared_turns[share] = turn + 1
+        if not qos:
+            chosen = candidates[turn % len(candidates)]
+            core.outbox.deliver(chosen.rid, Delivery(topic, 0, None, False, payload))
+            core.metrics["shared.delivered"] += 1
+            return True
+        limit = core.cfg.max_inflight
+        pending = self.shared_pending.get(share)
+        with_room = [s for s in candidates if len(s.inflight) < limit and not s.backlog]
+        if with_room and not pending:
+            fewest = min(len(s.inflight) for s in with_room)
+            least = [s for s in with_room if len(s.inflight) == fewest]
+            self._write_shared(least[turn % len(least)], message, dup)
+            return True
+        if pending is None:
+            pending = self.shared_pending[share] = deque()
+        if len(pending) >= core.cfg.max_queued and not accepted:
+            core.metrics["qos1.refused_overloaded"] += 1
+            return False
+        pending.append(message)
+        core.metrics["shared.queued"] += 1
+        return True
+
+    def _write_shared(self, session: Session, message: SharedMessage, dup: bool) -> None:
+        session.held_bytes += len(message.payload)
+        mid = session.next_mid
+        self._write_qos1(session, message.topic, message.payload, dup=dup)
+        session.shared_mids[mid] = message
+        self.core.metrics["shared.delivered"] += 1
+
+    def _send_on(self, message: SharedMessage) -> None:
+        """No connected member here: to another node of the group; if none has one, wait here for a member that
+        returns, or count the loss when the share has no member here at all."""
+        core = self.core
+        core.metrics["shared.sent_on"] += 1
+
+        def placed(ok: bool) -> None:
+            if ok:
+                if message.done is not None:
+                    message.done()
+                    self.send_shared_done()
+                return
+            if core.subscriptions.shared.get(message.share):  # members here, none connected: one may return
+                self.shared_pending.setdefault(message.share, deque()).append(message)
+                core.metrics["shared.queued"] += 1
+                return
+            if message.qos:
+                core.metrics["shared.lost"] += 1
+                core.log.error("shared_message_lost", share=message.share, topic=message.topic,
+                               reason="no member of the group anywhere")  # fmt: skip
+            if message.done is not None:  # nobody can take it: the copy upstream is released, the loss counted
+                message.done()
+                self.send_shared_done()
+
+        core.entry.redispatch_shared(message.share, message.topic, message.qos, message.payload, {core.me},
+                                     placed if message.qos else None)  # fmt: skip
+
+    def release_shared(self, session: Session, share: str | None = None) -> None:
+        """The member stops receiving (``share``, or all its shares): its unacknowledged shared messages go to
+        another member, flagged ``dup`` (see the rules)."""
+        if not session.shared_mids:
+            return
+        moving = [(mid, m) for mid, m in sorted(session.shared_mids.items()) if share is None or m.share == share]
+        for mid, _ in moving:
+            del session.shared_mids[mid]
+            found = session.inflight.pop(mid, None)
+            if found is not None:
+                session.held_bytes -= len(found[1])
+            session.pids.pop(mid, None)
+        if moving:
+            self.core.metrics["shared.redispatched_member_lost"] += len(moving)
+            self.core.log.info("shared_member_released", client=session.rid.decode(errors="replace"),
+                               messages=len(moving))  # fmt: skip
+        for _, message in moving:
+            self.deliver_shared(message.share, message.topic, 1, message.payload, message.done, dup=True,
+                                accepted=True)  # fmt: skip
+        self.send_shared_done()
+
+    def member_left(self, session: Session, share: str) -> None:
+        """``session`` is no longer a member of ``share`` (``subscriptions``): its messages of it move on."""
+        self.release_shared(session, share)
 
     # ------------------------------------------------------------------ QoS 0 drops
     def _count_drops(self, session: Session, count: int) -> None:

@@ -44,11 +44,23 @@ Rules of this file:
 - A QoS 1 publish gets a publish id (``Publish.pid``, a counter of this node), sent with each of its forwards:
   a node taking over a persistent session delivers a message that reached both it and the old holder once.
   Topics under ``$session/`` (the session directory) are refused ``not_authorized``.
+- Shared subscriptions (``router.shared``): an answer's slot members (``node NUL share NUL slot``) are grouped by
+  share, and ``forward`` picks ONE node per share per message, round robin over the share's slot members sorted
+  (so in proportion to each node's members; one node's messages keep their order on its one connection), and
+  sends it SHARED_FWD naming the share; plain routes get their FWD as before. A QoS 1 one is a ``SharedForward``:
+  the PUBACK waits for its FWD_ACK like any forward; after that the entry node keeps the message until SHARED_DONE
+  (a member acknowledged it), and if the destination leaves the view first, sends it to another node of the group
+  (``redispatch_shared``, ``dup``): node loss loses nothing acknowledged that this node still holds. A destination
+  that leaves before its FWD_ACK fails the publish, as a plain forward does (the publisher retries).
+- ``redispatch_shared`` is also how a destination with no member left for a share sends a message back through
+  the cluster: an internal publish (no client) limited to that share and to nodes outside ``exclude``, whose
+  ``then(ok)`` says whether a member took it. Topics whose routes include a share never take the QoS 0 fast path.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shardmq.ring import shard_for_key
@@ -56,10 +68,11 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.partition import lookup_keys
 from shardmq.router.route_cache import RouteCache
+from shardmq.router.shared import SEP, member_node, member_share
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .outbox import Forward
-from .records import RESERVED_REASON, Lookup, PendingForward, Publish, Session, is_reserved
+from .records import RESERVED_REASON, Lookup, PendingForward, Publish, Session, SharedForward, is_reserved
 from .view import ROOT
 
 if TYPE_CHECKING:
@@ -87,6 +100,7 @@ class Entry:
         self._until = INF  # while ``publish`` resolves: when the cached answers it used stop serving as they are
         self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
         self.next_pid = 0  # the last QoS 1 publish id given here (``Publish.pid``)
+        self.share_turns: dict[str, int] = {}  # share -> messages placed for it here (its round robin)
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -109,6 +123,7 @@ class Entry:
         topic_queues = self.topic_queues
         fast = hops = queued = dead = kept = 0
         acl = session.acl
+        shared_topics: dict[str, bool] = {}  # topic -> its routes include a shared subscription (no fast path)
         for item, sizes, payload in runs:
             topic, qos, ref = item[0], item[1], item[2]
             if acl is not None and not acl.may_publish(topic):
@@ -138,7 +153,10 @@ class Entry:
                     for data in codec.cut(payload, sizes):
                         self._publish_one(session, ref, topic, qos, data)
                     continue
-            if qos or me in dests:  # acks to track, or a local match to deliver: the general path
+            shared = shared_topics.get(topic)
+            if shared is None:
+                shared = shared_topics[topic] = any(SEP in d for d in dests)
+            if qos or me in dests or shared:  # acks to track, a local match or a share to pick: the general path
                 for data in codec.cut(payload, sizes):
                     core.metrics["publishes.in"] += 1
                     self.forward(Publish(rid, ref, topic, qos, data, dests=dests))
@@ -476,12 +494,16 @@ class Entry:
         core = self.core
         # Hops on the way to the last destination node: a remote lookup is two (ask, answer), a forward one.
         core.metrics["publishes.routed"] += 1
+        dests = pub.dests
+        shares: dict[str, list[str]] | None = None
+        if pub.share_only is not None or any(SEP in d for d in dests):
+            dests, shares = self._split_shared(pub)
         core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in pub.dests)
         members = core.view.members
         if pub.qos and not pub.pid:
             self.next_pid += 1
             pub.pid = self.next_pid
-        for dest in pub.dests:
+        for dest in dests:
             if dest == core.me:
                 if not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=(core.me, pub.pid)):
                     self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {core.me} has a full backlog")
@@ -496,8 +518,113 @@ class Entry:
             else:
                 fid = 0
             core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid))
+        if shares:
+            for share, slots in shares.items():
+                self._forward_shared(pub, share, slots)
+        elif pub.share_only is not None:  # a redispatch that found no other node with members of its share
+            core.metrics["shared.no_member"] += 1
+            core.log.warning("shared_no_member", topic=pub.topic, share=pub.share_only, excluded=sorted(pub.exclude))
+            self._fail_publish(pub, codec.E_UNAVAILABLE, f"no other node has members of {pub.share_only!r}")
         pub.routed = True
         self._maybe_puback(pub)
+
+    def _split_shared(self, pub: Publish) -> tuple[set[str], dict[str, list[str]]]:
+        """(plain destination nodes, share -> the nodes of its slot routes that may get it, one per slot)."""
+        members, me = self.core.view.members, self.core.me
+        plain: set[str] = set()
+        shares: dict[str, list[str]] = {}
+        for d in pub.dests:
+            if SEP not in d:
+                if pub.share_only is None:
+                    plain.add(d)
+                continue
+            share, node = member_share(d), member_node(d)
+            assert share is not None
+            if pub.share_only is not None and share != pub.share_only:
+                continue
+            if node in pub.exclude or (node != me and node not in members):
+                continue
+            shares.setdefault(share, []).append(d)
+        return plain, {share: [member_node(m) for m in sorted(slots)] for share, slots in shares.items()}
+
+    def _forward_shared(self, pub: Publish, share: str, slots: list[str]) -> None:
+        """Give the message to one node of ``share``: round robin over its slots (see the rules)."""
+        core = self.core
+        turn = self.share_turns.get(share, 0)
+        self.share_turns[share] = turn + 1
+        node = slots[turn % len(slots)]
+        core.metrics["shared.placed"] += 1
+        if node == core.me:
+            done = (lambda: self._shared_done(pub)) if pub.then is not None else None
+            if not core.destination.deliver_shared(share, pub.topic, pub.qos, pub.payload, done):
+                self._fail_publish(pub, codec.E_OVERLOADED, f"members of {share!r} on {core.me} have no room")
+            return
+        header: dict[str, Any] = {"id": 0, "topic": pub.topic, "qos": pub.qos, "share": share}
+        if pub.qos:
+            header["id"] = core.requests.open(SharedForward(node, pub, share), self)
+            pub.acks_left += 1
+            self.unexpired_fwds.append(header["id"])
+            header["pid"] = pub.pid
+        if pub.share_only is not None:
+            header["dup"] = True  # it may have reached a member before (the one that left, or the node that died)
+        if not core.effects.send_peer(node, codec.encode(codec.SHARED_FWD, header, pub.payload)):
+            if header["id"]:
+                core.requests.close(header["id"])
+            self._fail_publish(pub, codec.E_UNAVAILABLE, f"destination node {node} is unreachable")
+
+    def redispatch_shared(
+        self, share: str, topic: str, qos: int, payload: bytes, exclude: set[str], then: Callable[[bool], None] | None
+    ) -> None:
+        """Send a shared message on to a node of ``share`` outside ``exclude`` (see the rules)."""
+        core = self.core
+        core.metrics["shared.redispatched"] += 1
+        if core.fenced():
+            if then is not None:
+                then(False)
+            return
+        self.publish(Publish(None, None, topic, qos, payload, share_only=share, exclude=frozenset(exclude), then=then))
+
+    def _shared_done(self, pub: Publish) -> None:
+        then, pub.then = pub.then, None
+        if then is not None:
+            then(True)
+
+    def shared_copies(self) -> int:
+        """Shared messages acknowledged to their publisher that this node keeps until a member acknowledges them:
+        requests that wait, by design, as long as a member holds the message (not work left to finish)."""
+        return sum(1 for r, _ in self.core.requests._open.values() if type(r) is SharedForward and r.acked)
+
+    def on_shared_done(self, sender: str, frame: Frame) -> None:
+        """Members acknowledged these SHARED_FWDs: drop our copies."""
+        requests = self.core.requests
+        for fid in frame.header["ids"]:
+            record = requests.get(fid)
+            if isinstance(record, SharedForward) and record.dest == sender:
+                requests.close(fid)
+                if not record.acked:  # SHARED_DONE overtook nothing: FWD_ACK always goes first, but be safe
+                    record.pub.acks_left -= 1
+                    self._maybe_puback(record.pub)
+                self.core.metrics["shared.done"] += 1
+                self._shared_done(record.pub)
+
+    def _shared_node_lost(self, record: SharedForward, node: str) -> None:
+        """A destination holding an acknowledged shared message left the view: another node of the group gets it."""
+        core = self.core
+        core.metrics["shared.redispatched_node_lost"] += 1
+        core.log.warning("shared_node_lost", peer=node, share=record.share, topic=record.pub.topic)
+        pub = record.pub
+        then = pub.then
+        pub.then = None  # the copy's obligation moves to the new publish
+        self.redispatch_shared(record.share, pub.topic, pub.qos, pub.payload, {node, *pub.exclude},
+                               then if then is not None else self._lost_after_ack(record))  # fmt: skip
+
+    def _lost_after_ack(self, record: SharedForward) -> Callable[[bool], None]:
+        def counted(ok: bool) -> None:
+            if not ok:  # acknowledged to its publisher, and no member anywhere took it: counted, logged
+                self.core.metrics["shared.lost_after_ack"] += 1
+                self.core.log.error("shared_message_lost", share=record.share, topic=record.pub.topic)
+
+        return counted
 
     def _retained(self, pub: Publish, code: str | None, reason: str) -> None:
         """The primary's answer to a retain publish's change (``code`` None: stored and replicated)."""
@@ -525,6 +652,9 @@ class Entry:
         if pub.failed:
             return
         pub.failed = True
+        if pub.then is not None:  # an internal redispatch: its sender decides what becomes of the message
+            then, pub.then = pub.then, None
+            then(False)
         core.metrics[f"errors.{code}"] += 1
         core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
         if pub.client is not None and pub.qos:
@@ -545,8 +675,11 @@ class Entry:
 
     def _expire_fwds(self, fids: list[int]) -> None:
         for fid in fids:
+            found = self.core.requests.get(fid)
+            if isinstance(found, SharedForward) and found.acked:
+                continue  # our copy of a message a member has not acknowledged yet: kept until SHARED_DONE
             pending = self.core.requests.close(fid)
-            if isinstance(pending, PendingForward):
+            if isinstance(pending, (PendingForward, SharedForward)):
                 reason = f"node {pending.dest} did not confirm delivery in time"
                 self._fail_publish(pending.pub, codec.E_TIMEOUT, reason)
 
@@ -559,6 +692,10 @@ class Entry:
                 pub = pending.pub
                 pub.acks_left -= 1
                 self._maybe_puback(pub)
+            elif isinstance(pending, SharedForward) and pending.dest == sender and not pending.acked:
+                pending.acked = True  # kept as our copy until SHARED_DONE (see the rules)
+                pending.pub.acks_left -= 1
+                self._maybe_puback(pending.pub)
 
     # ------------------------------------------------------------------ requests failing
     def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
@@ -569,6 +706,10 @@ class Entry:
             self._fail_publish(request.pub, code, reason)
 
     def request_peer_lost(self, rid: int, request: Any, node: str) -> None:
+        if isinstance(request, SharedForward) and request.acked:
+            self.core.requests.close(rid)
+            self._shared_node_lost(request, node)
+            return
         if isinstance(request, Lookup):
             self._lookup_failed(rid, f"route owner {node} left the cluster")
         elif self.core.requests.close(rid) is not None:

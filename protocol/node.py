@@ -189,6 +189,8 @@ class NodeCore:
             codec.SESSION_TAKE: self.sessions.on_take,
             codec.SESSION_STATE: self.sessions.on_state,
             codec.SESSION_TAKEN: self.sessions.on_taken,
+            codec.SHARED_FWD: self.destination.on_shared_fwd,
+            codec.SHARED_DONE: self.entry.on_shared_done,
         }
 
     def start(self, now: float) -> None:
@@ -625,6 +627,8 @@ class NodeCore:
             "sessions_offline": len(self.destination.offline),
             **self.destination.flow_view(),
             "local_filters": len(self.subscriptions.local_q0) + len(self.subscriptions.local_q1),
+            "shared_subscriptions": {share: len(m) for share, m in sorted(self.subscriptions.shared.items())[:10]},
+            "shared_pending": sum(len(q) for q in self.destination.shared_pending.values()),
             "metrics": dict(self.metrics),
             "clients_dropped": self.destination.drops_view(),
         }

@@ -66,6 +66,7 @@ from shardmq.router.codec import Frame
 from shardmq.router.retained_table import RetainedMessage, RetainedTable
 from shardmq.router.route_cache import LookupWatchers
 from shardmq.router.routes import RouteTable
+from shardmq.router.shared import member_node
 from shardmq.router.topics import first_level
 
 from .records import Invalidation, Relay, gate
@@ -573,7 +574,7 @@ class OwnerSide:
         if retained:
             chunks += [([], part) for part in self._retained_chunks(retained)]
         for i, (chunk, part) in enumerate(chunks):
-            named = {node for _, nodes in chunk for node in nodes}
+            named = {member_node(m) for _, nodes in chunk for m in nodes}  # a slot route names its node too
             header = {
                 "id": move_id, "shard": shard, "shard_epoch": shard_epoch, "routes": chunk,
                 "last": i == len(chunks) - 1, "coordinator": h["coordinator"],

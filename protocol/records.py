@@ -68,6 +68,7 @@ class Session:
     waiting_tail: bool = False
     live: list[Queued] = field(default_factory=list)
     moved_pids: set[Pid] = field(default_factory=set)  # publish ids the old holder handed over (delivered once)
+    shared_mids: dict[int, SharedMessage] = field(default_factory=dict)  # inflight mid -> the shared message it is
 
 
 @dataclass(slots=True)
@@ -85,6 +86,12 @@ class Publish:
     retain: bool = False  # also store it as the topic's retained message (``retained``); its PUBACK waits for that
     routed: bool = False  # forwarded: a PUBACK may go once nothing else waits (a RETAIN_ACK may come first)
     pid: int = 0  # a QoS 1 publish's id at this entry node, the same for all its destinations (session takeover)
+    # A shared message sent on by a node that could not deliver it (``Entry.redispatch_shared``): only members of
+    # ``share_only`` on nodes outside ``exclude`` may get it, and ``then(ok)`` runs once: True when a member
+    # acknowledged it, False when it could not be placed.
+    share_only: str | None = None
+    exclude: frozenset[str] = frozenset()
+    then: Callable[[bool], None] | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +103,36 @@ class PendingForward:
 
     def waits_on(self, node: str) -> bool:
         return self.dest == node
+
+
+@dataclass(slots=True)
+class SharedForward:
+    """A QoS 1 message forwarded to one node for one shared subscription (SHARED_FWD). Until ``acked`` (FWD_ACK)
+    the publisher's PUBACK waits for it, as for a PendingForward; afterwards the entry node keeps it as its copy
+    until the destination says a member acknowledged it (SHARED_DONE), and sends it to another node of the group
+    if the destination leaves the view first (node loss)."""
+
+    dest: str
+    pub: Publish
+    share: str
+    acked: bool = False
+
+    def waits_on(self, node: str) -> bool:
+        return self.dest == node
+
+
+@dataclass(slots=True)
+class SharedMessage:
+    """A shared subscription's message at the node that delivers it to one local member: in that member's
+    inflight (``Session.shared_mids``) or waiting for a member's window (``Destination.shared_pending``).
+    ``done`` runs once a member acknowledged it (tells whoever holds the copy: SHARED_DONE to the entry node)."""
+
+    share: str
+    topic: str
+    qos: int
+    payload: bytes
+    done: Callable[[], None] | None = None
+    dup: bool = False  # it may have reached a member before (one that left, a node that died)
 
 
 @dataclass(slots=True)

@@ -200,8 +200,9 @@ class SessionSide:
         new: list[str] = []
         installing: set[int] = set()
         for filt, qos in sorted((f, q) for f, q in t.filters):
-            if subs._subscribe_local(session, filt, qos):
-                new.append(filt)
+            route = subs._subscribe_local(session, filt, qos)
+            if route is not None:
+                new.append(route)
             elif filt in subs.route_add_waiters:
                 installing.add(subs.route_add_waiters[filt])
 

@@ -15,6 +15,12 @@ Rules of this file:
 - A shard with no owner at all (etcd lost every lease at once) cannot hold the route: the SUB fails.
 - Once a SUB's SUBACK is sent, its granted filters' retained messages are fetched for that client (``retained``).
 - Subscriptions are refused while the node is fenced: peers drop our routes if our lease runs out.
+- Shared subscriptions (``$share/GROUP/FILTER``, ``router.shared``): a member is kept in ``shared`` (share -> its
+  local members, in joining order), never in ``local_q0``/``local_q1`` (plain matching must not find it). The node
+  holds one slot route per local member (``slot_route(share, i)`` for ``i < members``): a member joining adds the
+  next slot, one leaving removes the top one, so owners hold as many routes as members and an entry node picks
+  nodes in proportion to them. No retained messages are sent for a shared subscription (MQTT 5 4.8.2). A member
+  that leaves hands its unacknowledged shared messages to ``destination`` to go to another member.
 - Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
   copied (R nodes died at once), its new owners start empty, and every node with local subscribers in it adds
   its routes again (``reannounce_orphaned``), as it does after registering again.
@@ -30,6 +36,7 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.matching import FilterIndex
 from shardmq.router.partition import placement_key
+from shardmq.router.shared import is_shared, parse_share, route_filter_of, slot_route, validate_share
 from shardmq.router.topics import TopicError, validate_topic_filter
 
 from .records import RESERVED_REASON, Relay, Session, Waiter, gate, is_reserved
@@ -48,6 +55,7 @@ class Subscriptions:
         self.core = core
         self.local_q0: FilterIndex[bytes] = FilterIndex()
         self.local_q1: FilterIndex[bytes] = FilterIndex()
+        self.shared: dict[str, dict[bytes, int]] = {}  # share -> its local members (rid -> granted qos), in order
         self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
         self.announcements_due = 0  # re-announcements scheduled and not yet sent (a driver waits for them)
 
@@ -59,7 +67,9 @@ class Subscriptions:
         return self.local_q0.match(topic) | self.local_q1.match(topic), set()
 
     def local_filters(self) -> set[str]:
-        return {f for idx in (self.local_q0, self.local_q1) for f in idx.filters()}
+        """The route filters this node holds at the owners: plain filters and shared slot routes."""
+        plain = {f for idx in (self.local_q0, self.local_q1) for f in idx.filters()}
+        return plain | {slot_route(share, i) for share, members in self.shared.items() for i in range(len(members))}
 
     # ------------------------------------------------------------------ client frames
     def on_sub(self, session: Session, frame: Frame) -> None:
@@ -84,7 +94,7 @@ class Subscriptions:
             try:
                 if not isinstance(filt, str):
                     raise TopicError("invalid_filter", f"a filter must be a string, got {type(filt).__name__}")
-                validate_topic_filter(filt)
+                validate_share(filt) if is_shared(filt) else validate_topic_filter(filt)
             except TopicError as exc:
                 core.metrics[f"errors.{exc.code}"] += 1
                 shown = filt if isinstance(filt, str) else None
@@ -95,7 +105,9 @@ class Subscriptions:
                 core.metrics["sessions.reserved_refused"] += 1
                 results.append({"filter": filt, "code": codec.E_NOT_AUTHORIZED, "reason": RESERVED_REASON})
                 continue
-            if session.acl is not None and not session.acl.may_subscribe(filt):
+            # A shared subscription is allowed where its FILTER is.
+            if session.acl is not None and not session.acl.may_subscribe(parse_share(filt)[1] if is_shared(filt)
+                                                                     else filt):
                 core.metrics[f"errors.{codec.E_NOT_AUTHORIZED}"] += 1
                 reason = f"principal {session.principal!r} may not subscribe to {filt!r}"
                 results.append({"filter": filt, "code": codec.E_NOT_AUTHORIZED, "reason": reason})
@@ -103,8 +115,9 @@ class Subscriptions:
             results.append(qos)
             if filt not in session.filters:
                 added.append(filt)
-            if self._subscribe_local(session, filt, qos):
-                new_filters.append(filt)
+            route = self._subscribe_local(session, filt, qos)
+            if route is not None:
+                new_filters.append(route)
             elif filt in self.route_add_waiters:
                 installing.add(self.route_add_waiters[filt])
         core.metrics["subscriptions"] += len(new_filters)
@@ -114,13 +127,16 @@ class Subscriptions:
                 # Undo this SUB so the client is not sent messages for filters it was told failed (subscriptions
                 # it had before this SUB stay).
                 if core.destination.sessions.get(session.rid) is session:
-                    gone = [f for f in added if self._unsubscribe_local(session, f)]
+                    gone = [r for f in added if (r := self._unsubscribe_local(session, f)) is not None]
                     self.change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
                 reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
                 core.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
             else:
                 core.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
-                granted = [f for f, r in zip(frame.header["filters"], results, strict=True) if type(r) is int]
+                granted = [
+                    f for f, r in zip(frame.header["filters"], results, strict=True)
+                    if type(r) is int and not is_shared(f)  # no retained messages for a shared subscription
+                ]  # fmt: skip
                 core.retained.fetch(session, granted, qos)
 
         on_done = gate(len(installing) + 1, done)
@@ -134,7 +150,7 @@ class Subscriptions:
         if not all(isinstance(f, str) for f in frame.header["filters"]):
             core.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
             return
-        gone = [f for f in frame.header["filters"] if self._unsubscribe_local(session, f)]
+        gone = [r for f in frame.header["filters"] if (r := self._unsubscribe_local(session, f)) is not None]
 
         def done(failures: list[str]) -> None:
             core.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
@@ -143,27 +159,42 @@ class Subscriptions:
 
     def forget(self, session: Session) -> int:
         """The session ended: drop its subscriptions (and the routes no other local client needs)."""
-        gone = [f for f in list(session.filters) if self._unsubscribe_local(session, f)]
+        gone = [r for f in list(session.filters) if (r := self._unsubscribe_local(session, f)) is not None]
         self.change_routes(codec.ROUTE_DEL, gone, lambda failures: None)
         return len(gone)
 
-    def _subscribe_local(self, session: Session, filt: str, qos: int) -> bool:
-        """Record the subscription; True when the filter is new on this node (a route must be added)."""
-        had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
+    def _subscribe_local(self, session: Session, filt: str, qos: int) -> str | None:
+        """Record the subscription; the route filter to add when it needs a new route here (a filter new on this
+        node, or a shared subscription's next member slot), else None."""
         old = session.filters.get(filt)
+        if is_shared(filt):
+            members = self.shared.setdefault(filt, {})
+            session.filters[filt] = members[session.rid] = qos
+            return slot_route(filt, len(members) - 1) if old is None else None
+        had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
         if old is not None and old != qos:
             (self.local_q1 if old else self.local_q0).remove(filt, session.rid)
         session.filters[filt] = qos
         (self.local_q1 if qos else self.local_q0).add(filt, session.rid)
-        return not had_route
+        return None if had_route else filt
 
-    def _unsubscribe_local(self, session: Session, filt: str) -> bool:
-        """Forget the subscription; True when no local client has the filter any more (drop the route)."""
+    def _unsubscribe_local(self, session: Session, filt: str) -> str | None:
+        """Forget the subscription; the route filter to remove when it was the last local one (for a shared
+        subscription: the top member slot), else None. A shared member's unacknowledged messages go to another
+        member (``destination.member_left``)."""
         qos = session.filters.pop(filt, None)
         if qos is None:
-            return False
+            return None
+        if is_shared(filt):
+            members = self.shared.get(filt, {})
+            members.pop(session.rid, None)
+            slot = len(members)
+            if not members:
+                self.shared.pop(filt, None)
+            self.core.destination.member_left(session, filt)
+            return slot_route(filt, slot)
         (self.local_q1 if qos else self.local_q0).remove(filt, session.rid)
-        return not (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt))
+        return None if (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)) else filt
 
     # ------------------------------------------------------------------ routes at the owners
     def change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
@@ -317,7 +348,7 @@ class Subscriptions:
         retried: a newcomer drops frames from members its first view has not shown it yet (``not_member``), and
         we may see it registered before it sees us."""
         core = self.core
-        local = {f for f in self.local_filters() if placement_key(f) is None}
+        local = {f for f in self.local_filters() if placement_key(route_filter_of(f)) is None}
         nodes = {n for n in nodes if n in core.view.members and n != core.me}
         if not local or not nodes:
             return

@@ -22,6 +22,7 @@ from shardmq.ring import Assignment, shard_for_key
 from shardmq.router.acl import Acl
 from shardmq.router.partition import placement_key
 from shardmq.router.routes import RouteTable
+from shardmq.router.shared import route_filter_of
 
 ROOT = RouteTable.ROOT
 
@@ -136,9 +137,10 @@ class ClusterView:
         return self.assignment.epoch(shard) if self.assignment is not None else 0
 
     def route_item(self, filt: str) -> list[Any]:
-        """[shard, shard epoch, filter] for a filter: its shard (ROOT for the root set) and that shard's epoch."""
+        """[shard, shard epoch, filter] for a filter: its shard (ROOT for the root set) and that shard's epoch. A
+        shared subscription's slot route lives where its FILTER does (``router.shared``)."""
         assert self.assignment is not None
-        key = placement_key(filt)
+        key = placement_key(route_filter_of(filt))
         if key is None:
             return [ROOT, 0, filt]
         shard = shard_for_key(key, self.assignment.shard_count)

@@ -26,6 +26,8 @@ Rules of this file:
   may carry its publish id's counter (FWD ``pid``, a FWDS item's 4th element; the entry node is the sender); the
   takeover frames SESSION_TAKE, SESSION_STATE (items [topic, dup, retain, pid] and ``sizes``, the payloads back to
   back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
+- Shared subscriptions: SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
+  ``dup``, true only when exactly ``true``) and SHARED_DONE (``ids`` of SHARED_FWDs a member acknowledged).
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -93,6 +95,11 @@ RETAINED_REPLY = b"RETAINED_REPLY"
 SESSION_TAKE = b"SESSION_TAKE"
 SESSION_STATE = b"SESSION_STATE"
 SESSION_TAKEN = b"SESSION_TAKEN"
+# Shared subscriptions: a message for one member of a group (``share`` = "$share/GROUP/FILTER") at the destination
+# node the entry node picked (SHARED_FWD, answered FWD_ACK), and the destination's word that a member acknowledged
+# it (SHARED_DONE), after which the entry node drops its copy.
+SHARED_FWD = b"SHARED_FWD"
+SHARED_DONE = b"SHARED_DONE"
 
 _INT = int
 _STR = str
@@ -144,6 +151,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     SESSION_TAKE: {"id": _INT, "client_id": _STR},
     SESSION_STATE: {"id": _INT, "client_id": _STR, "filters": _LIST, "items": _LIST, "sizes": _LIST, "last": bool},
     SESSION_TAKEN: {"id": _INT, "client_id": _STR},
+    SHARED_FWD: {"id": _INT, "topic": _STR, "qos": _INT, "share": _STR},
+    SHARED_DONE: {"ids": _LIST},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
@@ -243,6 +252,7 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (ROUTE_DEL, "routes"): (_routes_ok, "[shard:int, shard_epoch:int, filter:str] triples"),
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (FWD_ACK, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
+    (SHARED_DONE, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
     (LOOKUPS, "items"): (_lookups_ok, "[id:int, shard:int, shard_epoch:int, topic:str, head:0|1] lists"),
     (LOOKUPS_REPLY, "items"): (_lookup_replies_ok, "[id:int, shard_epoch:int, nodes:[str, ...], clear:0|1] lists"),
@@ -267,13 +277,13 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
 OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {PUB: ("retain",), MSG: ("retain",), HELLO: ("clean",)}
 # Optional header fields that must be JSON integers when present: FWD ``pid`` (the publish id's counter at the
 # entry node, which is the sender). (HELLO ``expiry``, a number of seconds, is checked by the node.)
-OPTIONAL_INTS: dict[bytes, tuple[str, ...]] = {FWD: ("pid",)}
+OPTIONAL_INTS: dict[bytes, tuple[str, ...]] = {FWD: ("pid",), SHARED_FWD: ("pid",)}
 CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STATUS, BYE, LEAVE})
 PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
         SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY,
-        SESSION_TAKE, SESSION_STATE, SESSION_TAKEN,
+        SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE,
     }
 )  # fmt: skip
 

@@ -11,6 +11,9 @@ Rules:
 * Node ids are interned on insertion: millions of routes then share one string per node.
 * The table does not validate filters, nor decide which shard a filter belongs to; callers do
   that with :mod:`.topics` and :mod:`.partition` first.
+* A shared subscription's slot route (:mod:`.shared`: its wire filter holds a NUL) is stored under its FILTER with
+  the member ``node NUL share NUL slot``, so matching a topic returns it beside the plain node ids; ``remove_node``
+  removes a node's slot members too.
 * ``version`` changes with every mutation (a call that may have changed a route), so a caller can keep
   answers it derived from the table (an entry node's resolved topics) and know when they may be stale.
 """
@@ -21,6 +24,7 @@ import sys
 from typing import Final
 
 from .matching import FilterIndex
+from .shared import SEP, route_filter_of, slot_member
 
 __all__ = ["RouteTable"]
 
@@ -28,19 +32,24 @@ __all__ = ["RouteTable"]
 class RouteTable:
     """Routes (filter -> nodes) grouped by shard id."""
 
-    __slots__ = ("_shards", "version")
+    __slots__ = ("_shards", "_shared_shards", "version")
 
     ROOT: Final = -1
 
     def __init__(self) -> None:
         self._shards: dict[int, FilterIndex[str]] = {}
+        self._shared_shards: set[int] = set()  # shards that got a slot route (``remove_node`` looks there only)
         self.version = 0
 
     # -- mutation ----------------------------------------------------------------------------
 
     def add(self, shard: int, filt: str, node: str) -> bool:
-        """Add a route; True if it is new."""
+        """Add a route; True if it is new. ``filt`` may be a shared subscription's slot route (see the rules)."""
         self.version += 1
+        if SEP in filt:
+            filt, node = route_filter_of(filt), slot_member(node, filt)
+        if SEP in node:  # a slot route, given as such or as its stored member (a hand-off's SNAPSHOT)
+            self._shared_shards.add(shard)
         index = self._shards.get(shard)
         if index is None:
             index = self._shards[shard] = FilterIndex()
@@ -49,6 +58,8 @@ class RouteTable:
     def remove(self, shard: int, filt: str, node: str) -> bool:
         """Remove a route; True if it existed."""
         self.version += 1
+        if SEP in filt:
+            filt, node = route_filter_of(filt), slot_member(node, filt)
         index = self._shards.get(shard)
         if index is None or not index.remove(filt, node):
             return False
@@ -57,6 +68,8 @@ class RouteTable:
         return True
 
     def has(self, shard: int, filt: str, node: str) -> bool:
+        if SEP in filt:
+            filt, node = route_filter_of(filt), slot_member(node, filt)
         index = self._shards.get(shard)
         return index is not None and node in index.members(filt)
 
@@ -70,10 +83,16 @@ class RouteTable:
         """Remove every route of a node that left the cluster; return how many were removed."""
         self.version += 1
         removed = 0
+        prefix = node + SEP
         for shard in list(self._shards):
             index = self._shards[shard]
             before = index.route_count
             index.remove_member(node)
+            if shard in self._shared_shards:
+                for filt, members in list(index.items()):
+                    for member in members:
+                        if isinstance(member, str) and member.startswith(prefix):
+                            index.remove(filt, member)
             removed += before - index.route_count
             if not len(index):
                 del self._shards[shard]

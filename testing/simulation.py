@@ -824,7 +824,8 @@ class Sim:
             return False
         for n in self.nodes.values():
             core = n.core
-            if n.up and (len(core.requests) or core.owner.deferred_route_changes or n.etcd_requests
+            held = core.entry.shared_copies() if len(core.requests) else 0  # a member's unacked shared messages
+            if n.up and (len(core.requests) > held or core.owner.deferred_route_changes or n.etcd_requests
                          or core.subscriptions.announcements_due):  # fmt: skip
                 return False
         leader = self.leader_node()
