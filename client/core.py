@@ -38,6 +38,7 @@ from typing import Any, Final, TypeVar
 
 from shardmq.router import codec
 from shardmq.router.codec import ProtocolError
+from shardmq.router.shared import is_shared, validate_share
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
 from .credentials import Credentials
@@ -953,8 +954,12 @@ def check_qos(qos: int) -> None:
 
 
 def check_filter(topic_filter: str) -> None:
+    """A topic filter, or a shared subscription ``$share/GROUP/FILTER`` (GROUP non-empty, without ``+ # /``)."""
     try:
-        validate_topic_filter(topic_filter)
+        if is_shared(topic_filter):
+            validate_share(topic_filter)
+        else:
+            validate_topic_filter(topic_filter)
     except TopicError as exc:
         raise ShardMQError(exc.code, exc.reason) from None
 
