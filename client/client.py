@@ -386,7 +386,8 @@ class Client(CoreView):
 
     # ------------------------------------------------------------------ API
     def subscribe(self, topic_filter: str, qos: int = 0) -> None:
-        """Subscribe to one filter; returns once every owner of its route confirmed."""
+        """Subscribe to one filter; returns once every owner of its route confirmed. ``"$share/GROUP/FILTER"`` joins
+        a shared subscription: each matching message goes to one member of the group (docs/SDK.md)."""
         self.subscribe_many([topic_filter], qos)
 
     @_exclusive
