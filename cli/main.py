@@ -64,6 +64,8 @@ def cmd_node(args: argparse.Namespace) -> None:
             advertise_peer_endpoint=args.advertise_peer_endpoint,
             metrics_port=args.metrics_port,
             metrics_address=args.metrics_address,
+            data_dir=args.data_dir,
+            fsync=args.fsync,
         )
     ).run()
 
@@ -79,6 +81,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> None:
         lease_ttl=args.lease_ttl,
         base_port=args.base_port,
         insecure=args.insecure,
+        data_dirs=not args.no_data_dir,
+        fsync=args.fsync,
     )
     if args.insecure:
         print("warning: --insecure: nodes will neither authenticate nor encrypt peer or client traffic",
@@ -343,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-session-bytes", type=int, default=64 * 1024 * 1024,
         help="payload bytes kept for one client (window and backlog); beyond it publishes get 'overloaded'",
     )  # fmt: skip
+    node.add_argument(
+        "--data-dir", default=None,
+        help="keep retained messages and persistent sessions in DATA_DIR/shardmq.db (SQLite, WAL) and load them at "
+        "start; every QoS 1 / retained acknowledgement waits for their commit. Without it: in memory only",
+    )  # fmt: skip
+    node.add_argument(
+        "--fsync", choices=["batch", "off"], default="batch",
+        help="with --data-dir: 'batch' fsyncs once per loop turn's commit (an acknowledged change survives power "
+        "loss); 'off' never fsyncs (it survives kill -9, not power loss or an OS crash)",
+    )  # fmt: skip
     node.set_defaults(func=cmd_node)
 
     cluster = sub.add_parser("cluster", help="a local cluster: private etcd plus N nodes on loopback")
@@ -356,13 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base-port", type=int, default=None, help="first port to use (default: free ports)")
     up.add_argument("--insecure", action="store_true",
                     help="start nodes without authentication, encryption or ACLs (peers and clients)")
+    up.add_argument("--no-data-dir", action="store_true",
+                    help="nodes keep everything in memory (default: each node stores retained messages and "
+                    "persistent sessions in DIR/<node>/data, kept by `cluster restart`)")
+    up.add_argument("--fsync", choices=["batch", "off"], default="batch",
+                    help="the nodes' --fsync: 'batch' (default) fsyncs every loop turn's commit; 'off' never")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status")
     st.add_argument("--dir", default=DEFAULT_DIR)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_cluster_status)
     restart = csub.add_parser(
-        "restart", help="start again the recorded etcd and nodes that stopped, with their ids, data and ports"
+        "restart", help="start again the recorded etcd and nodes that stopped, with their ids, data directories and "
+        "ports (a node loads its store before it registers)"
     )
     restart.add_argument("--dir", default=DEFAULT_DIR)
     restart.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node to be a member")

@@ -33,3 +33,6 @@ class ProtocolConfig:
     max_retained_bytes: int = 256 * 1024 * 1024
     retained_fetch_timeout: float | None = None  # a member's RETAINED_REPLY; None: request_timeout
     snapshot_chunk: int = SNAPSHOT_CHUNK  # routes per SNAPSHOT frame of a hand-off (the simulation uses a few)
+    # Store retained records and persistent sessions through ``Effects.persist`` and hold every acknowledgement
+    # until the change it confirms is stored (``durable``); the shell turns it on with --data-dir.
+    durable: bool = False

@@ -139,6 +139,7 @@ class Destination:
         core.metrics[counted] += unsent + len(session.inflight)
         core.log.info("client_gone", client=rid.decode(errors="replace"), reason=reason, routes_dropped=routes_dropped,
                       unacknowledged=len(session.inflight), backlog=unsent)  # fmt: skip
+        core.durable.session_gone(session)
 
     def detach(self, rid: bytes) -> None:
         """The client's connection is gone: keep its session ``client_idle_check`` seconds for it to come back."""
@@ -278,6 +279,7 @@ class Destination:
             # Behind a backlog even with room in the window: a newer message must not overtake older ones.
             elif s.backlog or len(s.inflight) >= cfg.max_inflight or (offline and s.rid in offline):
                 s.backlog.append((topic, payload, False, pid, False))
+                core.durable.appended(s)
                 core.metrics["qos1.backlogged"] += 1
             else:
                 self._write_qos1(s, topic, payload, False, pid)
@@ -295,6 +297,7 @@ class Destination:
         session.held_bytes += len(payload)
         if session.backlog or len(session.inflight) >= cfg.max_inflight:
             session.backlog.append((topic, payload, True, None, False))
+            core.durable.appended(session)
             core.metrics["qos1.backlogged"] += 1
         else:
             self._write_qos1(session, topic, payload, True)
@@ -309,8 +312,10 @@ class Destination:
         session.inflight[mid] = (topic, payload, False)  # written once the flush got it into zmq
         if retain:
             session.retained_mids.add(mid)
-        if pid is not None and session.persistent:
-            session.pids[mid] = pid
+        if session.persistent:
+            if pid is not None:
+                session.pids[mid] = pid
+            self.core.durable.written(session, mid, topic, payload, retain, dup)
         self.core.outbox.deliver(session.rid, Delivery(topic, 1, mid, dup, payload, retain=retain))
 
     def fill(self, session: Session) -> None:
@@ -319,8 +324,11 @@ class Destination:
             return
         limit = self.core.cfg.max_inflight
         backlog, inflight = session.backlog, session.inflight
+        durable = self.core.durable
         while backlog and len(inflight) < limit:
-            self._write_qos1(session, *backlog.popleft())
+            item = backlog.popleft()
+            durable.popped(session)
+            self._write_qos1(session, *item)
         if self.shared_pending and not backlog and session.moving_to is None and session.detached_at is None:
             for share in [f for f in session.filters if f in self.shared_pending]:
                 pending = self.shared_pending[share]
@@ -345,6 +353,7 @@ class Destination:
         session.pids.clear()
         session.retained_mids.clear()
         session.held_bytes = 0
+        self.core.durable.queue_taken(session)
         return out
 
     def on_dack(self, session: Session, frame: Frame) -> None:
@@ -361,6 +370,8 @@ class Destination:
                     shared = session.shared_mids.pop(mid, None)
                     if shared is not None and shared.done is not None:
                         shared.done()
+                if session.persistent:
+                    self.core.durable.acked(session, mid)
                 self.core.metrics["deliveries.acked"] += 1
         if session.backlog or self.shared_pending:
             self.fill(session)  # acknowledgements made room: fill the window

@@ -56,6 +56,12 @@ class Effects(Protocol):
         """End the process (after a graceful leave, or when removed from the cluster)."""
         ...
 
+    def persist(self, changes: list[tuple[Any, ...]], then: Callable[[], None]) -> None:
+        """Store one batch of changes (``protocol.durable.Change``) as one transaction, and call ``then`` once it
+        is committed (durably, per the shell's fsync policy): the core sends no acknowledgement of these changes
+        before. Called only with ``ProtocolConfig.durable``."""
+        ...
+
     def shell_status(self) -> dict[str, Any]:
         """What only the shell knows, for STATUS: endpoints, memory, uptime, wire byte counts."""
         ...

@@ -39,6 +39,7 @@ from shardmq.router.codec import Frame, ProtocolError
 from .access import AccessControl
 from .config import ProtocolConfig
 from .destination import Destination
+from .durable import Durability
 from .effects import Effects
 from .entry import Entry
 from .outbox import Outbox
@@ -143,6 +144,7 @@ class NodeCore:
         self.retained = RetainedSide(self)
         self.sessions = SessionSide(self)
         self.access = AccessControl(self)
+        self.durable = Durability(self)  # after ``owner``: it journals the owner's retained table
         self.coordinator: Coordinator | None = None
         self.sessions_ended_fenced = False  # SESSION_END sent to every client since the lease became doubtful
         self._lead_scheduled = False
@@ -339,6 +341,14 @@ class NodeCore:
         the lookups, one frame per owner (see entry.py)."""
         self.entry.send_lookups()
         self.entry.take_unexpired()
+        durable = self.durable
+        if durable.on and (durable.changes or durable.waiting or durable.in_flight):
+            # What this batch changed is stored before anything that acknowledges it leaves (``durable``).
+            durable.commit(self._send_outbox)
+            return
+        self._send_outbox()
+
+    def _send_outbox(self) -> None:
         outbox = self.outbox
         if not outbox:
             return
@@ -388,6 +398,8 @@ class NodeCore:
             self.set_assignment(parse_assignment(session_view.document), revision)
         if self.owner.deferred_route_changes:
             self.owner.replay_route_changes()
+        if self.durable.restoring:
+            self.durable.announce_restored()
         if view.leader == self.me and self.coordinator is None:
             self.coordinator = Coordinator(
                 int(view.settings["shard_count"]), int(view.settings["replication"]),
@@ -564,6 +576,7 @@ class NodeCore:
     # ------------------------------------------------------------------ stopping
     def shutdown(self) -> None:
         self.log.info("node_stopping", membership_epoch=self.view.membership_epoch)
+        self.durable.stop()  # the sessions ending below stay stored: they come back with the node
         # Clients move to another node now instead of after their request timeout.
         self.destination.end_sessions(codec.E_SHUTDOWN, f"node {self.me} is stopping; connect to another node")
 
@@ -631,6 +644,8 @@ class NodeCore:
             "shared_pending": sum(len(q) for q in self.destination.shared_pending.values()),
             "metrics": dict(self.metrics),
             "clients_dropped": self.destination.drops_view(),
+            "store": {"durable": self.durable.on, "sessions_restoring": len(self.durable.restoring),
+                      "batches": self.metrics["store.batches"], "changes": self.metrics["store.changes"]},
         }
         if self.coordinator is not None:
             status["rebalance"] = self.coordinator.progress()

@@ -657,8 +657,10 @@ class OwnerSide:
         core.metrics["handoff.routes_received"] += len(h["routes"])
         core.metrics["handoff.bytes_received"] += len(orjson.dumps(h["routes"]))
         if h["last"]:
-            ready = {"id": move_id, "shard": shard, "shard_epoch": shard_epoch, "node": core.me}
-            core.effects.send_peer(h["coordinator"], codec.encode(codec.HANDOFF_READY, ready))
+            ready = codec.encode(codec.HANDOFF_READY, {"id": move_id, "shard": shard, "shard_epoch": shard_epoch,
+                                                       "node": core.me})  # fmt: skip
+            # Once the copy is stored (``durable``): after the flip the source drops its own.
+            core.durable.after(lambda: core.effects.send_peer(h["coordinator"], ready))
 
     def _abandon_fill(self, shard: int, move_id: int, source: str) -> None:
         if not self.target.still_filling(shard, move_id):

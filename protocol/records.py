@@ -69,6 +69,8 @@ class Session:
     live: list[Queued] = field(default_factory=list)
     moved_pids: set[Pid] = field(default_factory=set)  # publish ids the old holder handed over (delivered once)
     shared_mids: dict[int, SharedMessage] = field(default_factory=dict)  # inflight mid -> the shared message it is
+    backlog_base: int = 0  # the stored position of ``backlog[0]`` (``durable``: a persistent session's store rows)
+    restored: bool = False  # loaded from the store at start; its directory record not yet rewritten (``durable``)
 
 
 @dataclass(slots=True)

@@ -167,8 +167,9 @@ class RetainedSide:
         def reply(answer: dict[str, Any]) -> None:
             if "code" in answer:
                 self.core.refuse_request(sender, h["id"], answer["code"], answer["reason"], shard=h["shard"])
-            else:
-                self.core.effects.send_peer(sender, codec.encode(codec.RETAIN_ACK, {"id": h["id"], **answer}))
+            else:  # the change this confirms is stored first (``durable``)
+                parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"], **answer})
+                self.core.durable.after(lambda: self.core.effects.send_peer(sender, parts))
 
         self._accept(sender, h, frame.payload, reply)
 
@@ -297,8 +298,9 @@ class RetainedSide:
             if failed:
                 reason = f"hand-off targets of shard {shard} did not confirm"
                 core.refuse_request(sender, h["id"], codec.E_UNAVAILABLE, reason, shard=shard)
-            else:
-                core.effects.send_peer(sender, codec.encode(codec.RETAIN_ACK, {"id": h["id"]}))
+            else:  # the change this confirms is stored first (``durable``)
+                parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"]})
+                core.durable.after(lambda: core.effects.send_peer(sender, parts))
 
         if relay:
             core.metrics["handoff.retained_forwarded"] += len(relay)

@@ -31,6 +31,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -77,6 +78,7 @@ class SessionSide:
             core.reject_client(session.rid, exc.code, f"HELLO: {exc.reason}", ref if type(ref) is int else None)
             return
         was_persistent, session.persistent, session.expiry = session.persistent, True, float(expiry)
+        core.durable.session_saved(session)
         if session.greeted:  # the same node: resume (a clean session becomes persistent here)
             destination.welcome(session, True, ref)
             if not was_persistent:
@@ -244,6 +246,7 @@ class SessionSide:
         for (topic, dup, retain, pid), payload in items:
             p = (pid[0], pid[1]) if pid is not None else None
             session.backlog.append((topic, payload, retain, p, dup))
+            self.core.durable.appended(session)
             session.held_bytes += len(payload)
             if p is not None:
                 session.moved_pids.add(p)
@@ -271,6 +274,7 @@ class SessionSide:
                 core.metrics["sessions.duplicates_dropped"] += 1
             else:
                 session.backlog.append((topic, payload, retain, pid, dup))
+                core.durable.appended(session)
         if core.destination.sessions.get(session.rid) is session:
             core.destination.fill(session)
 
@@ -354,6 +358,10 @@ class SessionSide:
 
     # ------------------------------------------------------------------ the directory
     def _write_holder(self, session: Session, then: Any = None) -> None:
+        self.write_holder(session, lambda _ok: then() if then is not None else None)
+
+    def write_holder(self, session: Session, then: Callable[[bool], None]) -> None:
+        """Write this node as ``session``'s holder in the directory; ``then(written)``."""
         core = self.core
         record = {"holder": core.me, "holder_rev": core.view.member_revision, "expiry": session.expiry}
         client_id = session.rid.decode("utf-8", "replace")
@@ -362,8 +370,7 @@ class SessionSide:
             if code is not None:
                 core.metrics["sessions.record_write_failed"] += 1
                 core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
-            if then is not None:
-                then()
+            then(code is None)
 
         core.retained.write_record(SESSION_PREFIX + client_id, orjson.dumps(record), done)
 

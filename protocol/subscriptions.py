@@ -170,12 +170,16 @@ class Subscriptions:
         if is_shared(filt):
             members = self.shared.setdefault(filt, {})
             session.filters[filt] = members[session.rid] = qos
+            if session.persistent:
+                self.core.durable.filters_changed(session)
             return slot_route(filt, len(members) - 1) if old is None else None
         had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
         if old is not None and old != qos:
             (self.local_q1 if old else self.local_q0).remove(filt, session.rid)
         session.filters[filt] = qos
         (self.local_q1 if qos else self.local_q0).add(filt, session.rid)
+        if session.persistent:
+            self.core.durable.filters_changed(session)
         return None if had_route else filt
 
     def _unsubscribe_local(self, session: Session, filt: str) -> str | None:
@@ -192,8 +196,12 @@ class Subscriptions:
             if not members:
                 self.shared.pop(filt, None)
             self.core.destination.member_left(session, filt)
+            if session.persistent:
+                self.core.durable.filters_changed(session)
             return slot_route(filt, slot)
         (self.local_q1 if qos else self.local_q0).remove(filt, session.rid)
+        if session.persistent:
+            self.core.durable.filters_changed(session)
         return None if (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)) else filt
 
     # ------------------------------------------------------------------ routes at the owners

@@ -11,6 +11,10 @@ Rules of this file:
   shard's primary stamps every write it accepts (one writer per shard). A copy is replaced only by a write with
   a stamp at least as new, so a write that reached a replica twice (direct and relayed) cannot undo a newer one.
 * ``bytes`` counts payload plus topic of every message held, which the node bounds (``max_retained_bytes``).
+* ``journal``: when set (a list), every change the table makes is appended to it, as the node's store wants it
+  (``protocol.durable.Change``): ``("retained", shard, topic, qos, epoch, seq, payload)``, ``("retained_del",
+  shard, topic)``, ``("retained_drop", shard)``. Whatever writes through the table (retained messages, the
+  session directory, any other record kept here) is stored alike.
 * Pure: nothing here knows nodes, epochs of the assignment or frames.
 """
 
@@ -35,12 +39,13 @@ class RetainedMessage:
 class RetainedTable:
     """Retained messages by topic, in one node-wide index, and the topics of each shard."""
 
-    __slots__ = ("_index", "_topics", "bytes")
+    __slots__ = ("_index", "_topics", "bytes", "journal")
 
     def __init__(self) -> None:
         self._index: RetainedIndex[RetainedMessage] = RetainedIndex()
         self._topics: dict[int, set[str]] = {}  # shard -> its topics held here
         self.bytes = 0
+        self.journal: list[tuple[object, ...]] | None = None  # the store's changes (see the rules), when kept
 
     def __len__(self) -> int:
         return len(self._index)
@@ -71,6 +76,8 @@ class RetainedTable:
         self._index.set(topic, message)
         topics.add(topic)
         self.bytes += self.cost(topic, message.payload)
+        if self.journal is not None:
+            self.journal.append(("retained", shard, topic, message.qos, *message.stamp, message.payload))
         return True
 
     def delete(self, shard: int, topic: str, stamp: Stamp | None = None) -> bool:
@@ -79,6 +86,8 @@ class RetainedTable:
         if old is None or (stamp is not None and old.stamp > stamp):
             return False
         self._forget(shard, topic, old)
+        if self.journal is not None:
+            self.journal.append(("retained_del", shard, topic))
         return True
 
     def _forget(self, shard: int, topic: str, old: RetainedMessage) -> None:
@@ -112,6 +121,8 @@ class RetainedTable:
             message = self._index.get(topic)
             assert message is not None
             self._forget(shard, topic, message)
+        if self.journal is not None:
+            self.journal.append(("retained_drop", shard))
         return count
 
     def held_shards(self) -> list[int]:

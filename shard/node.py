@@ -27,6 +27,7 @@ import heapq
 import itertools
 import os
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from shardmq.router import codec
 from .membership import EtcdAccess, EtcdAuthError, EtcdSession, MemberInfo, ensure_cluster_config, etcd_client
 from .metrics import MetricsSnapshot, NodeCollector, WireStats, serve_metrics
 from .security import NodeSecurity, SecurityConfigError, load_cluster_key
+from .store import Store, StoreError
 
 log = structlog.get_logger("shardmq.node")
 
@@ -99,6 +101,10 @@ class NodeConfig:
     max_inflight: int = 1000
     max_queued: int = 10_000
     max_session_bytes: int = 64 * 1024 * 1024
+    # Durability (shard.store): retained records and persistent sessions in DATA_DIR/shardmq.db, loaded at start;
+    # every acknowledgement waits for the commit of the change it confirms. None: in memory only, as before.
+    data_dir: str | None = None
+    fsync: str = "batch"  # "batch": one fsync per loop turn's commit; "off": commits survive kill -9, not power loss
 
     def etcd_access(self) -> EtcdAccess:
         return EtcdAccess.from_files(
@@ -111,7 +117,7 @@ class NodeConfig:
             self.node_id, self.shard_count, self.replication, self.max_payload, self.request_timeout,
             self.lookup_timeout, self.route_cache_size, self.route_cache_ttl, self.handoff_grace,
             self.handoff_timeout, self.redelivery_interval, self.client_idle_check, self.max_inflight,
-            self.max_queued, self.max_session_bytes, access_control=not self.insecure,
+            self.max_queued, self.max_session_bytes, access_control=not self.insecure, durable=bool(self.data_dir),
         )  # fmt: skip
 
 
@@ -165,6 +171,7 @@ class Node:
         self.rss_at_start = rss_bytes()
         self.running = False
         self.security: NodeSecurity | None = None  # set by run(): None in an --insecure cluster
+        self.store: Store | None = None  # set by run() with --data-dir
 
     # ------------------------------------------------------------------ sockets
     def _open_sockets(self) -> None:
@@ -308,11 +315,30 @@ class Node:
     def stop(self) -> None:
         self.running = False
 
+    def persist(self, changes: list[tuple[Any, ...]], then: Callable[[], None]) -> None:
+        assert self.store is not None
+        try:
+            self.store.apply(changes)
+        except (OSError, sqlite3.Error) as exc:
+            # Nothing of this batch may be acknowledged, and later ones would not be stored either: stop (the
+            # clients fail over; what was acknowledged before is in the store).
+            self.core.metrics["errors.store"] += 1
+            self.log.error("store_write_failed", path=str(self.store.path), changes=len(changes), error=str(exc))
+            self.stop()
+            return
+        then()
+
     def shell_status(self) -> dict[str, Any]:
         self._sync_security_metrics()  # before the core's status copies its metrics
         rss = rss_bytes()
         routes = self.core.owner.routes.route_count
+        store = self.store
         return {
+            "data_dir": self.cfg.data_dir,
+            "fsync": self.cfg.fsync if store is not None else None,
+            "store_commits": store.commits if store is not None else 0,
+            "store_commit_ms_avg": round(1000 * store.commit_seconds / store.commits, 3) if store and store.commits
+            else None,
             "client_endpoint": self.cfg.client_endpoint,
             "metrics_endpoint": self.metrics_endpoint(),
             "rss_bytes": rss,
@@ -380,6 +406,8 @@ class Node:
         except SecurityConfigError as exc:
             self.log.error("security_config_invalid", error=str(exc))
             raise SystemExit(2) from exc
+        if self.cfg.data_dir:
+            self._load_store()
         self._open_sockets()
         try:
             access = self.cfg.etcd_access()
@@ -442,6 +470,21 @@ class Node:
                     self._on_dealer_refused(monitor)
         finally:
             self._shutdown()
+
+    def _load_store(self) -> None:
+        """Open the data directory's store and give the core what it holds, before we register (``durable``)."""
+        assert self.cfg.data_dir
+        started = time.monotonic()
+        try:
+            self.store = Store(self.cfg.data_dir, self.me, self.cfg.fsync)  # type: ignore[arg-type]
+            retained, sessions = self.store.load()
+        except (StoreError, sqlite3.Error) as exc:
+            self.log.error("store_unusable", data_dir=self.cfg.data_dir, error=str(exc))
+            raise SystemExit(2) from exc
+        self.core.now = started
+        self.core.durable.restore(retained, sessions)
+        self.log.info("store_opened", path=str(self.store.path), fsync=self.cfg.fsync, retained=len(retained),
+                      sessions=len(sessions), ms=round(1000 * (time.monotonic() - started), 1))  # fmt: skip
 
     def _on_session_parts(self, parts: list[bytes]) -> None:
         kind, header, document = parts
@@ -547,3 +590,5 @@ class Node:
             sock.close(linger=0)
         if self.security is not None:
             self.security.stop()
+        if self.store is not None:
+            self.store.close()

@@ -23,7 +23,8 @@ Rules of this file:
   and the admin credentials from DIR2 instead of making new ones: every cluster of a test suite then accepts
   one ``SHARDMQ_CREDENTIALS`` file (``tests/conftest.py`` does this).
 - ``restart`` starts again, from the recorded command lines, the processes of ``cluster.json`` that no longer run:
-  same ids, same flags, same data (etcd's data directory is never wiped on restart) and the previous ports when
+  same ids, same flags, same data (etcd's data directory is never wiped on restart; nor are the nodes' own,
+  ``DIR/<node>/data`` with ``data_dirs``, which ``up`` and ``join`` start empty) and the previous ports when
   they are free. Processes still running are left alone.
 """
 
@@ -272,6 +273,8 @@ class LocalCluster:
         log_level: str = "info",
         node_args: list[str] | None = None,
         insecure: bool = False,
+        data_dirs: bool = False,
+        fsync: str = "batch",
     ) -> None:
         self.dir = Path(directory).resolve()
         self.node_count = nodes
@@ -283,6 +286,9 @@ class LocalCluster:
         self.log_level = log_level
         self.node_args = node_args or []
         self.insecure = insecure  # nodes without peer security (--insecure): an explicit, logged choice
+        # Durability (shard.store): each node keeps its store in DIR/<node>/data (--data-dir) with this --fsync.
+        self.data_dirs = data_dirs
+        self.fsync = fsync
         self._env_before: tuple[str | None] | None = None  # SHARDMQ_CREDENTIALS before ``export_credentials``
         self.state: ClusterState | None = None
 
@@ -303,6 +309,8 @@ class LocalCluster:
             "shard_count": self.shard_count,
             "replication": self.replication,
             "insecure": self.insecure,
+            "data_dirs": self.data_dirs,
+            "fsync": self.fsync,
         }
 
     @classmethod
@@ -320,6 +328,8 @@ class LocalCluster:
         lc.shard_count = settings.get("shard_count", lc.shard_count)
         lc.replication = settings.get("replication", lc.replication)
         lc.insecure = bool(settings.get("insecure", lc.insecure))
+        lc.data_dirs = bool(settings.get("data_dirs", lc.data_dirs))
+        lc.fsync = str(settings.get("fsync", lc.fsync))
         return lc
 
     def _port(self) -> int:
@@ -378,6 +388,7 @@ class LocalCluster:
             if not self.insecure:
                 self._register_principal(Credentials.load(self.dir / f"{ADMIN_PRINCIPAL}.creds"), Acl.everything())
             for i in range(1, self.node_count + 1):
+                shutil.rmtree(self.data_dir(f"n{i}"), ignore_errors=True)  # a new cluster: no state from an old one
                 self.start_node(f"n{i}")
             self.wait_ready(self.node_count, timeout)
         except BaseException:
@@ -552,6 +563,8 @@ class LocalCluster:
             cmd += ["--shard-count", str(self.shard_count)]
         if self.replication:
             cmd += ["--replication", str(self.replication)]
+        if self.data_dirs:
+            cmd += ["--data-dir", str(self.data_dir(node_id)), "--fsync", self.fsync]
         cmd += [*self.node_args, *(extra_args or [])]
         proc = self._launch_node(node_id, cmd, endpoint_file)
         if proc is None:
@@ -559,6 +572,10 @@ class LocalCluster:
         self.state.nodes = [n for n in self.state.nodes if n.name != node_id] + [proc]
         self.save()
         return proc
+
+    def data_dir(self, node_id: str) -> Path:
+        """Where node ``node_id`` keeps its store (with ``data_dirs``): ``DIR/<node>/data``."""
+        return self.dir / node_id / "data"
 
     def _launch_node(self, node_id: str, cmd: list[str], endpoint_file: Path) -> Proc | None:
         """Spawn ``cmd`` and read back the endpoints it bound; None when it exited first (a port was taken)."""
@@ -804,6 +821,7 @@ class LocalCluster:
         assert self.state is not None
         taken = {p.name for p in self.state.nodes}
         node_id = node_id or next(f"n{i}" for i in range(1, len(taken) + 2) if f"n{i}" not in taken)
+        shutil.rmtree(self.data_dir(node_id), ignore_errors=True)  # a new member: nothing of an earlier one
         proc = self.start_node(node_id)
         self.wait_ready(len(self.live_nodes()), timeout)
         return proc

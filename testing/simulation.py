@@ -64,6 +64,10 @@ class SimConfig:
     # Client frames checked against ACLs (``protocol.access``): the driver gives each frame's principal and sets
     # the principals with ``core.access.set_principals``, as the shell does from its views.
     access_control: bool = False
+    # Nodes journal what they would store (``protocol.durable``) and hold acknowledgements until ``persist``
+    # completes; a node's store is its list ``persisted`` (memory: a crash or restart of a simulated node
+    # starts it empty, as a node without --data-dir).
+    durable: bool = False
 
 
 @dataclass(slots=True)
@@ -203,6 +207,9 @@ class SimNode:
         self.incarnation = incarnation
         self.crashed = False  # killed, or stopped (a graceful leave ended, or removed from the cluster)
         self.paused = False
+        self.persisted: list[tuple[Any, ...]] = []  # what ``persist`` stored, in order (``SimConfig.durable``)
+        # Set to a list by a test: ``persist`` calls wait there as (changes, then) until the test runs ``then``.
+        self.persist_held: list[tuple[list[tuple[Any, ...]], Callable[[], None]]] | None = None
         self.partitioned = partitioned
         self.retiring = retiring  # a restarted process retiring its previous incarnation: not registered yet
         self.lease_id: int | None = None
@@ -218,7 +225,7 @@ class SimNode:
             node_id, c.shard_count, c.replication, request_timeout=c.request_timeout, lookup_timeout=c.lookup_timeout,
             route_cache_ttl=c.route_cache_ttl, handoff_grace=c.handoff_grace, handoff_timeout=c.handoff_timeout,
             redelivery_interval=c.redelivery_interval, client_idle_check=c.client_idle_check,
-            snapshot_chunk=c.snapshot_chunk, access_control=c.access_control,
+            snapshot_chunk=c.snapshot_chunk, access_control=c.access_control, durable=c.durable,
         )  # fmt: skip
         self.core = NodeCore(config, self, _NullLog(), str(incarnation))
         self.core.start(sim.now)
@@ -272,6 +279,13 @@ class SimNode:
 
     def stop(self) -> None:
         self.sim.stopped(self)
+
+    def persist(self, changes: list[tuple[Any, ...]], then: Callable[[], None]) -> None:
+        if self.persist_held is not None:
+            self.persist_held.append((changes, then))
+            return
+        self.persisted.extend(changes)
+        then()
 
     def shell_status(self) -> dict[str, Any]:
         return {}
