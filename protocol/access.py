@@ -72,7 +72,7 @@ class AccessControl:
             core.metrics["security.session_taken_by_other_principal"] += 1
             destination.drop_session(rid, reason="another principal took over its routing id")
         session = destination.attach(rid)
-        if session.principal is None:
+        if session.principal is None or session.acl is None:  # new, or restored from the store (``durable``)
             session.principal, session.acl = principal, acl
         return session
 

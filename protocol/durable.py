@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 #   ("retained", shard, topic, qos, epoch, seq, payload)   store (or replace) a retained record
 #   ("retained_del", shard, topic)                         forget one
 #   ("retained_drop", shard)                               forget every record of a shard (released)
-#   ("session", client_id, expiry, {filter: qos})          a persistent session's settings (upsert)
+#   ("session", client_id, expiry, {filter: qos}, principal)   a persistent session's settings (upsert)
 #   ("session_del", client_id)                             the session and its messages are gone
 #   ("message", client_id, kind, n, topic, payload, retain, pid, dup)   one queued message (upsert);
 #                                                          kind INFLIGHT (n = message id) or BACKLOG (n = position)
@@ -66,6 +66,7 @@ class StoredSession:
     expiry: float
     filters: dict[str, int]
     messages: list[Queued] = field(default_factory=list)
+    principal: str | None = None  # who opened it (access control): only that principal may resume it
 
 
 class Durability:
@@ -125,7 +126,7 @@ class Durability:
             return
         cid = s.rid.decode("utf-8", "replace")
         add = self.changes.append
-        add(("session", cid, s.expiry, dict(s.filters)))
+        add(("session", cid, s.expiry, dict(s.filters), s.principal))
         add(("messages_del", cid))
         for mid, (topic, payload, _) in s.inflight.items():
             add(("message", cid, INFLIGHT, mid, topic, payload, mid in s.retained_mids, s.pids.get(mid), True))
@@ -135,7 +136,7 @@ class Durability:
 
     def filters_changed(self, s: Session) -> None:
         if self.on and s.persistent:
-            self.changes.append(("session", s.rid.decode("utf-8", "replace"), s.expiry, dict(s.filters)))
+            self.changes.append(("session", s.rid.decode("utf-8", "replace"), s.expiry, dict(s.filters), s.principal))
 
     def session_gone(self, s: Session) -> None:
         if self.on and s.persistent:
@@ -189,7 +190,8 @@ class Durability:
         restored = queued = 0
         for stored in sessions:
             rid = stored.client_id.encode()
-            s = Session(rid, core.now, persistent=True, expiry=stored.expiry, greeted=True, restored=True)
+            s = Session(rid, core.now, persistent=True, expiry=stored.expiry, greeted=True, restored=True,
+                        principal=stored.principal)  # its ACL comes with the views (``_check_access``)
             s.backlog = deque(stored.messages)
             s.held_bytes = sum(len(m[1]) for m in stored.messages)
             destination.sessions[rid] = s
@@ -215,13 +217,36 @@ class Durability:
             return
         if view.assignment is None or core.me not in view.members or not view.registration_seen or core.fenced():
             return
+        if core.access.enabled and not core.access.acls:
+            return  # the principals have not come with a view yet: none could be judged
         self._announce_started = True
+        self._check_access()
         filters = sorted({f for rid in self.restoring if (s := core.destination.sessions.get(rid)) for f in s.filters})
         core.log.info("sessions_restored_announce", sessions=len(self.restoring), filters=len(filters),
                       membership_epoch=view.membership_epoch)  # fmt: skip
         core.subscriptions.announce_again(filters)
         for rid in sorted(self.restoring):
             self._rewrite_record(rid)
+
+    def _check_access(self) -> None:
+        """A restored session whose principal lost the right to one of its filters (or was removed) while this
+        node was down ends here, as a live one would have when the ACL changed (``access``)."""
+        core = self.core
+        if not core.access.enabled:
+            return
+        for rid in sorted(self.restoring):
+            s = core.destination.sessions.get(rid)
+            if s is None:
+                continue
+            acl = core.access.acls.get(s.principal) if s.principal is not None else None
+            if acl is None or acl.refused_filters(s.filters):
+                core.metrics["sessions.restored_not_authorized"] += 1
+                core.log.warning("restored_session_not_authorized", client=rid.decode(errors="replace"),
+                                 principal=s.principal)  # fmt: skip
+                core.destination.drop_session(rid, reason="not_authorized")
+                self.restoring.discard(rid)
+            else:
+                s.acl = acl
 
     def _announce_tick(self) -> None:
         """Views come when etcd changes; this checks again for a node that was fenced when its view came."""

@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS retained (
     seq INTEGER NOT NULL, payload BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retained_by_shard ON retained (shard);
-CREATE TABLE IF NOT EXISTS sessions (client_id TEXT PRIMARY KEY, expiry REAL NOT NULL, filters BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    client_id TEXT PRIMARY KEY, expiry REAL NOT NULL, filters BLOB NOT NULL, principal TEXT
+);
 CREATE TABLE IF NOT EXISTS messages (
     client_id TEXT NOT NULL, kind INTEGER NOT NULL, n INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     retain INTEGER NOT NULL, pid_node TEXT, pid_seq INTEGER, dup INTEGER NOT NULL,
@@ -122,8 +124,9 @@ class Store:
                 elif kind == "retained_drop":
                     ex("DELETE FROM retained WHERE shard = ?", (change[1],))
                 elif kind == "session":
-                    _, cid, expiry, filters = change
-                    ex("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (cid, expiry, orjson.dumps(filters)))
+                    _, cid, expiry, filters, principal = change
+                    ex("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                       (cid, expiry, orjson.dumps(filters), principal))  # fmt: skip
                 elif kind == "session_del":
                     ex("DELETE FROM sessions WHERE client_id = ?", (change[1],))
                     ex("DELETE FROM messages WHERE client_id = ?", (change[1],))
@@ -148,8 +151,10 @@ class Store:
                 "SELECT topic, shard, qos, epoch, seq, payload FROM retained ORDER BY shard, topic")
         ]  # fmt: skip
         sessions: dict[str, StoredSession] = {}
-        for cid, expiry, filters in db.execute("SELECT client_id, expiry, filters FROM sessions ORDER BY client_id"):
-            sessions[cid] = StoredSession(cid, float(expiry), dict(orjson.loads(filters)))
+        for cid, expiry, filters, principal in db.execute(
+            "SELECT client_id, expiry, filters, principal FROM sessions ORDER BY client_id"
+        ):
+            sessions[cid] = StoredSession(cid, float(expiry), dict(orjson.loads(filters)), principal=principal)
         rows = db.execute(
             "SELECT client_id, kind, topic, payload, retain, pid_node, pid_seq, dup FROM messages "
             "ORDER BY client_id, kind, n"

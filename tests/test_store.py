@@ -32,16 +32,16 @@ def test_round_trip(tmp_path: Path) -> None:
         ("retained_del", 3, "a/c"),
         ("retained", 5, "gone/1", 1, 1, 1, b"g"),
         ("retained_drop", 5),
-        ("session", "c1", 60.0, {"s/+": 1, "t": 0}),
+        ("session", "c1", 60.0, {"s/+": 1, "t": 0}, "alice"),
         ("message", "c1", BACKLOG, 0, "s/1", b"b0", False, ("n2", 5), False),
         ("message", "c1", BACKLOG, 1, "s/2", b"b1", True, None, False),
         ("message", "c1", INFLIGHT, 4, "s/0", b"i4", False, ("n1", 1), False),
         ("message", "c1", INFLIGHT, 9, "s/9", b"i9", False, None, False),
         ("message_del", "c1", INFLIGHT, 9),
-        ("session", "c2", 5.0, {}),
+        ("session", "c2", 5.0, {}, None),
         ("message", "c2", BACKLOG, 0, "z", b"z", False, None, False),
         ("messages_del", "c2"),
-        ("session", "c3", 5.0, {"q": 1}),
+        ("session", "c3", 5.0, {"q": 1}, None),
         ("message", "c3", BACKLOG, 0, "q", b"q", False, None, False),
         ("session_del", "c3"),
     ])  # fmt: skip
@@ -54,7 +54,7 @@ def test_round_trip(tmp_path: Path) -> None:
             ("s/0", b"i4", False, ("n1", 1), True),  # inflight: resent flagged dup
             ("s/1", b"b0", False, ("n2", 5), False),
             ("s/2", b"b1", True, None, False),
-        ]),
+        ], principal="alice"),
         StoredSession("c2", 5.0, {}, []),
     ]  # fmt: skip
     assert again.counts() == {"retained": 2, "sessions": 2, "messages": 3}
