@@ -41,6 +41,10 @@ Rules of this file:
   A member's acknowledgement runs the message's ``done`` (SHARED_DONE to the entry node that keeps its copy). A
   member that unsubscribes, ends, goes offline, vanishes or is taken over gives its unacknowledged shared messages
   to another member the same way (``dup``), instead of holding them: MQTT 5 4.8.2 (mosquitto loses them).
+- Wills (``wills``): BYE clears the client's will before anything else; a session that ends here otherwise
+  (``drop_session``: unreachable after the grace, taken over, ended by this node) has its will claimed and
+  published, and a persistent session's connection found gone has it published ``client_idle_check`` later unless
+  the client came back.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ class Destination:
         self.fill(session)
 
     def on_bye(self, session: Session, frame: Frame) -> None:
+        if session.will is not None:  # a clean close: the will is cleared first, never published (``wills``)
+            will, session.will = session.will, None
+            self.core.wills.clear(session.rid.decode("utf-8", "replace"), will)
         if session.persistent:
             self.go_offline(session)  # MQTT: a DISCONNECT keeps a persistent session
             return
@@ -133,6 +140,8 @@ class Destination:
         if session is None:
             return
         self.offline.discard(rid)
+        if session.will is not None:
+            core.wills.session_dropped(session, reason)
         routes_dropped = core.subscriptions.forget(session)
         unsent = len(session.backlog) + len(session.live)
         core.metrics["clients.disconnected"] += 1
@@ -149,6 +158,7 @@ class Destination:
             return
         if session.persistent:
             self.go_offline(session)
+            core.wills.vanished(session)
             return
         since = session.detached_at = core.now
         core.metrics["clients.vanished"] += 1

@@ -646,6 +646,8 @@ class Entry:
         if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:
             self.core.metrics["publishes.acked"] += 1
             self.core.outbox.puback(pub.client, pub.ref)
+        elif pub.will and pub.acks_left == 0 and not pub.failed and pub.routed:
+            self.core.metrics["wills.delivered"] += 1  # every destination took it (and the retained copy is stored)
 
     def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
         core = self.core
@@ -656,6 +658,8 @@ class Entry:
             then, pub.then = pub.then, None
             then(False)
         core.metrics[f"errors.{code}"] += 1
+        if pub.will:
+            core.metrics["wills.failed"] += 1  # its client is gone: counted and logged, nobody to tell
         core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
         if pub.client is not None and pub.qos:
             core.send_client(pub.client, codec.error_parts(code, reason, pub.ref))

@@ -11,7 +11,8 @@ Rules of this file:
   publish, resolved and forwarded), ``owner`` (the route table and its answers, hand-offs), ``destination``
   (delivery to local clients, QoS 1), ``subscriptions`` (local filters and their routes at the owners),
   ``retained`` (retained messages: the primary's writes, their replicas, a new subscription's fetch),
-  ``sessions`` (persistent sessions: HELLO, the session directory, the takeover between nodes).
+  ``sessions`` (persistent sessions: HELLO, the session directory, the takeover between nodes), ``wills`` (a
+  client's will: kept in its directory record, claimed and published once when the client is gone).
 - The clock is ``now``, set by whoever drives the core before each event; nothing here reads a clock.
 - One registry (``requests``) holds everything that waits on a peer; a peer's ERROR and a peer's loss reach
   what waits on it through it.
@@ -50,6 +51,7 @@ from .retained import RetainedSide
 from .sessions import SessionSide
 from .subscriptions import Subscriptions
 from .view import ClusterView, MemberInfo, SessionView
+from .wills import WillSide
 
 # The fence check runs when the lease would come into doubt (and at least this often): a fixed 100 ms tick woke
 # every node ten times a second and, measured, made a saturated subscriber's node send smaller batches and drop.
@@ -143,6 +145,7 @@ class NodeCore:
         self.subscriptions = Subscriptions(self)
         self.retained = RetainedSide(self)
         self.sessions = SessionSide(self)
+        self.wills = WillSide(self)
         self.access = AccessControl(self)
         self.durable = Durability(self)  # after ``owner``: it journals the owner's retained table
         self.coordinator: Coordinator | None = None
@@ -434,6 +437,8 @@ class NodeCore:
             self.log.warning("member_lost", peer=node, routes_removed=removed, membership_epoch=membership_epoch)
         if had_members and joined:
             self.subscriptions.announce_root_routes(joined)
+        if gone:
+            self.wills.scan_soon()  # the wills of sessions held by a node that left: their primary publishes them
         self.log.info("membership", membership_epoch=membership_epoch, members=change.members,
                       joined=sorted(joined), gone=sorted(gone))  # fmt: skip
 
@@ -453,6 +458,8 @@ class NodeCore:
         changed = self.owner.on_assignment(old, new)
         if old is not None and changed:
             self.subscriptions.reannounce_orphaned(old, new, changed, old_members)
+        if changed:
+            self.wills.scan_soon()  # a shard this node became primary of may hold wills of a gone holder
         self.log.info(
             "assignment", version=new.version, revision=revision, shards_held=len(new.shards_of(self.me)),
             primaries=len(new.primaries_of(self.me)), membership_epoch=view.membership_epoch,

@@ -71,6 +71,9 @@ class Session:
     shared_mids: dict[int, SharedMessage] = field(default_factory=dict)  # inflight mid -> the shared message it is
     backlog_base: int = 0  # the stored position of ``backlog[0]`` (``durable``: a persistent session's store rows)
     restored: bool = False  # loaded from the store at start; its directory record not yet rewritten (``durable``)
+    # The will (``wills``): what HELLO gave, as the directory record holds it (a ``wills.will_block``); None: no
+    # will, or it was cleared (BYE) or claimed (published).
+    will: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class Publish:
     failed: bool = False
     asked_remote: bool = False  # a lookup went to another node: two hops before the forward
     retain: bool = False  # also store it as the topic's retained message (``retained``); its PUBACK waits for that
+    will: bool = False  # a will the node publishes for a client that is gone (``wills``): its outcome is counted
     routed: bool = False  # forwarded: a PUBACK may go once nothing else waits (a RETAIN_ACK may come first)
     pid: int = 0  # a QoS 1 publish's id at this entry node, the same for all its destinations (session takeover)
     # A shared message sent on by a node that could not deliver it (``Entry.redispatch_shared``): only members of
@@ -226,6 +230,12 @@ class RetainWrite:
     payload: bytes
     then: Callable[[str | None, str], None]  # (error code or None, reason)
     attempt: int = 0
+    # A session record's conditional write (``wills``): applied only if the stored record's pending will has this
+    # id ("" = none); ``clear_will``: the primary drops the stored record's will itself (the payload is unused).
+    # A mismatch calls ``on_conflict`` with the stored record instead of ``then``.
+    if_will: str | None = None
+    clear_will: bool = False
+    on_conflict: Callable[[bytes], None] | None = None
 
     def waits_on(self, node: str) -> bool:
         return self.primary == node
@@ -279,6 +289,7 @@ class Takeover:
     started: float = 0.0
     ref: Any = None  # the HELLO's id, for its WELCOME
     welcomed: bool = False
+    prior_will: dict[str, Any] | None = None  # the will the directory record held (``wills``): ours displaces it
 
     def waits_on(self, node: str) -> bool:
         return node == self.holder and self.phase in ("state", "tail")

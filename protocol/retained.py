@@ -52,6 +52,7 @@ from shardmq.router.topics import TopicError, validate_topic_filter, validate_to
 from .records import Publish, Replication, RetainedFetch, RetainWrite, Session
 from .subscriptions import STALE_RETRIES
 from .view import ROOT
+from .wills import will_id, without_will
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -92,6 +93,10 @@ class RetainedSide:
         w.primary, w.shard = state.owners[0], shard
         header = {"id": 0, "shard": shard, "shard_epoch": state.epoch, "topic": w.topic, "qos": w.qos,
                   "replica": False}  # fmt: skip
+        if w.if_will is not None:  # a session record's conditional write (``wills``)
+            header["if_will"] = w.if_will
+            if w.clear_will:
+                header["clear_will"] = True
         if w.primary == core.me:
             self._accept(core.me, header, w.payload, lambda answer: self._answered(w, answer))
             return
@@ -109,8 +114,12 @@ class RetainedSide:
             w.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {w.shard} did not confirm the retained message")
 
     def _answered(self, w: RetainWrite, answer: dict[str, Any]) -> None:
-        """The primary's answer: {} stored, {"stale": epoch}, or {"code", "reason"}."""
+        """The primary's answer: {} stored, {"stale": epoch}, {"conflict": stored record} (a conditional write
+        that did not apply), or {"code", "reason"}."""
         core = self.core
+        if "conflict" in answer and w.on_conflict is not None:
+            w.on_conflict(answer["conflict"])
+            return
         if "code" in answer:
             w.then(answer["code"], answer["reason"])
             return
@@ -135,13 +144,22 @@ class RetainedSide:
         if not isinstance(w, RetainWrite) or w.primary != sender:
             return
         self.core.requests.close(h["id"])
+        if h.get("conflict") is True:
+            self._answered(w, {"conflict": frame.payload})
+            return
         stale = h.get("stale")
         self._answered(w, {"stale": stale} if type(stale) is int else {})
 
-    def write_record(self, topic: str, payload: bytes, then: Callable[[str | None, str], None]) -> None:
+    def write_record(
+        self, topic: str, payload: bytes, then: Callable[[str | None, str], None], if_will: str | None = None,
+        clear_will: bool = False, on_conflict: Callable[[bytes], None] | None = None,
+    ) -> None:
         """A node's own record (the session directory, ``sessions``): written like a retain publish, through the
-        shard's primary (an empty payload deletes)."""
-        self._write(RetainWrite("", 0, topic, 1, payload, then))
+        shard's primary (an empty payload deletes). ``if_will``: only if the stored record's pending will has
+        that id (``wills``: the primary, the one writer, makes claiming a will atomic); ``on_conflict(stored)``
+        otherwise."""
+        self._write(RetainWrite("", 0, topic, 1, payload, then, if_will=if_will, clear_will=clear_will,
+                                on_conflict=on_conflict))  # fmt: skip
 
     def read_record(self, topic: str, then: Callable[[bytes | None], None]) -> None:
         """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners,
@@ -167,6 +185,9 @@ class RetainedSide:
         def reply(answer: dict[str, Any]) -> None:
             if "code" in answer:
                 self.core.refuse_request(sender, h["id"], answer["code"], answer["reason"], shard=h["shard"])
+            elif "conflict" in answer:  # nothing was written: nothing to wait for
+                parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"], "conflict": True}, answer["conflict"])
+                self.core.effects.send_peer(sender, parts)
             else:  # the change this confirms is stored first (``durable``)
                 parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"], **answer})
                 self.core.durable.after(lambda: self.core.effects.send_peer(sender, parts))
@@ -181,6 +202,8 @@ class RetainedSide:
             return codec.E_BAD_HEADER, f"shard {shard} is outside this cluster"
         if h["qos"] not in (0, 1):
             return codec.E_INVALID_QOS, f"qos must be 0 or 1, got {h['qos']}"
+        if "if_will" in h and not isinstance(h["if_will"], str):
+            return codec.E_BAD_HEADER, "RETAIN if_will must be a will id (string)"
         try:
             validate_topic_name(topic)
         except TopicError as exc:
@@ -209,6 +232,16 @@ class RetainedSide:
             core.metrics["retained.stale"] += 1
             reply({"stale": ours})
             return
+        if_will = h.get("if_will")
+        if if_will is not None:  # a session record's conditional write: decided here, by the one writer
+            held = self.table.get(shard, topic)
+            stored = held.payload if held is not None else b""
+            if will_id(stored) != if_will:
+                core.metrics["wills.write_conflicts"] += 1
+                reply({"conflict": stored})
+                return
+            if h.get("clear_will") is True:
+                payload = without_will(stored)
         if payload:
             growth = self.table.growth(shard, topic, payload)
             if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:

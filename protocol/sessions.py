@@ -41,6 +41,7 @@ from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .records import SESSION_PREFIX, Queued, Session, Takeover, gate
+from .wills import CONFLICT, WillRefused, is_clean_record, pending_will, same_will
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -59,13 +60,24 @@ class SessionSide:
         h = frame.header
         ref = h.get("id")
         destination = core.destination
+        try:
+            will = core.wills.from_hello(session, h, frame.payload)
+        except WillRefused as exc:
+            core.reject_client(session.rid, exc.code, exc.reason, ref if type(ref) is int else None)
+            return
         if h.get("clean") is not False:
             if session.persistent:  # a clean connect ends the persistent session held here
                 destination.drop_session(session.rid, reason="clean_session")
                 self.record_gone(session.rid)
                 session = destination.attach(session.rid)
+                session.will = will
+                if will is not None:
+                    self._write_holder(session)
             elif not session.greeted:
+                session.will = will
                 self._discard_elsewhere(session.rid)
+            else:
+                self._replace_will(session, will)
             destination.welcome(session, session.greeted, ref)
             return
         expiry = h.get("expiry")
@@ -82,10 +94,15 @@ class SessionSide:
         if session.greeted:  # the same node: resume (a clean session becomes persistent here)
             destination.welcome(session, True, ref)
             if not was_persistent:
-                self._write_holder(session)
+                old = session.will
+                session.will = old if same_will(old, will) else will
+                self._write_holder(session, prior=old, keep=old["id"] if old is not None else None)
+            else:
+                self._replace_will(session, will)
             return
         if session.rid in self.takeovers:
             return  # a HELLO again while the first one's takeover runs: its WELCOME answers both
+        session.will = will
         takeover = Takeover(session, client_id, started=core.now, ref=ref)
         tid = self.takeovers[session.rid] = core.requests.open(takeover, self)
         core.effects.call_later(core.cfg.request_timeout, lambda: self._deadline(tid))
@@ -98,7 +115,8 @@ class SessionSide:
 
     def _found(self, tid: int, t: Takeover, payload: bytes | None) -> None:
         core = self.core
-        holder = self._live_holder(payload)
+        t.prior_will = pending_will(payload)  # the old connection's will: the new holder's record displaces it
+        holder = self._live_holder(payload) if not is_clean_record(payload) else None
         if holder is None or holder == core.me:
             self._fresh(tid, t)
             return
@@ -134,7 +152,7 @@ class SessionSide:
             return
         core.metrics["sessions.fresh"] += 1
         self._welcome(t, False)
-        self._write_holder(session)
+        self._write_holder(session, prior=t.prior_will)
 
     def _deadline(self, tid: int) -> None:
         """The WELCOME is due ``request_timeout`` after the HELLO (the SDK waits that long and a margin)."""
@@ -213,7 +231,7 @@ class SessionSide:
                 core.metrics["sessions.takeover_route_failures"] += 1
                 core.log.warning("session_routes_unconfirmed", client=t.client_id, failures=sorted(set(failures)))
                 subs.announce_again(sorted(set(new) & subs.local_filters()))
-            self._write_holder(session, lambda: self._taken(tid, t))
+            self._write_holder(session, lambda: self._taken(tid, t), prior=t.prior_will)
 
         on_done = gate(len(installing) + 1, routed)
         for wid in installing:
@@ -357,13 +375,24 @@ class SessionSide:
             self.core.effects.send_peer(node, parts)
 
     # ------------------------------------------------------------------ the directory
-    def _write_holder(self, session: Session, then: Any = None) -> None:
-        self.write_holder(session, lambda _ok: then() if then is not None else None)
+    def _write_holder(
+        self, session: Session, then: Any = None, prior: dict[str, Any] | None = None, keep: str | None = None
+    ) -> None:
+        self.write_holder(session, lambda _ok: then() if then is not None else None, prior, keep)
 
-    def write_holder(self, session: Session, then: Callable[[bool], None]) -> None:
-        """Write this node as ``session``'s holder in the directory; ``then(written)``."""
+    def write_holder(
+        self, session: Session, then: Callable[[bool], None], prior: dict[str, Any] | None = None,
+        keep: str | None = None,
+    ) -> None:
+        """Write the record naming this node as the holder, with the session's will; ``then(written)``. ``prior``:
+        the pending will the stored record is known to hold (a displaced one is published unless it is ``keep``,
+        see ``wills``)."""
         core = self.core
-        record = {"holder": core.me, "holder_rev": core.view.member_revision, "expiry": session.expiry}
+        record: dict[str, Any] = {"holder": core.me, "holder_rev": core.view.member_revision, "expiry": session.expiry}
+        if session.will is not None:
+            record["will"] = session.will
+        if not session.persistent:
+            record["persistent"] = False  # only there for the will: nothing to take over
         client_id = session.rid.decode("utf-8", "replace")
 
         def done(code: str | None, reason: str) -> None:
@@ -372,19 +401,33 @@ class SessionSide:
                 core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
             then(code is None)
 
-        core.retained.write_record(SESSION_PREFIX + client_id, orjson.dumps(record), done)
+        core.wills.write(client_id, record, prior, keep, then=done)
 
-    def record_gone(self, rid: bytes) -> None:
-        """The session ended here for good (a clean connect, its expiry): delete its directory record."""
+    def _replace_will(self, session: Session, will: dict[str, Any] | None) -> None:
+        """HELLO again on the same connection's session: a changed will replaces the old one (not published)."""
+        old = session.will
+        if same_will(old, will):
+            return
+        session.will = will
+        if will is None:
+            assert old is not None
+            self.core.wills.clear(session.rid.decode("utf-8", "replace"), old)
+        else:
+            self._write_holder(session, prior=old, keep=old["id"] if old is not None else None)
+
+    def record_gone(self, rid: bytes, prior: dict[str, Any] | None = None) -> None:
+        """The session ended here for good (a clean connect, its expiry): delete its directory record, unless it
+        holds a pending will other than ``prior`` (another connection's: its own to publish). A ``prior`` will
+        deleted with the record is published."""
         core = self.core
         client_id = rid.decode("utf-8", "replace")
 
         def done(code: str | None, reason: str) -> None:
-            if code is not None:
+            if code is not None and code != CONFLICT:
                 core.metrics["sessions.record_write_failed"] += 1
                 core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
 
-        core.retained.write_record(SESSION_PREFIX + client_id, b"", done)
+        core.wills.write(client_id, None, prior, attempts=1, then=done)
 
     def _discard_elsewhere(self, rid: bytes) -> None:
         """A clean connect on a new connection: end a persistent session of this client id held anywhere (in the
@@ -397,14 +440,18 @@ class SessionSide:
             return  # no persistent session can have this id
 
         def found(payload: bytes | None) -> None:
+            session = core.destination.sessions.get(rid)
+            prior = pending_will(payload)
+            if session is not None and session.will is not None and not session.persistent:
+                self._write_holder(session, prior=prior)  # our will's record (displacing a stale one publishes it)
             if not payload:
                 return
             holder = self._live_holder(payload)
-            session = core.destination.sessions.get(rid)
             if holder is None or (holder == core.me and (session is None or not session.persistent)):
-                core.metrics["sessions.records_cleared"] += 1
-                self.record_gone(rid)  # a stale record: its holder is gone
-            elif holder != core.me:
+                if session is None or session.will is None:  # else our record replaced it
+                    core.metrics["sessions.records_cleared"] += 1
+                    self.record_gone(rid, prior)  # a stale record: its holder is gone
+            elif holder != core.me and not is_clean_record(payload):
                 core.metrics["sessions.discarded_remote"] += 1
                 header = {"id": 0, "client_id": client_id, "discard": True}
                 core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, header))

@@ -28,6 +28,9 @@ Rules of this file:
   back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
 - Shared subscriptions: SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
   ``dup``, true only when exactly ``true``) and SHARED_DONE (``ids`` of SHARED_FWDs a member acknowledged).
+- Wills: HELLO may carry ``will`` ({"topic", "qos", "retain"}, checked by the node) with the will's payload in its
+  payload part; a RETAIN of a session record may be conditional (``if_will``, a string, and ``clear_will``), and
+  its RETAIN_ACK then may say ``conflict`` (the stored record in its payload part).
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -42,7 +45,8 @@ import orjson
 
 PROTOCOL_VERSION = 3  # v3: retained messages (RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY, retain flags)
 # Persistent sessions add frames and optional fields within v3 (SESSION_TAKE, SESSION_STATE, SESSION_TAKEN; HELLO
-# ``clean`` and ``expiry``; FWD ``pid``, a FWDS item's 4th element): an older peer never sends them.
+# ``clean`` and ``expiry``; FWD ``pid``, a FWDS item's 4th element), and so do wills (HELLO ``will``; RETAIN
+# ``if_will`` and ``clear_will``; RETAIN_ACK ``conflict``): an older peer never sends them.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 
@@ -274,7 +278,9 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (SESSION_STATE, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
 }
 # Optional header fields that must be JSON booleans when present (absent means false).
-OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {PUB: ("retain",), MSG: ("retain",), HELLO: ("clean",)}
+OPTIONAL_BOOLS: dict[bytes, tuple[str, ...]] = {
+    PUB: ("retain",), MSG: ("retain",), HELLO: ("clean",), RETAIN: ("clear_will",), RETAIN_ACK: ("conflict",),
+}
 # Optional header fields that must be JSON integers when present: FWD ``pid`` (the publish id's counter at the
 # entry node, which is the sender). (HELLO ``expiry``, a number of seconds, is checked by the node.)
 OPTIONAL_INTS: dict[bytes, tuple[str, ...]] = {FWD: ("pid",), SHARED_FWD: ("pid",)}
