@@ -4,6 +4,6 @@ Flavours, all shells around one protocol core (``shardmq.client.core``): ``Clien
 ``shardmq.client.green.GreenClient`` (gevent) and ``shardmq.client.aio.AsyncClient`` (asyncio).
 """
 
-from .client import Client, Message, ShardMQError
+from .client import Client, Message, ShardMQError, Will
 
-__all__ = ["Client", "Message", "ShardMQError"]
+__all__ = ["Client", "Message", "ShardMQError", "Will"]

@@ -53,6 +53,8 @@ from .core import (
     Send,
     ShardMQError,
     Steps,
+    Will,
+    WillArg,
     as_bytes,
     check_qos,
     session_client_id,
@@ -60,7 +62,7 @@ from .core import (
 from .credentials import CredentialsArg
 from .credentials import resolve as resolve_credentials
 
-__all__ = ["AsyncClient", "Message", "ShardMQError"]
+__all__ = ["AsyncClient", "Message", "ShardMQError", "Will"]
 
 _T = TypeVar("_T")
 
@@ -79,11 +81,12 @@ class AsyncClient(CoreView):
         credentials: CredentialsArg = None,
         clean_session: bool = True,
         session_expiry: float | None = None,
+        will: WillArg = None,
     ) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         client_id = session_client_id(client_id, clean_session, session_expiry)
         self._core = ClientCore(endpoints, client_id, timeout, max_batch, linger, resolve_credentials(credentials),
-                                clean_session, session_expiry)  # fmt: skip
+                                clean_session, session_expiry, will)  # fmt: skip
         # A shadow of the process's global context: ``zmq.asyncio.Context.instance()`` may hand back the plain
         # context when a blocking Client made it first (the class attribute is shared).
         self.ctx = zmq.asyncio.Context.shadow(zmq.Context.instance())

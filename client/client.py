@@ -123,6 +123,8 @@ from .core import (
     Send,
     ShardMQError,
     Steps,
+    Will,
+    WillArg,
     as_bytes,
     check_qos,
     session_client_id,
@@ -168,6 +170,7 @@ __all__ = [
     "Client",
     "Message",
     "ShardMQError",
+    "Will",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -240,11 +243,12 @@ class Client(CoreView):
         credentials: CredentialsArg = None,
         clean_session: bool = True,
         session_expiry: float | None = None,
+        will: WillArg = None,
     ) -> None:
         max_batch = self.default_max_batch if max_batch is None else max_batch
         client_id = session_client_id(client_id, clean_session, session_expiry)
         self._core = ClientCore(endpoints, client_id, timeout, max_batch, linger, resolve_credentials(credentials),
-                                clean_session, session_expiry)  # fmt: skip
+                                clean_session, session_expiry, will)  # fmt: skip
         if max_batch > 1 and not self.batching:
             raise ValueError(f"{type(self).__name__} does not batch publish() (max_batch=1); use publish_many")
         self._core.last_heard = time.monotonic()

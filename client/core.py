@@ -77,6 +77,22 @@ class Message:
     retain: bool = False  # a retained message sent for a new subscription; live messages never are
 
 
+@dataclass(slots=True, frozen=True)
+class Will:
+    """The message the cluster publishes for this client if it goes away without ``close()`` (its process killed,
+    its connection lost): a normal publish to ``topic`` (QoS ``qos``, stored as the retained message with
+    ``retain``). ``Client(..., will=Will(...))``, or the tuple ``(topic, payload, qos)`` / ``(topic, payload, qos,
+    retain)``."""
+
+    topic: str
+    payload: bytes | str
+    qos: int = 0
+    retain: bool = False
+
+
+WillArg = Will | tuple[str, bytes | str, int] | tuple[str, bytes | str, int, bool] | None
+
+
 class ShardMQError(Exception):
     """An error the server (or the client's own validation) reported; ``code`` is stable, ``reason`` explains."""
 
@@ -177,6 +193,37 @@ def session_client_id(client_id: str | None, clean_session: bool, session_expiry
     return client_id or uuid.uuid4().hex
 
 
+def check_will(will: WillArg, client_id: str) -> Will | None:
+    """The will as a ``Will`` with bytes payload (None: none); ValueError for a malformed argument, ShardMQError
+    (``invalid_topic``, ``invalid_qos``, ``not_authorized``) for what the node would refuse."""
+    if will is None:
+        return None
+    shape = "Will(...), (topic, payload, qos) or (topic, payload, qos, retain)"
+    if isinstance(will, tuple):
+        if len(will) not in (3, 4):
+            raise ValueError(f"will must be {shape}, got {will!r}")
+        will = Will(*will)
+    if not isinstance(will, Will):
+        raise ValueError(f"will must be {shape}, got {will!r}")
+    if not isinstance(will.payload, bytes | bytearray | memoryview | str):
+        raise ValueError(f"will payload must be bytes or str, got {type(will.payload).__name__}")
+    if type(will.retain) is not bool:
+        raise ValueError(f"will retain must be True or False, got {will.retain!r}")
+    try:
+        validate_topic_name(will.topic)
+    except TopicError as exc:
+        raise ShardMQError(exc.code, f"will topic: {exc.reason}") from None
+    if will.qos not in (0, 1) or type(will.qos) is not int:
+        raise ShardMQError(codec.E_INVALID_QOS, f"will qos must be 0 or 1, got {will.qos!r}")
+    if will.topic.startswith("$session/"):
+        raise ShardMQError(codec.E_NOT_AUTHORIZED, "will topic: '$session/' is reserved for the session directory")
+    try:
+        validate_topic_name("$session/" + client_id)
+    except TopicError:
+        raise ValueError(f"client_id {client_id!r} cannot hold a will (no '+', '#' or NUL)") from None
+    return Will(will.topic, as_bytes(will.payload), will.qos, will.retain)
+
+
 
 class ClientCore:
     """The protocol state of one client and the steps of every call (see the rules above)."""
@@ -191,6 +238,7 @@ class ClientCore:
         credentials: Credentials | None = None,
         clean_session: bool = True,
         session_expiry: float | None = None,
+        will: WillArg = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -202,6 +250,7 @@ class ClientCore:
         self.client_id = client_id
         self.clean_session = clean_session
         self.session_expiry = session_expiry
+        self.will = check_will(will, client_id)  # sent with every HELLO; kept by the node holding the session
         self.session_present = False  # the last WELCOME's session_present
         self.taken_over: ShardMQError | None = None  # another connection took our persistent session (not raised yet)
         self.credentials = credentials  # CURVE keys for the shell's socket; None: no CURVE (an insecure cluster)
@@ -488,11 +537,17 @@ class ClientCore:
         raise ShardMQError(codec.E_UNAVAILABLE, f"no node answered within {self.timeout}s: {', '.join(failures)}")
 
     def hello(self) -> Steps[dict[str, Any]]:
-        """HELLO and its WELCOME; a persistent session's waits ``TAKEOVER_MARGIN`` longer (a takeover)."""
+        """HELLO and its WELCOME; a persistent session's waits ``TAKEOVER_MARGIN`` longer (a takeover). The will,
+        if any, goes with every HELLO (``will`` in the header, its payload as the frame's)."""
+        header: dict[str, Any] = {"client": self.client_id}
+        payload = b""
+        if self.will is not None:
+            header["will"] = {"topic": self.will.topic, "qos": self.will.qos, "retain": self.will.retain}
+            payload = bytes(self.will.payload)
         if self.clean_session:
-            return (yield from self.roundtrip(codec.HELLO, {"client": self.client_id}, b"", codec.WELCOME))
-        header = {"client": self.client_id, "clean": False, "expiry": self.session_expiry}
-        return (yield from self.roundtrip(codec.HELLO, header, b"", codec.WELCOME, self.timeout + TAKEOVER_MARGIN))
+            return (yield from self.roundtrip(codec.HELLO, header, payload, codec.WELCOME))
+        header |= {"clean": False, "expiry": self.session_expiry}
+        return (yield from self.roundtrip(codec.HELLO, header, payload, codec.WELCOME, self.timeout + TAKEOVER_MARGIN))
 
     def welcome(self, reply: dict[str, Any], endpoint: str, now: float) -> list[dict[str, Any]] | None:
         """Take a WELCOME: the node's settings, and whether the session survived. None: it resumed our session;

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zmq.green as zmq_green
 
-from .client import Client, Message, ShardMQError
+from .client import Client, Message, ShardMQError, Will
 
 
 class GreenClient(Client):
@@ -28,4 +28,4 @@ class GreenClient(Client):
     batching = False
 
 
-__all__ = ["GreenClient", "Message", "ShardMQError"]
+__all__ = ["GreenClient", "Message", "ShardMQError", "Will"]

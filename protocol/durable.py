@@ -265,8 +265,8 @@ class Durability:
             return
         client_id = rid.decode("utf-8", "replace")
 
-        def written(ok: bool) -> None:
-            if ok or core.destination.sessions.get(rid) is not s:
+        def written(code: str | None, reason: str) -> None:
+            if code is None or core.destination.sessions.get(rid) is not s:
                 self._restored(rid)
             else:
                 core.effects.call_later(core.cfg.request_timeout, lambda: self._rewrite_record(rid))

@@ -71,11 +71,14 @@ class SessionSide:
                 self.record_gone(session.rid)
                 session = destination.attach(session.rid)
                 session.will = will
-                if will is not None:
-                    self._write_holder(session)
+                if will is not None:  # welcomed once the will is stored (see ``_will_stored``)
+                    self._write_holder(session, on_result=self._will_stored(session, ref, False))
+                    return
             elif not session.greeted:
                 session.will = will
-                self._discard_elsewhere(session.rid)
+                self._discard_elsewhere(session.rid, ref)
+                if will is not None:
+                    return  # welcomed once the will is stored
             else:
                 self._replace_will(session, will)
             destination.welcome(session, session.greeted, ref)
@@ -151,6 +154,10 @@ class SessionSide:
         if core.destination.sessions.get(session.rid) is not session:
             return
         core.metrics["sessions.fresh"] += 1
+        if session.will is not None:  # welcomed once the will is stored
+            t.welcomed = True
+            self._write_holder(session, prior=t.prior_will, on_result=self._will_stored(session, t.ref, False))
+            return
         self._welcome(t, False)
         self._write_holder(session, prior=t.prior_will)
 
@@ -376,17 +383,26 @@ class SessionSide:
 
     # ------------------------------------------------------------------ the directory
     def _write_holder(
-        self, session: Session, then: Any = None, prior: dict[str, Any] | None = None, keep: str | None = None
+        self, session: Session, then: Any = None, prior: dict[str, Any] | None = None, keep: str | None = None,
+        on_result: Callable[[str | None, str], None] | None = None,
     ) -> None:
-        self.write_holder(session, lambda _ok: then() if then is not None else None, prior, keep)
+        """Write the record naming this node as the holder, with the session's will (``write_holder``): ``then()``
+        once answered; ``on_result(code, reason)`` instead, to act on a failure."""
+        def answered(code: str | None, reason: str) -> None:
+            if on_result is not None:
+                on_result(code, reason)
+            elif then is not None:
+                then()
+
+        self.write_holder(session, answered, prior, keep)
 
     def write_holder(
-        self, session: Session, then: Callable[[bool], None], prior: dict[str, Any] | None = None,
+        self, session: Session, then: Callable[[str | None, str], None], prior: dict[str, Any] | None = None,
         keep: str | None = None,
     ) -> None:
-        """Write the record naming this node as the holder, with the session's will; ``then(written)``. ``prior``:
-        the pending will the stored record is known to hold (a displaced one is published unless it is ``keep``,
-        see ``wills``)."""
+        """Write the record naming this node as the holder, with the session's will; ``then(code, reason)`` (code
+        None: written). ``prior``: the pending will the stored record is known to hold (a displaced one is published
+        unless it is ``keep``, see ``wills``)."""
         core = self.core
         record: dict[str, Any] = {"holder": core.me, "holder_rev": core.view.member_revision, "expiry": session.expiry}
         if session.will is not None:
@@ -399,9 +415,30 @@ class SessionSide:
             if code is not None:
                 core.metrics["sessions.record_write_failed"] += 1
                 core.log.warning("session_record_failed", client=client_id, code=code, reason=reason)
-            then(code is None)
+            then(code, reason)
 
         core.wills.write(client_id, record, prior, keep, then=done)
+
+    def _will_stored(self, session: Session, ref: Any, present: bool) -> Callable[[str | None, str], None]:
+        """A HELLO with a will is welcomed only once the will is in the directory record (replicated): a client
+        killed right after its WELCOME still has its will published. Not stored: the HELLO is refused
+        ``unavailable`` (the SDK connects again, to the next node) and the session goes."""
+        core = self.core
+
+        def result(code: str | None, reason: str) -> None:
+            destination = core.destination
+            if destination.sessions.get(session.rid) is not session:
+                return
+            if code is None:
+                destination.welcome(session, present, ref)
+                return
+            core.metrics["wills.not_stored"] += 1
+            session.will = None
+            core.reject_client(session.rid, codec.E_UNAVAILABLE, f"the will could not be stored ({code}: {reason}); "
+                               "connect again", ref if type(ref) is int else None)  # fmt: skip
+            destination.drop_session(session.rid, reason="will_not_stored")
+
+        return result
 
     def _replace_will(self, session: Session, will: dict[str, Any] | None) -> None:
         """HELLO again on the same connection's session: a changed will replaces the old one (not published)."""
@@ -429,9 +466,10 @@ class SessionSide:
 
         core.wills.write(client_id, None, prior, attempts=1, then=done)
 
-    def _discard_elsewhere(self, rid: bytes) -> None:
+    def _discard_elsewhere(self, rid: bytes, ref: Any = None) -> None:
         """A clean connect on a new connection: end a persistent session of this client id held anywhere (in the
-        background: a clean connect's WELCOME does not wait, as before persistent sessions existed)."""
+        background: a clean connect's WELCOME does not wait, as before persistent sessions existed), and write the
+        record of its will (then the WELCOME goes, ``ref`` its HELLO's id)."""
         core = self.core
         client_id = rid.decode("utf-8", "replace")
         try:
@@ -443,7 +481,8 @@ class SessionSide:
             session = core.destination.sessions.get(rid)
             prior = pending_will(payload)
             if session is not None and session.will is not None and not session.persistent:
-                self._write_holder(session, prior=prior)  # our will's record (displacing a stale one publishes it)
+                # our will's record (displacing a stale one publishes it); the WELCOME waits for it
+                self._write_holder(session, prior=prior, on_result=self._will_stored(session, ref, False))
             if not payload:
                 return
             holder = self._live_holder(payload)
