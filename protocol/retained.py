@@ -18,6 +18,10 @@ Rules of this file:
   a hand-off target also from the source that streams the shard to it (``HandoffTarget.may_forward``). A replica
   that is itself the source of a hand-off of the shard relays the change on to its targets and answers once they
   did, so a target never flips without a write confirmed meanwhile.
+- A session record's write may be conditional (``wills``): RETAIN ``if_will`` names the will id the writer expects
+  the stored record to hold ("" none); the primary, which orders every write of the shard, applies it only then
+  (``clear_will``: it stores the stored record without its will), else answers RETAIN_ACK ``conflict`` with the
+  stored record and applies nothing. That compare-and-set at the one writer is what makes a will publish once.
 - A new retained message that would take the node past ``max_retained_bytes`` (payload + topic) is refused with
   ``overloaded``: never stored silently past it, never evicted.
 - Subscribe. After a SUB's SUBACK, the subscriber's node asks for the retained messages of its granted filters:

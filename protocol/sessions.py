@@ -23,6 +23,9 @@ Rules of this file:
   delivered once. A lookup or holder that does not answer within ``request_timeout`` of the HELLO: B starts a
   fresh session (``sessions.takeover_failed``). The WELCOME goes within ``request_timeout`` of the HELLO in any
   case (routes an owner is slow to confirm follow it).
+- Wills (``wills``): HELLO's will is kept in the record (key ``will``; a clean session with a will has a record
+  too, ``persistent: false``); every record write here is conditional on the will the writer expects, and a
+  pending will it displaces is published (a takeover). A HELLO with a will is welcomed once the record is written.
 - Known limits (the next steps of docs/DESIGN-SESSIONS.md): the queue lives at the holder only (kill -9 of the
   holder loses the session and its queue; B then finds the holder gone), nothing survives a restart, a holder
   that handed its state to a B that then died loses it.
