@@ -222,3 +222,19 @@ def test_bad_will_refused_with_a_code(will: dict[str, Any], code: str) -> None:
     assert answer.type == codec.ERROR and answer.header["code"] == code
     assert "will" in answer.header["reason"]
     assert record(sim) is None
+
+
+@pytest.mark.timeout(60)
+def test_will_topic_checked_against_the_principals_acl() -> None:
+    from shardmq.router.acl import Acl
+    from tests.test_access import one_node, send
+
+    sim, node = one_node()
+    sim.nodes[node].core.access.set_principals({"p": Acl(publish=("dev/p/#",))})
+    hello = {"id": 5, "client": "p1", "will": {"topic": "dev/q/status", "qos": 1}}
+    [refused] = send(sim, node, b"p1", "p", codec.encode(codec.HELLO, hello, b"off"))
+    assert refused.type == codec.ERROR and refused.header["code"] == codec.E_NOT_AUTHORIZED
+    assert refused.header["ref"] == 5 and "will" in refused.header["reason"]
+    hello["will"] = {"topic": "dev/p/status", "qos": 1}
+    [welcome] = send(sim, node, b"p1", "p", codec.encode(codec.HELLO, hello, b"off"))
+    assert welcome.type == codec.WELCOME
