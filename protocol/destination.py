@@ -130,6 +130,7 @@ class Destination:
             found = self.sessions.get(session.rid)
             if found is session and found.detached_at == since and found.moving_to is None:
                 self.drop_session(session.rid, reason="expired", counted="deliveries.session_expired")
+                core.sessions.forget_queue(session)
                 core.sessions.record_gone(session.rid)
 
         core.effects.call_later(session.expiry, expire)
@@ -207,11 +208,21 @@ class Destination:
     ) -> None:
         """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``."""
         core = self.core
-        if self.deliver(topic, 1, payload, found, pid):
-            core.outbox.ack(sender, fid)
-        else:
+        persisted: list[Session] = []
+        if not self.deliver(topic, 1, payload, found, pid, persisted):
             reason = f"a subscriber of {topic!r} on {core.me} has a full backlog of unacknowledged messages"
             core.effects.send_peer(sender, codec.error_parts(codec.E_OVERLOADED, reason, fid))
+        elif not persisted or pid is None:
+            core.outbox.ack(sender, fid)
+        else:  # acknowledged once the persistent sessions' replicated queues hold it (``sessions.append``)
+
+            def written(code: str | None, reason: str) -> None:
+                if code is None:
+                    core.outbox.ack(sender, fid)
+                else:
+                    core.effects.send_peer(sender, codec.error_parts(code, reason, fid))
+
+            core.sessions.append(persisted, topic, payload, pid, written)
 
     def on_fwds(self, sender: str, frame: Frame) -> None:
         """A batch of forwards: the same as that many FWD frames, in order. A QoS 0 run goes to each recipient as
@@ -255,10 +266,12 @@ class Destination:
     # ------------------------------------------------------------------ delivery
     def deliver(
         self, topic: str, qos: int, payload: bytes, recipients: tuple[set[bytes], set[bytes]] | None = None,
-        pid: Pid | None = None,
+        pid: Pid | None = None, persisted: list[Session] | None = None,
     ) -> bool:
         """Queue a message for this node's matching clients; ``recipients`` when already known for the topic;
-        ``pid``: a QoS 1 message's publish id (a session taken over gets a message both nodes had once).
+        ``pid``: a QoS 1 message's publish id (a session taken over gets a message both nodes had once);
+        ``persisted``: gets the persistent sessions that took it (their replicated queues must hold it before
+        the forward is acknowledged: ``sessions.append``).
 
         False when a QoS 1 recipient has no room left (see the rules above): then nobody here got it."""
         core = self.core
@@ -284,6 +297,8 @@ class Destination:
                 core.metrics["sessions.duplicates_dropped"] += 1
                 continue
             s.held_bytes += size
+            if s.persistent and persisted is not None:
+                persisted.append(s)
             if s.waiting_tail:  # a takeover: after what the old holder still sends
                 s.live.append((topic, payload, False, pid, False))
             # Behind a backlog even with room in the window: a newer message must not overtake older ones.
@@ -375,7 +390,9 @@ class Destination:
                 if session.retained_mids:
                     session.retained_mids.discard(mid)
                 if session.pids:
-                    session.pids.pop(mid, None)
+                    pid = session.pids.pop(mid, None)
+                    if pid is not None:
+                        self.core.sessions.trim(session, pid)  # its replicated queue record goes (lazily)
                 if session.shared_mids:
                     shared = session.shared_mids.pop(mid, None)
                     if shared is not None and shared.done is not None:

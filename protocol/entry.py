@@ -505,8 +505,14 @@ class Entry:
             pub.pid = self.next_pid
         for dest in dests:
             if dest == core.me:
-                if not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=(core.me, pub.pid)):
+                persisted: list[Session] = []
+                pid = (core.me, pub.pid)
+                if not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=pid, persisted=persisted):
                     self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {core.me} has a full backlog")
+                elif persisted and pub.qos:  # the PUBACK waits for their replicated session queues
+                    pub.acks_left += 1
+                    core.sessions.append(persisted, pub.topic, pub.payload, pid,
+                                         lambda c, r, p=pub: self._queued(p, c, r))  # fmt: skip
                 continue
             if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
                 core.metrics["drops.dead_destination"] += 1
@@ -641,6 +647,15 @@ class Entry:
         core.log.warning("retain_failed", topic=pub.topic, code=code, reason=reason)
         if pub.client is not None:
             core.send_client(pub.client, codec.error_parts(code, f"retained message for {pub.topic!r}: {reason}"))
+
+    def _queued(self, pub: Publish, code: str | None, reason: str) -> None:
+        """A publish delivered here to persistent sessions: their replicated queues hold it (code None), or not."""
+        if code is not None:
+            self._fail_publish(pub, code, reason)
+            return
+        pub.acks_left -= 1
+        if pub.routed:
+            self._maybe_puback(pub)
 
     def _maybe_puback(self, pub: Publish) -> None:
         if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:

@@ -205,6 +205,7 @@ class NodeCore:
         later(self.cfg.redelivery_interval, self.destination.redeliver_tick)
         later(self.cfg.client_idle_check, self.destination.idle_tick)
         later(self.cfg.redelivery_interval, self.destination.drops_tick)
+        later(self.cfg.redelivery_interval, self.sessions.trim_tick)
         later(FENCE_CHECK_INTERVAL, self._fence_tick)
 
     # ------------------------------------------------------------------ lease and fencing
@@ -439,6 +440,7 @@ class NodeCore:
             self.subscriptions.announce_root_routes(joined)
         if gone:
             self.wills.scan_soon()  # the wills of sessions held by a node that left: their primary publishes them
+            self.sessions.holders_lost()  # their persistent sessions go to their shards' primaries
         self.log.info("membership", membership_epoch=membership_epoch, members=change.members,
                       joined=sorted(joined), gone=sorted(gone))  # fmt: skip
 
@@ -460,6 +462,8 @@ class NodeCore:
             self.subscriptions.reannounce_orphaned(old, new, changed, old_members)
         if changed:
             self.wills.scan_soon()  # a shard this node became primary of may hold wills of a gone holder
+        if self.sessions.orphans_possible:
+            self.sessions.adopt_orphans()
         self.log.info(
             "assignment", version=new.version, revision=revision, shards_held=len(new.shards_of(self.me)),
             primaries=len(new.primaries_of(self.me)), membership_epoch=view.membership_epoch,

@@ -18,20 +18,67 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from shardmq.router import codec
 from shardmq.router.acl import Acl
 from shardmq.router.routes import RouteTable
 
 ROOT = RouteTable.ROOT
 SESSION_PREFIX = "$session/"  # the session directory's records (``sessions``): no client may publish or subscribe
-RESERVED_REASON = f"topics under {SESSION_PREFIX!r} are reserved for the cluster's session directory"
+# A persistent session's replicated queue (``sessions``): one record per queued QoS 1 message, in the retained
+# store of the session key's shard, ``$sessionq/<client id>/<entry key>`` (``queue_topic``). Reserved as well.
+QUEUE_PREFIX = "$sessionq/"
+RESERVED_REASON = f"topics under {SESSION_PREFIX!r} and {QUEUE_PREFIX!r} are reserved for the cluster's sessions"
 Pid = tuple[str, int]  # a QoS 1 publish's id: (entry node, its counter there)
 # A QoS 1 message kept for a session beyond its window: (topic, payload, retain, pid or None, dup).
 Queued = tuple[str, bytes, bool, Pid | None, bool]
 
 
 def is_reserved(topic_or_filter: str) -> bool:
-    return topic_or_filter.startswith(SESSION_PREFIX) or topic_or_filter == SESSION_PREFIX[:-1]
+    return (
+        topic_or_filter.startswith((SESSION_PREFIX, QUEUE_PREFIX))
+        or topic_or_filter in (SESSION_PREFIX[:-1], QUEUE_PREFIX[:-1])
+    )
+
+
+def queue_topic(client_id: str, pid: Pid) -> str:
+    """The record of one queued message of ``client_id``'s session: keyed by its publish id, so the same publish
+    written twice (two holders during a takeover's overlap) is one record. The key is one level (no ``/``)."""
+    return f"{QUEUE_PREFIX}{client_id}/{pid[1]}@{pid[0].replace('/', '|')}"
+
+
+def queue_filter(client_id: str) -> str:
+    """The filter that matches exactly ``client_id``'s queue records (a client id has no wildcard: it is checked
+    as part of a topic name at HELLO; its ``/`` levels are all literal, the key is the one last level)."""
+    return f"{QUEUE_PREFIX}{client_id}/+"
+
+
+def placement_key(topic: str) -> str:
+    """The key whose shard holds a retained-store record: a queue record lives with its session's directory record
+    (``$session/<client id>``), so the session moves, snapshots and is replicated as one; any other topic is its
+    own key."""
+    if topic.startswith(QUEUE_PREFIX):
+        return SESSION_PREFIX + topic[len(QUEUE_PREFIX):].rpartition("/")[0]
+    return topic
+
+
+def encode_queued(topic: str, retain: bool, pid: Pid, payload: bytes) -> bytes:
+    """A queue record's value: a length-prefixed JSON head [topic, retain, entry node, counter], then the payload."""
+    head = orjson.dumps([topic, retain, pid[0], pid[1]])
+    return len(head).to_bytes(4, "big") + head + payload
+
+
+def decode_queued(value: bytes) -> tuple[str, bool, Pid, bytes] | None:
+    """(topic, retain, pid, payload) of a queue record's value; None when it is not one (counted by the caller)."""
+    try:
+        size = int.from_bytes(value[:4], "big")
+        topic, retain, node, counter = orjson.loads(value[4 : 4 + size])
+        if not (isinstance(topic, str) and isinstance(node, str) and type(counter) is int):
+            return None
+        return topic, bool(retain), (node, counter), value[4 + size :]
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        return None
 
 
 @dataclass(slots=True)

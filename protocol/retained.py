@@ -53,7 +53,7 @@ from shardmq.router.matching import filter_matches
 from shardmq.router.retained_table import RetainedMessage, RetainedTable, Stamp
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
-from .records import Publish, Replication, RetainedFetch, RetainWrite, Session
+from .records import Publish, Replication, RetainedFetch, RetainWrite, Session, placement_key
 from .subscriptions import STALE_RETRIES
 from .view import ROOT
 from .wills import will_id, without_will
@@ -89,7 +89,7 @@ class RetainedSide:
         if a is None:
             w.then(codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
             return
-        shard = shard_for_key(w.topic, a.shard_count)
+        shard = shard_for_key(placement_key(w.topic), a.shard_count)
         state = a.state(shard)
         if not state.owners or (state.owners[0] != core.me and state.owners[0] not in core.view.members):
             w.then(codec.E_UNAVAILABLE, f"shard {shard} has no reachable primary; retry shortly")
@@ -212,7 +212,7 @@ class RetainedSide:
             validate_topic_name(topic)
         except TopicError as exc:
             return exc.code, exc.reason
-        if shard_for_key(topic, core.view.shard_count) != shard:
+        if shard_for_key(placement_key(topic), core.view.shard_count) != shard:
             return codec.E_BAD_HEADER, f"topic {topic!r} is not in shard {shard}"
         return None
 
@@ -372,9 +372,9 @@ class RetainedSide:
         for filt in filters:
             if is_wild(filt):
                 for topic, message in table.match(filt):
-                    found[topic] = (shard_for_key(topic, count), message)
+                    found[topic] = (shard_for_key(placement_key(topic), count), message)
             else:
-                shard = shard_for_key(filt, count)
+                shard = shard_for_key(placement_key(filt), count)
                 message = table.get(shard, filt)
                 if message is not None:
                     found[filt] = (shard, message)
@@ -425,7 +425,7 @@ class RetainedSide:
         core = self.core
         a = core.view.assignment
         assert a is not None
-        shard = shard_for_key(filt, a.shard_count)
+        shard = shard_for_key(placement_key(filt), a.shard_count)
         tried = fetch.tried[filt]
         for owner in a.owners(shard):
             if owner not in tried and (owner == core.me or owner in core.view.members):

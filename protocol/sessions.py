@@ -39,23 +39,41 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from shardmq.ring import shard_for_key
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.topics import TopicError, validate_topic_name
 
-from .records import SESSION_PREFIX, Queued, Session, Takeover, gate
+from .records import (
+    SESSION_PREFIX,
+    Pid,
+    Queued,
+    Session,
+    Takeover,
+    decode_queued,
+    encode_queued,
+    gate,
+    queue_filter,
+    queue_topic,
+)
 from .wills import CONFLICT, WillRefused, is_clean_record, pending_will, same_will
 
 if TYPE_CHECKING:
     from .node import NodeCore
 
 STATE_CHUNK = 1000  # messages per SESSION_STATE frame at most (and max_payload bytes)
+TRIM_BATCH = 256  # acknowledged queue records deleted at once when this many wait (else at the trim tick)
+REBUILD_WAIT = 0.1  # a rebuild asked for a holder our view still shows: look again this often ...
+REBUILD_TRIES = 10  # ... this many times (the views of a member's loss reach nodes within moments of each other)
 
 
 class SessionSide:
     def __init__(self, core: NodeCore) -> None:
         self.core = core
         self.takeovers: dict[bytes, int] = {}  # client rid -> id of its takeover in ``core.requests``
+        self.trims: dict[str, list[Pid]] = {}  # client id -> publish ids acknowledged, their records not deleted yet
+        self.trims_waiting = 0
+        self.orphans_possible = False  # a member left: sessions it held may wait for their shard's primary
 
     # ------------------------------------------------------------------ HELLO
     def on_hello(self, session: Session, frame: Frame) -> None:
@@ -71,6 +89,7 @@ class SessionSide:
         if h.get("clean") is not False:
             if session.persistent:  # a clean connect ends the persistent session held here
                 destination.drop_session(session.rid, reason="clean_session")
+                self.forget_queue(session)
                 self.record_gone(session.rid)
                 session = destination.attach(session.rid)
                 session.will = will
@@ -123,13 +142,217 @@ class SessionSide:
         core = self.core
         t.prior_will = pending_will(payload)  # the old connection's will: the new holder's record displaces it
         holder = self._live_holder(payload) if not is_clean_record(payload) else None
+        if holder is None and payload and not is_clean_record(payload) and self._record(payload) is not None:
+            # The holder is gone but the session's state is replicated at its shard's owners: its primary rebuilds
+            # it (and hands it over), so exactly one node ever rebuilds a session (see the rules).
+            primary = self._primary_of(t.client_id)
+            if primary == core.me:
+                record = self._local_record(t.client_id)
+                if record is not None and self._holder_state(record) == "dead":
+                    self._rebuild_here(tid, t, record)
+                    return
+            elif primary is not None:
+                self._take(tid, t, primary, rebuild=True)
+                return
         if holder is None or holder == core.me:
             self._fresh(tid, t)
             return
+        self._take(tid, t, holder)
+
+    def _take(self, tid: int, t: Takeover, holder: str, rebuild: bool = False) -> None:
+        core = self.core
         t.phase, t.holder = "state", holder
-        core.metrics["sessions.takeovers_started"] += 1
-        if not core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, {"id": tid, "client_id": t.client_id})):
+        core.metrics["sessions.rebuilds_asked" if rebuild else "sessions.takeovers_started"] += 1
+        header: dict[str, Any] = {"id": tid, "client_id": t.client_id}
+        if rebuild:
+            header["rebuild"] = True
+        if not core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, header)):
             self._failed(tid, f"holder {holder} is unreachable")
+
+    def _rebuild_here(self, tid: int, t: Takeover, record: dict[str, Any]) -> None:
+        """This node is the session shard's primary and the holder is gone: the session comes from the replica
+        here, then as a takeover's state would (routes confirmed, directory written, WELCOME present)."""
+        core = self.core
+        core.metrics["sessions.rebuilt"] += 1
+        t.phase, t.holder = "state", core.me
+        t.filters = [list(fq) for fq in record.get("filters", [])]
+        t.items = self._replica_items(t.client_id)
+        core.log.info("session_rebuilt", client=t.client_id, filters=len(t.filters), queued=len(t.items),
+                      dead_holder=record.get("holder"))  # fmt: skip
+        self._subscribe(tid, t)
+
+    # ------------------------------------------------------------------ the replica: records and queue
+    @staticmethod
+    def _record(payload: bytes | None) -> dict[str, Any] | None:
+        if not payload:
+            return None
+        try:
+            record = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("holder"), str) else None
+
+    def _primary_of(self, client_id: str) -> str | None:
+        a = self.core.view.assignment
+        if a is None:
+            return None
+        owners = a.owners(shard_for_key(SESSION_PREFIX + client_id, a.shard_count))
+        return owners[0] if owners and (owners[0] == self.core.me or owners[0] in self.core.view.members) else None
+
+    def _local_record(self, client_id: str) -> dict[str, Any] | None:
+        topic = SESSION_PREFIX + client_id
+        a = self.core.view.assignment
+        if a is None:
+            return None
+        held = self.core.owner.retained.get(shard_for_key(topic, a.shard_count), topic)
+        return None if held is None else self._record(held.payload)
+
+    def _holder_state(self, record: dict[str, Any]) -> str:
+        """"alive" (the process that wrote the record is a member), "dead" (it is not: gone, or registered again
+        since), or "unseen" (it registered after the newest registration our view knows: maybe alive)."""
+        view = self.core.view
+        holder, rev = record.get("holder"), record.get("holder_rev")
+        if not isinstance(holder, str) or type(rev) is not int:
+            return "dead"
+        member = view.members.get(holder)
+        if member is not None:
+            return "alive" if member.revision == rev else ("unseen" if rev > member.revision else "dead")
+        if holder == self.core.me:
+            return "alive" if rev == view.member_revision else "dead"
+        newest = max((m.revision for m in view.members.values()), default=0)
+        return "unseen" if rev > newest else "dead"
+
+    def _replica_items(self, client_id: str) -> list[tuple[list[Any], bytes]]:
+        """The session's replicated queue held here, in the primary's write order (the stamps), as SESSION_STATE
+        items, every one flagged ``dup`` (it may have reached the client before its holder died)."""
+        core = self.core
+        found = sorted(core.owner.retained.match(queue_filter(client_id)), key=lambda tm: tm[1].stamp)
+        items: list[tuple[list[Any], bytes]] = []
+        for _topic, message in found:
+            decoded = decode_queued(message.payload)
+            if decoded is None:
+                core.metrics["sessions.bad_queue_records"] += 1
+                continue
+            topic, retain, pid, payload = decoded
+            items.append(([topic, True, retain, list(pid)], payload))
+        return items
+
+    def adopt(self, client_id: str, record: dict[str, Any]) -> Session:
+        """Become the holder of a session whose holder is gone (this node is its shard's primary): rebuilt from
+        the replica, offline, routing and queueing here until its client comes back or it expires."""
+        core = self.core
+        rid = client_id.encode()
+        destination = core.destination
+        found = destination.sessions.get(rid)
+        if found is not None and found.persistent:
+            return found
+        session = destination.attach(rid)
+        expiry = record.get("expiry")
+        session.persistent, session.greeted = True, True
+        session.expiry = float(expiry) if type(expiry) in (int, float) and expiry > 0 else 60.0
+        for (topic, dup, retain, pid), payload in self._replica_items(client_id):
+            session.backlog.append((topic, payload, retain, (pid[0], pid[1]), dup))
+            session.held_bytes += len(payload)
+        subs = core.subscriptions
+        new = [f for f, q in sorted((f, q) for f, q in record.get("filters", []))
+               if isinstance(f, str) and q in (0, 1) and subs._subscribe_local(session, f, q)]  # fmt: skip
+        subs.change_routes(codec.ROUTE_ADD, new, lambda failures: None)
+        destination.go_offline(session)
+        core.metrics["sessions.adopted"] += 1
+        core.log.warning("session_adopted", client=client_id, dead_holder=record.get("holder"),
+                         filters=len(session.filters), queued=len(session.backlog))  # fmt: skip
+        self._write_holder(session)
+        return session
+
+    def holders_lost(self) -> None:
+        """Members left: the sessions they held wait for their shard's primary (``adopt_orphans``)."""
+        self.orphans_possible = True
+        self.adopt_orphans()
+
+    def adopt_orphans(self) -> None:
+        """Adopt every session whose directory record, held here as its shard's primary, names a dead holder.
+        Runs when members leave and at each assignment while some orphan's primary is not settled (a dead
+        primary's shard is promoted by the next assignment)."""
+        core = self.core
+        a = core.view.assignment
+        if not self.orphans_possible or a is None or core.fenced():
+            return
+        waiting = False
+        members = core.view.members
+        for topic, message in core.owner.retained.match(SESSION_PREFIX + "#"):
+            record = self._record(message.payload)
+            if record is None or self._holder_state(record) != "dead":
+                continue
+            owners = a.owners(shard_for_key(topic, a.shard_count))
+            if not owners or (owners[0] != core.me and owners[0] not in members):
+                waiting = True  # its primary is gone too: the next assignment names another
+            elif owners[0] == core.me:
+                self.adopt(topic[len(SESSION_PREFIX):], record)
+        self.orphans_possible = waiting
+
+    def append(self, sessions: list[Session], topic: str, payload: bytes, pid: Pid,
+               then: Callable[[str | None, str], None]) -> None:  # fmt: skip
+        """A QoS 1 message queued for persistent ``sessions`` here: written to each one's replicated queue (its
+        shard's primary, replicated before it answers); ``then(code, reason)`` once all are (code None) or one
+        failed. The forward that carried it is answered only then (see the rules)."""
+        core = self.core
+        failed: list[tuple[str, str]] = []
+
+        def done(_: list[str]) -> None:
+            if failed:
+                core.metrics["sessions.queue_write_failed"] += 1
+                then(*failed[0])
+            else:
+                core.metrics["sessions.queue_written"] += len(sessions)
+                then(None, "")
+
+        each = gate(len(sessions), done)
+
+        def one(code: str | None, reason: str) -> None:
+            if code is not None:
+                failed.append((code, f"the replicated session queue refused it: {reason}"))
+            each([])
+
+        value = encode_queued(topic, False, pid, payload)
+        for session in sessions:
+            core.retained.write_record(queue_topic(session.rid.decode("utf-8", "replace"), pid), value, one)
+
+    def trim(self, session: Session, pid: Pid) -> None:
+        """The client acknowledged ``pid``: its queue record goes, lazily (a batch at TRIM_BATCH or the tick; a
+        holder lost before then leaves it to be sent again, with ``dup``: at least once)."""
+        self.trims.setdefault(session.rid.decode("utf-8", "replace"), []).append(pid)
+        self.trims_waiting += 1
+        if self.trims_waiting >= TRIM_BATCH:
+            self.flush_trims()
+
+    def flush_trims(self) -> None:
+        trims, self.trims, self.trims_waiting = self.trims, {}, 0
+        for client_id, pids in trims.items():
+            self._delete_queue(client_id, pids)
+
+    def trim_tick(self) -> None:
+        self.flush_trims()
+        self.core.effects.call_later(self.core.cfg.redelivery_interval, self.trim_tick)
+
+    def _delete_queue(self, client_id: str, pids: list[Pid]) -> None:
+        core = self.core
+
+        def done(code: str | None, reason: str) -> None:
+            if code is not None:
+                core.metrics["sessions.trim_failed"] += 1  # harmless: sent again (dup) if the holder dies
+            else:
+                core.metrics["sessions.trimmed"] += 1
+
+        for pid in pids:
+            core.retained.write_record(queue_topic(client_id, pid), b"", done)
+
+    def forget_queue(self, session: Session) -> None:
+        """The session ends for good (clean connect, expiry): its replicated queue goes with its record."""
+        client_id = session.rid.decode("utf-8", "replace")
+        pids = {q[3] for q in session.backlog if q[3] is not None} | set(session.pids.values())
+        pids |= {q[3] for q in session.live if q[3] is not None}
+        pids |= set(self.trims.pop(client_id, []))
+        self._delete_queue(client_id, sorted(pids))
 
     def _live_holder(self, payload: bytes | None) -> str | None:
         """The node a directory record names, if it is still the process that wrote it."""
@@ -256,12 +479,16 @@ class SessionSide:
         if self.takeovers.get(session.rid) == tid:
             del self.takeovers[session.rid]
         t.phase = "tail"
-        core.effects.send_peer(t.holder, codec.encode(codec.SESSION_TAKEN, {"id": tid, "client_id": t.client_id}))
-        core.effects.call_later(core.cfg.request_timeout, lambda: self._tail_expired(tid))
+        rebuilt = t.holder == core.me  # from the replica here (``_rebuild_here``): no old holder, no tail
+        if not rebuilt:
+            core.effects.send_peer(t.holder, codec.encode(codec.SESSION_TAKEN, {"id": tid, "client_id": t.client_id}))
+            core.effects.call_later(core.cfg.request_timeout, lambda: self._tail_expired(tid))
         core.metrics["sessions.taken_over"] += 1
         core.log.info("session_taken_over", client=t.client_id, holder=t.holder, filters=len(session.filters),
                       queued=len(session.backlog), ms=round(1000 * (core.now - t.started)))  # fmt: skip
         self._welcome(t, True)
+        if rebuilt:
+            self._tail_done(tid)
 
     def _welcome(self, t: Takeover, present: bool) -> None:
         if t.welcomed:
@@ -317,11 +544,22 @@ class SessionSide:
             del self.takeovers[t.session.rid]
 
     # ------------------------------------------------------------------ the old holder
-    def on_take(self, sender: str, frame: Frame) -> None:
+    def on_take(self, sender: str, frame: Frame, tries: int = 0) -> None:
         core = self.core
         h = frame.header
         rid = h["client_id"].encode()
         session = core.destination.sessions.get(rid)
+        if (session is None or not session.persistent) and h.get("rebuild") is True:
+            # The asker found the holder gone: as the session shard's primary we rebuild it from the replica,
+            # once our view agrees (it may lag the asker's by moments).
+            record = self._local_record(h["client_id"])
+            state = self._holder_state(record) if record is not None else "none"
+            if state in ("alive", "unseen") and tries < REBUILD_TRIES and sender in core.view.members:
+                core.effects.poll_view()
+                core.effects.call_later(REBUILD_WAIT, lambda: self.on_take(sender, frame, tries + 1))
+                return
+            if state == "dead" and self._primary_of(h["client_id"]) == core.me:
+                session = self.adopt(h["client_id"], record)  # type: ignore[arg-type]
         if session is None or not session.persistent or session.moving_to is not None:
             reason = f"{core.me} holds no persistent session of client {h['client_id']!r}"
             core.refuse_peer(sender, frame, codec.E_UNAVAILABLE, reason)
@@ -335,6 +573,7 @@ class SessionSide:
         destination.offline.add(rid)
         if h.get("discard") is True:  # a clean connect elsewhere: the session ends here
             destination.drop_session(rid, reason="clean_session")
+            self.forget_queue(session)
             self.record_gone(rid)
             return
         filters = [[f, q] for f, q in sorted(session.filters.items())]
@@ -412,6 +651,8 @@ class SessionSide:
             record["will"] = session.will
         if not session.persistent:
             record["persistent"] = False  # only there for the will: nothing to take over
+        else:  # the primary rebuilds the session from them if this holder dies
+            record["filters"] = [[f, q] for f, q in sorted(session.filters.items())]
         client_id = session.rid.decode("utf-8", "replace")
 
         def done(code: str | None, reason: str) -> None:
@@ -454,6 +695,13 @@ class SessionSide:
             self.core.wills.clear(session.rid.decode("utf-8", "replace"), old)
         else:
             self._write_holder(session, prior=old, keep=old["id"] if old is not None else None)
+
+    def write_filters(self, session: Session, then: Callable[[], None]) -> None:
+        """A persistent session's filters changed (SUB, UNSUB): its replicated record holds them before the client
+        is answered, so the session shard's primary can rebuild them if this holder dies. The stored record holds
+        this connection's own will (if any): expected, and kept."""
+        will = session.will
+        self._write_holder(session, then, prior=will, keep=will["id"] if will is not None else None)
 
     def record_gone(self, rid: bytes, prior: dict[str, Any] | None = None) -> None:
         """The session ended here for good (a clean connect, its expiry): delete its directory record, unless it

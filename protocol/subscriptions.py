@@ -90,6 +90,7 @@ class Subscriptions:
         new_filters: list[str] = []
         installing: set[int] = set()  # route adds started by earlier subscribers that this SUBACK must wait for
         added: list[str] = []  # filters this client did not have before this SUB: the ones to undo on failure
+        new_or_changed = False  # a filter or its qos is new for this session (a persistent one's record changes)
         for filt in frame.header["filters"]:
             try:
                 if not isinstance(filt, str):
@@ -113,6 +114,8 @@ class Subscriptions:
                 results.append({"filter": filt, "code": codec.E_NOT_AUTHORIZED, "reason": reason})
                 continue
             results.append(qos)
+            if session.filters.get(filt) != qos:
+                new_or_changed = True
             if filt not in session.filters:
                 added.append(filt)
             route = self._subscribe_local(session, filt, qos)
@@ -131,13 +134,18 @@ class Subscriptions:
                     self.change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
                 reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
                 core.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
+            elif session.persistent and new_or_changed:  # the replicated record holds the filters first
+                core.sessions.write_filters(session, suback)
             else:
-                core.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
-                granted = [
-                    f for f, r in zip(frame.header["filters"], results, strict=True)
-                    if type(r) is int and not is_shared(f)  # no retained messages for a shared subscription
-                ]  # fmt: skip
-                core.retained.fetch(session, granted, qos)
+                suback()
+
+        def suback() -> None:
+            core.send_client(session.rid, codec.encode(codec.SUBACK, {"id": ref, "results": results}))
+            granted = [
+                f for f, r in zip(frame.header["filters"], results, strict=True)
+                if type(r) is int and not is_shared(f)  # no retained messages for a shared subscription
+            ]  # fmt: skip
+            core.retained.fetch(session, granted, qos)
 
         on_done = gate(len(installing) + 1, done)
         for wid in installing:
@@ -150,10 +158,17 @@ class Subscriptions:
         if not all(isinstance(f, str) for f in frame.header["filters"]):
             core.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
             return
+        had = len(session.filters)
         gone = [r for f in frame.header["filters"] if (r := self._unsubscribe_local(session, f)) is not None]
 
-        def done(failures: list[str]) -> None:
+        def unsuback() -> None:
             core.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
+
+        def done(failures: list[str]) -> None:
+            if session.persistent and len(session.filters) != had:
+                core.sessions.write_filters(session, unsuback)
+            else:
+                unsuback()
 
         self.change_routes(codec.ROUTE_DEL, gone, done)
 
