@@ -440,7 +440,7 @@ class NodeCore:
             self.subscriptions.announce_root_routes(joined)
         if gone:
             self.wills.scan_soon()  # the wills of sessions held by a node that left: their primary publishes them
-            self.sessions.holders_lost()  # their persistent sessions go to their shards' primaries
+            self.sessions.holders_lost({n: old[n].revision for n in gone if n in old})  # their sessions: to primaries
         self.log.info("membership", membership_epoch=membership_epoch, members=change.members,
                       joined=sorted(joined), gone=sorted(gone))  # fmt: skip
 

@@ -74,6 +74,8 @@ class SessionSide:
         self.trims: dict[str, list[Pid]] = {}  # client id -> publish ids acknowledged, their records not deleted yet
         self.trims_waiting = 0
         self.orphans_possible = False  # a member left: sessions it held may wait for their shard's primary
+        # node -> the newest registration (member revision) we saw leave: a record naming it is a dead holder's
+        self.gone_revisions: dict[str, int] = {}
 
     # ------------------------------------------------------------------ HELLO
     def on_hello(self, session: Session, frame: Frame) -> None:
@@ -219,6 +221,8 @@ class SessionSide:
             return "alive" if member.revision == rev else ("unseen" if rev > member.revision else "dead")
         if holder == self.core.me:
             return "alive" if rev == view.member_revision else "dead"
+        if self.gone_revisions.get(holder, -1) >= rev:
+            return "dead"  # we saw it leave
         newest = max((m.revision for m in view.members.values()), default=0)
         return "unseen" if rev > newest else "dead"
 
@@ -264,8 +268,11 @@ class SessionSide:
         self._write_holder(session)
         return session
 
-    def holders_lost(self) -> None:
-        """Members left: the sessions they held wait for their shard's primary (``adopt_orphans``)."""
+    def holders_lost(self, gone: dict[str, int]) -> None:
+        """Members left (node -> its registration's revision): the sessions they held wait for their shard's
+        primary (``adopt_orphans``)."""
+        for node, rev in gone.items():
+            self.gone_revisions[node] = max(rev, self.gone_revisions.get(node, -1))
         self.orphans_possible = True
         self.adopt_orphans()
 
