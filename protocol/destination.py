@@ -30,7 +30,9 @@ Rules of this file:
   keeps its routes, queues its QoS 1 messages in its backlog (bounded as above: at the bound the forward is
   refused ``overloaded``) and drops QoS 0 ones, counted (``drops.session_offline``, as mosquitto does by default),
   until its client says HELLO again (everything unacknowledged again with ``dup``, then the backlog) or it
-  expires ``expiry`` seconds after it went offline (``deliveries.session_expired``).
+  expires ``expiry`` seconds after it went offline (``deliveries.session_expired``). A QoS 1 message a persistent
+  session takes (connected or not) is acknowledged to its sender only once the session's replicated queue holds
+  it (``sessions.append``); the client's DACK trims it there (``sessions.trim``).
 - Shared subscriptions (SHARED_FWD, ``deliver_shared``): a message for a share goes to ONE local member: among the
   connected members (not detached, offline or moving) with room in their QoS 1 window, the one with the fewest
   unacknowledged, ties in round robin; with none that has room it waits in the share's queue here

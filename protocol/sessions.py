@@ -26,8 +26,21 @@ Rules of this file:
 - Wills (``wills``): HELLO's will is kept in the record (key ``will``; a clean session with a will has a record
   too, ``persistent: false``); every record write here is conditional on the will the writer expects, and a
   pending will it displaces is published (a takeover). A HELLO with a will is welcomed once the record is written.
-- Known limits (the next steps of docs/DESIGN-SESSIONS.md): the queue lives at the holder only (kill -9 of the
-  holder loses the session and its queue; B then finds the holder gone), nothing survives a restart, a holder
+- Replication (item 2 of docs/DESIGN-SESSIONS.md). The record also holds the session's filters (written again
+  before a SUBACK/UNSUBACK that changes them), and every QoS 1 message a persistent session takes is written as
+  the queue record ``$sessionq/C/<publish id>`` (``records.queue_topic``; placed by the key ``$session/C``, so it
+  lives, moves and is released with the directory record) before the forward that carried it is answered
+  (``append``; FWD_ACK, or the PUBACK of a local delivery, waits; a failed write answers the forward with its
+  ERROR). A DACK deletes the record lazily (``trim``: TRIM_BATCH at once or each ``redelivery_interval``).
+- Holder lost. When members leave, each node adopts the sessions whose records it holds as their shard's primary
+  and whose holder left (``adopt_orphans``: a record whose primary left too waits for the next assignment): it
+  becomes the holder, rebuilt from the record and its queue records in the primary's write order, all ``dup``,
+  offline. A HELLO on B that finds a record with a dead holder asks the shard's primary (SESSION_TAKE
+  ``rebuild``; B rebuilds itself when it is that primary): the primary adopts it, once its own view agrees the
+  holder is gone, and hands it over as any holder. Only the primary rebuilds, so a session has one holder.
+- Known limits: the dead holder's routes are dropped at the owners before the adopting primary's routes are
+  confirmed (a publish in between is acknowledged without reaching the session); a HELLO whose node still sees
+  the dead holder alive waits for it and gets a fresh session (the queue records stay, unadopted); a holder
   that handed its state to a B that then died loses it.
 - Pure: no I/O, no clock (``core.now``); chunks are in a fixed order.
 """
