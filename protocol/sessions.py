@@ -266,6 +266,9 @@ class SessionSide:
         session = destination.attach(rid)
         expiry = record.get("expiry")
         session.persistent, session.greeted = True, True
+        principal = record.get("principal")
+        if isinstance(principal, str) and core.access.enabled:  # the client's principal finds its session here
+            session.principal, session.acl = principal, core.access.acls.get(principal)
         session.expiry = float(expiry) if type(expiry) in (int, float) and expiry > 0 else 60.0
         for (topic, dup, retain, pid), payload in self._replica_items(client_id):
             session.backlog.append((topic, payload, retain, (pid[0], pid[1]), dup))
@@ -673,6 +676,7 @@ class SessionSide:
             record["persistent"] = False  # only there for the will: nothing to take over
         else:  # the primary rebuilds the session from them if this holder dies
             record["filters"] = [[f, q] for f, q in sorted(session.filters.items())]
+            record["principal"] = session.principal  # the adopter's session belongs to it (access control)
         client_id = session.rid.decode("utf-8", "replace")
 
         def done(code: str | None, reason: str) -> None:
