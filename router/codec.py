@@ -15,20 +15,20 @@ Rules of this file:
   than inventing new frame types; only a request defined as one item per frame has a batch sibling (PUBS, FWDS,
   MSGS for PUB, FWD, MSG; LOOKUPS and LOOKUPS_REPLY for LOOKUP and LOOKUP_REPLY), whose lone item still goes
   as the plain frame.
-- Retained messages (v3): RETAIN (a retain publish's change, entry node -> the shard's primary, and with
+- Retained messages (since v3): RETAIN (a retain publish's change, entry node -> the shard's primary, and with
   ``replica`` the primary -> the other owners and hand-off targets), RETAIN_ACK, RETAINED_GET (a new
   subscription's filters) and RETAINED_REPLY (the stored messages: ``items`` and ``sizes`` in the header, the
   payloads back to back, as PUBS). A retain flag is optional where a message travels (PUB ``retain``, a PUBS
   item's 4th element, MSG ``retain``, an MSGS item's 5th): absent means false, so ordinary frames stay as small
   as before; present, it must be a JSON boolean. A SNAPSHOT may carry the shard's retained messages
   (``retained`` and ``retained_sizes``, the payloads in its payload part); ``split_retained`` checks them.
-- Persistent sessions: HELLO may say ``clean`` (false: keep the session) and ``expiry`` (seconds); a QoS 1 forward
+- Persistent sessions (v4): HELLO may say ``clean`` (false: keep the session) and ``expiry`` (seconds); a QoS 1 forward
   may carry its publish id's counter (FWD ``pid``, a FWDS item's 4th element; the entry node is the sender); the
   takeover frames SESSION_TAKE, SESSION_STATE (items [topic, dup, retain, pid] and ``sizes``, the payloads back to
   back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
-- Shared subscriptions: SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
+- Shared subscriptions (v4): SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
   ``dup``, true only when exactly ``true``) and SHARED_DONE (``ids`` of SHARED_FWDs a member acknowledged).
-- Wills: HELLO may carry ``will`` ({"topic", "qos", "retain"}, checked by the node) with the will's payload in its
+- Wills (v4): HELLO may carry ``will`` ({"topic", "qos", "retain"}, checked by the node) with the will's payload in its
   payload part; a RETAIN of a session record may be conditional (``if_will``, a string, and ``clear_will``), and
   its RETAIN_ACK then may say ``conflict`` (the stored record in its payload part).
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
@@ -43,10 +43,7 @@ from typing import Any
 
 import orjson
 
-PROTOCOL_VERSION = 3  # v3: retained messages (RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY, retain flags)
-# Persistent sessions add frames and optional fields within v3 (SESSION_TAKE, SESSION_STATE, SESSION_TAKEN; HELLO
-# ``clean`` and ``expiry``; FWD ``pid``, a FWDS item's 4th element), and so do wills (HELLO ``will``; RETAIN
-# ``if_will`` and ``clear_will``; RETAIN_ACK ``conflict``): an older peer never sends them.
+PROTOCOL_VERSION = 4  # v4: persistent sessions, replicated session queues, shared subscriptions, wills (v3: retained)
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * 1024 * 1024
 
