@@ -3,7 +3,7 @@ published through the third: each delivered exactly once across the group, with 
 gets some; a member that disconnects holding unacknowledged messages has them delivered to the other member; the
 SDK refuses a malformed group before sending anything.
 
-The module starts its own cluster and stops it by pid at the end.
+The tests run on the suite's shared cluster (``cluster`` in conftest.py), each on topics of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from shardmq.client import Client, ShardMQError
 from shardmq.client.core import check_filter
 from shardmq.router import codec
 from shardmq.testing import LocalCluster
-from tests.test_retained import drain, endpoints_of, lc  # noqa: F401  (the module's cluster)
+from tests.test_retained import drain, endpoints_of
 
 
 def publish(endpoint: str, topics: list[str]) -> list[bytes]:
@@ -28,9 +28,9 @@ def publish(endpoint: str, topics: list[str]) -> list[bytes]:
     return payloads
 
 
-@pytest.mark.timeout(60)
-def test_each_message_to_exactly_one_member(lc: LocalCluster) -> None:  # noqa: F811
-    eps = endpoints_of(lc)
+@pytest.mark.timeout(90)
+def test_each_message_to_exactly_one_member(cluster: LocalCluster) -> None:
+    eps = endpoints_of(cluster)
     p = uuid.uuid4().hex[:8]
     share = f"$share/g/{p}/+"
     with Client([eps["n1"]]) as a, Client([eps["n2"]]) as b, Client([eps["n2"]]) as plain:
@@ -47,9 +47,9 @@ def test_each_message_to_exactly_one_member(lc: LocalCluster) -> None:  # noqa: 
         assert sorted(m.payload for m in drain(plain)) == sorted(sent)
 
 
-@pytest.mark.timeout(60)
-def test_member_that_disconnects_holding_unacked_hands_them_over(lc: LocalCluster) -> None:  # noqa: F811
-    eps = endpoints_of(lc)
+@pytest.mark.timeout(90)
+def test_member_that_disconnects_holding_unacked_hands_them_over(cluster: LocalCluster) -> None:
+    eps = endpoints_of(cluster)
     p = uuid.uuid4().hex[:8]
     share = f"$share/work/{p}/jobs"
     with Client([eps["n2"]]) as other:
