@@ -36,3 +36,6 @@ class ProtocolConfig:
     # Store retained records and persistent sessions through ``Effects.persist`` and hold every acknowledgement
     # until the change it confirms is stored (``durable``); the shell turns it on with --data-dir.
     durable: bool = False
+    # The etcd lease's TTL: a member that died is out of every view within it (and a moment). A session shard's
+    # primary asked to rebuild a session whose holder it still sees waits that long (``sessions``).
+    lease_ttl: float = 5.0

@@ -202,14 +202,25 @@ class Destination:
             self.deliver(h["topic"], 0, frame.payload)
             return
         pid = h.get("pid")
-        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None, (sender, pid) if pid else None)
+        self._take_qos1(sender, h["id"], h["topic"], frame.payload, None, (sender, pid) if pid else None,
+                        h.get("sessions"))  # fmt: skip
 
     def _take_qos1(
         self, sender: str, fid: int, topic: str, payload: bytes, found: tuple[set[bytes], set[bytes]] | None,
-        pid: Pid | None = None,
+        pid: Pid | None = None, moved: list[list[str]] | None = None,
     ) -> None:
-        """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``."""
+        """A forwarded QoS 1 message: FWD_ACK once every local recipient took it, or ``overloaded``. ``moved``: the
+        persistent sessions it came for through routes moved here from a node that left (``sessions.claim``: a
+        session not held here is adopted now, or the forward is refused ``unavailable``)."""
         core = self.core
+        if moved:
+            adopted = len(self.sessions)
+            refused = core.sessions.claim(moved)
+            if refused is not None:
+                core.effects.send_peer(sender, codec.error_parts(codec.E_UNAVAILABLE, refused, fid))
+                return
+            if len(self.sessions) != adopted:
+                found = None  # a session adopted just now: its subscriptions are new
         persisted: list[Session] = []
         if not self.deliver(topic, 1, payload, found, pid, persisted):
             reason = f"a subscriber of {topic!r} on {core.me} has a full backlog of unacknowledged messages"
@@ -242,12 +253,18 @@ class Destination:
         queues: dict[str, list[list[Delivery]]] = {}  # QoS 0: the outbox lists of a topic's clients
         queued = received = 0
         offline = self.offline
-        for (fid, topic, qos, *pid), sizes, payload in runs:
+        for (fid, topic, qos, *rest), sizes, payload in runs:
             if qos:  # never a run (codec.split_runs)
+                item_pid = (sender, rest[0]) if rest and rest[0] else None
+                if len(rest) > 1:  # sessions reached through moved routes: one may be adopted (recipients change)
+                    self._take_qos1(sender, fid, topic, payload, None, item_pid, rest[1])
+                    recipients.clear()
+                    received += 1
+                    continue
                 found = recipients.get((topic, qos))
                 if found is None:
                     found = recipients[(topic, qos)] = local_recipients(topic, qos)
-                self._take_qos1(sender, fid, topic, payload, found, (sender, pid[0]) if pid and pid[0] else None)
+                self._take_qos1(sender, fid, topic, payload, found, item_pid)
                 received += 1
                 continue
             lists = queues.get(topic)

@@ -221,7 +221,9 @@ class Durability:
             return  # the principals have not come with a view yet: none could be judged
         self._announce_started = True
         self._check_access()
-        filters = sorted({f for rid in self.restoring if (s := core.destination.sessions.get(rid)) for f in s.filters})
+        subs = core.subscriptions
+        filters = sorted({r for rid in self.restoring if (s := core.destination.sessions.get(rid))
+                          for f in s.filters for r in (f, *subs.session_routes(s, [f]))})  # fmt: skip
         core.log.info("sessions_restored_announce", sessions=len(self.restoring), filters=len(filters),
                       membership_epoch=view.membership_epoch)  # fmt: skip
         core.subscriptions.announce_again(filters)

@@ -68,7 +68,7 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 from shardmq.router.partition import lookup_keys
 from shardmq.router.route_cache import RouteCache
-from shardmq.router.shared import SEP, member_node, member_share
+from shardmq.router.shared import SEP, member_node, member_session, member_share
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .outbox import Forward
@@ -496,9 +496,12 @@ class Entry:
         core.metrics["publishes.routed"] += 1
         dests = pub.dests
         shares: dict[str, list[str]] | None = None
+        moved: dict[str, list[list[str]]] = {}
         if pub.share_only is not None or any(SEP in d for d in dests):
-            dests, shares = self._split_shared(pub)
-        core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in pub.dests)
+            dests, shares, moved = self._split_members(pub)
+            if pub.failed:
+                return
+        core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in dests)
         members = core.view.members
         if pub.qos and not pub.pid:
             self.next_pid += 1
@@ -507,7 +510,10 @@ class Entry:
             if dest == core.me:
                 persisted: list[Session] = []
                 pid = (core.me, pub.pid)
-                if not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=pid, persisted=persisted):
+                refused = core.sessions.claim(moved[dest]) if pub.qos and dest in moved else None
+                if refused is not None:
+                    self._fail_publish(pub, codec.E_UNAVAILABLE, refused)
+                elif not core.destination.deliver(pub.topic, pub.qos, pub.payload, pid=pid, persisted=persisted):
                     self._fail_publish(pub, codec.E_OVERLOADED, f"a subscriber on {core.me} has a full backlog")
                 elif persisted and pub.qos:  # the PUBACK waits for their replicated session queues
                     pub.acks_left += 1
@@ -523,7 +529,8 @@ class Entry:
                 self.unexpired_fwds.append(fid)  # the flush sets one timer for all forwarded in this batch
             else:
                 fid = 0
-            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid))
+            sessions = moved.get(dest) if pub.qos else None
+            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid, sessions=sessions))
         if shares:
             for share, slots in shares.items():
                 self._forward_shared(pub, share, slots)
@@ -534,15 +541,35 @@ class Entry:
         pub.routed = True
         self._maybe_puback(pub)
 
-    def _split_shared(self, pub: Publish) -> tuple[set[str], dict[str, list[str]]]:
-        """(plain destination nodes, share -> the nodes of its slot routes that may get it, one per slot)."""
-        members, me = self.core.view.members, self.core.me
+    def _split_members(self, pub: Publish) -> tuple[set[str], dict[str, list[str]], dict[str, list[list[str]]]]:
+        """(plain destination nodes, share -> the nodes of its slot routes that may get it, one per slot, node ->
+        the [client id, origin] of the persistent sessions it gets the message for through moved routes). A QoS 1
+        publish matching the session route of a node that left the view fails ``unavailable`` here (the answer
+        predates the move of its routes to the adopter): acknowledged, it would reach nobody."""
+        core = self.core
+        members, me = core.view.members, core.me
         plain: set[str] = set()
         shares: dict[str, list[str]] = {}
+        moved: dict[str, list[list[str]]] = {}
         for d in pub.dests:
             if SEP not in d:
                 if pub.share_only is None:
                     plain.add(d)
+                continue
+            session = member_session(d)
+            if session is not None:
+                if pub.share_only is not None:
+                    continue
+                node = member_node(d)
+                if node != me and node not in members:
+                    if pub.qos:
+                        core.metrics["sessions.publish_refused_holder_gone"] += 1
+                        self._fail_publish(pub, codec.E_UNAVAILABLE, f"node {node}, holding persistent session "
+                                           f"{session[0]!r}, left the cluster; its adopter takes it over: retry")
+                    continue
+                plain.add(node)
+                if session[1] is not None:
+                    moved.setdefault(node, []).append([session[0], session[1]])
                 continue
             share, node = member_share(d), member_node(d)
             assert share is not None
@@ -551,7 +578,7 @@ class Entry:
             if node in pub.exclude or (node != me and node not in members):
                 continue
             shares.setdefault(share, []).append(d)
-        return plain, {share: [member_node(m) for m in sorted(slots)] for share, slots in shares.items()}
+        return plain, {share: [member_node(m) for m in sorted(slots)] for share, slots in shares.items()}, moved
 
     def _forward_shared(self, pub: Publish, share: str, slots: list[str]) -> None:
         """Give the message to one node of ``share``: round robin over its slots (see the rules)."""

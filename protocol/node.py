@@ -433,6 +433,12 @@ class NodeCore:
         for node in gone:
             if node not in same_socket:
                 self.effects.forget_peer(node)
+            # A persistent session's routes go to the node that adopts it (its session shard's first live owner),
+            # not away: a publish resolved before the adopter announces its own is not acknowledged unseen.
+            moved = self.owner.routes.retarget_sessions(node, self.sessions.adopter_of)
+            if moved:
+                self.metrics["routes.sessions_retargeted"] += sum(moved.values())
+                self.owner.invalidate_caches(moved)
             removed = self.owner.routes.remove_node(node)
             self._peer_lost(node)
             self.log.warning("member_lost", peer=node, routes_removed=removed, membership_epoch=membership_epoch)

@@ -32,10 +32,19 @@ class Forward:
     payload: bytes
     sizes: list[int] | None = None  # a QoS 0 run: ``payload`` is these messages back to back (codec.Run)
     pid: int = 0  # a QoS 1 publish's id at its entry node (the same for every destination); 0: none
+    # [client id, origin] of the persistent sessions it reaches through routes moved from a dead holder (``sessions``)
+    sessions: list[list[str]] | None = None
 
     @property
     def count(self) -> int:
         return 1 if self.sizes is None else len(self.sizes)
+
+
+def _fwds_item(f: Forward) -> list:
+    """A FWDS item: [id, topic, qos(, pid(, sessions))], as short as it can be."""
+    if f.sessions:
+        return [f.fid, f.topic, f.qos, f.pid, f.sessions]
+    return [f.fid, f.topic, f.qos, f.pid] if f.pid else [f.fid, f.topic, f.qos]
 
 
 @dataclass(slots=True)
@@ -113,10 +122,11 @@ class Outbox:
                     header = {"id": f.fid, "topic": f.topic, "qos": f.qos}
                     if f.pid:
                         header["pid"] = f.pid
+                    if f.sessions:
+                        header["sessions"] = f.sessions
                     yield dest, codec.encode(codec.FWD, header, f.payload), chunk
                 else:
-                    runs = [([f.fid, f.topic, f.qos, f.pid] if f.pid else [f.fid, f.topic, f.qos], f.sizes, f.payload)
-                            for f in chunk]  # fmt: skip
+                    runs = [(_fwds_item(f), f.sizes, f.payload) for f in chunk]
                     yield dest, codec.encode_runs(codec.FWDS, {}, runs), chunk
 
     def client_frames(self) -> Iterator[tuple[bytes, list[bytes], list[Delivery]]]:

@@ -337,6 +337,9 @@ class Takeover:
     ref: Any = None  # the HELLO's id, for its WELCOME
     welcomed: bool = False
     prior_will: dict[str, Any] | None = None  # the will the directory record held (``wills``): ours displaces it
+    rebuild: bool = False  # SESSION_TAKE went to the session shard's primary to rebuild it from the replica
+    deadline: float = 0.0  # a rebuild asked: its answer is due then (the primary may wait out the holder's lease)
+    replica: bool = False  # the record names another holder: a fresh session purges the old replicated queue
 
     def waits_on(self, node: str) -> bool:
         return node == self.holder and self.phase in ("state", "tail")

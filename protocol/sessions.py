@@ -55,6 +55,7 @@ import orjson
 from shardmq.ring import shard_for_key
 from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
+from shardmq.router.shared import is_shared, session_route
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .records import (
@@ -77,7 +78,9 @@ if TYPE_CHECKING:
 STATE_CHUNK = 1000  # messages per SESSION_STATE frame at most (and max_payload bytes)
 TRIM_BATCH = 256  # acknowledged queue records deleted at once when this many wait (else at the trim tick)
 REBUILD_WAIT = 0.1  # a rebuild asked for a holder our view still shows: look again this often ...
-REBUILD_TRIES = 10  # ... this many times (the views of a member's loss reach nodes within moments of each other)
+# ... for up to the lease TTL and this margin: a holder that died is out of every view once its lease expired (a
+# client reconnects at once, through a node that still sees it).
+REBUILD_MARGIN = 1.0
 
 
 class SessionSide:
@@ -89,6 +92,11 @@ class SessionSide:
         self.orphans_possible = False  # a member left: sessions it held may wait for their shard's primary
         # node -> the newest registration (member revision) we saw leave: a record naming it is a dead holder's
         self.gone_revisions: dict[str, int] = {}
+        # Routes moved here from a dead holder (``claim``), per (client id, origin): those being checked at the
+        # session's primary, those found stale (forwards on them are taken), those whose removal was sent.
+        self.moved_checks: set[tuple[str, str]] = set()
+        self.moved_on: set[tuple[str, str]] = set()
+        self.moved_dropped: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ HELLO
     def on_hello(self, session: Session, frame: Frame) -> None:
@@ -134,6 +142,7 @@ class SessionSide:
         if session.greeted:  # the same node: resume (a clean session becomes persistent here)
             destination.welcome(session, True, ref)
             if not was_persistent:
+                core.subscriptions.add_session_routes(session)
                 old = session.will
                 session.will = old if same_will(old, will) else will
                 self._write_holder(session, prior=old, keep=old["id"] if old is not None else None)
@@ -157,6 +166,8 @@ class SessionSide:
         core = self.core
         t.prior_will = pending_will(payload)  # the old connection's will: the new holder's record displaces it
         holder = self._live_holder(payload) if not is_clean_record(payload) else None
+        found = self._record(payload) if not is_clean_record(payload) else None
+        t.replica = found is not None and found.get("holder") != core.me
         if holder is None and payload and not is_clean_record(payload) and self._record(payload) is not None:
             # The holder is gone but the session's state is replicated at its shard's owners: its primary rebuilds
             # it (and hands it over), so exactly one node ever rebuilds a session (see the rules).
@@ -174,15 +185,39 @@ class SessionSide:
             return
         self._take(tid, t, holder)
 
+    def rebuild_patience(self) -> float:
+        """How long a session shard's primary waits for its view to show a holder gone before it rebuilds."""
+        return self.core.cfg.lease_ttl + REBUILD_MARGIN
+
     def _take(self, tid: int, t: Takeover, holder: str, rebuild: bool = False) -> None:
         core = self.core
-        t.phase, t.holder = "state", holder
+        t.phase, t.holder, t.rebuild = "state", holder, rebuild
         core.metrics["sessions.rebuilds_asked" if rebuild else "sessions.takeovers_started"] += 1
         header: dict[str, Any] = {"id": tid, "client_id": t.client_id}
         if rebuild:
             header["rebuild"] = True
+            # The primary may wait out the holder's lease before it answers (``on_take``): so do we.
+            t.deadline = core.now + self.rebuild_patience() + core.cfg.request_timeout
+            core.effects.call_later(t.deadline - core.now, lambda: self._deadline(tid))
         if not core.effects.send_peer(holder, codec.encode(codec.SESSION_TAKE, header)):
-            self._failed(tid, f"holder {holder} is unreachable")
+            self._failed(tid, f"holder {holder} is unreachable", answered=False)
+
+    def _rebuild_when_gone(self, tid: int, t: Takeover, tries: int = 0) -> None:
+        """This node is the session shard's primary and the holder did not answer: rebuild here once our view shows
+        the holder gone (for up to ``rebuild_patience``), as ``on_take`` does for another asker."""
+        core = self.core
+        if core.requests.get(tid) is not t:
+            return
+        t.phase, t.holder, t.rebuild = "state", core.me, True
+        record = self._local_record(t.client_id)
+        state = self._holder_state(record) if record is not None else "none"
+        if state == "dead":
+            self._rebuild_here(tid, t, record)  # type: ignore[arg-type]
+        elif state in ("alive", "unseen") and tries * REBUILD_WAIT < self.rebuild_patience():
+            core.effects.poll_view()
+            core.effects.call_later(REBUILD_WAIT, lambda: self._rebuild_when_gone(tid, t, tries + 1))
+        else:
+            self._fresh(tid, t)
 
     def _rebuild_here(self, tid: int, t: Takeover, record: dict[str, Any]) -> None:
         """This node is the session shard's primary and the holder is gone: the session comes from the replica
@@ -274,15 +309,117 @@ class SessionSide:
             session.backlog.append((topic, payload, retain, (pid[0], pid[1]), dup))
             session.held_bytes += len(payload)
         subs = core.subscriptions
-        new = [f for f, q in sorted((f, q) for f, q in record.get("filters", []))
-               if isinstance(f, str) and q in (0, 1) and subs._subscribe_local(session, f, q)]  # fmt: skip
-        subs.change_routes(codec.ROUTE_ADD, new, lambda failures: None)
+        new = [r for f, q in sorted((f, q) for f, q in record.get("filters", []))
+               if isinstance(f, str) and q in (0, 1) for r in subs._subscribe_local(session, f, q)]  # fmt: skip
         destination.go_offline(session)
         core.metrics["sessions.adopted"] += 1
         core.log.warning("session_adopted", client=client_id, dead_holder=record.get("holder"),
                          filters=len(session.filters), queued=len(session.backlog))  # fmt: skip
-        self._write_holder(session)
+
+        def routed(failures: list[str]) -> None:
+            # The record names this node only once its routes are confirmed: a node that finds a route moved to it
+            # for this session takes a record naming another holder as that holder's routes being in place.
+            if failures:
+                core.metrics["sessions.adopt_route_failures"] += 1
+                subs.announce_again(sorted(set(new) & subs.local_filters()))
+            if destination.sessions.get(rid) is session and session.moving_to is None:  # (a handover writes its own)
+                self._write_holder(session)
+
+        subs.change_routes(codec.ROUTE_ADD, new, routed)
         return session
+
+    # ------------------------------------------------------------------ routes moved from a dead holder
+    def adopter_of(self, client_id: str) -> str | None:
+        """Where route owners move a persistent session's routes when its holder leaves (``RouteTable.
+        retarget_sessions``): the first owner of its session shard that is a member, in assignment order: its
+        primary, or the replica that the next assignment promotes when the primary left too."""
+        view = self.core.view
+        a = view.assignment
+        if a is None:
+            return None
+        for owner in a.owners(shard_for_key(SESSION_PREFIX + client_id, a.shard_count)):
+            if owner in view.members:
+                return owner
+        return None
+
+    def claim(self, moved: list[list[str]]) -> str | None:
+        """A QoS 1 message reached this node for persistent sessions through routes the owners moved here from
+        their dead holder (``moved``: [client id, origin] pairs). None: take it, every session being held here
+        (adopted now if this node is its primary and sees the holder gone) or known to have moved on to a holder
+        whose own routes are in place. Else why it is refused ``unavailable`` (the publish fails and is sent again
+        by its publisher): acknowledged, it would reach nobody."""
+        core = self.core
+        refused: str | None = None
+        for client_id, origin in moved:
+            session = core.destination.sessions.get(client_id.encode())
+            if session is not None and session.persistent:
+                self._drop_moved(client_id, origin, list(session.filters))  # held here: the moved route is extra
+                continue
+            why = self._unheld(client_id, origin)
+            if why is not None and refused is None:
+                refused = why
+        if refused is not None:
+            core.metrics["sessions.moved_refused"] += 1
+        return refused
+
+    def _unheld(self, client_id: str, origin: str) -> str | None:
+        """``claim`` for one session not held here: None (adopted now, or moved on) or why to refuse."""
+        core = self.core
+        record = self._local_record(client_id)
+        if record is None:
+            if (client_id, origin) in self.moved_on:
+                return None
+            if self._primary_of(client_id) == core.me:
+                return None  # its primary holds no record: the session ended (a clean connect, its expiry)
+            self._check_moved(client_id, origin)  # not an owner of its shard: ask its primary
+            return f"persistent session {client_id!r} is moving to its new holder; retry"
+        if record.get("holder") != origin:
+            # Moved on: a holder writes the record only once its own routes are confirmed (takeover, ``adopt``).
+            self._drop_moved(client_id, origin, [f for f, _ in record.get("filters", []) if isinstance(f, str)])
+            return None
+        if self._holder_state(record) == "dead":
+            if self._primary_of(client_id) == core.me:
+                core.metrics["sessions.adopted_on_forward"] += 1
+                self.adopt(client_id, record)
+                return None
+            core.effects.poll_view()  # the primary left too: the next assignment promotes the adopter
+            return f"the holder of persistent session {client_id!r} left and its adopter is not settled yet; retry"
+        core.effects.poll_view()  # the route owners saw the holder leave before we did
+        return f"{core.me} has not seen the holder of persistent session {client_id!r} leave yet; retry"
+
+    def _check_moved(self, client_id: str, origin: str) -> None:
+        """Read the session's record from its shard (this node holds none): a record naming another holder, or
+        none, means the moved route here is stale (forwards on it are taken, and it is removed)."""
+        key = (client_id, origin)
+        if key in self.moved_checks:
+            return
+        self.moved_checks.add(key)
+        core = self.core
+
+        def found(payload: bytes | None) -> None:
+            self.moved_checks.discard(key)
+            record = self._record(payload) if not is_clean_record(payload) else None
+            if record is not None and record.get("holder") == origin:
+                return  # its primary adopts it: refused until then
+            self.moved_on.add(key)
+            core.effects.call_later(core.cfg.request_timeout, lambda: self.moved_on.discard(key))
+            if record is not None:
+                self._drop_moved(client_id, origin, [f for f, _ in record.get("filters", []) if isinstance(f, str)])
+
+        core.retained.read_record(SESSION_PREFIX + client_id, found)
+
+    def _drop_moved(self, client_id: str, origin: str, filters: list[str]) -> None:
+        """Remove this node's moved routes of a session (``filter NUL NUL client NUL origin``): held here now, or
+        moved on. Once per ``request_timeout`` per session and origin (forwards on it may still be on their way)."""
+        key = (client_id, origin)
+        core = self.core
+        if key in self.moved_dropped:
+            return
+        self.moved_dropped.add(key)
+        core.effects.call_later(core.cfg.request_timeout, lambda: self.moved_dropped.discard(key))
+        routes = [session_route(f, client_id, origin) for f in sorted(filters) if not is_shared(f)]
+        core.metrics["sessions.moved_routes_dropped"] += len(routes)
+        core.subscriptions.change_routes(codec.ROUTE_DEL, routes, lambda _failures: None)
 
     def holders_lost(self, gone: dict[str, int]) -> None:
         """Members left (node -> its registration's revision): the sessions they held wait for their shard's
@@ -377,6 +514,39 @@ class SessionSide:
         pids |= set(self.trims.pop(client_id, []))
         self._delete_queue(client_id, sorted(pids))
 
+    def _purge_replica(self, client_id: str) -> None:
+        """A fresh session replaces one whose replica is still stored (its holder and primary did not hand it
+        over): the primary drops the old queue records (and a copy it adopted meanwhile) before our record and
+        our own queue records reach it (one connection, in order), so none leak and none of ours go."""
+        core = self.core
+        primary = self._primary_of(client_id)
+        core.metrics["sessions.replica_purged"] += 1
+        if primary == core.me:
+            self._purge_here(client_id)
+        elif primary is not None:
+            core.effects.send_peer(primary, codec.encode(codec.SESSION_TAKE,
+                                                         {"id": 0, "client_id": client_id, "purge": True}))
+
+    def _purge_here(self, client_id: str) -> None:
+        """SESSION_TAKE ``purge``: the client was given a fresh session elsewhere. A copy held here (adopted) ends;
+        every queue record of the session stored here goes (deleted through the primary, this node)."""
+        core = self.core
+        rid = client_id.encode()
+        session = core.destination.sessions.get(rid)
+        if session is not None and session.persistent and session.moving_to is None:
+            core.destination.drop_session(rid, reason="replaced_by_fresh")
+            self.forget_queue(session)
+        found = [topic for topic, _ in core.owner.retained.match(queue_filter(client_id))]
+        core.metrics["sessions.queue_purged"] += len(found)
+        core.log.info("session_replica_purged", client=client_id, queued=len(found))
+
+        def done(code: str | None, reason: str) -> None:
+            if code is not None:
+                core.metrics["sessions.purge_failed"] += 1
+
+        for topic in found:
+            core.retained.write_record(topic, b"", done)
+
     def _live_holder(self, payload: bytes | None) -> str | None:
         """The node a directory record names, if it is still the process that wrote it."""
         if not payload:
@@ -403,6 +573,8 @@ class SessionSide:
         if core.destination.sessions.get(session.rid) is not session:
             return
         core.metrics["sessions.fresh"] += 1
+        if t.replica:
+            self._purge_replica(t.client_id)
         if session.will is not None:  # welcomed once the will is stored
             t.welcomed = True
             self._write_holder(session, prior=t.prior_will, on_result=self._will_stored(session, t.ref, False))
@@ -415,8 +587,10 @@ class SessionSide:
         t = self.core.requests.get(tid)
         if not isinstance(t, Takeover):
             return
+        if t.phase == "state" and t.rebuild and self.core.now < t.deadline:
+            return  # a rebuild's answer is due later (``_take``)
         if t.phase in ("lookup", "state"):
-            self._failed(tid, f"no answer within {self.core.cfg.request_timeout}s ({t.phase})")
+            self._failed(tid, f"no answer within {self.core.cfg.request_timeout}s ({t.phase})", answered=False)
         elif t.phase == "subscribe" and not t.welcomed:
             # The session is here (A handed it over) but an owner has not confirmed its routes yet: welcome the
             # client with what it has; the routes, the directory and the tail follow.
@@ -424,13 +598,25 @@ class SessionSide:
             self.core.log.warning("session_routes_slow", client=t.client_id, holder=t.holder)
             self._welcome(t, True)
 
-    def _failed(self, tid: int, reason: str) -> None:
+    def _failed(self, tid: int, reason: str, answered: bool = True) -> None:
+        """The takeover cannot go on. A holder that did not answer (dead, with our view still showing it) leaves
+        the session to its shard's primary: ask it to rebuild from the replica (it waits until it sees the holder
+        gone). A refusal, a failed rebuild, or no replica at all: a fresh session."""
         core = self.core
         t = core.requests.get(tid)
         if not isinstance(t, Takeover):
             return
         core.metrics["sessions.takeover_failed"] += 1
         core.log.warning("session_takeover_failed", client=t.client_id, holder=t.holder, phase=t.phase, reason=reason)
+        if not answered and t.phase == "state" and not t.rebuild and t.replica:
+            primary = self._primary_of(t.client_id)
+            if primary is not None and primary != t.holder:
+                core.metrics["sessions.takeover_fell_back"] += 1
+                if primary == core.me:
+                    self._rebuild_when_gone(tid, t)
+                else:
+                    self._take(tid, t, primary, rebuild=True)
+                return
         self._fresh(tid, t)
 
     # ------------------------------------------------------------------ the new holder: state, routes, tail
@@ -476,10 +662,9 @@ class SessionSide:
         new: list[str] = []
         installing: set[int] = set()
         for filt, qos in sorted((f, q) for f, q in t.filters):
-            route = subs._subscribe_local(session, filt, qos)
-            if route is not None:
-                new.append(route)
-            elif filt in subs.route_add_waiters:
+            routes = subs._subscribe_local(session, filt, qos)
+            new.extend(routes)
+            if filt not in routes and filt in subs.route_add_waiters:
                 installing.add(subs.route_add_waiters[filt])
 
         def routed(failures: list[str]) -> None:
@@ -572,12 +757,16 @@ class SessionSide:
         h = frame.header
         rid = h["client_id"].encode()
         session = core.destination.sessions.get(rid)
+        if h.get("purge") is True:
+            self._purge_here(h["client_id"])
+            return
         if (session is None or not session.persistent) and h.get("rebuild") is True:
-            # The asker found the holder gone: as the session shard's primary we rebuild it from the replica,
-            # once our view agrees (it may lag the asker's by moments).
+            # The asker found the holder gone, or it did not answer: as the session shard's primary we rebuild it
+            # from the replica once our view agrees (it may lag the asker's until the holder's lease expired).
             record = self._local_record(h["client_id"])
             state = self._holder_state(record) if record is not None else "none"
-            if state in ("alive", "unseen") and tries < REBUILD_TRIES and sender in core.view.members:
+            waited = tries * REBUILD_WAIT < self.rebuild_patience()
+            if state in ("alive", "unseen") and waited and sender in core.view.members:
                 core.effects.poll_view()
                 core.effects.call_later(REBUILD_WAIT, lambda: self.on_take(sender, frame, tries + 1))
                 return
@@ -776,7 +965,7 @@ class SessionSide:
     def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
         if isinstance(request, Takeover):
             if request.phase == "state":
-                self._failed(rid, f"holder {sender} refused: {code}: {reason}")
+                self._failed(rid, f"holder {sender} refused: {code}: {reason}", answered=code != "peer_lost")
             elif request.phase == "tail":
                 self._tail_done(rid)
 

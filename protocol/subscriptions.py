@@ -24,11 +24,16 @@ Rules of this file:
 - Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
   copied (R nodes died at once), its new owners start empty, and every node with local subscribers in it adds
   its routes again (``reannounce_orphaned``), as it does after registering again.
+- A persistent session's plain filters also get a *session route* each (``session_route(filter, client id)``,
+  ``router.shared``), beside the node's reference-counted route: it names the session, so when this node leaves the
+  view the route owners move it to the node that adopts the session (``sessions``) instead of dropping it. Added
+  and removed with the subscription while the session is persistent (``add_session_routes`` when a session turns
+  persistent here); shared filters get none (their members are other sessions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from shardmq.ring import Assignment
@@ -36,7 +41,14 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.matching import FilterIndex
 from shardmq.router.partition import placement_key
-from shardmq.router.shared import is_shared, parse_share, route_filter_of, slot_route, validate_share
+from shardmq.router.shared import (
+    is_shared,
+    parse_share,
+    route_filter_of,
+    session_route,
+    slot_route,
+    validate_share,
+)
 from shardmq.router.topics import TopicError, validate_topic_filter
 
 from .records import RESERVED_REASON, Relay, Session, Waiter, gate, is_reserved
@@ -67,9 +79,24 @@ class Subscriptions:
         return self.local_q0.match(topic) | self.local_q1.match(topic), set()
 
     def local_filters(self) -> set[str]:
-        """The route filters this node holds at the owners: plain filters and shared slot routes."""
+        """The route filters this node holds at the owners: plain filters, shared slot routes and the session
+        routes of its persistent sessions."""
         plain = {f for idx in (self.local_q0, self.local_q1) for f in idx.filters()}
-        return plain | {slot_route(share, i) for share, members in self.shared.items() for i in range(len(members))}
+        plain |= {slot_route(share, i) for share, members in self.shared.items() for i in range(len(members))}
+        for session in self.core.destination.sessions.values():
+            if session.persistent:
+                plain.update(self.session_routes(session, session.filters))
+        return plain
+
+    @staticmethod
+    def session_routes(session: Session, filters: Iterable[str]) -> list[str]:
+        """The session routes of a persistent session's ``filters`` (none for shared ones)."""
+        client_id = session.rid.decode("utf-8", "replace")
+        return [session_route(f, client_id) for f in filters if not is_shared(f)]
+
+    def add_session_routes(self, session: Session) -> None:
+        """A session held here became persistent: its filters get their session routes (see the rules)."""
+        self.change_routes(codec.ROUTE_ADD, self.session_routes(session, sorted(session.filters)), lambda _f: None)
 
     # ------------------------------------------------------------------ client frames
     def on_sub(self, session: Session, frame: Frame) -> None:
@@ -118,10 +145,9 @@ class Subscriptions:
                 new_or_changed = True
             if filt not in session.filters:
                 added.append(filt)
-            route = self._subscribe_local(session, filt, qos)
-            if route is not None:
-                new_filters.append(route)
-            elif filt in self.route_add_waiters:
+            routes = self._subscribe_local(session, filt, qos)
+            new_filters.extend(routes)
+            if filt not in routes and filt in self.route_add_waiters:
                 installing.add(self.route_add_waiters[filt])
         core.metrics["subscriptions"] += len(new_filters)
 
@@ -130,7 +156,7 @@ class Subscriptions:
                 # Undo this SUB so the client is not sent messages for filters it was told failed (subscriptions
                 # it had before this SUB stay).
                 if core.destination.sessions.get(session.rid) is session:
-                    gone = [r for f in added if (r := self._unsubscribe_local(session, f)) is not None]
+                    gone = [r for f in added for r in self._unsubscribe_local(session, f)]
                     self.change_routes(codec.ROUTE_DEL, gone, lambda _failures: None)
                 reason = "route owners did not confirm: " + ", ".join(sorted(set(failures)))
                 core.reject_client(session.rid, codec.E_UNAVAILABLE, reason, ref)
@@ -159,7 +185,7 @@ class Subscriptions:
             core.reject_client(session.rid, codec.E_INVALID_FILTER, "UNSUB filters must all be strings", ref)
             return
         had = len(session.filters)
-        gone = [r for f in frame.header["filters"] if (r := self._unsubscribe_local(session, f)) is not None]
+        gone = [r for f in frame.header["filters"] for r in self._unsubscribe_local(session, f)]
 
         def unsuback() -> None:
             core.send_client(session.rid, codec.encode(codec.UNSUBACK, {"id": ref}))
@@ -174,36 +200,39 @@ class Subscriptions:
 
     def forget(self, session: Session) -> int:
         """The session ended: drop its subscriptions (and the routes no other local client needs)."""
-        gone = [r for f in list(session.filters) if (r := self._unsubscribe_local(session, f)) is not None]
+        gone = [r for f in list(session.filters) for r in self._unsubscribe_local(session, f)]
         self.change_routes(codec.ROUTE_DEL, gone, lambda failures: None)
         return len(gone)
 
-    def _subscribe_local(self, session: Session, filt: str, qos: int) -> str | None:
-        """Record the subscription; the route filter to add when it needs a new route here (a filter new on this
-        node, or a shared subscription's next member slot), else None."""
+    def _subscribe_local(self, session: Session, filt: str, qos: int) -> list[str]:
+        """Record the subscription; the route filters to add: the filter when it is new on this node, or a shared
+        subscription's next member slot, and a persistent session's session route for a filter new to it."""
         old = session.filters.get(filt)
         if is_shared(filt):
             members = self.shared.setdefault(filt, {})
             session.filters[filt] = members[session.rid] = qos
             if session.persistent:
                 self.core.durable.filters_changed(session)
-            return slot_route(filt, len(members) - 1) if old is None else None
+            return [slot_route(filt, len(members) - 1)] if old is None else []
         had_route = self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)
         if old is not None and old != qos:
             (self.local_q1 if old else self.local_q0).remove(filt, session.rid)
         session.filters[filt] = qos
         (self.local_q1 if qos else self.local_q0).add(filt, session.rid)
+        routes = [] if had_route else [filt]
         if session.persistent:
             self.core.durable.filters_changed(session)
-        return None if had_route else filt
+            if old is None:
+                routes.extend(self.session_routes(session, [filt]))
+        return routes
 
-    def _unsubscribe_local(self, session: Session, filt: str) -> str | None:
-        """Forget the subscription; the route filter to remove when it was the last local one (for a shared
-        subscription: the top member slot), else None. A shared member's unacknowledged messages go to another
-        member (``destination.member_left``)."""
+    def _unsubscribe_local(self, session: Session, filt: str) -> list[str]:
+        """Forget the subscription; the route filters to remove: the filter when it was the last local one (for a
+        shared subscription: the top member slot), and a persistent session's session route. A shared member's
+        unacknowledged messages go to another member (``destination.member_left``)."""
         qos = session.filters.pop(filt, None)
         if qos is None:
-            return None
+            return []
         if is_shared(filt):
             members = self.shared.get(filt, {})
             members.pop(session.rid, None)
@@ -213,11 +242,13 @@ class Subscriptions:
             self.core.destination.member_left(session, filt)
             if session.persistent:
                 self.core.durable.filters_changed(session)
-            return slot_route(filt, slot)
+            return [slot_route(filt, slot)]
         (self.local_q1 if qos else self.local_q0).remove(filt, session.rid)
+        routes = [] if (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)) else [filt]
         if session.persistent:
             self.core.durable.filters_changed(session)
-        return None if (self.local_q0.has_filter(filt) or self.local_q1.has_filter(filt)) else filt
+            routes.extend(self.session_routes(session, [filt]))
+        return routes
 
     # ------------------------------------------------------------------ routes at the owners
     def change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:

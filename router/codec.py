@@ -23,7 +23,9 @@ Rules of this file:
   as before; present, it must be a JSON boolean. A SNAPSHOT may carry the shard's retained messages
   (``retained`` and ``retained_sizes``, the payloads in its payload part); ``split_retained`` checks them.
 - Persistent sessions (v4): HELLO may say ``clean`` (false: keep the session) and ``expiry`` (seconds); a QoS 1 forward
-  may carry its publish id's counter (FWD ``pid``, a FWDS item's 4th element; the entry node is the sender); the
+  may carry its publish id's counter (FWD ``pid``, a FWDS item's 4th element; the entry node is the sender) and the
+  persistent sessions it reaches through routes moved from a node that left (FWD ``sessions``, a FWDS item's 5th
+  element: [client id, origin node] pairs); the
   takeover frames SESSION_TAKE, SESSION_STATE (items [topic, dup, retain, pid] and ``sizes``, the payloads back to
   back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
 - Shared subscriptions (v4): SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
@@ -200,10 +202,18 @@ def _lookup_replies_ok(items: list[Any]) -> bool:
     )  # fmt: skip
 
 
+def _moved_sessions_ok(pairs: Any) -> bool:
+    """A forward's ``sessions``: [client id:str, origin node:str] pairs (routes moved from a node that left)."""
+    return isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in pairs
+    )
+
+
 def _fwd_items_ok(items: list[Any]) -> bool:
     return all(
-        isinstance(r, list) and len(r) in (3, 4) and type(r[0]) is int and isinstance(r[1], str)
+        isinstance(r, list) and len(r) in (3, 4, 5) and type(r[0]) is int and isinstance(r[1], str)
         and type(r[2]) is int and r[2] in (0, 1) and (len(r) == 3 or type(r[3]) is int)
+        and (len(r) < 5 or _moved_sessions_ok(r[4]))
         for r in items
     )  # fmt: skip
 
@@ -260,7 +270,9 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (HANDOFF, "targets"): (_strings_ok, "node id strings"),
     (INVALIDATE, "shards"): (_ints_ok, "shard numbers (non-negative integers)"),
     (SNAPSHOT, "routes"): (_snapshot_ok, "[filter:str, [node:str, ...]] pairs"),
-    (FWDS, "items"): (_fwd_items_ok, "[id:int, topic:str, qos:0|1] triples"),
+    (FWDS, "items"): (
+        _fwd_items_ok, "[id:int, topic:str, qos:0|1(, pid:int(, sessions:[[client:str, origin:str], ...]))] lists"
+    ),
     (FWDS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (PUBS, "items"): (_pubs_items_ok, "[topic:str, qos:0|1, id:int|null(, retain:bool)] lists"),
@@ -392,6 +404,8 @@ def decode(
     for name in OPTIONAL_INTS.get(frame_type, ()):
         if name in header and type(header[name]) is not int:
             raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be an integer", ref)
+    if frame_type == FWD and "sessions" in header and not _moved_sessions_ok(header["sessions"]):
+        raise ProtocolError(E_BAD_HEADER, "FWD field 'sessions' must be a list of [client:str, origin:str] pairs", ref)
     if len(payload) > max_payload:
         raise ProtocolError(E_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_payload}", ref)
     return Frame(frame_type, header, bytes(payload))

@@ -14,6 +14,8 @@ Rules:
 * A shared subscription's slot route (:mod:`.shared`: its wire filter holds a NUL) is stored under its FILTER with
   the member ``node NUL share NUL slot``, so matching a topic returns it beside the plain node ids; ``remove_node``
   removes a node's slot members too.
+* A persistent session's route (``node NUL NUL client_id``, :mod:`.shared`) is stored the same way; when its node
+  leaves, ``retarget_sessions`` moves it to the node that adopts the session instead of dropping it (see there).
 * ``version`` changes with every mutation (a call that may have changed a route), so a caller can keep
   answers it derived from the table (an entry node's resolved topics) and know when they may be stale.
 """
@@ -21,10 +23,11 @@ Rules:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Final
 
 from .matching import FilterIndex
-from .shared import SEP, route_filter_of, slot_member
+from .shared import SEP, SESSION_MARK, member_session, route_filter_of, slot_member
 
 __all__ = ["RouteTable"]
 
@@ -78,6 +81,35 @@ class RouteTable:
         self.version += 1
         index = self._shards.pop(shard, None)
         return 0 if index is None else index.route_count
+
+    def retarget_sessions(self, node: str, target_of: Callable[[str], str | None]) -> dict[int, int]:
+        """Move the session routes of ``node`` (it left the cluster) to ``target_of(client_id)``, the node that
+        adopts that session, as ``target NUL NUL client_id NUL origin`` (origin: the node that held it, kept when
+        the route was moved before); a session without a target loses its route. Returns shard -> routes moved,
+        for the shards that changed. Call it before ``remove_node``."""
+        moved: dict[int, int] = {}
+        prefix = node + SESSION_MARK
+        for shard in list(self._shared_shards):
+            index = self._shards.get(shard)
+            if index is None:
+                continue
+            for filt, members in list(index.items()):
+                for member in members:
+                    if not (isinstance(member, str) and member.startswith(prefix)):
+                        continue
+                    found = member_session(member)
+                    assert found is not None
+                    client_id, origin = found
+                    index.remove(filt, member)
+                    target = target_of(client_id)
+                    if target is not None:
+                        index.add(filt, sys.intern(f"{target}{SESSION_MARK}{client_id}{SEP}{origin or node}"))
+                    moved[shard] = moved.get(shard, 0) + 1
+            if not len(index):
+                del self._shards[shard]
+        if moved:
+            self.version += 1
+        return moved
 
     def remove_node(self, node: str) -> int:
         """Remove every route of a node that left the cluster; return how many were removed."""

@@ -14,6 +14,12 @@ Rules:
   In the route table it is stored under FILTER (so matching finds it) with the member ``node + NUL + share + NUL +
   slot`` (:func:`slot_member`); a plain route's member stays the bare node id. :func:`member_node` and
   :func:`member_share` read such a member back.
+* A persistent session's route (``protocol.sessions``: item 2 of docs/DESIGN-SESSIONS.md) is spelled the same way:
+  on the wire ``filter + NUL + NUL + client_id`` (:func:`session_route`; a slot is never empty, so ``NUL NUL``
+  marks it), stored under the filter with the member ``node + NUL + NUL + client_id``. When its node leaves the
+  view, the route owners move it to the node that adopts the session (``RouteTable.remove_node``'s
+  ``retarget``), which adds ``+ NUL + origin`` (the node that held it): :func:`member_session` reads (client id,
+  origin or None) back. Client ids hold no NUL (a session's key is a valid topic name).
 * Pure: no I/O, no clock.
 """
 
@@ -26,9 +32,11 @@ __all__ = [
     "SHARE_PREFIX",
     "is_shared",
     "member_node",
+    "member_session",
     "member_share",
     "parse_share",
     "route_filter_of",
+    "session_route",
     "slot_member",
     "slot_route",
     "validate_share",
@@ -81,17 +89,30 @@ def slot_route(share: str, slot: int) -> str:
     return f"{share}{SEP}{slot}"
 
 
+SESSION_MARK = SEP + SEP  # in a wire route: a persistent session's route; in a member: a session member
+
+
+def session_route(filt: str, client_id: str, origin: str | None = None) -> str:
+    """The wire filter of persistent session ``client_id``'s route for ``filt`` (``origin``: the node that held it,
+    for a route its owners moved to the adopting node)."""
+    return f"{filt}{SESSION_MARK}{client_id}" if origin is None else f"{filt}{SESSION_MARK}{client_id}{SEP}{origin}"
+
+
 def route_filter_of(route: str) -> str:
-    """The filter a route is matched by: FILTER for a slot route, the route itself for a plain one."""
+    """The filter a route is matched by: FILTER for a slot route, the filter of a session route, the route itself
+    for a plain one."""
     if SEP not in route:
         return route
+    if SESSION_MARK in route:
+        return route.partition(SEP)[0]
     share = route.rpartition(SEP)[0]
     return share[len(SHARE_PREFIX) :].partition("/")[2]
 
 
 def slot_member(node: str, route: str) -> str:
-    """The route table member of a slot route held for ``node``."""
-    return f"{node}{SEP}{route}"
+    """The route table member of a slot route (or of a session route) held for ``node``."""
+    at = route.find(SESSION_MARK)
+    return f"{node}{route[at:]}" if at >= 0 else f"{node}{SEP}{route}"
 
 
 def member_node(member: str) -> str:
@@ -100,7 +121,16 @@ def member_node(member: str) -> str:
 
 
 def member_share(member: str) -> str | None:
-    """The share of a slot member, None for a plain (node id) member."""
-    if SEP not in member:
+    """The share of a slot member, None for a plain (node id) member or a session member."""
+    if SEP not in member or SESSION_MARK in member:
         return None
     return member.split(SEP, 2)[1]
+
+
+def member_session(member: str) -> tuple[str, str | None] | None:
+    """(client id, origin node or None) of a session member, None for any other member."""
+    at = member.find(SESSION_MARK)
+    if at < 0:
+        return None
+    client_id, _, origin = member[at + 2 :].partition(SEP)
+    return client_id, origin or None

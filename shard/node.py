@@ -118,6 +118,7 @@ class NodeConfig:
             self.lookup_timeout, self.route_cache_size, self.route_cache_ttl, self.handoff_grace,
             self.handoff_timeout, self.redelivery_interval, self.client_idle_check, self.max_inflight,
             self.max_queued, self.max_session_bytes, access_control=not self.insecure, durable=bool(self.data_dir),
+            lease_ttl=float(self.lease_ttl),
         )  # fmt: skip
 
 

@@ -226,6 +226,7 @@ class SimNode:
             route_cache_ttl=c.route_cache_ttl, handoff_grace=c.handoff_grace, handoff_timeout=c.handoff_timeout,
             redelivery_interval=c.redelivery_interval, client_idle_check=c.client_idle_check,
             snapshot_chunk=c.snapshot_chunk, access_control=c.access_control, durable=c.durable,
+            lease_ttl=c.lease_ttl,
         )  # fmt: skip
         self.core = NodeCore(config, self, _NullLog(), str(incarnation))
         self.core.start(sim.now)
