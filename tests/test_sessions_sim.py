@@ -628,3 +628,205 @@ def test_persistent_sessions_survive_node_kills_seeded(seed: int) -> None:
                  if t == topic and at >= since and outcome == "acked"}  # fmt: skip
         assert acked <= set(got(sim, rid)), (rid, sorted(acked - set(got(sim, rid))))
     assert metric(sim, "sessions.adopted") + metric(sim, "sessions.rebuilt") >= 0
+
+
+# ---------------------------------------------------------------------- the window after a holder dies (item 2 gaps)
+def lease_expires_unseen(sim: Sim, dead: str) -> None:
+    """Advance the clock until ``dead``'s lease expired in etcd, the live nodes keeping theirs alive, without any
+    node reading the view that shows it gone (``session_poll(node)`` then hands it to one node at a time)."""
+    while dead in sim.etcd.members:
+        sim.now += 0.25
+        sim.etcd.expire(sim.now)
+        for node_id in sorted(sim.nodes):
+            sim.session_poll(node_id, read=False)
+
+
+def route_owners(sim: Sim, filt: str = "sensors/#") -> tuple[str, ...]:
+    a = sim.etcd.doc
+    assert a is not None
+    return a.owners(sim.shard_of(filt))
+
+
+def outcome(sim: Sim, pid: int) -> str | None:
+    return sim.publishes[pid][4]
+
+
+@pytest.mark.timeout(60)
+def test_route_owners_move_a_dead_holders_session_routes_to_the_adopter() -> None:
+    """The window: the route owners see the holder gone before the session shard's primary does. The session's
+    route moves to the primary instead of going; a publish resolved then reaches the primary, which does not
+    acknowledge it before it adopted the session (it refuses ``unavailable``: the publisher sends it again);
+    once it sees the holder gone it adopts on the spot and takes it. Every acknowledged message is delivered."""
+    for owners_first in (True, False):
+        sim = cluster(5)
+        primary, replica = directory_owners(sim)
+        candidates = sorted(set(sim.nodes) - {primary, replica} - set(route_owners(sim)))
+        holder = candidates[0] if candidates else sorted(set(sim.nodes) - {primary, replica})[0]
+        entry = sorted(set(sim.nodes) - {primary, replica, holder})[0]
+        away_session(sim, holder)
+        before = publish(sim, entry, 3)
+        sim.crash(holder)
+        lease_expires_unseen(sim, holder)
+        readers = [n for n in sorted(sim.nodes) if n not in (holder, primary)]
+        if owners_first:
+            for node in readers:  # everyone but the primary sees the holder gone
+                sim.session_poll(node)
+            sim.drain()
+            assert metric(sim, "routes.sessions_retargeted") >= 1
+            early = sim.publish(entry, TOPIC)
+            assert early is not None
+            sim.drain()
+            assert outcome(sim, early) == codec.E_UNAVAILABLE  # refused, not acknowledged into nowhere
+            # Refused by the primary (a moved route) or by the entry node (an owner's answer naming the dead holder)
+            assert metric(sim, "sessions.moved_refused") + metric(sim, "sessions.publish_refused_holder_gone") >= 1
+            sim.session_poll(primary)  # now the primary sees it too: it adopts
+        else:
+            sim.session_poll(primary)
+            for node in readers:
+                sim.session_poll(node)
+        sim.drain()
+        late = sim.publish(entry, TOPIC)
+        assert late is not None
+        assert sim.settle()
+        assert outcome(sim, late) == "acked"
+        assert record(sim)["holder"] == primary
+        acked = [b"%d" % p for p, (*_, o, _) in sim.publishes.items() if o == "acked"]
+        assert hello(sim, entry)["session_present"] is True
+        assert sim.settle()
+        assert set(acked) <= set(got(sim)) and got(sim)[:3] == before
+
+
+def welcome_while_views_come(sim: Sim, node: str, limit: float = 20) -> dict[str, Any] | None:
+    """A persistent HELLO to ``node`` while time passes in ticks of 0.25 s, every node reading its view after each
+    (a dead node leaves the views when its lease expires): the WELCOME, or None within ``limit`` virtual seconds."""
+    sc = sim.session_clients[CLIENT]
+    sc.frames.clear()
+    send_hello(sim, node)
+    start = sim.now
+    while sc.welcome() is None and sim.now - start < limit:
+        sim.tick(0.25)
+        for node_id in sorted(sim.nodes):
+            sim.session_poll(node_id)
+        sim.drain()
+        sim.pump_clients()
+    return sc.welcome()
+
+
+@pytest.mark.timeout(60)
+def test_early_reconnect_through_a_node_that_still_sees_the_dead_holder() -> None:
+    """The client reconnects at once, through a node whose view still shows the dead holder: the takeover gets no
+    answer, so the node asks the session shard's primary to rebuild; the primary waits until it sees the holder
+    gone and hands the session over, queue and all (not a fresh session over a leaked replica)."""
+    sim = cluster(4)
+    primary, replica = directory_owners(sim)
+    holder, other = sorted(set(sim.nodes) - {primary, replica})
+    away_session(sim, holder)
+    queued = publish(sim, other, 4)
+    sim.crash(holder)
+    welcome = welcome_while_views_come(sim, other)  # at once: every view still shows the holder for its lease
+    assert welcome is not None and welcome["session_present"] is True
+    assert metric(sim, "sessions.takeover_fell_back") == 1 and metric(sim, "sessions.rebuilds_asked") == 1
+    assert metric(sim, "sessions.fresh") == 1  # the first connect only
+    assert sim.settle()
+    assert got(sim) == queued
+    assert record(sim)["holder"] == other
+
+
+@pytest.mark.timeout(60)
+def test_early_reconnect_primary_never_answers_fresh_purges_the_replica() -> None:
+    """A fresh session over a replicated one (its holder and its primary both silent): the old queue records are
+    purged at the primary before the new holder's, so nothing leaks."""
+    sim = cluster(5)
+    primary, replica = directory_owners(sim)
+    holder, other, _third = sorted(set(sim.nodes) - {primary, replica})
+    away_session(sim, holder)
+    publish(sim, other, 3)
+    assert len(queue_records(sim, primary)) == 3
+    core = sim.nodes[primary].core
+    refused: list[str] = []
+    original = core.sessions.on_take
+
+    def silent_rebuild(sender: str, frame: codec.Frame, tries: int = 0) -> None:
+        if frame.header.get("rebuild") is True:  # this primary refuses every rebuild (as if it saw the holder alive)
+            refused.append(sender)
+            core.refuse_peer(sender, frame, codec.E_UNAVAILABLE, "test: no rebuild")
+            return
+        original(sender, frame, tries)
+
+    core.sessions.on_take = silent_rebuild  # type: ignore[method-assign]
+    core.sessions.holders_lost = lambda gone: None  # type: ignore[method-assign]  # nor adopts on its own
+    sim.crash(holder)
+    welcome = welcome_while_views_come(sim, other)
+    assert welcome is not None and welcome["session_present"] is False
+    assert refused and metric(sim, "sessions.replica_purged") == 1
+    assert sim.settle()
+    assert queue_records(sim, primary) == [] and queue_records(sim, replica) == []
+    fresh = publish(sim, other, 2)  # the fresh session's own queue is not purged
+    assert record(sim)["holder"] == other
+    assert got(sim) == [] or set(got(sim)) <= set(fresh)
+
+
+def publish_while_nodes_learn(sim: Sim, rng: Any, dead: str, topics: list[str], rounds: int = 12) -> None:
+    """After ``dead`` was killed: the clock runs past its lease expiry while QoS 1 publishes go through random live
+    nodes, the nodes read their views one at a time in a random order, and frames are delivered partially, so
+    publishes are resolved and answered while some nodes see the holder gone and others do not."""
+    for _ in range(rounds):
+        sim.now += 0.25
+        sim.etcd.expire(sim.now)
+        live = [n for n in sorted(sim.nodes) if sim.nodes[n].up]
+        rng.shuffle(live)
+        for node in live:
+            sim.session_poll(node, read=rng.random() < 0.4)
+            sim.run_timers(node)
+            if rng.random() < 0.6:
+                sim.publish(rng.choice(live), rng.choice(topics))
+            for src, dst in sim.deliverable():
+                if rng.random() < 0.5:
+                    sim.deliver(src, dst)
+        sim.pump_clients()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+@pytest.mark.timeout(120)
+def test_publishes_while_the_holder_dies_lose_nothing_acknowledged_seeded(seed: int) -> None:
+    """Persistent clients away (or connected) on random nodes; a holder is killed while QoS 1 messages keep being
+    published and the nodes learn of the death one by one: after it settled, every acknowledged message for a
+    live persistent session is delivered or in its replicated queue, and a reconnect gets them all."""
+    import random
+
+    rng = random.Random(seed)
+    sim = cluster(5)
+    clients: dict[bytes, tuple[str, float]] = {}
+    for i in range(4):
+        rid, topic = b"car-%d" % i, f"cars/{i}/cmd"
+        node = rng.choice(sorted(sim.nodes))
+        hello(sim, node, rid=rid)
+        assert subscribe(sim, node, topic, rid=rid)["results"] == [1]
+        clients[rid] = (topic, sim.now)
+        if rng.random() < 0.5:
+            bye(sim, node, rid=rid)
+    topics = [t for t, _ in clients.values()]
+    for _kill in range(2):
+        holders = sorted({n for n, node in sim.nodes.items() if node.up
+                          for rid in clients if rid in node.core.destination.sessions})  # fmt: skip
+        victim = rng.choice(holders)
+        sim.crash(victim)
+        for sc in sim.session_clients.values():
+            if sc.node_id == victim:
+                sc.node_id = None
+        publish_while_nodes_learn(sim, rng, victim, topics)
+        assert sim.settle()
+        assert unaccounted(sim, clients) == {}, sim.trace[-40:]
+        sim.join()
+        assert sim.settle()
+    live = sorted(n for n, node in sim.nodes.items() if node.up)
+    for rid in sorted(clients):
+        sc = sim.session_clients[rid]
+        if sc.node_id is None or not sim.nodes[sc.node_id].up:
+            sc.node_id = None
+            hello(sim, rng.choice(live), rid=rid)
+    assert sim.settle()
+    for rid, (topic, since) in clients.items():
+        acked = {b"%d" % p for p, (at, _, t, _, o, _) in sim.publishes.items()
+                 if t == topic and at >= since and o == "acked"}  # fmt: skip
+        assert acked <= set(got(sim, rid)), (rid, sorted(acked - set(got(sim, rid))))
