@@ -8,13 +8,14 @@ The module starts its own cluster (nodes are killed) and stops it by pid at the 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from shardmq.client import Client
+from shardmq.client import Client, ShardMQError
 from shardmq.ring import Assignment, shard_for_key
 from shardmq.shard.membership import read_assignment
 from shardmq.testing import LocalCluster
@@ -73,8 +74,27 @@ def publish(endpoint: str, topic: str, count: int, prefix: str) -> list[bytes]:
     return payloads
 
 
+def keep_publishing(endpoint: str, topic: str, acked: list[bytes], refused: list[str], stop: threading.Event) -> None:
+    """QoS 1 publishes of unique payloads (``w0``, ``w1``, ...) until ``stop``: the acknowledged ones in ``acked``,
+    the error codes of those refused (not acknowledged: the publisher knows) in ``refused``."""
+    with Client([endpoint], timeout=5.0) as pub:
+        i = 0
+        while not stop.is_set():
+            data = f"w{i}".encode()
+            i += 1
+            try:
+                pub.publish(topic, data, qos=1)  # returns once acknowledged
+            except ShardMQError as exc:
+                refused.append(exc.code)
+                continue
+            acked.append(data)
+
+
 @pytest.mark.timeout(60)
 def test_kill_the_holder_the_session_comes_back_from_the_replica(lc: LocalCluster) -> None:
+    """... also while a publisher keeps publishing QoS 1 through the kill: the route owners move the session's
+    routes to the session shard's primary, which refuses (``unavailable``) what comes before it adopted the
+    session, so every acknowledged payload reaches the client (at least once)."""
     eps = endpoints_of(lc)
     nodes = live(lc)
     holder, publisher, taker = nodes[0], nodes[1], nodes[2]
@@ -84,14 +104,32 @@ def test_kill_the_holder_the_session_comes_back_from_the_replica(lc: LocalCluste
         assert c.node == holder
         c.subscribe(topic, qos=1)
     queued = publish(eps[publisher], topic, 30, "q")  # every one acknowledged
-    kill_and_wait_gone(lc, holder, publisher)
+    acked: list[bytes] = []
+    refused: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=keep_publishing, args=(eps[taker], topic, acked, refused, stop), daemon=True)
+    thread.start()
+    try:
+        while len(acked) < 20 and thread.is_alive():
+            time.sleep(0.01)
+        kill_and_wait_gone(lc, holder, publisher)
+        during = len(acked)
+        while len(acked) < during + 20 and thread.is_alive():
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    assert not thread.is_alive()
     after = publish(eps[publisher], topic, 5, "after")  # queued at the session shard's primary now
     c = Client([eps[taker]], client_id=cid, clean_session=False, session_expiry=EXPIRY)
     try:
         assert c.session_present is True
-        assert [m.payload for m in drain(c)] == queued + after
+        heard = [m.payload for m in drain(c)]
     finally:
         c.close()
+    assert heard[: len(queued)] == queued and heard[-len(after) :] == after
+    missing = [p for p in acked if p not in set(heard)]
+    assert not missing, (len(missing), missing[:10], len(acked), refused[:5])
 
 
 @pytest.mark.timeout(60)
@@ -114,3 +152,4 @@ def test_kill_the_session_primary_nothing_lost(lc: LocalCluster) -> None:
         assert [m.payload for m in drain(c)] == first + second
     finally:
         c.close()
+
