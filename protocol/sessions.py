@@ -20,9 +20,13 @@ Rules of this file:
   and WELCOME (session_present true), and delivers A's messages. A answers SESSION_TAKEN with its tail (what
   queued since, more SESSION_STATE chunks) and drops the session (its routes by ROUTE_DEL reference counting).
   Live messages that reach B meanwhile wait behind the tail; one whose publish id (``pid``) A handed over is
-  delivered once. A lookup or holder that does not answer within ``request_timeout`` of the HELLO: B starts a
-  fresh session (``sessions.takeover_failed``). The WELCOME goes within ``request_timeout`` of the HELLO in any
-  case (routes an owner is slow to confirm follow it).
+  delivered once. A holder that does not answer within ``request_timeout`` of the HELLO, or leaves B's view
+  first (B saw it alive: an early reconnect after it died), leaves the session to its shard's primary: B asks it
+  to rebuild (below). A lookup that does not answer, a holder that refuses, a failed rebuild: B starts a fresh
+  session (``sessions.takeover_failed``); over a record naming another holder it first has the primary purge
+  the old replica (SESSION_TAKE ``purge``: a copy adopted there ends, the queue records go, before B's own
+  writes reach it on the same connection), so none leak. The WELCOME goes within ``request_timeout`` of the
+  HELLO (routes an owner is slow to confirm follow it), or, after a silent holder, within the primary's wait.
 - Wills (``wills``): HELLO's will is kept in the record (key ``will``; a clean session with a will has a record
   too, ``persistent: false``); every record write here is conditional on the will the writer expects, and a
   pending will it displaces is published (a takeover). A HELLO with a will is welcomed once the record is written.
@@ -35,13 +39,20 @@ Rules of this file:
 - Holder lost. When members leave, each node adopts the sessions whose records it holds as their shard's primary
   and whose holder left (``adopt_orphans``: a record whose primary left too waits for the next assignment): it
   becomes the holder, rebuilt from the record and its queue records in the primary's write order, all ``dup``,
-  offline. A HELLO on B that finds a record with a dead holder asks the shard's primary (SESSION_TAKE
-  ``rebuild``; B rebuilds itself when it is that primary): the primary adopts it, once its own view agrees the
-  holder is gone, and hands it over as any holder. Only the primary rebuilds, so a session has one holder.
-- Known limits: the dead holder's routes are dropped at the owners before the adopting primary's routes are
-  confirmed (a publish in between is acknowledged without reaching the session); a HELLO whose node still sees
-  the dead holder alive waits for it and gets a fresh session (the queue records stay, unadopted); a holder
-  that handed its state to a B that then died loses it.
+  offline; it names itself in the record only once its routes are confirmed. A HELLO on B that finds a record
+  with a dead holder asks the shard's primary (SESSION_TAKE ``rebuild``; B rebuilds itself when it is that
+  primary): the primary adopts it, once its own view agrees the holder is gone (it waits up to the lease TTL and
+  ``REBUILD_MARGIN``), and hands it over as any holder. Only the primary rebuilds, so a session has one holder.
+- Moved routes. A persistent session's plain filters also have session routes (``subscriptions``); route owners
+  that see the holder leave move them to ``adopter_of`` (the session shard's first live owner), marked with the
+  origin. A QoS 1 forward on such a route names [client id, origin] (FWD ``sessions``) and goes through
+  ``claim``: held here, adopted on the spot (this node is the primary and sees the origin gone), or moved on
+  (the record names another holder, or the primary holds no record): taken, and the moved routes removed;
+  otherwise refused ``unavailable`` (the publisher retries), never acknowledged into a session nobody holds. We
+  refuse rather than queue for a pending adoption: a lagging view cannot tell one from a session that moved on.
+- Known limits: a holder that handed its state to a B that then died loses it; a silent but live holder keeps
+  its copy while its client gets a fresh session (the replica is purged); a moved route of a session that ended
+  stays at its owners until its node leaves (forwards on it are taken).
 - Pure: no I/O, no clock (``core.now``); chunks are in a fixed order.
 """
 
