@@ -1,19 +1,32 @@
-"""Queued-message throughput: QoS 1 publishes to offline persistent sessions, acknowledged, in messages per second.
+"""Queued-message throughput: QoS 1 publishes to persistent sessions, acknowledged, in messages per second, against
+a baseline measured in the same run.
 
-Starts a local 3-node cluster (R=2). ``--sessions`` clients with ``clean_session=False`` subscribe at QoS 1 to one
-topic on n1 and close (their sessions stay, offline, at n1). A publisher on n2 publishes ``--messages`` QoS 1
-messages with ``publish_many`` (``--batch`` per frame) and each returns once acknowledged, i.e. (with replicated
-sessions) once every session's replicated queue at its session shard's owners holds it. Then the clients come back
-(through n3) and the bench checks each got every message. Prints the publish rate (acknowledged msg/s).
+Starts a local 3-node cluster (R=2). Each round measures two loads with the same publisher (on n2, ``--messages``
+QoS 1 messages with ``publish_many``, ``--batch`` per frame; each returns once acknowledged):
+
+- ``baseline``: ``--sessions`` clean clients connected to n1, subscribed at QoS 1, not reading while the publisher
+  runs: the messages go into their windows and backlogs at n1, and the forward is acknowledged once queued there
+  (a clean session's queue is not replicated). The same holder path as below, without the replicated queue.
+- ``replicated``: ``--sessions`` clients with ``clean_session=False`` subscribe at QoS 1 on n1 and close (their
+  sessions stay, offline, at n1): a forward is acknowledged once every session's replicated queue at its session
+  shard's owners holds the message.
+
+Then every client reads (the persistent ones come back through n3) and the bench checks each got every message.
+Prints one line per load and round, then the ratio of the medians.
 
     .venv/bin/python -m shardmq.loadtest.session_queue_bench --messages 5000 --sessions 1
 
-Run the same file with another checkout's interpreter to compare (its nodes run that checkout's code).
+Keep ``--messages`` under the nodes' ``max_queued`` (10,000) + ``max_inflight``: the baseline's clients do not read
+while it runs. Run the same file with another checkout's interpreter to compare (its nodes run that checkout's
+code).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -23,13 +36,37 @@ from shardmq.client import Client
 from shardmq.testing import LocalCluster
 
 
+def publish_rate(endpoint: str, messages: list[tuple[str, bytes]], batch: int) -> tuple[float, float]:
+    """(acknowledged msg/s, seconds) of publishing ``messages`` at QoS 1; the first 100 warm lookups and caches."""
+    with Client([endpoint], timeout=30.0) as pub:
+        pub.publish_many(messages[:100], qos=1, batch=batch)
+        start = time.perf_counter()
+        pub.publish_many(messages[100:], qos=1, batch=batch)
+        took = time.perf_counter() - start
+    return (len(messages) - 100) / took, took
+
+
+def drain(client: Client) -> set[bytes]:
+    got = set()
+    while (m := client.receive(timeout=2.0)) is not None:
+        got.add(m.payload)
+    return got
+
+
+def missed(messages: list[tuple[str, bytes]], got: set[bytes]) -> int:
+    return sum(1 for _, data in messages if data not in got)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--payload", type=int, default=100, help="bytes per message")
+    parser.add_argument("--rounds", type=int, default=1, help="each round measures both loads, baseline first")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the cluster (``finally``) when killed
+    rates: dict[str, list[float]] = {"baseline": [], "replicated": []}
     with tempfile.TemporaryDirectory() as tmp:
         lc = LocalCluster(Path(tmp), nodes=3, lease_ttl=5, log_level="warning")
         lc.up(timeout=60)
@@ -37,31 +74,47 @@ def main(argv: list[str] | None = None) -> int:
         try:
             assert lc.state is not None
             eps = [p.client_endpoint for p in lc.state.nodes]
-            p = uuid.uuid4().hex[:8]
-            topic = f"{p}/q"
-            cids = [f"bench-{p}-{i}" for i in range(args.sessions)]
-            for cid in cids:
-                with Client([eps[0]], client_id=cid, clean_session=False, session_expiry=600) as c:
-                    c.subscribe(topic, qos=1)
             pad = b"x" * max(0, args.payload - 8)
-            messages = [(topic, b"%07d" % i + pad) for i in range(args.messages)]
-            with Client([eps[1]], timeout=30.0) as pub:
-                pub.publish_many(messages[:100], qos=1, batch=args.batch)  # warm: lookups, caches
-                start = time.perf_counter()
-                pub.publish_many(messages[100:], qos=1, batch=args.batch)
-                took = time.perf_counter() - start
-            rate = (args.messages - 100) / took
-            missing = 0
-            for cid in cids:
-                with Client([eps[2]], client_id=cid, clean_session=False, session_expiry=600, timeout=30.0) as c:
-                    got = set()
-                    while (m := c.receive(timeout=2.0)) is not None:
-                        got.add(m.payload)
-                    missing += sum(1 for _, data in messages if data not in got)
-            print(f"messages={args.messages - 100} sessions={args.sessions} batch={args.batch} "
-                  f"payload={args.payload} acked_msg_per_s={rate:.0f} s={took:.2f} missing={missing}")  # fmt: skip
+            for _ in range(args.rounds):
+                p = uuid.uuid4().hex[:8]
+                # baseline: clean sessions, connected, not reading
+                topic = f"{p}/clean"
+                messages = [(topic, b"%07d" % i + pad) for i in range(args.messages)]
+                clients = [Client([eps[0]], timeout=30.0) for _ in range(args.sessions)]
+                try:
+                    for c in clients:
+                        c.subscribe(topic, qos=1)
+                    rate, took = publish_rate(eps[1], messages, args.batch)
+                    missing = sum(missed(messages, drain(c)) for c in clients)
+                finally:
+                    for c in clients:
+                        c.close()
+                rates["baseline"].append(rate)
+                print(f"load=baseline messages={args.messages - 100} sessions={args.sessions} batch={args.batch} "
+                      f"payload={args.payload} acked_msg_per_s={rate:.0f} s={took:.2f} missing={missing}",
+                      flush=True)  # fmt: skip
+                # replicated: persistent sessions, offline
+                topic = f"{p}/q"
+                messages = [(topic, b"%07d" % i + pad) for i in range(args.messages)]
+                cids = [f"bench-{p}-{i}" for i in range(args.sessions)]
+                for cid in cids:
+                    with Client([eps[0]], client_id=cid, clean_session=False, session_expiry=600) as c:
+                        c.subscribe(topic, qos=1)
+                rate, took = publish_rate(eps[1], messages, args.batch)
+                missing = 0
+                for cid in cids:
+                    with Client([eps[2]], client_id=cid, clean_session=False, session_expiry=600, timeout=30.0) as c:
+                        missing += missed(messages, drain(c))
+                    with Client([eps[2]], client_id=cid):  # a clean connect ends the session (and its records)
+                        pass
+                rates["replicated"].append(rate)
+                print(f"load=replicated messages={args.messages - 100} sessions={args.sessions} batch={args.batch} "
+                      f"payload={args.payload} acked_msg_per_s={rate:.0f} s={took:.2f} missing={missing}",
+                      flush=True)  # fmt: skip
         finally:
             lc.down()
+    base, repl = statistics.median(rates["baseline"]), statistics.median(rates["replicated"])
+    print(f"median baseline={base:.0f} replicated={repl:.0f} replicated/baseline={repl / base:.2f}")
     return 0
 
 

@@ -188,6 +188,7 @@ class NodeCore:
             codec.INVALIDATE_ACK: self.owner.on_invalidate_ack,
             codec.ERROR: self._on_peer_error,
             codec.RETAIN: self.retained.on_retain,
+            codec.RETAINS: self.retained.on_retains,
             codec.RETAIN_ACK: self.retained.on_retain_ack,
             codec.RETAINED_GET: self.retained.on_get,
             codec.RETAINED_REPLY: self.retained.on_reply,
@@ -342,7 +343,9 @@ class NodeCore:
     # ------------------------------------------------------------------ the outbox
     def flush(self) -> None:
         """Send what the last batch of events queued: one frame per destination and kind (see outbox.py), and
-        the lookups, one frame per owner (see entry.py)."""
+        the lookups, one frame per owner (see entry.py), and the batched record writes, one frame per shard (see
+        retained.py)."""
+        self.retained.send_batched()
         self.entry.send_lookups()
         self.entry.take_unexpired()
         durable = self.durable

@@ -289,6 +289,20 @@ class RetainWrite:
 
 
 @dataclass(slots=True)
+class RetainBatch:
+    """Writes of one shard sent to its primary in one RETAINS frame (``retained.send_batched``), waiting for its
+    one RETAIN_ACK; each write's ``then`` is answered with it. ``attempt`` counts the whole batch's stale retries."""
+
+    primary: str
+    shard: int
+    writes: list[RetainWrite]
+    attempt: int = 0
+
+    def waits_on(self, node: str) -> bool:
+        return self.primary == node
+
+
+@dataclass(slots=True)
 class Replication:
     """A retained change the primary (or a hand-off source relaying it) sent to replicas and hand-off targets;
     ``then(failed)`` once each answered, left the view, or the time ran out (failed)."""

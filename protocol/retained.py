@@ -53,7 +53,7 @@ from shardmq.router.matching import filter_matches
 from shardmq.router.retained_table import RetainedMessage, RetainedTable, Stamp
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
-from .records import Publish, Replication, RetainedFetch, RetainWrite, Session, placement_key
+from .records import Publish, Replication, RetainBatch, RetainedFetch, RetainWrite, Session, placement_key
 from .subscriptions import STALE_RETRIES
 from .view import ROOT
 from .wills import will_id, without_will
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from .node import NodeCore
 
 REPLY_CHUNK = 5000  # retained messages per RETAINED_REPLY frame at most (and max_payload bytes)
+BATCH_MAX = 5000  # writes per RETAINS frame at most (and max_payload bytes)
 RANK_PRIMARY, RANK_OWNER = 2, 1  # which copy a subscriber's node keeps when members answer differently
 
 
@@ -73,6 +74,7 @@ class RetainedSide:
     def __init__(self, core: NodeCore) -> None:
         self.core = core
         self.seq = 0  # the stamp's sequence number of the writes this node accepted as primary
+        self.batched: list[RetainWrite] = []  # writes to send at the flush, a RETAINS per shard (``queue_write``)
 
     @property
     def table(self) -> RetainedTable:
@@ -102,7 +104,7 @@ class RetainedSide:
             if w.clear_will:
                 header["clear_will"] = True
         if w.primary == core.me:
-            self._accept(core.me, header, w.payload, lambda answer: self._answered(w, answer))
+            self._accept(core.me, header, [(w.topic, w.qos, w.payload)], lambda answer: self._answered(w, answer))
             return
         rid = header["id"] = core.requests.open(w, self)
         if not core.effects.send_peer(w.primary, codec.encode(codec.RETAIN, header, w.payload)):
@@ -116,6 +118,10 @@ class RetainedSide:
         if isinstance(w, RetainWrite):
             self.core.metrics["retained.write_timeouts"] += 1
             w.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {w.shard} did not confirm the retained message")
+        elif isinstance(w, RetainBatch):
+            self.core.metrics["retained.write_timeouts"] += 1
+            for one in w.writes:
+                one.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {w.shard} did not confirm the write")
 
     def _answered(self, w: RetainWrite, answer: dict[str, Any]) -> None:
         """The primary's answer: {} stored, {"stale": epoch}, {"conflict": stored record} (a conditional write
@@ -145,6 +151,11 @@ class RetainedSide:
         if isinstance(w, Replication):
             self._settle(h["id"], sender)
             return
+        if isinstance(w, RetainBatch) and w.primary == sender:
+            self.core.requests.close(h["id"])
+            stale = h.get("stale")
+            self._batch_answered(w, {"stale": stale} if type(stale) is int else {})
+            return
         if not isinstance(w, RetainWrite) or w.primary != sender:
             return
         self.core.requests.close(h["id"])
@@ -165,6 +176,99 @@ class RetainedSide:
         self._write(RetainWrite("", 0, topic, 1, payload, then, if_will=if_will, clear_will=clear_will,
                                 on_conflict=on_conflict))  # fmt: skip
 
+    # ------------------------------------------------------------------ batched writes: RETAINS
+    def queue_write(self, topic: str, payload: bytes, then: Callable[[str | None, str], None]) -> None:
+        """A node's own unconditional record write (as ``write_record``), sent at the end of this batch of events
+        with the other writes of its shard in one RETAINS (``send_batched``): the session queues' records and their
+        deletions (``sessions``), many per forwarded batch. ``then(code, reason)`` as for ``write_record``."""
+        self.batched.append(RetainWrite("", 0, topic, 1, payload, then))
+
+    def send_batched(self) -> None:
+        """Send the writes queued since the last flush (``NodeCore.flush``): one RETAINS per shard, in the order
+        they were queued (at most ``BATCH_MAX`` items and ``max_payload`` bytes each; a lone write as RETAIN)."""
+        core = self.core
+        while self.batched:  # a write refused at once (no primary) may queue nothing, but a stale retry may
+            writes, self.batched = self.batched, []
+            a = core.view.assignment
+            if a is None:
+                for w in writes:
+                    w.then(codec.E_UNAVAILABLE, "the cluster has no shard assignment yet; retry shortly")
+                continue
+            by_shard: dict[int, list[RetainWrite]] = {}
+            for w in writes:
+                by_shard.setdefault(shard_for_key(placement_key(w.topic), a.shard_count), []).append(w)
+            limit = core.cfg.max_payload
+            for shard in sorted(by_shard):
+                chunk: list[RetainWrite] = []
+                size = 0
+                for w in by_shard[shard]:
+                    if chunk and (len(chunk) >= BATCH_MAX or size + len(w.payload) > limit):
+                        self._write_batch(shard, chunk)
+                        chunk, size = [], 0
+                    chunk.append(w)
+                    size += len(w.payload)
+                self._write_batch(shard, chunk)
+
+    def _write_batch(self, shard: int, writes: list[RetainWrite]) -> None:
+        core = self.core
+        if len(writes) == 1:
+            self._write(writes[0])
+            return
+        a = core.view.assignment
+        assert a is not None
+        state = a.state(shard)
+        if not state.owners or (state.owners[0] != core.me and state.owners[0] not in core.view.members):
+            for w in writes:
+                w.then(codec.E_UNAVAILABLE, f"shard {shard} has no reachable primary; retry shortly")
+            return
+        primary = state.owners[0]
+        batch = RetainBatch(primary, shard, writes, attempt=max(w.attempt for w in writes))
+        for w in writes:
+            w.primary, w.shard = primary, shard
+        header = {"id": 0, "shard": shard, "shard_epoch": state.epoch, "replica": False,
+                  "items": [[w.topic, w.qos] for w in writes], "sizes": [len(w.payload) for w in writes]}  # fmt: skip
+        core.metrics["retained.batches_out"] += 1
+        if primary == core.me:
+            items = [(w.topic, w.qos, w.payload) for w in writes]
+            self._accept(core.me, header, items, lambda answer: self._batch_answered(batch, answer))
+            return
+        rid = header["id"] = core.requests.open(batch, self)
+        parts = codec.encode(codec.RETAINS, header, b"".join(w.payload for w in writes))
+        if not core.effects.send_peer(primary, parts):
+            core.requests.close(rid)
+            for w in writes:
+                w.then(codec.E_UNAVAILABLE, f"primary {primary} of shard {shard} is unreachable")
+            return
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_write(rid))
+
+    def _batch_answered(self, batch: RetainBatch, answer: dict[str, Any]) -> None:
+        """The primary's one answer for a RETAINS: every write of it has that answer (see ``_answered``); a stale
+        batch is grouped again once the assignment is read again."""
+        core = self.core
+        if "code" in answer:
+            for w in batch.writes:
+                w.then(answer["code"], answer["reason"])
+            return
+        stale = answer.get("stale")
+        if stale is None:
+            core.metrics["retained.writes_acked"] += len(batch.writes)
+            for w in batch.writes:
+                w.then(None, "")
+            return
+        if batch.attempt >= STALE_RETRIES:
+            for w in batch.writes:
+                w.then(codec.E_UNAVAILABLE, f"shard {batch.shard}'s primary kept answering stale (shard epoch {stale})")
+            return
+        core.metrics["retained.stale_retries"] += 1
+        for w in batch.writes:
+            w.attempt = batch.attempt + 1
+
+        def again(_ok: bool) -> None:
+            self.batched.extend(batch.writes)
+            self.send_batched()
+
+        core.refresh_assignment(again, force=True)
+
     def read_record(self, topic: str, then: Callable[[bytes | None], None]) -> None:
         """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners,
         each given ``lookup_timeout``)."""
@@ -182,44 +286,78 @@ class RetainedSide:
     # ------------------------------------------------------------------ the primary and its replicas
     def on_retain(self, sender: str, frame: Frame) -> None:
         h = frame.header
+        items = [(h["topic"], h["qos"], frame.payload)]
         if h["replica"]:
-            self._replica(sender, frame)
+            self._replica(sender, frame, items)
             return
+        self._accept(sender, h, items, self._reply_to(sender, h))
+
+    def on_retains(self, sender: str, frame: Frame) -> None:
+        """A batch of one shard's writes (RETAINS): as that many RETAIN frames, in order, answered once for all
+        (the primary stamps, applies and replicates them together; a replica applies and relays them together)."""
+        core = self.core
+        h = frame.header
+        try:
+            pairs = codec.split_batch(frame)
+        except ProtocolError as exc:
+            core.metrics[f"errors.{exc.code}"] += 1
+            core.refuse_peer(sender, frame, exc.code, exc.reason, shard=h["shard"])
+            return
+        items = [(topic, qos, payload) for (topic, qos), payload in pairs]
+        if h["replica"]:
+            self._replica(sender, frame, items)
+            return
+        self._accept(sender, h, items, self._reply_to(sender, h))
+
+    def _reply_to(self, sender: str, h: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        """How the primary answers a peer's RETAIN or RETAINS (see ``_answered`` for the answers)."""
+        core = self.core
 
         def reply(answer: dict[str, Any]) -> None:
             if "code" in answer:
-                self.core.refuse_request(sender, h["id"], answer["code"], answer["reason"], shard=h["shard"])
+                core.refuse_request(sender, h["id"], answer["code"], answer["reason"], shard=h["shard"])
             elif "conflict" in answer:  # nothing was written: nothing to wait for
                 parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"], "conflict": True}, answer["conflict"])
-                self.core.effects.send_peer(sender, parts)
-            else:  # the change this confirms is stored first (``durable``)
+                core.effects.send_peer(sender, parts)
+            else:  # the changes this confirms are stored first (``durable``)
                 parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"], **answer})
-                self.core.durable.after(lambda: self.core.effects.send_peer(sender, parts))
+                core.durable.after(lambda: core.effects.send_peer(sender, parts))
 
-        self._accept(sender, h, frame.payload, reply)
+        return reply
 
-    def _check(self, h: dict[str, Any]) -> tuple[str, str] | None:
-        """(code, reason) when a RETAIN's fields are wrong (for any receiver), else None."""
+    def _check(self, h: dict[str, Any], items: list[tuple[str, int, bytes]]) -> tuple[str, str] | None:
+        """(code, reason) when a RETAIN's or RETAINS' fields are wrong (for any receiver), else None."""
         core = self.core
-        shard, topic = h["shard"], h["topic"]
+        shard = h["shard"]
         if shard == ROOT or not core.view.shards_ok([shard]):
             return codec.E_BAD_HEADER, f"shard {shard} is outside this cluster"
-        if h["qos"] not in (0, 1):
-            return codec.E_INVALID_QOS, f"qos must be 0 or 1, got {h['qos']}"
         if "if_will" in h and not isinstance(h["if_will"], str):
             return codec.E_BAD_HEADER, "RETAIN if_will must be a will id (string)"
-        try:
-            validate_topic_name(topic)
-        except TopicError as exc:
-            return exc.code, exc.reason
-        if shard_for_key(placement_key(topic), core.view.shard_count) != shard:
-            return codec.E_BAD_HEADER, f"topic {topic!r} is not in shard {shard}"
+        if not items:
+            return codec.E_BAD_HEADER, "RETAINS needs at least one item"
+        in_shard: set[str] = set()  # placement keys found in the shard (a session's records share one)
+        for topic, qos, _ in items:
+            if qos not in (0, 1):
+                return codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}"
+            try:
+                validate_topic_name(topic)
+            except TopicError as exc:
+                return exc.code, exc.reason
+            key = placement_key(topic)
+            if key not in in_shard:
+                if shard_for_key(key, core.view.shard_count) != shard:
+                    return codec.E_BAD_HEADER, f"topic {topic!r} is not in shard {shard}"
+                in_shard.add(key)
         return None
 
-    def _accept(self, sender: str, h: dict[str, Any], payload: bytes, reply: Callable[[dict[str, Any]], None]) -> None:
-        """As the shard's primary: take the change, stamp, apply and replicate it, then ``reply``."""
+    def _accept(
+        self, sender: str, h: dict[str, Any], items: list[tuple[str, int, bytes]],
+        reply: Callable[[dict[str, Any]], None],
+    ) -> None:  # fmt: skip
+        """As the shard's primary: take the changes (one RETAIN's, or a RETAINS' in order), stamp, apply and
+        replicate them (one replica frame per replica), then ``reply`` once for all."""
         core = self.core
-        bad = self._check(h)
+        bad = self._check(h, items)
         if bad is not None:
             core.metrics[f"errors.{bad[0]}"] += 1
             reply({"code": bad[0], "reason": bad[1]})
@@ -227,7 +365,7 @@ class RetainedSide:
         if core.fenced():
             reply({"code": codec.E_FENCED, "reason": f"{core.me} cannot renew its etcd lease"})
             return
-        shard, shard_epoch, topic = h["shard"], h["shard_epoch"], h["topic"]
+        shard, shard_epoch = h["shard"], h["shard_epoch"]
         a = core.view.assignment
         ours = a.epoch(shard) if a is not None else 0
         if a is None or shard_epoch != ours or a.owners(shard)[:1] != (core.me,):
@@ -237,7 +375,8 @@ class RetainedSide:
             reply({"stale": ours})
             return
         if_will = h.get("if_will")
-        if if_will is not None:  # a session record's conditional write: decided here, by the one writer
+        if if_will is not None:  # a session record's conditional write (RETAIN only): decided here, by the one writer
+            topic = items[0][0]
             held = self.table.get(shard, topic)
             stored = held.payload if held is not None else b""
             if will_id(stored) != if_will:
@@ -245,34 +384,50 @@ class RetainedSide:
                 reply({"conflict": stored})
                 return
             if h.get("clear_will") is True:
-                payload = without_will(stored)
-        if payload:
-            growth = self.table.growth(shard, topic, payload)
-            if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:
-                core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
-                core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
-                                 limit=core.cfg.max_retained_bytes)  # fmt: skip
-                reason = f"{core.me} holds {self.table.bytes} bytes of retained messages, the limit is " \
-                         f"{core.cfg.max_retained_bytes}: the retained message was not stored"  # fmt: skip
-                reply({"code": codec.E_OVERLOADED, "reason": reason})
-                return
-        self.seq += 1
-        stamp = (ours, self.seq)
-        self.apply(shard, topic, h["qos"], payload, stamp)
+                items = [(topic, items[0][1], without_will(stored))]
+        growth = sum(self.table.growth(shard, topic, payload) for topic, _, payload in items if payload)
+        if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:
+            core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
+            core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
+                             limit=core.cfg.max_retained_bytes)  # fmt: skip
+            reason = f"{core.me} holds {self.table.bytes} bytes of retained messages, the limit is " \
+                     f"{core.cfg.max_retained_bytes}: the retained message was not stored"  # fmt: skip
+            reply({"code": codec.E_OVERLOADED, "reason": reason})
+            return
+        first = self.seq + 1
+        self.seq += len(items)
         members = core.view.members
         targets = (set(a.owners(shard)) | (self.core.owner.source.relay_targets(shard) or set())) - {core.me}
-        header = {"id": 0, "shard": shard, "shard_epoch": ours, "topic": topic, "qos": h["qos"], "replica": True,
-                  "stamp": list(stamp)}  # fmt: skip
+        header: dict[str, Any] = {"id": 0, "shard": shard, "shard_epoch": ours, "replica": True,
+                                  "stamp": [ours, first]}  # fmt: skip
+        if len(items) == 1 and "items" not in h:  # a RETAIN's change goes on as a RETAIN
+            frame_type, (topic, qos, payload) = codec.RETAIN, items[0]
+            header |= {"topic": topic, "qos": qos}
+        else:
+            frame_type, payload = codec.RETAINS, b"".join(p for _, _, p in items)
+            header |= {"items": [[t, q] for t, q, _ in items], "sizes": [len(p) for _, _, p in items]}
+
+        applied = False
+        early: list[bool] = []  # the replicas' outcome, when it came before the changes were applied here
 
         def replicated(failed: bool) -> None:
-            if failed:
+            if not applied:  # no replica to wait for (or none reachable): answered once applied here, below
+                early.append(failed)
+            elif failed:
                 reply({"code": codec.E_UNAVAILABLE, "reason": f"replicas of shard {shard} did not confirm in time"})
             else:
                 reply({})
 
-        self._replicate(sorted(t for t in targets if t in members), header, payload, replicated)
+        # The replicas get the changes first and apply them while this node does: a batch costs the slower of
+        # the two, not their sum. Nothing is answered before both hold them.
+        self._replicate(sorted(t for t in targets if t in members), frame_type, header, payload, replicated)
+        for i, (topic, qos, payload) in enumerate(items):
+            self.apply(shard, topic, qos, payload, (ours, first + i))
+        applied = True
+        if early:
+            replicated(early[0])
 
-    def _replicate(self, targets: list[str], header: dict[str, Any], payload: bytes,
+    def _replicate(self, targets: list[str], frame_type: bytes, header: dict[str, Any], payload: bytes,
                    then: Callable[[bool], None]) -> None:  # fmt: skip
         core = self.core
         if not targets:
@@ -281,7 +436,7 @@ class RetainedSide:
         record = Replication(set(targets), then)
         rid = header["id"] = core.requests.open(record, self)
         core.metrics["retained.replicated"] += len(targets)
-        parts = codec.encode(codec.RETAIN, header, payload)
+        parts = codec.encode(frame_type, header, payload)
         for target in targets:
             if not core.effects.send_peer(target, parts):
                 self._settle(rid, target)  # not a member any more: it holds nothing of ours
@@ -304,13 +459,15 @@ class RetainedSide:
             self.core.log.warning("retained_replica_timeout", replicas=sorted(record.pending))
             record.then(True)
 
-    def _replica(self, sender: str, frame: Frame) -> None:
+    def _replica(self, sender: str, frame: Frame, items: list[tuple[str, int, bytes]]) -> None:
+        """A replica change (RETAIN, or RETAINS: item i stamped ``stamp`` seq + i) from the shard's primary or the
+        source of its hand-off: applied, relayed to this node's own hand-off targets, answered once for all."""
         core = self.core
         h = frame.header
-        bad = self._check(h)
+        bad = self._check(h, items)
         stamp = h.get("stamp")
         if bad is None and not (isinstance(stamp, list) and len(stamp) == 2 and all(type(x) is int for x in stamp)):
-            bad = (codec.E_BAD_HEADER, "a replica RETAIN needs stamp [shard_epoch:int, seq:int]")
+            bad = (codec.E_BAD_HEADER, f"a replica {frame.type.decode()} needs stamp [shard_epoch:int, seq:int]")
         if bad is not None:
             core.metrics[f"errors.{bad[0]}"] += 1
             core.refuse_peer(sender, frame, *bad)
@@ -324,7 +481,8 @@ class RetainedSide:
             return
         if shard_epoch > ours:
             core.effects.poll_view()
-        self.apply(shard, h["topic"], h["qos"], frame.payload, (stamp[0], stamp[1]))
+        for i, (topic, qos, payload) in enumerate(items):
+            self.apply(shard, topic, qos, payload, (stamp[0], stamp[1] + i))
         # A hand-off source relays what it is sent to its own targets (those that do not own the shard: the
         # primary sent those the change itself), and answers once they hold it.
         owners = set(a.owners(shard)) if a is not None else set()
@@ -335,13 +493,13 @@ class RetainedSide:
             if failed:
                 reason = f"hand-off targets of shard {shard} did not confirm"
                 core.refuse_request(sender, h["id"], codec.E_UNAVAILABLE, reason, shard=shard)
-            else:  # the change this confirms is stored first (``durable``)
+            else:  # the changes this confirms are stored first (``durable``)
                 parts = codec.encode(codec.RETAIN_ACK, {"id": h["id"]})
                 core.durable.after(lambda: core.effects.send_peer(sender, parts))
 
         if relay:
-            core.metrics["handoff.retained_forwarded"] += len(relay)
-        self._replicate(relay, {**h, "id": 0}, frame.payload, done)
+            core.metrics["handoff.retained_forwarded"] += len(relay) * len(items)
+        self._replicate(relay, frame.type, {**h, "id": 0}, frame.payload, done)
 
     def apply(self, shard: int, topic: str, qos: int, payload: bytes, stamp: Stamp) -> None:
         if payload:
@@ -555,6 +713,9 @@ class RetainedSide:
         if isinstance(request, RetainWrite):
             self.core.requests.close(rid)
             request.then(code, f"node {sender} refused: {reason}")
+        elif isinstance(request, RetainBatch):
+            self.core.requests.close(rid)
+            self._batch_answered(request, {"code": code, "reason": f"node {sender} refused: {reason}"})
         elif isinstance(request, Replication):
             self._settle(rid, sender, failed=True)
         elif isinstance(request, RetainedFetch):
@@ -565,6 +726,9 @@ class RetainedSide:
             # The primary left: a promoted replica holds what it confirmed; ask it once the view shows it.
             self.core.requests.close(rid)
             self._answered(request, {"stale": self.core.view.shard_epoch(request.shard)})
+        elif isinstance(request, RetainBatch):
+            self.core.requests.close(rid)
+            self._batch_answered(request, {"stale": self.core.view.shard_epoch(request.shard)})
         elif isinstance(request, Replication):
             self._settle(rid, node)  # a replica that left holds nothing any more: it counts as done
         elif isinstance(request, RetainedFetch):

@@ -35,7 +35,10 @@ Rules of this file:
   the queue record ``$sessionq/C/<publish id>`` (``records.queue_topic``; placed by the key ``$session/C``, so it
   lives, moves and is released with the directory record) before the forward that carried it is answered
   (``append``; FWD_ACK, or the PUBACK of a local delivery, waits; a failed write answers the forward with its
-  ERROR). A DACK deletes the record lazily (``trim``: TRIM_BATCH at once or each ``redelivery_interval``).
+  ERROR). A DACK deletes the record lazily (``trim``: TRIM_BATCH at once or each ``redelivery_interval``). Both
+  are batched (``retained.queue_write``): the records written and deleted in one batch of events go to each
+  session shard's primary in one RETAINS, replicated as one frame per replica and answered by one RETAIN_ACK
+  that answers every forward waiting on one of them.
 - Holder lost. When members leave, each node adopts the sessions whose records it holds as their shard's primary
   and whose holder left (``adopt_orphans``: a record whose primary left too waits for the next assignment): it
   becomes the holder, rebuilt from the record and its queue records in the primary's write order, all ``dup``,
@@ -465,7 +468,8 @@ class SessionSide:
                then: Callable[[str | None, str], None]) -> None:  # fmt: skip
         """A QoS 1 message queued for persistent ``sessions`` here: written to each one's replicated queue (its
         shard's primary, replicated before it answers); ``then(code, reason)`` once all are (code None) or one
-        failed. The forward that carried it is answered only then (see the rules)."""
+        failed. The forward that carried it is answered only then (see the rules). The writes of one batch of
+        events go together, one RETAINS per session shard (``retained.queue_write``)."""
         core = self.core
         failed: list[tuple[str, str]] = []
 
@@ -485,8 +489,8 @@ class SessionSide:
             each([])
 
         value = encode_queued(topic, False, pid, payload)
-        for session in sessions:
-            core.retained.write_record(queue_topic(session.rid.decode("utf-8", "replace"), pid), value, one)
+        for session in sessions:  # batched: one RETAINS per shard at the flush (``retained.send_batched``)
+            core.retained.queue_write(queue_topic(session.rid.decode("utf-8", "replace"), pid), value, one)
 
     def trim(self, session: Session, pid: Pid) -> None:
         """The client acknowledged ``pid``: its queue record goes, lazily (a batch at TRIM_BATCH or the tick; a
@@ -514,8 +518,8 @@ class SessionSide:
             else:
                 core.metrics["sessions.trimmed"] += 1
 
-        for pid in pids:
-            core.retained.write_record(queue_topic(client_id, pid), b"", done)
+        for pid in pids:  # batched with the appends: one RETAINS per shard at the flush
+            core.retained.queue_write(queue_topic(client_id, pid), b"", done)
 
     def forget_queue(self, session: Session) -> None:
         """The session ends for good (clean connect, expiry): its replicated queue goes with its record."""

@@ -33,6 +33,9 @@ Rules of this file:
 - Wills (v4): HELLO may carry ``will`` ({"topic", "qos", "retain"}, checked by the node) with the will's payload in its
   payload part; a RETAIN of a session record may be conditional (``if_will``, a string, and ``clear_will``), and
   its RETAIN_ACK then may say ``conflict`` (the stored record in its payload part).
+- Batched retained writes (v4): RETAINS, the batch sibling of RETAIN for one shard (``items`` [topic, qos] and
+  ``sizes``, the payloads back to back, as PUBS; with ``replica`` a ``stamp`` [shard_epoch, first seq], item i
+  stamped first seq + i), answered by one RETAIN_ACK for all its items; never conditional (no ``if_will``).
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -89,6 +92,7 @@ HANDOFF_READY = b"HANDOFF_READY"
 INVALIDATE = b"INVALIDATE"
 INVALIDATE_ACK = b"INVALIDATE_ACK"
 RETAIN = b"RETAIN"  # a retained message's change: entry -> shard primary; with ``replica``: primary -> replicas
+RETAINS = b"RETAINS"  # many RETAINs of one shard in one frame (a session queue's records, their deletions)
 RETAIN_ACK = b"RETAIN_ACK"
 RETAINED_GET = b"RETAINED_GET"  # a new subscription's filters: which retained messages match them
 RETAINED_REPLY = b"RETAINED_REPLY"
@@ -148,6 +152,7 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     INVALIDATE: {"id": _INT, "shards": _LIST},
     INVALIDATE_ACK: {"id": _INT},
     RETAIN: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "topic": _STR, "qos": _INT, "replica": bool},
+    RETAINS: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "replica": bool, "items": _LIST, "sizes": _LIST},
     RETAIN_ACK: {"id": _INT},
     RETAINED_GET: {"id": _INT, "filters": _LIST},
     RETAINED_REPLY: {"id": _INT, "items": _LIST, "sizes": _LIST, "more": bool},
@@ -247,6 +252,14 @@ def _pubs_items_ok(items: list[Any]) -> bool:
     )  # fmt: skip
 
 
+def _retains_items_ok(items: list[Any]) -> bool:
+    """RETAINS items: [topic, qos]."""
+    return all(
+        isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and type(r[1]) is int and r[1] in (0, 1)
+        for r in items
+    )
+
+
 def _retained_items_ok(items: list[Any]) -> bool:
     """RETAINED_REPLY items: [topic, qos, shard, stamp epoch, stamp seq]."""
     return all(
@@ -277,6 +290,8 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (MSGS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (PUBS, "items"): (_pubs_items_ok, "[topic:str, qos:0|1, id:int|null(, retain:bool)] lists"),
     (PUBS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (RETAINS, "items"): (_retains_items_ok, "[topic:str, qos:0|1] pairs"),
+    (RETAINS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (RETAINED_GET, "filters"): (_strings_ok, "filter strings"),
     (RETAINED_REPLY, "items"): (_retained_items_ok, "[topic:str, qos:0|1, shard:int, epoch:int, seq:int] lists"),
     (RETAINED_REPLY, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
@@ -297,8 +312,8 @@ CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STA
 PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
-        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAIN_ACK, RETAINED_GET, RETAINED_REPLY,
-        SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE,
+        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAINS, RETAIN_ACK, RETAINED_GET,
+        RETAINED_REPLY, SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE,
     }
 )  # fmt: skip
 
