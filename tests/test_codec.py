@@ -94,6 +94,8 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
         ).map(list),
         max_size=5,
     ),
+    (codec.RETAINS, "items"): st.lists(st.tuples(st.text(max_size=20), st.sampled_from([0, 1])).map(list), max_size=5),
+    (codec.RETAINS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
     (codec.RETAINED_GET, "filters"): st.lists(st.text(max_size=20), max_size=5),
     (codec.RETAINED_REPLY, "items"): st.lists(
         st.tuples(
@@ -605,12 +607,18 @@ def test_retained_frames_round_trip() -> None:
         (codec.PUB, {"topic": "a", "qos": 1, "id": 2, "retain": True}, b"p"),
         (codec.MSG, {"topic": "a", "qos": 0, "retain": True}, b"p"),
         (codec.PUBS, {"items": [["a", 0, None, True], ["b", 1, 4]], "sizes": [1, 1]}, b"pq"),
+        (codec.RETAINS, {"id": 5, "shard": 5, "shard_epoch": 2, "replica": False, "items": [["a/b", 1], ["a/c", 1]],
+                         "sizes": [1, 0]}, b"x"),  # fmt: skip
+        (codec.RETAINS, {"id": 6, "shard": 5, "shard_epoch": 2, "replica": True, "stamp": [2, 10],
+                         "items": [["a/b", 1], ["a/c", 0]], "sizes": [2, 1]}, b"xyz"),  # fmt: skip
     ]
     for frame_type, header, payload in frames:
         frame = codec.decode(codec.encode(frame_type, header, payload))
         assert frame == Frame(frame_type, {"v": codec.PROTOCOL_VERSION, **header}, payload)
     reply = codec.decode(codec.encode(*frames[5]))
     assert codec.split_batch(reply) == [(["a/b", 1, 5, 2, 9], b"xy"), (["a/c", 0, 6, 1, 1], b"z")]
+    batch = codec.decode(codec.encode(*frames[-1]))
+    assert codec.split_batch(batch) == [(["a/b", 1], b"xy"), (["a/c", 0], b"z")]
 
 
 def test_snapshot_retained_round_trip_and_checks() -> None:
