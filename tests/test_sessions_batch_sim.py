@@ -3,7 +3,8 @@
 What is checked: the records a forwarded batch queues for a persistent session go to the session shard's primary in
 one RETAINS and on to the replica in one frame, and the forwards are acknowledged only once the replica answered; a
 replica that does not answer fails the forwards (the publisher is told and publishes again, and then every message
-is in the queue at both owners and reaches the client); the deletions of acknowledged messages go as one RETAINS; a
+is in the queue at both owners and reaches the client); every record of a batch is journaled for the store
+(``durable``) and the forwards wait for the replica's store; the deletions of acknowledged messages go as one RETAINS; a
 batch written while the session shard streams to a hand-off target reaches the target (relayed), and the records
 are all at the shard's owners after the hand-off.
 """
@@ -17,9 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
+from shardmq.protocol.records import decode_queued
 from shardmq.router import codec
-from shardmq.testing.simulation import Sim
-from tests.test_retained_sim import cluster
+from shardmq.testing.simulation import Sim, SimConfig
+from tests.test_retained_sim import SHARDS, cluster
 from tests.test_sessions_sim import (
     TOPIC,
     bye,
@@ -211,3 +213,35 @@ def test_a_batch_during_a_handoff_reaches_the_target_and_loses_nothing() -> None
         assert sim.settle()
         assert got(sim, rid) == payloads
     assert holder != newcomer
+
+
+@pytest.mark.timeout(60)
+def test_every_batched_record_is_journaled_and_the_ack_waits_for_the_replicas_store() -> None:
+    sim = Sim(SimConfig(shard_count=SHARDS, replication=2, snapshot_chunk=2, durable=True))
+    for _ in range(3):
+        sim.join()
+    assert sim.settle()
+    holder, primary, replica = away_on_a_non_owner(sim)
+    held = sim.nodes[replica].persist_held = []
+    payloads = publish_batch(sim, primary, 1, 30)
+    sim.settle(max_rounds=4)  # 1 s of simulated time: less than the request timeout
+    assert acked_ids(sim) == set(), "acknowledged before the replica's store committed"
+    sim.nodes[replica].persist_held = None
+    for changes, then in held:
+        sim.nodes[replica].persisted.extend(changes)
+        then()
+        sim.nodes[replica].core.flush()  # what the shell's loop does after an event
+    assert sim.settle()
+    assert acked_ids(sim) == set(range(1, 31))
+    for node in (primary, replica):
+        stored = [c for c in sim.nodes[node].persisted if c[0] == "retained" and c[2].startswith("$sessionq/")]
+        assert sorted(decode_queued(c[-1])[3] for c in stored) == sorted(payloads), node  # type: ignore[index]
+    hello(sim, holder)  # acknowledged: every record's deletion is journaled too
+    for _ in range(12):
+        sim.tick(0.25)
+        sim.drain()
+        sim.pump_clients()
+    assert sim.settle()
+    for node in (primary, replica):
+        deleted = {c[2] for c in sim.nodes[node].persisted if c[0] == "retained_del"}
+        assert len({t for t in deleted if t.startswith("$sessionq/")}) == 30, node
