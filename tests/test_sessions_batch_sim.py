@@ -4,7 +4,8 @@ What is checked: the records a forwarded batch queues for a persistent session g
 one RETAINS and on to the replica in one frame, and the forwards are acknowledged only once the replica answered; a
 replica that does not answer fails the forwards (the publisher is told and publishes again, and then every message
 is in the queue at both owners and reaches the client); every record of a batch is journaled for the store
-(``durable``) and the forwards wait for the replica's store; the deletions of acknowledged messages go as one RETAINS; a
+(``durable``) and the forwards wait for the replica's store; a batch sent to a primary that is no longer one is
+told stale once and sent again whole to the new primary; the deletions of acknowledged messages go as one RETAINS; a
 batch written while the session shard streams to a hand-off target reaches the target (relayed), and the records
 are all at the shard's owners after the hand-off.
 """
@@ -245,3 +246,36 @@ def test_every_batched_record_is_journaled_and_the_ack_waits_for_the_replicas_st
     for node in (primary, replica):
         deleted = {c[2] for c in sim.nodes[node].persisted if c[0] == "retained_del"}
         assert len({t for t in deleted if t.startswith("$sessionq/")}) == 30, node
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_sent_to_an_old_primary_is_told_stale_and_sent_again_whole() -> None:
+    sim = cluster()
+    holder = sorted(sim.nodes)[0]
+    core = sim.nodes[holder].core
+    old, old_revision = core.view.assignment, core.view.assignment_revision
+    assert old is not None
+    sim.join()
+    assert sim.settle()
+    new = sim.etcd.doc
+    assert new is not None
+    rid = next(
+        r for r in (b"dev-%d" % i for i in range(500))
+        if new.owners(s := sim.shard_of("$session/" + r.decode()))[0] != old.owners(s)[0]
+        and holder not in (old.owners(s)[0], new.owners(s)[0])
+    )  # fmt: skip
+    hello(sim, holder, rid=rid)
+    subscribe(sim, holder, rid=rid)
+    bye(sim, holder, rid=rid)
+    core.view.assignment, core.view.assignment_revision = old, old_revision  # the holder's view lags
+    sent = frames_of(sim)
+    entry = next(n for n in sorted(sim.nodes) if n != holder)
+    payloads = publish_batch(sim, entry, 1, 25)
+    assert sim.settle()
+    assert acked_ids(sim) == set(range(1, 26))
+    assert core.metrics["retained.stale_retries"] == 1  # once for the batch, not per record
+    writes = [(d, len(h["items"])) for s, d, t, h in sent if t == codec.RETAINS and s == holder]
+    shard = sim.shard_of("$session/" + rid.decode())
+    assert writes == [(old.owners(shard)[0], 25), (new.owners(shard)[0], 25)]
+    for owner in new.owners(shard):
+        assert queue_records(sim, owner, rid) == payloads
