@@ -18,6 +18,12 @@ Rules of this file:
   a hand-off target also from the source that streams the shard to it (``HandoffTarget.may_forward``). A replica
   that is itself the source of a hand-off of the shard relays the change on to its targets and answers once they
   did, so a target never flips without a write confirmed meanwhile.
+- Batches (RETAINS). A node's own unconditional record writes made while it handles one batch of events (the
+  session queues' records and deletions, ``queue_write``) are sent at the flush (``send_batched``), one RETAINS per
+  shard (a lone one as RETAIN). The primary takes a RETAINS whole or not at all, stamps its items with consecutive
+  sequence numbers, sends it on as one replica RETAINS per replica and hand-off target before it applies it itself
+  (the replicas apply meanwhile), and answers one RETAIN_ACK once each answered, as for one RETAIN; ``stale``
+  sends the whole batch again (grouped again). Every record is applied, and so journaled, one by one.
 - A session record's write may be conditional (``wills``): RETAIN ``if_will`` names the will id the writer expects
   the stored record to hold ("" none); the primary, which orders every write of the shard, applies it only then
   (``clear_will``: it stores the stored record without its will), else answers RETAIN_ACK ``conflict`` with the
