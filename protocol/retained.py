@@ -193,7 +193,7 @@ class RetainedSide:
         """Send the writes queued since the last flush (``NodeCore.flush``): one RETAINS per shard, in the order
         they were queued (at most ``BATCH_MAX`` items and ``max_payload`` bytes each; a lone write as RETAIN)."""
         core = self.core
-        while self.batched:  # a write refused at once (no primary) may queue nothing, but a stale retry may
+        while self.batched:  # what the answers given here (a refusal, a local primary's) queue goes out too
             writes, self.batched = self.batched, []
             a = core.view.assignment
             if a is None:
@@ -391,7 +391,7 @@ class RetainedSide:
                 return
             if h.get("clear_will") is True:
                 items = [(topic, items[0][1], without_will(stored))]
-        growth = sum(self.table.growth(shard, topic, payload) for topic, _, payload in items if payload)
+        growth = self._growth(shard, items)
         if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:
             core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
             core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
@@ -432,6 +432,18 @@ class RetainedSide:
         applied = True
         if early:
             replicated(early[0])
+
+    def _growth(self, shard: int, items: list[tuple[str, int, bytes]]) -> int:
+        """Bytes held more once ``items`` are applied: a deletion in the same batch frees its record's bytes (a
+        batch of a session's new records and acknowledged ones is not refused for what it adds alone)."""
+        table = self.table
+        total = 0
+        for topic, _, payload in items:
+            if payload:
+                total += table.growth(shard, topic, payload)
+            elif (old := table.get(shard, topic)) is not None:
+                total -= table.cost(topic, old.payload)
+        return total
 
     def _replicate(self, targets: list[str], frame_type: bytes, header: dict[str, Any], payload: bytes,
                    then: Callable[[bool], None]) -> None:  # fmt: skip

@@ -5,7 +5,8 @@ one RETAINS and on to the replica in one frame, and the forwards are acknowledge
 replica that does not answer fails the forwards (the publisher is told and publishes again, and then every message
 is in the queue at both owners and reaches the client); every record of a batch is journaled for the store
 (``durable``) and the forwards wait for the replica's store; a batch sent to a primary that is no longer one is
-told stale once and sent again whole to the new primary; the deletions of acknowledged messages go as one RETAINS; a
+told stale once and sent again whole to the new primary; a batch past ``max_retained_bytes`` is refused whole
+(``overloaded``); the deletions of acknowledged messages go as one RETAINS; a
 batch written while the session shard streams to a hand-off target reaches the target (relayed), and the records
 are all at the shard's owners after the hand-off.
 """
@@ -279,3 +280,23 @@ def test_a_batch_sent_to_an_old_primary_is_told_stale_and_sent_again_whole() -> 
     assert writes == [(old.owners(shard)[0], 25), (new.owners(shard)[0], 25)]
     for owner in new.owners(shard):
         assert queue_records(sim, owner, rid) == payloads
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_past_the_byte_limit_is_refused_whole_with_overloaded() -> None:
+    sim = cluster()
+    holder, primary, replica = away_on_a_non_owner(sim)
+    room = sim.nodes[primary].core.owner.retained.bytes + 600  # a few records more, not 30
+    for n in sim.nodes.values():
+        n.core.cfg = type(n.core.cfg)(**{**{f: getattr(n.core.cfg, f) for f in n.core.cfg.__slots__},
+                                         "max_retained_bytes": room})  # fmt: skip
+    publish_batch(sim, primary, 1, 30)
+    assert sim.settle()
+    assert acked_ids(sim) == set()
+    assert set(refused_ids(sim).items()) == {(i, codec.E_OVERLOADED) for i in range(1, 31)}
+    assert queue_records(sim, primary) == queue_records(sim, replica) == []  # nothing of it was applied
+    payloads = publish_batch(sim, primary, 31, 5)
+    assert sim.settle()
+    assert acked_ids(sim) == set(range(31, 36))
+    assert queue_records(sim, primary) == queue_records(sim, replica) == payloads
+    assert holder not in (primary, replica)
