@@ -8,8 +8,8 @@ methods, so the same scenario runs against any broker that has a driver:
   stopped by pid, temp dir removed), driven with paho-mqtt 2.x over MQTT 5 (3.1.1 where a scenario says so).
 - ``shardmq``: a 3-node ``LocalCluster`` (started once for the run, stopped by pid, temp dir removed; or the
   caller's, e.g. a test fixture), driven with the SDK (``shardmq.client.Client``), each connection to one node, the
-  nodes in turn so that a scenario's clients and reconnections cross nodes. A scenario that needs a feature shardmq
-  lacks (wills, shared subscriptions so far) reports ``{"unsupported": why}``; it runs unchanged once the SDK has it.
+  nodes in turn so that a scenario's clients and reconnections cross nodes. A scenario that needs broker settings
+  (``queue_limit_100``) on a caller's cluster reports ``{"unsupported": why}`` (the script starts a cluster for it).
 
 Every scenario runs on a fresh broker (mosquitto: its own process; shardmq: its own topics and client ids, its
 persistent sessions ended afterwards), uses unique topics and payloads, and waits a bounded time for everything. The
@@ -67,7 +67,7 @@ class Connack:
 
 
 class Unsupported(Exception):
-    """The broker under test lacks a feature a scenario needs (shardmq: wills, shared subscriptions so far): the
+    """The broker under test cannot run a scenario as asked (shardmq: broker settings on a caller's cluster): the
     scenario is reported as ``{"unsupported": reason}``, not as an error."""
 
 
@@ -336,7 +336,6 @@ class MosquittoBroker(Broker):
 
 
 # ---------------------------------------------------------------------------------------------- shardmq
-SHARED_PREFIX = "$share/"
 SHARDMQ_NODE_ARGS = ["--client-idle-check", "1"]  # as the suite's shared cluster: a quiet client is probed after 1 s
 SETTING_FLAGS = {"max_queued_messages": "--max-queued"}  # a scenario's broker setting -> the node option for it
 
@@ -351,15 +350,6 @@ def client_idle_check(node_args: list[str]) -> float:
     if flag in node_args:
         return float(node_args[node_args.index(flag) + 1])
     return float(next(f.default for f in fields(NodeConfig) if f.name == "client_idle_check"))  # type: ignore[arg-type]
-
-
-def sdk_has_wills() -> bool:
-    """Whether the SDK takes ``Client(..., will=(topic, payload, qos, retain))`` (issue #13, item 4)."""
-    import inspect
-
-    from shardmq.client import Client
-
-    return "will" in inspect.signature(Client).parameters
 
 
 class SdkDriver(Driver):
@@ -389,8 +379,6 @@ class SdkDriver(Driver):
 
         kwargs: dict[str, Any] = {}
         if will is not None:
-            if not sdk_has_wills():
-                raise Unsupported("will messages: the SDK has no Client(..., will=...) yet (issue #13, item 4)")
             kwargs["will"] = (will.topic, will.payload, will.qos, will.retain)
         if not clean_session:
             kwargs["session_expiry"] = session_expiry or SESSION_EXPIRY
@@ -402,8 +390,6 @@ class SdkDriver(Driver):
     def subscribe(self, topic_filter: str, qos: int) -> int:
         from shardmq.client import ShardMQError
 
-        if topic_filter.startswith(SHARED_PREFIX) and not self.broker.shared_subscriptions():
-            raise Unsupported("shared subscriptions: $share/GROUP/FILTER is not routed yet (issue #13, item 5)")
         try:
             self._client.subscribe(topic_filter, qos)
         except ShardMQError:
@@ -525,7 +511,6 @@ class ShardmqBroker(Broker):
         self._cluster: Any = None  # the one the running scenario uses
         self._next = 0
         self._drivers: list[SdkDriver] = []
-        self._shared: bool | None = None
         self.persistent_ids: set[str] = set()
         self.credentials: Any = None
 
@@ -564,7 +549,7 @@ class ShardmqBroker(Broker):
             cluster = self._given
         else:
             cluster = self.start()
-        self._cluster, self._next, self._shared = cluster, 0, None
+        self._cluster, self._next = cluster, 0
         self.credentials = cluster.admin_credentials
         # A vanished client is found unreachable by the idle probe (every --client-idle-check seconds, to clients
         # quiet that long) and its clean session dropped one more idle check later: at most 3 of them.
@@ -602,26 +587,6 @@ class ShardmqBroker(Broker):
         self._next += 1
         self._drivers.append(d)
         return d
-
-    def shared_subscriptions(self) -> bool:
-        """Whether the cluster routes ``$share/GROUP/FILTER`` as a shared subscription: a probe subscribes one and
-        publishes to its filter (today ``$share/...`` is a plain filter of ``$`` topics, refused ``not_authorized``
-        even to the operator, and would get nothing if allowed)."""
-        if self._shared is None:
-            from shardmq.client import Client, ShardMQError
-
-            probe = f"semantics-probe/{uuid.uuid4().hex[:8]}"
-            endpoints = self._cluster.state.client_endpoints()
-            with Client([endpoints[0]], timeout=WAIT, credentials=self.credentials) as member, \
-                    Client([endpoints[-1]], timeout=WAIT, credentials=self.credentials) as pub:  # fmt: skip
-                try:
-                    member.subscribe(f"{SHARED_PREFIX}probe/{probe}", 1)
-                except ShardMQError:
-                    self._shared = False
-                else:
-                    pub.publish(probe, b"probe", qos=1)
-                    self._shared = member.receive(timeout=1.0) is not None
-        return self._shared
 
     def start(self) -> Any:
         """The cluster for scenarios without settings: the caller's, else one started now (once)."""
@@ -748,16 +713,6 @@ def persistent_session_v311(broker: Broker, base: str) -> Observed:
     return persistent_session(broker, base, 4)
 
 
-def connect_with_will(d: Driver, notes: Observed, client_id: str, will: Will, **kwargs: Any) -> Connack:
-    """Connect with ``will``; on a broker without wills, connect without one and say so in ``notes["wills"]``
-    (the scenario's other observations still count; its will observations are then None)."""
-    try:
-        return d.connect(client_id, will=will, **kwargs)
-    except Unsupported as e:
-        notes["wills"] = f"unsupported: {e}"
-        return d.connect(client_id, **kwargs)
-
-
 def takeover(broker: Broker, base: str) -> Observed:
     """A second connection with a connected client's id takes its session over."""
     topic, cid, will_topic = f"{base}/t", f"{base}-dup", f"{base}/will"
@@ -765,9 +720,7 @@ def takeover(broker: Broker, base: str) -> Observed:
     watcher.connect(f"{base}-watcher")
     watcher.subscribe(will_topic, 1)
     first = broker.client()
-    notes: Observed = {}
-    connect_with_will(first, notes, cid, Will(will_topic, b"will-of-first"), clean_session=False,
-                      session_expiry=SESSION_EXPIRY)  # fmt: skip
+    first.connect(cid, will=Will(will_topic, b"will-of-first"), clean_session=False, session_expiry=SESSION_EXPIRY)
     first.subscribe(topic, 1)
     pub = broker.client()
     pub.connect(f"{base}-pub")
@@ -776,7 +729,7 @@ def takeover(broker: Broker, base: str) -> Observed:
     held = drain(first, ack=False)  # delivered to the first connection, not acknowledged by it
     second = broker.client()
     will2_set = Will(will_topic, b"will-of-second")
-    c2 = connect_with_will(second, notes, cid, will2_set, clean_session=False, session_expiry=SESSION_EXPIRY)
+    c2 = second.connect(cid, will=will2_set, clean_session=False, session_expiry=SESSION_EXPIRY)
     first_closed = first.closed_by_server(WAIT)
     got2 = drain(second)
     for i in range(2):
@@ -805,7 +758,6 @@ def takeover(broker: Broker, base: str) -> Observed:
         "second_closed_by_clean_takeover": second_closed,
         "second_will_published_on_clean_takeover": will2.payload.decode() if will2 else None,
         "clean_takeover_received": texts(got3),
-        **notes,
     }
 
 
@@ -872,32 +824,52 @@ def retained(broker: Broker, base: str) -> Observed:
     }
 
 
+class WillWatcher:
+    """A subscriber to every will topic of a scenario that waits for one topic's will while others arrive: each
+    message is timed when it is received (the driver's receive call, so within a loop turn of its arrival)."""
+
+    def __init__(self, driver: Driver, base: str) -> None:
+        self.driver, self.base = driver, base
+        self.seen: dict[str, tuple[Message, float]] = {}  # topic -> (first message, time.monotonic() received)
+
+    def wait(self, topic: str, until: float) -> tuple[Message, float] | None:
+        while topic not in self.seen:
+            left = until - time.monotonic()
+            m = self.driver.receive(left) if left > 0 else None
+            if m is None:
+                return None
+            self.seen.setdefault(m.topic, (m, time.monotonic()))
+        return self.seen[topic]
+
+
 def will(broker: Broker, base: str) -> Observed:
-    """Will on vanish (socket closed without DISCONNECT), none on clean disconnect, and on keepalive expiry."""
+    """Will on vanish (socket closed without DISCONNECT), none on clean disconnect, and on keepalive expiry. The
+    silent client goes silent first and is waited for last, so its wait overlaps the other two cases."""
     watcher = broker.client()
     watcher.connect(f"{base}-watcher")
     watcher.subscribe(f"{base}/will/#", 1)
+    wills = WillWatcher(watcher, base)
     out: Observed = {}
-    v = broker.client()
-    v.connect(f"{base}-vanish", will=Will(f"{base}/will/vanish", b"will-vanish"))
-    t0 = v.vanish()
-    m = watcher.receive(WAIT + broker.vanish_detect)
-    out["vanish_will"] = brief(m, base) if m else None
-    out["vanish_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
-    clean = broker.client()
-    clean.connect(f"{base}-clean", will=Will(f"{base}/will/clean", b"will-clean"))
-    clean.disconnect_cleanly()
-    m = watcher.receive(1.5)
-    out["clean_disconnect_will"] = brief(m, base) if m else None
     keepalive = 2
     k = broker.client()
     k.connect(f"{base}-silent", will=Will(f"{base}/will/silent", b"will-silent"), keepalive=keepalive)
-    t0 = time.monotonic()
+    t_silent = time.monotonic()
     k.go_silent()
-    m = watcher.receive(max(4 * keepalive + 2, WAIT + broker.vanish_detect))
+    v = broker.client()
+    v.connect(f"{base}-vanish", will=Will(f"{base}/will/vanish", b"will-vanish"))
+    t0 = v.vanish()
+    got = wills.wait(f"{base}/will/vanish", time.monotonic() + WAIT + broker.vanish_detect)
+    out["vanish_will"] = brief(got[0], base) if got else None
+    out["vanish_to_will_ms"] = round((got[1] - t0) * 1000, 1) if got else None
+    clean = broker.client()
+    clean.connect(f"{base}-clean", will=Will(f"{base}/will/clean", b"will-clean"))
+    clean.disconnect_cleanly()
+    got = wills.wait(f"{base}/will/clean", time.monotonic() + 1.5)
+    out["clean_disconnect_will"] = brief(got[0], base) if got else None
+    got = wills.wait(f"{base}/will/silent", t_silent + max(4 * keepalive + 2, WAIT + broker.vanish_detect))
     out["keepalive_s"] = keepalive
-    out["silent_will"] = brief(m, base) if m else None
-    out["silent_to_will_ms"] = round((time.monotonic() - t0) * 1000, 1) if m else None
+    out["silent_will"] = brief(got[0], base) if got else None
+    out["silent_to_will_ms"] = round((got[1] - t_silent) * 1000, 1) if got else None
     return out
 
 
@@ -1048,8 +1020,7 @@ def _sum_takeover(o: Observed) -> str:
             f"{o['second_session_present']}, got {len(o['second_received_on_connect'])} of "
             f"{len(o['first_held_unacked'])} unacked dup={sorted(set(o['second_received_dup']))}; "
             f"clean takeover session_present={o['clean_takeover_session_present']}, second's will published="
-            f"{o['second_will_published_on_clean_takeover'] is not None}"
-            + ("; wills unsupported" if "wills" in o else ""))  # fmt: skip
+            f"{o['second_will_published_on_clean_takeover'] is not None}")  # fmt: skip
 
 
 def _sum_clean(o: Observed) -> str:

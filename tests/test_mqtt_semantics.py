@@ -7,8 +7,8 @@ will on a takeover that keeps the session), the test asserts nothing about it: d
 observed, not as rules to copy.
 
 The shardmq tests need neither: they run the same scenarios through the SDK on the suite's shared 3-node cluster
-(``cluster`` in conftest.py), each scenario's clients spread over the nodes. A scenario whose feature shardmq lacks
-must report ``unsupported``, not fail; once the feature exists it is asserted against the MQTT rule.
+(``cluster`` in conftest.py), each scenario's clients spread over the nodes, and assert shardmq's documented
+behaviour: the MQTT rule where shardmq keeps it, and the deliberate differences (docs/MQTT_SEMANTICS.md) where not.
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ def test_will() -> None:
                                 "dup": False}  # fmt: skip
     assert o["vanish_to_will_ms"] < 2000
     assert o["clean_disconnect_will"] is None
-    # A silent client is cut off after 1.5 x keepalive (MQTT 3.1.2.10); allow the broker's check interval and load.
+    # A silent client is cut off after 1.5 x keepalive (MQTT 3.1.2.10). mosquitto 2.0.11 looks at keepalives only
+    # every ~6 s (cut off 5.3-5.9 s or 11.3-11.9 s after its start, measured): allow that and some load.
     ka_ms = o["keepalive_s"] * 1000
     assert o["silent_will"] is not None and o["silent_will"]["payload"] == "will-silent"
-    assert ka_ms <= o["silent_to_will_ms"] <= 1.5 * ka_ms + 2500
+    assert ka_ms <= o["silent_to_will_ms"] <= 1.5 * ka_ms + 6500
 
 
 @needs_mosquitto
@@ -188,10 +189,10 @@ def test_shardmq_takeover(shardmq: ShardmqBroker) -> None:
     assert o["first_received_after_takeover"] == []
     assert o["second_closed_by_clean_takeover"] is not None
     assert o["clean_takeover_session_present"] is False and o["clean_takeover_received"] == []
-    if "wills" in o:  # no wills in the SDK yet: the rest of the scenario still ran
-        assert o["first_will_published"] is None and o["second_will_published_on_clean_takeover"] is None
-    else:  # a clean start ends the old session: its will goes out (MQTT 5 3.1.4; mosquitto too)
-        assert o["second_will_published_on_clean_takeover"] == "will-of-second"
+    # MQTT 5 3.1.4 (will delay 0): a takeover ends the old connection without DISCONNECT, so its will goes out,
+    # whether the new connection continues the session or starts clean. mosquitto 2.0.11 skips the first.
+    assert o["first_will_published"] == "will-of-first"
+    assert o["second_will_published_on_clean_takeover"] == "will-of-second"
 
 
 @pytest.mark.timeout(30)
@@ -229,21 +230,32 @@ def test_shardmq_queue_beyond_mosquittos_limit(shardmq: ShardmqBroker) -> None:
 
 
 @pytest.mark.timeout(40)
-def test_shardmq_will_and_shared_reported_or_kept(shardmq: ShardmqBroker) -> None:
-    """Wills and shared subscriptions: ``unsupported`` while the SDK lacks them; once they exist, the MQTT rules
-    mosquitto keeps too."""
-    will = on_shardmq(shardmq, "will")
-    if "unsupported" in will:
-        assert "will" in will["unsupported"]
-    else:
-        assert will["vanish_will"] is not None and will["vanish_will"]["payload"] == "will-vanish"
-        assert will["clean_disconnect_will"] is None
-    shared = on_shardmq(shardmq, "shared_subscription")
-    if "unsupported" in shared:
-        assert "shared subscriptions" in shared["unsupported"]
-    else:  # each message to exactly one member; a member's unacknowledged messages go to another (MQTT 5 4.8.2)
-        assert shared["to_both"] == [] and shared["to_neither"] == []
-        assert shared["member_a"] > 0 and shared["member_b"] > 0
-        assert shared["after_b_left_to_a"] == shared["after_b_left_published"]
-        assert shared["unacked_never_acked_by_anyone"] == []
-        assert shared["persistent_member_never_delivered"] == []
+def test_shardmq_will(shardmq: ShardmqBroker) -> None:
+    o = on_shardmq(shardmq, "will")
+    assert o["vanish_will"] == {"topic": "will/vanish", "payload": "will-vanish", "qos": 1, "retain": False,
+                                "dup": False}  # fmt: skip
+    assert o["clean_disconnect_will"] is None
+    # No keepalive: a client whose connection stays open but that stopped reading is not found gone (the node's
+    # idle probe is a PING that zmq queues, nothing expects its PONG), so its will is not published.
+    assert o["silent_will"] is None
+
+
+@pytest.mark.timeout(40)
+def test_shardmq_shared_subscription(shardmq: ShardmqBroker) -> None:
+    o = on_shardmq(shardmq, "shared_subscription")
+    assert o["granted"] == [1, 1]
+    # Each message to exactly one member, alternating; all to the one left after the other disconnected.
+    assert o["to_both"] == [] and o["to_neither"] == []
+    assert o["member_a"] + o["member_b"] == o["published"] and o["member_a"] > 0 and o["member_b"] > 0
+    assert o["after_b_left_to_a"] == o["after_b_left_published"]
+    # A member that vanishes holding unacknowledged messages: they go to another member (MQTT 5 4.8.2 SHOULD;
+    # mosquitto loses them).
+    assert o["unacked_d_held"] > 0 and o["unacked_redelivered_to_c"] == o["unacked_d_held"]
+    assert o["unacked_never_acked_by_anyone"] == []
+    # A member whose persistent session went offline hands what it held to the others and is skipped while away
+    # (mosquitto keeps queueing its share for it): everything reached the online member, nothing waits for it.
+    assert o["persistent_member_held"] != []
+    assert o["persistent_member_held_redelivered_to_other"] == o["persistent_member_held"]
+    assert set(o["persistent_member_offline_published"]) <= set(o["other_member_got_while_offline"])
+    assert o["persistent_member_session_present"] is True and o["persistent_member_got_on_return"] == []
+    assert o["persistent_member_never_delivered"] == []
