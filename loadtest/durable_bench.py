@@ -17,6 +17,10 @@ the nodes are members again (``restart`` returned), the client (reconnecting to 
 back with every queued message, and a wildcard subscriber gets every retained message.
 
     .venv/bin/python -m shardmq.loadtest.durable_bench [--messages 20000] [--retained 10000] [--queued 1000]
+    .venv/bin/python -m shardmq.loadtest.durable_bench --recovery-only --recoveries 3   # mode batch, no throughput
+
+``--recoveries N`` repeats the kill and restart N times on the same cluster (each round queues its messages again
+and rewrites the same retained topics), and prints each round and the median.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import tempfile
 import threading
 import time
@@ -147,23 +152,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retained", type=int, default=10_000)
     parser.add_argument("--queued", type=int, default=1_000)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--recoveries", type=int, default=1, help="kill -9 and restart rounds (mode batch)")
+    parser.add_argument("--recovery-only", action="store_true",
+                        help="mode batch only, no throughput: just the full-restart recovery")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.recovery_only:
+        args.modes = "batch"
     results: dict[str, dict[str, float]] = {}
     for mode in args.modes.split(","):
         directory = Path(tempfile.mkdtemp(prefix=f"shardmq-durable-{mode}-"))
         lc = cluster(directory, mode)
         try:
-            results[mode] = throughput(lc, args.messages, args.sequential)
-            base = results.get("memory")
-            print(f"{mode:7s} " + " ".join(
-                f"{k}={v:8.0f}/s" + (f" ({v / base[k]:.2f}x memory)" if base and mode != "memory" else "")
-                for k, v in results[mode].items()
-            ), flush=True)  # fmt: skip
+            if not args.recovery_only:
+                results[mode] = throughput(lc, args.messages, args.sequential)
+                base = results.get("memory")
+                print(f"{mode:7s} " + " ".join(
+                    f"{k}={v:8.0f}/s" + (f" ({v / base[k]:.2f}x memory)" if base and mode != "memory" else "")
+                    for k, v in results[mode].items()
+                ), flush=True)  # fmt: skip
             if mode == "batch":
-                rec = recovery(lc, args.retained, args.queued)
-                print(f"recovery retained={args.retained} queued={args.queued}: members_s={rec['members_s']:.1f} "
-                      f"session_s={rec['session_s']:.1f} retained_s={rec['retained_s']:.1f}", flush=True)  # fmt: skip
-        finally:
+                rounds = [recovery(lc, args.retained, args.queued) for _ in range(args.recoveries)]
+                for i, rec in enumerate(rounds, 1):
+                    print(f"recovery {i} retained={args.retained} queued={args.queued}: members_s="
+                          f"{rec['members_s']:.1f} session_s={rec['session_s']:.1f} retained_s="
+                          f"{rec['retained_s']:.1f}", flush=True)  # fmt: skip
+                if len(rounds) > 1:
+                    print("recovery median of", len(rounds), " ".join(
+                        f"{k}={statistics.median(r[k] for r in rounds):.1f}" for k in ("members_s", "session_s",
+                                                                                        "retained_s")))  # fmt: skip
+        except BaseException:
+            lc.down()
+            print(f"failed: the cluster's logs are kept in {directory / 'logs'}", flush=True)
+            raise
+        else:
             lc.down()
             shutil.rmtree(directory, ignore_errors=True)
     return 0
