@@ -59,7 +59,7 @@ from shardmq.router import codec
 from shardmq.router.codec import Frame, ProtocolError
 
 from .outbox import Delivery
-from .records import Pid, Queued, Session, SharedMessage
+from .records import NO_MEMBER, SHARED_OK, Pid, Queued, Session, SharedMessage
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -77,6 +77,7 @@ class Destination:
         self.shared_pending: dict[str, deque[SharedMessage]] = {}  # share -> messages waiting for a member's window
         self.shared_turns: dict[str, int] = {}  # share -> its round robin among local members
         self.shared_done_out: dict[str, list[int]] = {}  # entry node -> SHARED_FWD ids a member acknowledged
+        self.copies_released: dict[str, list[int]] = {}  # backup node -> our SHARED_COPY ids it may drop
 
     # ------------------------------------------------------------------ sessions
     def attach(self, rid: bytes) -> Session:
@@ -468,6 +469,17 @@ class Destination:
             def done() -> None:
                 self.shared_done_out.setdefault(sender, []).append(fid)
 
+            if not self.shared_member_here(h["share"]):  # FWD_ACK once the next node holds it (see the rules)
+
+                def answer(code: str | None, reason: str) -> None:
+                    if code is None:
+                        core.outbox.ack(sender, fid)
+                    else:
+                        core.effects.send_peer(sender, codec.error_parts(code, reason, fid))
+
+                self.send_on_new(h["share"], h["topic"], frame.payload, done, answer, dup=h.get("dup") is True)
+                return
+
         if self.deliver_shared(h["share"], h["topic"], qos, frame.payload, done, dup=h.get("dup") is True):
             if qos and fid:
                 core.outbox.ack(sender, fid)
@@ -480,6 +492,22 @@ class Destination:
         out, self.shared_done_out = self.shared_done_out, {}
         for node, ids in out.items():
             self.core.effects.send_peer(node, codec.encode(codec.SHARED_DONE, {"ids": ids}))
+        if self.copies_released:
+            released, self.copies_released = self.copies_released, {}
+            for node, ids in released.items():
+                self.core.effects.send_peer(node, codec.encode(codec.SHARED_RELEASE, {"ids": ids}))
+
+    def shared_member_here(self, share: str) -> bool:
+        """Whether a member of ``share`` connected here could take a message now or later."""
+        return bool(self._shared_candidates(share))
+
+    def send_on_new(
+        self, share: str, topic: str, payload: bytes, done: Any, answer: Any, dup: bool = False
+    ) -> None:
+        """A QoS 1 message for ``share`` that no member here can take, not yet acknowledged upstream: sent on,
+        and ``answer(code, reason)`` once the next node holds it (code None) or it could not be placed."""
+        self._send_on(SharedMessage(share, topic, 1, payload, done, dup), answer)
+        self.send_shared_done()
 
     def _shared_candidates(self, share: str) -> list[Session]:
         members = self.core.subscriptions.shared.get(share)
@@ -535,14 +563,23 @@ class Destination:
         session.shared_mids[mid] = message
         self.core.metrics["shared.delivered"] += 1
 
-    def _send_on(self, message: SharedMessage) -> None:
+    def _send_on(self, message: SharedMessage, answer: Any = None) -> None:
         """No connected member here: to another node of the group; if none has one, wait here for a member that
-        returns, or count the loss when the share has no member here at all."""
+        returns, or count the loss when the share has no member here at all. ``answer(code, reason)``: the message
+        is not acknowledged upstream yet (arrival): it is once the next node holds it, a member here may return, or
+        no member exists anywhere (as a plain publish with no subscriber is); any other failure refuses it."""
         core = self.core
         core.metrics["shared.sent_on"] += 1
 
-        def placed(ok: bool) -> None:
-            if ok:
+        def reply(code: str | None, reason: str = "") -> None:
+            nonlocal answer
+            if answer is not None:
+                told, answer = answer, None
+                told(code, reason)
+
+        def placed(outcome: str) -> None:
+            if outcome == SHARED_OK:
+                reply(None)
                 if message.done is not None:
                     message.done()
                     self.send_shared_done()
@@ -550,6 +587,19 @@ class Destination:
             if core.subscriptions.shared.get(message.share):  # members here, none connected: one may return
                 self.shared_pending.setdefault(message.share, deque()).append(message)
                 core.metrics["shared.queued"] += 1
+                reply(None)
+                return
+            if answer is not None:  # not acknowledged upstream yet: nothing is lost that was acknowledged
+                if outcome != NO_MEMBER:
+                    reply(outcome, f"no member of {message.share!r} is connected to {core.me}, and sending the "
+                                   f"message on to another node failed ({outcome}): retry")  # fmt: skip
+                    return
+                core.metrics["shared.no_member_acked"] += 1  # like a plain publish with no subscriber
+                core.log.info("shared_no_member_acked", share=message.share, topic=message.topic)
+                reply(None)
+                if message.done is not None:
+                    message.done()
+                    self.send_shared_done()
                 return
             if message.qos:
                 core.metrics["shared.lost"] += 1
@@ -560,7 +610,7 @@ class Destination:
                 self.send_shared_done()
 
         core.entry.redispatch_shared(message.share, message.topic, message.qos, message.payload, {core.me},
-                                     placed if message.qos else None)  # fmt: skip
+                                     placed if message.qos else None, (lambda: reply(None)) if answer else None)
 
     def release_shared(self, session: Session, share: str | None = None) -> None:
         """The member stops receiving (``share``, or all its shares): its unacknowledged shared messages go to

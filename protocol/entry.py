@@ -72,7 +72,19 @@ from shardmq.router.shared import SEP, member_node, member_session, member_share
 from shardmq.router.topics import TopicError, validate_topic_name
 
 from .outbox import Forward
-from .records import RESERVED_REASON, Lookup, PendingForward, Publish, Session, SharedForward, is_reserved
+from .records import (
+    NO_MEMBER,
+    RESERVED_REASON,
+    SHARED_OK,
+    HeldCopy,
+    Lookup,
+    PendingForward,
+    Publish,
+    Session,
+    SharedCopy,
+    SharedForward,
+    is_reserved,
+)
 from .view import ROOT
 
 if TYPE_CHECKING:
@@ -101,6 +113,7 @@ class Entry:
         self.lookups_out: dict[str, list[int]] = {}  # owner -> ids of lookups to send at the flush
         self.next_pid = 0  # the last QoS 1 publish id given here (``Publish.pid``)
         self.share_turns: dict[str, int] = {}  # share -> messages placed for it here (its round robin)
+        self.copies_held: dict[tuple[str, int], int] = {}  # (entry node, its SHARED_COPY id) -> our HeldCopy's id
 
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
@@ -537,7 +550,8 @@ class Entry:
         elif pub.share_only is not None:  # a redispatch that found no other node with members of its share
             core.metrics["shared.no_member"] += 1
             core.log.warning("shared_no_member", topic=pub.topic, share=pub.share_only, excluded=sorted(pub.exclude))
-            self._fail_publish(pub, codec.E_UNAVAILABLE, f"no other node has members of {pub.share_only!r}")
+            reason = f"no other node has members of {pub.share_only!r}"
+            self._fail_publish(pub, codec.E_UNAVAILABLE, reason, outcome=NO_MEMBER)
         pub.routed = True
         self._maybe_puback(pub)
 
@@ -588,9 +602,7 @@ class Entry:
         node = slots[turn % len(slots)]
         core.metrics["shared.placed"] += 1
         if node == core.me:
-            done = (lambda: self._shared_done(pub)) if pub.then is not None else None
-            if not core.destination.deliver_shared(share, pub.topic, pub.qos, pub.payload, done):
-                self._fail_publish(pub, codec.E_OVERLOADED, f"members of {share!r} on {core.me} have no room")
+            self._deliver_here(pub, share, slots)
             return
         header: dict[str, Any] = {"id": 0, "topic": pub.topic, "qos": pub.qos, "share": share}
         if pub.qos:
@@ -605,27 +617,140 @@ class Entry:
                 core.requests.close(header["id"])
             self._fail_publish(pub, codec.E_UNAVAILABLE, f"destination node {node} is unreachable")
 
+    def _deliver_here(self, pub: Publish, share: str, slots: list[str]) -> None:
+        """This node was picked for ``share``: a QoS 1 message goes to a local member with a backup at another
+        node (``SharedCopy``), or, with no member connected here, on through the cluster; either way the PUBACK
+        waits until another node holds it (see the rules)."""
+        core = self.core
+        destination = core.destination
+        if not pub.qos:
+            destination.deliver_shared(share, pub.topic, 0, pub.payload)
+            return
+        pub.acks_left += 1
+        if not destination.shared_member_here(share):
+            destination.send_on_new(share, pub.topic, pub.payload, (lambda: self._shared_done(pub)),
+                                    lambda code, reason: self._answered_here(pub, code, reason))  # fmt: skip
+            return
+        copy = SharedCopy("", pub, share, slots=slots)
+
+        def done() -> None:
+            self._release_copy(copy)
+            self._shared_done(pub)
+
+        if not destination.deliver_shared(share, pub.topic, 1, pub.payload, done):
+            self._fail_publish(pub, codec.E_OVERLOADED, f"members of {share!r} on {core.me} have no room")
+        elif not self._back_up(copy):  # a cluster of one: nowhere else to keep it, as for any message there
+            copy.acked = copy.released = True
+            pub.acks_left -= 1
+            core.metrics["shared.no_backup"] += 1
+
+    def _answered_here(self, pub: Publish, code: str | None, reason: str) -> None:
+        """A message this node sent on for its own publisher: the next node holds it (``code`` None), or not."""
+        if code is not None:
+            self._fail_publish(pub, code, reason)
+            return
+        pub.acks_left -= 1
+        if pub.routed:
+            self._maybe_puback(pub)
+
+    def _back_up(self, copy: SharedCopy) -> bool:
+        """Send SHARED_COPY to another node: one with members of the share first (it can deliver the copy itself
+        if this node dies), else any; False when there is none left to try."""
+        core = self.core
+        me, members = core.me, core.view.members
+        nodes = [n for n in dict.fromkeys(copy.slots) if n != me and n in members and n not in copy.tried]
+        if not nodes:
+            nodes = [n for n in sorted(members) if n != me and n not in copy.tried]
+        turn = self.share_turns.get(copy.share, 0)
+        while nodes:
+            node = nodes.pop(turn % len(nodes))
+            copy.dest = node
+            copy.fid = core.requests.open(copy, self)
+            header = {"id": copy.fid, "topic": copy.pub.topic, "share": copy.share}
+            if core.effects.send_peer(node, codec.encode(codec.SHARED_COPY, header, copy.pub.payload)):
+                if not copy.acked:
+                    self.unexpired_fwds.append(copy.fid)
+                core.metrics["shared.copies_out"] += 1
+                return True
+            core.requests.close(copy.fid)
+            copy.tried.add(node)
+        copy.fid = 0
+        return False
+
+    def _release_copy(self, copy: SharedCopy) -> None:
+        """The local member acknowledged the message (or it went on to another member): the backup goes."""
+        copy.released = True
+        if copy.fid and self.core.requests.close(copy.fid) is copy:
+            if not copy.acked:  # acknowledged by the member before the backup answered: delivered
+                copy.pub.acks_left -= 1
+                self._maybe_puback(copy.pub)
+            if copy.dest in self.core.view.members:
+                self.core.destination.copies_released.setdefault(copy.dest, []).append(copy.fid)
+
+    def on_shared_copy(self, sender: str, frame: Frame) -> None:
+        """Keep another node's backup of a shared message its member holds, until SHARED_RELEASE (or its loss)."""
+        core = self.core
+        h = frame.header
+        rid = core.requests.open(HeldCopy(sender, h["id"], h["share"], h["topic"], frame.payload), self)
+        self.copies_held[(sender, h["id"])] = rid
+        core.metrics["shared.copies_in"] += 1
+        core.outbox.ack(sender, h["id"])
+
+    def on_shared_release(self, sender: str, frame: Frame) -> None:
+        requests = self.core.requests
+        for fid in frame.header["ids"]:
+            rid = self.copies_held.pop((sender, fid), None)
+            if rid is not None:
+                requests.close(rid)
+
+    def _copy_holder_lost(self, record: SharedCopy, node: str) -> None:
+        """The node keeping our backup left: keep one at another node; with none, an unacknowledged publish fails
+        (the publisher sends it again) and an acknowledged one is held here only (counted)."""
+        record.tried.add(node)
+        if record.released or self._back_up(record):
+            return
+        if not record.acked:
+            self._fail_publish(record.pub, codec.E_UNAVAILABLE, f"node {node}, keeping a copy, left the cluster")
+            return
+        self.core.metrics["shared.backup_lost"] += 1
+        self.core.log.warning("shared_backup_lost", peer=node, share=record.share, topic=record.pub.topic)
+
+    def _entry_lost(self, record: HeldCopy, node: str) -> None:
+        """The entry node whose backup we keep left the view: its member's message goes to another node."""
+        core = self.core
+        self.copies_held.pop((record.origin, record.fid), None)
+        core.metrics["shared.redispatched_entry_lost"] += 1
+        core.log.warning("shared_entry_lost", peer=node, share=record.share, topic=record.topic)
+        self.redispatch_shared(record.share, record.topic, 1, record.payload, {node},
+                               self._lost_after_ack(record.share, record.topic))  # fmt: skip
+
     def redispatch_shared(
-        self, share: str, topic: str, qos: int, payload: bytes, exclude: set[str], then: Callable[[bool], None] | None
+        self, share: str, topic: str, qos: int, payload: bytes, exclude: set[str],
+        then: Callable[[str], None] | None, placed: Callable[[], None] | None = None,
     ) -> None:
         """Send a shared message on to a node of ``share`` outside ``exclude`` (see the rules)."""
         core = self.core
         core.metrics["shared.redispatched"] += 1
         if core.fenced():
             if then is not None:
-                then(False)
+                then(codec.E_FENCED)
             return
-        self.publish(Publish(None, None, topic, qos, payload, share_only=share, exclude=frozenset(exclude), then=then))
+        self.publish(Publish(None, None, topic, qos, payload, share_only=share, exclude=frozenset(exclude), then=then,
+                             placed=placed))  # fmt: skip
 
     def _shared_done(self, pub: Publish) -> None:
         then, pub.then = pub.then, None
         if then is not None:
-            then(True)
+            then(SHARED_OK)
 
     def shared_copies(self) -> int:
         """Shared messages acknowledged to their publisher that this node keeps until a member acknowledges them:
-        requests that wait, by design, as long as a member holds the message (not work left to finish)."""
-        return sum(1 for r, _ in self.core.requests._open.values() if type(r) is SharedForward and r.acked)
+        requests that wait, by design, as long as a member holds the message (not work left to finish): our copies
+        (``SharedForward``), backups elsewhere (``SharedCopy``) and the backups kept for others (``HeldCopy``)."""
+        return sum(
+            1 for r, _ in self.core.requests._open.values()
+            if (type(r) is SharedForward or type(r) is SharedCopy) and r.acked or type(r) is HeldCopy
+        )  # fmt: skip
 
     def on_shared_done(self, sender: str, frame: Frame) -> None:
         """Members acknowledged these SHARED_FWDs: drop our copies."""
@@ -649,13 +774,13 @@ class Entry:
         then = pub.then
         pub.then = None  # the copy's obligation moves to the new publish
         self.redispatch_shared(record.share, pub.topic, pub.qos, pub.payload, {node, *pub.exclude},
-                               then if then is not None else self._lost_after_ack(record))  # fmt: skip
+                               then if then is not None else self._lost_after_ack(record.share, pub.topic))  # fmt: skip
 
-    def _lost_after_ack(self, record: SharedForward) -> Callable[[bool], None]:
-        def counted(ok: bool) -> None:
-            if not ok:  # acknowledged to its publisher, and no member anywhere took it: counted, logged
+    def _lost_after_ack(self, share: str, topic: str) -> Callable[[str], None]:
+        def counted(outcome: str) -> None:
+            if outcome != SHARED_OK:  # acknowledged to its publisher, and no member anywhere took it: counted, logged
                 self.core.metrics["shared.lost_after_ack"] += 1
-                self.core.log.error("shared_message_lost", share=record.share, topic=record.pub.topic)
+                self.core.log.error("shared_message_lost", share=share, topic=topic, outcome=outcome)
 
         return counted
 
@@ -690,15 +815,21 @@ class Entry:
             self.core.outbox.puback(pub.client, pub.ref)
         elif pub.will and pub.acks_left == 0 and not pub.failed and pub.routed:
             self.core.metrics["wills.delivered"] += 1  # every destination took it (and the retained copy is stored)
+        if pub.placed is not None and pub.acks_left == 0 and not pub.failed and pub.routed:
+            placed, pub.placed = pub.placed, None  # a message sent on: every node it went to holds it now
+            placed()
 
-    def _fail_publish(self, pub: Publish, code: str, reason: str, shard: int | None = None) -> None:
+    def _fail_publish(
+        self, pub: Publish, code: str, reason: str, shard: int | None = None, outcome: str | None = None
+    ) -> None:
         core = self.core
         if pub.failed:
             return
         pub.failed = True
+        pub.placed = None
         if pub.then is not None:  # an internal redispatch: its sender decides what becomes of the message
             then, pub.then = pub.then, None
-            then(False)
+            then(outcome or code)
         core.metrics[f"errors.{code}"] += 1
         if pub.will:
             core.metrics["wills.failed"] += 1  # its client is gone: counted and logged, nobody to tell
@@ -722,10 +853,10 @@ class Entry:
     def _expire_fwds(self, fids: list[int]) -> None:
         for fid in fids:
             found = self.core.requests.get(fid)
-            if isinstance(found, SharedForward) and found.acked:
+            if isinstance(found, (SharedForward, SharedCopy)) and found.acked:
                 continue  # our copy of a message a member has not acknowledged yet: kept until SHARED_DONE
             pending = self.core.requests.close(fid)
-            if isinstance(pending, (PendingForward, SharedForward)):
+            if isinstance(pending, (PendingForward, SharedForward, SharedCopy)):
                 reason = f"node {pending.dest} did not confirm delivery in time"
                 self._fail_publish(pending.pub, codec.E_TIMEOUT, reason)
 
@@ -738,14 +869,16 @@ class Entry:
                 pub = pending.pub
                 pub.acks_left -= 1
                 self._maybe_puback(pub)
-            elif isinstance(pending, SharedForward) and pending.dest == sender and not pending.acked:
-                pending.acked = True  # kept as our copy until SHARED_DONE (see the rules)
+            elif isinstance(pending, (SharedForward, SharedCopy)) and pending.dest == sender and not pending.acked:
+                pending.acked = True  # kept as our copy until SHARED_DONE / SHARED_RELEASE (see the rules)
                 pending.pub.acks_left -= 1
                 self._maybe_puback(pending.pub)
 
     # ------------------------------------------------------------------ requests failing
     def request_refused(self, rid: int, request: Any, sender: str, code: str, reason: str) -> None:
         reason = f"node {sender} refused: {reason}"
+        if isinstance(request, HeldCopy):
+            return  # nothing was asked of its origin: an ERROR naming it is not about it
         if isinstance(request, Lookup):
             self._lookup_failed(rid, reason, refresh=code == codec.E_STALE_EPOCH)
         elif self.core.requests.close(rid) is not None:
@@ -755,6 +888,13 @@ class Entry:
         if isinstance(request, SharedForward) and request.acked:
             self.core.requests.close(rid)
             self._shared_node_lost(request, node)
+            return
+        if isinstance(request, (SharedCopy, HeldCopy)):
+            self.core.requests.close(rid)
+            if isinstance(request, SharedCopy):
+                self._copy_holder_lost(request, node)
+            else:
+                self._entry_lost(request, node)
             return
         if isinstance(request, Lookup):
             self._lookup_failed(rid, f"route owner {node} left the cluster")

@@ -197,6 +197,8 @@ class NodeCore:
             codec.SESSION_TAKEN: self.sessions.on_taken,
             codec.SHARED_FWD: self.destination.on_shared_fwd,
             codec.SHARED_DONE: self.entry.on_shared_done,
+            codec.SHARED_COPY: self.entry.on_shared_copy,
+            codec.SHARED_RELEASE: self.entry.on_shared_release,
         }
 
     def start(self, now: float) -> None:

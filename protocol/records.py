@@ -29,6 +29,10 @@ SESSION_PREFIX = "$session/"  # the session directory's records (``sessions``): 
 # A persistent session's replicated queue (``sessions``): one record per queued QoS 1 message, in the retained
 # store of the session key's shard, ``$sessionq/<client id>/<entry key>`` (``queue_topic``). Reserved as well.
 QUEUE_PREFIX = "$sessionq/"
+# Outcomes of a shared message sent on (``Publish.then``), besides an error code: a member acknowledged it; no other
+# node has members of its share (a plain publish with no subscriber is acknowledged: so is this one at arrival).
+SHARED_OK = "ok"
+NO_MEMBER = "no_member"
 RESERVED_REASON = f"topics under {SESSION_PREFIX!r} and {QUEUE_PREFIX!r} are reserved for the cluster's sessions"
 Pid = tuple[str, int]  # a QoS 1 publish's id: (entry node, its counter there)
 # A QoS 1 message kept for a session beyond its window: (topic, payload, retain, pid or None, dup).
@@ -140,11 +144,13 @@ class Publish:
     routed: bool = False  # forwarded: a PUBACK may go once nothing else waits (a RETAIN_ACK may come first)
     pid: int = 0  # a QoS 1 publish's id at this entry node, the same for all its destinations (session takeover)
     # A shared message sent on by a node that could not deliver it (``Entry.redispatch_shared``): only members of
-    # ``share_only`` on nodes outside ``exclude`` may get it, and ``then(ok)`` runs once: True when a member
-    # acknowledged it, False when it could not be placed.
+    # ``share_only`` on nodes outside ``exclude`` may get it, and ``then(outcome)`` runs once: ``SHARED_OK`` when a
+    # member acknowledged it, ``NO_MEMBER`` when no other node has members of the share, else the error code that
+    # failed it. ``placed`` runs once when every node it went to answered FWD_ACK (they hold it now).
     share_only: str | None = None
     exclude: frozenset[str] = frozenset()
-    then: Callable[[bool], None] | None = None
+    then: Callable[[str], None] | None = None
+    placed: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -172,6 +178,40 @@ class SharedForward:
 
     def waits_on(self, node: str) -> bool:
         return self.dest == node
+
+
+@dataclass(slots=True)
+class SharedCopy:
+    """A QoS 1 shared message the entry node gave its own member, backed up at another node (SHARED_COPY): until
+    ``acked`` (FWD_ACK) the publisher's PUBACK waits for it; afterwards it waits for the member's acknowledgement
+    (then SHARED_RELEASE to ``dest``). ``tried``: the backups that left before the member acknowledged."""
+
+    dest: str
+    pub: Publish
+    share: str
+    fid: int = 0
+    acked: bool = False
+    released: bool = False  # the member acknowledged it (or it was sent on): no backup needed any more
+    slots: list[str] = field(default_factory=list)  # the share's slot nodes: a backup there first
+    tried: set[str] = field(default_factory=set)
+
+    def waits_on(self, node: str) -> bool:
+        return self.dest == node
+
+
+@dataclass(slots=True)
+class HeldCopy:
+    """A SHARED_COPY this node keeps for ``origin`` (its id there: ``fid``) until SHARED_RELEASE; if ``origin``
+    leaves the view first, the message goes to a member on another node (``Entry.redispatch_shared``)."""
+
+    origin: str
+    fid: int
+    share: str
+    topic: str
+    payload: bytes
+
+    def waits_on(self, node: str) -> bool:
+        return self.origin == node
 
 
 @dataclass(slots=True)

@@ -29,7 +29,9 @@ Rules of this file:
   takeover frames SESSION_TAKE, SESSION_STATE (items [topic, dup, retain, pid] and ``sizes``, the payloads back to
   back, as PUBS) and SESSION_TAKEN; SESSION_END code ``taken_over``.
 - Shared subscriptions (v4): SHARED_FWD (one message for one shared subscription, ``share``; optional ``pid``, and
-  ``dup``, true only when exactly ``true``) and SHARED_DONE (``ids`` of SHARED_FWDs a member acknowledged).
+  ``dup``, true only when exactly ``true``) and SHARED_DONE (``ids`` of SHARED_FWDs a member acknowledged);
+  SHARED_COPY (a backup of a message the entry node gave its own member, answered FWD_ACK) and SHARED_RELEASE
+  (``ids`` of SHARED_COPYs whose message a member acknowledged).
 - Wills (v4): HELLO may carry ``will`` ({"topic", "qos", "retain"}, checked by the node) with the will's payload in its
   payload part; a RETAIN of a session record may be conditional (``if_will``, a string, and ``clear_will``), and
   its RETAIN_ACK then may say ``conflict`` (the stored record in its payload part).
@@ -107,6 +109,10 @@ SESSION_TAKEN = b"SESSION_TAKEN"
 # it (SHARED_DONE), after which the entry node drops its copy.
 SHARED_FWD = b"SHARED_FWD"
 SHARED_DONE = b"SHARED_DONE"
+# An entry node that gave a QoS 1 shared message to its own member keeps a copy at another node (SHARED_COPY,
+# answered FWD_ACK) until the member acknowledged it (SHARED_RELEASE); the holder sends it on if the entry node dies.
+SHARED_COPY = b"SHARED_COPY"
+SHARED_RELEASE = b"SHARED_RELEASE"
 
 _INT = int
 _STR = str
@@ -161,6 +167,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     SESSION_TAKEN: {"id": _INT, "client_id": _STR},
     SHARED_FWD: {"id": _INT, "topic": _STR, "qos": _INT, "share": _STR},
     SHARED_DONE: {"ids": _LIST},
+    SHARED_COPY: {"id": _INT, "topic": _STR, "share": _STR},
+    SHARED_RELEASE: {"ids": _LIST},
 }
 FRAME_TYPES = frozenset(FRAME_FIELDS)
 
@@ -277,6 +285,7 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (DACK, "mids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (FWD_ACK, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (SHARED_DONE, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
+    (SHARED_RELEASE, "ids"): (lambda items: all(type(m) is int for m in items), "integers"),
     (LOOKUP_REPLY, "nodes"): (_strings_ok, "node id strings"),
     (LOOKUPS, "items"): (_lookups_ok, "[id:int, shard:int, shard_epoch:int, topic:str, head:0|1] lists"),
     (LOOKUPS_REPLY, "items"): (_lookup_replies_ok, "[id:int, shard_epoch:int, nodes:[str, ...], clear:0|1] lists"),
@@ -313,7 +322,8 @@ PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
         SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAINS, RETAIN_ACK, RETAINED_GET,
-        RETAINED_REPLY, SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE,
+        RETAINED_REPLY, SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE, SHARED_COPY,
+        SHARED_RELEASE,
     }
 )  # fmt: skip
 

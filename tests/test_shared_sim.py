@@ -12,11 +12,13 @@ exactly one member.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shardmq.protocol.records import Publish, SharedForward
 from shardmq.router import codec
 from shardmq.testing.simulation import Sim
 from tests.test_retained_sim import cluster, retain
@@ -141,6 +143,76 @@ def test_destination_node_killed_loses_no_acked_message() -> None:
     assert sorted(set(got(sim, b"other"))) == sorted(sent)
     assert sim.nodes["n0"].core.metrics["shared.redispatched_node_lost"] == len(held)
     assert sim.nodes["n0"].core.metrics["shared.lost_after_ack"] == 0
+
+
+def held_copies(sim: Sim, node: str) -> int:
+    return sum(1 for r, _ in sim.nodes[node].core.requests._open.values() if type(r).__name__ == "HeldCopy")
+
+
+def test_entry_node_killed_with_its_member_holding_loses_no_acked_message() -> None:
+    """The member is on the publisher's own node: a backup at another node (SHARED_COPY) goes on if it dies."""
+    sim = cluster(4)
+    join(sim, b"doomed", "n0", ack=False)
+    join(sim, b"other", "n2")
+    sent = publish(sim, "n0", 10)  # every one acknowledged
+    held = got(sim, b"doomed")
+    assert held
+    # The backups of what the local member holds sit with the node that has members of the share.
+    assert held_copies(sim, "n2") == len(held)
+    sim.crash("n0")
+    assert sim.settle()
+    assert sorted(set(got(sim, b"other"))) == sorted(sent)
+    assert sim.nodes["n2"].core.metrics["shared.redispatched_entry_lost"] == len(held)
+    assert sim.nodes["n2"].core.metrics["shared.lost_after_ack"] == 0
+    assert held_copies(sim, "n2") == 0
+
+
+def test_local_member_ack_releases_the_backup() -> None:
+    sim = cluster(3)
+    join(sim, b"local", "n0")
+    join(sim, b"away", "n1")
+    sent = publish(sim, "n0", 10)
+    assert sorted(got(sim, b"local") + got(sim, b"away")) == sorted(sent)
+    assert got(sim, b"local")
+    assert sim.nodes["n0"].core.metrics["shared.copies_out"] == len(got(sim, b"local"))
+    assert not any(held_copies(sim, n) for n in sim.nodes)  # released once the member acknowledged
+    assert not any(type(r).__name__ == "SharedCopy" for r, _ in sim.nodes["n0"].core.requests._open.values())
+
+
+def shared_fwd(sim: Sim, src: str, dst: str, share: str, fid: int) -> Publish:
+    """A SHARED_FWD from ``src`` as its entry side would send it, the answer to come back to ``src``'s registry."""
+    core = sim.nodes[src].core
+    pub = Publish(None, None, TOPIC, 1, b"x", acks_left=1)
+    core.requests.open(SharedForward(dst, pub, share), core.entry, rid=fid)
+    header = {"id": fid, "topic": TOPIC, "qos": 1, "share": share, "pid": 1}
+    sim.send(src, dst, codec.encode(codec.SHARED_FWD, header, b"x"))
+    return pub
+
+
+def test_no_member_anywhere_at_arrival_is_acknowledged_like_no_subscriber() -> None:
+    """A route named a member that is gone and no node has another: FWD_ACK, as a plain publish that matches no
+    subscriber is acknowledged; counted ``shared.no_member_acked``, not lost after an acknowledgement."""
+    sim = cluster(3)
+    pub = shared_fwd(sim, "n0", "n1", "$share/nobody/jobs/+", 10**9)
+    assert sim.settle()
+    assert pub.acks_left == 0 and not pub.failed
+    n1 = sim.nodes["n1"].core.metrics
+    assert n1["shared.no_member_acked"] == 1 and n1["shared.lost"] == 0
+    assert sim.nodes["n0"].core.metrics["shared.lost_after_ack"] == 0
+
+
+def test_member_elsewhere_refusing_at_arrival_refuses_upstream() -> None:
+    """No member here, and the node that has one refuses (its share's queue is full): the destination answers
+    ``overloaded`` instead of FWD_ACK, so the publisher is told and sends it again."""
+    sim = cluster(3)
+    join(sim, b"full", "n2", ack=False)
+    n2 = sim.nodes["n2"].core
+    n2.cfg = replace(n2.cfg, max_inflight=1, max_queued=0)
+    publish(sim, "n0", 1)  # fills its one-message window
+    pub = shared_fwd(sim, "n0", "n1", SHARE, 10**9)
+    assert sim.settle()
+    assert pub.failed and pub.acks_left == 1
+    assert sim.nodes["n0"].core.metrics["errors.overloaded"] == 1
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
