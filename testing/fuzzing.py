@@ -96,6 +96,8 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.SESSION_TAKEN: ({"id": 1, "client_id": "c1"}, b""),
     codec.SHARED_FWD: ({"id": 1, "topic": "a/b", "qos": 1, "share": "$share/g/a/+", "pid": 1, "dup": True}, b"s"),
     codec.SHARED_DONE: ({"ids": [1]}, b""),
+    codec.SHARED_COPY: ({"id": 1, "topic": "a/b", "share": "$share/g/a/+"}, b"s"),
+    codec.SHARED_RELEASE: ({"ids": [1]}, b""),
 }
 assert set(SEEDS) == codec.FRAME_TYPES, "a frame type without a seed is never fuzzed past the codec"
 

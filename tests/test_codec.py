@@ -79,6 +79,7 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     (codec.DACK, "mids"): st.lists(st.integers(0, 2**40), max_size=5),
     (codec.FWD_ACK, "ids"): st.lists(st.integers(0, 2**40), max_size=5),
     (codec.SHARED_DONE, "ids"): st.lists(st.integers(0, 2**40), max_size=5),
+    (codec.SHARED_RELEASE, "ids"): st.lists(st.integers(0, 2**40), max_size=5),
     (codec.LOOKUP_REPLY, "nodes"): _NODE_IDS,
     (codec.HANDOFF, "targets"): _NODE_IDS,
     (codec.SNAPSHOT, "routes"): st.lists(st.tuples(st.text(max_size=20), _NODE_IDS).map(list), max_size=5),
