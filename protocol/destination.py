@@ -40,6 +40,9 @@ Rules of this file:
   first member whose window opens. No connected member at all, or no member left here (a route the entry node
   read before it went): it goes back through the cluster to another node of the group (``Entry.redispatch_shared``),
   and if none has members it waits here for a member that returns (counted and logged as lost when there is none).
+  A SHARED_FWD that arrives to no connected member is answered FWD_ACK only once the next node holds it, members
+  here may return, or no node has any (acknowledged like a publish with no subscriber); any other failure is
+  answered with its ERROR (``send_on_new``): the publisher is told instead of losing it after its PUBACK.
   A member's acknowledgement runs the message's ``done`` (SHARED_DONE to the entry node that keeps its copy). A
   member that unsubscribes, ends, goes offline, vanishes or is taken over gives its unacknowledged shared messages
   to another member the same way (``dup``), instead of holding them: MQTT 5 4.8.2 (mosquitto loses them).

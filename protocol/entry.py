@@ -52,9 +52,18 @@ Rules of this file:
   (a member acknowledged it), and if the destination leaves the view first, sends it to another node of the group
   (``redispatch_shared``, ``dup``): node loss loses nothing acknowledged that this node still holds. A destination
   that leaves before its FWD_ACK fails the publish, as a plain forward does (the publisher retries).
+- The entry node's own member (``_deliver_here``): a QoS 1 message given to a member here is backed up at another
+  node (``SharedCopy``, SHARED_COPY; a node with members of the share first) and the PUBACK waits for that node's
+  FWD_ACK or the member's DACK, whichever comes first; the DACK releases the backup (SHARED_RELEASE). The holder
+  keeps a ``HeldCopy`` waiting on the entry node: if the entry node leaves the view first, it sends the message on
+  (``_entry_lost``). A holder that leaves is replaced by another. With no member connected here, the message goes
+  on through the cluster and the PUBACK waits until the next node holds it. Not a PUBACK held until the member's
+  DACK: that would tie the publisher to its consumer's pace (docs/PROTOCOL.md §3.11 says what each costs).
 - ``redispatch_shared`` is also how a destination with no member left for a share sends a message back through
   the cluster: an internal publish (no client) limited to that share and to nodes outside ``exclude``, whose
-  ``then(ok)`` says whether a member took it. Topics whose routes include a share never take the QoS 0 fast path.
+  ``then(outcome)`` says whether a member took it (``SHARED_OK``), no other node has members (``NO_MEMBER``), or
+  what error stopped it, and whose ``placed()`` runs once the next node answered FWD_ACK. Topics whose routes
+  include a share never take the QoS 0 fast path.
 """
 
 from __future__ import annotations
