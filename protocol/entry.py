@@ -540,7 +540,7 @@ class Entry:
                 elif persisted and pub.qos:  # the PUBACK waits for their replicated session queues
                     pub.acks_left += 1
                     core.sessions.append(persisted, pub.topic, pub.payload, pid,
-                                         lambda c, r, p=pub: self._queued(p, c, r))  # fmt: skip
+                                         lambda c, r, p=pub: self._part_held(p, c, r))  # fmt: skip
                 continue
             if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
                 core.metrics["drops.dead_destination"] += 1
@@ -638,7 +638,7 @@ class Entry:
         pub.acks_left += 1
         if not destination.shared_member_here(share):
             destination.send_on_new(share, pub.topic, pub.payload, (lambda: self._shared_done(pub)),
-                                    lambda code, reason: self._answered_here(pub, code, reason))  # fmt: skip
+                                    lambda code, reason: self._part_held(pub, code, reason))  # fmt: skip
             return
         copy = SharedCopy("", pub, share, slots=slots)
 
@@ -653,8 +653,9 @@ class Entry:
             pub.acks_left -= 1
             core.metrics["shared.no_backup"] += 1
 
-    def _answered_here(self, pub: Publish, code: str | None, reason: str) -> None:
-        """A message this node sent on for its own publisher: the next node holds it (``code`` None), or not."""
+    def _part_held(self, pub: Publish, code: str | None, reason: str) -> None:
+        """One thing a publish's PUBACK waits for besides the forwards answered: held (``code`` None: a persistent
+        session's replicated queue holds it, or the next node holds a shared message sent on for it), or not."""
         if code is not None:
             self._fail_publish(pub, code, reason)
             return
@@ -808,15 +809,6 @@ class Entry:
         core.log.warning("retain_failed", topic=pub.topic, code=code, reason=reason)
         if pub.client is not None:
             core.send_client(pub.client, codec.error_parts(code, f"retained message for {pub.topic!r}: {reason}"))
-
-    def _queued(self, pub: Publish, code: str | None, reason: str) -> None:
-        """A publish delivered here to persistent sessions: their replicated queues hold it (code None), or not."""
-        if code is not None:
-            self._fail_publish(pub, code, reason)
-            return
-        pub.acks_left -= 1
-        if pub.routed:
-            self._maybe_puback(pub)
 
     def _maybe_puback(self, pub: Publish) -> None:
         if pub.qos and pub.acks_left == 0 and not pub.failed and pub.client is not None:
