@@ -14,6 +14,7 @@ are all at the shard's owners after the hand-off.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,10 +32,10 @@ from tests.test_sessions_sim import (
     directory_owners,
     got,
     hello,
+    kill_schedule,
     metric,
     queue_records,
     subscribe,
-    unaccounted,
 )
 
 PUBLISHER = b"pub-1"
@@ -322,54 +323,11 @@ def publish_in_one_flush(sim: Sim, node: str, topics: list[str]) -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.timeout(120)
 def test_batched_appends_survive_node_kills_seeded(seed: int) -> None:
-    """The seeded schedule of ``test_sessions_sim`` with publishes in batches (several messages to several
-    persistent clients in one forward frame): after every step that settled no acknowledged message is
-    unaccounted for, and at the end every client, reconnected, has every one."""
-    import random
+    """``test_sessions_sim.kill_schedule`` with publishes in batches (several messages to several persistent
+    clients in one forward frame), which do go as batched queue writes."""
 
-    rng = random.Random(seed)
-    sim = cluster(4)
-    clients: dict[bytes, tuple[str, float]] = {}
-    for i in range(4):
-        rid, topic = b"car-%d" % i, f"cars/{i}/cmd"
-        node = rng.choice(sorted(sim.nodes))
-        hello(sim, node, rid=rid)
-        assert subscribe(sim, node, topic, rid=rid)["results"] == [1]
-        clients[rid] = (topic, sim.now)
-    topics = [t for t, _ in clients.values()]
-    for _step in range(25):
-        live = sorted(n for n, node in sim.nodes.items() if node.up)
-        action = rng.random()
-        if action < 0.5:
-            publish_in_one_flush(sim, rng.choice(live), [rng.choice(topics) for _ in range(rng.randint(2, 12))])
-        elif action < 0.75:
-            rid = rng.choice(sorted(clients))
-            sc = sim.session_clients[rid]
-            if sc.node_id is None or not sim.nodes[sc.node_id].up:
-                sc.node_id = None
-                hello(sim, rng.choice(live), rid=rid)
-            elif rng.random() < 0.5:
-                bye(sim, sc.node_id, rid=rid)
-            else:
-                sim.client_away(rid)
-        elif len(live) > 3:
-            victim = rng.choice(live)
-            sim.crash(victim)
-            for sc in sim.session_clients.values():
-                if sc.node_id == victim:
-                    sc.node_id = None
-        else:
-            sim.join()
-        assert sim.settle()
-        assert unaccounted(sim, clients) == {}, sim.trace[-30:]
-    for rid in sorted(clients):
-        sc = sim.session_clients[rid]
-        if sc.node_id is None or not sim.nodes[sc.node_id].up:
-            sc.node_id = None
-            hello(sim, sorted(n for n, node in sim.nodes.items() if node.up)[0], rid=rid)
-    assert sim.settle()
-    for rid, (topic, since) in clients.items():
-        acked = {b"%d" % p for p, (at, _, t, _, outcome, _) in sim.publishes.items()
-                 if t == topic and at >= since and outcome == "acked"}  # fmt: skip
-        assert acked <= set(got(sim, rid)), (rid, sorted(acked - set(got(sim, rid))))
+    def publish_some(sim: Sim, rng: random.Random, node: str, topics: list[str]) -> None:
+        publish_in_one_flush(sim, node, [rng.choice(topics) for _ in range(rng.randint(2, 12))])
+
+    sim = kill_schedule(seed, publish_some)
     assert metric(sim, "retained.batches_out") > 0
