@@ -5,9 +5,12 @@ removes, every process stopped by pid) and asserts that no acknowledged message 
 reported an interruption of that subscriber around it, that every subscriber still receives after the last fault,
 that the cluster settled after every fault, and that nothing the run started is left running.
 
-Seeds 3 and 12 are chosen so that their two 4-fault schedules cover all six kinds between them (seed 3:
-restart_same, sigstop, etcd_stop, stall_sub; seed 12: stall_sub, rejoin_new, restart_same, etcd_cut). The
-focused tests run one fault of each kind. Node logs of a failing run are copied into the test's tmp_path.
+The seeded schedule runs six faults, one of each kind (a schedule draws its kinds in a shuffled cycle): seed 3
+gives restart_same@n3, sigstop@n3, etcd_stop, stall_sub@s1, etcd_cut@n3, rejoin_new@n1, so one node is restarted,
+paused and cut from etcd in turn. Its first four faults are the 4-fault schedule of seed 3 that ran here before, next
+to seed 12's (stall_sub, rejoin_new, restart_same, etcd_cut): one cluster instead of two covers the same kinds and
+saves a start, a warm-up, a tail and a drain. The focused tests run one fault of each kind. Node logs of a failing
+run are copied into the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ def check(report: Report, log_dir: Path) -> None:
     assert not quiet, f"subscribers that received nothing acknowledged after the last fault: {quiet}\n{table}"
 
 
-@pytest.mark.timeout(170)
-@pytest.mark.parametrize("seed", [3, 12])
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", [3])
 def test_seeded_schedule_loses_no_acknowledged_message(seed: int, tmp_path: Path) -> None:
-    report = run_schedule(seed, duration=20, faults=4, ready_timeout=READY_TIMEOUT, log_dir=tmp_path / "logs")
+    report = run_schedule(seed, duration=20, faults=6, ready_timeout=READY_TIMEOUT, log_dir=tmp_path / "logs")
     check(report, tmp_path / "logs")
-    assert len(report.faults) == 4, report.table()
+    assert sorted(f.kind for f in report.faults) == sorted(KINDS), report.table()
 
 
 @pytest.mark.timeout(75)
