@@ -189,6 +189,8 @@ class NodeCore:
             codec.ERROR: self._on_peer_error,
             codec.RETAIN: self.retained.on_retain,
             codec.RETAINS: self.retained.on_retains,
+            codec.RETAINM: self.retained.on_retainm,
+            codec.RETAINM_ACK: self.retained.on_retainm_ack,
             codec.RETAIN_ACK: self.retained.on_retain_ack,
             codec.RETAINED_GET: self.retained.on_get,
             codec.RETAINED_REPLY: self.retained.on_reply,

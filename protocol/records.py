@@ -343,6 +343,33 @@ class RetainBatch:
 
 
 @dataclass(slots=True)
+class RetainParts:
+    """Writes of several shards with one primary sent in one RETAINM frame (``retained.send_batched``), waiting for
+    its RETAINM_ACK; each shard's writes get that shard's answer. A write's ``attempt`` counts its stale retries."""
+
+    primary: str
+    shards: dict[int, list[RetainWrite]]
+
+    def waits_on(self, node: str) -> bool:
+        return self.primary == node
+
+
+@dataclass(slots=True)
+class PartsReplication:
+    """The RETAINM frames a primary (or a hand-off source relaying them) sent, one per replica or target node, each
+    with the parts of the shards that node holds; ``then(failed)`` once each answered or left the view, ``failed``
+    shard -> (code, reason) of the shards a node refused or did not confirm in time."""
+
+    pending: set[str]
+    shards: dict[str, list[int]]  # node -> the shards its frame carries
+    then: Callable[[dict[int, tuple[str, str]]], None]
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def waits_on(self, node: str) -> bool:
+        return node in self.pending
+
+
+@dataclass(slots=True)
 class Replication:
     """A retained change the primary (or a hand-off source relaying it) sent to replicas and hand-off targets;
     ``then(failed)`` once each answered, left the view, or the time ran out (failed)."""

@@ -59,7 +59,17 @@ from shardmq.router.matching import filter_matches
 from shardmq.router.retained_table import RetainedMessage, RetainedTable, Stamp
 from shardmq.router.topics import TopicError, validate_topic_filter, validate_topic_name
 
-from .records import Publish, Replication, RetainBatch, RetainedFetch, RetainWrite, Session, placement_key
+from .records import (
+    PartsReplication,
+    Publish,
+    Replication,
+    RetainBatch,
+    RetainedFetch,
+    RetainParts,
+    RetainWrite,
+    Session,
+    placement_key,
+)
 from .subscriptions import STALE_RETRIES
 from .view import ROOT
 from .wills import will_id, without_will
@@ -70,6 +80,10 @@ if TYPE_CHECKING:
 REPLY_CHUNK = 5000  # retained messages per RETAINED_REPLY frame at most (and max_payload bytes)
 BATCH_MAX = 5000  # writes per RETAINS frame at most (and max_payload bytes)
 RANK_PRIMARY, RANK_OWNER = 2, 1  # which copy a subscriber's node keeps when members answer differently
+
+
+# One shard's part of a RETAINM going to a replica: (shard, shard epoch, stamp (epoch, first seq), its items).
+Part = tuple[int, int, tuple[int, int], list[tuple[str, int, bytes]]]
 
 
 def is_wild(filt: str) -> bool:
@@ -128,6 +142,11 @@ class RetainedSide:
             self.core.metrics["retained.write_timeouts"] += 1
             for one in w.writes:
                 one.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {w.shard} did not confirm the write")
+        elif isinstance(w, RetainParts):
+            self.core.metrics["retained.write_timeouts"] += 1
+            for shard, writes in w.shards.items():
+                for one in writes:
+                    one.then(codec.E_TIMEOUT, f"primary {w.primary} of shard {shard} did not confirm the write")
 
     def _answered(self, w: RetainWrite, answer: dict[str, Any]) -> None:
         """The primary's answer: {} stored, {"stale": epoch}, {"conflict": stored record} (a conditional write
@@ -203,17 +222,41 @@ class RetainedSide:
             by_shard: dict[int, list[RetainWrite]] = {}
             for w in writes:
                 by_shard.setdefault(shard_for_key(placement_key(w.topic), a.shard_count), []).append(w)
-            limit = core.cfg.max_payload
+            by_primary: dict[str, dict[int, list[RetainWrite]]] = {}
             for shard in sorted(by_shard):
-                chunk: list[RetainWrite] = []
-                size = 0
-                for w in by_shard[shard]:
-                    if chunk and (len(chunk) >= BATCH_MAX or size + len(w.payload) > limit):
-                        self._write_batch(shard, chunk)
-                        chunk, size = [], 0
-                    chunk.append(w)
-                    size += len(w.payload)
-                self._write_batch(shard, chunk)
+                state = a.state(shard)
+                if not state.owners or (state.owners[0] != core.me and state.owners[0] not in core.view.members):
+                    for w in by_shard[shard]:
+                        w.then(codec.E_UNAVAILABLE, f"shard {shard} has no reachable primary; retry shortly")
+                    continue
+                by_primary.setdefault(state.owners[0], {})[shard] = by_shard[shard]
+            for primary in sorted(by_primary):
+                self._send_to_primary(primary, by_primary[primary])
+
+    def _send_to_primary(self, primary: str, by_shard: dict[int, list[RetainWrite]]) -> None:
+        """The writes of ``primary``'s shards in as few frames as the limits allow (``BATCH_MAX`` items,
+        ``max_payload`` bytes): one RETAINM carries several shards' parts; a frame of one shard goes as RETAINS
+        (a lone write as RETAIN)."""
+        limit = self.core.cfg.max_payload
+        frame: dict[int, list[RetainWrite]] = {}
+        count = size = 0
+        for shard in sorted(by_shard):
+            for w in by_shard[shard]:
+                if count and (count >= BATCH_MAX or size + len(w.payload) > limit):
+                    self._send_frame(primary, frame)
+                    frame, count, size = {}, 0, 0
+                frame.setdefault(shard, []).append(w)
+                count += 1
+                size += len(w.payload)
+        if frame:
+            self._send_frame(primary, frame)
+
+    def _send_frame(self, primary: str, frame: dict[int, list[RetainWrite]]) -> None:
+        if len(frame) == 1:
+            [(shard, writes)] = frame.items()
+            self._write_batch(shard, writes)
+        else:
+            self._write_parts(primary, frame)
 
     def _write_batch(self, shard: int, writes: list[RetainWrite]) -> None:
         core = self.core
@@ -274,6 +317,273 @@ class RetainedSide:
             self.send_batched()
 
         core.refresh_assignment(again, force=True)
+
+    # ------------------------------------------------------------------ many shards of one primary: RETAINM
+    def _write_parts(self, primary: str, by_shard: dict[int, list[RetainWrite]]) -> None:
+        """The writes of several shards whose primary is ``primary`` in one RETAINM: one part per shard with its
+        shard epoch, answered per shard (``_parts_answered``)."""
+        core = self.core
+        a = core.view.assignment
+        assert a is not None
+        record = RetainParts(primary, by_shard)
+        parts: list[list[int]] = []
+        writes: list[RetainWrite] = []
+        for shard in sorted(by_shard):
+            parts.append([shard, a.epoch(shard), len(by_shard[shard])])
+            for w in by_shard[shard]:
+                w.primary, w.shard = primary, shard
+                writes.append(w)
+        header: dict[str, Any] = {"id": 0, "replica": False, "parts": parts,
+                                  "items": [[w.topic, w.qos] for w in writes],
+                                  "sizes": [len(w.payload) for w in writes]}  # fmt: skip
+        core.metrics["retained.batches_out"] += 1
+        core.metrics["retained.multi_out"] += 1
+        if primary == core.me:
+            taken = self._parts_of(header, [(w.topic, w.qos, w.payload) for w in writes])
+            self._accept_parts(taken, lambda answers: self._parts_answered(record, answers))
+            return
+        rid = header["id"] = core.requests.open(record, self)
+        parts_out = codec.encode(codec.RETAINM, header, b"".join(w.payload for w in writes))
+        if not core.effects.send_peer(primary, parts_out):
+            core.requests.close(rid)
+            for w in writes:
+                w.then(codec.E_UNAVAILABLE, f"primary {primary} of shard {w.shard} is unreachable")
+            return
+        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_write(rid))
+
+    @staticmethod
+    def _parts_of(
+        h: dict[str, Any], items: list[tuple[str, int, bytes]],
+    ) -> list[tuple[dict[str, Any], list[tuple[str, int, bytes]]]]:  # fmt: skip
+        """A RETAINM's parts as (one RETAINS-like header per shard, its items): ``shard``, ``shard_epoch`` and, for
+        a replica's, ``stamp``."""
+        out: list[tuple[dict[str, Any], list[tuple[str, int, bytes]]]] = []
+        at = 0
+        for part in h["parts"]:
+            shard, shard_epoch, count = part[0], part[1], part[2]
+            ph: dict[str, Any] = {"shard": shard, "shard_epoch": shard_epoch}
+            if len(part) == 5:
+                ph["stamp"] = [part[3], part[4]]
+            out.append((ph, items[at : at + count]))
+            at += count
+        return out
+
+    def on_retainm(self, sender: str, frame: Frame) -> None:
+        """Writes of several shards (RETAINM): each shard's part as one RETAINS, answered per shard in one
+        RETAINM_ACK (a primary's: ``_accept_parts``; a replica's: ``_replica_parts``)."""
+        core = self.core
+        h = frame.header
+        try:
+            pairs = codec.split_batch(frame)
+            if sum(p[2] for p in h["parts"]) != len(pairs) or len({p[0] for p in h["parts"]}) != len(h["parts"]):
+                raise ProtocolError(codec.E_BAD_FRAME, "RETAINM parts must name each shard once and count its items",
+                                    h["id"])  # fmt: skip
+            if any(len(p) != (5 if h["replica"] else 3) for p in h["parts"]):
+                raise ProtocolError(codec.E_BAD_HEADER, "RETAINM parts carry a stamp exactly when replica is true",
+                                    h["id"])  # fmt: skip
+        except ProtocolError as exc:
+            core.metrics[f"errors.{exc.code}"] += 1
+            core.refuse_peer(sender, frame, exc.code, exc.reason)
+            return
+        taken = self._parts_of(h, [(topic, qos, payload) for (topic, qos), payload in pairs])
+
+        def reply(answers: dict[int, dict[str, Any]]) -> None:
+            stale = [[shard, a["stale"]] for shard, a in sorted(answers.items()) if "stale" in a]
+            failed = [[shard, a["code"], a["reason"]] for shard, a in sorted(answers.items()) if "code" in a]
+            parts = codec.encode(codec.RETAINM_ACK, {"id": h["id"], "stale": stale, "failed": failed})
+            core.durable.after(lambda: core.effects.send_peer(sender, parts))  # what it confirms is stored first
+
+        if h["replica"]:
+            self._replica_parts(sender, taken, reply)
+        else:
+            self._accept_parts(taken, reply)
+
+    def on_retainm_ack(self, sender: str, frame: Frame) -> None:
+        h = frame.header
+        record = self.core.requests.get(h["id"])
+        failed = {f[0]: (f[1], f[2]) for f in h["failed"]}
+        if isinstance(record, PartsReplication):
+            self._settle_parts(h["id"], sender, failed)
+        elif isinstance(record, RetainParts) and record.primary == sender:
+            self.core.requests.close(h["id"])
+            answers: dict[int, dict[str, Any]] = {s: {"stale": e} for s, e in h["stale"]}
+            answers |= {s: {"code": c, "reason": r} for s, (c, r) in failed.items()}
+            self._parts_answered(record, answers)
+
+    def _accept_parts(
+        self, taken: list[tuple[dict[str, Any], list[tuple[str, int, bytes]]]],
+        reply: Callable[[dict[int, dict[str, Any]]], None],
+    ) -> None:  # fmt: skip
+        """As the primary of each part's shard: each part taken whole or not at all (``_admit``), stamped and
+        applied as a RETAINS; the taken parts go on in one RETAINM per replica node (each with the shards it
+        holds). ``reply(answers)`` once all answered: shard -> its answer ({} stored, or as ``_admit``)."""
+        core = self.core
+        a = core.view.assignment
+        answers: dict[int, dict[str, Any]] = {}
+        admitted: list[Part] = []  # shard, shard epoch, seq, items
+        growth = 0
+        for ph, items in taken:
+            refusal, items, more = self._admit(ph, items, held_more=growth)
+            if refusal is not None:
+                answers[ph["shard"]] = refusal
+                continue
+            growth += more
+            first = self.seq + 1
+            self.seq += len(items)
+            admitted.append((ph["shard"], ph["shard_epoch"], (ph["shard_epoch"], first), items))
+        by_node: dict[str, list[Part]] = {}
+        members = core.view.members
+        for part in admitted:
+            assert a is not None
+            shard = part[0]
+            targets = (set(a.owners(shard)) | (core.owner.source.relay_targets(shard) or set())) - {core.me}
+            for t in sorted(targets):
+                if t in members:
+                    by_node.setdefault(t, []).append(part)
+        applied = False
+        early: list[dict[int, tuple[str, str]]] = []
+
+        def replicated(failed: dict[int, tuple[str, str]]) -> None:
+            if not applied:
+                early.append(failed)
+                return
+            for shard, _, _, _ in admitted:
+                if shard in failed:
+                    reason = f"replicas of shard {shard} did not confirm: {failed[shard][1]}"
+                    answers[shard] = {"code": codec.E_UNAVAILABLE, "reason": reason}
+                else:
+                    answers[shard] = {}
+            reply(answers)
+
+        # As ``_accept``: the replicas apply while this node does.
+        self._replicate_parts(by_node, replicated)
+        for shard, _, (stamp_epoch, first), items in admitted:
+            for i, (topic, qos, payload) in enumerate(items):
+                self.apply(shard, topic, qos, payload, (stamp_epoch, first + i))
+        applied = True
+        if early:
+            replicated(early[0])
+
+    def _replicate_parts(
+        self, by_node: dict[str, list[Part]],
+        then: Callable[[dict[int, tuple[str, str]]], None],
+    ) -> None:  # fmt: skip
+        """One RETAINM to each node of ``by_node`` with its parts (shard, stamp epoch, first seq, items) stamped;
+        ``then(failed shards)`` once each answered, left the view, or the time ran out."""
+        core = self.core
+        if not by_node:
+            then({})
+            return
+        record = PartsReplication(set(by_node), {n: [p[0] for p in ps] for n, ps in by_node.items()}, then)
+        rid = core.requests.open(record, self)
+        core.metrics["retained.replicated"] += len(by_node)
+        for node in sorted(by_node):
+            items = [it for p in by_node[node] for it in p[3]]
+            parts = [[shard, shard_epoch, len(its), *stamp] for shard, shard_epoch, stamp, its in by_node[node]]
+            header = {"id": rid, "replica": True, "parts": parts,
+                      "items": [[t, q] for t, q, _ in items], "sizes": [len(p) for _, _, p in items]}  # fmt: skip
+            if not core.effects.send_peer(node, codec.encode(codec.RETAINM, header, b"".join(p for _, _, p in items))):
+                self._settle_parts(rid, node, {})  # not a member any more: it holds nothing of ours
+        if rid in core.requests:
+            core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_parts(rid))
+
+    def _settle_parts(self, rid: int, node: str, failed: dict[int, tuple[str, str]]) -> None:
+        record = self.core.requests.get(rid)
+        if isinstance(record, PartsReplication) and node in record.pending:
+            record.pending.discard(node)
+            record.failed |= {s: failed[s] for s in record.shards[node] if s in failed}
+            if not record.pending:
+                self.core.requests.close(rid)
+                record.then(record.failed)
+
+    def _expire_parts(self, rid: int) -> None:
+        record = self.core.requests.close(rid)
+        if isinstance(record, PartsReplication):
+            self.core.metrics["retained.replica_timeouts"] += 1
+            self.core.log.warning("retained_replica_timeout", replicas=sorted(record.pending))
+            for node in record.pending:
+                for shard in record.shards[node]:
+                    record.failed.setdefault(shard, (codec.E_TIMEOUT, f"{node} did not answer in time"))
+            record.then(record.failed)
+
+    def _replica_parts(
+        self, sender: str, taken: list[tuple[dict[str, Any], list[tuple[str, int, bytes]]]],
+        reply: Callable[[dict[int, dict[str, Any]]], None],
+    ) -> None:  # fmt: skip
+        """A replica's RETAINM: each part applied as a replica RETAINS would be (``_replica``), or refused alone;
+        the applied ones relayed to this node's hand-off targets, one RETAINM per target; answered per shard."""
+        core = self.core
+        a = core.view.assignment
+        answers: dict[int, dict[str, Any]] = {}
+        relay: dict[str, list[Part]] = {}
+        poll = False
+        for ph, items in taken:
+            shard, shard_epoch, stamp = ph["shard"], ph["shard_epoch"], ph["stamp"]
+            bad = self._check(ph, items)
+            ours = a.epoch(shard) if a is not None and bad is None else 0
+            if bad is None and not (
+                (a is not None and shard_epoch == ours and a.owners(shard)[:1] == (sender,))
+                or shard_epoch > ours or core.owner.target.may_forward(shard, sender)
+            ):  # fmt: skip
+                bad = (codec.E_NOT_ALLOWED, f"{sender} is not the primary of shard {shard}")
+            if bad is not None:
+                core.metrics[f"errors.{bad[0]}"] += 1
+                answers[shard] = {"code": bad[0], "reason": bad[1]}
+                continue
+            poll |= shard_epoch > ours
+            for i, (topic, qos, payload) in enumerate(items):
+                self.apply(shard, topic, qos, payload, (stamp[0], stamp[1] + i))
+            owners = set(a.owners(shard)) if a is not None else set()
+            for t in sorted(core.owner.source.relay_targets(shard) or ()):
+                if t not in owners and t != sender and t in core.view.members:
+                    relay.setdefault(t, []).append((shard, shard_epoch, (stamp[0], stamp[1]), items))
+                    core.metrics["handoff.retained_forwarded"] += len(items)
+        if poll:
+            core.effects.poll_view()
+
+        def done(failed: dict[int, tuple[str, str]]) -> None:
+            for shard, (_, reason) in failed.items():
+                answers[shard] = {"code": codec.E_UNAVAILABLE,
+                                  "reason": f"hand-off targets of shard {shard} did not confirm: {reason}"}  # fmt: skip
+            reply(answers)
+
+        self._replicate_parts(relay, done)
+
+    def _parts_answered(self, record: RetainParts, answers: dict[int, dict[str, Any]]) -> None:
+        """The primary's answer to a RETAINM, per shard (as ``_batch_answered`` for each shard's writes): stored,
+        refused, or stale (those shards' writes are grouped again once the assignment is read again; the others
+        are done)."""
+        core = self.core
+        again: list[RetainWrite] = []
+        for shard in sorted(record.shards):
+            writes = record.shards[shard]
+            answer = answers.get(shard, {})
+            if "code" in answer:
+                for w in writes:
+                    w.then(answer["code"], answer["reason"])
+                continue
+            stale = answer.get("stale")
+            if stale is None:
+                core.metrics["retained.writes_acked"] += len(writes)
+                for w in writes:
+                    w.then(None, "")
+                continue
+            if max(w.attempt for w in writes) >= STALE_RETRIES:
+                for w in writes:
+                    w.then(codec.E_UNAVAILABLE, f"shard {shard}'s primary kept answering stale (shard epoch {stale})")
+                continue
+            for w in writes:
+                w.attempt += 1
+            again.extend(writes)
+        if not again:
+            return
+        core.metrics["retained.stale_retries"] += 1
+
+        def resend(_ok: bool) -> None:
+            self.batched.extend(again)
+            self.send_batched()
+
+        core.refresh_assignment(resend, force=True)
 
     def read_record(self, topic: str, then: Callable[[bytes | None], None]) -> None:
         """A node's own read of one record: the exact fetch of a subscriber (the primary, then the other owners,
@@ -363,43 +673,14 @@ class RetainedSide:
         """As the shard's primary: take the changes (one RETAIN's, or a RETAINS' in order), stamp, apply and
         replicate them (one replica frame per replica), then ``reply`` once for all."""
         core = self.core
-        bad = self._check(h, items)
-        if bad is not None:
-            core.metrics[f"errors.{bad[0]}"] += 1
-            reply({"code": bad[0], "reason": bad[1]})
+        refusal, items, _ = self._admit(h, items)
+        if refusal is not None:
+            reply(refusal)
             return
-        if core.fenced():
-            reply({"code": codec.E_FENCED, "reason": f"{core.me} cannot renew its etcd lease"})
-            return
-        shard, shard_epoch = h["shard"], h["shard_epoch"]
+        shard = h["shard"]
         a = core.view.assignment
-        ours = a.epoch(shard) if a is not None else 0
-        if a is None or shard_epoch != ours or a.owners(shard)[:1] != (core.me,):
-            if shard_epoch > ours:
-                core.effects.poll_view()
-            core.metrics["retained.stale"] += 1
-            reply({"stale": ours})
-            return
-        if_will = h.get("if_will")
-        if if_will is not None:  # a session record's conditional write (RETAIN only): decided here, by the one writer
-            topic = items[0][0]
-            held = self.table.get(shard, topic)
-            stored = held.payload if held is not None else b""
-            if will_id(stored) != if_will:
-                core.metrics["wills.write_conflicts"] += 1
-                reply({"conflict": stored})
-                return
-            if h.get("clear_will") is True:
-                items = [(topic, items[0][1], without_will(stored))]
-        growth = self._growth(shard, items)
-        if growth > 0 and self.table.bytes + growth > core.cfg.max_retained_bytes:
-            core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
-            core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
-                             limit=core.cfg.max_retained_bytes)  # fmt: skip
-            reason = f"{core.me} holds {self.table.bytes} bytes of retained messages, the limit is " \
-                     f"{core.cfg.max_retained_bytes}: the retained message was not stored"  # fmt: skip
-            reply({"code": codec.E_OVERLOADED, "reason": reason})
-            return
+        assert a is not None
+        ours = a.epoch(shard)
         first = self.seq + 1
         self.seq += len(items)
         members = core.view.members
@@ -432,6 +713,47 @@ class RetainedSide:
         applied = True
         if early:
             replicated(early[0])
+
+    def _admit(
+        self, h: dict[str, Any], items: list[tuple[str, int, bytes]], held_more: int = 0,
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, int, bytes]], int]:  # fmt: skip
+        """As the primary of ``h``'s shard: (None, the items to apply, bytes they add) when one shard's changes may
+        be applied, else (the answer, [], 0): ``code``, ``stale`` or ``conflict`` (see ``_answered``). ``held_more``:
+        bytes other changes taken with these (a RETAINM's other shards) will add."""
+        core = self.core
+        bad = self._check(h, items)
+        if bad is not None:
+            core.metrics[f"errors.{bad[0]}"] += 1
+            return {"code": bad[0], "reason": bad[1]}, [], 0
+        if core.fenced():
+            return {"code": codec.E_FENCED, "reason": f"{core.me} cannot renew its etcd lease"}, [], 0
+        shard, shard_epoch = h["shard"], h["shard_epoch"]
+        a = core.view.assignment
+        ours = a.epoch(shard) if a is not None else 0
+        if a is None or shard_epoch != ours or a.owners(shard)[:1] != (core.me,):
+            if shard_epoch > ours:
+                core.effects.poll_view()
+            core.metrics["retained.stale"] += 1
+            return {"stale": ours}, [], 0
+        if_will = h.get("if_will")
+        if if_will is not None:  # a session record's conditional write (RETAIN only): decided here, by the one writer
+            topic = items[0][0]
+            held = self.table.get(shard, topic)
+            stored = held.payload if held is not None else b""
+            if will_id(stored) != if_will:
+                core.metrics["wills.write_conflicts"] += 1
+                return {"conflict": stored}, [], 0
+            if h.get("clear_will") is True:
+                items = [(topic, items[0][1], without_will(stored))]
+        growth = self._growth(shard, items)
+        if growth > 0 and self.table.bytes + held_more + growth > core.cfg.max_retained_bytes:
+            core.metrics[f"errors.{codec.E_OVERLOADED}"] += 1
+            core.log.warning("retained_full", shard=shard, shard_epoch=ours, bytes=self.table.bytes,
+                             limit=core.cfg.max_retained_bytes)  # fmt: skip
+            reason = f"{core.me} holds {self.table.bytes} bytes of retained messages, the limit is " \
+                     f"{core.cfg.max_retained_bytes}: the retained message was not stored"  # fmt: skip
+            return {"code": codec.E_OVERLOADED, "reason": reason}, [], 0
+        return None, items, growth
 
     def _growth(self, shard: int, items: list[tuple[str, int, bytes]]) -> int:
         """Bytes held more once ``items`` are applied: a deletion in the same batch frees its record's bytes (a
@@ -734,8 +1056,15 @@ class RetainedSide:
         elif isinstance(request, RetainBatch):
             self.core.requests.close(rid)
             self._batch_answered(request, {"code": code, "reason": f"node {sender} refused: {reason}"})
+        elif isinstance(request, RetainParts):
+            self.core.requests.close(rid)
+            refusal = {"code": code, "reason": f"node {sender} refused: {reason}"}
+            self._parts_answered(request, dict.fromkeys(request.shards, refusal))
         elif isinstance(request, Replication):
             self._settle(rid, sender, failed=True)
+        elif isinstance(request, PartsReplication):
+            refused = (code, f"node {sender} refused: {reason}")
+            self._settle_parts(rid, sender, dict.fromkeys(request.shards.get(sender, ()), refused))
         elif isinstance(request, RetainedFetch):
             self._node_failed(rid, sender)
 
@@ -747,7 +1076,13 @@ class RetainedSide:
         elif isinstance(request, RetainBatch):
             self.core.requests.close(rid)
             self._batch_answered(request, {"stale": self.core.view.shard_epoch(request.shard)})
+        elif isinstance(request, RetainParts):
+            self.core.requests.close(rid)
+            view = self.core.view
+            self._parts_answered(request, {s: {"stale": view.shard_epoch(s)} for s in request.shards})
         elif isinstance(request, Replication):
             self._settle(rid, node)  # a replica that left holds nothing any more: it counts as done
+        elif isinstance(request, PartsReplication):
+            self._settle_parts(rid, node, {})  # likewise
         elif isinstance(request, RetainedFetch):
             self._node_failed(rid, node)

@@ -38,6 +38,10 @@ Rules of this file:
 - Batched retained writes (v4): RETAINS, the batch sibling of RETAIN for one shard (``items`` [topic, qos] and
   ``sizes``, the payloads back to back, as PUBS; with ``replica`` a ``stamp`` [shard_epoch, first seq], item i
   stamped first seq + i), answered by one RETAIN_ACK for all its items; never conditional (no ``if_will``).
+  RETAINM, the writes of several shards with one primary in one frame (``parts`` [shard, shard_epoch, count] in
+  item order; with ``replica`` [shard, shard_epoch, count, stamp epoch, first seq]; ``items``/``sizes`` as RETAINS),
+  answered by RETAINM_ACK per shard (``stale`` [shard, shard_epoch] pairs, ``failed`` [shard, code, reason]
+  triples; a shard listed in neither is stored).
 - The codec is pure: no sockets, clocks or logging. docs/PROTOCOL.md documents every frame listed here.
 """
 
@@ -95,6 +99,8 @@ INVALIDATE = b"INVALIDATE"
 INVALIDATE_ACK = b"INVALIDATE_ACK"
 RETAIN = b"RETAIN"  # a retained message's change: entry -> shard primary; with ``replica``: primary -> replicas
 RETAINS = b"RETAINS"  # many RETAINs of one shard in one frame (a session queue's records, their deletions)
+RETAINM = b"RETAINM"  # the RETAINS of several shards with one primary (or one replica) in one frame
+RETAINM_ACK = b"RETAINM_ACK"  # a RETAINM's answer, per shard
 RETAIN_ACK = b"RETAIN_ACK"
 RETAINED_GET = b"RETAINED_GET"  # a new subscription's filters: which retained messages match them
 RETAINED_REPLY = b"RETAINED_REPLY"
@@ -160,6 +166,8 @@ FRAME_FIELDS: dict[bytes, dict[str, type]] = {
     RETAIN: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "topic": _STR, "qos": _INT, "replica": bool},
     RETAINS: {"id": _INT, "shard": _INT, "shard_epoch": _INT, "replica": bool, "items": _LIST, "sizes": _LIST},
     RETAIN_ACK: {"id": _INT},
+    RETAINM: {"id": _INT, "replica": bool, "parts": _LIST, "items": _LIST, "sizes": _LIST},
+    RETAINM_ACK: {"id": _INT, "stale": _LIST, "failed": _LIST},
     RETAINED_GET: {"id": _INT, "filters": _LIST},
     RETAINED_REPLY: {"id": _INT, "items": _LIST, "sizes": _LIST, "more": bool},
     SESSION_TAKE: {"id": _INT, "client_id": _STR},
@@ -268,6 +276,26 @@ def _retains_items_ok(items: list[Any]) -> bool:
     )
 
 
+def _retainm_parts_ok(items: list[Any]) -> bool:
+    """RETAINM parts: [shard, shard_epoch, count] or, from a primary to its replicas, [shard, shard_epoch, count,
+    stamp epoch, first seq]; integers, count at least 1."""
+    return all(
+        isinstance(r, list) and len(r) in (3, 5) and all(type(x) is int and x >= 0 for x in r) and r[2] >= 1
+        for r in items
+    )
+
+
+def _retainm_stale_ok(items: list[Any]) -> bool:
+    return all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in items)
+
+
+def _retainm_failed_ok(items: list[Any]) -> bool:
+    return all(
+        isinstance(r, list) and len(r) == 3 and type(r[0]) is int and isinstance(r[1], str) and isinstance(r[2], str)
+        for r in items
+    )
+
+
 def _retained_items_ok(items: list[Any]) -> bool:
     """RETAINED_REPLY items: [topic, qos, shard, stamp epoch, stamp seq]."""
     return all(
@@ -301,6 +329,13 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     (PUBS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
     (RETAINS, "items"): (_retains_items_ok, "[topic:str, qos:0|1] pairs"),
     (RETAINS, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (RETAINM, "parts"): (
+        _retainm_parts_ok, "[shard:int, shard_epoch:int, count:int>=1(, stamp_epoch:int, first_seq:int)] lists"
+    ),
+    (RETAINM, "items"): (_retains_items_ok, "[topic:str, qos:0|1] pairs"),
+    (RETAINM, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
+    (RETAINM_ACK, "stale"): (_retainm_stale_ok, "[shard:int, shard_epoch:int] pairs"),
+    (RETAINM_ACK, "failed"): (_retainm_failed_ok, "[shard:int, code:str, reason:str] triples"),
     (RETAINED_GET, "filters"): (_strings_ok, "filter strings"),
     (RETAINED_REPLY, "items"): (_retained_items_ok, "[topic:str, qos:0|1, shard:int, epoch:int, seq:int] lists"),
     (RETAINED_REPLY, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
@@ -321,7 +356,8 @@ CLIENT_REQUESTS = frozenset({HELLO, SUB, UNSUB, PUB, PUBS, DACK, PING, PONG, STA
 PEER_REQUESTS = frozenset(
     {
         ROUTE_ADD, ROUTE_DEL, ROUTE_ACK, LOOKUP, LOOKUP_REPLY, LOOKUPS, LOOKUPS_REPLY, FWD, FWDS, FWD_ACK, HANDOFF,
-        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAINS, RETAIN_ACK, RETAINED_GET,
+        SNAPSHOT, HANDOFF_READY, INVALIDATE, INVALIDATE_ACK, ERROR, RETAIN, RETAINS, RETAINM, RETAINM_ACK, RETAIN_ACK,
+        RETAINED_GET,
         RETAINED_REPLY, SESSION_TAKE, SESSION_STATE, SESSION_TAKEN, SHARED_FWD, SHARED_DONE, SHARED_COPY,
         SHARED_RELEASE,
     }

@@ -97,6 +97,19 @@ ITEM_VALUES: dict[tuple[bytes, str], st.SearchStrategy[Any]] = {
     ),
     (codec.RETAINS, "items"): st.lists(st.tuples(st.text(max_size=20), st.sampled_from([0, 1])).map(list), max_size=5),
     (codec.RETAINS, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.RETAINM, "parts"): st.lists(
+        st.tuples(st.integers(0, 4095), st.integers(0, 2**40), st.integers(1, 5000)).map(list)
+        | st.tuples(*[st.integers(0, 2**40)] * 2, st.integers(1, 5000), *[st.integers(0, 2**40)] * 2).map(list),
+        max_size=5,
+    ),
+    (codec.RETAINM, "items"): st.lists(st.tuples(st.text(max_size=20), st.sampled_from([0, 1])).map(list), max_size=5),
+    (codec.RETAINM, "sizes"): st.lists(st.integers(0, 2**20), max_size=5),
+    (codec.RETAINM_ACK, "stale"): st.lists(
+        st.tuples(st.integers(0, 4095), st.integers(0, 2**40)).map(list), max_size=5
+    ),
+    (codec.RETAINM_ACK, "failed"): st.lists(
+        st.tuples(st.integers(0, 4095), st.text(max_size=10), st.text(max_size=20)).map(list), max_size=5
+    ),
     (codec.RETAINED_GET, "filters"): st.lists(st.text(max_size=20), max_size=5),
     (codec.RETAINED_REPLY, "items"): st.lists(
         st.tuples(
@@ -612,13 +625,16 @@ def test_retained_frames_round_trip() -> None:
                          "sizes": [1, 0]}, b"x"),  # fmt: skip
         (codec.RETAINS, {"id": 6, "shard": 5, "shard_epoch": 2, "replica": True, "stamp": [2, 10],
                          "items": [["a/b", 1], ["a/c", 0]], "sizes": [2, 1]}, b"xyz"),  # fmt: skip
+        (codec.RETAINM, {"id": 7, "replica": True, "parts": [[5, 2, 1, 2, 10], [6, 3, 1, 3, 4]],
+                         "items": [["a/b", 1], ["a/c", 0]], "sizes": [2, 1]}, b"xyz"),  # fmt: skip
+        (codec.RETAINM_ACK, {"id": 7, "stale": [[5, 3]], "failed": [[6, "unavailable", "replica timed out"]]}, b""),
     ]
     for frame_type, header, payload in frames:
         frame = codec.decode(codec.encode(frame_type, header, payload))
         assert frame == Frame(frame_type, {"v": codec.PROTOCOL_VERSION, **header}, payload)
     reply = codec.decode(codec.encode(*frames[5]))
     assert codec.split_batch(reply) == [(["a/b", 1, 5, 2, 9], b"xy"), (["a/c", 0, 6, 1, 1], b"z")]
-    batch = codec.decode(codec.encode(*frames[-1]))
+    batch = codec.decode(codec.encode(*frames[-3]))
     assert codec.split_batch(batch) == [(["a/b", 1], b"xy"), (["a/c", 0], b"z")]
 
 
