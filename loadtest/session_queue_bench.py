@@ -11,10 +11,15 @@ QoS 1 messages with ``publish_many``, ``--batch`` per frame; each returns once a
   sessions stay, offline, at n1): a forward is acknowledged once every session's replicated queue at its session
   shard's owners holds the message.
 
+With ``--spread`` each session subscribes to a topic of its own and the messages go to them in turn (message i to
+session i mod ``--sessions``): many devices, each with a few messages per forwarded frame, the sessions' records in
+many shards. Without it every session subscribes to the same topic and gets every message.
+
 Then every client reads (the persistent ones come back through n3) and the bench checks each got every message.
 Prints one line per load and round, then the ratio of the medians.
 
     .venv/bin/python -m shardmq.loadtest.session_queue_bench --messages 5000 --sessions 1
+    .venv/bin/python -m shardmq.loadtest.session_queue_bench --messages 5000 --sessions 1000 --spread
 
 Keep ``--messages`` under the nodes' ``max_queued`` (10,000) + ``max_inflight``: the baseline's clients do not read
 while it runs. Run the same file with another checkout's interpreter to compare (its nodes run that checkout's
@@ -53,8 +58,15 @@ def drain(client: Client) -> set[bytes]:
     return got
 
 
-def missed(messages: list[tuple[str, bytes]], got: set[bytes]) -> int:
-    return sum(1 for _, data in messages if data not in got)
+def missed(messages: list[tuple[str, bytes]], got: set[bytes], topic: str | None = None) -> int:
+    """Messages (of ``topic`` only, when given) not in ``got``."""
+    return sum(1 for t, data in messages if data not in got and (topic is None or t == topic))
+
+
+def load(prefix: str, count: int, sessions: int, spread: bool, pad: bytes) -> tuple[list[str], list[tuple[str, bytes]]]:
+    """(each session's topic, the messages): one topic for all, or with ``spread`` one per session, in turn."""
+    topics = [f"{prefix}/{i}" for i in range(sessions)] if spread else [prefix] * sessions
+    return topics, [(topics[i % sessions], b"%07d" % i + pad) for i in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--payload", type=int, default=100, help="bytes per message")
     parser.add_argument("--rounds", type=int, default=1, help="each round measures both loads, baseline first")
+    parser.add_argument("--spread", action="store_true", help="a topic per session, the messages to each in turn")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the cluster (``finally``) when killed
     rates: dict[str, list[float]] = {"baseline": [], "replicated": []}
@@ -78,37 +91,38 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 p = uuid.uuid4().hex[:8]
                 # baseline: clean sessions, connected, not reading
-                topic = f"{p}/clean"
-                messages = [(topic, b"%07d" % i + pad) for i in range(args.messages)]
+                topics, messages = load(f"{p}/clean", args.messages, args.sessions, args.spread, pad)
                 clients = [Client([eps[0]], timeout=30.0) for _ in range(args.sessions)]
                 try:
-                    for c in clients:
+                    for c, topic in zip(clients, topics, strict=True):
                         c.subscribe(topic, qos=1)
                     rate, took = publish_rate(eps[1], messages, args.batch)
-                    missing = sum(missed(messages, drain(c)) for c in clients)
+                    missing = sum(missed(messages, drain(c), t if args.spread else None)
+                                  for c, t in zip(clients, topics, strict=True))  # fmt: skip
                 finally:
                     for c in clients:
                         c.close()
                 rates["baseline"].append(rate)
-                print(f"load=baseline messages={args.messages - 100} sessions={args.sessions} batch={args.batch} "
+                print(f"load=baseline messages={args.messages - 100} sessions={args.sessions} spread={args.spread} "
+                      f"batch={args.batch} "
                       f"payload={args.payload} acked_msg_per_s={rate:.0f} s={took:.2f} missing={missing}",
                       flush=True)  # fmt: skip
                 # replicated: persistent sessions, offline
-                topic = f"{p}/q"
-                messages = [(topic, b"%07d" % i + pad) for i in range(args.messages)]
+                topics, messages = load(f"{p}/q", args.messages, args.sessions, args.spread, pad)
                 cids = [f"bench-{p}-{i}" for i in range(args.sessions)]
-                for cid in cids:
+                for cid, topic in zip(cids, topics, strict=True):
                     with Client([eps[0]], client_id=cid, clean_session=False, session_expiry=600) as c:
                         c.subscribe(topic, qos=1)
                 rate, took = publish_rate(eps[1], messages, args.batch)
                 missing = 0
-                for cid in cids:
+                for cid, topic in zip(cids, topics, strict=True):
                     with Client([eps[2]], client_id=cid, clean_session=False, session_expiry=600, timeout=30.0) as c:
-                        missing += missed(messages, drain(c))
+                        missing += missed(messages, drain(c), topic if args.spread else None)
                     with Client([eps[2]], client_id=cid):  # a clean connect ends the session (and its records)
                         pass
                 rates["replicated"].append(rate)
-                print(f"load=replicated messages={args.messages - 100} sessions={args.sessions} batch={args.batch} "
+                print(f"load=replicated messages={args.messages - 100} sessions={args.sessions} spread={args.spread} "
+                      f"batch={args.batch} "
                       f"payload={args.payload} acked_msg_per_s={rate:.0f} s={took:.2f} missing={missing}",
                       flush=True)  # fmt: skip
         finally:

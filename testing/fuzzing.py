@@ -84,8 +84,8 @@ SEEDS: dict[bytes, tuple[dict[str, Any], bytes]] = {
     codec.RETAIN: ({"id": 1, "shard": 4, "shard_epoch": 1, "topic": "a/b", "qos": 1, "replica": False}, b"r"),
     codec.RETAINS: ({"id": 1, "shard": 4, "shard_epoch": 1, "replica": True, "stamp": [1, 1],
                      "items": [["a/b", 1], ["a/b", 0]], "sizes": [1, 0]}, b"r"),  # fmt: skip
-    codec.RETAINM: ({"id": 1, "replica": True, "parts": [[4, 1, 1, 1, 1], [5, 1, 1, 1, 2]],
-                     "items": [["a/b", 1], ["a/c", 0]], "sizes": [1, 0]}, b"r"),  # fmt: skip
+    codec.RETAINM: ({"id": 1, "replica": True, "parts": [[4, 1, 2, 1, 1]],
+                     "items": [["a/b", 1], ["a/b", 0]], "sizes": [1, 0]}, b"r"),  # fmt: skip
     codec.RETAINM_ACK: ({"id": 1, "stale": [[4, 2]], "failed": [[5, "unavailable", "r"]]}, b""),
     codec.RETAIN_ACK: ({"id": 1, "stale": 1}, b""),
     codec.RETAINED_GET: ({"id": 1, "filters": ["a/b", "a/+"]}, b""),
