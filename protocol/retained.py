@@ -24,6 +24,12 @@ Rules of this file:
   sequence numbers, sends it on as one replica RETAINS per replica and hand-off target before it applies it itself
   (the replicas apply meanwhile), and answers one RETAIN_ACK once each answered, as for one RETAIN; ``stale``
   sends the whole batch again (grouped again). Every record is applied, and so journaled, one by one.
+- Per primary (RETAINM). The batched writes of one flush are grouped by their shard's primary: a primary with two or
+  more shards gets one RETAINM, a part per shard with its shard epoch. Each part is taken or refused on its own as
+  one RETAINS would be; the taken ones go on as one RETAINM per replica node (the parts of the shards it holds or is
+  a hand-off target of), and RETAINM_ACK answers per shard (``stale``, ``failed``; the rest stored) once every such
+  node answered. A replica node that fails a part (refused, silent) fails that shard only; a stale part alone is
+  sent again. A replica relays a part to the hand-off targets of its shard as RETAINS does.
 - A session record's write may be conditional (``wills``): RETAIN ``if_will`` names the will id the writer expects
   the stored record to hold ("" none); the primary, which orders every write of the shard, applies it only then
   (``clear_will``: it stores the stored record without its will), else answers RETAIN_ACK ``conflict`` with the
