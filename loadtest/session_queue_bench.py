@@ -51,9 +51,10 @@ def publish_rate(endpoint: str, messages: list[tuple[str, bytes]], batch: int) -
     return (len(messages) - 100) / took, took
 
 
-def drain(client: Client) -> set[bytes]:
-    got = set()
-    while (m := client.receive(timeout=2.0)) is not None:
+def drain(client: Client, expect: int) -> set[bytes]:
+    """What ``client`` receives until it has ``expect`` distinct messages or 2 s pass without one."""
+    got: set[bytes] = set()
+    while len(got) < expect and (m := client.receive(timeout=2.0)) is not None:
         got.add(m.payload)
     return got
 
@@ -61,6 +62,10 @@ def drain(client: Client) -> set[bytes]:
 def missed(messages: list[tuple[str, bytes]], got: set[bytes], topic: str | None = None) -> int:
     """Messages (of ``topic`` only, when given) not in ``got``."""
     return sum(1 for t, data in messages if data not in got and (topic is None or t == topic))
+
+
+def expect(messages: list[tuple[str, bytes]], topic: str) -> int:
+    return sum(1 for t, _ in messages if t == topic)
 
 
 def load(prefix: str, count: int, sessions: int, spread: bool, pad: bytes) -> tuple[list[str], list[tuple[str, bytes]]]:
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     for c, topic in zip(clients, topics, strict=True):
                         c.subscribe(topic, qos=1)
                     rate, took = publish_rate(eps[1], messages, args.batch)
-                    missing = sum(missed(messages, drain(c), t if args.spread else None)
+                    missing = sum(missed(messages, drain(c, expect(messages, t)), t)
                                   for c, t in zip(clients, topics, strict=True))  # fmt: skip
                 finally:
                     for c in clients:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 missing = 0
                 for cid, topic in zip(cids, topics, strict=True):
                     with Client([eps[2]], client_id=cid, clean_session=False, session_expiry=600, timeout=30.0) as c:
-                        missing += missed(messages, drain(c), topic if args.spread else None)
+                        missing += missed(messages, drain(c, expect(messages, topic)), topic)
                     with Client([eps[2]], client_id=cid):  # a clean connect ends the session (and its records)
                         pass
                 rates["replicated"].append(rate)
