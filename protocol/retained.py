@@ -287,14 +287,7 @@ class RetainedSide:
             items = [(w.topic, w.qos, w.payload) for w in writes]
             self._accept(core.me, header, items, lambda answer: self._batch_answered(batch, answer))
             return
-        rid = header["id"] = core.requests.open(batch, self)
-        parts = codec.encode(codec.RETAINS, header, b"".join(w.payload for w in writes))
-        if not core.effects.send_peer(primary, parts):
-            core.requests.close(rid)
-            for w in writes:
-                w.then(codec.E_UNAVAILABLE, f"primary {primary} of shard {shard} is unreachable")
-            return
-        core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_write(rid))
+        self._send_writes(primary, codec.RETAINS, header, writes, batch)
 
     def _batch_answered(self, batch: RetainBatch, answer: dict[str, Any]) -> None:
         """The primary's one answer for a RETAINS: every write of it has that answer (see ``_answered``); a stale
@@ -348,9 +341,17 @@ class RetainedSide:
             taken = self._parts_of(header, [(w.topic, w.qos, w.payload) for w in writes])
             self._accept_parts(taken, lambda answers: self._parts_answered(record, answers))
             return
-        rid = header["id"] = core.requests.open(record, self)
-        parts_out = codec.encode(codec.RETAINM, header, b"".join(w.payload for w in writes))
-        if not core.effects.send_peer(primary, parts_out):
+        self._send_writes(primary, codec.RETAINM, header, writes, record)
+
+    def _send_writes(
+        self, primary: str, frame_type: bytes, header: dict[str, Any], writes: list[RetainWrite],
+        waiting: RetainBatch | RetainParts,
+    ) -> None:
+        """Send a batch of writes (RETAINS or RETAINM, the payloads back to back) to their primary, ``waiting``
+        in the request registry for its answer or ``request_timeout``; an unreachable primary fails them all."""
+        core = self.core
+        rid = header["id"] = core.requests.open(waiting, self)
+        if not core.effects.send_peer(primary, codec.encode(frame_type, header, b"".join(w.payload for w in writes))):
             core.requests.close(rid)
             for w in writes:
                 w.then(codec.E_UNAVAILABLE, f"primary {primary} of shard {w.shard} is unreachable")
