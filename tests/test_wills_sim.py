@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import pytest
 
 from shardmq.router import codec
 from shardmq.testing.simulation import Sim
 from tests.test_retained_sim import cluster
+from tests.test_sessions_sim import metric, record
 
 CLIENT = b"dev-7"
 WATCHER = b"watcher"
@@ -65,26 +65,13 @@ def run(sim: Sim, seconds: float, until: int | None = None, dt: float = 0.5) -> 
     return spent
 
 
-def record(sim: Sim, rid: bytes = CLIENT) -> dict[str, Any] | None:
-    topic = "$session/" + rid.decode()
-    shard = sim.shard_of(topic)
-    a = sim.etcd.doc
-    assert a is not None
-    held = sim.nodes[a.owners(shard)[0]].core.owner.retained.get(shard, topic)
-    return None if held is None else orjson.loads(held.payload)
-
-
-def metric(sim: Sim, name: str) -> int:
-    return sum(n.core.metrics[name] for n in sim.nodes.values())
-
-
 @pytest.mark.timeout(60)
 def test_killed_client_will_published_once_within_the_bound() -> None:
     sim = cluster()
     n1, n2, _ = sorted(sim.nodes)
     watch(sim, n2)
     assert connect(sim, n1).type == codec.WELCOME
-    stored = record(sim)
+    stored = record(sim, CLIENT)
     assert stored is not None and stored["holder"] == n1 and stored["persistent"] is False
     assert stored["will"]["topic"] == WILL["topic"]
     sim.client_away(CLIENT)  # killed: no BYE; its node finds out at its next probe
@@ -93,7 +80,7 @@ def test_killed_client_will_published_once_within_the_bound() -> None:
     assert took <= 3 * IDLE
     run(sim, 3 * IDLE)
     assert heard(sim) == [b"gone"]  # once
-    assert record(sim) is None  # a clean session's record was only there for the will
+    assert record(sim, CLIENT) is None  # a clean session's record was only there for the will
     assert metric(sim, "wills.published") == 1 and metric(sim, "wills.delivered") == 1
 
 
@@ -108,7 +95,7 @@ def test_bye_clears_the_will() -> None:
     assert sim.settle()
     run(sim, 4 * IDLE)
     assert heard(sim) == []
-    assert record(sim) is None
+    assert record(sim, CLIENT) is None
     assert metric(sim, "wills.published") == 0 and metric(sim, "wills.cleared") == 1
 
 
@@ -125,7 +112,7 @@ def test_back_on_the_same_node_within_the_grace_keeps_the_will() -> None:
     assert connect(sim, n1).type == codec.WELCOME  # HELLO again on the re-made connection, the same will
     run(sim, 2 * IDLE)
     assert heard(sim) == []
-    assert record(sim)["will"]["topic"] == WILL["topic"]
+    assert record(sim, CLIENT)["will"]["topic"] == WILL["topic"]
 
 
 @pytest.mark.timeout(60)
@@ -137,17 +124,17 @@ def test_persistent_session_will_when_gone_record_stays() -> None:
     sim.client_away(CLIENT)
     run(sim, 4 * IDLE, until=1)
     assert heard(sim) == [b"gone"]
-    stored = record(sim)
+    stored = record(sim, CLIENT)
     assert stored is not None and stored["holder"] == n1 and "will" not in stored  # the session lives on
     # It comes back (session present) with a will, then closes cleanly: nothing more is published.
     assert connect(sim, n1, clean=False, payload=b"gone2").header["session_present"] is True
-    assert record(sim)["will"]["payload"]
+    assert record(sim, CLIENT)["will"]["payload"]
     sim.client_send(CLIENT, n1, codec.BYE, {})
     sim.session_clients[CLIENT].node_id = None
     assert sim.settle()
     run(sim, 4 * IDLE)
     assert heard(sim) == [b"gone"]
-    assert "will" not in record(sim)
+    assert "will" not in record(sim, CLIENT)
 
 
 @pytest.mark.timeout(60)
@@ -161,7 +148,7 @@ def test_takeover_publishes_the_old_connections_will_once() -> None:
     assert sim.session_clients[CLIENT].frames  # (the old connection heard SESSION_END taken_over)
     run(sim, 4 * IDLE)
     assert heard(sim) == [b"old"]
-    stored = record(sim)
+    stored = record(sim, CLIENT)
     assert stored["holder"] == n2 and stored["will"]["payload"] == "bmV3"  # base64 of b"new": still pending
     assert metric(sim, "wills.published") == 1
 
@@ -197,7 +184,7 @@ def test_two_claims_of_one_will_publish_it_once() -> None:
     n1, n2, n3 = sorted(sim.nodes)
     watch(sim, n3)
     connect(sim, n1)
-    will = record(sim)["will"]
+    will = record(sim, CLIENT)["will"]
     for node in (n1, n2, n3):  # the holder and two others find it gone at the same moment
         sim.nodes[node].enter().wills.claim(CLIENT.decode(), will, "test")
     assert sim.settle()
@@ -221,7 +208,7 @@ def test_bad_will_refused_with_a_code(will: dict[str, Any], code: str) -> None:
     answer = connect(sim, sorted(sim.nodes)[0], will=will)
     assert answer.type == codec.ERROR and answer.header["code"] == code
     assert "will" in answer.header["reason"]
-    assert record(sim) is None
+    assert record(sim, CLIENT) is None
 
 
 @pytest.mark.timeout(60)
