@@ -35,6 +35,14 @@ Rules of this file:
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
 - While the node is fenced, publishes are refused: it cannot vouch for its routes.
+- QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a destination unreachable, a local
+  subscriber without room) are counted on their client's session (``Session.publish_failed``, per code) and
+  reported at the next flush as one ERROR with ``count`` per code, never one frame per message (wills and
+  internal publishes have no client: counted and logged only).
+- The barrier (``on_ping``): a client's PING is answered once every publish it sent before has left ``topic_queues``
+  (``waiting_of``: its publishes there; its PONGs wait in ``pongs_due``), and after the report of those that
+  failed, so the PONG says each was forwarded or reported. Other clients' publishes never hold it, and it comes:
+  every lookup ends (answered, or failed after ``lookup_timeout`` at each of at most 4 owners).
 - A retain publish (PUB ``retain``, a PUBS item's 4th element) is routed to current subscribers like any other
   (live messages never carry ``retain``) and also sent to its shard's primary as the topic's retained message
   (``retained``). It never takes the fast paths (``on_pubs`` runs, ``resolved``): each one is handled on its own.
@@ -112,6 +120,9 @@ class Entry:
         self.route_cache = RouteCache(core.cfg.route_cache_size)
         self.topic_queues: dict[str, deque[Publish]] = {}
         self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
+        self.waiting_of: dict[bytes, int] = {}  # client -> its publishes in topic_queues (none: absent)
+        self.pongs_due: dict[bytes, list[Any]] = {}  # client -> ids of its PINGs waiting for those (the barrier)
+        self.failure_reports: dict[bytes, Session] = {}  # sessions owed a report of failed QoS 0 publishes
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
         # topic -> (its nodes, serves until): see "Resolved topics" above; valid for ``_resolved_for`` only.
@@ -292,6 +303,8 @@ class Entry:
             queue = self.topic_queues[pub.topic] = deque()
         queue.append(pub)
         self.queued_publishes += 1
+        if pub.client is not None:
+            self.waiting_of[pub.client] = self.waiting_of.get(pub.client, 0) + 1
         self._dispatch(pub.topic)
 
     def _lookup(
@@ -508,6 +521,8 @@ class Entry:
             self.queued_publishes -= 1
             if not pub.failed:
                 self.forward(pub)
+            if pub.client is not None:  # after the forward: a failure there is reported before a PONG it frees
+                self._left_queue(pub.client)
         if queue is not None and not queue:
             del self.topic_queues[topic]
 
@@ -835,8 +850,78 @@ class Entry:
         if pub.will:
             core.metrics["wills.failed"] += 1  # its client is gone: counted and logged, nobody to tell
         core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
-        if pub.client is not None and pub.qos:
+        if pub.client is None:
+            return
+        if pub.qos:
             core.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
+            return
+        session = core.destination.sessions.get(pub.client)
+        if session is None:  # its client is gone: counted and logged, nobody to tell
+            return
+        failed = session.publish_failed
+        if failed is None:
+            failed = session.publish_failed = {}
+        counted = failed.get(code)
+        if counted is None:
+            failed[code] = [1, reason]
+        else:
+            counted[0] += 1
+            counted[1] = reason
+        self.failure_reports[pub.client] = session
+
+    # ------------------------------------------------------------------ QoS 0 failures and the barrier
+    def report_failures(self) -> None:
+        """At the flush: each session owed a report gets it (one ERROR per code, see the rules)."""
+        due, self.failure_reports = self.failure_reports, {}
+        for session in due.values():
+            self._report(session)
+
+    def _report(self, session: Session) -> bool:
+        """Send ``session`` its ERROR with ``count`` per code; False when zmq would not take one: what was not
+        sent stays owed, for the next report or the client's next PING (whose PONG waits for it)."""
+        core = self.core
+        failed = session.publish_failed
+        if failed is None or core.destination.sessions.get(session.rid) is not session:
+            return True  # nothing owed, or the session ended (or was replaced): its failures ended with it
+        while failed:
+            code, (count, reason) = next(iter(failed.items()))
+            what = "publish" if count == 1 else "publishes"
+            reason = (f"{count} QoS 0 {what} failed at node {core.me}, the last: {reason}; they were not delivered: "
+                      "publish them again, or use QoS 1 to learn which fail")  # fmt: skip
+            if not core.send_client(session.rid, codec.error_parts(code, reason, count=count)):
+                return False
+            del failed[code]
+            core.metrics["publishes.failed_reported"] += count
+        session.publish_failed = None
+        return True
+
+    def on_ping(self, session: Session, frame: Frame) -> None:
+        """A client's PING: the PONG waits for the publishes it sent before (see the rules)."""
+        ping_id = frame.header.get("id")
+        if self.waiting_of.get(session.rid):
+            self.pongs_due.setdefault(session.rid, []).append(ping_id)
+            return
+        self._pong(session.rid, ping_id)
+
+    def _pong(self, rid: bytes, ping_id: Any) -> None:
+        core = self.core
+        session = core.destination.sessions.get(rid)
+        if session is not None and session.publish_failed:
+            self.failure_reports.pop(rid, None)
+            if not self._report(session):  # the PONG would vouch for publishes whose failure the client misses
+                return
+        core.send_client(rid, codec.encode(codec.PONG, {"id": ping_id}))
+
+    def _left_queue(self, rid: bytes) -> None:
+        waiting = self.waiting_of[rid] - 1
+        if waiting:
+            self.waiting_of[rid] = waiting
+            return
+        del self.waiting_of[rid]
+        pongs = self.pongs_due.pop(rid, None)
+        if pongs is not None:
+            for ping_id in pongs:
+                self._pong(rid, ping_id)
 
     def forwards_unsent(self, dest: str, forwards: list[Forward]) -> None:
         """A frame of forwards could not be queued to ``dest``: the QoS 1 publishes among them fail now."""

@@ -159,7 +159,7 @@ class NodeCore:
         self._shard_view_cache: tuple[Assignment | None, dict[str, Any]] | None = None
         self._client_handlers: dict[bytes, Callable[[Session, Frame], None]] = {
             codec.HELLO: self.destination.on_hello,
-            codec.PING: self._on_ping,
+            codec.PING: self.entry.on_ping,
             codec.PONG: lambda session, frame: None,
             codec.BYE: self.destination.on_bye,
             codec.STATUS: self._on_status,
@@ -272,9 +272,6 @@ class NodeCore:
         self.log.info("client_error", client=rid.decode(errors="replace"), code=code, reason=reason)
         self.send_client(rid, codec.error_parts(code, reason, ref))
 
-    def _on_ping(self, session: Session, frame: Frame) -> None:
-        self.send_client(session.rid, codec.encode(codec.PONG, {"id": frame.header.get("id")}))
-
     def _on_status(self, session: Session, frame: Frame) -> None:
         detail = frame.header.get("detail") is True
         if detail and session.acl is not None and not session.acl.admin:
@@ -346,12 +343,14 @@ class NodeCore:
 
     # ------------------------------------------------------------------ the outbox
     def flush(self) -> None:
-        """Send what the last batch of events queued: one frame per destination and kind (see outbox.py), and
-        the lookups, one frame per owner (see entry.py), and the batched record writes, one frame per shard (see
-        retained.py)."""
+        """Send what the last batch of events queued: one frame per destination and kind (see outbox.py), the
+        lookups, one frame per owner, and the reports of failed QoS 0 publishes, one ERROR per client and code (see
+        entry.py), and the batched record writes, one frame per shard (see retained.py)."""
         self.retained.send_batched()
         self.entry.send_lookups()
         self.entry.take_unexpired()
+        if self.entry.failure_reports:
+            self.entry.report_failures()
         durable = self.durable
         if durable.on and (durable.changes or durable.waiting or durable.in_flight):
             # What this batch changed is stored before anything that acknowledges it leaves (``durable``).
