@@ -34,7 +34,9 @@ The SDK's rules:
   libzmq can abort when that reader resumes (libzmq issue 3937). Idle connections are checked with PING by
   ``receive`` and by TCP keep-alive.
 - Errors from the server are raised as ``ShardMQError(code, reason)``; an error for a QoS 0 publish (which waits
-  for nothing) is kept in ``errors`` and raised by the next call.
+  for nothing) is kept in ``errors`` and raised by the next call. QoS 0 publishes the entry node failed (no
+  owner answered a lookup, ...) come as one ERROR with ``count`` per code, added up in ``publish_failed`` and
+  kept as one error per code (``ShardMQError.count``: how many), which ``flush`` and ``close`` raise first.
 - Topics and filters are validated here first with the same rules as the server, so a bad one fails fast
   without a round trip.
 - QoS 0 publishes gather only while the publisher outpaces the socket, without a timer at low load: a
@@ -76,11 +78,13 @@ The SDK's rules:
   PONG: ``ShardMQError("timeout")`` naming how many publishes may be lost (``close`` still closes the socket,
   then raises). Publishes sent on a socket closed before its node confirmed them (a failover, ``connect()``)
   make the next ``flush`` or ``close`` raise ``unavailable``. Errors the node sent for those publishes arrive before the
-  PONG and are raised by ``flush``.
+  PONG: the node answers the PING only once each of them was forwarded or failed, and after its report of the
+  failed ones, which ``flush`` and ``close`` raise.
 - Pending QoS 0 messages are otherwise at most once like every QoS 0 publish: those buffered or flushed to a
   node that died (or that is closed by a failover before zmq wrote them) are lost, and only ``flush``/``close``
   report it. ``Client.dropped`` counts the messages the node dropped for this client because it read too slowly
-  (the node's ``DROPPED`` frames).
+  (the node's ``DROPPED`` frames), ``Client.publish_failed`` its QoS 0 publishes the entry node failed (the
+  node's ERRORs with ``count``).
 - Apart from the flusher, a Client belongs to the thread (or greenlet) that made it; never share one between
   threads or greenlets.
 """
@@ -364,6 +368,7 @@ class Client(CoreView):
 
         Returns only once the node confirmed reading every publish made before; if it does not within ``timeout``,
         the socket is closed all the same and ``ShardMQError("timeout")`` is raised (the publishes may be lost).
+        The node's report of QoS 0 publishes it failed is raised the same way, once the socket is closed.
         """
         with self._lock:
             unconfirmed: ShardMQError | None = None
@@ -510,8 +515,9 @@ class Client(CoreView):
         """Send every pending QoS 0 publish and return once the node has read every publish made so far.
 
         ``ShardMQError("timeout")`` when the node does not confirm within ``timeout`` (the publishes may be lost),
-        ``unavailable`` when some went on a connection closed before its node confirmed them; then, like any
-        call, an error kept from an earlier publish (those the node sent before its confirmation included).
+        ``unavailable`` when some went on a connection closed before its node confirmed them; then the node's
+        report of QoS 0 publishes it failed (``count`` of them, in ``publish_failed`` too); then, like any call, an
+        error kept from an earlier publish (those the node sent before its confirmation included).
         """
         self._run(self._core.flush())
 

@@ -94,12 +94,14 @@ WillArg = Will | tuple[str, bytes | str, int] | tuple[str, bytes | str, int, boo
 
 
 class ShardMQError(Exception):
-    """An error the server (or the client's own validation) reported; ``code`` is stable, ``reason`` explains."""
+    """An error the server (or the client's own validation) reported; ``code`` is stable, ``reason`` explains.
+    ``count``: in a report of QoS 0 publishes the entry node failed, how many (``Client.publish_failed``); else None."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, count: int | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.count = count
 
 
 # ---------------------------------------------------------------------------------------------- effects
@@ -275,6 +277,7 @@ class ClientCore:
         self.subscribed_node: str | None = None  # the node whose session for us holds all of ``subscriptions``
         self.gap_reported = False  # the current gap was already counted (SESSION_END), not again at WELCOME
         self.dropped = 0  # QoS 0 messages the node dropped for this client (full send queue), from DROPPED frames
+        self.publish_failed = 0  # our QoS 0 publishes the entry node failed, from its ERRORs with ``count``
         self.ids = itertools.count(1)
         self.next_endpoint = 0
         self.last_heard = 0.0  # shell's clock when a frame last came from the node
@@ -410,8 +413,24 @@ class ClientCore:
             if count > 0:  # the codec checked it is an int; a negative one would only corrupt the total
                 self.dropped += count
         elif frame.type == codec.ERROR:
-            self.errors.append(ShardMQError(h["code"], h["reason"]))
+            count = h.get("count")
+            if type(count) is int and count > 0:
+                self.publish_failed += count
+                self.keep_failure_report(h["code"], h["reason"], count)
+            else:
+                self.errors.append(ShardMQError(h["code"], h["reason"]))
         return None
+
+    def keep_failure_report(self, code: str, reason: str, count: int) -> None:
+        """Keep the node's report of ``count`` failed QoS 0 publishes: one kept error per code, so a later report
+        adds its count to the one not raised yet and the next call says how many failed in all."""
+        for i, kept in enumerate(self.errors):
+            if kept.count is not None and kept.code == code:
+                total = kept.count + count
+                merged = f"{total} QoS 0 publishes failed (reports not raised yet, added up); the latest: {reason}"
+                self.errors[i] = ShardMQError(code, merged, total)
+                return
+        self.errors.append(ShardMQError(code, reason, count))
 
     def _unsolicited(self, frame: codec.Frame) -> Steps[None]:
         reply = self.handle_unsolicited(frame)
@@ -959,7 +978,8 @@ class ClientCore:
         return reply["status"]
 
     def confirm_read(self) -> Steps[None]:
-        """The barrier of ``flush`` and ``close``: a PING after the publishes, whose PONG says the node read them."""
+        """The barrier of ``flush`` and ``close``: a PING after the publishes, whose PONG says the node read them and
+        each left it (forwarded, or failed and reported before the PONG: that report is raised here)."""
         count = self.unconfirmed
         if count and self.connected:
             try:
@@ -978,6 +998,11 @@ class ClientCore:
                 f"{lost} QoS 0 publishes were sent on a connection closed (failover or connect) before its node "
                 f"confirmed reading them; they may be lost",
             )
+        # The node reported the failed ones before its PONG: raised first, and by ``close`` too.
+        for error in self.errors:
+            if error.count is not None:
+                self.errors.remove(error)
+                raise error
 
     def flush(self) -> Steps[None]:
         yield from self.confirm_read()
@@ -1097,6 +1122,10 @@ class CoreView:
     @property
     def dropped(self) -> int:
         return self._core.dropped
+
+    @property
+    def publish_failed(self) -> int:
+        return self._core.publish_failed
 
     @property
     def _pending(self) -> list[tuple[str, bytes]]:
