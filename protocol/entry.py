@@ -35,10 +35,10 @@ Rules of this file:
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
 - While the node is fenced, publishes are refused: it cannot vouch for its routes.
-- QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a destination unreachable, a local
-  subscriber without room) are counted on their client's session (``Session.publish_failed``, per code) and
-  reported at the next flush as one ERROR with ``count`` per code, never one frame per message (wills and
-  internal publishes have no client: counted and logged only).
+- QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a SHARED_FWD that cannot be queued)
+  are counted on their client's session (``Session.publish_failed``, per code) and reported at the next flush as
+  one ERROR with ``count`` per code, never one frame per message (wills and internal publishes have no client:
+  counted and logged only).
 - The barrier (``on_ping``): a client's PING is answered once every publish it sent before has left ``topic_queues``
   (``waiting_of``: its publishes there; its PONGs wait in ``pongs_due``), and after the report of those that
   failed, so the PONG says each was forwarded or reported. Other clients' publishes never hold it, and it comes:
