@@ -11,7 +11,8 @@ publisher is done.
 Printed per N: aggregate delivered msg/s (all messages received / from the first send to the last receive),
 loss (sent - received) and what was counted lost (QoS 0 may drop under overload: the subscribers' ``dropped``,
 the nodes' ``drops.*``, and their ``errors.*`` for QoS 0 publishes an entry node failed, e.g. ``unavailable``
-when no route owner answered its lookup within ``lookup_timeout`` behind a backlog; those reach no client),
+when no route owner answered its lookup within ``lookup_timeout`` behind a backlog; the entry node reports those
+to the publisher, whose ``flush()`` raises them: counted per publisher as ``failed``),
 each pair's rate, and the CPU time (user + system, from ``/proc/<pid>/stat``, every thread of the process) that
 each node and client process spent during the run, per message. Then the ratio aggregate / (N x the one-pair
 aggregate), and against N/2 x the N = 2 aggregate (from N = 2 on every message crosses two nodes, with N = 1
@@ -122,7 +123,7 @@ def publisher_main(
     pair: int, endpoint: str, topics: list[str], seconds: float, payload: int, go: Any, out: Any, release: Any
 ) -> None:
     """Connect, report ready, wait for ``go``, publish as fast as possible for ``seconds``, flush, report."""
-    from shardmq.client import Client
+    from shardmq.client import Client, ShardMQError
 
     try:
         with Client([endpoint], timeout=60.0) as c:
@@ -140,8 +141,13 @@ def publisher_main(
                 seq += 1
                 if seq & 1023 == 0 and time.monotonic() > deadline:
                     break
-            c.flush()  # returns once the entry node has read every publish: nothing left in a client buffer
-            out.put(("pub", pair, {"sent": seq, "first": first, "flushed": time.monotonic()}))
+            try:
+                c.flush()  # returns once every publish has left the entry node: nothing left in a client buffer
+            except ShardMQError as exc:
+                if exc.count is None:  # not the entry node's report of failed publishes (counted below)
+                    raise
+            flushed = time.monotonic()
+            out.put(("pub", pair, {"sent": seq, "first": first, "flushed": flushed, "failed": c.publish_failed}))
             release.wait(START_TIMEOUT_S)
     except BaseException as exc:
         out.put(("error", pair, f"publisher {pair}: {exc!r}"))
@@ -160,8 +166,9 @@ class Result:
     pairs: list[str] = field(default_factory=list)  # one line per pair: sent, received, how the count ended
     # Messages someone counted as not delivered: the subscribers' ``dropped`` (reported to them), the nodes' drops.*
     # and errors.* counters (a QoS 0 publish an entry node failed, e.g. ``unavailable`` when no owner answered its
-    # lookup within ``lookup_timeout``, is counted there only: QoS 0 has no reply to carry it to the publisher).
+    # lookup within ``lookup_timeout``, is also reported to its publisher: ``publish_failed``).
     dropped_reported: int = 0
+    publish_failed: int = 0  # the QoS 0 publishes the entry nodes reported failed to their publishers
     node_drops: dict[str, int] = field(default_factory=dict)
     node_counters: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> the counters that trace a loss
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds during the run
@@ -261,6 +268,7 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
         res.received = sum(s["received"] for s in subs.values())
         res.duplicates = sum(s["duplicates"] for s in subs.values())
         res.dropped_reported = sum(s["dropped"] for s in subs.values()) + sum(res.node_drops.values())
+        res.publish_failed = sum(p["failed"] for p in pubs.values())
         start = min(p["first"] for p in pubs.values())
         end = max(s["last"] for s in subs.values())
         res.window = end - start
@@ -271,7 +279,8 @@ def run_one(n: int, args: argparse.Namespace, tmp: Path) -> Result:
             res.pairs.append(
                 f"pair {i}: {pubs[i]['sent']:,} sent, {subs[i]['received']:,} received ({subs[i]['ended']}), "
                 f"flushed {pubs[i]['flushed'] - pubs[i]['first']:.2f} s and last received "
-                f"{subs[i]['last'] - pubs[i]['first']:.2f} s after its first send, dropped {subs[i]['dropped']:,}"
+                f"{subs[i]['last'] - pubs[i]['first']:.2f} s after its first send, dropped {subs[i]['dropped']:,}, "
+                f"failed at the entry node {pubs[i]['failed']:,}"
             )
             res.messages[f"pub {i}"] = pubs[i]["sent"]
             res.messages[f"sub {i}"] = subs[i]["received"]
@@ -323,7 +332,8 @@ def report(results: list[Result]) -> None:
         ))  # fmt: skip
     print_table(rows)
     print("\nloss = sent - received; counted lost = what the subscribers were told (DROPPED) and the nodes counted "
-          "(drops.*, and errors.* of QoS 0 publishes an entry node failed: not reported to the publisher)")
+          "(drops.*, and errors.* of QoS 0 publishes an entry node failed, which their publishers were told too: "
+          "publish_failed)")  # fmt: skip
     print("\nCPU per message, microseconds (CPU seconds of the process during the run / messages it handled: a "
           "publisher's sent, a subscriber's received, a node's entering from its publisher)\n")  # fmt: skip
     for r in results:
@@ -382,7 +392,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 print(f"N={n}: FAILED: {r.error}", flush=True)
                 continue
             print(f"N={n}: {r.received:,} of {r.sent:,} delivered in {r.window:.2f} s: {r.aggregate:,.0f} msg/s "
-                  f"aggregate, loss {r.loss:,}, duplicates {r.duplicates:,}, counted lost {r.dropped_reported:,}"
+                  f"aggregate, loss {r.loss:,}, duplicates {r.duplicates:,}, counted lost {r.dropped_reported:,}, "
+                  f"publish_failed {r.publish_failed:,}"
                   + (f" {r.node_drops}" if r.node_drops else ""), flush=True)  # fmt: skip
     report(results)
     return results
