@@ -886,8 +886,8 @@ class Entry:
         while failed:
             code, (count, reason) = next(iter(failed.items()))
             what = "publish" if count == 1 else "publishes"
-            reason = (f"{count} QoS 0 {what} failed at node {core.me}, the last: {reason}; they were not delivered: "
-                      "publish them again, or use QoS 1 to learn which fail")  # fmt: skip
+            reason = (f"{count} QoS 0 {what} failed at node {core.me}, the last: {reason}; not delivered: publish "
+                      "again, or with QoS 1 to learn which fail")  # fmt: skip
             if not core.send_client(session.rid, codec.error_parts(code, reason, count=count)):
                 return False
             del failed[code]

@@ -135,7 +135,7 @@ def test_failed_qos0_publishes_are_reported_in_one_error_before_the_pong() -> No
     assert (error_type, pong_type, pong["id"]) == (codec.ERROR, codec.PONG, 1)
     assert error["code"] == codec.E_UNAVAILABLE and error["count"] == 45 and "ref" not in error
     assert error["reason"].startswith("45 QoS 0 publishes failed at node n0")
-    assert "no owner of shard" in error["reason"] and "publish them again" in error["reason"]
+    assert "no owner of shard" in error["reason"] and "not delivered: publish again" in error["reason"]
     metrics = sim.nodes[ENTRY].core.metrics
     assert metrics["errors.unavailable"] == 45 and metrics["publishes.failed_reported"] == 45
     assert entry.waiting_of == {} and entry.pongs_due == {} and entry.failure_reports == {}
