@@ -17,10 +17,11 @@ Rules of this file:
 - A cached answer used after half its ttl is asked for again while it still serves (refresh ahead): a hot topic
   keeps one hop and never waits behind an expired answer's new LOOKUP. An owner's INVALIDATE drops the cached
   answers of its shards; an answer from an owner that has not seen our shard epoch yet is not cached.
-- The fast path: in a PUBS batch, a topic whose first publish was routed at once (owned, cached or root set
-  only, nothing queued before it) sends its later publishes in the frame to the same nodes without resolving
-  them again, and a QoS 0 run (many messages to one topic) travels on as one item. It sits beside the general
-  path (``on_pubs`` beside ``publish``) and does what ``forward`` does, without a record per message.
+- The fast path: in a PUBS batch (a lone QoS 0 PUB is a batch of one), a topic whose first publish was routed
+  at once (owned, cached or root set only, nothing queued before it) sends its later publishes in the frame to
+  the same nodes without resolving them again, and a QoS 0 run (many messages to one topic) travels on as one
+  item. It sits beside the general path (``_route_runs`` beside ``publish``) and does what ``forward`` does,
+  without a record per message.
 - Resolved topics (``resolved``): such a topic's nodes are also kept across frames, so a publisher cycling
   through many topics (one publish per topic per frame) is not resolved again per message: validation, shards,
   owners, cache entries. An entry serves only while nothing it was derived from may have changed: the same
@@ -138,17 +139,24 @@ class Entry:
     # ------------------------------------------------------------------ client frames
     def on_pub(self, session: Session, frame: Frame) -> None:
         h = frame.header
-        self._publish_one(session, h.get("id"), h["topic"], h["qos"], frame.payload, retain=h.get("retain") is True)
+        ref, topic, qos, retain = h.get("id"), h["topic"], h["qos"], h.get("retain") is True
+        if qos == 0 and not retain:  # a lone QoS 0 message: a one-item batch, to take the fast path
+            self._route_runs(session, [([topic, 0, ref], None, frame.payload)])
+            return
+        self._publish_one(session, ref, topic, qos, frame.payload, retain=retain)
 
     def on_pubs(self, session: Session, frame: Frame) -> None:
         """Many publishes in one frame (the SDK's batches): each is handled like a PUB, in order, with the fast
         path of the rules above (nothing else runs while one frame is handled, so routes cannot change in it)."""
-        core = self.core
         try:
             runs = codec.split_runs(frame)
         except ProtocolError as exc:
-            core.reject_client(session.rid, exc.code, exc.reason, exc.ref)
+            self.core.reject_client(session.rid, exc.code, exc.reason, exc.ref)
             return
+        self._route_runs(session, runs)
+
+    def _route_runs(self, session: Session, runs: list[codec.Run]) -> None:
+        core = self.core
         routed: dict[str, frozenset[str] | set[str]] = {}
         queues: dict[str, list[list[Forward]]] = {}  # QoS 0 to peers only: the outbox lists of a topic's peers
         rid, me, members, outbox, now = session.rid, core.me, core.view.members, core.outbox, core.now

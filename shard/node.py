@@ -375,10 +375,11 @@ class Node:
         core.now = time.monotonic()
         core.on_lease(self.session.fenced_from(), self.session.registrations)
 
-    def _run_timers(self) -> None:
+    def _run_timers(self) -> bool:
+        """Run the timers that are due; False when none was."""
         timers = self.timers
         if not timers or timers[0][0] > time.monotonic():
-            return
+            return False
         self._clock()
         now = self.core.now
         while timers and timers[0][0] <= now:
@@ -388,6 +389,7 @@ class Node:
             except Exception:  # a bug in one timer must not take the node down (as for a frame, see _drain)
                 self.core.metrics["errors.internal"] += 1
                 self.log.exception("timer_failed")
+        return True
 
     def _secure(self) -> None:
         """Peer security on (``shard.security``), or the explicit opt-out, said loudly at every start."""
@@ -448,10 +450,11 @@ class Node:
         poller.register(self.peer_sock, zmq.POLLIN)
         poller.register(self.member_pull, zmq.POLLIN)
         core = self.core
+        core.flush()  # what starting queued
         try:
             while self.running:
-                self._run_timers()
-                core.flush()  # what timers queued (a retried lookup's forwards) leaves now, not at the next frame
+                if self._run_timers():
+                    core.flush()  # what timers queued (a retried lookup's forwards) leaves now, not at the next frame
                 self._pace_clients(poller)
                 timeout = self.timers[0][0] - time.monotonic() if self.timers else None
                 ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
@@ -548,6 +551,8 @@ class Node:
             # Enough to send, or (reading clients) enough waiting for lookups: end the drain so the answers, on
             # the peer socket, are read before more publishes pile up behind them.
             if core.outbox.queued + (core.entry.queued_publishes if channel == "client" else 0) >= FLUSH_AT:
+                return
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # drained: cheaper than the recv that raises zmq.Again
                 return
 
     def _recv_member_frame(self) -> list[bytes] | None:

@@ -140,6 +140,40 @@ def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
     assert core.metrics["publishes.resolved_kept"] == len(topics)
 
 
+def publish_lone(sim: Sim, node_id: str, topic: str) -> int:
+    """One plain PUB (QoS 0, one message) through ``node_id``, tracked like ``publish_frame``'s messages."""
+    n = sim.nodes[node_id]
+    pid = next(sim._refs)
+    sim.publishes[pid] = [sim.now, node_id, topic, frozenset(sim.acked.get(topic, set())), "qos0", set()]
+    rid = b"pub/%s/%d" % (node_id.encode(), n.incarnation)
+    n.enter().on_client_parts([rid, *codec.encode(codec.PUB, {"topic": topic, "qos": 0}, b"%d" % pid)])
+    n.core.flush()
+    sim.pump_clients()
+    sim.drain()
+    return pid
+
+
+def test_lone_qos0_publishes_take_the_resolved_fast_path() -> None:
+    """A plain PUB is a batch of one: its topic is resolved once, then kept, and a route added later is seen."""
+    sim, ids = cluster()
+    topics = [f"lone/t{i}" for i in range(20)]
+    for topic in topics:
+        assert sim.subscribe(ids[0], topic)
+    assert sim.settle()
+    core = sim.nodes[ids[2]].core
+    for _round in range(2):  # asked (or owned here), then answered from the cache: every topic is kept by now
+        for topic in topics:
+            assert sim.publishes[publish_lone(sim, ids[2], topic)][5] == {ids[0]}
+    kept = core.metrics["publishes.resolved_kept"]
+    for topic in topics:
+        assert sim.publishes[publish_lone(sim, ids[2], topic)][5] == {ids[0]}
+    assert core.metrics["publishes.resolved_kept"] - kept == len(topics)
+    assert sim.subscribe(ids[1], topics[0])
+    assert sim.settle()
+    assert sim.publishes[publish_lone(sim, ids[2], topics[0])][5] == {ids[0], ids[1]}
+    assert core.metrics["errors.unavailable"] == 0
+
+
 def test_a_first_level_with_a_wildcard_filter_is_never_clear() -> None:
     """The filter "m/#" lives in shard("m"): topics under "m" whose own shard differs must still be asked about it."""
     sim, ids = cluster()
