@@ -16,9 +16,10 @@ Rules of this file:
   allows is refused to them, not silently kept.
 - What needs what: ``SUB`` a ``subscribe`` filter covering each filter (refused per filter in the SUBACK);
   ``PUB``/``PUBS`` a ``publish`` filter matching each topic (refused per publish, an ERROR with its id: a QoS 1
-  publish fails, a QoS 0 one comes back as an asynchronous error); ``LEAVE`` and ``STATUS`` with ``detail``
-  ``admin``. ``HELLO``, ``PING``, ``PONG``, ``BYE``, ``DACK``, ``UNSUB`` and plain ``STATUS`` need only a valid
-  principal: they act on the client's own session. Every refusal is counted (``errors.not_authorized``).
+  publish fails, a QoS 0 one comes back as an asynchronous error; QoS 0 ones without an id are counted into the
+  client's report of failed publishes, ``entry``); ``LEAVE`` and ``STATUS`` with ``detail`` ``admin``. ``HELLO``,
+  ``PING``, ``PONG``, ``BYE``, ``DACK``, ``UNSUB`` and plain ``STATUS`` need only a valid principal: they act on
+  the client's own session. Every refusal is counted (``errors.not_authorized``).
 """
 
 from __future__ import annotations
@@ -77,5 +78,8 @@ class AccessControl:
         return session
 
     def refuse(self, session: Session, what: str, ref: int | None) -> None:
-        self.core.reject_client(session.rid, codec.E_NOT_AUTHORIZED,
-                                f"principal {session.principal!r} may not {what}", ref)  # fmt: skip
+        self.core.reject_client(session.rid, codec.E_NOT_AUTHORIZED, self.refusal(session, what), ref)
+
+    @staticmethod
+    def refusal(session: Session, what: str) -> str:
+        return f"principal {session.principal!r} may not {what}"

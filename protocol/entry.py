@@ -36,14 +36,21 @@ Rules of this file:
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
   instead. Nothing is acknowledged that a destination did not take.
 - While the node is fenced, publishes are refused: it cannot vouch for its routes.
-- QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a SHARED_FWD that cannot be queued)
-  are counted on their client's session (``Session.publish_failed``, per code) and reported at the next flush as
-  one ERROR with ``count`` per code, never one frame per message (wills and internal publishes have no client:
-  counted and logged only).
+- QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a destination node that left the
+  cluster, a frame of forwards or a SHARED_FWD that zmq would not queue) or refuses at intake without an ``id``
+  that an ERROR could name (``_refuse``: invalid qos or topic, not authorized, fenced) are counted on their
+  client's session (``Session.publish_failed``, per code) and reported at the flush as one ERROR with ``count``
+  per code, never one frame per message, and logged once per report, with the count (wills and internal
+  publishes have no client: counted and logged only). A QoS 0 forward names its client (``Forward.client``, one
+  field per run), so a frame that is not sent is counted to whoever published in it; a message is counted once,
+  however many of its destinations it missed. A refusal of a publish with an ``id`` (or of QoS 1) is an ERROR
+  naming it.
 - The barrier (``on_ping``): a client's PING is answered once every publish it sent before has left ``topic_queues``
   (``waiting_of``: its publishes there; its PONGs wait in ``pongs_due``), and after the report of those that
-  failed, so the PONG says each was forwarded or reported. Other clients' publishes never hold it, and it comes:
-  every lookup ends (answered, or failed after ``lookup_timeout`` at each of at most 4 owners).
+  failed, so the PONG says each was forwarded or reported. A PONG due while forwards wait in the outbox is held
+  (``pongs_held``) until the flush has sent them and reported those in frames zmq would not queue. Other
+  clients' publishes never hold it, and it comes: every lookup ends (answered, or failed after ``lookup_timeout``
+  at each of at most 4 owners).
 - A retain publish (PUB ``retain``, a PUBS item's 4th element) is routed to current subscribers like any other
   (live messages never carry ``retain``) and also sent to its shard's primary as the topic's retained message
   (``retained``). It never takes the fast paths (``on_pubs`` runs, ``resolved``): each one is handled on its own.
@@ -113,6 +120,8 @@ REFRESH_AFTER = 0.5
 MAX_OWNERS_TRIED = 3
 INF = float("inf")
 HEAD_KEY = "/#"  # a first level's cached "no match under it" answer: "<level>/#", which no topic name can be
+# Codes of QoS 0 publishes refused at intake: sent again, they are refused again (the report says so).
+REFUSALS = frozenset({codec.E_INVALID_TOPIC, codec.E_INVALID_QOS, codec.E_NOT_AUTHORIZED})
 
 
 class Entry:
@@ -123,6 +132,7 @@ class Entry:
         self.queued_publishes = 0  # publishes in topic_queues: waiting for a lookup, or behind one that waits
         self.waiting_of: dict[bytes, int] = {}  # client -> its publishes in topic_queues (none: absent)
         self.pongs_due: dict[bytes, list[Any]] = {}  # client -> ids of its PINGs waiting for those (the barrier)
+        self.pongs_held: list[tuple[bytes, Any]] = []  # (client, PING id) answered once this flush sent the forwards
         self.failure_reports: dict[bytes, Session] = {}  # sessions owed a report of failed QoS 0 publishes
         self.lookups_in_flight: dict[tuple[str, int], int] = {}  # (topic, shard) -> id of its first-try LOOKUP
         self.unexpired_fwds: list[int] = []  # QoS 1 forwards queued in this batch, before their timer is set
@@ -168,7 +178,8 @@ class Entry:
         for item, sizes, payload in runs:
             topic, qos, ref = item[0], item[1], item[2]
             if acl is not None and not acl.may_publish(topic):
-                core.access.refuse(session, f"publish to {topic!r}", ref)
+                reason = core.access.refusal(session, f"publish to {topic!r}")
+                self._refuse(session, ref, qos, codec.E_NOT_AUTHORIZED, reason, 1 if sizes is None else len(sizes))
                 continue
             if len(item) > 3 and item[3]:  # a retain publish: the general path, one by one (see the rules)
                 for data in codec.cut(payload, sizes):
@@ -205,7 +216,8 @@ class Entry:
             lists = queues.get(topic)
             if lists is None:
                 lists = queues[topic] = [outbox.forward_queue(d) for d in dests if d in members]
-            item = Forward(0, topic, 0, payload, sizes)
+            gone = len(dests) - len(lists)
+            item = Forward(0, topic, 0, payload, sizes, None if gone else rid)
             for queue in lists:
                 queue.append(item)
             n = item.count
@@ -213,7 +225,9 @@ class Entry:
             if lists:
                 hops += n
             queued += len(lists) * n
-            dead += (len(dests) - len(lists)) * n
+            if gone:  # counted failed here, once per message: not again if the live nodes' frame is not sent
+                dead += gone * n
+                self._dead_destinations(rid, dests, n)
         if kept:
             core.metrics["publishes.resolved_kept"] += kept
         if fast:
@@ -253,28 +267,38 @@ class Entry:
         may be used (``on_pubs`` checked it at the start of its frame)."""
         core = self.core
         if qos not in (0, 1):
-            core.reject_client(session.rid, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}", ref)
+            self._refuse(session, ref, qos, codec.E_INVALID_QOS, f"qos must be 0 or 1, got {qos}")
             return None
         try:
             validate_topic_name(topic)
         except TopicError as exc:
-            core.reject_client(session.rid, exc.code, exc.reason, ref)
+            self._refuse(session, ref, qos, exc.code, exc.reason)
             return None
         if session.acl is not None and not session.acl.may_publish(topic):
-            core.access.refuse(session, f"publish to {topic!r}", ref)
+            reason = core.access.refusal(session, f"publish to {topic!r}")
+            self._refuse(session, ref, qos, codec.E_NOT_AUTHORIZED, reason)
             return None
         if is_reserved(topic):
             core.metrics["sessions.reserved_refused"] += 1
-            core.reject_client(session.rid, codec.E_NOT_AUTHORIZED, RESERVED_REASON, ref)
+            self._refuse(session, ref, qos, codec.E_NOT_AUTHORIZED, RESERVED_REASON)
             return None
         if core.fenced():
             reason = "this node lost contact with etcd and cannot vouch for routes; use another node"
-            core.reject_client(session.rid, codec.E_FENCED, reason, ref)
+            self._refuse(session, ref, qos, codec.E_FENCED, reason)
             return None
         core.metrics["publishes.in"] += 1
         pub = Publish(session.rid, ref, topic, qos, payload, retain=retain)
         self.publish(pub, kept and not retain)
         return pub
+
+    def _refuse(self, session: Session, ref: int | None, qos: int, code: str, reason: str, count: int = 1) -> None:
+        """Refuse ``count`` publishes at intake: an ERROR naming the publish (``ref``), or, for QoS 0 ones without an
+        id (which no ERROR could name), a count in the client's report (see the rules)."""
+        if ref is not None or qos == 1:
+            self.core.reject_client(session.rid, code, reason, ref)
+            return
+        self.core.metrics[f"errors.{code}"] += count
+        self._count_failed(session.rid, code, reason, count)
 
     # ------------------------------------------------------------------ resolve
     def publish(self, pub: Publish, kept: bool = False) -> None:
@@ -551,6 +575,8 @@ class Entry:
         if pub.qos and not pub.pid:
             self.next_pid += 1
             pub.pid = self.next_pid
+        item: Forward | None = None  # QoS 0: one item for every destination node (nothing in it differs)
+        gone: list[str] = []
         for dest in dests:
             if dest == core.me:
                 persisted: list[Session] = []
@@ -567,15 +593,22 @@ class Entry:
                 continue
             if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
                 core.metrics["drops.dead_destination"] += 1
+                gone.append(dest)
                 continue
             if pub.qos:
                 fid = core.requests.open(PendingForward(dest, pub), self)
                 pub.acks_left += 1
                 self.unexpired_fwds.append(fid)  # the flush sets one timer for all forwarded in this batch
-            else:
-                fid = 0
-            sessions = moved.get(dest) if pub.qos else None
-            core.outbox.forward(dest, Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid, sessions=sessions))
+                forward = Forward(fid, pub.topic, pub.qos, pub.payload, pid=pub.pid, sessions=moved.get(dest))
+                core.outbox.forward(dest, forward)
+                continue
+            if item is None:
+                item = Forward(0, pub.topic, 0, pub.payload, None, pub.client)
+            core.outbox.forward(dest, item)
+        lost = False
+        if gone and not pub.qos and pub.client is not None:
+            self._dead_destinations(pub.client, gone, 1)
+            lost = True
         if shares:
             for share, slots in shares.items():
                 self._forward_shared(pub, share, slots)
@@ -584,6 +617,8 @@ class Entry:
             core.log.warning("shared_no_member", topic=pub.topic, share=pub.share_only, excluded=sorted(pub.exclude))
             reason = f"no other node has members of {pub.share_only!r}"
             self._fail_publish(pub, codec.E_UNAVAILABLE, reason, outcome=NO_MEMBER)
+        if item is not None and (lost or pub.failed):
+            item.client = None  # counted failed already: not again if the frame to a live node is not sent
         pub.routed = True
         self._maybe_puback(pub)
 
@@ -857,25 +892,42 @@ class Entry:
         core.metrics[f"errors.{code}"] += 1
         if pub.will:
             core.metrics["wills.failed"] += 1  # its client is gone: counted and logged, nobody to tell
-        core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
+        if pub.client is None or pub.qos:  # one log line per publish, as per ERROR (a QoS 0 one: per report)
+            core.log.warning("publish_failed", topic=pub.topic, code=code, reason=reason, shard=shard)
         if pub.client is None:
             return
         if pub.qos:
             core.send_client(pub.client, codec.error_parts(code, reason, pub.ref))
             return
-        session = core.destination.sessions.get(pub.client)
+        self._count_failed(pub.client, code, reason)
+
+    def _dead_destinations(self, rid: bytes, dests: Any, count: int) -> None:
+        """``count`` QoS 0 publishes of client ``rid`` went to ``dests``, some of which left the cluster."""
+        members = self.core.view.members
+        gone = ", ".join(sorted(d for d in dests if d not in members))
+        reason = f"destination node(s) {gone} left the cluster (their subscribers there did not get it)"
+        self.core.metrics["errors.unavailable"] += count
+        self._count_failed(rid, codec.E_UNAVAILABLE, reason, count)
+
+    def _count_failed(self, rid: bytes, code: str, reason: str, count: int = 1) -> None:
+        """Count ``count`` QoS 0 publishes of client ``rid`` that failed (or were refused) with ``code`` on its
+        session, for its report at the flush (see the rules); the caller counted them in ``errors.<code>``."""
+        session = self.core.destination.sessions.get(rid)
         if session is None:  # its client is gone: counted and logged, nobody to tell
+            self.core.log.warning("publish_failed", client=rid.decode(errors="replace"), code=code, count=count,
+                                  reason=reason)  # fmt: skip
             return
         failed = session.publish_failed
         if failed is None:
             failed = session.publish_failed = {}
         counted = failed.get(code)
         if counted is None:
-            failed[code] = [1, reason]
+            failed[code] = [count, reason, count]
         else:
-            counted[0] += 1
+            counted[0] += count
             counted[1] = reason
-        self.failure_reports[pub.client] = session
+            counted[2] += count
+        self.failure_reports[rid] = session
 
     # ------------------------------------------------------------------ QoS 0 failures and the barrier
     def report_failures(self) -> None:
@@ -886,16 +938,29 @@ class Entry:
 
     def _report(self, session: Session) -> bool:
         """Send ``session`` its ERROR with ``count`` per code; False when zmq would not take one: what was not
-        sent stays owed, for the next report or the client's next PING (whose PONG waits for it)."""
+        sent stays owed, for the next report or the client's next PING (whose PONG waits for it). Logged here,
+        one line per code with the count since the last one, sent or not."""
         core = self.core
         failed = session.publish_failed
-        if failed is None or core.destination.sessions.get(session.rid) is not session:
-            return True  # nothing owed, or the session ended (or was replaced): its failures ended with it
+        if failed is None:
+            return True
+        client = None
+        for code, counted in failed.items():
+            if counted[2]:
+                client = client or session.rid.decode(errors="replace")
+                core.log.warning("publish_failed", client=client, code=code, count=counted[2], reason=counted[1])
+                counted[2] = 0
+        if core.destination.sessions.get(session.rid) is not session:
+            return True  # the session ended (or was replaced): its failures ended with it
         while failed:
-            code, (count, reason) = next(iter(failed.items()))
+            code, (count, reason, _) = next(iter(failed.items()))
             what = "publish" if count == 1 else "publishes"
-            reason = (f"{count} QoS 0 {what} failed at node {core.me}, the last: {reason}; not delivered: publish "
-                      "again, or with QoS 1 to learn which fail")  # fmt: skip
+            if code in REFUSALS:
+                reason = (f"{count} QoS 0 {what} refused at node {core.me}, the last: {reason}; not delivered, and "
+                          "refused again if sent again: publish with QoS 1 to learn which")  # fmt: skip
+            else:
+                reason = (f"{count} QoS 0 {what} failed at node {core.me}, the last: {reason}; not delivered: "
+                          "publish again, or with QoS 1 to learn which fail")  # fmt: skip
             if not core.send_client(session.rid, codec.error_parts(code, reason, count=count)):
                 return False
             del failed[code]
@@ -913,12 +978,21 @@ class Entry:
 
     def _pong(self, rid: bytes, ping_id: Any) -> None:
         core = self.core
+        if core.outbox.forwards:  # a frame of them zmq would not queue fails publishes: reported first, at the flush
+            self.pongs_held.append((rid, ping_id))
+            return
         session = core.destination.sessions.get(rid)
         if session is not None and session.publish_failed:
             self.failure_reports.pop(rid, None)
             if not self._report(session):  # the PONG would vouch for publishes whose failure the client misses
                 return
         core.send_client(rid, codec.encode(codec.PONG, {"id": ping_id}))
+
+    def send_held_pongs(self) -> None:
+        """At the flush, once the forwards left and the reports of those that could not went: the held PONGs."""
+        held, self.pongs_held = self.pongs_held, []
+        for rid, ping_id in held:
+            self._pong(rid, ping_id)
 
     def _left_queue(self, rid: bytes) -> None:
         waiting = self.waiting_of[rid] - 1
@@ -932,11 +1006,19 @@ class Entry:
                 self._pong(rid, ping_id)
 
     def forwards_unsent(self, dest: str, forwards: list[Forward]) -> None:
-        """A frame of forwards could not be queued to ``dest``: the QoS 1 publishes among them fail now."""
+        """A frame of forwards could not be queued to ``dest``: the publishes among them fail now, QoS 1 ones each
+        with its ERROR, QoS 0 ones counted for their clients' reports (the flush sends them before held PONGs)."""
+        reason = f"destination node {dest} is unreachable"
         for f in forwards:
-            pending = self.core.requests.close(f.fid) if f.fid else None
-            if isinstance(pending, PendingForward):
-                self._fail_publish(pending.pub, codec.E_UNAVAILABLE, f"destination node {dest} is unreachable")
+            if f.fid:
+                pending = self.core.requests.close(f.fid)
+                if isinstance(pending, PendingForward):
+                    self._fail_publish(pending.pub, codec.E_UNAVAILABLE, reason)
+            elif f.client is not None:
+                count = f.count
+                self.core.metrics["errors.unavailable"] += count
+                self._count_failed(f.client, codec.E_UNAVAILABLE, reason, count)
+                f.client = None  # the same item in another node's frame: these messages are counted already
 
     def take_unexpired(self) -> None:
         """One timer per batch of QoS 1 forwards, not one per forward."""

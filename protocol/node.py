@@ -345,7 +345,8 @@ class NodeCore:
     def flush(self) -> None:
         """Send what the last batch of events queued: one frame per destination and kind (see outbox.py), the
         lookups, one frame per owner, and the reports of failed QoS 0 publishes, one ERROR per client and code (see
-        entry.py), and the batched record writes, one frame per shard (see retained.py)."""
+        entry.py; after the forwards, those of frames zmq would not queue, then the PONGs held for them), and the
+        batched record writes, one frame per shard (see retained.py)."""
         self.retained.send_batched()
         self.entry.send_lookups()
         self.entry.take_unexpired()
@@ -363,13 +364,18 @@ class NodeCore:
         if not outbox:
             return
         metrics = self.metrics
+        entry = self.entry
         for dest, parts, forwards in outbox.peer_frames():
             sent = sum(f.count for f in forwards)
             if sent > 1:
                 metrics["batches.fwds"] += 1
             metrics["forwards.out"] += sent
             if not self.effects.send_peer(dest, parts):
-                self.entry.forwards_unsent(dest, forwards)
+                entry.forwards_unsent(dest, forwards)
+        if entry.failure_reports:  # QoS 0 publishes in frames zmq would not queue: reported now, before held PONGs
+            entry.report_failures()
+        if entry.pongs_held:
+            entry.send_held_pongs()
         for rid, parts, deliveries in outbox.client_frames():  # PUBACKs first: they carry no deliveries
             if len(deliveries) > 1 or (deliveries and deliveries[0].sizes):
                 metrics["batches.msgs"] += 1

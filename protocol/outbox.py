@@ -31,6 +31,9 @@ class Forward:
     qos: int
     payload: bytes
     sizes: list[int] | None = None  # a QoS 0 run: ``payload`` is these messages back to back (codec.Run)
+    # QoS 0: the publisher's routing id, whose report counts these messages if the frame is not sent; None: nobody
+    # to tell (a will, an internal publish) or already counted (the item also went to a node that is gone)
+    client: bytes | None = None
     pid: int = 0  # a QoS 1 publish's id at its entry node (the same for every destination); 0: none
     # [client id, origin] of the persistent sessions it reaches through routes moved from a dead holder (``sessions``)
     sessions: list[list[str]] | None = None

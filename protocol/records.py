@@ -106,8 +106,9 @@ class Session:
     # told to the client (a DROPPED frame goes once zmq takes frames for it again).
     dropped: int = 0
     dropped_unreported: int = 0
-    # QoS 0 publishes of this client that its entry node failed (``entry``), not yet told to the client: code ->
-    # [count, the last one's reason]; None when nothing is owed. Reported as one ERROR with ``count`` per code.
+    # QoS 0 publishes of this client that its entry node failed or refused (``entry``), not yet told to the client:
+    # code -> [count, the last one's reason, how many of them are not logged yet]; None when nothing is owed.
+    # Reported as one ERROR with ``count`` per code.
     publish_failed: dict[str, list[Any]] | None = None
     # The principal that opened the session and its ACL (``access``); None when access control is off.
     principal: str | None = None
