@@ -978,7 +978,7 @@ class Entry:
 
     def _pong(self, rid: bytes, ping_id: Any) -> None:
         core = self.core
-        if core.outbox.forwards:  # a frame of them zmq would not queue fails publishes: reported first, at the flush
+        if core.outbox.forwards:  # after them, and after the report of any frame zmq would not queue (the flush)
             self.pongs_held.append((rid, ping_id))
             return
         session = core.destination.sessions.get(rid)
