@@ -134,9 +134,12 @@ class SilentNode:
         if frame.type == codec.HELLO:
             self.replies.append(codec.encode(codec.WELCOME, {"id": rid, "node": "n1"}))
         elif frame.type == codec.PING and self.pong:
-            # An ERROR for an earlier QoS 0 publish comes before the PONG, as on the real pipe.
-            self.replies.append(codec.error_parts(codec.E_FENCED, "refused a QoS 0 publish"))
+            self.replies.extend(self.before_pong())
             self.replies.append(codec.encode(codec.PONG, {"id": rid}))
+
+    def before_pong(self) -> list[list[bytes]]:
+        """What the node sends before a PONG: an ERROR for an earlier QoS 0 publish, as on the real pipe."""
+        return [codec.error_parts(codec.E_FENCED, "refused a QoS 0 publish")]
 
     def poll(self, timeout_ms: int) -> int:
         if not self.replies and timeout_ms:
@@ -153,9 +156,10 @@ class SilentNode:
         pass
 
 
-def fake(pong: bool) -> tuple[Client, SilentNode]:
-    node = SilentNode(pong)
-    client = Client("tcp://fake", connect=False, timeout=0.3, max_batch=1000, linger=60)
+def fake(pong: bool, node: SilentNode | None = None, timeout: float = 0.3) -> tuple[Client, SilentNode]:
+    """A client connected to ``node`` (a ``SilentNode(pong)`` by default), its publishes gathering."""
+    node = SilentNode(pong) if node is None else node
+    client = Client("tcp://fake", connect=False, timeout=timeout, max_batch=1000, linger=60)
     def open_fake(endpoint: str) -> None:
         client.sock, client._poller = node, FakePoller(node)
 

@@ -13,7 +13,7 @@ clients' publishes never hold it.
   does when zmq's queue for it is full); or the publishes are refused at intake (an invalid topic or qos, a
   reserved topic, an ACL). A property test runs publishes (valid and invalid), PINGs, pauses, refused peers, time
   and frame delivery in any order and checks the barrier and the counts against what two subscribers got.
-- SDK: the client over a fake socket (``tests/test_client_batching.FakePoller``): the report is counted in
+- SDK: the client over a fake socket (``tests/test_exit_flush.SilentNode``): the report is counted in
   ``publish_failed`` and raised by ``flush()`` and ``close()`` with its count.
 - Real cluster: the owners of a topic's shard stopped with SIGSTOP (for less than their lease TTL): the
   publisher's ``flush()`` raises ``unavailable`` with the number of its publishes, while another client of the same
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +42,7 @@ from shardmq.router.acl import Acl
 from shardmq.shard.membership import read_assignment
 from shardmq.testing import LocalCluster
 from shardmq.testing.simulation import SessionClient, Sim, SimConfig
-from tests.test_client_batching import FakePoller
+from tests.test_exit_flush import SilentNode, fake
 
 SHARDS = 16
 ENTRY = "n0"
@@ -493,52 +492,23 @@ def test_property_pongs_follow_their_clients_publishes_and_every_loss_is_reporte
 
 
 # ---------------------------------------------------------------------------------------------- SDK
-class ReportingNode:
-    """A DEALER stand-in: answers HELLO, and each PING with the node's reports (ERROR with ``count``) and a PONG."""
+class ReportingNode(SilentNode):
+    """A node stand-in that answers each PING with its reports (ERROR with ``count``), then the PONG."""
 
     def __init__(self) -> None:
-        self.sent: list[codec.Frame] = []
-        self.replies: list[list[bytes]] = []
+        super().__init__(pong=True)
         self.reports: list[tuple[str, int]] = []  # (code, count) sent before the next PONG
-        self.closed = False
 
-    def send_multipart(self, parts: list[bytes], flags: int = 0) -> None:
-        frame = codec.decode(parts, max_payload=1 << 62)
-        self.sent.append(frame)
-        rid = frame.header.get("id")
-        if frame.type == codec.HELLO:
-            self.replies.append(codec.encode(codec.WELCOME, {"id": rid, "node": "n1"}))
-        elif frame.type == codec.PING:
-            for code, count in self.reports:
-                reason = f"{count} QoS 0 publishes failed at node n1, the last: no owner of shard 3 answered"
-                self.replies.append(codec.error_parts(code, reason, count=count))
-            self.reports.clear()
-            self.replies.append(codec.encode(codec.PONG, {"id": rid}))
-
-    def poll(self, timeout_ms: int) -> int:
-        if not self.replies and timeout_ms:
-            time.sleep(min(timeout_ms, 5) / 1000)
-        return 1 if self.replies else 0
-
-    def recv_multipart(self) -> list[bytes]:
-        return self.replies.pop(0)
-
-    def close(self, linger: int | None = None) -> None:
-        self.closed = True
-
-    def disable_monitor(self) -> None:
-        pass
+    def before_pong(self) -> list[list[bytes]]:
+        reason = "QoS 0 publishes failed at node n1, the last: no owner of shard 3 answered"
+        replies = [codec.error_parts(code, f"{count} {reason}", count=count) for code, count in self.reports]
+        self.reports.clear()
+        return replies
 
 
 def reporting_client() -> tuple[Client, ReportingNode]:
     node = ReportingNode()
-    client = Client("tcp://fake", connect=False, timeout=1.0, max_batch=1000, linger=60)
-
-    def open_fake(endpoint: str) -> None:
-        client.sock, client._poller = node, FakePoller(node)  # type: ignore[assignment]
-
-    client._open = open_fake  # type: ignore[method-assign]
-    client.connect()
+    client, _ = fake(True, node, timeout=1.0)
     return client, node
 
 
