@@ -679,8 +679,8 @@ class SessionSide:
         for filt, qos in sorted((f, q) for f, q in t.filters):
             routes = subs._subscribe_local(session, filt, qos)
             new.extend(routes)
-            if filt not in routes and filt in subs.route_add_waiters:
-                installing.add(subs.route_add_waiters[filt])
+            if filt not in routes:
+                installing |= subs.installing(filt)
 
         def routed(failures: list[str]) -> None:
             if failures:

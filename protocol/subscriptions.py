@@ -6,8 +6,11 @@ Rules of this file:
   shard (to every member for root-set filters, which have no placement key), and ROUTE_DEL when the last one
   leaves: reference counting per node, so the owners hold one route per (filter, node), not per client.
 - A SUBACK waits until every owner confirmed (ROUTE_ACK): from then on every publish finds the route. A client
-  subscribing to a filter whose ROUTE_ADD is still on its way waits for that one too. All or nothing: a SUB
-  whose routes an owner could not confirm is undone and answered with an error.
+  subscribing to a filter whose ROUTE_ADD is still on its way waits for that one too: for every one still on its
+  way (``route_add_waiters``), a SUB's and a re-announcement's alike. Otherwise a SUB again on the same session,
+  once a re-announcement of its filters was confirmed, would be acknowledged while the first SUB still waits, and
+  the first one failing would undo what the second was acknowledged for (seen in the fault schedule). All or
+  nothing: a SUB whose routes an owner could not confirm is undone and answered with an error.
 - An owner that says our shard epoch is old (``stale`` in its ROUTE_ACK) gets nothing applied; we re-read the
   assignment and send those items to the current owners (up to three times), those that still hold: a removal
   is not sent again once its filter was subscribed again, nor an addition once it was unsubscribed, since the
@@ -68,7 +71,7 @@ class Subscriptions:
         self.local_q0: FilterIndex[bytes] = FilterIndex()
         self.local_q1: FilterIndex[bytes] = FilterIndex()
         self.shared: dict[str, dict[bytes, int]] = {}  # share -> its local members (rid -> granted qos), in order
-        self.route_add_waiters: dict[str, int] = {}  # filter -> waiter of the ROUTE_ADD still installing it
+        self.route_add_waiters: dict[str, set[int]] = {}  # filter -> waiters of the ROUTE_ADDs still installing it
         self.announcements_due = 0  # re-announcements scheduled and not yet sent (a driver waits for them)
 
     def local_recipients(self, topic: str, qos: int) -> tuple[set[bytes], set[bytes]]:
@@ -147,8 +150,8 @@ class Subscriptions:
                 added.append(filt)
             routes = self._subscribe_local(session, filt, qos)
             new_filters.extend(routes)
-            if filt not in routes and filt in self.route_add_waiters:
-                installing.add(self.route_add_waiters[filt])
+            if filt not in routes:
+                installing |= self.installing(filt)
         core.metrics["subscriptions"] += len(new_filters)
 
         def done(failures: list[str]) -> None:
@@ -197,6 +200,11 @@ class Subscriptions:
                 unsuback()
 
         self.change_routes(codec.ROUTE_DEL, gone, done)
+
+    def installing(self, filt: str) -> set[int]:
+        """The waiters of every ROUTE_ADD of ``filt`` still on its way: a SUB of a filter already routed here is
+        acknowledged only once they all are (see the rules)."""
+        return set(self.route_add_waiters.get(filt, ()))
 
     def forget(self, session: Session) -> int:
         """The session ended: drop its subscriptions (and the routes no other local client needs)."""
@@ -280,7 +288,7 @@ class Subscriptions:
                         failures=sorted(set(ownerless)))  # fmt: skip
         wid = core.requests.open(waiter, self)
         for filt in waiter.filters:
-            self.route_add_waiters[filt] = wid
+            self.route_add_waiters.setdefault(filt, set()).add(wid)
         if local:
             _, relay_id = core.owner.apply_route_items(kind, core.me, local, forwarded=False)
             # We own some of these shards: entry nodes caching their answers must drop them, and the targets of
@@ -325,8 +333,11 @@ class Subscriptions:
     def _finish_waiter(self, wid: int) -> None:
         waiter = self.core.requests.close(wid)
         for filt in waiter.filters:
-            if self.route_add_waiters.get(filt) == wid:
-                del self.route_add_waiters[filt]
+            waiting = self.route_add_waiters.get(filt)
+            if waiting is not None:
+                waiting.discard(wid)
+                if not waiting:
+                    del self.route_add_waiters[filt]
         for callback in waiter.callbacks:
             callback(waiter.failures)
 

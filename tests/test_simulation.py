@@ -38,7 +38,8 @@ Replaying a failure: the simulation is deterministic, so hypothesis's printed st
 Fixed tests below pin single rules found or checked by the simulation: a restart retires the previous incarnation,
 a peer whose view lags a re-registration defers the route change, a SUB for a shard with no owner is refused, a
 fenced node ends its sessions, etcd outages shorter and longer than the TTL, refused moves reach the
-coordinator, stale items are never applied, and a new replica's fill timer outlasts the coordinator's deadline.
+coordinator, stale items are never applied, a new replica's fill timer outlasts the coordinator's deadline, and
+a SUB waits for every ROUTE_ADD still installing its filters.
 """
 
 from __future__ import annotations
@@ -659,3 +660,51 @@ def test_no_relay_to_a_target_that_already_owns_the_shard() -> None:
     state.renew_leases()
     state.settle()
     state.teardown()  # heals, settles, subscribes every interrupted client again and checks convergence
+
+
+SUB_ANSWERS = (codec.SUBACK, codec.ERROR)
+
+
+def test_sub_waits_for_every_route_add_still_installing_its_filters() -> None:
+    """Fault schedule seed 17 (etcd_cut): a node that lost its lease registers again and re-announces every local
+    route a second later, the filters of a SUB still waiting for an owner among them. The re-announcement was
+    confirmed first and took the filters' "still installing" record with it, so the client's SUB again on the
+    same session (its SDK stopped waiting for the first SUBACK) found nothing installing and was acknowledged at
+    once; then the first SUB failed and was undone, unsubscribing what the second was acknowledged for: every
+    message acknowledged after that missed the client. A SUB waits for every ROUTE_ADD still installing its
+    filters, so the second SUB fails with the first."""
+    sim = started()
+    check = Checker(sim)
+    node, publisher = "n1", "n0"
+    sim.partition(node)
+    sim.settle(max_rounds=40)  # its lease expires: the others promote the survivors and refill without it
+    assert node not in sim.live_members()
+    sim.heal(node)
+    sim.refresh(node)  # it registers again
+    for n in sorted(sim.nodes):  # and the others see the new registration (no deferral)
+        sim.refresh(n)
+    core = sim.nodes[node].core
+    assert not sim.fenced(sim.nodes[node]) and core.subscriptions.announcements_due == 1
+    filt = FILTERS[0]
+    assert core.view.assignment is not None
+    silent = next(o for o in core.view.assignment.owners(sim.shard_of(filt)) if o != node)
+    client = b"c-seed17"
+    sim.client_send(client, node, codec.SUB, {"id": 1, "filters": [filt], "qos": 1})
+    sim.channels.pop((node, silent), None)  # the connection broke: that owner never answers the first SUB
+    sim.drain()
+    sim.tick(1.0)  # REANNOUNCE_DELAY: every local route goes to the owners again, this filter's too
+    sim.drain()
+    assert core.metrics["routes.reannounced"] >= 1 and not core.subscriptions.announcements_due
+    sim.client_send(client, node, codec.SUB, {"id": 2, "filters": [filt], "qos": 1})
+    sim.drain()
+    sim.tick(sim.cfg.request_timeout)  # the first SUB's waiter expires: that SUB fails and is undone
+    sim.drain()
+    sc = sim.session_clients[client]
+    answers = {f.header.get("id", f.header.get("ref")): f.type for f in sc.frames if f.type in SUB_ANSWERS}
+    assert sim.check_publish(publisher, filt) is not None
+    pid = max(sim.publishes)
+    if answers.get(2) == codec.SUBACK:  # acknowledged: it must get what is published from then on
+        assert any(payload == b"%d" % pid for _, payload, _ in sc.got), f"acked SUB 2, message {pid} missed it"
+    assert answers == {1: codec.ERROR, 2: codec.ERROR}
+    assert sim.settle()
+    assert not check.route_losses(), check.route_losses()
