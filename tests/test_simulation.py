@@ -50,6 +50,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from shardmq.protocol.subscriptions import REANNOUNCE_DELAY
 from shardmq.ring import ShardMap
 from shardmq.router import codec
 from shardmq.testing.simulate import matching_topic
@@ -692,7 +693,7 @@ def test_sub_waits_for_every_route_add_still_installing_its_filters() -> None:
     sim.client_send(client, node, codec.SUB, {"id": 1, "filters": [filt], "qos": 1})
     sim.channels.pop((node, silent), None)  # the connection broke: that owner never answers the first SUB
     sim.drain()
-    sim.tick(1.0)  # REANNOUNCE_DELAY: every local route goes to the owners again, this filter's too
+    sim.tick(REANNOUNCE_DELAY)  # every local route goes to the owners again, this filter's too
     sim.drain()
     assert core.metrics["routes.reannounced"] >= 1 and not core.subscriptions.announcements_due
     sim.client_send(client, node, codec.SUB, {"id": 2, "filters": [filt], "qos": 1})
