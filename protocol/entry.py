@@ -800,6 +800,7 @@ class Entry:
         core = self.core
         core.metrics["shared.redispatched"] += 1
         if core.fenced():
+            core.metrics["errors.fenced"] += 1  # counted as ``_fail_publish`` counts the other refusals
             if then is not None:
                 then(codec.E_FENCED)
             return

@@ -227,6 +227,10 @@ def test_peer_frames(frame_type: bytes, data: st.DataObject, fuzzed: str) -> Non
 # A refused FWDS echoed its (id-less, so anything) "id" as the ERROR's ref, and the sender crashed on it.
 @example([(True, b"n1", frame_from(codec.FWDS, {"items": [[1, "a/b", 1]], "sizes": [2], "id": []}, b"x")),
           (False, b"fz1", frame_from(codec.PING, {}))], 10, False)
+# A SHARED_FWD to a fenced node with no member of the share: its refusal (sending it on is refused while fenced)
+# was answered with an ERROR but not counted.
+@example([(True, b"n1", frame_from(codec.SHARED_FWD, {"id": 7, "topic": "a/b", "qos": 1, "share": "$share/g/a/b",
+                                                      "pid": 3}, b"x"))], None, True)
 # The root set's shard number (-1) passed the shard check of HANDOFF, SNAPSHOT and LOOKUP, and the assignment
 # raised IndexError for it.
 @example([(True, b"n1", frame_from(codec.HANDOFF, {"id": 1, "shard": -1, "shard_epoch": 1, "targets": ["n1"],
