@@ -7,7 +7,9 @@ Rules of this file:
   costs one ``lookup_timeout``, not a failed publish). Lookups are sent when the core flushes, one frame per
   owner (LOOKUPS; a lone one as the plain LOOKUP), with one timer per frame. Root-set routes (filters without a
   placement key) live on every node and are matched here. Then one FWD goes to each node with a match; a node's
-  own clients get it from ``destination`` directly.
+  own clients get it from ``destination`` directly. A shard we own that is being refilled (filled from nobody,
+  its members' routes not all back yet: ``owner``) is not answered from our table: its other owners are asked,
+  and refuse as well until it is complete, so the publish fails ``unavailable`` rather than reach nobody.
 - A topic's first level: the shard of a multi-level topic's first level (when not the topic's own shard) holds
   only wildcard filters under that level that could match. The owner says so when there are none (``clear``),
   and that answer is cached once for the first level (key ``<first level>/#``, never a topic name) and serves
@@ -351,7 +353,10 @@ class Entry:
         pubs = group or [pub]
         state = a.state(shard)
         owners = state.owners
-        if not tried and owners and owners[0] == core.me:
+        # A shard we own that is being refilled answers no lookup, ours included (``owner``): the other owners
+        # are asked, as if we had refused.
+        table_answers = shard not in core.owner.refilling
+        if not tried and owners and owners[0] == core.me and table_answers:
             routes = core.owner.routes
             pub.dests |= routes.match(shard, pub.topic)
             if head is not None and not routes.wild_under(shard, head):
@@ -379,7 +384,8 @@ class Entry:
                 core.requests.get(lid).pubs.append(pub)
                 pub.lookups_left += 1
                 return
-        candidates = [n for n in owners if n not in tried and n in core.view.members]
+        members = core.view.members
+        candidates = [n for n in owners if n not in tried and n in members and (table_answers or n != core.me)]
         if not candidates or len(tried) > MAX_OWNERS_TRIED:
             for p in pubs:
                 self._fail_publish(p, codec.E_UNAVAILABLE, f"no owner of shard {shard} answered ({tried})", shard)

@@ -50,7 +50,7 @@ from .requests import PendingRequests
 from .retained import RetainedSide
 from .sessions import SessionSide
 from .subscriptions import Subscriptions
-from .view import ClusterView, MemberInfo, SessionView
+from .view import ClusterView, MemberInfo, SessionView, filled_from_nobody
 from .wills import WillSide
 
 # The fence check runs when the lease would come into doubt (and at least this often): a fixed 100 ms tick woke
@@ -452,6 +452,7 @@ class NodeCore:
                 self.metrics["routes.sessions_retargeted"] += sum(moved.values())
                 self.owner.invalidate_caches(moved)
             removed = self.owner.routes.remove_node(node)
+            self.owner.refill_member_gone(node)
             self._peer_lost(node)
             self.log.warning("member_lost", peer=node, routes_removed=removed, membership_epoch=membership_epoch)
         if had_members and joined:
@@ -477,7 +478,11 @@ class NodeCore:
         view.assignment, view.assignment_revision = new, revision
         changed = self.owner.on_assignment(old, new)
         if old is not None and changed:
-            self.subscriptions.reannounce_orphaned(old, new, changed, old_members)
+            orphaned = filled_from_nobody(old, new, changed, old_members, view.members)
+            # Our owner side starts waiting before our own routes reach it (at once, in reannounce_orphaned).
+            self.owner.begin_refills(orphaned)
+            if orphaned:
+                self.subscriptions.reannounce_orphaned(orphaned)
         if changed:
             self.wills.scan_soon()  # a shard this node became primary of may hold wills of a gone holder
         if self.sessions.orphans_possible:

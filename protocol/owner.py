@@ -53,6 +53,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import compress
 from operator import is_not
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,14 @@ INVALIDATE_WAIT = 2
 RELAY_ATTEMPTS = 3  # sends of a relayed addition after the first, before it is given up (see _relay_due)
 
 
+@dataclass(slots=True)
+class Refill:
+    """A shard we own that was filled from nobody, waiting for the members' reports (see the rules)."""
+
+    shard_epoch: int  # the shard's epoch when it was filled: reports for it or later count
+    waiting: set[str]  # members that have not reported yet
+
+
 class OwnerSide:
     def __init__(self, core: NodeCore) -> None:
         self.core = core
@@ -117,6 +126,9 @@ class OwnerSide:
         self.deferred_route_changes: deque[tuple[float, str, Frame]] = deque()
         self.source = HandoffSource()
         self.target = HandoffTarget()
+        self.refilling: dict[int, Refill] = {}  # shards filled from nobody whose routes are not complete yet
+        # Reports for a shard epoch our view has not shown yet: (shard, shard epoch) -> members that reported.
+        self.early_reports: dict[tuple[int, int], set[str]] = {}
 
     # ------------------------------------------------------------------ route changes
     def on_route_change(self, sender: str, frame: Frame) -> None:
@@ -176,6 +188,8 @@ class OwnerSide:
             core.refuse_peer(sender, frame, codec.E_NOT_ALLOWED, f"{sender} may only change its own routes")
             return
         stale, relay_id = self.apply_route_items(frame.type, h["node"], h["routes"], forwarded)
+        if "refilled" in h and not forwarded:  # after the routes it covers (see the rules)
+            self.refill_reported(sender, h["refilled"])
         shards = {item[0] for item in h["routes"]}
         if not h["id"] or frame.type != codec.ROUTE_ADD:  # a relayed removal waits for nothing
             self.invalidate_caches(shards)
@@ -417,6 +431,64 @@ class OwnerSide:
     def on_invalidate_ack(self, sender: str, frame: Frame) -> None:
         self.settle_invalidation(frame.header["id"], sender)
 
+    # ------------------------------------------------------------------ shards filled from nobody
+    def begin_refills(self, orphaned: Iterable[int]) -> None:
+        """After a new assignment: shards of it filled from nobody (``view.filled_from_nobody``) that we own answer
+        no lookup until every other member reported its routes there complete (see the rules). Reports that came
+        ahead of our view count now."""
+        core = self.core
+        a = core.view.assignment
+        assert a is not None
+        others = {n for n in core.view.members if n != core.me}
+        for shard in orphaned:
+            if core.me not in a.owners(shard):
+                continue
+            shard_epoch = a.epoch(shard)
+            refill = self.refilling[shard] = Refill(shard_epoch, set(others))
+            core.metrics["routes.refills"] += 1
+            core.log.warning("shard_refilling", shard=shard, shard_epoch=shard_epoch, members=len(refill.waiting))
+            core.effects.call_later(core.cfg.request_timeout, lambda s=shard, r=refill: self._refill_due(s, r))
+        early = [k for k in self.early_reports if k[1] <= a.epoch(k[0])]
+        for key in early:
+            for sender in self.early_reports.pop(key):
+                self.refill_reported(sender, [list(key)])
+        for shard in [s for s in orphaned if s in self.refilling and not self.refilling[s].waiting]:
+            self._end_refill(shard)  # every other member reported ahead of our view, or there is none
+
+    def refill_reported(self, sender: str, reports: list[list[int]]) -> None:
+        """``sender``'s routes in these [shard, shard epoch] are complete (it applied them just before)."""
+        for shard, shard_epoch in reports:
+            refill = self.refilling.get(shard)
+            ours = self.core.view.shard_epoch(shard)
+            if shard_epoch > ours:  # its view is ahead of ours: counted when ours gets there
+                self.early_reports.setdefault((shard, shard_epoch), set()).add(sender)
+            elif refill is not None and shard_epoch >= refill.shard_epoch:
+                refill.waiting.discard(sender)
+                if not refill.waiting:
+                    self._end_refill(shard)
+
+    def refill_member_gone(self, node: str) -> None:
+        """A member left the view (or registered again): its routes here went with it, so it owes no report."""
+        for shard in [s for s, r in self.refilling.items() if node in r.waiting]:
+            self.refilling[shard].waiting.discard(node)
+            if not self.refilling[shard].waiting:
+                self._end_refill(shard)
+
+    def _end_refill(self, shard: int) -> None:
+        del self.refilling[shard]
+        self.core.log.info("shard_refilled", shard=shard, shard_epoch=self.core.view.shard_epoch(shard))
+
+    def _refill_due(self, shard: int, refill: Refill) -> None:
+        """Reports did not all come within ``request_timeout`` (a member whose view disagrees, a lost frame): answer
+        from what we have rather than keep the shard unavailable."""
+        if self.refilling.get(shard) is not refill:
+            return
+        core = self.core
+        core.metrics["routes.refill_timeouts"] += 1
+        core.log.warning("shard_refill_timed_out", shard=shard, shard_epoch=core.view.shard_epoch(shard),
+                         missing=sorted(refill.waiting))  # fmt: skip
+        del self.refilling[shard]
+
     # ------------------------------------------------------------------ lookups
     def on_lookup(self, sender: str, frame: Frame) -> None:
         h = frame.header
@@ -441,9 +513,10 @@ class OwnerSide:
         else:  # the same checks as _answer_lookup, those that hold for the whole frame made once
             epoch_of, match, wild_under = core.view.shard_epoch, self.routes.match, self.routes.wild_under
             watched: set[int] = set()
+            refilling = self.refilling
             for lid, shard, shard_epoch, topic, head in items:
                 ours = epoch_of(shard)
-                if shard_epoch != ours:
+                if shard_epoch != ours or shard in refilling:
                     answer = self._answer_lookup(sender, lid, shard, shard_epoch, topic, head == 1)
                     if answer is not None:
                         answers.append(answer)
@@ -475,6 +548,10 @@ class OwnerSide:
             return None
         if shard_epoch > ours:
             core.effects.poll_view()
+        if shard in self.refilling:  # an answer now could miss a subscriber whose node has not reported yet
+            reason = f"shard {shard} was filled from nobody and its routes are not all back yet: ask again"
+            core.refuse_request(sender, lid, codec.E_UNAVAILABLE, reason, shard=shard)
+            return None
         nodes = sorted(self.routes.match(shard, topic))
         self.lookup_watchers.watch(shard, sender)  # it may cache this answer: tell it when the shard's routes change
         clear = 1 if head and not self.routes.wild_under(shard, first_level(topic)) else 0
@@ -498,6 +575,8 @@ class OwnerSide:
             return []
         changed = epochs_changed(old, new)
         self.invalidate_caches(changed)
+        for shard in [s for s in self.refilling if s not in mine]:
+            del self.refilling[shard]  # we answer for it no more
         # An owner that left took with it the record of who caches its answers (a promotion): every entry node
         # may, and the next route change in such a shard invalidates them all.
         members = core.view.members
@@ -548,6 +627,11 @@ class OwnerSide:
         if a is None or a.epoch(shard) != shard_epoch or core.me not in a.owners(shard):
             reason = f"{core.me} does not own shard {shard} at shard epoch {shard_epoch}"
             self._refuse_move(frame, codec.E_STALE_EPOCH, reason)
+            return
+        if shard in self.refilling:
+            # Our copy may still lack routes that members are adding again: it is no source. The coordinator plans
+            # the move again at a later tick, once the refill ended.
+            self._refuse_move(frame, codec.E_UNAVAILABLE, f"shard {shard} is being refilled on {core.me}")
             return
         targets = [t for t in h["targets"] if t != core.me]
         unknown = [t for t in targets if t not in core.view.members]

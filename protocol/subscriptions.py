@@ -36,10 +36,9 @@ Rules of this file:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from shardmq.ring import Assignment
 from shardmq.router import codec
 from shardmq.router.codec import Frame
 from shardmq.router.matching import FilterIndex
@@ -55,7 +54,7 @@ from shardmq.router.shared import (
 from shardmq.router.topics import TopicError, validate_topic_filter
 
 from .records import RESERVED_REASON, Relay, Session, Waiter, gate, is_reserved
-from .view import ROOT, MemberInfo
+from .view import ROOT
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -259,23 +258,31 @@ class Subscriptions:
         return routes
 
     # ------------------------------------------------------------------ routes at the owners
-    def change_routes(self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None]) -> None:
-        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed."""
+    def change_routes(
+        self, kind: bytes, filters: list[str], on_done: Callable[[list[str]], None],
+        refilled: dict[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        """Apply ROUTE_ADD/ROUTE_DEL for this node's filters at every owner; ``on_done`` once, when all confirmed.
+        ``refilled`` (ROUTE_ADD only): see ``announce_again``."""
         view = self.core.view
-        if not filters or view.assignment is None:  # without an assignment no route was ever installed
-            on_done([])
+        if (not filters and not refilled) or view.assignment is None:  # without an assignment no route was ever
+            on_done([])  # installed
             return
         self._send_route_items(kind, [view.route_item(f) for f in filters], on_done,
-                               filters=filters if kind == codec.ROUTE_ADD else None)  # fmt: skip
+                               filters=filters if kind == codec.ROUTE_ADD else None, refilled=refilled)  # fmt: skip
 
     def _send_route_items(
         self, kind: bytes, items: list[list[Any]], on_done: Callable[[list[str]], None], attempt: int = 0,
-        filters: list[str] | None = None,
+        filters: list[str] | None = None, refilled: dict[int, int] | None = None,
     ) -> None:
         """Send items to the owners of their shards; ``on_done`` once every owner confirmed (or failed).
-        ``filters``: the ROUTE_ADD filters this installs (a SUB of one of them meanwhile waits for it too)."""
+        ``filters``: the ROUTE_ADD filters this installs (a SUB of one of them meanwhile waits for it too).
+        ``refilled``: shards filled from nobody whose owners are told, in the same frame as the routes it covers
+        (an empty ROUTE_ADD where there are none), that our routes there are complete. Our own owner side needs
+        no report: it applies our routes here, at once."""
         core = self.core
         by_node: dict[str, list[list[Any]]] = {}
+        reports: dict[str, list[list[int]]] = {}
         ownerless: list[str] = []
         for item in items:
             targets = core.view.targets(item[0])
@@ -283,6 +290,11 @@ class Subscriptions:
                 ownerless.append(f"shard {item[0]} has no owner")
             for owner in targets:
                 by_node.setdefault(owner, []).append(item)
+        for shard, shard_epoch in sorted((refilled or {}).items()):
+            for owner in core.view.targets(shard):
+                if owner != core.me:
+                    by_node.setdefault(owner, [])
+                    reports.setdefault(owner, []).append([shard, shard_epoch])
         local = by_node.pop(core.me, None)
         waiter = Waiter(set(by_node), [on_done], kind, by_node, attempt, filters=filters or [],
                         failures=sorted(set(ownerless)))  # fmt: skip
@@ -303,6 +315,8 @@ class Subscriptions:
             return
         for node, routes in by_node.items():
             header = {"id": wid, "node": core.me, "routes": routes, "member_rev": core.view.member_revision}
+            if node in reports:
+                header["refilled"] = reports[node]
             if not core.effects.send_peer(node, codec.encode(kind, header)):
                 waiter.failures.append(node)
                 self._settle_waiter(wid, node)
@@ -440,36 +454,19 @@ class Subscriptions:
         if wid in core.requests:
             core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
 
-    def reannounce_orphaned(
-        self, old: Assignment, new: Assignment, changed: list[int], old_members: Mapping[str, MemberInfo]
-    ) -> None:
-        """Add our routes again in shards that lost every owner: their new owners were filled from nobody (every
-        replica died before it could be copied), and we are the one place that still knows which of our clients
-        subscribed. An owner is gone when its member key is, or when it registered again since ``old_members``
-        (the view we had when ``old`` arrived: a restarted process holds nothing of its predecessor's). A shard
-        whose new owners were filled after all just gets routes it already has: ROUTE_ADD is idempotent."""
-        if not self.local_q0 and not self.local_q1:
-            return  # no client of ours subscribes to anything: nothing to add again
-        members = self.core.view.members
-
-        def alive(node: str) -> bool:
-            now, then = members.get(node), old_members.get(node)
-            return now is not None and then is not None and now.revision == then.revision
-
-        # A shard is given owners from nobody only from an ownerless state, one epoch after it; a view that skipped
-        # epochs cannot tell what happened in between (and its member list may lag a restart), so it re-announces.
-        orphaned = {
-            s for s in changed
-            if new.owners(s) and (new.epoch(s) > old.epoch(s) + 1 or not any(alive(o) for o in old.owners(s)))
-        }
-        if not orphaned:
-            return
+    def reannounce_orphaned(self, orphaned: set[int]) -> None:
+        """Add our routes again in shards filled from nobody (``view.filled_from_nobody``): every replica died
+        before it could be copied, and we are the one place that still knows which of our clients subscribed. A
+        shard whose new owners were filled after all just gets routes it already has: ROUTE_ADD is idempotent.
+        Every new owner of such a shard is told that our routes there are complete (``refilled``), also where we
+        have none to add: it answers no lookup for the shard until every member said so (``owner``)."""
         view = self.core.view
+        assert view.assignment is not None
         filters = sorted(f for f in self.local_filters() if view.route_item(f)[0] in orphaned)
         if filters:
             self.core.log.warning("routes_reannounced_orphaned", shards=len(orphaned), filters=len(filters))
             self.core.metrics["routes.reannounced_orphaned"] += len(filters)
-            self.announce_again(filters)
+        self.announce_again(filters, refilled={s: view.assignment.epoch(s) for s in orphaned})
 
     def reannounce_later(self) -> None:
         """After registering again, once every peer has seen us gone and back (``REANNOUNCE_DELAY``)."""
@@ -484,9 +481,11 @@ class Subscriptions:
         self.core.metrics["routes.reannounced"] += len(filters)
         self.announce_again(filters)
 
-    def announce_again(self, filters: list[str], attempt: int = 1) -> None:
+    def announce_again(self, filters: list[str], attempt: int = 1, refilled: dict[int, int] | None = None) -> None:
         """ROUTE_ADD for filters our clients still hold; no client waits for it, so a failure (an owner
-        unreachable, epochs moving) is retried every ``request_timeout`` with what is still subscribed here."""
+        unreachable, epochs moving) is retried every ``request_timeout`` with what is still subscribed here.
+        ``refilled``: shards filled from nobody (shard -> its epoch then) whose owners are told our routes there
+        are complete, again with each retry."""
         core = self.core
 
         def done(failures: list[str]) -> None:
@@ -500,8 +499,8 @@ class Subscriptions:
 
             def again() -> None:
                 self.announcements_due -= 1
-                self.announce_again(sorted(set(filters) & self.local_filters()), attempt + 1)
+                self.announce_again(sorted(set(filters) & self.local_filters()), attempt + 1, refilled)
 
             core.effects.call_later(core.cfg.request_timeout, again)
 
-        self.change_routes(codec.ROUTE_ADD, filters, done)
+        self.change_routes(codec.ROUTE_ADD, filters, done, refilled)

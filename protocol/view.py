@@ -10,6 +10,9 @@ Rules of this file:
 - Fenced: from two thirds of the lease TTL without a keep-alive (``fenced_from``, told by the shell), and between
   registering again and seeing the view that goes with that registration, a node neither answers for its
   shards nor takes subscriptions.
+- Filled from nobody (``filled_from_nobody``): one rule says which shards of a new assignment got owners that
+  could not copy their routes from anyone. The subscribers' nodes add their routes again by it, and the new owners
+  wait for them by it (``subscriptions``, ``owner``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ from shardmq.router.routes import RouteTable
 from shardmq.router.shared import route_filter_of
 
 ROOT = RouteTable.ROOT
+
+
+def filled_from_nobody(
+    old: Assignment,
+    new: Assignment,
+    changed: list[int],
+    old_members: Mapping[str, MemberInfo],
+    members: Mapping[str, MemberInfo],
+) -> set[int]:
+    """The shards of ``changed`` whose owners in ``new`` were filled from nobody: every owner in ``old`` is gone
+    (its member key is, or it registered again since ``old_members``, the view we had when ``old`` arrived: a
+    restarted process holds nothing of its predecessor's). A shard is given owners from nobody only from an
+    ownerless state, one epoch after it; a view that skipped epochs cannot tell what happened in between (and its
+    member list may lag a restart), so such a shard counts as filled from nobody too."""
+
+    def alive(node: str) -> bool:
+        now, then = members.get(node), old_members.get(node)
+        return now is not None and then is not None and now.revision == then.revision
+
+    return {
+        s for s in changed
+        if new.owners(s) and (new.epoch(s) > old.epoch(s) + 1 or not any(alive(o) for o in old.owners(s)))
+    }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -285,7 +285,7 @@ def _retainm_parts_ok(items: list[Any]) -> bool:
     )
 
 
-def _retainm_stale_ok(items: list[Any]) -> bool:
+def _shard_epoch_pairs_ok(items: list[Any]) -> bool:
     return all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in items)
 
 
@@ -334,7 +334,7 @@ LIST_ITEMS: dict[tuple[bytes, str], tuple[Callable[[list[Any]], bool], str]] = {
     ),
     (RETAINM, "items"): (_retains_items_ok, "[topic:str, qos:0|1] pairs"),
     (RETAINM, "sizes"): (_ints_ok, "payload sizes (non-negative integers)"),
-    (RETAINM_ACK, "stale"): (_retainm_stale_ok, "[shard:int, shard_epoch:int] pairs"),
+    (RETAINM_ACK, "stale"): (_shard_epoch_pairs_ok, "[shard:int, shard_epoch:int] pairs"),
     (RETAINM_ACK, "failed"): (_retainm_failed_ok, "[shard:int, code:str, reason:str] triples"),
     (RETAINED_GET, "filters"): (_strings_ok, "filter strings"),
     (RETAINED_REPLY, "items"): (_retained_items_ok, "[topic:str, qos:0|1, shard:int, epoch:int, seq:int] lists"),
@@ -465,6 +465,11 @@ def decode(
     for name in OPTIONAL_INTS.get(frame_type, ()):
         if name in header and type(header[name]) is not int:
             raise ProtocolError(E_BAD_HEADER, f"{frame_type.decode()} field {name!r} must be an integer", ref)
+    if frame_type == ROUTE_ADD and "refilled" in header and not (
+        isinstance(header["refilled"], list) and _shard_epoch_pairs_ok(header["refilled"])
+    ):
+        reason = "ROUTE_ADD field 'refilled' must be a list of [shard, shard_epoch] pairs"
+        raise ProtocolError(E_BAD_HEADER, reason, ref)
     if frame_type == FWD and "sessions" in header and not _moved_sessions_ok(header["sessions"]):
         raise ProtocolError(E_BAD_HEADER, "FWD field 'sessions' must be a list of [client:str, origin:str] pairs", ref)
     if len(payload) > max_payload:

@@ -828,8 +828,8 @@ class Sim:
         return self.nodes[self.etcd.leader[0]]
 
     def quiescent(self) -> bool:
-        """Nothing left to do: views current, no frames, requests or etcd requests pending, the assignment at
-        the target, no moves in flight."""
+        """Nothing left to do: views current, no frames, requests or etcd requests pending, no shard being
+        refilled, the assignment at the target, no moves in flight."""
         doc, target = self.etcd.doc, self.target()
         if not self.etcd_reachable or any(n.retiring and not n.crashed for n in self.nodes.values()):
             return False
@@ -841,7 +841,7 @@ class Sim:
             core = n.core
             held = core.entry.shared_copies() if len(core.requests) else 0  # a member's unacked shared messages
             if n.up and (len(core.requests) > held or core.owner.deferred_route_changes or n.etcd_requests
-                         or core.subscriptions.announcements_due):  # fmt: skip
+                         or core.subscriptions.announcements_due or core.owner.refilling):  # fmt: skip
                 return False
         leader = self.leader_node()
         if leader is None or not leader.up or leader.core.coordinator is None or leader.core.coordinator.in_flight:
