@@ -41,6 +41,18 @@ Rules of this file:
   node publishes from an answer without the route after the subscriber was told it is subscribed.
 - Hand-offs: as source, the shard is snapshotted to the targets, then its changes streamed
   (``rebalance.handoff``); as target, snapshots fill the table and HANDOFF_READY goes to the coordinator.
+- A shard filled from nobody (``view.filled_from_nobody``, the rule the subscribers' nodes re-add their routes
+  by) starts with no routes: while *refilling* (``refilling``) its LOOKUP/LOOKUPS items are refused
+  ``unavailable`` (the entry node asks the next owner, then fails the publish), and our own entry side does not
+  answer from it either. It waits for every other member in our view when the assignment arrived to report its
+  routes there complete (ROUTE_ADD ``refilled``, sent after those routes on the same connection, so the report is
+  applied after the routes it covers); a member that leaves the view (or registers again) is dropped from the
+  wait (its routes went with it); one that joined later held no routes there. A report at a shard epoch our view
+  has not reached is kept (``early_reports``) until it does. After ``request_timeout`` the shard answers anyway
+  (``shard_refill_timed_out``, ``routes.refill_timeouts``): a member whose view disagrees, or a lost frame, does
+  not keep it unavailable. A refilling shard is no hand-off source (HANDOFF refused ``unavailable``, the
+  coordinator plans it again): a copy of an incomplete table would hand the gap on to a target that waits for
+  nobody.
 - A shard we no longer own is dropped from the table only once nothing needs it: no fill, no stream, the
   flip's grace over. Its retained messages (``retained``, a ``RetainedTable`` beside the route table; written
   by ``protocol.retained``) go with it: the SNAPSHOT carries them after its routes (chunks bounded by count and

@@ -25,8 +25,11 @@ Rules of this file:
   nodes in proportion to them. No retained messages are sent for a shared subscription (MQTT 5 4.8.2). A member
   that leaves hands its unacknowledged shared messages to ``destination`` to go to another member.
 - Routes are soft state held for the subscribers' nodes: when a shard lost every owner before its routes could be
-  copied (R nodes died at once), its new owners start empty, and every node with local subscribers in it adds
-  its routes again (``reannounce_orphaned``), as it does after registering again.
+  copied (R nodes died at once), its new owners start empty (``view.filled_from_nobody``), and every node with
+  local subscribers in it adds its routes again (``reannounce_orphaned``), as it does after registering again.
+  Every node, with routes there or not, tells each new owner (ROUTE_ADD ``refilled``, after the routes on the
+  same connection) that its routes in the shard are complete: the owners answer no lookup for it until every
+  member did (``owner``).
 - A persistent session's plain filters also get a *session route* each (``session_route(filter, client id)``,
   ``router.shared``), beside the node's reference-counted route: it names the session, so when this node leaves the
   view the route owners move it to the node that adopts the session (``sessions``) instead of dropping it. Added
