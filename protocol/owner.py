@@ -451,10 +451,12 @@ class OwnerSide:
         core = self.core
         a = core.view.assignment
         assert a is not None
-        others = {n for n in core.view.members if n != core.me}
+        others: set[str] | None = None  # built only when needed: this runs at every assignment
         for shard in orphaned:
             if core.me not in a.owners(shard):
                 continue
+            if others is None:
+                others = {n for n in core.view.members if n != core.me}
             shard_epoch = a.epoch(shard)
             refill = self.refilling[shard] = Refill(shard_epoch, set(others))
             core.metrics["routes.refills"] += 1
