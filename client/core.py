@@ -158,9 +158,14 @@ PENDING_FLUSH: Final = 2  # max_batch or linger reached: flush now, in the calle
 PENDING_LONE: Final = 3
 
 
+# Refusals of a QoS 1 publish that the SDK sends again (``Backoff``): none of them acknowledged it, and each ends
+# by itself (a backlog drains; lookups are answered once shards have owners that hold their routes).
+RETRIED_REFUSALS = frozenset({codec.E_OVERLOADED, codec.E_UNAVAILABLE})
+
+
 class Backoff:
-    """When to send again a publish refused with ``overloaded`` (a subscriber's backlog is full): after 10, 20,
-    ... 200 ms, until ``timeout`` has passed since the first try."""
+    """When to send again a refused QoS 1 publish (``RETRIED_REFUSALS``): after 10, 20, ... 200 ms, until
+    ``timeout`` has passed since the first try."""
 
     __slots__ = ("deadline", "delay")
 
@@ -799,8 +804,9 @@ class ClientCore:
 
     def publish_acked(self, topic: str, data: bytes, retain: bool = False) -> Steps[None]:
         """A QoS 1 publish: returns once every node with matching subscribers accepted it (and, with ``retain``,
-        the topic's retained message is stored); refused with ``overloaded`` (a subscriber's backlog is full) it
-        is sent again after a ``Backoff`` pause."""
+        the topic's retained message is stored); refused with ``overloaded`` (a subscriber's backlog is full) or
+        ``unavailable`` (the cluster cannot route it yet: no owner of its shard answered, a shard being refilled,
+        a destination that left) it is sent again after a ``Backoff`` pause, until ``timeout`` has passed."""
         backoff = Backoff((yield NOW), self.timeout)
         header: dict[str, Any] = {"topic": topic, "qos": 1}
         if retain:
@@ -809,8 +815,8 @@ class ClientCore:
             try:
                 yield from self.request(codec.PUB, header, data, codec.PUBACK)
                 return
-            except ShardMQError as exc:  # a subscriber's backlog is full: wait for it (flow control)
-                if exc.code != codec.E_OVERLOADED:
+            except ShardMQError as exc:  # a full backlog (flow control) or a cluster still re-forming: wait
+                if exc.code not in RETRIED_REFUSALS:
                     raise
                 pause = backoff.next((yield NOW))
                 if pause is None:
