@@ -20,6 +20,10 @@ class _Frames:
         self.left -= 1
         return [b"rid", b"PUB", b"{}", b""]
 
+    def get(self, option: int) -> int:
+        assert option == zmq.EVENTS
+        return zmq.POLLIN if self.left else 0
+
 
 @pytest.mark.parametrize("waiting_per_frame", [0, 1, 100])
 def test_a_drain_ends_once_enough_is_queued_or_waiting_for_lookups(waiting_per_frame: int) -> None:
