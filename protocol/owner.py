@@ -30,6 +30,9 @@ Rules of this file:
   member key; for a direct change that is the sender itself) and a snapshot's ``member_revs``. Otherwise the
   late view that drops the old registration's routes (a restart, a lost lease) would drop the new routes after
   they were confirmed or copied (found by the simulation, for relays and snapshots as well as direct changes).
+  A node absent from our view counts as unseen when its registration is newer than every one our view shows
+  (``view.registration_unseen``); one that is not newer had left when our view was read, and a snapshot's routes
+  of nodes absent from our view are not taken.
 - LOOKUP and LOOKUPS (many in one frame, answered by one LOOKUPS_REPLY) are answered item by item alike; a
   refused item gets its own ERROR. An item flagged ``head`` asks about the shard of the topic's first level only
   (not the topic's own shard): the answer says ``clear`` when no wildcard filter of the shard starts with that
@@ -749,9 +752,14 @@ class OwnerSide:
             # Twice the coordinator's timeout: it may flip the move up to handoff_timeout after starting it, and
             # we must not give up on a fill that is about to become ours.
             core.effects.call_later(2 * core.cfg.handoff_timeout, lambda: self._abandon_fill(shard, move_id, sender))
+        members = core.view.members
         for filt, nodes in h["routes"]:
             for node in nodes:
-                self.routes.add(shard, filt, node)
+                # Not a member here: it left before our view was read (a newer registration was deferred above),
+                # and the source's view lagged. Kept, the route would outlive the departure that drops such routes,
+                # and entry nodes fail every QoS 1 publish it matches (``entry``).
+                if member_node(node) in members:
+                    self.routes.add(shard, filt, node)
         core.metrics["handoff.routes_received"] += len(h["routes"])
         core.metrics["handoff.bytes_received"] += len(orjson.dumps(h["routes"]))
         if h["last"]:

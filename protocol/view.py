@@ -178,6 +178,12 @@ class ClusterView:
         return tuple(sorted(self.members)) if shard == ROOT else self.assignment.owners(shard)
 
     def registration_unseen(self, sender: str, member_rev: Any) -> bool:
-        """The sender registered more recently than our view of it shows (see ``owner``: deferred changes)."""
+        """The sender registered more recently than our view of it shows (see ``owner``: deferred changes). A node
+        absent from our view whose registration is newer than every one in it may have joined since our read; one
+        not newer was gone when we read (etcd create revisions only rise)."""
+        if type(member_rev) is not int:
+            return False
         member = self.members.get(sender)
-        return member is not None and type(member_rev) is int and member_rev > member.revision
+        if member is None:
+            return member_rev > self.membership_epoch
+        return member_rev > member.revision
