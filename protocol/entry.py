@@ -36,7 +36,11 @@ Rules of this file:
   resolved with one shard, not two.
 - QoS 1: the publisher's PUBACK is sent once every destination answered FWD_ACK; a destination that refuses
   (``overloaded``), leaves or does not answer within ``request_timeout`` fails the publish with an ERROR
-  instead. Nothing is acknowledged that a destination did not take.
+  instead. Nothing is acknowledged that a destination did not take. A destination outside our member view fails a
+  client's QoS 1 publish at once (``unavailable``), before anything is forwarded: it may have left, or have
+  registered again (a restart under its id) with subscribers an owner with a newer view already confirmed, and we
+  cannot tell which until our view catches up. QoS 0 publishes, wills and internal publishes skip it (nobody
+  would send them again).
 - While the node is fenced, publishes are refused: it cannot vouch for its routes.
 - QoS 0 publishes this node fails (no assignment, no owner answered a lookup, a destination node that left the
   cluster, a frame of forwards or a SHARED_FWD that zmq would not queue) or refuses at intake without an ``id``
@@ -576,8 +580,23 @@ class Entry:
             dests, shares, moved = self._split_members(pub)
             if pub.failed:
                 return
-        core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in dests)
         members = core.view.members
+        if pub.qos and pub.client is not None:
+            unseen = sorted(d for d in dests if d != core.me and d not in members)
+            if unseen:
+                # A node outside our view left the cluster, or registered again (a restart under its id) and our
+                # view has not shown it yet, while the owner that answered has seen it and confirmed its new
+                # subscribers' routes: skipped, their message would be acknowledged undelivered. We cannot tell
+                # the two apart, so the publisher sends it again once our view has caught up.
+                core.metrics["drops.dead_destination"] += len(unseen)
+                core.effects.poll_view()
+                reason = (
+                    f"destination node(s) {', '.join(unseen)} not in {core.me}'s view of the members (left, "
+                    "or registered again and not seen here yet): retry"
+                )
+                self._fail_publish(pub, codec.E_UNAVAILABLE, reason)
+                return
+        core.metrics["publishes.hops"] += 2 * pub.asked_remote + any(d != core.me for d in dests)
         if pub.qos and not pub.pid:
             self.next_pid += 1
             pub.pid = self.next_pid
@@ -597,7 +616,7 @@ class Entry:
                     core.sessions.append(persisted, pub.topic, pub.payload, pid,
                                          lambda c, r, p=pub: self._part_held(p, c, r))  # fmt: skip
                 continue
-            if dest not in members:  # a route left behind by a node that is gone: nobody to deliver to
+            if dest not in members:  # QoS 0, a will or an internal publish: nobody here to retry it
                 core.metrics["drops.dead_destination"] += 1
                 gone.append(dest)
                 continue

@@ -38,8 +38,9 @@ Replaying a failure: the simulation is deterministic, so hypothesis's printed st
 Fixed tests below pin single rules found or checked by the simulation: a restart retires the previous incarnation,
 a peer whose view lags a re-registration defers the route change, a SUB for a shard with no owner is refused, a
 fenced node ends its sessions, etcd outages shorter and longer than the TTL, refused moves reach the
-coordinator, stale items are never applied, a new replica's fill timer outlasts the coordinator's deadline, and
-a SUB waits for every ROUTE_ADD still installing its filters.
+coordinator, stale items are never applied, a new replica's fill timer outlasts the coordinator's deadline, a
+SUB waits for every ROUTE_ADD still installing its filters, and a QoS 1 publish through an entry node whose view
+does not show a restarted subscriber's node yet fails instead of being acknowledged undelivered.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from shardmq.protocol.subscriptions import REANNOUNCE_DELAY
+from shardmq.rebalance import Member, target_table
 from shardmq.ring import ShardMap
 from shardmq.router import codec
 from shardmq.testing.simulate import matching_topic
@@ -709,3 +711,58 @@ def test_sub_waits_for_every_route_add_still_installing_its_filters() -> None:
     assert answers == {1: codec.ERROR, 2: codec.ERROR}
     assert sim.settle()
     assert not check.route_losses(), check.route_losses()
+
+
+def test_publish_through_a_view_without_the_restarted_subscriber_node_is_not_acknowledged() -> None:
+    """Fault schedule seed 18 (restart_same): n2 is killed and restarted under its id; the entry node n1 sees the
+    old registration go, but not yet the new one. n2's wildcard subscriber subscribes again there and the owner of
+    its filter's shard, whose view shows the new n2, confirms the route: SUBACK. A QoS 1 publish through n1 is
+    answered with n2 by that owner; n1, which cannot tell a node that left from one it has not seen come back,
+    must not skip n2 and acknowledge the message undelivered: it fails (``unavailable``), and once n1's view
+    shows n2 again the publish reaches the subscriber."""
+    sim = started(4)
+    check = Checker(sim)
+    entry, owner, restarted = "n1", "n0", "n2"
+    assert sim.etcd.leader is not None and sim.etcd.leader[0] == owner  # it promotes, and we refresh it at will
+    doc = sim.etcd.doc
+    assert doc is not None
+    # A wildcard filter keyed by its first level, in a shard of the owner and the restarted node only, which no
+    # move gives the entry node while the restarted node is away (it would defer its new route: no SUBACK yet).
+    without = target_table({n: Member(1, False) for n in ("n0", "n1", "n3")}, CONFIG.shard_count, CONFIG.replication)
+    level = next(
+        f"w{i}" for i in range(500)
+        if set(doc.owners(s := sim.shard_of(f"w{i}/+"))) == {owner, restarted} and entry not in without[s]
+    )  # fmt: skip
+    filt, topic = f"{level}/+", f"{level}/x"
+    assert sim.subscribe(restarted, filt)
+    assert sim.settle()
+    sim.restart(restarted)
+    sim.refresh(entry)  # the old registration is gone from the entry node's view ...
+    for _ in range(8):
+        sim.tick(0.25)
+        sim.refresh(owner)
+        sim.drain()
+        if not sim.nodes[restarted].retiring:
+            break
+    assert not sim.nodes[restarted].retiring
+    for other in sorted(set(sim.nodes) - {entry}):
+        sim.refresh(other)  # ... and stays so while the others see the new one
+    entry_core = sim.nodes[entry].enter()
+    entry_core.refresh_assignment(lambda _ok: None, force=True)  # the promotion: the owner is asked at its epoch
+    entry_core.flush()
+    sim.session_poll(entry, read=False)  # answers that read, not the member view
+    assert restarted not in entry_core.view.members
+    assert entry_core.view.assignment is not None and entry_core.view.assignment.owners(sim.shard_of(filt)) == (owner,)
+    assert sim.resubscribe(0, restarted)
+    sim.drain()
+    assert sim.acked.get(filt) == {restarted}  # SUBACK: the subscription is live
+    pid = sim.publish(entry, topic)
+    assert pid is not None
+    sim.drain()
+    outcome, reached = sim.publishes[pid][4], sim.publishes[pid][5]
+    assert outcome == "unavailable" or restarted in reached, f"publish {pid} {outcome}, reached {sorted(reached)}"
+    sim.refresh(entry)  # its view shows n2 again: the publisher's retry reaches the subscriber
+    assert sim.check_publish(entry, topic) == frozenset({restarted})
+    assert sim.settle()
+    assert not check.route_losses(), check.route_losses()
+    assert not check.publish_misses(), check.publish_misses()
