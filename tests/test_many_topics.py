@@ -59,21 +59,33 @@ def cluster(nodes: int = 3) -> tuple[Sim, list[str]]:
 def publish_frame(sim: Sim, node_id: str, topics: list[str]) -> list[int]:
     """One PUBS frame through ``node_id``: a QoS 0 message to each topic, payload its publish id (tracked by the
     simulation like its own publishes: ``publishes[id][5]`` collects the nodes whose clients got it)."""
+    ids = [track(sim, node_id, topic) for topic in topics]
+    runs = [([topic, 0, None], None, b"%d" % pid) for topic, pid in zip(topics, ids, strict=True)]
+    client_frame(sim, node_id, codec.encode_runs(codec.PUBS, {}, runs))
+    return ids
+
+
+def publish_lone(sim: Sim, node_id: str, topic: str) -> int:
+    """One plain PUB (QoS 0, one message) through ``node_id``, tracked like ``publish_frame``'s messages."""
+    pid = track(sim, node_id, topic)
+    client_frame(sim, node_id, codec.encode(codec.PUB, {"topic": topic, "qos": 0}, b"%d" % pid))
+    return pid
+
+
+def track(sim: Sim, node_id: str, topic: str) -> int:
+    pid = next(sim._refs)
+    sim.publishes[pid] = [sim.now, node_id, topic, frozenset(sim.acked.get(topic, set())), "qos0", set()]
+    return pid
+
+
+def client_frame(sim: Sim, node_id: str, parts: list[bytes]) -> None:
+    """A publisher's frame to ``node_id``, handled and delivered through the cluster."""
     n = sim.nodes[node_id]
-    ids = []
-    runs = []
-    for topic in topics:
-        pid = next(sim._refs)
-        expected = frozenset(sim.acked.get(topic, set()))
-        sim.publishes[pid] = [sim.now, node_id, topic, expected, "qos0", set()]
-        ids.append(pid)
-        runs.append(([topic, 0, None], None, b"%d" % pid))
     rid = b"pub/%s/%d" % (node_id.encode(), n.incarnation)
-    n.enter().on_client_parts([rid, *codec.encode_runs(codec.PUBS, {}, runs)])
+    n.enter().on_client_parts([rid, *parts])
     n.core.flush()
     sim.pump_clients()
     sim.drain()
-    return ids
 
 
 def expected_nodes(subs: list[tuple[str, str]], topic: str) -> set[str]:
@@ -138,19 +150,6 @@ def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
     for pid in publish_frame(sim, ids[2], topics):
         assert sim.publishes[pid][5] == {ids[0]}
     assert core.metrics["publishes.resolved_kept"] == len(topics)
-
-
-def publish_lone(sim: Sim, node_id: str, topic: str) -> int:
-    """One plain PUB (QoS 0, one message) through ``node_id``, tracked like ``publish_frame``'s messages."""
-    n = sim.nodes[node_id]
-    pid = next(sim._refs)
-    sim.publishes[pid] = [sim.now, node_id, topic, frozenset(sim.acked.get(topic, set())), "qos0", set()]
-    rid = b"pub/%s/%d" % (node_id.encode(), n.incarnation)
-    n.enter().on_client_parts([rid, *codec.encode(codec.PUB, {"topic": topic, "qos": 0}, b"%d" % pid)])
-    n.core.flush()
-    sim.pump_clients()
-    sim.drain()
-    return pid
 
 
 def test_lone_qos0_publishes_take_the_resolved_fast_path() -> None:

@@ -43,6 +43,7 @@ from shardmq.shard.membership import read_assignment
 from shardmq.testing import LocalCluster
 from shardmq.testing.simulation import SessionClient, Sim, SimConfig
 from tests.test_exit_flush import SilentNode, fake
+from tests.test_retained_sim import cluster as retained_sim_cluster
 
 SHARDS = 16
 ENTRY = "n0"
@@ -52,11 +53,7 @@ SUBSCRIBER, FAR_SUBSCRIBER = b"sub", b"sub-far"
 
 # ---------------------------------------------------------------------------------------------- core level
 def cluster(nodes: int = 3) -> Sim:
-    sim = Sim(SimConfig(shard_count=SHARDS, replication=2, snapshot_chunk=2))
-    for _ in range(nodes):
-        sim.join()
-    assert sim.settle()
-    return sim
+    return retained_sim_cluster(nodes, SHARDS)
 
 
 def owners(sim: Sim, topic: str) -> tuple[str, ...]:

@@ -17,8 +17,9 @@ from shardmq.testing.simulation import Sim, SimConfig
 SHARDS = 32
 
 
-def cluster(nodes: int = 3) -> Sim:
-    sim = Sim(SimConfig(shard_count=SHARDS, replication=2, snapshot_chunk=2))
+def cluster(nodes: int = 3, shards: int = SHARDS) -> Sim:
+    """A settled simulated cluster of ``nodes`` (R = 2, snapshots in chunks of 2 routes)."""
+    sim = Sim(SimConfig(shard_count=shards, replication=2, snapshot_chunk=2))
     for _ in range(nodes):
         sim.join()
     assert sim.settle()
