@@ -122,12 +122,18 @@ def test_many_topics_reach_exactly_the_matching_nodes(topics, subs, entry, late)
     assert entry_core.metrics["errors.unavailable"] == 0
 
 
-def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
+def subscribed(topics: list[str]) -> tuple[Sim, list[str]]:
+    """A cluster whose first node subscribes to ``topics``, settled."""
     sim, ids = cluster()
-    topics = [f"m/t{i}" for i in range(60)]
     for topic in topics:
         assert sim.subscribe(ids[0], topic)
     assert sim.settle()
+    return sim, ids
+
+
+def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
+    topics = [f"m/t{i}" for i in range(60)]
+    sim, ids = subscribed(topics)
     core = sim.nodes[ids[2]].core
     sent = []
     original = sim.nodes[ids[2]].send_peer
@@ -154,11 +160,8 @@ def test_lookups_travel_in_one_frame_and_resolved_topics_skip_them() -> None:
 
 def test_lone_qos0_publishes_take_the_resolved_fast_path() -> None:
     """A plain PUB is a batch of one: its topic is resolved once, then kept, and a route added later is seen."""
-    sim, ids = cluster()
     topics = [f"lone/t{i}" for i in range(20)]
-    for topic in topics:
-        assert sim.subscribe(ids[0], topic)
-    assert sim.settle()
+    sim, ids = subscribed(topics)
     core = sim.nodes[ids[2]].core
     for _round in range(2):  # asked (or owned here), then answered from the cache: every topic is kept by now
         for topic in topics:
