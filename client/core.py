@@ -159,8 +159,9 @@ PENDING_LONE: Final = 3
 
 
 # Refusals of a QoS 1 publish that the SDK sends again (``Backoff``): none of them acknowledged it, and each ends
-# by itself (a backlog drains; lookups are answered once shards have owners that hold their routes).
-RETRIED_REFUSALS = frozenset({codec.E_OVERLOADED, codec.E_UNAVAILABLE})
+# by itself (a backlog drains; lookups are answered once shards have owners that hold their routes; a node fenced
+# from etcd, after the failover ``request`` tries, vouches again once etcd answers).
+RETRIED_REFUSALS = frozenset({codec.E_OVERLOADED, codec.E_UNAVAILABLE, codec.E_FENCED})
 
 
 class Backoff:
@@ -804,9 +805,10 @@ class ClientCore:
 
     def publish_acked(self, topic: str, data: bytes, retain: bool = False) -> Steps[None]:
         """A QoS 1 publish: returns once every node with matching subscribers accepted it (and, with ``retain``,
-        the topic's retained message is stored); refused with ``overloaded`` (a subscriber's backlog is full) or
+        the topic's retained message is stored); refused with ``overloaded`` (a subscriber's backlog is full),
         ``unavailable`` (the cluster cannot route it yet: no owner of its shard answered, a shard being refilled,
-        a destination that left) it is sent again after a ``Backoff`` pause, until ``timeout`` has passed."""
+        a destination that left) or ``fenced`` (every node tried lost etcd) it is sent again after a ``Backoff``
+        pause, until ``timeout`` has passed."""
         backoff = Backoff((yield NOW), self.timeout)
         header: dict[str, Any] = {"topic": topic, "qos": 1}
         if retain:

@@ -310,15 +310,15 @@ def test_a_new_session_forgets_the_message_ids_of_messages_still_in_the_inbox() 
     assert not core.dacks
 
 
-def test_a_qos1_publish_refused_unavailable_or_overloaded_is_sent_again_after_a_pause() -> None:
+def test_a_qos1_publish_refused_unavailable_overloaded_or_fenced_is_sent_again_after_a_pause() -> None:
     core = make_core(["tcp://a/n1"])
     sim = Sim(core, live={"tcp://a/n1"})
     sim.run(core.connect())
     started = sim.now
-    sim.refusals.extend([codec.E_UNAVAILABLE, codec.E_OVERLOADED, codec.E_UNAVAILABLE])
-    sim.run(core.publish_acked("a/b", b"x"))  # returns: the fourth try was acknowledged
-    assert [f.type for _, f in sim.sent].count(codec.PUB) == 4
-    assert sim.now - started >= OVERLOAD_BACKOFF * (1 + 2 + 4)  # the pauses, doubling
+    sim.refusals.extend([codec.E_UNAVAILABLE, codec.E_OVERLOADED, codec.E_FENCED, codec.E_UNAVAILABLE])
+    sim.run(core.publish_acked("a/b", b"x"))  # returns: the fifth try was acknowledged
+    assert [f.type for _, f in sim.sent].count(codec.PUB) == 5
+    assert sim.now - started >= OVERLOAD_BACKOFF * (1 + 2 + 4 + 8)  # the pauses, doubling
 
 
 def test_a_qos1_publish_still_refused_at_its_timeout_raises_the_refusal() -> None:
@@ -330,10 +330,10 @@ def test_a_qos1_publish_still_refused_at_its_timeout_raises_the_refusal() -> Non
         sim.run(core.publish_acked("a/b", b"x"))
     assert err.value.code == codec.E_UNAVAILABLE and 1000 > len(sim.refusals) > 990
     sim.refusals.clear()
-    sim.refusals.append(codec.E_FENCED)  # not retried here (request() fails over on it, with one endpoint: raised)
+    sim.refusals.append(codec.E_INVALID_TOPIC)  # not a refusal that ends by itself: raised at once
     with pytest.raises(ShardMQError) as err:
         sim.run(core.publish_acked("a/b", b"y"))
-    assert err.value.code == codec.E_FENCED
+    assert err.value.code == codec.E_INVALID_TOPIC and [f.type for _, f in sim.sent].count(codec.PUB) == 7
 
 
 def test_backoff_doubles_up_to_its_cap_and_stops_at_the_deadline() -> None:
