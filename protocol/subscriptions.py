@@ -457,7 +457,7 @@ class Subscriptions:
         if wid in core.requests:
             core.effects.call_later(core.cfg.request_timeout, lambda: self._expire_waiter(wid))
 
-    def reannounce_orphaned(self, orphaned: set[int]) -> None:
+    def reannounce_orphaned(self, orphaned: frozenset[int]) -> None:
         """Add our routes again in shards filled from nobody (``view.filled_from_nobody``): every replica died
         before it could be copied, and we are the one place that still knows which of our clients subscribed. A
         shard whose new owners were filled after all just gets routes it already has: ROUTE_ADD is idempotent.

@@ -36,21 +36,38 @@ def filled_from_nobody(
     changed: list[int],
     old_members: Mapping[str, MemberInfo],
     members: Mapping[str, MemberInfo],
-) -> set[int]:
+) -> frozenset[int]:
     """The shards of ``changed`` whose owners in ``new`` were filled from nobody: every owner in ``old`` is gone
     (its member key is, or it registered again since ``old_members``, the view we had when ``old`` arrived: a
     restarted process holds nothing of its predecessor's). A shard is given owners from nobody only from an
     ownerless state, one epoch after it; a view that skipped epochs cannot tell what happened in between (and its
     member list may lag a restart), so such a shard counts as filled from nobody too."""
 
+    inputs = (old, new, changed, old_members, members)
+    found = _FILLED.get(key := tuple(map(id, inputs)))
+    if found is not None and all(a is b for a, b in zip(found[0], inputs, strict=True)):
+        return found[1]  # computed once per input (see below), not once per node
+
     def alive(node: str) -> bool:
         now, then = members.get(node), old_members.get(node)
         return now is not None and then is not None and now.revision == then.revision
 
-    return {
+    filled = frozenset(
         s for s in changed
         if new.owners(s) and (new.epoch(s) > old.epoch(s) + 1 or not any(alive(o) for o in old.owners(s)))
-    }  # fmt: skip
+    )  # fmt: skip
+    _FILLED.pop(key, None)
+    while len(_FILLED) >= _FILLED_MAX:
+        del _FILLED[next(iter(_FILLED))]
+    _FILLED[key] = (inputs, filled)
+    return filled
+
+
+# The nodes of a simulated cluster share their documents, change lists (``owner.epochs_changed``) and member
+# mappings, none of which is ever changed in place: ``filled_from_nobody`` answers each input once, as
+# ``epochs_changed`` does (a walk over the changed shards per node per commit dominated a 1,000-node run).
+_FILLED: dict[tuple[int, ...], tuple[tuple[Any, ...], frozenset[int]]] = {}
+_FILLED_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)
